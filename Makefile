@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+# Everything they need is installed from this file into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test check fmt bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## start the receiver on an embedded Postgres with generated dev secrets
+	$(BIN)/receiver serve --dev
+
+test: $(STAMP)  ## the whole suite
+	$(BIN)/pytest
+
+check: $(STAMP)  ## format, lint and type checks
+	$(BIN)/ruff format --check receiver tests bench
+	$(BIN)/ruff check receiver tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)  ## the benchmark against this machine's ceilings (see bench/README.md)
+	$(BIN)/python -m bench.run
+
+fmt: $(STAMP)
+	$(BIN)/ruff format receiver tests bench
+	$(BIN)/ruff check --fix receiver tests bench
+
+clean:
+	rm -rf $(VENV) .receiver .pytest_cache .mypy_cache .ruff_cache

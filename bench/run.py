@@ -1,0 +1,302 @@
+"""The benchmark: the receiver against this machine's own ceilings, in one run.
+
+    .venv/bin/python -m bench.run [--concurrency 32] [--seconds 10] [--memory-events 100000]
+
+At the same concurrency, with the same load generator:
+  1. HTTP ceiling: a bare aiohttp handler that reads the body and answers 200;
+  2. database ceiling: single-row INSERT commits from asyncpg (no HTTP);
+  3. the receiver's full path: signed client.onboarding_completed events;
+  4. the same with 10% token.revoked mixed in (signals and NOTIFY on the path);
+  5. the full path with two `receiver serve` processes sharing the port.
+Then: 200-to-cache-signal latency idle and at 1,000 events/s offered, and the
+receiver's resident memory after --memory-events events. Loopback only; every
+load is bounded in time. Set RECEIVER_BENCH_DATABASE_URL to use an existing
+Postgres instead of an embedded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+import psutil
+
+from bench import harness, signal_latency
+
+
+@dataclass
+class Result:
+    """One scenario's figures."""
+
+    name: str
+    rate: float
+    latencies: list[float]
+    server_cpu: float | None = None
+    postgres_cpu: float | None = None
+
+    def row(self) -> str:
+        p50 = harness.percentile(self.latencies, 50) * 1000
+        p99 = harness.percentile(self.latencies, 99) * 1000
+        cpu = lambda v: f"{v:5.0f}%" if v is not None else "    - "  # noqa: E731
+        return (
+            f"{self.name:<44} {self.rate:8.0f}/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+            f"  server {cpu(self.server_cpu)}  postgres {cpu(self.postgres_cpu)}"
+        )
+
+
+class CpuMeter:
+    """CPU used by a set of processes (and their children) over an interval, in %
+    of one core."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self._procs = []
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                continue
+            self._procs += [proc, *proc.children(recursive=True)]
+        self._start = self._total()
+        self._t0 = time.monotonic()
+
+    def _total(self) -> float:
+        total = 0.0
+        for proc in self._procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    def percent(self) -> float:
+        return 100 * (self._total() - self._start) / (time.monotonic() - self._t0)
+
+
+def postgres_pids() -> list[int]:
+    """Every Postgres server process on this machine (the bench's own and the shared
+    one: whichever serves the run is busy, the other idle)."""
+    return [
+        p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster")
+    ]
+
+
+async def load(
+    url: str,
+    secret: bytes,
+    bodies: Callable[[int], bytes],
+    concurrency: int,
+    seconds: float,
+) -> tuple[float, list[float]]:
+    """Closed loop: `concurrency` senders for `seconds`; every answer must be 200."""
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    counter = iter(range(10**9))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def sender() -> None:
+            while time.monotonic() < deadline:
+                body = bodies(next(counter))
+                started = time.monotonic()
+                status, answered = await harness.post(session, url, secret, body)
+                if status != 200:
+                    raise RuntimeError(f"unexpected status {status}")
+                latencies.append(answered - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(sender() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return len(latencies) / elapsed, latencies
+
+
+def onboardings(n: int) -> bytes:
+    return harness.onboarding(f"cli_{uuid.uuid4().hex[:12]}")
+
+
+def mixed(n: int) -> bytes:
+    """Every tenth event revokes a client's tokens."""
+    client = f"cli_{uuid.uuid4().hex[:12]}"
+    return harness.revocation(client) if n % 10 == 9 else harness.onboarding(client)
+
+
+async def database_ceiling(dsn: str, concurrency: int, seconds: float) -> Result:
+    """Single-row INSERT commits (one round trip each), `concurrency` at a time."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=concurrency,
+        max_size=concurrency,
+        server_settings={"synchronous_commit": "on"},
+    )
+    await pool.execute("CREATE TABLE IF NOT EXISTS bench_ceiling (id uuid PRIMARY KEY, body bytea)")
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    meter = CpuMeter(postgres_pids())
+
+    async def writer() -> None:
+        async with pool.acquire() as conn:
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                await conn.execute(
+                    "INSERT INTO bench_ceiling VALUES ($1, $2)", uuid.uuid4(), os.urandom(200)
+                )
+                latencies.append(time.monotonic() - started)
+
+    started = time.monotonic()
+    await asyncio.gather(*(writer() for _ in range(concurrency)))
+    rate = len(latencies) / (time.monotonic() - started)
+    pg_cpu = meter.percent()
+    await pool.close()
+    return Result("2. database ceiling (INSERT commit)", rate, latencies, None, pg_cpu)
+
+
+async def scenario(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    secret: bytes,
+    bodies: Callable[[int], bytes],
+    concurrency: int,
+    seconds: float,
+) -> Result:
+    """Start a server, warm it up, measure one closed-loop load with CPU."""
+    with harness.receiver_process(env, port, command) as process:
+        await harness.wait_ready(port)
+        url = f"http://127.0.0.1:{port}/webhooks/debitura"
+        await load(url, secret, bodies, concurrency, 1.0)
+        server = CpuMeter([process.pid])
+        postgres = CpuMeter(postgres_pids())
+        rate, latencies = await load(url, secret, bodies, concurrency, seconds)
+        return Result(name, rate, latencies, server.percent(), postgres.percent())
+
+
+async def open_loop_latency(
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    secret: bytes,
+    *,
+    rate: float,
+    seconds: float,
+) -> str:
+    """Latency of the full path when events arrive at a fixed rate, as Debitura sends."""
+    with harness.receiver_process(env, port, command):
+        await harness.wait_ready(port)
+        url = f"http://127.0.0.1:{port}/webhooks/debitura"
+        latencies: list[float] = []
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            signal_latency.background_load(url, secret, rate, stop, latencies)
+        )
+        await asyncio.sleep(seconds)
+        stop.set()
+        accepted = await task
+        return f"{accepted / seconds:.0f}/s accepted, {harness.summary_ms(latencies)}"
+
+
+async def resident_memory(env: dict[str, str], port: int, secret: bytes, events: int) -> float:
+    """RSS of one receiver process (MiB) after `events` onboardings."""
+    with harness.receiver_process(env, port) as process:
+        await harness.wait_ready(port)
+        url = f"http://127.0.0.1:{port}/webhooks/debitura"
+        sent = 0
+        connector = aiohttp.TCPConnector(limit=32)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def sender() -> None:
+                nonlocal sent
+                while sent < events:
+                    sent += 1
+                    status, _ = await harness.post(session, url, secret, onboardings(sent))
+                    assert status == 200
+
+            await asyncio.gather(*(sender() for _ in range(32)))
+        return psutil.Process(process.pid).memory_info().rss / 2**20
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="receiver benchmark")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--memory-events", type=int, default=100_000)
+    args = parser.parse_args()
+    c, s = args.concurrency, args.seconds
+    results: list[Result] = []
+    dsn = harness.server_dsn()
+    async with harness.fresh_database(dsn) as url:
+        env = harness.secrets_env(url)
+        secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
+        port = harness.free_port()
+        serve = [sys.executable, "-m", "receiver", "serve", "--port", str(port)]
+        results.append(
+            await scenario(
+                "1. HTTP ceiling (bare aiohttp handler)",
+                [sys.executable, "-m", "bench.bare_server", str(port)],
+                env,
+                port,
+                secret,
+                onboardings,
+                c,
+                s,
+            )
+        )
+        results.append(await database_ceiling(url, c, s))
+        results.append(
+            await scenario("3. receiver: onboardings", serve, env, port, secret, onboardings, c, s)
+        )
+        results.append(
+            await scenario("4. receiver: 10% revocations", serve, env, port, secret, mixed, c, s)
+        )
+        results.append(
+            await scenario(
+                "5. receiver: onboardings, 2 processes",
+                [*serve, "--workers", "2"],
+                env,
+                port,
+                secret,
+                onboardings,
+                c,
+                s,
+            )
+        )
+        offered = await open_loop_latency(serve, env, port, secret, rate=1000.0, seconds=s)
+        memory = (
+            await resident_memory(env, port, secret, args.memory_events)
+            if args.memory_events
+            else None
+        )
+
+    print(
+        f"\nconcurrency {c}, {s:.0f} s per scenario, {os.cpu_count()} cores,"
+        " load generator in this process"
+    )
+    for result in results:
+        print(result.row())
+    http, database, full, _, two_proc = results
+    print(
+        f"ratios: full path / HTTP ceiling = {full.rate / http.rate:.2f}; "
+        f"full path / database ceiling = {full.rate / database.rate:.2f}; "
+        f"two processes / one = {two_proc.rate / full.rate:.2f}"
+    )
+    print(f"receiver at 1,000 events/s offered (open loop): {offered}")
+    if memory is not None:
+        print(
+            f"resident memory of one receiver after {args.memory_events:,} events: {memory:.0f} MiB"
+        )
+    print("\nsignal latency:")
+    sys.argv = [sys.argv[0], "--samples", "200", "--load-rate", "1000"]
+    await signal_latency.main()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,200 @@
+"""Operator commands against the database: tokens, keys, signals (DESIGN §6).
+
+Each runs once and exits; output that scripts read goes to stdout, logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from pydantic import SecretStr
+
+from receiver import config, db, embedded, log, outbox, rotation, store, tokens
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def resolve_database(settings: config.Settings) -> config.Settings:
+    """The settings with a DSN: the configured one, else the embedded Postgres's."""
+    if settings.database_url is not None:
+        return settings
+    dsn = embedded.start(settings.data_dir)
+    return settings.model_copy(update={"database_url": SecretStr(dsn)})
+
+
+def configure_logging(settings: config.Settings, *, service: bool = False) -> None:
+    """Logging as the settings ask, with their secrets masked."""
+    # The service logs to stdout (DESIGN §1); one-shot commands keep stdout for their
+    # output, which scripts parse, and log to stderr.
+    log.configure(
+        level=settings.log_level,
+        fmt=settings.log_format,
+        secrets=settings.secret_values(),
+        stream=sys.stdout if service else sys.stderr,
+    )
+
+
+def with_database(
+    args: argparse.Namespace,
+    work: Callable[[config.Settings, db.Database], Awaitable[int]],
+) -> int:
+    """Run a one-shot command against the configured (or embedded) database."""
+    log.configure(stream=sys.stderr)
+    settings = config.load_settings(dev=args.dev)
+    configure_logging(settings)
+    settings = resolve_database(settings)
+    assert settings.database_url is not None
+    dsn = settings.database_url.get_secret_value()
+
+    async def run() -> int:
+        database = await db.Database.open(dsn, max_size=2)
+        try:
+            return await work(settings, database)
+        finally:
+            await database.close()
+
+    return asyncio.run(run())
+
+
+def tokens_list(args: argparse.Namespace) -> int:
+    """`receiver tokens list`."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        rows = await tokens.inventory(
+            database,
+            client_id=args.client,
+            status=args.status,
+            environment=args.environment,
+            limit=args.limit,
+        )
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        else:
+            print(table(rows, tokens.INVENTORY_COLUMNS))
+        return 0
+
+    return with_database(args, work)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], noun: str = "token") -> str:
+    """Rows as a plain fixed-width table with a count line."""
+    # Hand-written: fixed, unwrapped columns that grep and cut read reliably, which
+    # terminal table libraries do not promise off a terminal.
+    cells = [[str(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.append(f"({len(rows)} {noun}{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def tokens_reveal(args: argparse.Namespace) -> int:
+    """`receiver tokens reveal`."""
+    if not args.confirm:
+        print(
+            "receiver: refusing to print a token without --confirm (the reveal is audited)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        sealer = store.Sealer.from_settings(settings)
+        meta, token = await tokens.reveal(database, sealer, args.client, args.prefix)
+        print(
+            f"# client {meta['client_id']}, token {meta['prefix']}…, status {meta['status']}",
+            file=sys.stderr,
+        )
+        print(token)
+        return 0
+
+    return with_database(args, work)
+
+
+def keys_rotate(args: argparse.Namespace) -> int:
+    """`receiver keys rotate`."""
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        sealer = store.Sealer.from_settings(settings)
+
+        def progress(kind: str, total: int) -> None:
+            print(f"{kind}: {total} re-encrypted", file=sys.stderr, flush=True)
+
+        report = await rotation.rotate(
+            database, sealer.keyring, batch_size=args.batch_size, progress=progress
+        )
+        print(
+            f"re-encrypted {report.rotated['tokens']} token(s) and {report.rotated['events']} "
+            f"event(s) under primary key {report.primary!r}"
+        )
+        print("values under each key:")
+        for kid in sealer.keyring.key_ids:
+            counts = {kind: report.remaining.get((kind, kid), 0) for kind in ("tokens", "events")}
+            line = f"  {kid}: {counts['tokens']} token(s), {counts['events']} event(s)"
+            if kid == report.primary:
+                line += " (primary)"
+            elif report.count_under(kid) == 0:
+                line += " -> may be removed from RECEIVER_TOKEN_KEYS"
+            else:
+                line += " -> still in use: run keys rotate again"
+            print(line)
+        for kid, count in report.missing_keys.items():
+            print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
+        return EXIT_FAILURE if report.missing_keys else 0
+
+    return with_database(args, work)
+
+
+def keys_generate(_: argparse.Namespace) -> int:
+    """`receiver keys generate`."""
+    values = config.generate_dev_secrets()
+    values["token_keys"] = values["token_keys"].replace("dev1:", "k1:", 1)
+    for name, value in values.items():
+        print(f"RECEIVER_{name.upper()}={value}")
+    return 0
+
+
+def signals_list(args: argparse.Namespace) -> int:
+    """`receiver signals list`."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        rows = await outbox.listing(database, status=args.status, limit=args.limit)
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+            return 0
+        by_status = await outbox.counts(database)
+        print("  ".join(f"{status}={n}" for status, n in sorted(by_status.items())) or "no signals")
+        print(table(rows, SIGNAL_COLUMNS, noun="signal"))
+        return 0
+
+    return with_database(args, work)
+
+
+SIGNAL_COLUMNS = (
+    "id",
+    "client_id",
+    "reason",
+    "status",
+    "attempts",
+    "created_at",
+    "next_attempt_at",
+    "last_error",
+)
+
+
+def signals_retry(args: argparse.Namespace) -> int:
+    """`receiver signals retry`: dead letters back to pending."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        retried = await outbox.retry_dead(database, args.id or None)
+        print(f"{len(retried)} dead signal(s) back to pending")
+        return 0
+
+    return with_database(args, work)

@@ -1,0 +1,193 @@
+"""The application factory and its wiring. `create_app` performs no I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from receiver import (
+    committer,
+    config,
+    db,
+    errors,
+    metrics,
+    migrations,
+    openapi,
+    outbox,
+    redaction,
+    state,
+    store,
+    webhook,
+)
+
+log = structlog.get_logger()
+
+WEBHOOK_PATH = "/webhooks/debitura"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_HTTP_ERRORS: dict[int, type[errors.ReceiverError]] = {
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.BodyTooLarge,
+}
+
+
+def _error_response(exc: errors.ReceiverError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+
+
+def _from_http(exc: web.HTTPException) -> errors.ReceiverError:
+    kind = _HTTP_ERRORS.get(exc.status)
+    if kind is not None:
+        return kind(exc.reason.lower())
+    if exc.status >= 500:
+        return errors.ReceiverError("internal error")
+    return errors.InvalidRequest(exc.reason.lower())
+
+
+async def _refuse_token_in_url(_: web.Request) -> web.StreamResponse:
+    raise errors.InvalidRequest("tokens must never be sent in a URL")
+
+
+@web.middleware
+async def canonical_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id, turn every error into the JSON error body, and write one
+    log line per request (the canonical log line)."""
+    structlog.contextvars.clear_contextvars()
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    error_code = None
+    # A token in a URL (path or query) ends up in proxies' logs: refuse it, and never
+    # hand that path to our own logger either.
+    token_in_url = redaction.TOKEN_PATTERN.search(request.raw_path) is not None
+    path = "[refused: token in URL]" if token_in_url else request.path
+    response: web.StreamResponse
+    try:
+        response = await (_refuse_token_in_url(request) if token_in_url else handler(request))
+    except errors.ReceiverError as exc:
+        error_code = exc.code
+        if isinstance(exc, errors.InvalidSignature):
+            metrics.SIGNATURE_FAILURES.labels(reason=exc.reason).inc()
+        response = _error_response(exc)
+    except web.HTTPException as exc:
+        mapped = _from_http(exc)
+        error_code = mapped.code
+        response = _error_response(mapped)
+        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception:
+        log.exception("request_failed")
+        error_code = "internal_error"
+        response = _error_response(errors.ReceiverError("internal error"))
+    response.headers["X-Request-Id"] = request_id
+    elapsed = time.perf_counter() - started
+    route = _route_label(request)
+    metrics.REQUESTS.labels(route=route, status=str(response.status)).inc()
+    metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
+    log.info(
+        "request",
+        method=request.method,
+        path=path,
+        status=response.status,
+        error=error_code,
+        duration_ms=round(elapsed * 1000, 2),
+        remote=request.remote,
+    )
+    return response
+
+
+def _route_label(request: web.Request) -> str:
+    # The route's template, never the raw path: a path is client input.
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+async def healthz(_: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Postgres answers, the schema is current, and we are not shutting down."""
+    if request.app[state.DRAINING].is_set():
+        raise errors.ShuttingDown("shutting down: send new requests elsewhere")
+    database = request.app[state.DATABASE]
+    await database.fetchval("ping")
+    behind = await migrations.pending(database)
+    if behind:
+        raise errors.SchemaNotReady(f"schema is behind: {len(behind)} migration(s) pending")
+    return web.json_response({"status": "ready"})
+
+
+def create_app(settings: config.Settings) -> web.Application:
+    """Build the application; resources open in cleanup contexts when it starts."""
+    if settings.database_url is None:
+        raise errors.ConfigError("RECEIVER_DATABASE_URL must be resolved before the app is built")
+    app = web.Application(
+        middlewares=[canonical_request],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[state.SETTINGS] = settings
+    app[state.SEALER] = store.Sealer.from_settings(settings)
+    app.cleanup_ctx.append(_database)
+    if settings.cache_url is not None:
+        app.cleanup_ctx.append(_dispatcher)
+    app.router.add_post(WEBHOOK_PATH, webhook.receive)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi_endpoint)
+    app[state.DRAINING] = asyncio.Event()
+    app.on_shutdown.append(_start_draining)
+    return app
+
+
+async def _start_draining(app: web.Application) -> None:
+    # Runs as shutdown begins, before in-flight requests are awaited: from now on the
+    # readiness probe fails, so load balancers stop sending new deliveries here.
+    app[state.DRAINING].set()
+    log.info("shutting_down")
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus exposition."""
+    body = await metrics.render(request.app[state.DATABASE])
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def openapi_endpoint(_: web.Request) -> web.Response:
+    """The OpenAPI description of the endpoints."""
+    return web.json_response(openapi.document())
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[state.SETTINGS]
+    assert settings.database_url is not None  # checked by create_app
+    database = await db.Database.open(settings.database_url.get_secret_value())
+    app[state.DATABASE] = database
+    app[state.COMMITTER] = committer.GroupCommit(
+        database, channel=settings.notify_channel, http_delivery=settings.cache_url is not None
+    )
+    yield
+    await app[state.DATABASE].close()
+
+
+async def _dispatcher(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession() as session:
+        dispatcher = outbox.Dispatcher(app[state.DATABASE], app[state.SETTINGS], session)
+        app[state.DISPATCHER] = dispatcher
+        task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

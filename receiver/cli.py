@@ -1,0 +1,202 @@
+"""The `receiver` command line (DESIGN §6): the parser, and the mapping of errors
+to exit statuses. The commands themselves live in service, admin and replay."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from receiver import admin, errors, outbox, replay, service, tokens
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `receiver` command; return the process exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return admin.EXIT_CONFIG
+    try:
+        status: int = args.run(args)
+    except (errors.ConfigError, errors.UsageError) as exc:
+        kind = "configuration error" if isinstance(exc, errors.ConfigError) else "error"
+        print(f"receiver: {kind}: {exc}", file=sys.stderr)
+        return admin.EXIT_CONFIG
+    except errors.ReceiverError as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return admin.EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="receiver", description="Debitura webhook receiver and bearer-token vault."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the webhook service (and its dispatcher)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address (default {DEFAULT_HOST})")
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
+    )
+    serve.add_argument(
+        "--workers", type=_positive, default=1, help="processes sharing the port (default 1)"
+    )
+    _add_dev_flag(serve)
+    serve.set_defaults(run=service.serve)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations (idempotent)")
+    _add_dev_flag(migrate)
+    migrate.set_defaults(run=service.migrate)
+
+    dispatch = commands.add_parser("dispatch", help="run only the signal dispatcher")
+    _add_dev_flag(dispatch)
+    dispatch.set_defaults(run=service.dispatch)
+
+    _add_signals(commands)
+    _add_keys(commands)
+    _add_tokens(commands)
+    _add_replay(commands)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _add_dev_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dev", action="store_true", help="use the dev secrets and embedded Postgres"
+    )
+
+
+def _add_signals(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    signals = commands.add_parser("signals", help="the invalidation outbox")
+    sub = signals.add_subparsers(dest="signals_command", metavar="SIGNALS_COMMAND", required=True)
+    listing = sub.add_parser("list", help="signals by status, with last errors")
+    listing.add_argument("--status", choices=outbox.STATUSES)
+    listing.add_argument("--limit", type=_positive, default=100)
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_dev_flag(listing)
+    listing.set_defaults(run=admin.signals_list)
+    retry = sub.add_parser("retry", help="put dead letters back to pending")
+    retry.add_argument("--id", action="append", help="only this signal (repeatable)")
+    _add_dev_flag(retry)
+    retry.set_defaults(run=admin.signals_retry)
+
+
+def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="key material")
+    sub = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
+    generate = sub.add_parser("generate", help="print fresh key material as env lines")
+    generate.set_defaults(run=admin.keys_generate)
+    rotate = sub.add_parser("rotate", help="re-encrypt every sealed value under the primary key")
+    rotate.add_argument("--batch-size", type=_positive, default=500, help="rows per transaction")
+    _add_dev_flag(rotate)
+    rotate.set_defaults(run=admin.keys_rotate)
+
+
+def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("tokens", help="the token inventory")
+    sub = parser.add_subparsers(dest="tokens_command", metavar="TOKENS_COMMAND", required=True)
+    listing = sub.add_parser("list", help="stored tokens without secrets")
+    listing.add_argument("--client", help="only this client")
+    listing.add_argument("--status", choices=tokens.STATUSES)
+    listing.add_argument("--environment", choices=tokens.ENVIRONMENTS)
+    listing.add_argument("--limit", type=_positive, default=1000)
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_dev_flag(listing)
+    listing.set_defaults(run=admin.tokens_list)
+    reveal = sub.add_parser("reveal", help="print one token in plain text (audited; --confirm)")
+    reveal.add_argument("client", help="client id")
+    reveal.add_argument("--prefix", help="the token with this prefix (default: the active one)")
+    reveal.add_argument("--confirm", action="store_true", help="yes, print the secret token")
+    _add_dev_flag(reveal)
+    reveal.set_defaults(run=admin.tokens_reveal)
+
+
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("replay", help="fire signed test events at a receiver")
+    sub = parser.add_subparsers(dest="replay_command", metavar="REPLAY_COMMAND", required=True)
+
+    trigger = sub.add_parser("trigger", help="build realistic test events and send them")
+    trigger.add_argument("event", help="event type, e.g. client.onboarding_completed")
+    trigger.add_argument("--client", help="client id (default: a new one per event)")
+    trigger.add_argument("--token-prefix", help="token prefix, for token.revoked")
+    trigger.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a field, e.g. data.reason=fraud (repeatable; JSON values allowed)",
+    )
+    trigger.add_argument("--count", type=_positive, default=1, help="how many distinct events")
+    _add_sender_options(trigger)
+    trigger.set_defaults(run=replay.run_trigger)
+
+    send = sub.add_parser("send", help="sign and send events from JSON or NDJSON files")
+    send.add_argument("files", nargs="+", metavar="FILE", help="a file, or - for stdin")
+    _add_sender_options(send)
+    send.set_defaults(run=replay.run_send)
+
+    resend = sub.add_parser("resend", help="re-send stored events: exact bytes, same id")
+    resend.add_argument("--event-id", action="append", help="a stored event id (repeatable)")
+    resend.add_argument("--since", help="received at or after (ISO time)")
+    resend.add_argument("--until", help="received before (ISO time)")
+    resend.add_argument("--type", help="only this event type")
+    resend.add_argument("--status", choices=("processed", "ignored"))
+    resend.add_argument("--limit", type=_positive, default=10_000)
+    resend.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    _add_sender_options(resend)
+    resend.set_defaults(run=replay.run_resend)
+
+
+def _add_sender_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--to", default=replay.DEFAULT_URL, help=f"receiver URL (default {replay.DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--secret", help="base64 webhook secret (default: RECEIVER_WEBHOOK_SECRETS)"
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="sign with the dev secret (and, for resend, read the dev database)",
+    )
+    parser.add_argument("--live", action="store_true", help="omit the X-Debitura-Test: true header")
+    parser.add_argument(
+        "--concurrency", type=_positive, default=8, help="requests in flight (default 8)"
+    )
+    parser.add_argument(
+        "--rate", type=_positive_float, help="at most this many requests per second"
+    )
+    parser.add_argument(
+        "--retry",
+        choices=("debitura",),
+        help="retry failures on Debitura's schedule (8 tries over ~1.5 h)",
+    )
+    parser.add_argument(
+        "--retry-scale",
+        type=_positive_float,
+        default=1.0,
+        help="multiply the retry delays (e.g. 0.001 in tests)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON line per event, then a summary line"
+    )

@@ -1,0 +1,108 @@
+"""Group commit: concurrent deliveries share one transaction, one round trip, one WAL
+flush and one NOTIFY-queue lock (Postgres serialises committing transactions that
+NOTIFY, so this is where throughput under load comes from).
+
+There is no timer: a delivery that finds no group committing is committed at once,
+alone. Deliveries arriving while a group commits wait for it to finish and form the
+next group. Each delivery's 200 still waits for the durable commit of its own group.
+
+Rows are sorted by client id so every group takes the per-client advisory locks in
+the same order; two groups never deadlock on them. A group that fails for any
+reason but an unavailable database is retried one event at a time, so one bad
+event cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import structlog
+
+from receiver import db, errors, events, metrics, store
+
+log = structlog.get_logger()
+
+MAX_GROUP = 128
+MAX_IN_FLIGHT = 2
+
+
+@dataclass
+class _Waiting:
+    row: store.Row
+    outcome: asyncio.Future[events.Outcome] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class GroupCommit:
+    """Records events, committing concurrent ones together."""
+
+    def __init__(
+        self,
+        database: db.Database,
+        *,
+        channel: str,
+        http_delivery: bool,
+        max_group: int = MAX_GROUP,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        self._database = database
+        self._channel = channel
+        self._http = http_delivery
+        self._max_group = max_group
+        self._max_in_flight = max_in_flight
+        self._queue: list[_Waiting] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def record(self, row: store.Row) -> events.Outcome:
+        """Record one event; returns after the transaction that holds it committed."""
+        waiting = _Waiting(row)
+        self._queue.append(waiting)
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await waiting.outcome
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group = self._queue[: self._max_group]
+                del self._queue[: self._max_group]
+                await self._commit(group)
+        finally:
+            self._in_flight -= 1
+
+    async def _commit(self, group: list[_Waiting]) -> None:
+        group.sort(key=lambda w: w.row.client_id or "")
+        metrics.COMMIT_GROUP_SIZE.observe(len(group))
+        try:
+            outcomes = await self._record([w.row for w in group])
+        except errors.DatabaseUnavailable as exc:
+            for waiting in group:
+                _fail(waiting, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - isolate the event that caused it, below
+            if len(group) == 1:
+                _fail(group[0], exc)
+                return
+            log.info("group_commit_split", size=len(group), error=type(exc).__name__)
+            for waiting in group:
+                await self._commit([waiting])
+            return
+        for waiting, outcome in zip(group, outcomes, strict=True):
+            if not waiting.outcome.done():
+                waiting.outcome.set_result(outcome)
+
+    async def _record(self, rows: list[store.Row]) -> list[events.Outcome]:
+        return await store.record_rows(
+            self._database, rows, channel=self._channel, http_delivery=self._http
+        )
+
+
+def _fail(waiting: _Waiting, exc: BaseException) -> None:
+    if not waiting.outcome.done():
+        waiting.outcome.set_exception(exc)

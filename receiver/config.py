@@ -1,0 +1,245 @@
+"""Settings: one frozen model read once from the `RECEIVER_*` variables (DESIGN §5).
+
+Nothing else in the package reads the environment. Key material is decoded and
+checked here, at start-up, so a malformed value stops the process before it serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    HttpUrl,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from receiver import errors
+
+KEY_BYTES = 32
+DEV_SECRETS_FILE = "dev-secrets.json"
+_KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64") from None
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _webhook_secrets(value: Any) -> Any:
+    parts = _split(value)
+    if not isinstance(parts, list) or not parts:
+        raise ValueError("needs at least one base64 secret")
+    decoded = [_b64(p) if isinstance(p, str) else p for p in parts]
+    if any(len(d) < 16 for d in decoded):
+        raise ValueError("each secret must decode to at least 16 bytes")
+    return decoded
+
+
+def _key32(value: Any) -> Any:
+    if isinstance(value, str):
+        value = _b64(value)
+    if isinstance(value, bytes) and len(value) != KEY_BYTES:
+        raise ValueError(f"must decode to exactly {KEY_BYTES} bytes")
+    return value
+
+
+def _token_keys(value: Any) -> Any:
+    parts = _split(value)
+    if not isinstance(parts, list) or not parts:
+        raise ValueError("needs at least one kid:base64 key")
+    keys: list[tuple[str, bytes]] = []
+    for part in parts:
+        if isinstance(part, tuple):
+            kid, material = part
+        else:
+            kid, sep, encoded = str(part).partition(":")
+            if not sep or not _KEY_ID.match(kid):
+                raise ValueError("each entry must be kid:base64, kid of [A-Za-z0-9_.-]{1,32}")
+            material = _key32(encoded)
+        keys.append((kid, material))
+    kids = [kid for kid, _ in keys]
+    if len(set(kids)) != len(kids):
+        raise ValueError("key ids must be unique")
+    return [(kid, SecretBytes(material)) for kid, material in keys]
+
+
+def _optional_secret(value: Any) -> Any:
+    if isinstance(value, str):
+        decoded = _b64(value)
+        if len(decoded) < 16:
+            raise ValueError("must decode to at least 16 bytes")
+        return decoded
+    return value
+
+
+def _channel(value: str) -> str:
+    if not _CHANNEL.match(value):
+        raise ValueError("must be a lower-case Postgres identifier")
+    return value
+
+
+WebhookSecrets = Annotated[tuple[SecretBytes, ...], NoDecode, BeforeValidator(_webhook_secrets)]
+TokenKeys = Annotated[tuple[tuple[str, SecretBytes], ...], NoDecode, BeforeValidator(_token_keys)]
+Key32 = Annotated[SecretBytes, BeforeValidator(_key32)]
+
+
+class Settings(BaseSettings):
+    """Every setting the receiver reads; see the table in DESIGN §5 and the README."""
+
+    model_config = SettingsConfigDict(env_prefix="RECEIVER_", frozen=True, extra="forbid")
+
+    database_url: SecretStr | None = None
+    data_dir: Path = Path(".receiver")
+    webhook_secrets: WebhookSecrets
+    token_keys: TokenKeys
+    index_key: Key32
+    cache_url: HttpUrl | None = None
+    cache_secret: Annotated[SecretBytes | None, BeforeValidator(_optional_secret)] = None
+    notify_channel: Annotated[str, AfterValidator(_channel)] = "token_invalidation"
+    signal_max_attempts: int = Field(default=12, ge=1, le=1000)
+    signal_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
+    signal_retry_base_seconds: float = Field(default=1.0, gt=0, le=3600)
+    signature_tolerance: int = Field(default=300, ge=1, le=86_400)
+    max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
+    body_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret as text, for the log redaction processor to mask."""
+        raw: list[bytes] = [s.get_secret_value() for s in self.webhook_secrets]
+        raw += [k.get_secret_value() for _, k in self.token_keys]
+        raw.append(self.index_key.get_secret_value())
+        if self.cache_secret is not None:
+            raw.append(self.cache_secret.get_secret_value())
+        return [base64.b64encode(r).decode() for r in raw]
+
+    @model_validator(mode="after")
+    def _cache_secret_with_url(self) -> Settings:
+        if self.cache_url is not None and self.cache_secret is None:
+            raise ValueError("RECEIVER_CACHE_SECRET is required when RECEIVER_CACHE_URL is set")
+        return self
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = error.get("loc") or ()
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    if not loc:  # a cross-field rule: its message already names the variables
+        return message
+    variable = f"RECEIVER_{str(loc[0]).upper()}"
+    if error.get("type") == "missing":
+        return f"{variable} is required but not set"
+    # pydantic's messages describe the rule, never the input; `input` is never printed.
+    if message.startswith(("is ", "must ", "needs ", "each ", "key ")):
+        return f"{variable} {message}"
+    return f"{variable} is invalid: {message}"
+
+
+class _Locations(BaseSettings):
+    """The settings that locate others, readable before the rest are complete."""
+
+    model_config = SettingsConfigDict(env_prefix="RECEIVER_", extra="ignore")
+
+    data_dir: Path = Path(".receiver")
+    webhook_secrets: WebhookSecrets | None = None
+
+
+def _config_error(exc: ValidationError) -> errors.ConfigError:
+    """One line per bad variable, naming it; pydantic's input values are never read."""
+    lines = sorted({_describe(e) for e in exc.errors(include_input=False)})
+    return errors.ConfigError("; ".join(lines))
+
+
+def load_settings(*, dev: bool = False, **overrides: Any) -> Settings:
+    """Read the settings from the environment; overrides win (tests).
+
+    With `dev`, secrets the environment does not set come from the dev secrets file
+    in the data directory, generated on first use. Raises `errors.ConfigError` with
+    one line per bad variable, naming it but never echoing its value.
+    """
+    if dev:
+        data_dir = Path(overrides.get("data_dir") or _locations().data_dir)
+        present = env_names_set() | set(overrides)
+        generated = dev_secrets(data_dir)
+        overrides = {**{k: v for k, v in generated.items() if k not in present}, **overrides}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
+def _locations() -> _Locations:
+    try:
+        return _Locations()
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
+def webhook_secret_for_replay(*, dev: bool) -> bytes | None:
+    """The secret `receiver replay` signs with when `--secret` is not given: the first
+    of `RECEIVER_WEBHOOK_SECRETS`, else (with `dev`) the dev secret."""
+    locations = _locations()
+    if locations.webhook_secrets:
+        return locations.webhook_secrets[0].get_secret_value()
+    if dev:
+        return _b64(dev_secrets(locations.data_dir)["webhook_secrets"].split(",")[0])
+    return None
+
+
+def data_dir() -> Path:
+    """`RECEIVER_DATA_DIR`, for commands that need only it."""
+    return _locations().data_dir
+
+
+def generate_dev_secrets() -> dict[str, str]:
+    """Fresh key material in the exact formats the settings read."""
+    return {
+        "webhook_secrets": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "token_keys": f"dev1:{base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()}",
+        "index_key": base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode(),
+    }
+
+
+def dev_secrets(data_dir: Path) -> dict[str, str]:
+    """Dev secrets kept in `data_dir` (mode 0600), generated on first use and reused after."""
+    path = data_dir / DEV_SECRETS_FILE
+    if path.exists():
+        loaded: dict[str, str] = json.loads(path.read_text())
+        return loaded
+    data_dir.mkdir(parents=True, exist_ok=True)
+    values = generate_dev_secrets()
+    # O_EXCL + 0600 at creation: the file never exists with wider permissions.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(values, handle, indent=2)
+    return values
+
+
+def env_names_set() -> set[str]:
+    """Which settings the environment provides, so dev secrets never override them."""
+    prefix = "RECEIVER_"
+    return {name[len(prefix) :].lower() for name in os.environ if name.startswith(prefix)}

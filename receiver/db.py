@@ -1,0 +1,168 @@
+"""Postgres access: the pool, the named queries, and the one place driver errors
+become the project's own.
+
+This is the only module that imports asyncpg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import asyncpg
+import structlog
+
+from receiver import errors, metrics
+
+log = structlog.get_logger()
+
+Connection = asyncpg.Connection
+Record = asyncpg.Record
+T = TypeVar("T")
+
+ACQUIRE_TIMEOUT_SECONDS = 3.0
+# Debitura gives up on an answer after 10 s; a 503 before then makes it retry.
+STATEMENT_TIMEOUT_SECONDS = 6.0
+RETRIES = 3
+
+# Faults that mean "Postgres is not able to take this now": the caller answers 503
+# and the sender retries later.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,  # admin/crash shutdown, cannot connect now, cancel
+    asyncpg.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.ReadOnlySQLTransactionError,  # connected to a standby during failover
+)
+# The schema is missing or older than the code: not migrated yet.
+_SCHEMA_MISSING: tuple[type[BaseException], ...] = (
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedFunctionError,
+    asyncpg.InvalidSchemaNameError,
+)
+# Faults that a fresh attempt of the same all-or-nothing statement resolves.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.UniqueViolationError,  # two writers raced to the same unique row
+    asyncpg.TransactionRollbackError,  # deadlock or serialization failure
+)
+
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def _load_queries() -> dict[str, str]:
+    text = (Path(__file__).parent / "queries.sql").read_text()
+    parts = _QUERY_HEADER.split(text)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+QUERIES = _load_queries()
+
+
+@asynccontextmanager
+async def translated_errors() -> AsyncIterator[None]:
+    """Turn driver and network faults into `errors.DatabaseUnavailable`."""
+    try:
+        yield
+    except _SCHEMA_MISSING as exc:
+        metrics.DATABASE_ERRORS.labels(kind="schema_missing").inc()
+        log.warning("database_schema_missing", error=type(exc).__name__)
+        raise errors.SchemaNotReady("database schema is not migrated, retry later") from exc
+    except _UNAVAILABLE as exc:
+        metrics.DATABASE_ERRORS.labels(kind="unavailable").inc()
+        # The driver's message can quote parameters; log only the fault's class.
+        log.warning("database_unavailable", error=type(exc).__name__)
+        raise errors.DatabaseUnavailable("database is unavailable, retry later") from exc
+
+
+async def connect(dsn: str) -> Connection:
+    """One connection, outside the pool (migrations, CLI commands)."""
+    async with translated_errors():
+        return await asyncpg.connect(dsn, server_settings=_SERVER_SETTINGS)
+
+
+# synchronous_commit is forced on whatever the database default: a 200 must follow a
+# durable commit (DESIGN §3, guarantee 1).
+_SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "receiver"}
+
+
+async def _keep_session(_: Any) -> None:
+    """Skip the pool's reset query on release: one round trip less per request.
+
+    Safe because pooled connections keep no session state: locks are transaction
+    scoped, nothing is SET or LISTENed on them, and asyncpg itself still rolls back a
+    connection released inside a transaction before calling this.
+    """
+
+
+class Database:
+    """A connection pool and the named queries run through it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, max_size: int = 10) -> Database:
+        """Create the pool. It connects lazily, so a database that is down at start-up
+        shows as 503s and a failing readiness probe, not as a crash."""
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=0,
+            max_size=max_size,
+            server_settings=_SERVER_SETTINGS,
+            reset=_keep_session,
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        """Close every connection, waiting for queries in flight."""
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection, with every fault translated."""
+        async with translated_errors():
+            try:
+                conn = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS)
+            except asyncpg.PostgresError as exc:
+                # Refused at connect (no such database, authentication): an operator
+                # must act, and the sender must retry meanwhile.
+                metrics.DATABASE_ERRORS.labels(kind="refused").inc()
+                # No traceback: the driver's message can quote connection parameters.
+                log.error("database_connect_refused", error=type(exc).__name__)  # noqa: TRY400
+                raise errors.DatabaseUnavailable("database refused the connection") from exc
+            try:
+                # The pool hands out a proxy that forwards every Connection method.
+                yield cast(Connection, conn)
+            finally:
+                await self.pool.release(conn)
+
+    async def _run(self, call: Callable[[Connection], Awaitable[T]]) -> T:
+        for attempt in range(1, RETRIES + 1):
+            try:
+                async with self.connection() as conn:
+                    return await call(conn)
+            except _RETRYABLE as exc:
+                metrics.DATABASE_ERRORS.labels(kind="retried").inc()
+                log.info("database_retry", attempt=attempt, error=type(exc).__name__)
+                await asyncio.sleep(0.005 * attempt)
+        raise errors.DatabaseUnavailable("database is busy, retry later")
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        """Run a named query and return the first column of its first row."""
+        sql = QUERIES[name]
+        return await self._run(
+            lambda conn: conn.fetchval(sql, *args, timeout=STATEMENT_TIMEOUT_SECONDS)
+        )
+
+    async def fetch(self, name: str, *args: Any) -> list[Record]:
+        """Run a named query and return every row."""
+        sql = QUERIES[name]
+        return await self._run(
+            lambda conn: conn.fetch(sql, *args, timeout=STATEMENT_TIMEOUT_SECONDS)
+        )

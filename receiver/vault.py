@@ -1,0 +1,100 @@
+"""Encryption at rest: AES-256-GCM under a keyring, and a blind index (DESIGN §4).
+
+A sealed value is self-describing:
+
+    version (1 byte, 0x01) | key id length (1 byte) | key id (ASCII)
+    | nonce (12 bytes) | ciphertext+tag
+
+The associated data binds it to its row and purpose (`token|<row id>`), so a
+ciphertext copied into another row, or into another column, fails to open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from receiver import errors
+
+VERSION = 1
+NONCE_BYTES = 12
+_HEADER_MIN = 2 + 1 + NONCE_BYTES + 16
+
+
+class Keyring:
+    """Several AES-256 keys: the first encrypts, every one decrypts."""
+
+    def __init__(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        if not keys:
+            raise errors.ConfigError("RECEIVER_TOKEN_KEYS needs at least one key")
+        self.primary_id = keys[0][0]
+        self._ciphers = {kid: AESGCM(material) for kid, material in keys}
+
+    def __repr__(self) -> str:
+        return f"Keyring(primary={self.primary_id!r}, key_ids={list(self._ciphers)!r})"
+
+    @property
+    def key_ids(self) -> list[str]:
+        """The key ids in the ring, primary first."""
+        return list(self._ciphers)
+
+    def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        """Encrypt under the primary key with a fresh random nonce."""
+        kid = self.primary_id.encode()
+        nonce = os.urandom(NONCE_BYTES)
+        ciphertext = self._ciphers[self.primary_id].encrypt(nonce, plaintext, associated_data)
+        return bytes([VERSION, len(kid)]) + kid + nonce + ciphertext
+
+    def open(self, sealed: bytes, associated_data: bytes) -> bytes:
+        """Decrypt a sealed value; it must have been sealed with the same associated data."""
+        kid, nonce, ciphertext = _split(sealed)
+        cipher = self._ciphers.get(kid)
+        if cipher is None:
+            raise errors.KeyNotFound(kid)
+        try:
+            return cipher.decrypt(nonce, ciphertext, associated_data)
+        except InvalidTag:
+            raise errors.SealBroken(
+                "sealed value failed to open: tampered, or not sealed for this row"
+            ) from None
+
+
+def key_id_of(sealed: bytes) -> str:
+    """The key id a sealed value names, without opening it."""
+    return _split(sealed)[0]
+
+
+def _split(sealed: bytes) -> tuple[str, bytes, bytes]:
+    if len(sealed) < _HEADER_MIN or sealed[0] != VERSION:
+        raise errors.SealBroken("sealed value is truncated or of an unknown version")
+    kid_length = sealed[1]
+    kid_end = 2 + kid_length
+    try:
+        kid = sealed[2:kid_end].decode("ascii")
+    except UnicodeDecodeError:
+        raise errors.SealBroken("sealed value has a malformed key id") from None
+    nonce = sealed[kid_end : kid_end + NONCE_BYTES]
+    ciphertext = sealed[kid_end + NONCE_BYTES :]
+    if len(nonce) != NONCE_BYTES or len(ciphertext) < 16:
+        raise errors.SealBroken("sealed value is truncated")
+    return kid, nonce, ciphertext
+
+
+def blind_index(index_key: bytes, value: str) -> bytes:
+    """HMAC-SHA256 of a value under the index key: finds a token without decrypting it."""
+    return hmac.new(index_key, value.encode(), hashlib.sha256).digest()
+
+
+def token_associated_data(row_id: str) -> bytes:
+    """Associated data for a token row."""
+    return f"token|{row_id}".encode()
+
+
+def event_associated_data(event_key: str) -> bytes:
+    """Associated data for an event's stored raw body."""
+    return f"event|{event_key}".encode()

@@ -1,0 +1,133 @@
+"""Session-wide fixtures: a real Postgres, a migrated template, logs under watch.
+
+Postgres is the one `RECEIVER_TEST_DATABASE_URL` names, else an embedded Postgres
+started for the session. The schema is migrated once into a template database and
+each test gets its own clone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from receiver import embedded, log, migrations
+from tests import helpers
+
+LOG_DIR = Path(tempfile.mkdtemp(prefix="receiver-test-logs-"))
+SESSION_LOG = LOG_DIR / "session.log"
+_counter = itertools.count()
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server DSN pointing at another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+_session_stream: list[TextIO] = []
+
+
+def log_to_session_file() -> None:
+    """Send every log record through the product's redaction into the session log,
+    which pytest_sessionfinish searches for canary tokens."""
+    if not _session_stream:
+        _session_stream.append(SESSION_LOG.open("a", buffering=1))
+    log.configure(fmt="json", level="debug", stream=_session_stream[0])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    log_to_session_file()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for stream in _session_stream:
+        stream.flush()
+    texts = [p.read_text(errors="replace") for p in LOG_DIR.rglob("*.log")]
+    combined = "\n".join(texts)
+    leaks = helpers.find_canaries(combined)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    summary = (
+        f"canary check: {len(helpers.CANARIES)} test tokens searched in "
+        f"{len(texts)} log file(s), {len(combined.splitlines())} lines: {len(leaks)} leaked"
+    )
+    if reporter is not None:
+        reporter.write_line(summary)
+    if leaks:
+        if reporter is not None:
+            reporter.write_line(f"LEAK: test tokens found in logs under {LOG_DIR}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A DSN to a maintenance database on the test Postgres server."""
+    given = os.environ.get("RECEIVER_TEST_DATABASE_URL")
+    if given:
+        return given
+    return embedded.start(tmp_path_factory.mktemp("embedded-pg"))
+
+
+@pytest.fixture(scope="session")
+def template_name(server_dsn: str) -> Iterator[str]:
+    """A database migrated once for the session, cloned by every test."""
+    name = f"receiver_tpl_{os.getpid()}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        await migrations.apply(with_database(server_dsn, name))
+
+    asyncio.run(create())
+    yield name
+    asyncio.run(_drop(server_dsn, name))
+
+
+async def _drop(server_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _create(server_dsn: str, prefix: str, template: str | None = None) -> str:
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        clause = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    finally:
+        await conn.close()
+    return name
+
+
+@pytest.fixture
+async def database_url(server_dsn: str, template_name: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    name = await _create(server_dsn, "receiver_t", template_name)
+    yield with_database(server_dsn, name)
+    await _drop(server_dsn, name)
+
+
+@pytest.fixture
+async def empty_database_url(server_dsn: str) -> AsyncIterator[str]:
+    """A fresh database with no schema at all."""
+    name = await _create(server_dsn, "receiver_e")
+    yield with_database(server_dsn, name)
+    await _drop(server_dsn, name)

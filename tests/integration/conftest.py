@@ -1,0 +1,180 @@
+"""Fixtures for tests that run the receiver against a real Postgres."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
+
+from receiver import app, config, db, embedded, log, store
+from receiver.config import Settings
+from tests import conftest, helpers
+from tests.integration import processes
+from tests.integration.standins import StandInCache
+
+Post = Callable[..., Awaitable[ClientResponse]]
+
+
+@pytest.fixture
+def webhook_secret() -> str:
+    """The base64 webhook secret the receiver under test accepts."""
+    return helpers.new_secret()
+
+
+@pytest.fixture
+def settings(database_url: str, webhook_secret: str) -> Settings:
+    """Settings for a receiver on the per-test database."""
+    return config.load_settings(
+        database_url=database_url,
+        webhook_secrets=webhook_secret,
+        token_keys="k1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
+        index_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+    )
+
+
+@pytest.fixture
+def cache_secret() -> str:
+    """The base64 secret that signs invalidation POSTs."""
+    return helpers.new_secret()
+
+
+@pytest.fixture
+async def standin_cache(cache_secret: str) -> AsyncIterator[StandInCache]:
+    """The partner's token cache service, listening on loopback."""
+    cache = StandInCache(cache_secret, processes.free_port())
+    await cache.start()
+    yield cache
+    await cache.stop()
+
+
+def settings_values(settings: Settings) -> dict[str, str]:
+    """The settings written back in the form RECEIVER_* variables take."""
+    values = {
+        "webhook_secrets": ",".join(
+            base64.b64encode(s.get_secret_value()).decode() for s in settings.webhook_secrets
+        ),
+        "token_keys": ",".join(
+            f"{k}:{base64.b64encode(v.get_secret_value()).decode()}" for k, v in settings.token_keys
+        ),
+        "index_key": base64.b64encode(settings.index_key.get_secret_value()).decode(),
+    }
+    if settings.database_url is not None:
+        values["database_url"] = settings.database_url.get_secret_value()
+    return values
+
+
+def operator_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a receiver process, or an operator's shell, for `settings`."""
+    variables = {f"RECEIVER_{k.upper()}": v for k, v in settings_values(settings).items()}
+    return processes.clean_env(**(variables | extra))
+
+
+def with_cache(settings: Settings, cache: StandInCache, **extra: Any) -> Settings:
+    """The settings with HTTP delivery to `cache` switched on, retries fast for tests."""
+    values: dict[str, Any] = {
+        **settings_values(settings),
+        "cache_url": cache.url,
+        "cache_secret": cache.secret_b64,
+        "signal_retry_base_seconds": 0.05,
+    }
+    values.update(extra)
+    return config.load_settings(**values)
+
+
+@pytest.fixture
+def sealer(settings: Settings) -> store.Sealer:
+    """The keyring and index key of the receiver under test."""
+    return store.Sealer.from_settings(settings)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> TestClient:  # type: ignore[type-arg]
+    """An HTTP client for a receiver serving on loopback."""
+    return await aiohttp_client(app.create_app(settings))
+
+
+@pytest.fixture
+def post(client: TestClient, webhook_secret: str) -> Post:  # type: ignore[type-arg]
+    """POST a document (or raw bytes) to the webhook, signed unless told otherwise."""
+
+    async def send(document: Any, *, secret: str | None = None, **headers: str) -> ClientResponse:
+        body = document if isinstance(document, bytes) else helpers.encode(document)
+        signed = helpers.signed_headers(secret or webhook_secret, body)
+        signed.update(headers)
+        return await client.post(app.WEBHOOK_PATH, data=body, headers=signed)
+
+    return send
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[db.Database]:
+    """The product's own pool on the test database."""
+    opened = await db.Database.open(database_url)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test database, to look at what was stored."""
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def log_lines(settings: Settings) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """The JSON log lines written during the test, through the product's redaction."""
+    stream = io.StringIO()
+    log.configure(fmt="json", level="debug", secrets=settings.secret_values(), stream=stream)
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+    yield lines
+    # What this test logged stays under the canary check, then logs go back there.
+    (conftest.LOG_DIR / f"captured-{id(stream)}.log").write_text(stream.getvalue())
+    conftest.log_to_session_file()
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A Postgres started for this test alone, which the test may stop and start."""
+    root = Path(tempfile.mkdtemp(prefix="receiver-fault-pg-"))
+    dsn = embedded.start(root)
+    data = root / "postgres"
+    pg_ctl = str(embedded.bin_dir() / "pg_ctl")
+    owner = data.owner()
+
+    socket_dir = parse_qs(urlsplit(dsn).query)["host"][0]
+
+    def control(action: str) -> None:
+        options = ["-w", "-t", "30", "-D", str(data), "-l", str(data / "log")]
+        if action == "stop":
+            options += ["-m", "fast"]
+        else:  # as the package started it: no TCP port, its own socket directory
+            options += ["-o", f"-h '' -k {socket_dir}"]
+        subprocess.run(
+            [pg_ctl, *options, action],
+            check=True,
+            user=owner if owner != "root" else None,
+            capture_output=True,
+            timeout=60,
+        )
+
+    yield dsn, control
+    control("stop")
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""Running the real `receiver` command as a subprocess, its output under the canary check."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+
+from tests import conftest
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """The current environment without any RECEIVER_* variable, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    env.update(values)
+    return env
+
+
+def run(
+    args: list[str], env: Mapping[str, str], timeout: float = 60, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a receiver command to completion; its output joins the canary check."""
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver", *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        input=stdin if stdin is not None else "",
+    )
+    log = conftest.LOG_DIR / f"cli-{time.monotonic_ns()}.log"
+    log.write_text(result.stdout + "\n" + result.stderr)
+    return result
+
+
+@contextmanager
+def serving(
+    args: list[str], env: Mapping[str, str]
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """A `receiver serve` process; yields it and the file its output goes to."""
+    with background(["serve", *args], env) as started:
+        yield started
+
+
+@contextmanager
+def background(
+    args: list[str], env: Mapping[str, str]
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """Any long-running receiver command; yields it and the file its output goes to.
+    On exit it is stopped with SIGTERM (SIGKILL if it does not stop in 20 s)."""
+    output = conftest.LOG_DIR / f"{args[0]}-{time.monotonic_ns()}.log"
+    with output.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "receiver", *args],
+            env=dict(env),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            yield process, output
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+async def wait_healthy(port: int, process: subprocess.Popen[str], seconds: float = 60) -> None:
+    """Poll /healthz until the server answers (bounded)."""
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"receiver exited early with {process.returncode}")
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("receiver did not become healthy in time")

@@ -1,0 +1,138 @@
+"""Probes and the 503 contract: Postgres away means "retry later", never a lost event."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import asyncpg
+import pytest
+
+from receiver import app, db, errors, migrations
+from receiver.config import Settings
+from tests import helpers
+from tests.conftest import with_database
+from tests.integration.conftest import Post
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_healthz_and_readyz(client: Any) -> None:
+    """With Postgres up and migrated, both probes answer 200."""
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert await ready.json() == {"status": "ready"}
+
+
+async def test_readyz_fails_on_unmigrated_schema(
+    aiohttp_client: Any, settings: Settings, empty_database_url: str
+) -> None:
+    """A reachable database without the schema is not ready."""
+    unmigrated = settings.model_copy(
+        update={"database_url": type(settings.database_url)(empty_database_url)}
+    )
+    client = await aiohttp_client(app.create_app(unmigrated))
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_unreachable_postgres_is_503_with_retry_after(
+    aiohttp_client: Any, settings: Settings, webhook_secret: str
+) -> None:
+    """Connection refused: 503, a Retry-After header, and the Debitura error shape."""
+    dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+    down = settings.model_copy(update={"database_url": type(settings.database_url)(dsn)})
+    client = await aiohttp_client(app.create_app(down))
+    body = helpers.encode(helpers.onboarding())
+    response = await client.post(
+        app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+    )
+    assert response.status == 503
+    assert response.headers["Retry-After"].isdigit()
+    assert (await response.json())["error"]["code"] == "service_unavailable"
+    assert (await client.get("/readyz")).status == 503
+
+
+async def test_event_is_accepted_once_the_database_is_back(
+    aiohttp_client: Any,
+    settings: Settings,
+    webhook_secret: str,
+    server_dsn: str,
+    template_name: str,
+) -> None:
+    """A delivery refused with 503 while the database is missing succeeds on Debitura's retry."""
+    name = f"receiver_late_{id(settings)}"
+    late = settings.model_copy(
+        update={"database_url": type(settings.database_url)(with_database(server_dsn, name))}
+    )
+    client = await aiohttp_client(app.create_app(late))
+    body = helpers.encode(helpers.onboarding())
+    headers = helpers.signed_headers(webhook_secret, body)
+    assert (await client.post(app.WEBHOOK_PATH, data=body, headers=headers)).status == 503
+
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
+        retry = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
+        assert retry.status == 200
+        assert (await retry.json())["status"] == "processed"
+    finally:
+        await client.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_unmigrated_database_answers_503_not_500(
+    aiohttp_client: Any, settings: Settings, empty_database_url: str, webhook_secret: str
+) -> None:
+    """Deliveries before `receiver migrate` are retried by Debitura, not failed."""
+    unmigrated = settings.model_copy(
+        update={"database_url": type(settings.database_url)(empty_database_url)}
+    )
+    client = await aiohttp_client(app.create_app(unmigrated))
+    body = helpers.encode(helpers.onboarding())
+    response = await client.post(
+        app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+    )
+    assert response.status == 503
+
+
+async def test_migrations_are_idempotent_and_safe_concurrently(empty_database_url: str) -> None:
+    """Five replicas migrating at once apply each migration exactly once."""
+    results = await asyncio.gather(*(migrations.apply(empty_database_url) for _ in range(5)))
+    applied = [name for result in results for name in result]
+    assert sorted(applied) == [m.name for m in migrations.available()]
+    assert await migrations.apply(empty_database_url) == []
+
+
+async def test_edited_migration_is_refused(database_url: str) -> None:
+    """A migration whose file changed after it was applied stops the migrator."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE receiver.schema_migrations SET checksum = 'edited'")
+    finally:
+        await conn.close()
+    with pytest.raises(errors.MigrationError, match="forward-only"):
+        await migrations.apply(database_url)
+
+
+async def test_synchronous_commit_is_on_for_our_connections(
+    post: Post, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """Even when the database defaults to synchronous_commit=off, ours commit durably."""
+    name = database_url.rsplit("/", 1)[-1].split("?")[0]
+    await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+    database = await db.Database.open(database_url)
+    try:
+        async with database.connection() as pooled:
+            assert await pooled.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await database.close()

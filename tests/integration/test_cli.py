@@ -1,0 +1,177 @@
+"""The `receiver` command as a newcomer and an operator meet it: real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from receiver import config, migrations
+from tests import helpers
+from tests.integration import processes
+
+
+def _secrets_env(database_url: str) -> dict[str, str]:
+    return {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()} | {
+        "RECEIVER_DATABASE_URL": database_url
+    }
+
+
+@pytest.mark.slow
+async def test_dev_mode_from_scratch_fires_the_printed_command(tmp_path: Path) -> None:
+    """`serve --dev` on an empty data dir starts an embedded Postgres, and the command it
+    prints gets a 200 processed."""
+    port = processes.free_port()
+    data_dir = tmp_path / "data"
+    env = processes.clean_env(RECEIVER_DATA_DIR=str(data_dir))
+    with processes.serving(["--dev", "--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process, seconds=90)
+        printed = [line for line in output.read_text().splitlines() if "replay trigger" in line]
+        assert len(printed) == 1
+        words = shlex.split(printed[0])
+        assignments = dict(w.split("=", 1) for w in words if w.startswith("RECEIVER_"))
+        command = [w for w in words if not w.startswith("RECEIVER_")]
+        replay_args = command[command.index("replay") :]
+        assert replay_args[:3] == ["replay", "trigger", "client.onboarding_completed"]
+        result = await asyncio.to_thread(
+            processes.run, replay_args, processes.clean_env(**assignments)
+        )
+        assert result.returncode == 0, result.stderr
+        assert "http=200 status=processed" in result.stdout
+        assert "tok_test_" in result.stdout  # the prefix only
+        secrets_file = data_dir / config.DEV_SECRETS_FILE
+        assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+
+
+async def test_missing_configuration_is_one_line_without_traceback() -> None:
+    """Without settings, `serve` exits 2 with one line naming the variables."""
+    result = await asyncio.to_thread(processes.run, ["serve"], processes.clean_env())
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "RECEIVER_WEBHOOK_SECRETS is required" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+async def test_malformed_configuration_never_prints_the_value() -> None:
+    """A malformed key is named, its value is not printed."""
+    env = processes.clean_env(
+        RECEIVER_WEBHOOK_SECRETS="SUPERSECRETVALUE!!",
+        RECEIVER_TOKEN_KEYS="k1:SUPERSECRETVALUE",
+        RECEIVER_INDEX_KEY="SUPERSECRETVALUE",
+    )
+    result = await asyncio.to_thread(processes.run, ["migrate"], env)
+    assert result.returncode == 2
+    assert "RECEIVER_TOKEN_KEYS" in result.stderr
+    assert "SUPERSECRETVALUE" not in result.stderr + result.stdout
+
+
+async def test_migrate_command_is_idempotent(empty_database_url: str) -> None:
+    """`receiver migrate` applies the schema once, then reports nothing to do."""
+    env = processes.clean_env(**_secrets_env(empty_database_url))
+    first = await asyncio.to_thread(processes.run, ["migrate"], env)
+    second = await asyncio.to_thread(processes.run, ["migrate"], env)
+    names = [m.name for m in migrations.available()]
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"applied {len(names)} migration(s): {', '.join(names)}"
+    assert second.stdout.strip() == "applied 0 migration(s)"
+
+
+async def test_keys_generate_prints_loadable_settings() -> None:
+    """`receiver keys generate` prints env lines the settings accept."""
+    result = await asyncio.to_thread(processes.run, ["keys", "generate"], processes.clean_env())
+    values = dict(line.split("=", 1) for line in result.stdout.strip().splitlines())
+    assert set(values) == {"RECEIVER_WEBHOOK_SECRETS", "RECEIVER_TOKEN_KEYS", "RECEIVER_INDEX_KEY"}
+    config.load_settings(**{k.removeprefix("RECEIVER_").lower(): v for k, v in values.items()})
+
+
+async def test_serve_with_a_database_url_processes_and_logs_json(database_url: str) -> None:
+    """A production-style start: env settings, JSON logs, a signed delivery stored."""
+    port = processes.free_port()
+    env = processes.clean_env(**_secrets_env(database_url), RECEIVER_LOG_FORMAT="json")
+    secret = env["RECEIVER_WEBHOOK_SECRETS"]
+    token = helpers.canary_token()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        body = helpers.encode(helpers.onboarding("cli_cli", token))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/webhooks/debitura",
+                data=body,
+                headers=helpers.signed_headers(secret, body),
+            ) as response,
+        ):
+            assert response.status == 200
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM receiver.tokens") == 1
+    finally:
+        await conn.close()
+    text = output.read_text()
+    assert '"event": "request"' in text
+    assert token not in text
+
+
+async def test_replay_trigger_reports_a_wrong_secret(database_url: str) -> None:
+    """Signed with the wrong secret, the trigger prints the 401 and exits non-zero."""
+    port = processes.free_port()
+    env = processes.clean_env(**_secrets_env(database_url))
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        await processes.wait_healthy(port, process)
+        result = await asyncio.to_thread(
+            processes.run,
+            [
+                "replay",
+                "trigger",
+                "client.onboarding_completed",
+                "--secret",
+                helpers.new_secret(),
+                "--to",
+                f"http://127.0.0.1:{port}/webhooks/debitura",
+            ],
+            processes.clean_env(),
+        )
+    assert result.returncode == 1
+    assert "http=401" in result.stdout
+    assert "signature does not match" in result.stdout
+
+
+async def test_replay_trigger_reports_an_unreachable_receiver() -> None:
+    """No receiver at the URL: one clear line, non-zero exit."""
+    port = processes.free_port()
+    result = await asyncio.to_thread(
+        processes.run,
+        [
+            "replay",
+            "trigger",
+            "token.revoked",
+            "--secret",
+            helpers.new_secret(),
+            "--to",
+            f"http://127.0.0.1:{port}/webhooks/debitura",
+        ],
+        processes.clean_env(),
+    )
+    assert result.returncode == 1
+    assert "cannot connect" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_is_the_same_command() -> None:
+    """`python -m receiver --help` lists the commands."""
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    for command in ("serve", "migrate", "keys", "replay"):
+        assert command in result.stdout

@@ -1,0 +1,362 @@
+"""Hostile and malformed input against a real `receiver serve` process.
+
+Black box: plain HTTP from the standard library on loopback. The fuzz run is
+deterministic (derandomised) and bounded in count; it answers only documented
+statuses, never echoes a token, and leaves the database consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import http.client
+import json
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from receiver import config, events, vault
+from tests import conftest, helpers
+from tests.conftest import with_database
+from tests.integration import processes
+
+DOCUMENTED = {200, 400, 401, 408, 413, 415}
+FUZZ_EXAMPLES = 1000
+STATUSES: Counter[int] = Counter()
+
+
+class Served:
+    """A receiver process on its own database, for a whole module."""
+
+    def __init__(self, url: str, secret: str, database_url: str, keys: dict[str, str]) -> None:
+        self.url, self.secret, self.database_url, self.keys = url, secret, database_url, keys
+        self.port = int(url.rsplit(":", 1)[1])
+
+    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            connection.request("POST", "/webhooks/debitura", body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read(), dict(response.getheaders())
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def served(server_dsn: str, template_name: str) -> Iterator[Served]:
+    """`receiver serve` on a fresh clone of the template, with a 1 s body timeout."""
+    name = f"receiver_hostile_{time.monotonic_ns()}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(server_dsn)
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
+        await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(server_dsn)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+    asyncio.run(create())
+    keys = config.generate_dev_secrets()
+    database_url = with_database(server_dsn, name)
+    env = processes.clean_env(
+        **{f"RECEIVER_{k.upper()}": v for k, v in keys.items()},
+        RECEIVER_DATABASE_URL=database_url,
+        RECEIVER_BODY_TIMEOUT_SECONDS="1",
+    )
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        asyncio.run(processes.wait_healthy(port, process))
+        yield Served(f"http://127.0.0.1:{port}", keys["webhook_secrets"], database_url, keys)
+    asyncio.run(drop())
+
+
+# --- strategies -----------------------------------------------------------------
+
+scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+data_keys = st.sampled_from(
+    ["client_id", "bearer_token", "onboarding_completed_at", "token_prefix", "revoked_at", "reason"]
+)
+
+
+@dataclass(frozen=True)
+class Deep:
+    """A nesting depth (a type no JSON strategy produces, unlike int)."""
+
+    depth: int
+
+
+@st.composite
+def tokenish(draw: st.DrawFn) -> str:
+    """Valid canary tokens, near misses, and junk in the token field."""
+    choice = draw(st.integers(0, 3))
+    if choice == 0:
+        return helpers.canary_token(draw(st.sampled_from(["live", "test"])))
+    if choice == 1:
+        return helpers.canary_token() + draw(st.sampled_from(["!", " ", "\u00e9", "\x00", "_x"]))
+    if choice == 2:
+        return "tok_live_" + draw(st.text(max_size=20))
+    return draw(st.text(max_size=40))
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> Any:
+    """Envelopes from valid to absurd."""
+    kind = draw(st.integers(0, 4))
+    if kind == 0:  # a valid event, sometimes with unicode and extra fields
+        document = helpers.onboarding(
+            draw(st.from_regex(r"\Acli_[A-Za-z0-9]{1,20}\Z")), helpers.canary_token()
+        )
+        document["extra"] = draw(json_values)
+        return document
+    if kind == 1:  # the right shape, wrong values
+        data = draw(st.dictionaries(data_keys, json_values | tokenish(), max_size=6))
+        if draw(st.booleans()):
+            data["bearer_token"] = draw(tokenish())
+        return {
+            "id": draw(st.text(max_size=40) | json_values),
+            "event": draw(
+                st.sampled_from([events.ONBOARDING_COMPLETED, events.TOKEN_REVOKED])
+                | st.text(max_size=20)
+            ),
+            "timestamp": draw(st.text(max_size=30) | json_values),
+            "data": data,
+        }
+    if kind == 2:
+        return draw(json_values)
+    if kind == 3:  # deep nesting, up to far past what a recursive parser survives
+        return Deep(draw(st.integers(1, 20_000)))
+    return {"event": draw(st.text(max_size=30)), "data": draw(json_values)}
+
+
+@st.composite
+def deliveries(draw: st.DrawFn) -> tuple[bytes, dict[str, str], bool]:
+    """A body and headers; the flag says whether it is validly signed."""
+    document = draw(documents())
+    if isinstance(document, Deep):  # built as text: json.dumps would recurse too
+        body = ("[" * document.depth + "]" * document.depth).encode()
+    else:
+        body = json.dumps(document, ensure_ascii=draw(st.booleans())).encode()
+    mangle = draw(st.integers(0, 9))
+    if mangle == 0:
+        body = draw(st.binary(max_size=300))
+    elif mangle == 1:
+        body = body.decode().encode("utf-16")
+    elif mangle == 2:
+        body += b" " * draw(st.integers(60_000, 70_000))  # around the 64 KiB limit
+    return body, {}, True
+
+
+# --- tests ------------------------------------------------------------------------
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(
+    delivery=deliveries(),
+    header_mode=st.integers(0, 7),
+    content_type=st.sampled_from(
+        [
+            "application/json",
+            "application/json; charset=utf-8",
+            "text/plain",
+            "",
+            "application/cloudevents+json",
+        ]
+    ),
+)
+def test_fuzzed_deliveries_get_documented_answers(
+    served: Served, delivery: Any, header_mode: int, content_type: str
+) -> None:
+    """Random, mutated, deep and unicode bodies with good and bad signatures: only
+    documented statuses, always a JSON body, never a token echoed."""
+    body, _, _ = delivery
+    headers = {"X-Debitura-Event": "fuzz"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    if header_mode < 5:
+        headers["X-Debitura-Signature"] = helpers.debitura_signature(served.secret, body)
+    elif header_mode == 5:
+        headers["X-Debitura-Signature"] = "t=" + "9" * 40 + ",v1=" + "z" * 64
+    elif header_mode == 6:
+        headers["X-Debitura-Signature"] = helpers.debitura_signature(helpers.new_secret(), body)
+    status, answer, _ = served.post(body, headers)
+    STATUSES[status] += 1
+    assert status in DOCUMENTED, (status, answer[:200])
+    parsed = json.loads(answer)
+    if status != 200:
+        assert set(parsed["error"]) == {"type", "code", "message"}
+    assert not helpers.find_canaries(answer.decode())
+
+
+def test_fuzz_left_the_database_consistent(served: Served) -> None:
+    """After the fuzz run: every stored event opens and is well-formed, every token row
+    belongs to an event, and a pg_dump holds no token."""
+    keyring = vault.Keyring(
+        [
+            (k, base64.b64decode(v))
+            for k, v in (p.split(":", 1) for p in served.keys["token_keys"].split(","))
+        ]
+    )
+
+    async def check() -> dict[str, int]:
+        conn = await asyncpg.connect(served.database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT key, status, body_sealed, body_redacted FROM receiver.events"
+            )
+            for row in rows:
+                assert row["status"] in ("processed", "ignored")
+                json.loads(
+                    keyring.open(row["body_sealed"], vault.event_associated_data(row["key"]))
+                )
+                assert isinstance(json.loads(row["body_redacted"]), dict)
+            orphans = await conn.fetchval(
+                "SELECT count(*) FROM receiver.tokens t LEFT JOIN receiver.events e "
+                "ON e.key = t.created_by_event WHERE e.key IS NULL"
+            )
+            assert orphans == 0
+            active = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT client_id FROM receiver.tokens "
+                "WHERE status = 'active' GROUP BY client_id HAVING count(*) > 1) x"
+            )
+            assert active == 0
+            return {
+                "events": len(rows),
+                "tokens": await conn.fetchval("SELECT count(*) FROM receiver.tokens"),
+            }
+        finally:
+            await conn.close()
+
+    counts = asyncio.run(check())
+    from tests.integration.test_leaks import pg_dump
+
+    dump = pg_dump(served.database_url)
+    assert not helpers.find_canaries(dump)
+    report = (
+        f"fuzz: {sum(STATUSES.values())} requests, statuses {dict(sorted(STATUSES.items()))}, "
+        f"{counts['events']} events and {counts['tokens']} tokens stored, 0 leaks"
+    )
+    (conftest.LOG_DIR / "fuzz-report.txt").write_text(report)
+    print("\n" + report)
+    assert sum(STATUSES.values()) >= FUZZ_EXAMPLES
+    for status in (200, 400, 401, 413, 415):
+        assert STATUSES[status] > 0, status
+
+
+def test_slow_sender_is_cut_off(served: Served) -> None:
+    """A body trickled byte by byte is answered 408 once the body timeout passes; the
+    connection is not held."""
+    body = helpers.encode(helpers.onboarding())
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n".encode()
+            + f"X-Debitura-Signature: {helpers.debitura_signature(served.secret, body)}".encode()
+            + b"\r\n\r\n"
+        )
+        answer = b""
+        for byte in body[:30]:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+            sock.settimeout(0.01)
+            with contextlib.suppress(TimeoutError, BlockingIOError):
+                answer += sock.recv(4096)
+            if answer:
+                break
+        sock.settimeout(5)
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert b"request_timeout" in answer or b"Content-Length" in answer
+    assert time.monotonic() - started < 5
+
+
+def test_flood_of_bad_signatures_is_counted_with_its_source(served: Served) -> None:
+    """Fifty forged deliveries: all 401, counted in /metrics, each logged with the
+    sender's address."""
+
+    def failures() -> float:
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+        connection.close()
+        line = next(
+            (
+                ln
+                for ln in text.splitlines()
+                if ln.startswith('receiver_signature_failures_total{reason="mismatch"}')
+            ),
+            None,
+        )
+        return float(line.split()[-1]) if line else 0.0
+
+    before = failures()
+    body = helpers.encode(helpers.onboarding())
+    for _ in range(50):
+        status, _, _ = served.post(
+            body,
+            {
+                "Content-Type": "application/json",
+                "X-Debitura-Signature": helpers.debitura_signature(helpers.new_secret(), body),
+            },
+        )
+        assert status == 401
+    assert failures() - before == 50
+    logs = "".join(p.read_text() for p in conftest.LOG_DIR.glob("serve-*.log"))
+    forged = [json.loads(line) for line in logs.splitlines() if '"invalid_signature"' in line]
+    assert len(forged) >= 50
+    assert {line["remote"] for line in forged} == {"127.0.0.1"}
+
+
+def test_stored_rows_hold_only_sealed_bytes(served: Served) -> None:
+    """No column of any receiver table holds a plaintext canary, in any encoding."""
+
+    async def scan() -> str:
+        conn = await asyncpg.connect(served.database_url)
+        try:
+            parts = []
+            for table in ("events", "tokens", "revocations", "signals"):
+                for row in await conn.fetch(f"SELECT * FROM receiver.{table}"):  # noqa: S608
+                    parts += [v.hex() if isinstance(v, bytes) else str(v) for v in row.values()]
+                    parts += [v.decode("latin-1") for v in row.values() if isinstance(v, bytes)]
+            return "\n".join(parts)
+        finally:
+            await conn.close()
+
+    assert not helpers.find_canaries(asyncio.run(scan()))

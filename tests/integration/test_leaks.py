@@ -1,0 +1,156 @@
+"""Canary tokens planted on every path must surface only as sealed bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import structlog
+
+from receiver import app, config, embedded, migrations, store
+from receiver.config import Settings
+from tests import helpers
+from tests.conftest import with_database
+from tests.integration.conftest import Post
+
+
+def pg_dump(database_url: str) -> str:
+    """A plain-text dump of one database."""
+    # The embedded package's pg_dump is as new as any server the suite runs on.
+    result = subprocess.run(
+        [str(embedded.bin_dir() / "pg_dump"), "--dbname", database_url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout
+
+
+async def test_pg_dump_holds_no_plaintext_token(post: Post, database_url: str) -> None:
+    """After onboardings, revocations, duplicates and ignored events carrying tokens,
+    a pg_dump contains none of them, as text, hex or base64."""
+    planted = [helpers.canary_token(), helpers.canary_token("test"), helpers.canary_token()]
+    await post(helpers.onboarding("cli_dump", planted[0]))
+    await post(helpers.onboarding("cli_dump", planted[1]))
+    await post(helpers.revocation("cli_dump", planted[1][:15]))
+    await post({"id": "evt_other", "event": "case.created", "data": {"leak": planted[2]}})
+    dump = pg_dump(database_url)
+    assert "receiver.tokens" in dump  # the dump is real, not empty
+    for token in planted:
+        for form in helpers.leak_forms(token):
+            assert form not in dump
+
+
+async def test_stdlib_loggers_pass_through_redaction(log_lines: Any) -> None:
+    """aiohttp, asyncpg and any other stdlib logger are masked like our own."""
+    token = helpers.canary_token()
+    for name in ("aiohttp.server", "aiohttp.access", "asyncpg.pool", "some.library"):
+        logging.getLogger(name).error("saw header Authorization: Bearer %s and %s", token, token)
+    text = json.dumps(log_lines())
+    assert token not in text
+    assert text.count("Bearer [REDACTED]") == 4
+
+
+async def test_exceptions_render_without_locals_or_tokens(log_lines: Any) -> None:
+    """A traceback logged with a token in a local and in its message shows neither."""
+    token = helpers.canary_token()
+
+    def fail(secret_value: str) -> None:
+        raise ValueError(f"could not use {secret_value}")
+
+    try:
+        fail(token)
+    except ValueError:
+        structlog.get_logger().exception("failed")
+    lines = log_lines()
+    assert token not in json.dumps(lines)
+    assert "secret_value" not in json.dumps(lines[-1].get("exception", ""))  # no locals
+    assert "could not use tok_live_" in json.dumps(lines)
+
+
+async def test_secret_keys_and_configured_secrets_are_masked(
+    log_lines: Any, settings: Settings, webhook_secret: str
+) -> None:
+    """Values under secret-sounding keys, and the configured secrets anywhere, are masked."""
+    structlog.get_logger().info(
+        "debug", webhook_secret="abc", nested={"password": "pw1"}, note=f"x {webhook_secret} y"
+    )
+    line = log_lines()[-1]
+    assert line["webhook_secret"] == "[REDACTED]"
+    assert line["nested"]["password"] == "[REDACTED]"
+    assert webhook_secret not in line["note"]
+
+
+def test_reprs_hold_no_secret(settings: Settings) -> None:
+    """Settings, sealer and keyring reprs show no key material."""
+    sealer = store.Sealer.from_settings(settings)
+    text = repr(settings) + repr(sealer) + str(settings)
+    for secret in settings.secret_values():
+        assert secret not in text
+    assert "index_key" not in repr(sealer)
+
+
+async def test_postgres_never_sees_a_plaintext_token(
+    own_postgres: Any, aiohttp_client: Any, webhook_secret: str
+) -> None:
+    """With Postgres logging every statement and its bind parameters, and failing
+    statements too, its server log holds no token: only sealed bytes and the blind
+    index are ever bound."""
+    dsn, _control = own_postgres
+    admin = await asyncpg.connect(dsn)
+    await admin.execute("CREATE DATABASE watched")
+    await admin.execute("ALTER SYSTEM SET log_statement = 'all'")
+    await admin.execute("ALTER SYSTEM SET log_parameter_max_length = -1")
+    await admin.execute("ALTER SYSTEM SET log_parameter_max_length_on_error = -1")
+    await admin.execute("SELECT pg_reload_conf()")
+    await admin.close()
+    for _ in range(100):  # the reload is asynchronous: wait until new sessions see it
+        probe = await asyncpg.connect(dsn)
+        logging_all = await probe.fetchval("SHOW log_statement") == "all"
+        await probe.close()
+        if logging_all:
+            break
+        await asyncio.sleep(0.05)
+    database_url = with_database(dsn, "watched")
+    await migrations.apply(database_url)
+    settings = config.load_settings(
+        database_url=database_url,
+        webhook_secrets=webhook_secret,
+        token_keys="k1:" + base64.b64encode(os.urandom(32)).decode(),
+        index_key=base64.b64encode(os.urandom(32)).decode(),
+    )
+    client = await aiohttp_client(app.create_app(settings))
+    planted = [helpers.canary_token() for _ in range(3)]
+    documents = [
+        helpers.onboarding("cli_pg", planted[0]),
+        helpers.onboarding("cli_pg", planted[1]),
+        helpers.revocation("cli_pg", planted[1][:15]),
+        {"id": "evt_x", "event": "case.created", "data": {"note": planted[2]}},
+    ]
+    for document in [*documents, documents[0]]:  # the last one is a duplicate
+        body = helpers.encode(document)
+        response = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        assert response.status == 200
+    # A statement that fails makes Postgres log it with its parameters as well.
+    conn = await asyncpg.connect(database_url)
+    with contextlib.suppress(asyncpg.PostgresError):
+        await conn.execute("SELECT receiver.sealed_key_id($1::bytea) / 0", b"\x01\x02k1")
+    await conn.close()
+    log_text = (Path(urlsplit(dsn).query.split("host=")[1]) / "log").read_text(errors="replace")
+    assert "receiver.record_event(" in log_text  # the statements really were logged
+    assert "Parameters: $1 = " in log_text
+    for token in planted:
+        for form in helpers.leak_forms(token):
+            assert form not in log_text

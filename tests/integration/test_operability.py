@@ -1,0 +1,292 @@
+"""What operators rely on: metrics, the OpenAPI description, draining, the image."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from receiver import config, migrations, openapi
+from tests import helpers
+from tests.integration import processes
+from tests.integration.conftest import Post
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:  # type: ignore[type-arg]
+    """Every sample of /metrics, keyed by name and sorted labels."""
+    response = await client.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def delta(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
+    """How much one sample grew between two scrapes (metrics are process-wide)."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+async def test_metrics_count_a_mixed_run(client: TestClient, post: Post) -> None:  # type: ignore[type-arg]
+    """After onboardings, a duplicate, a revocation, an unknown type and bad signatures,
+    /metrics shows each count, with no client input or token in any label."""
+    before = await scrape(client)
+    token = helpers.canary_token()
+    onboarding = helpers.onboarding("cli_metrics", token)
+    await post(onboarding)
+    await post(onboarding)
+    await post(helpers.revocation("cli_metrics", token[:15]))
+    await post({"id": "evt_odd", "event": f"evil.{token}", "data": {}})
+    await post(helpers.onboarding(), secret=helpers.new_secret())
+    await post(helpers.onboarding(), **{"X-Debitura-Signature": ""})
+    after = await scrape(client)
+
+    events = "receiver_events_total"
+    assert (
+        delta(before, after, events, type="client.onboarding_completed", outcome="processed") == 1
+    )
+    assert (
+        delta(before, after, events, type="client.onboarding_completed", outcome="duplicate") == 1
+    )
+    assert delta(before, after, events, type="token.revoked", outcome="processed") == 1
+    assert delta(before, after, events, type="other", outcome="ignored") == 1
+    failures = "receiver_signature_failures_total"
+    assert delta(before, after, failures, reason="mismatch") == 1
+    assert delta(before, after, failures, reason="missing") == 1
+    requests = "receiver_http_requests_total"
+    assert delta(before, after, requests, route="/webhooks/debitura", status="200") == 4
+    assert delta(before, after, requests, route="/webhooks/debitura", status="401") == 2
+    assert (
+        delta(before, after, "receiver_request_duration_seconds_count", route="/webhooks/debitura")
+        == 6
+    )
+    assert after[("receiver_signals", (("status", "pending"),))] == 0
+    text = await (await client.get("/metrics")).text()
+    assert token not in text
+    assert "evil" not in text
+    assert "cli_metrics" not in text
+
+
+async def test_openapi_describes_every_route(client: TestClient) -> None:  # type: ignore[type-arg]
+    """/openapi.json names every route the app serves, and no other; refs resolve."""
+    document = await (await client.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.")
+    served = {
+        (route.resource.canonical, route.method.lower())
+        for route in client.app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    described = {(path, method) for path, item in document["paths"].items() for method in item}
+    assert served == described
+    refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"', str(document).replace("'", '"'))
+    assert refs
+    assert set(refs) <= set(document["components"]["schemas"])
+    envelope = document["components"]["schemas"]["Envelope"]
+    assert set(envelope["properties"]) == {"id", "specVersion", "event", "timestamp", "data"}
+
+
+async def test_answers_match_the_described_schemas(client: TestClient, post: Post) -> None:  # type: ignore[type-arg]
+    """Real answers (200, 400, 401, 404, 415) validate against the described models."""
+    openapi.WebhookAnswer.model_validate(await (await post(helpers.onboarding())).json())
+    for response in (
+        await post(b"{not json"),
+        await post(helpers.onboarding(), secret=helpers.new_secret()),
+        await post(helpers.onboarding(), **{"Content-Type": "text/plain"}),
+        await client.get("/nowhere"),
+    ):
+        openapi.ErrorBody.model_validate(await response.json())
+    openapi.Status.model_validate(await (await client.get("/readyz")).json())
+
+
+async def test_readyz_fails_as_soon_as_shutdown_begins(client: TestClient) -> None:  # type: ignore[type-arg]
+    """When shutdown starts, the readiness probe answers 503 at once."""
+    assert (await client.get("/readyz")).status == 200
+    await client.app.shutdown()
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "service_unavailable"
+
+
+@pytest.mark.slow
+async def test_sigterm_under_load_loses_nothing_acknowledged(database_url: str) -> None:
+    """SIGTERM in the middle of a burst: the process exits cleanly within the shutdown
+    bound, and every event that got a 200 is stored exactly once."""
+    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=database_url)
+    secret = values["RECEIVER_WEBHOOK_SECRETS"]
+    port = processes.free_port()
+    url = f"http://127.0.0.1:{port}/webhooks/debitura"
+    documents = [helpers.onboarding() for _ in range(600)]
+    acknowledged: set[str] = set()
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        await processes.wait_healthy(port, process)
+        queue = list(documents)
+        async with aiohttp.ClientSession() as session:
+
+            async def sender() -> None:
+                while queue:
+                    document = queue.pop()
+                    body = helpers.encode(document)
+                    try:
+                        async with session.post(
+                            url, data=body, headers=helpers.signed_headers(secret, body)
+                        ) as r:
+                            await r.read()
+                            if r.status == 200:
+                                acknowledged.add(document["id"])
+                            else:
+                                assert r.status == 503, r.status
+                    except aiohttp.ClientError:
+                        pass  # refused once the listener closed: Debitura would retry
+                    if len(acknowledged) >= 100 and process.poll() is None and not stopping:
+                        stopping.append(True)
+                        process.send_signal(signal.SIGTERM)
+
+            stopping: list[bool] = []
+            await asyncio.gather(*(sender() for _ in range(16)))
+        returncode = await asyncio.to_thread(process.wait, 20)
+    assert returncode == 0
+    conn = await asyncpg.connect(database_url)
+    try:
+        keys = [r["key"] for r in await conn.fetch("SELECT key FROM receiver.events")]
+    finally:
+        await conn.close()
+    assert len(keys) == len(set(keys))
+    assert acknowledged <= set(keys)
+    assert len(acknowledged) >= 100
+
+
+def test_dockerfile_copies_what_exists_and_runs_as_designed() -> None:
+    """Every COPY source exists; the image runs `receiver serve` as a non-root user with a
+    health check; dev-only things stay out of the build context."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), source
+    assert 'ENTRYPOINT ["receiver"]' in dockerfile
+    assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8080"]' in dockerfile
+    assert "HEALTHCHECK" in dockerfile
+    assert "/healthz" in dockerfile
+    assert re.search(r"^USER receiver$", dockerfile, re.MULTILINE)
+    assert "embedded" not in dockerfile.split("FROM python:3.11-slim\n")[-1]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv", ".receiver", "tests", ".git"):
+        assert path in ignored
+
+
+@pytest.mark.slow
+async def test_the_built_wheel_carries_migrations_and_its_entry_point_starts(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    """The wheel the image installs has the migrations and queries inside the package,
+    and its installed `receiver` command migrates a database and serves."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    wheel = next(wheels.glob("receiver-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for migration in migrations.available():
+        assert f"receiver/sql/{migration.name}.sql" in names
+    assert "receiver/queries.sql" in names
+    assert not any(name.startswith(("tests/", "bench/")) for name in names)
+
+    target = tmp_path / "installed"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    env = processes.clean_env(
+        **values, RECEIVER_DATABASE_URL=empty_database_url, PYTHONPATH=str(target)
+    )
+    # From outside the checkout: `python -c` puts the working directory first on sys.path.
+    where = subprocess.run(
+        [str(target / "bin" / "receiver"), "--help"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert where.returncode == 0
+    probe = subprocess.run(
+        [sys.executable, "-c", "import receiver, sys; print(receiver.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.startswith(str(target))
+    migrated = subprocess.run(
+        [str(target / "bin" / "receiver"), "migrate"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    assert f"applied {len(migrations.available())} migration(s)" in migrated.stdout
+    port = processes.free_port()
+    server = subprocess.Popen(
+        [str(target / "bin" / "receiver"), "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await processes.wait_healthy(port, server)  # type: ignore[arg-type]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/readyz") as ready,
+        ):
+            assert ready.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

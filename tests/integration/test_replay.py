@@ -1,0 +1,291 @@
+"""`receiver replay` driving a real receiver over loopback, as testers use it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from receiver.config import Settings
+from tests import helpers
+from tests.integration import processes
+from tests.integration.conftest import operator_env
+
+
+def webhook_url(client: TestClient) -> str:  # type: ignore[type-arg]
+    """The receiver's webhook URL on loopback."""
+    return str(client.make_url("/webhooks/debitura"))
+
+
+async def replay(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> Any:
+    """Run `receiver replay …` as a process."""
+    return await asyncio.to_thread(
+        processes.run, ["replay", *args], env or processes.clean_env(), 60, stdin
+    )
+
+
+async def test_trigger_many_with_overrides(
+    client: TestClient, webhook_secret: str, conn: asyncpg.Connection
+) -> None:  # type: ignore[type-arg]
+    """`trigger --count 5 --set` sends five distinct test events with the override applied."""
+    result = await replay(
+        "trigger",
+        "client.onboarding_completed",
+        "--count",
+        "5",
+        "--client",
+        "cli_many",
+        "--set",
+        "data.onboarding_completed_at=2024-05-01T00:00:00Z",
+        "--set",
+        'extra={"a": 1}',
+        "--to",
+        webhook_url(client),
+        "--secret",
+        webhook_secret,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 acknowledged, 0 failed" in result.stdout
+    assert "processed: 5" in result.stdout
+    rows = await conn.fetch("SELECT is_test, body_redacted FROM receiver.events")
+    assert len(rows) == 5
+    assert all(r["is_test"] for r in rows)
+    assert {json.loads(r["body_redacted"])["extra"]["a"] for r in rows} == {1}
+    assert (
+        await conn.fetchval("SELECT count(*) FROM receiver.tokens WHERE client_id = 'cli_many'")
+        == 5
+    )
+    overridden = await conn.fetchval(
+        "SELECT count(*) FROM receiver.token_inventory "
+        "WHERE onboarding_completed_at = '2024-05-01T00:00:00Z'"
+    )
+    assert overridden == 5
+
+
+async def test_send_reads_json_lists_ndjson_and_stdin(
+    client: TestClient,
+    webhook_secret: str,
+    conn: asyncpg.Connection,
+    tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    """`send` takes a JSON list file, an NDJSON file and stdin in one run."""
+    listed = tmp_path / "events.json"
+    listed.write_text(json.dumps([helpers.onboarding(), helpers.onboarding()]))
+    lines = tmp_path / "events.ndjson"
+    lines.write_text("\n".join(json.dumps(helpers.onboarding()) for _ in range(3)) + "\n\n")
+    piped = json.dumps(helpers.revocation("cli_stdin", None))
+    result = await replay(
+        "send",
+        str(listed),
+        str(lines),
+        "-",
+        "--to",
+        webhook_url(client),
+        "--secret",
+        webhook_secret,
+        "--json",
+        stdin=piped,
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = [json.loads(line) for line in result.stdout.splitlines()]
+    summary = outputs[-1]["summary"]
+    assert summary["sent"] == 6
+    assert summary["by_status"] == {"processed": 6}
+    assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 6
+    for token in helpers.CANARIES:
+        assert token not in result.stdout
+
+
+async def test_resend_exercises_deduplication(
+    client: TestClient,
+    webhook_secret: str,
+    conn: asyncpg.Connection,
+    database_url: str,
+    settings: Settings,  # type: ignore[type-arg]
+) -> None:
+    """`resend` sends the stored bytes with the same id: the receiver answers duplicate
+    and stores nothing new; `--dry-run` lists without sending."""
+    document = helpers.onboarding("cli_again")
+    body = helpers.encode(document)
+    await client.post(
+        "/webhooks/debitura", data=body, headers=helpers.signed_headers(webhook_secret, body)
+    )
+    env = operator_env(settings)
+    dry = await replay("resend", "--event-id", document["id"], "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert document["id"] in dry.stdout
+    assert document["data"]["bearer_token"][:15] in dry.stdout
+    assert document["data"]["bearer_token"] not in dry.stdout
+    sent = await replay(
+        "resend",
+        "--since",
+        "2000-01-01",
+        "--type",
+        "client.onboarding_completed",
+        "--to",
+        webhook_url(client),
+        env=env,
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "status=duplicate" in sent.stdout
+    assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 1
+    assert await conn.fetchval("SELECT count(*) FROM receiver.tokens") == 1
+
+
+async def test_signature_verifies_under_an_independent_implementation(webhook_secret: str) -> None:
+    """What the tool signs verifies with the scheme written from Debitura's documentation,
+    and carries Debitura's other headers."""
+    seen: list[dict[str, Any]] = []
+
+    async def check(request: web.Request) -> web.Response:
+        body = await request.read()
+        header = request.headers["X-Debitura-Signature"]
+        t = int(header.split(",")[0].removeprefix("t="))
+        seen.append(
+            {
+                "valid": header == helpers.debitura_signature(webhook_secret, body, t),
+                "timestamp": request.headers["X-Debitura-Timestamp"] == str(t),
+                "event": request.headers["X-Debitura-Event"],
+                "test": request.headers.get("X-Debitura-Test"),
+            }
+        )
+        return web.json_response({"status": "processed", "event_id": "x"})
+
+    partner = web.Application()
+    partner.router.add_post("/hook", check)
+    async with TestServer(partner, host="127.0.0.1") as server:
+        result = await replay(
+            "trigger",
+            "token.revoked",
+            "--token-prefix",
+            "tok_live_abc123",
+            "--to",
+            str(server.make_url("/hook")),
+            "--secret",
+            webhook_secret,
+        )
+        live = await replay(
+            "trigger",
+            "token.revoked",
+            "--live",
+            "--to",
+            str(server.make_url("/hook")),
+            "--secret",
+            webhook_secret,
+        )
+    assert result.returncode == 0
+    assert live.returncode == 0
+    assert seen[0] == {"valid": True, "timestamp": True, "event": "token.revoked", "test": "true"}
+    assert seen[1]["valid"]
+    assert seen[1]["test"] is None
+
+
+async def test_debitura_retries_until_accepted(webhook_secret: str) -> None:
+    """`--retry debitura` retries failures on the (compressed) schedule until a 200."""
+    answers = [503, 500, 200]
+
+    async def flaky(request: web.Request) -> web.Response:
+        await request.read()
+        status = answers.pop(0)
+        return web.json_response(
+            {"status": "processed"} if status == 200 else {"error": {"message": "busy"}},
+            status=status,
+        )
+
+    partner = web.Application()
+    partner.router.add_post("/hook", flaky)
+    async with TestServer(partner, host="127.0.0.1") as server:
+        result = await replay(
+            "trigger",
+            "client.onboarding_completed",
+            "--retry",
+            "debitura",
+            "--retry-scale",
+            "0.0005",
+            "--to",
+            str(server.make_url("/hook")),
+            "--secret",
+            webhook_secret,
+        )
+    assert result.returncode == 0, result.stdout
+    assert "attempts=3" in result.stdout
+
+
+async def test_bad_input_is_one_clear_line(tmp_path: Path, webhook_secret: str) -> None:
+    """Unreadable file, invalid JSON, an event without its type: one line saying what to
+    fix, exit 2, nothing sent."""
+    broken = tmp_path / "broken.ndjson"
+    broken.write_text('{"event": "x"}\n{not json\n')
+    untyped = tmp_path / "untyped.json"
+    untyped.write_text(json.dumps({"data": {}}))
+    cases = {
+        str(tmp_path / "missing.json"): "missing.json: cannot read",
+        str(broken): "broken.ndjson:2: invalid JSON",
+        str(untyped): "untyped.json: the event has no 'event' field",
+    }
+    for path, expected in cases.items():
+        result = await replay(
+            "send", path, "--secret", webhook_secret, "--to", "http://127.0.0.1:9/x"
+        )
+        assert result.returncode == 2
+        assert expected in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in result.stderr
+
+
+async def test_unreachable_receiver_summarises_and_fails(webhook_secret: str) -> None:
+    """No receiver at the URL: every event is reported failed with the reason; exit 1."""
+    port = processes.free_port()
+    result = await replay(
+        "trigger",
+        "client.onboarding_completed",
+        "--count",
+        "3",
+        "--to",
+        f"http://127.0.0.1:{port}/webhooks/debitura",
+        "--secret",
+        webhook_secret,
+    )
+    assert result.returncode == 1
+    assert "0 acknowledged, 3 failed" in result.stdout
+    assert "cannot connect" in result.stdout
+
+
+async def test_wrong_secret_is_reported(client: TestClient) -> None:  # type: ignore[type-arg]
+    """Signed with another secret: the receiver's 401 shows in the summary; exit 1."""
+    result = await replay(
+        "trigger",
+        "client.onboarding_completed",
+        "--to",
+        webhook_url(client),
+        "--secret",
+        helpers.new_secret(),
+    )
+    assert result.returncode == 1
+    assert "http   401: 1" in result.stdout
+    assert "signature does not match" in result.stdout
+
+
+async def test_rate_limits_the_sending(client: TestClient, webhook_secret: str) -> None:  # type: ignore[type-arg]
+    """`--rate 20` spreads 10 events over about half a second or more."""
+    result = await replay(
+        "trigger",
+        "case.created",
+        "--count",
+        "10",
+        "--rate",
+        "20",
+        "--json",
+        "--to",
+        webhook_url(client),
+        "--secret",
+        webhook_secret,
+    )
+    summary = json.loads(result.stdout.splitlines()[-1])["summary"]
+    assert summary["by_status"] == {"ignored": 10}
+    assert summary["seconds"] >= 0.45

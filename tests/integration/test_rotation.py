@@ -1,0 +1,185 @@
+"""Key rotation online, and the operator commands around tokens and keys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import SecretBytes
+
+from receiver import app, db, rotation, store, vault
+from receiver.config import Settings
+from tests import helpers
+from tests.integration import processes
+from tests.integration.conftest import Post, operator_env
+
+K2 = ("k2", os.urandom(32))
+
+
+def with_new_primary(settings: Settings) -> Settings:
+    """The settings after an operator put a new key first in RECEIVER_TOKEN_KEYS."""
+    keys = ((K2[0], SecretBytes(K2[1])), *settings.token_keys)
+    return settings.model_copy(update={"token_keys": keys})
+
+
+async def key_counts(conn: asyncpg.Connection) -> dict[str, int]:
+    """Sealed values per key id, tokens and events together."""
+    rows = await conn.fetch(
+        "SELECT receiver.sealed_key_id(token_sealed) AS k FROM receiver.tokens "
+        "UNION ALL SELECT receiver.sealed_key_id(body_sealed) FROM receiver.events"
+    )
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["k"]] = counts.get(row["k"], 0) + 1
+    return counts
+
+
+async def every_value_opens(conn: asyncpg.Connection, keyring: vault.Keyring) -> int:
+    """Open every stored token and event body; return how many were opened."""
+    opened = 0
+    for row in await conn.fetch("SELECT id::text AS id, token_sealed FROM receiver.tokens"):
+        keyring.open(row["token_sealed"], vault.token_associated_data(row["id"]))
+        opened += 1
+    for row in await conn.fetch("SELECT key, body_sealed FROM receiver.events"):
+        keyring.open(row["body_sealed"], vault.event_associated_data(row["key"]))
+        opened += 1
+    return opened
+
+
+async def test_rotation_under_concurrent_writes(
+    post: Post,
+    aiohttp_client: Any,
+    settings: Settings,
+    webhook_secret: str,
+    database: db.Database,
+    conn: asyncpg.Connection,
+) -> None:
+    """While the service keeps writing under the new key, rotation moves every old value;
+    afterwards all of them open with the new key alone."""
+    for _ in range(40):
+        await post(helpers.onboarding())
+    assert await key_counts(conn) == {"k1": 80}
+
+    rotated_settings = with_new_primary(settings)
+    writer = await aiohttp_client(app.create_app(rotated_settings))
+
+    async def keep_writing() -> int:
+        sent = 0
+        for _ in range(30):
+            body = helpers.encode(helpers.onboarding())
+            response = await writer.post(
+                app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+            )
+            assert response.status == 200
+            sent += 1
+        return sent
+
+    ring = store.Sealer.from_settings(rotated_settings).keyring
+    report, written = await asyncio.gather(
+        rotation.rotate(database, ring, batch_size=7), keep_writing()
+    )
+    assert report.rotated == {"tokens": 40, "events": 40}
+    assert await key_counts(conn) == {"k2": 80 + 2 * written}
+    assert report.count_under("k1") == 0
+    assert await every_value_opens(conn, vault.Keyring([K2])) == 80 + 2 * written
+
+
+async def test_interrupted_rotation_resumes(
+    post: Post, settings: Settings, database: db.Database, conn: asyncpg.Connection
+) -> None:
+    """A rotation that dies after its first batch loses nothing; the next run finishes."""
+    for _ in range(10):
+        await post(helpers.onboarding())
+    ring = store.Sealer.from_settings(with_new_primary(settings)).keyring
+
+    class Crash(Exception):
+        """Stands in for a kill after the first committed batch."""
+
+    def crash(kind: str, total: int) -> None:
+        raise Crash
+
+    with pytest.raises(Crash):
+        await rotation.rotate(database, ring, batch_size=4, progress=crash)
+    assert await key_counts(conn) == {"k1": 16, "k2": 4}
+    report = await rotation.rotate(database, ring, batch_size=4)
+    assert report.rotated == {"tokens": 6, "events": 10}
+    assert await key_counts(conn) == {"k2": 20}
+    assert await every_value_opens(conn, ring) == 20
+
+
+async def test_rotation_reports_values_under_a_missing_key(
+    post: Post, settings: Settings, database: db.Database
+) -> None:
+    """Values sealed under a key not in the ring are counted and named, not lost."""
+    await post(helpers.onboarding())
+    ring = vault.Keyring([K2])  # k1 removed too early
+    report = await rotation.rotate(database, ring)
+    assert report.missing_keys == {"k1": 2}
+    assert sum(report.rotated.values()) == 0
+
+
+async def test_keys_rotate_command_tells_when_the_old_key_may_go(
+    post: Post, database_url: str, settings: Settings
+) -> None:
+    """`receiver keys rotate` re-encrypts, shows progress, and says the old key may be removed."""
+    for _ in range(3):
+        await post(helpers.onboarding())
+    result = await asyncio.to_thread(
+        processes.run,
+        ["keys", "rotate", "--batch-size", "2"],
+        operator_env(with_new_primary(settings)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "re-encrypted 3 token(s) and 3 event(s) under primary key 'k2'" in result.stdout
+    assert "k1: 0 token(s), 0 event(s) -> may be removed from RECEIVER_TOKEN_KEYS" in result.stdout
+    assert "tokens: 2 re-encrypted" in result.stderr
+
+
+async def test_tokens_list_command_shows_no_secret(
+    post: Post, database_url: str, settings: Settings
+) -> None:
+    """`receiver tokens list` prints the inventory as a table or JSON, prefixes only."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_list", token))
+    env = operator_env(settings)
+    table = await asyncio.to_thread(processes.run, ["tokens", "list"], env)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split()[:4] == [
+        "client_id",
+        "prefix",
+        "environment",
+        "status",
+    ]
+    assert f"cli_list   {token[:15]}  live" in table.stdout
+    as_json = await asyncio.to_thread(
+        processes.run, ["tokens", "list", "--json", "--status", "active"], env
+    )
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["prefix"] for r in rows] == [token[:15]]
+    assert token not in table.stdout + as_json.stdout
+
+
+async def test_tokens_reveal_needs_confirm_and_is_audited(
+    post: Post, database_url: str, settings: Settings
+) -> None:
+    """Revealing is refused without --confirm; with it, the token goes to stdout only and
+    an audit line without the token goes to the log."""
+    token = (
+        "tok_live_" + "R" * 10 + os.urandom(12).hex()
+    )  # deliberately not a canary: it is printed
+    await post(helpers.onboarding("cli_reveal", token))
+    env = operator_env(settings)
+    refused = await asyncio.to_thread(processes.run, ["tokens", "reveal", "cli_reveal"], env)
+    assert refused.returncode == 2
+    assert token not in refused.stdout + refused.stderr
+    shown = await asyncio.to_thread(
+        processes.run, ["tokens", "reveal", "cli_reveal", "--confirm"], env
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == token
+    assert '"event": "token_revealed"' in shown.stderr
+    assert token not in shown.stderr

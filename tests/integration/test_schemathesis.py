@@ -1,0 +1,52 @@
+"""Schemathesis against the OpenAPI description: generated requests for every
+operation, every answer checked against what the description promises."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from receiver import config, openapi
+from tests.conftest import with_database
+from tests.integration import processes
+
+schema = schemathesis.openapi.from_dict(openapi.document())
+
+
+@pytest.fixture(scope="module")
+def base_url(server_dsn: str, template_name: str) -> Iterator[str]:
+    """A `receiver serve` process on its own database, for the module."""
+    name = f"receiver_schema_{time.monotonic_ns()}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server_dsn)
+        await conn.execute(sql)
+        await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"'))
+    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=with_database(server_dsn, name))
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        asyncio.run(processes.wait_healthy(port, process))
+        yield f"http://127.0.0.1:{port}"
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@schema.parametrize()
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_every_answer_matches_the_description(case: schemathesis.Case, base_url: str) -> None:
+    """No server error, only documented statuses, bodies that match their schemas."""
+    case.call_and_validate(base_url=base_url)

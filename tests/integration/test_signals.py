@@ -1,0 +1,443 @@
+"""Invalidation signals reach the partner's token cache, at least once, whatever fails."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from receiver import app, cache, db, events, outbox, store
+from receiver.config import Settings
+from tests import helpers
+from tests.integration import processes
+from tests.integration.conftest import operator_env, with_cache
+from tests.integration.standins import StandInCache, eventually
+
+
+async def signal_statuses(conn: asyncpg.Connection) -> list[str]:
+    """Every signal's status."""
+    return [r["status"] for r in await conn.fetch("SELECT status FROM receiver.signals")]
+
+
+async def seed(
+    database: db.Database, settings: Settings, count: int, *, http: bool = True
+) -> list[str]:
+    """Record `count` revocations (each queues one signal) the way the webhook does."""
+    sealer = store.Sealer.from_settings(settings)
+    for _ in range(count):
+        body = helpers.encode(helpers.revocation(f"cli_{os.urandom(4).hex()}", None))
+        await store.record(
+            database,
+            sealer,
+            events.parse(body),
+            body,
+            is_test=False,
+            channel=settings.notify_channel,
+            http_delivery=http,
+        )
+    rows = await database.fetch("list_signals", None, 100_000)
+    return [r["id"] for r in rows]
+
+
+@contextlib.asynccontextmanager
+async def dispatching(
+    database: db.Database, settings: Settings, **options: Any
+) -> AsyncIterator[outbox.Dispatcher]:
+    """A dispatcher running for the block, stopped (leases handed back) at its end."""
+    async with aiohttp.ClientSession() as session:
+        dispatcher = outbox.Dispatcher(database, settings, session, **options)
+        task = asyncio.create_task(dispatcher.run())
+        try:
+            yield dispatcher
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_without_a_cache_url_signals_are_notify_only(
+    post: Any, conn: asyncpg.Connection
+) -> None:
+    """With HTTP delivery off, the outbox keeps a 'notified' record, nothing pending."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_n", token))
+    await post(helpers.revocation("cli_n", token[:15]))
+    assert await signal_statuses(conn) == ["notified", "notified"]
+
+
+async def test_revocation_reaches_the_cache_over_http(
+    aiohttp_client: Any,
+    settings: Settings,
+    webhook_secret: str,
+    standin_cache: StandInCache,
+    conn: asyncpg.Connection,
+) -> None:
+    """An onboarding and a revocation each reach the cache: signed, keyed, without a token."""
+    client = await aiohttp_client(app.create_app(with_cache(settings, standin_cache)))
+    token = helpers.canary_token()
+    for document in (helpers.onboarding("cli_h", token), helpers.revocation("cli_h", token[:15])):
+        body = helpers.encode(document)
+        response = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        assert response.status == 200
+
+    async def both_delivered() -> bool:
+        return await signal_statuses(conn) == ["delivered", "delivered"]
+
+    await eventually(both_delivered)
+    # Delivered concurrently: arrival order is not guaranteed, nor needed ("drop and re-read").
+    bodies = sorted((r["body"] for r in standin_cache.received), key=lambda b: b["reason"])
+    assert [b["reason"] for b in bodies] == ["token_issued", "token_revoked"]
+    assert {b["client_id"] for b in bodies} == {"cli_h"}
+    assert {b["token_prefix"] for b in bodies} == {token[:15]}
+    for record in standin_cache.received:
+        assert record["headers"]["Idempotency-Key"] == record["body"]["signal_id"]
+        assert token not in json.dumps(record)
+
+
+async def test_revocation_reaches_listeners_over_notify(
+    post: Any, database_url: str, settings: Settings
+) -> None:
+    """A LISTENing connection gets a small payload naming the client, in the same commit."""
+    listener = await asyncpg.connect(database_url)
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener(settings.notify_channel, lambda *args: received.put_nowait(args[3]))
+    try:
+        await post(helpers.revocation("cli_notify", "tok_live_abc123"))
+        payload = await asyncio.wait_for(received.get(), 10)
+    finally:
+        await listener.close()
+    message = json.loads(payload)
+    assert message["client_id"] == "cli_notify"
+    assert message["token_prefix"] == "tok_live_abc123"
+    assert message["reason"] == "token_revoked"
+    assert len(payload) < 1000
+
+
+async def test_cache_down_for_a_while_loses_nothing(
+    database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
+) -> None:
+    """With the cache's port closed, signals wait and retry; once it is back, all arrive."""
+    await standin_cache.stop()
+    ids = await seed(database, settings, 20)
+    async with dispatching(database, with_cache(settings, standin_cache), poll_interval=0.05):
+
+        async def retried() -> bool:
+            unreachable = await conn.fetchval(
+                "SELECT count(*) FROM receiver.signals WHERE last_error LIKE 'cache unreachable%'"
+            )
+            return bool(unreachable == 20)
+
+        await eventually(retried)
+        await standin_cache.start()
+
+        async def all_delivered() -> bool:
+            return set(await signal_statuses(conn)) == {"delivered"}
+
+        await eventually(all_delivered, seconds=30)
+    assert set(standin_cache.ids()) == set(ids)
+
+
+async def test_4xx_dead_letters_at_once_and_retry_recovers_it(
+    database: db.Database,
+    database_url: str,
+    settings: Settings,
+    standin_cache: StandInCache,
+    conn: asyncpg.Connection,
+) -> None:
+    """A 400 from the cache dead-letters the signal on its first attempt, loudly;
+    `receiver signals retry` puts it back and it is delivered."""
+    ids = await seed(database, settings, 1)
+    standin_cache.statuses.append(400)
+    cache_settings = with_cache(settings, standin_cache)
+    async with dispatching(database, cache_settings, poll_interval=0.05) as dispatcher:
+
+        async def dead() -> bool:
+            return await signal_statuses(conn) == ["dead"]
+
+        await eventually(dead)
+        row = await conn.fetchrow("SELECT attempts, last_error FROM receiver.signals")
+        assert (row["attempts"], row["last_error"]) == (1, "cache answered 400")
+
+        env = operator_env(settings)
+        listing = await asyncio.to_thread(
+            processes.run, ["signals", "list", "--status", "dead"], env
+        )
+        assert "cache answered 400" in listing.stdout
+        assert "dead=1" in listing.stdout
+        retried = await asyncio.to_thread(processes.run, ["signals", "retry"], env)
+        assert "1 dead signal(s) back to pending" in retried.stdout
+        dispatcher.wake()
+
+        async def delivered() -> bool:
+            return await signal_statuses(conn) == ["delivered"]
+
+        await eventually(delivered)
+    assert standin_cache.ids() == ids * 2
+
+
+async def test_5xx_is_retried_with_backoff(
+    database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
+) -> None:
+    """503, 429 and 500 are retried; the signal is delivered on the fourth attempt."""
+    await seed(database, settings, 1)
+    standin_cache.statuses.extend([503, 429, 500])
+    async with dispatching(database, with_cache(settings, standin_cache), poll_interval=0.05):
+
+        async def delivered() -> bool:
+            return await signal_statuses(conn) == ["delivered"]
+
+        await eventually(delivered)
+    assert await conn.fetchval("SELECT attempts FROM receiver.signals") == 4
+
+
+async def test_signal_dies_after_the_configured_attempts(
+    database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
+) -> None:
+    """A cache that keeps failing dead-letters the signal after RECEIVER_SIGNAL_MAX_ATTEMPTS."""
+    await seed(database, settings, 1)
+    standin_cache.statuses.extend([503] * 10)
+    async with dispatching(
+        database, with_cache(settings, standin_cache, signal_max_attempts=3), poll_interval=0.05
+    ):
+
+        async def dead() -> bool:
+            return await signal_statuses(conn) == ["dead"]
+
+        await eventually(dead)
+    assert await conn.fetchval("SELECT attempts FROM receiver.signals") == 3
+    assert len(standin_cache.received) == 3
+
+
+async def test_killed_dispatcher_is_covered_after_its_lease_expires(
+    database: db.Database,
+    database_url: str,
+    settings: Settings,
+    standin_cache: StandInCache,
+    conn: asyncpg.Connection,
+) -> None:
+    """`receiver dispatch` killed with SIGKILL mid-delivery: once its lease expires,
+    another dispatcher delivers the signal."""
+    ids = await seed(database, settings, 1)
+    standin_cache.hang = asyncio.Event()
+    env = operator_env(
+        settings,
+        RECEIVER_CACHE_URL=standin_cache.url,
+        RECEIVER_CACHE_SECRET=standin_cache.secret_b64,
+        RECEIVER_SIGNAL_LEASE_SECONDS="1",
+    )
+    with processes.background(["dispatch"], env) as (process, _):
+
+        async def hanging() -> bool:
+            return len(standin_cache.received) == 1
+
+        await eventually(hanging, seconds=30)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    assert await signal_statuses(conn) == ["in_flight"]
+    standin_cache.hang.set()  # let the orphaned request finish
+    standin_cache.hang = None
+    async with dispatching(database, with_cache(settings, standin_cache), poll_interval=0.1):
+
+        async def delivered() -> bool:
+            return await signal_statuses(conn) == ["delivered"]
+
+        await eventually(delivered)
+    assert standin_cache.ids() == ids * 2  # the hung attempt, then the redelivery
+
+
+async def test_three_dispatchers_share_the_work_without_duplicates(
+    database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
+) -> None:
+    """Three dispatchers on one database deliver every signal exactly once while no
+    lease expires."""
+    ids = await seed(database, settings, 150)
+    cache_settings = with_cache(settings, standin_cache)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(
+                dispatching(database, cache_settings, poll_interval=0.05, batch_size=10)
+            )
+
+        async def all_delivered() -> bool:
+            return (
+                await conn.fetchval(
+                    "SELECT count(*) FROM receiver.signals WHERE status = 'delivered'"
+                )
+                == 150
+            )
+
+        await eventually(all_delivered, seconds=60)
+    assert sorted(standin_cache.ids()) == sorted(ids)
+
+
+async def test_stopping_a_dispatcher_hands_back_its_leases(
+    database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
+) -> None:
+    """A dispatcher stopped mid-delivery returns its signals to pending at once."""
+    await seed(database, settings, 3)
+    standin_cache.hang = asyncio.Event()
+    async with dispatching(database, with_cache(settings, standin_cache), poll_interval=0.05):
+
+        async def in_flight() -> bool:
+            return len(standin_cache.received) == 3
+
+        await eventually(in_flight)
+    standin_cache.hang.set()  # only after the dispatcher stopped
+    rows = await conn.fetch("SELECT status, attempts, lease_id FROM receiver.signals")
+    assert {(r["status"], r["attempts"], r["lease_id"]) for r in rows} == {("pending", 0, None)}
+
+
+async def test_token_cache_follows_rotation_and_revocation(post: Any, settings: Settings) -> None:
+    """cache.get returns the active token, the new one after a rotation, and nothing
+    after a revocation, each within one signal."""
+    first, second = helpers.canary_token(), helpers.canary_token()
+    token_cache = cache.TokenCache.from_settings(settings)
+    await token_cache.start()
+    try:
+        assert token_cache.listening
+        assert await token_cache.get("cli_tc") is None
+        await post(helpers.onboarding("cli_tc", first, completed_at="2024-01-01T00:00:00Z"))
+
+        async def is_token(expected: str | None) -> bool:
+            return await token_cache.get("cli_tc") == expected
+
+        await eventually(lambda: is_token(first))
+        await post(helpers.onboarding("cli_tc", second, completed_at="2024-02-01T00:00:00Z"))
+        await eventually(lambda: is_token(second))
+        await post(helpers.revocation("cli_tc", second[:15]))
+        await eventually(lambda: is_token(None))
+        assert first not in repr(token_cache)
+    finally:
+        await token_cache.close()
+
+
+async def test_token_cache_flushes_after_losing_its_listener(
+    post: Any, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """When the LISTEN connection dies, the cache reconnects and drops everything it
+    held, since notifications sent meanwhile are lost."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_fl", token))
+    token_cache = cache.TokenCache.from_settings(settings)
+    await token_cache.start()
+    try:
+        assert await token_cache.get("cli_fl") == token
+        # A change no notification announces: only a flush can reveal it.
+        await conn.execute(
+            "UPDATE receiver.tokens SET status = 'revoked' WHERE client_id = 'cli_fl'"
+        )
+        assert await token_cache.get("cli_fl") == token
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+        )
+        assert killed == 1
+
+        async def flushed() -> bool:
+            return token_cache.listening and await token_cache.get("cli_fl") is None
+
+        await eventually(flushed)
+    finally:
+        await token_cache.close()
+
+
+async def test_token_cache_applies_signed_http_signals(
+    aiohttp_client: Any,
+    settings: Settings,
+    webhook_secret: str,
+    cache_secret: str,
+    database_url: str,
+) -> None:
+    """The cache's aiohttp handler verifies the receiver's signed POST and invalidates;
+    an unsigned POST is refused."""
+    old, new = helpers.canary_token(), helpers.canary_token()
+    quiet = cache.TokenCache(
+        database_url,
+        store.Sealer.from_settings(settings),
+        channel="unused_channel",
+        signal_secret=base64.b64decode(cache_secret),
+    )
+    await quiet.start()
+    partner = web.Application()
+    partner.router.add_post("/signals", quiet.signal_handler)
+    server = TestServer(partner, host="127.0.0.1")
+    await server.start_server()
+    try:
+        stand_in = StandInCache(cache_secret, server.port or 0)  # only for its URL
+        client = await aiohttp_client(app.create_app(with_cache(settings, stand_in)))
+
+        async def send(document: dict[str, Any]) -> None:
+            body = helpers.encode(document)
+            response = await client.post(
+                app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+            )
+            assert response.status == 200
+
+        await send(helpers.onboarding("cli_http", old, completed_at="2024-01-01T00:00:00Z"))
+        assert await quiet.get("cli_http") == old
+        await send(helpers.onboarding("cli_http", new, completed_at="2024-02-01T00:00:00Z"))
+
+        async def fresh() -> bool:
+            return await quiet.get("cli_http") == new
+
+        await eventually(fresh)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{server.port}/signals", json={"client_id": "x"}
+            ) as refused,
+        ):
+            assert refused.status == 401
+    finally:
+        await server.close()
+        await quiet.close()
+
+
+class _Answer:
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+async def test_call_with_token_retries_exactly_once_on_401(
+    post: Any, settings: Settings, database_url: str
+) -> None:
+    """A stale cached token earns a 401: the helper re-reads and retries once with the
+    new token. When re-reading gives nothing newer, the 401 comes back after one call."""
+    old, new = helpers.canary_token(), helpers.canary_token()
+    await post(helpers.onboarding("cli_401", old, completed_at="2024-01-01T00:00:00Z"))
+    # On a channel nobody notifies, so the cache goes stale after the rotation below.
+    stale = cache.TokenCache(
+        database_url, store.Sealer.from_settings(settings), channel="unused_channel"
+    )
+    await stale.start()
+    used: list[str] = []
+
+    async def debitura(token: str) -> _Answer:
+        used.append(token)
+        return _Answer(401 if token == old else 201)
+
+    async def always_401(token: str) -> _Answer:
+        used.append(token)
+        return _Answer(401)
+
+    try:
+        assert await stale.get("cli_401") == old
+        await post(helpers.onboarding("cli_401", new, completed_at="2024-02-01T00:00:00Z"))
+        assert (await cache.call_with_token(stale, "cli_401", debitura)).status == 201
+        assert used == [old, new]
+        used.clear()
+        assert (await cache.call_with_token(stale, "cli_401", always_401)).status == 401
+        assert used == [new]
+    finally:
+        await stale.close()

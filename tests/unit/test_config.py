@@ -1,0 +1,101 @@
+"""Settings: loud, one-line, value-free failures; masked secrets; dev secrets on disk."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from receiver import config, errors
+
+GOOD = {
+    "webhook_secrets": base64.b64encode(b"s" * 32).decode(),
+    "token_keys": "k1:" + base64.b64encode(b"k" * 32).decode(),
+    "index_key": base64.b64encode(b"i" * 32).decode(),
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("RECEIVER_"):
+            monkeypatch.delenv(name)
+
+
+def test_missing_settings_are_named() -> None:
+    """Each missing required variable is named in the error."""
+    with pytest.raises(errors.ConfigError) as caught:
+        config.load_settings()
+    message = str(caught.value)
+    for name in ("RECEIVER_WEBHOOK_SECRETS", "RECEIVER_TOKEN_KEYS", "RECEIVER_INDEX_KEY"):
+        assert f"{name} is required" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "webhook_secrets",
+            "not base64 SECRETVALUE!",
+            "RECEIVER_WEBHOOK_SECRETS is not valid base64",
+        ),
+        ("token_keys", "nokid" + "A" * 40, "RECEIVER_TOKEN_KEYS each entry must be kid:base64"),
+        ("token_keys", "k1:" + base64.b64encode(b"short").decode(), "exactly 32 bytes"),
+        ("index_key", "SECRETVALUE", "RECEIVER_INDEX_KEY"),
+        ("signature_tolerance", "SECRETVALUE", "RECEIVER_SIGNATURE_TOLERANCE"),
+        ("notify_channel", "Bad-Channel;SECRETVALUE", "RECEIVER_NOTIFY_CHANNEL"),
+    ],
+)
+def test_malformed_setting_is_named_without_its_value(name: str, value: str, expected: str) -> None:
+    """A malformed value stops loading with a message naming the variable, not the value."""
+    with pytest.raises(errors.ConfigError) as caught:
+        config.load_settings(**{**GOOD, name: value})
+    assert expected in str(caught.value)
+    assert "SECRETVALUE" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RECEIVER_* variables are the source; comma-separated secrets become a list."""
+    for name, value in GOOD.items():
+        monkeypatch.setenv(f"RECEIVER_{name.upper()}", value)
+    monkeypatch.setenv(
+        "RECEIVER_WEBHOOK_SECRETS", GOOD["webhook_secrets"] + "," + GOOD["index_key"]
+    )
+    settings = config.load_settings()
+    assert len(settings.webhook_secrets) == 2
+    assert settings.signature_tolerance == 300
+
+
+def test_cache_url_needs_a_secret() -> None:
+    """Setting RECEIVER_CACHE_URL without RECEIVER_CACHE_SECRET is refused."""
+    with pytest.raises(errors.ConfigError, match="RECEIVER_CACHE_SECRET is required"):
+        config.load_settings(**GOOD, cache_url="http://127.0.0.1:9/x")
+
+
+def test_repr_masks_every_secret() -> None:
+    """Neither repr nor str of the settings shows key material."""
+    settings = config.load_settings(**GOOD, database_url="postgresql://u:hunter2@h/db")
+    for text in (repr(settings), str(settings)):
+        for value in [*GOOD.values(), "hunter2", base64.b64encode(b"k" * 32).decode()]:
+            assert value.split(":")[-1] not in text
+
+
+def test_dev_secrets_are_private_and_reused(tmp_path: Path) -> None:
+    """Dev secrets are written once with mode 0600 and read back on the next start."""
+    first = config.load_settings(dev=True, data_dir=tmp_path)
+    path = tmp_path / config.DEV_SECRETS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    second = config.load_settings(dev=True, data_dir=tmp_path)
+    assert first.index_key == second.index_key
+    assert first.token_keys == second.token_keys
+
+
+def test_environment_wins_over_dev_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret set in the environment is used even in dev mode."""
+    monkeypatch.setenv("RECEIVER_INDEX_KEY", GOOD["index_key"])
+    settings = config.load_settings(dev=True, data_dir=tmp_path)
+    assert settings.index_key.get_secret_value() == b"i" * 32

@@ -1,0 +1,57 @@
+"""The replay sender's pieces that need no network: progress, retry schedule, summary."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from receiver import sender
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def delivery(status: int | None, outcome: str | None = "processed") -> sender.Delivery:
+    """A finished delivery."""
+    return sender.Delivery(
+        "client.onboarding_completed", "evt_1", "tok_test_abc123", status, outcome, None, 3.0, 1
+    )
+
+
+def test_progress_draws_only_on_a_terminal() -> None:
+    """The progress line appears on a terminal and never in a pipe."""
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        progress = sender.Progress(4, stream)
+        for _ in range(4):
+            progress.advance(delivery(200))
+    assert terminal.getvalue().endswith("[##############################] 4/4\n")
+    assert pipe.getvalue() == ""
+
+
+@pytest.mark.parametrize(("attempt", "base"), [(1, 0), (2, 60), (3, 60), (4, 120), (8, 0)])
+def test_retry_delays_follow_debiturass_schedule(attempt: int, base: int) -> None:
+    """Delays between tries are the documented offsets' differences, ±10%."""
+    delay = sender.RetryPolicy().delay_before(attempt)
+    assert base * 0.9 <= delay <= base * 1.1
+
+
+def test_summary_counts_statuses_and_failures() -> None:
+    """The summary splits HTTP statuses and receiver outcomes, and counts failures."""
+    summary = sender.Summary(url="http://x")
+    summary.deliveries += [
+        delivery(200),
+        delivery(200, "duplicate"),
+        delivery(401, None),
+        delivery(None, None),
+    ]
+    data = summary.as_dict()
+    assert data["by_http_status"] == {"200": 2, "401": 1, "error": 1}
+    assert data["by_status"] == {"processed": 1, "duplicate": 1}
+    assert data["failed"] == 2
+    assert "2 acknowledged, 2 failed" in summary.render()
