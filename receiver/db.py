@@ -39,7 +39,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,  # admin/crash shutdown, cannot connect now, cancel
     asyncpg.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.ReadOnlySQLTransactionError,  # connected to a standby during failover
+    asyncpg.InternalClientError,  # the driver lost track of a session the server ended
 )
+# Faults after which a connection must never be handed out again. When the server
+# ends a session in the middle of an operation (a restart, pg_terminate_backend),
+# asyncpg sometimes reports InternalClientError ("cannot switch to state 12; another
+# operation (2) is in progress") and leaves the connection open in a state no later
+# query can use (MagicStack/asyncpg#1069, sqlalchemy/sqlalchemy#13241). The pool
+# would hand it out again, and every request on it would fail: close it instead.
+_BROKEN: tuple[type[BaseException], ...] = (asyncpg.InternalClientError, asyncpg.InterfaceError)
 # The schema is missing or older than the code: not migrated yet.
 _SCHEMA_MISSING: tuple[type[BaseException], ...] = (
     asyncpg.UndefinedTableError,
@@ -129,6 +137,8 @@ class Database:
         async with translated_errors():
             try:
                 conn = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS)
+            except _UNAVAILABLE:
+                raise  # starting up, shutting down, too many connections: transient
             except asyncpg.PostgresError as exc:
                 # Refused at connect (no such database, authentication): an operator
                 # must act, and the sender must retry meanwhile.
@@ -139,6 +149,9 @@ class Database:
             try:
                 # The pool hands out a proxy that forwards every Connection method.
                 yield cast(Connection, conn)
+            except _BROKEN:
+                conn.terminate()
+                raise
             finally:
                 await self.pool.release(conn)
 

@@ -167,14 +167,27 @@ def own_postgres() -> Any:
             options += ["-m", "fast"]
         else:  # as the package started it: no TCP port, its own socket directory
             options += ["-o", f"-h '' -k {socket_dir}"]
-        subprocess.run(
+        done = subprocess.run(
             [pg_ctl, *options, action],
-            check=True,
+            check=False,
             user=owner if owner != "root" else None,
             capture_output=True,
+            text=True,
             timeout=60,
         )
+        if done.returncode != 0:
+            log_file = data / "log"
+            server_log = log_file.read_text()[-3000:] if log_file.exists() else ""
+            raise AssertionError(
+                f"pg_ctl {action} exited {done.returncode}: {done.stdout}{done.stderr}\n"
+                f"server log (tail):\n{server_log}"
+            )
+
+    def running() -> bool:
+        return (data / "postmaster.pid").exists()
 
     yield dsn, control
-    control("stop")
+    # A test that failed half-way through an outage may have left it stopped.
+    if running():
+        control("stop")
     shutil.rmtree(root, ignore_errors=True)

@@ -136,3 +136,42 @@ async def test_synchronous_commit_is_on_for_our_connections(
             assert await pooled.fetchval("SHOW synchronous_commit") == "on"
     finally:
         await database.close()
+
+
+async def test_sessions_ended_by_the_server_are_503_and_the_pool_recovers(
+    post: Post, conn: asyncpg.Connection
+) -> None:
+    """Postgres ending our sessions mid-transaction (a restart, pg_terminate_backend, an
+    idle timeout) is answered 503, never 500. A connection the driver is left unable to
+    use is dropped, not pooled again, so Debitura's retries all succeed afterwards and
+    every event is stored once."""
+    documents = [helpers.onboarding() for _ in range(200)]
+    statuses: list[int] = []
+    queue = list(documents)
+    killing = True
+
+    async def sender() -> None:
+        while killing or queue:
+            if not queue:
+                queue.extend(documents[:20])  # keep the pool busy while sessions end
+            statuses.append((await post(queue.pop())).status)
+
+    async def killer() -> None:
+        for _ in range(200):
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'receiver' AND datname = current_database()"
+            )
+            await asyncio.sleep(0.01)
+
+    senders = [asyncio.create_task(sender()) for _ in range(8)]
+    await killer()
+    killing = False
+    await asyncio.gather(*senders)
+
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert 503 in statuses, "no session was ended mid-request: the test proved nothing"
+    retries = [(await post(d)).status for d in documents]
+    assert set(retries) == {200}
+    stored = await conn.fetchval("SELECT count(DISTINCT key) FROM receiver.events")
+    assert stored == await conn.fetchval("SELECT count(*) FROM receiver.events") == 200
