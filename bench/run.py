@@ -26,11 +26,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 import asyncpg
 import psutil
 
-from bench import harness, signal_latency
+from bench import harness, loadgen, signal_latency
 
 
 @dataclass
@@ -42,6 +41,7 @@ class Result:
     latencies: list[float]
     server_cpu: float | None = None
     postgres_cpu: float | None = None
+    generator_cpu: float | None = None
 
     def row(self) -> str:
         p50 = harness.percentile(self.latencies, 50) * 1000
@@ -50,6 +50,7 @@ class Result:
         return (
             f"{self.name:<44} {self.rate:8.0f}/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
             f"  server {cpu(self.server_cpu)}  postgres {cpu(self.postgres_cpu)}"
+            f"  load generator {cpu(self.generator_cpu)}"
         )
 
 
@@ -57,14 +58,14 @@ class CpuMeter:
     """CPU used by a set of processes (and their children) over an interval, in %
     of one core."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], *, children: bool = True) -> None:
         self._procs = []
         for pid in pids:
             try:
                 proc = psutil.Process(pid)
             except psutil.NoSuchProcess:
                 continue
-            self._procs += [proc, *proc.children(recursive=True)]
+            self._procs += [proc, *(proc.children(recursive=True) if children else [])]
         self._start = self._total()
         self._t0 = time.monotonic()
 
@@ -90,33 +91,25 @@ def postgres_pids() -> list[int]:
     ]
 
 
+# Requests are built before each load starts, up to this many per second of load; a
+# load that uses them all up ends early and is measured over the time it ran.
+BUDGET_PER_SECOND = {"ceiling": 25_000, "receiver": 8_000}
+
+
 async def load(
-    url: str,
+    port: int,
     secret: bytes,
     bodies: Callable[[int], bytes],
     concurrency: int,
     seconds: float,
-) -> tuple[float, list[float]]:
-    """Closed loop: `concurrency` senders for `seconds`; every answer must be 200."""
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-    counter = iter(range(10**9))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def sender() -> None:
-            while time.monotonic() < deadline:
-                body = bodies(next(counter))
-                started = time.monotonic()
-                status, answered = await harness.post(session, url, secret, body)
-                if status != 200:
-                    raise RuntimeError(f"unexpected status {status}")
-                latencies.append(answered - started)
-
-        started = time.monotonic()
-        await asyncio.gather(*(sender() for _ in range(concurrency)))
-        elapsed = time.monotonic() - started
-    return len(latencies) / elapsed, latencies
+    budget_per_second: int,
+) -> loadgen.Answers:
+    """Closed loop: `concurrency` connections for `seconds`; every answer must be 200."""
+    requests = loadgen.prebuilt(
+        port, secret, (bodies(n) for n in range(int(seconds * budget_per_second)))
+    )
+    answers = await loadgen.closed_loop(port, requests, concurrency, seconds)
+    return answers.only(200)
 
 
 def onboardings(n: int) -> bytes:
@@ -168,16 +161,29 @@ async def scenario(
     bodies: Callable[[int], bytes],
     concurrency: int,
     seconds: float,
+    budget: str = "receiver",
 ) -> Result:
     """Start a server, warm it up, measure one closed-loop load with CPU."""
     with harness.receiver_process(env, port, command) as process:
         await harness.wait_ready(port)
-        url = f"http://127.0.0.1:{port}/webhooks/debitura"
-        await load(url, secret, bodies, concurrency, 1.0)
+        per_second = BUDGET_PER_SECOND[budget]
+        await load(port, secret, bodies, concurrency, 1.0, per_second)
+        requests = loadgen.prebuilt(
+            port, secret, (bodies(n) for n in range(int(seconds * per_second)))
+        )
         server = CpuMeter([process.pid])
         postgres = CpuMeter(postgres_pids())
-        rate, latencies = await load(url, secret, bodies, concurrency, seconds)
-        return Result(name, rate, latencies, server.percent(), postgres.percent())
+        generator = CpuMeter([os.getpid()], children=False)
+        answers = (await loadgen.closed_loop(port, requests, concurrency, seconds)).only(200)
+        name += " (requests ran out)" if answers.exhausted else ""
+        return Result(
+            name,
+            answers.rate,
+            answers.latencies,
+            server.percent(),
+            postgres.percent(),
+            generator.percent(),
+        )
 
 
 async def open_loop_latency(
@@ -192,35 +198,27 @@ async def open_loop_latency(
     """Latency of the full path when events arrive at a fixed rate, as Debitura sends."""
     with harness.receiver_process(env, port, command):
         await harness.wait_ready(port)
-        url = f"http://127.0.0.1:{port}/webhooks/debitura"
-        latencies: list[float] = []
-        stop = asyncio.Event()
-        task = asyncio.create_task(
-            signal_latency.background_load(url, secret, rate, stop, latencies)
+        requests = loadgen.prebuilt(
+            port, secret, (onboardings(n) for n in range(int(rate * seconds) + 1))
         )
-        await asyncio.sleep(seconds)
-        stop.set()
-        accepted = await task
-        return f"{accepted / seconds:.0f}/s accepted, {harness.summary_ms(latencies)}"
+        deadline = time.monotonic() + seconds
+        answers = await loadgen.open_loop(
+            port, requests, rate, lambda: time.monotonic() >= deadline
+        )
+        answers.only(200)
+        return f"{answers.rate:.0f}/s accepted, {harness.summary_ms(answers.latencies)}"
 
 
 async def resident_memory(env: dict[str, str], port: int, secret: bytes, events: int) -> float:
     """RSS of one receiver process (MiB) after `events` onboardings."""
     with harness.receiver_process(env, port) as process:
         await harness.wait_ready(port)
-        url = f"http://127.0.0.1:{port}/webhooks/debitura"
         sent = 0
-        connector = aiohttp.TCPConnector(limit=32)
-        async with aiohttp.ClientSession(connector=connector) as session:
-
-            async def sender() -> None:
-                nonlocal sent
-                while sent < events:
-                    sent += 1
-                    status, _ = await harness.post(session, url, secret, onboardings(sent))
-                    assert status == 200
-
-            await asyncio.gather(*(sender() for _ in range(32)))
+        while sent < events:
+            chunk = min(20_000, events - sent)
+            requests = loadgen.prebuilt(port, secret, (onboardings(n) for n in range(chunk)))
+            answers = await loadgen.closed_loop(port, requests, 32, float("inf"))
+            sent += len(answers.only(200).latencies)
         return psutil.Process(process.pid).memory_info().rss / 2**20
 
 
@@ -248,6 +246,7 @@ async def main() -> None:
                 onboardings,
                 c,
                 s,
+                budget="ceiling",
             )
         )
         results.append(await database_ceiling(url, c, s))
@@ -278,7 +277,7 @@ async def main() -> None:
 
     print(
         f"\nconcurrency {c}, {s:.0f} s per scenario, {os.cpu_count()} cores,"
-        " load generator in this process"
+        " load generator in this process (prebuilt requests, raw keep-alive HTTP/1.1)"
     )
     for result in results:
         print(result.row())

@@ -17,7 +17,7 @@ import uuid
 
 import aiohttp
 
-from bench import harness
+from bench import harness, loadgen
 
 
 async def measure(url: str, secret: bytes, cache: harness.Cache, samples: int) -> list[float]:
@@ -39,33 +39,16 @@ async def measure(url: str, secret: bytes, cache: harness.Cache, samples: int) -
     return delays
 
 
-async def background_load(
-    url: str, secret: bytes, rate: float, stop: asyncio.Event, latencies: list[float] | None = None
-) -> int:
-    """Offer onboardings at `rate` per second (open loop) until stopped; return how many
-    got a 200. Each answer's latency is appended to `latencies` when given."""
-    statuses: list[int] = []
-    interval = 1 / rate
-    connector = aiohttp.TCPConnector(limit=256)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        tasks: list[asyncio.Task[tuple[int, float]]] = []
-        next_at = time.monotonic()
-        while not stop.is_set():
-            body = harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}")
-            task = asyncio.create_task(harness.post(session, url, secret, body))
-
-            def done(t: asyncio.Task[tuple[int, float]], sent: float = time.monotonic()) -> None:
-                status, answered = t.result()
-                statuses.append(status)
-                if latencies is not None:
-                    latencies.append(answered - sent)
-
-            task.add_done_callback(done)
-            tasks.append(task)
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        await asyncio.gather(*tasks)
-    return sum(status == 200 for status in statuses)
+async def background_load(port: int, secret: bytes, rate: float, stop: asyncio.Event) -> int:
+    """Offer onboardings at `rate` per second (open loop) until stopped (at most 60 s);
+    return how many got a 200."""
+    requests = loadgen.prebuilt(
+        port,
+        secret,
+        (harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}") for _ in range(int(rate * 60))),
+    )
+    answers = await loadgen.open_loop(port, requests, rate, stop.is_set)
+    return answers.statuses.get(200, 0)
 
 
 async def main() -> None:
@@ -90,7 +73,7 @@ async def main() -> None:
             await measure(url, secret, cache, 20)  # warm-up: connections, plans
             idle = await measure(url, secret, cache, args.samples)
             stop = asyncio.Event()
-            load = asyncio.create_task(background_load(url, secret, args.load_rate, stop))
+            load = asyncio.create_task(background_load(port, secret, args.load_rate, stop))
             started = time.monotonic()
             loaded = await measure(url, secret, cache, args.samples)
             stop.set()

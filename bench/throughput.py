@@ -8,32 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import time
 import uuid
 
-import aiohttp
-
-from bench import harness
+from bench import harness, loadgen
 
 
-async def closed_loop(
-    url: str, secret: bytes, concurrency: int, seconds: float
-) -> tuple[int, list[float]]:
-    """`concurrency` senders, each sending as soon as its last answer arrived."""
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-
-        async def sender() -> None:
-            while time.monotonic() < deadline:
-                body = harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}")
-                started = time.monotonic()
-                status, answered = await harness.post(session, url, secret, body)
-                assert status == 200, status
-                latencies.append(answered - started)
-
-        await asyncio.gather(*(sender() for _ in range(concurrency)))
-    return len(latencies), latencies
+def onboardings(count: int) -> list[bytes]:
+    return [harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}") for _ in range(count)]
 
 
 async def main() -> None:
@@ -47,10 +28,13 @@ async def main() -> None:
         secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
         with harness.receiver_process(env, port):
             await harness.wait_ready(port)
-            url = f"http://127.0.0.1:{port}/webhooks/debitura"
-            await closed_loop(url, secret, 8, 1)
-            count, latencies = await closed_loop(url, secret, args.concurrency, args.seconds)
-    print(f"{count / args.seconds:.0f} events/s  {harness.summary_ms(latencies)}")
+            warm_up = loadgen.prebuilt(port, secret, onboardings(2_000))
+            await loadgen.closed_loop(port, warm_up, 8, 1)
+            requests = loadgen.prebuilt(port, secret, onboardings(int(args.seconds * 8_000)))
+            answers = await loadgen.closed_loop(port, requests, args.concurrency, args.seconds)
+    answers.only(200)
+    ran_out = " (requests ran out)" if answers.exhausted else ""
+    print(f"{answers.rate:.0f} events/s{ran_out}  {harness.summary_ms(answers.latencies)}")
 
 
 if __name__ == "__main__":

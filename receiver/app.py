@@ -29,7 +29,7 @@ from receiver import (
     webhook,
 )
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 WEBHOOK_PATH = "/webhooks/debitura"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

@@ -28,7 +28,7 @@ from pydantic import SecretStr
 
 from receiver import config, db, errors, outbox, signing, store, tokens
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 DEFAULT_TTL_SECONDS = 3600.0
 HEALTH_CHECK_SECONDS = 5.0

@@ -21,7 +21,7 @@ import structlog
 
 from receiver import db, errors, events, metrics, store
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 MAX_GROUP = 128
 MAX_IN_FLIGHT = 2

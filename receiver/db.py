@@ -18,7 +18,7 @@ import structlog
 
 from receiver import errors, metrics
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 Connection = asyncpg.Connection
 Record = asyncpg.Record

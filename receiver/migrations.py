@@ -18,7 +18,7 @@ import structlog
 
 from receiver import db, errors
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 

@@ -33,7 +33,7 @@ import structlog
 
 from receiver import config, db, errors, metrics, signing
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Receiver-Signature"
 DELIVERY_TIMEOUT_SECONDS = 5.0

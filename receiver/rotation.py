@@ -18,7 +18,7 @@ import structlog
 
 from receiver import db, vault
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 # kind -> (claim query, store query, associated data for a row key, first key)
 _KINDS: dict[str, tuple[str, str, Callable[[str], bytes], str]] = {

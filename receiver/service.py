@@ -17,7 +17,7 @@ from aiohttp import web
 
 from receiver import admin, app, config, db, errors, log, migrations, outbox
 
-logger = structlog.get_logger()
+logger = structlog.get_logger(__name__)
 
 STARTUP_DB_WAIT_SECONDS = 30.0
 # On SIGTERM: stop accepting, fail /readyz, let requests in flight finish for at most

@@ -10,7 +10,7 @@ import structlog
 
 from receiver import db, errors, store, vault
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 STATUSES = ("active", "superseded", "expired", "revoked")
 ENVIRONMENTS = ("live", "test")

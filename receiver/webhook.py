@@ -13,7 +13,7 @@ from aiohttp import web
 
 from receiver import errors, events, metrics, signing, state, store
 
-log = structlog.get_logger()
+log = structlog.get_logger(__name__)
 
 TEST_HEADER = "X-Debitura-Test"
 
