@@ -198,6 +198,9 @@ async def open_loop_latency(
     """Latency of the full path when events arrive at a fixed rate, as Debitura sends."""
     with harness.receiver_process(env, port, command):
         await harness.wait_ready(port)
+        # Warm up as the closed-loop scenarios do: pooled connections opened, statements
+        # prepared, so the figure is the steady state rather than the first second.
+        await load(port, secret, onboardings, 8, 1.0, BUDGET_PER_SECOND["receiver"])
         requests = loadgen.prebuilt(
             port, secret, (onboardings(n) for n in range(int(rate * seconds) + 1))
         )
