@@ -271,6 +271,7 @@ async def main() -> None:
                 s,
             )
         )
+        await harness.recycle_wal(url)  # the closed loops above used up the reused segments
         offered = await open_loop_latency(serve, env, port, secret, rate=1000.0, seconds=s)
         memory = (
             await resident_memory(env, port, secret, args.memory_events)

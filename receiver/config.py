@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     signature_tolerance: int = Field(default=300, ge=1, le=86_400)
     max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     body_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    keepalive_seconds: float = Field(default=75.0, gt=0, le=3600)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

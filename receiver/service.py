@@ -65,6 +65,10 @@ def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: 
         port=port,
         reuse_port=reuse_port,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+        # aiohttp starts this timer when a connection opens and again after each answer,
+        # and closes the connection if no complete request has arrived when it fires:
+        # it bounds idle keep-alive connections and headers trickled byte by byte alike.
+        keepalive_timeout=settings.keepalive_seconds,
         access_log=None,  # the canonical request line replaces it, without the query string
         print=banner,
     )

@@ -53,7 +53,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(server_dsn: str, template_name: str) -> Iterator[Served]:
-    """`receiver serve` on a fresh clone of the template, with a 1 s body timeout."""
+    """`receiver serve` on a fresh clone of the template, with a 1 s body timeout and
+    a 2 s keep-alive (header) timeout."""
     name = f"receiver_hostile_{time.monotonic_ns()}"
 
     async def create() -> None:
@@ -73,6 +74,7 @@ def served(server_dsn: str, template_name: str) -> Iterator[Served]:
         **{f"RECEIVER_{k.upper()}": v for k, v in keys.items()},
         RECEIVER_DATABASE_URL=database_url,
         RECEIVER_BODY_TIMEOUT_SECONDS="1",
+        RECEIVER_KEEPALIVE_SECONDS="2",
     )
     port = processes.free_port()
     with processes.serving(["--port", str(port)], env) as (process, _):
@@ -305,6 +307,30 @@ def test_slow_sender_is_cut_off(served: Served) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
     assert b"request_timeout" in answer or b"Content-Length" in answer
     assert time.monotonic() - started < 5
+
+
+def test_headers_trickled_byte_by_byte_are_cut_off(served: Served) -> None:
+    """A sender that never finishes its headers (slowloris) loses the connection once
+    RECEIVER_KEEPALIVE_SECONDS pass, although it keeps sending; it does not hold it."""
+    filler = b"X-Filler: " + b"a" * 200
+    sent = 0
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        for byte in filler:  # 200 bytes, 0.05 s apart: 10 s if never cut off
+            try:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                sock.settimeout(0.05)
+                closed = sock.recv(4096) == b""
+            except TimeoutError:
+                continue
+            except OSError:  # reset by the server
+                closed = True
+            if closed:
+                break
+    assert closed, "the connection was still open after 10 s of trickled headers"
+    assert sent < len(filler)
 
 
 def test_flood_of_bad_signatures_is_counted_with_its_source(served: Served) -> None:

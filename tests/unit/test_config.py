@@ -47,6 +47,8 @@ def test_missing_settings_are_named() -> None:
         ("index_key", "SECRETVALUE", "RECEIVER_INDEX_KEY"),
         ("signature_tolerance", "SECRETVALUE", "RECEIVER_SIGNATURE_TOLERANCE"),
         ("notify_channel", "Bad-Channel;SECRETVALUE", "RECEIVER_NOTIFY_CHANNEL"),
+        ("keepalive_seconds", "0", "RECEIVER_KEEPALIVE_SECONDS"),
+        ("body_timeout_seconds", "SECRETVALUE", "RECEIVER_BODY_TIMEOUT_SECONDS"),
     ],
 )
 def test_malformed_setting_is_named_without_its_value(name: str, value: str, expected: str) -> None:
