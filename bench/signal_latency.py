@@ -14,6 +14,7 @@ import asyncio
 import base64
 import time
 import uuid
+from collections.abc import Iterator
 
 import aiohttp
 
@@ -39,16 +40,14 @@ async def measure(url: str, secret: bytes, cache: harness.Cache, samples: int) -
     return delays
 
 
-async def background_load(port: int, secret: bytes, rate: float, stop: asyncio.Event) -> int:
-    """Offer onboardings at `rate` per second (open loop) until stopped (at most 60 s);
-    return how many got a 200."""
-    requests = loadgen.prebuilt(
+def onboardings(port: int, secret: bytes, count: int) -> Iterator[bytes]:
+    """`count` signed onboarding requests, built now (before any measurement starts:
+    building them while measuring would stall the event loop the measurement runs on)."""
+    return loadgen.prebuilt(
         port,
         secret,
-        (harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}") for _ in range(int(rate * 60))),
+        (harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}") for _ in range(count)),
     )
-    answers = await loadgen.open_loop(port, requests, rate, stop.is_set)
-    return answers.statuses.get(200, 0)
 
 
 async def main() -> None:
@@ -72,13 +71,18 @@ async def main() -> None:
             await harness.wait_ready(port)
             await measure(url, secret, cache, 20)  # warm-up: connections, plans
             idle = await measure(url, secret, cache, args.samples)
+            requests = onboardings(port, secret, int(args.load_rate * 30))
             stop = asyncio.Event()
-            load = asyncio.create_task(background_load(port, secret, args.load_rate, stop))
-            started = time.monotonic()
+            load = asyncio.create_task(
+                loadgen.open_loop(port, requests, args.load_rate, stop.is_set)
+            )
             loaded = await measure(url, secret, cache, args.samples)
             stop.set()
-            accepted = await load
-            achieved = accepted / (time.monotonic() - started)
+            answers = await load
+            if answers.exhausted:
+                print("note: the background load ran out of requests before the samples")
+            accepted = answers.statuses.get(200, 0)
+            achieved = answers.rate
             expected = accepted + 2 * args.samples + 20
             drain_started = time.monotonic()
             while len(cache.arrived) < expected and time.monotonic() - drain_started < 120:  # noqa: ASYNC110
