@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=_positive, default=1, help="processes sharing the port (default 1)"
     )
+    # Set by `serve --workers N` on the processes it starts: serve, without migrating.
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _add_dev_flag(serve)
     serve.set_defaults(run=service.serve)
 

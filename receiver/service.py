@@ -7,13 +7,17 @@ import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import aiohttp
 import structlog
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from receiver import admin, app, config, db, errors, log, migrations, outbox
 
@@ -45,6 +49,9 @@ def serve(args: argparse.Namespace) -> int:
     admin.configure_logging(settings, service=True)
     settings = admin.resolve_database(settings)
     assert settings.database_url is not None
+    if args.worker:  # one of `serve --workers N`'s processes: the parent migrated
+        _run_worker(settings, args.host, args.port, reuse_port=True)
+        return 0
     asyncio.run(_migrate_when_reachable(settings.database_url.get_secret_value()))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
@@ -52,7 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers == 1:
         _run_worker(settings, args.host, args.port, reuse_port=False)
         return 0
-    return _run_workers(settings, args.host, args.port, args.workers)
+    return _run_workers(settings, args)
 
 
 def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: bool) -> None:
@@ -74,34 +81,61 @@ def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: 
     )
 
 
-def _run_workers(settings: config.Settings, host: str, port: int, workers: int) -> int:
+def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
     """N worker processes share the port (SO_REUSEPORT; the kernel spreads connections).
-    The schema is migrated once, before forking; the parent only forwards signals."""
-    children: list[int] = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:  # a worker: serve, then leave without the parent's atexit handlers
-            status = 0
-            try:
-                _run_worker(settings, host, port, reuse_port=True)
-            except BaseException:
-                logger.exception("worker_failed")
-                status = 1
-            os._exit(status)
-        children.append(pid)
 
-    def forward(signum: int, _: object) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
+    Each worker is a fresh interpreter started with PROMETHEUS_MULTIPROC_DIR set, which
+    prometheus-client reads when it is imported: the workers keep their metrics in
+    files there, and any worker's /metrics reports the sum. The parent has migrated;
+    it forwards SIGTERM/SIGINT, and if one worker dies the others are stopped too, so
+    the orchestrator sees the failure and restarts the whole service.
+    """
+    assert settings.database_url is not None
+    metrics_dir = tempfile.mkdtemp(prefix="receiver-metrics-")
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+        # As resolved here (the embedded Postgres in dev): workers must not start another.
+        "RECEIVER_DATABASE_URL": settings.database_url.get_secret_value(),
+    }
+    argv = [sys.executable, "-m", "receiver", "serve", "--worker"]
+    argv += ["--host", args.host, "--port", str(args.port), *(["--dev"] if args.dev else [])]
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    failed = 0
-    for child in children:
-        _, status = os.waitpid(child, 0)
-        failed += os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT)
-    return 1 if failed else 0
+    def stop_all(signum: int = signal.SIGTERM, _: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    try:
+        for _ in range(args.workers):
+            # A session of their own: a terminal's Ctrl-C (or any signal to the parent's
+            # group) reaches the parent alone, which forwards it once. A second signal
+            # would cut a worker's drain short. (Containers and systemd kill the whole
+            # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
+            child = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
+            children[child.pid] = child
+        failed = 0
+        while any(c.returncode is None for c in children.values()):
+            pid, status = os.wait()
+            exited = children.get(pid)
+            if exited is None:
+                continue
+            exited.returncode = code = os.waitstatus_to_exitcode(status)
+            multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+            if code not in (0, -signal.SIGTERM, -signal.SIGINT) or not stopping:
+                failed += 1
+                logger.error("worker_exited", pid=pid, status=code)
+                stop_all()
+        return 1 if failed else 0
+    finally:
+        stop_all()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def dispatch(args: argparse.Namespace) -> int:

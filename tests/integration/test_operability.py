@@ -172,6 +172,47 @@ async def test_sigterm_under_load_loses_nothing_acknowledged(database_url: str) 
     assert len(acknowledged) >= 100
 
 
+async def test_workers_report_one_set_of_metrics(database_url: str) -> None:
+    """`serve --workers 2`: deliveries spread over both processes, yet every scrape,
+    whichever worker answers it, reports the total; SIGTERM stops both, exit 0."""
+    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=database_url)
+    secret = values["RECEIVER_WEBHOOK_SECRETS"]
+    port = processes.free_port()
+    base = f"http://127.0.0.1:{port}"
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        deadline = asyncio.get_running_loop().time() + 30
+        while output.read_text().count('"event": "listening"') < 2:
+            assert asyncio.get_running_loop().time() < deadline, "two workers never listened"
+            await asyncio.sleep(0.1)
+        # A connection per request: the kernel spreads them over both workers.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for document in (helpers.onboarding() for _ in range(40)):
+                body = helpers.encode(document)
+                async with session.post(
+                    f"{base}/webhooks/debitura",
+                    data=body,
+                    headers=helpers.signed_headers(secret, body),
+                ) as response:
+                    assert response.status == 200
+            processed = set()
+            for _ in range(10):
+                async with session.get(f"{base}/metrics") as response:
+                    text = await response.text()
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name == "receiver_events_total" and sample.labels == {
+                            "type": "client.onboarding_completed",
+                            "outcome": "processed",
+                        }:
+                            processed.add(sample.value)
+        assert processed == {40.0}
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+
+
 def test_dockerfile_copies_what_exists_and_runs_as_designed() -> None:
     """Every COPY source exists; the image runs `receiver serve` as a non-root user with a
     health check; dev-only things stay out of the build context."""
