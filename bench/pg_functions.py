@@ -1,0 +1,64 @@
+"""Where Postgres spends its time on the full path: per-function time of the SQL
+functions that record events, under a closed-loop load of onboardings.
+
+    .venv/bin/python -m bench.pg_functions [--seconds 5] [--concurrency 32]
+
+Function tracking is switched on for the bench's own database only (ALTER DATABASE,
+dropped with it afterwards), so a shared server's settings are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from bench import harness, loadgen
+from bench.throughput import onboardings
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    async with harness.fresh_database(harness.server_dsn()) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            name = urlsplit(url).path.lstrip("/")
+            await conn.execute(f"ALTER DATABASE \"{name}\" SET track_functions = 'pl'")
+            port = harness.free_port()
+            env = harness.secrets_env(url)
+            secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
+            with harness.receiver_process(env, port):
+                await harness.wait_ready(port)
+                warm_up = loadgen.prebuilt(port, secret, onboardings(2_000))
+                await loadgen.closed_loop(port, warm_up, 8, 1)
+                requests = loadgen.prebuilt(port, secret, onboardings(int(args.seconds * 8_000)))
+                await conn.execute("SELECT pg_stat_reset()")
+                answers = await loadgen.closed_loop(port, requests, args.concurrency, args.seconds)
+            answers.only(200)
+            # Backends flush statistics at most once a second, so a few calls from the
+            # warm-up may be counted too: figures are per call, not per event sent.
+            await asyncio.sleep(1)
+            rows = await conn.fetch(
+                "SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions "
+                "WHERE schemaname = 'receiver' ORDER BY self_time DESC"
+            )
+        finally:
+            await conn.close()
+    print(f"{len(answers.latencies)} onboardings at {answers.rate:.0f}/s; time per call:")
+    for row in rows:
+        calls = row["calls"]
+        print(
+            f"  {row['funcname']:<20} calls {calls:>7}  "
+            f"self {row['self_time'] * 1000 / calls:6.1f} µs  "
+            f"total {row['total_time'] * 1000 / calls:6.1f} µs"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
