@@ -167,6 +167,11 @@ def onboarding(client_id: str) -> bytes:
     ).encode()
 
 
+def onboardings(count: int) -> list[bytes]:
+    """`count` onboardings, each for a client never seen before."""
+    return [onboarding(f"cli_{uuid.uuid4().hex[:12]}") for _ in range(count)]
+
+
 def revocation(client_id: str) -> bytes:
     """A token.revoked body (no prefix: everything before now)."""
     return json.dumps(

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from bench import harness, loadgen
-from bench.throughput import onboardings
 
 
 async def main() -> None:
@@ -35,9 +34,11 @@ async def main() -> None:
             secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
             with harness.receiver_process(env, port):
                 await harness.wait_ready(port)
-                warm_up = loadgen.prebuilt(port, secret, onboardings(2_000))
+                warm_up = loadgen.prebuilt(port, secret, harness.onboardings(2_000))
                 await loadgen.closed_loop(port, warm_up, 8, 1)
-                requests = loadgen.prebuilt(port, secret, onboardings(int(args.seconds * 8_000)))
+                requests = loadgen.prebuilt(
+                    port, secret, harness.onboardings(int(args.seconds * 8_000))
+                )
                 await conn.execute("SELECT pg_stat_reset()")
                 answers = await loadgen.closed_loop(port, requests, args.concurrency, args.seconds)
             answers.only(200)

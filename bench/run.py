@@ -96,30 +96,21 @@ def postgres_pids() -> list[int]:
 BUDGET_PER_SECOND = {"ceiling": 25_000, "receiver": 8_000}
 
 
-async def load(
-    port: int,
-    secret: bytes,
-    bodies: Callable[[int], bytes],
-    concurrency: int,
-    seconds: float,
-    budget_per_second: int,
-) -> loadgen.Answers:
-    """Closed loop: `concurrency` connections for `seconds`; every answer must be 200."""
-    requests = loadgen.prebuilt(
-        port, secret, (bodies(n) for n in range(int(seconds * budget_per_second)))
-    )
-    answers = await loadgen.closed_loop(port, requests, concurrency, seconds)
-    return answers.only(200)
+async def warm_up(
+    port: int, secret: bytes, bodies: Callable[[int], list[bytes]], concurrency: int
+) -> None:
+    """One second of closed-loop load: pooled connections opened, statements prepared."""
+    requests = loadgen.prebuilt(port, secret, bodies(BUDGET_PER_SECOND["receiver"]))
+    (await loadgen.closed_loop(port, requests, concurrency, 1.0)).only(200)
 
 
-def onboardings(n: int) -> bytes:
-    return harness.onboarding(f"cli_{uuid.uuid4().hex[:12]}")
-
-
-def mixed(n: int) -> bytes:
-    """Every tenth event revokes a client's tokens."""
-    client = f"cli_{uuid.uuid4().hex[:12]}"
-    return harness.revocation(client) if n % 10 == 9 else harness.onboarding(client)
+def mixed(count: int) -> list[bytes]:
+    """Onboardings of new clients, every tenth event a revocation instead."""
+    clients = [f"cli_{uuid.uuid4().hex[:12]}" for _ in range(count)]
+    return [
+        harness.revocation(c) if n % 10 == 9 else harness.onboarding(c)
+        for n, c in enumerate(clients)
+    ]
 
 
 async def database_ceiling(dsn: str, concurrency: int, seconds: float) -> Result:
@@ -158,7 +149,7 @@ async def scenario(
     env: dict[str, str],
     port: int,
     secret: bytes,
-    bodies: Callable[[int], bytes],
+    bodies: Callable[[int], list[bytes]],
     concurrency: int,
     seconds: float,
     budget: str = "receiver",
@@ -166,11 +157,8 @@ async def scenario(
     """Start a server, warm it up, measure one closed-loop load with CPU."""
     with harness.receiver_process(env, port, command) as process:
         await harness.wait_ready(port)
-        per_second = BUDGET_PER_SECOND[budget]
-        await load(port, secret, bodies, concurrency, 1.0, per_second)
-        requests = loadgen.prebuilt(
-            port, secret, (bodies(n) for n in range(int(seconds * per_second)))
-        )
+        await warm_up(port, secret, bodies, concurrency)
+        requests = loadgen.prebuilt(port, secret, bodies(int(seconds * BUDGET_PER_SECOND[budget])))
         server = CpuMeter([process.pid])
         postgres = CpuMeter(postgres_pids())
         generator = CpuMeter([os.getpid()], children=False)
@@ -198,12 +186,8 @@ async def open_loop_latency(
     """Latency of the full path when events arrive at a fixed rate, as Debitura sends."""
     with harness.receiver_process(env, port, command):
         await harness.wait_ready(port)
-        # Warm up as the closed-loop scenarios do: pooled connections opened, statements
-        # prepared, so the figure is the steady state rather than the first second.
-        await load(port, secret, onboardings, 8, 1.0, BUDGET_PER_SECOND["receiver"])
-        requests = loadgen.prebuilt(
-            port, secret, (onboardings(n) for n in range(int(rate * seconds) + 1))
-        )
+        await warm_up(port, secret, harness.onboardings, 8)  # the steady state, as above
+        requests = loadgen.prebuilt(port, secret, harness.onboardings(int(rate * seconds) + 1))
         deadline = time.monotonic() + seconds
         answers = await loadgen.open_loop(
             port, requests, rate, lambda: time.monotonic() >= deadline
@@ -219,7 +203,7 @@ async def resident_memory(env: dict[str, str], port: int, secret: bytes, events:
         sent = 0
         while sent < events:
             chunk = min(20_000, events - sent)
-            requests = loadgen.prebuilt(port, secret, (onboardings(n) for n in range(chunk)))
+            requests = loadgen.prebuilt(port, secret, harness.onboardings(chunk))
             answers = await loadgen.closed_loop(port, requests, 32, float("inf"))
             sent += len(answers.only(200).latencies)
         return psutil.Process(process.pid).memory_info().rss / 2**20
@@ -246,7 +230,7 @@ async def main() -> None:
                 env,
                 port,
                 secret,
-                onboardings,
+                harness.onboardings,
                 c,
                 s,
                 budget="ceiling",
@@ -254,7 +238,9 @@ async def main() -> None:
         )
         results.append(await database_ceiling(url, c, s))
         results.append(
-            await scenario("3. receiver: onboardings", serve, env, port, secret, onboardings, c, s)
+            await scenario(
+                "3. receiver: onboardings", serve, env, port, secret, harness.onboardings, c, s
+            )
         )
         results.append(
             await scenario("4. receiver: 10% revocations", serve, env, port, secret, mixed, c, s)
@@ -266,7 +252,7 @@ async def main() -> None:
                 env,
                 port,
                 secret,
-                onboardings,
+                harness.onboardings,
                 c,
                 s,
             )

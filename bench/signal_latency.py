@@ -14,7 +14,6 @@ import asyncio
 import base64
 import time
 import uuid
-from collections.abc import Iterator
 
 import aiohttp
 
@@ -40,16 +39,6 @@ async def measure(url: str, secret: bytes, cache: harness.Cache, samples: int) -
     return delays
 
 
-def onboardings(port: int, secret: bytes, count: int) -> Iterator[bytes]:
-    """`count` signed onboarding requests, built now (before any measurement starts:
-    building them while measuring would stall the event loop the measurement runs on)."""
-    return loadgen.prebuilt(
-        port,
-        secret,
-        (harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}") for _ in range(count)),
-    )
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=200)
@@ -71,7 +60,9 @@ async def main() -> None:
             await harness.wait_ready(port)
             await measure(url, secret, cache, 20)  # warm-up: connections, plans
             idle = await measure(url, secret, cache, args.samples)
-            requests = onboardings(port, secret, int(args.load_rate * 30))
+            # Built before the samples start: building them meanwhile would stall the
+            # event loop the samples are taken on.
+            requests = loadgen.prebuilt(port, secret, harness.onboardings(int(args.load_rate * 30)))
             stop = asyncio.Event()
             load = asyncio.create_task(
                 loadgen.open_loop(port, requests, args.load_rate, stop.is_set)

@@ -8,13 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import uuid
 
 from bench import harness, loadgen
-
-
-def onboardings(count: int) -> list[bytes]:
-    return [harness.onboarding(f"cli_{uuid.uuid4().hex[:10]}") for _ in range(count)]
 
 
 async def main() -> None:
@@ -28,9 +23,11 @@ async def main() -> None:
         secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
         with harness.receiver_process(env, port):
             await harness.wait_ready(port)
-            warm_up = loadgen.prebuilt(port, secret, onboardings(2_000))
+            warm_up = loadgen.prebuilt(port, secret, harness.onboardings(2_000))
             await loadgen.closed_loop(port, warm_up, 8, 1)
-            requests = loadgen.prebuilt(port, secret, onboardings(int(args.seconds * 8_000)))
+            requests = loadgen.prebuilt(
+                port, secret, harness.onboardings(int(args.seconds * 8_000))
+            )
             answers = await loadgen.closed_loop(port, requests, args.concurrency, args.seconds)
     answers.only(200)
     ran_out = " (requests ran out)" if answers.exhausted else ""
