@@ -183,11 +183,8 @@ def own_postgres() -> Any:
                 f"server log (tail):\n{server_log}"
             )
 
-    def running() -> bool:
-        return (data / "postmaster.pid").exists()
-
     yield dsn, control
     # A test that failed half-way through an outage may have left it stopped.
-    if running():
+    if (data / "postmaster.pid").exists():
         control("stop")
     shutil.rmtree(root, ignore_errors=True)
