@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import signal
 import subprocess
@@ -182,10 +184,7 @@ async def test_workers_report_one_set_of_metrics(database_url: str) -> None:
     base = f"http://127.0.0.1:{port}"
     with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
         await processes.wait_healthy(port, process)
-        deadline = asyncio.get_running_loop().time() + 30
-        while output.read_text().count('"event": "listening"') < 2:
-            assert asyncio.get_running_loop().time() < deadline, "two workers never listened"
-            await asyncio.sleep(0.1)
+        await listening_pids(output, 2)
         # A connection per request: the kernel spreads them over both workers.
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -211,6 +210,36 @@ async def test_workers_report_one_set_of_metrics(database_url: str) -> None:
         assert processed == {40.0}
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 20) == 0
+
+
+async def test_a_dead_worker_stops_the_service(database_url: str) -> None:
+    """`serve --workers 2`: when one worker is killed, the parent stops the other and
+    exits 1, so the orchestrator restarts the whole service rather than running on
+    with half of it."""
+    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=database_url)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        workers = await listening_pids(output, 2)
+        os.kill(workers[0], signal.SIGKILL)
+        assert await asyncio.to_thread(process.wait, 30) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(workers[1], 0)  # the other worker is gone too
+    assert '"event": "worker_exited"' in output.read_text()
+
+
+async def listening_pids(output: Path, count: int) -> list[int]:
+    """The pids of the first `count` processes that logged `listening` (bounded wait)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        text = await asyncio.to_thread(output.read_text)
+        lines = [json.loads(line) for line in text.splitlines() if line[:1] == "{"]
+        pids = [line["pid"] for line in lines if line.get("event") == "listening"]
+        if len(pids) >= count:
+            return pids[:count]
+        assert asyncio.get_running_loop().time() < deadline, f"{count} workers never listened"
+        await asyncio.sleep(0.1)
 
 
 def test_dockerfile_copies_what_exists_and_runs_as_designed() -> None:
