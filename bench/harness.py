@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +24,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from bench import loadgen
 from receiver import embedded, migrations, signing
 
 
@@ -221,3 +222,25 @@ class Cache:
         key = f"{payload['client_id']}:{payload['reason']}"
         self.arrived.setdefault(key, time.monotonic())
         return web.json_response({"ok": True})
+
+
+async def onboarding_load(
+    database_url: str,
+    concurrency: int,
+    seconds: float,
+    before: Callable[[], Awaitable[object]] | None = None,
+) -> loadgen.Answers:
+    """One `receiver serve` on the database, warmed up for a second, then a closed loop
+    of new-client onboardings; `before` runs just before the measured load starts.
+    Every answer must be 200."""
+    port = free_port()
+    env = secrets_env(database_url)
+    secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
+    with receiver_process(env, port):
+        await wait_ready(port)
+        await loadgen.closed_loop(port, loadgen.prebuilt(port, secret, onboardings(2_000)), 8, 1)
+        requests = loadgen.prebuilt(port, secret, onboardings(int(seconds * 8_000)))
+        if before is not None:
+            await before()
+        answers = await loadgen.closed_loop(port, requests, concurrency, seconds)
+    return answers.only(200)

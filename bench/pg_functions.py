@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 from urllib.parse import urlsplit
 
 import asyncpg
 
-from bench import harness, loadgen
+from bench import harness
 
 
 async def main() -> None:
@@ -29,19 +28,12 @@ async def main() -> None:
         try:
             name = urlsplit(url).path.lstrip("/")
             await conn.execute(f"ALTER DATABASE \"{name}\" SET track_functions = 'pl'")
-            port = harness.free_port()
-            env = harness.secrets_env(url)
-            secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
-            with harness.receiver_process(env, port):
-                await harness.wait_ready(port)
-                warm_up = loadgen.prebuilt(port, secret, harness.onboardings(2_000))
-                await loadgen.closed_loop(port, warm_up, 8, 1)
-                requests = loadgen.prebuilt(
-                    port, secret, harness.onboardings(int(args.seconds * 8_000))
-                )
-                await conn.execute("SELECT pg_stat_reset()")
-                answers = await loadgen.closed_loop(port, requests, args.concurrency, args.seconds)
-            answers.only(200)
+            answers = await harness.onboarding_load(
+                url,
+                args.concurrency,
+                args.seconds,
+                before=lambda: conn.execute("SELECT pg_stat_reset()"),
+            )
             # Backends flush statistics at most once a second, so a few calls from the
             # warm-up may be counted too: figures are per call, not per event sent.
             await asyncio.sleep(1)
