@@ -60,17 +60,17 @@ def configure(
         )
 
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    # What every record carries, then how it is output: the same for structlog's own
+    # events and for libraries' stdlib records.
+    pre_chain: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.stdlib.add_logger_name,
+        timestamper,
+    ]
     output_chain: list[Processor] = [exceptions, RedactProcessor(secrets), renderer]
-
-    # Libraries' stdlib records: add what structlog's own events carry, then the same
-    # exception rendering, redaction and renderer.
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[
-            structlog.contextvars.merge_contextvars,
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
-            timestamper,
-        ],
+        foreign_pre_chain=pre_chain,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *output_chain],
     )
     handler = logging.StreamHandler(out)
@@ -89,13 +89,7 @@ def configure(
     # detour (LogRecord, handler lock, formatter) cost about a fifth of the server's
     # CPU under load (py-spy, bench/README.md).
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.stdlib.add_logger_name,
-            timestamper,
-            *output_chain,
-        ],
+        processors=[*pre_chain, *output_chain],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=lambda *names: _NamedWriteLogger(out, names[0] if names else "receiver"),
         cache_logger_on_first_use=False,

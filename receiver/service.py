@@ -100,15 +100,18 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
     }
     argv = [sys.executable, "-m", "receiver", "serve", "--worker"]
     argv += ["--host", args.host, "--port", str(args.port), *(["--dev"] if args.dev else [])]
+    # Only os.wait() reaps the workers (Popen.poll() would too, and a worker reaped
+    # there would escape the failure check below): `running` is the bookkeeping.
     children: dict[int, subprocess.Popen[bytes]] = {}
+    running: set[int] = set()
     stopping = False
 
     def stop_all(signum: int = signal.SIGTERM, _: object = None) -> None:
         nonlocal stopping
         stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
+        for pid in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
@@ -120,13 +123,14 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
             # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
             child = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
             children[child.pid] = child
+            running.add(child.pid)
         failed = 0
-        while any(c.returncode is None for c in children.values()):
+        while running:
             pid, status = os.wait()
-            exited = children.get(pid)
-            if exited is None:
+            if pid not in running:
                 continue
-            exited.returncode = code = os.waitstatus_to_exitcode(status)
+            running.discard(pid)
+            children[pid].returncode = code = os.waitstatus_to_exitcode(status)
             multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
             if code not in (0, -signal.SIGTERM, -signal.SIGINT) or not stopping:
                 failed += 1

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
+from receiver import config
 from tests import conftest
 
 
@@ -30,6 +31,13 @@ def clean_env(**values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
     env.update(values)
     return env
+
+
+def receiver_env(database_url: str, **extra: str) -> tuple[dict[str, str], str]:
+    """Settings for a receiver process with fresh dev secrets, and its webhook secret."""
+    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    env = clean_env(**values, RECEIVER_DATABASE_URL=database_url, **extra)
+    return env, values["RECEIVER_WEBHOOK_SECRETS"]
 
 
 def run(

@@ -15,17 +15,10 @@ import aiohttp
 import asyncpg
 import pytest
 
-from receiver import config, migrations
+from receiver import migrations
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration import processes
-
-
-def receiver_env(database_url: str) -> tuple[dict[str, str], str]:
-    """Settings for a receiver process, and its webhook secret."""
-    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
-    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=database_url)
-    return env, values["RECEIVER_WEBHOOK_SECRETS"]
 
 
 async def deliver(
@@ -58,7 +51,7 @@ async def stored_keys(database_url: str) -> list[str]:
 async def test_kill_9_under_load_loses_nothing_acknowledged(database_url: str) -> None:
     """SIGKILL while a load generator sends: after a restart, every event that got a
     200 is stored exactly once, and Debitura's retries store the rest once too."""
-    env, secret = receiver_env(database_url)
+    env, secret = processes.receiver_env(database_url)
     documents = [helpers.onboarding() for _ in range(400)]
     bodies = {d["id"]: helpers.encode(d) for d in documents}
     acknowledged: set[str] = set()
@@ -111,7 +104,7 @@ async def test_postgres_restart_under_load(own_postgres: Any) -> None:
     await admin.close()
     database_url = with_database(dsn, "faults")
     await migrations.apply(database_url)
-    env, secret = receiver_env(database_url)
+    env, secret = processes.receiver_env(database_url)
     port = processes.free_port()
     url = f"http://127.0.0.1:{port}/webhooks/debitura"
     bodies = {d["id"]: helpers.encode(d) for d in (helpers.onboarding() for _ in range(300))}
@@ -159,7 +152,7 @@ async def test_postgres_restart_under_load(own_postgres: Any) -> None:
 async def test_two_receivers_fed_every_event_twice(database_url: str) -> None:
     """Two processes on one database, each event delivered to both at once: every
     event stored once, every token once, every signal once."""
-    env, secret = receiver_env(database_url)
+    env, secret = processes.receiver_env(database_url)
     ports = [processes.free_port(), processes.free_port()]
     documents = [helpers.onboarding() for _ in range(200)]
     with (

@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver import config, migrations, openapi
+from receiver import migrations, openapi
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Post
@@ -129,9 +129,7 @@ async def test_readyz_fails_as_soon_as_shutdown_begins(client: TestClient) -> No
 async def test_sigterm_under_load_loses_nothing_acknowledged(database_url: str) -> None:
     """SIGTERM in the middle of a burst: the process exits cleanly within the shutdown
     bound, and every event that got a 200 is stored exactly once."""
-    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
-    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=database_url)
-    secret = values["RECEIVER_WEBHOOK_SECRETS"]
+    env, secret = processes.receiver_env(database_url)
     port = processes.free_port()
     url = f"http://127.0.0.1:{port}/webhooks/debitura"
     documents = [helpers.onboarding() for _ in range(600)]
@@ -177,9 +175,7 @@ async def test_sigterm_under_load_loses_nothing_acknowledged(database_url: str) 
 async def test_workers_report_one_set_of_metrics(database_url: str) -> None:
     """`serve --workers 2`: deliveries spread over both processes, yet every scrape,
     whichever worker answers it, reports the total; SIGTERM stops both, exit 0."""
-    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
-    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=database_url)
-    secret = values["RECEIVER_WEBHOOK_SECRETS"]
+    env, secret = processes.receiver_env(database_url)
     port = processes.free_port()
     base = f"http://127.0.0.1:{port}"
     with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
@@ -216,8 +212,7 @@ async def test_a_dead_worker_stops_the_service(database_url: str) -> None:
     """`serve --workers 2`: when one worker is killed, the parent stops the other and
     exits 1, so the orchestrator restarts the whole service rather than running on
     with half of it."""
-    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
-    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=database_url)
+    env, _ = processes.receiver_env(database_url)
     port = processes.free_port()
     with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
         await processes.wait_healthy(port, process)
@@ -309,10 +304,7 @@ async def test_the_built_wheel_carries_migrations_and_its_entry_point_starts(
         capture_output=True,
         timeout=120,
     )
-    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
-    env = processes.clean_env(
-        **values, RECEIVER_DATABASE_URL=empty_database_url, PYTHONPATH=str(target)
-    )
+    env, _ = processes.receiver_env(empty_database_url, PYTHONPATH=str(target))
     # From outside the checkout: `python -c` puts the working directory first on sys.path.
     where = subprocess.run(
         [str(target / "bin" / "receiver"), "--help"],

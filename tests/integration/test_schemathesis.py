@@ -12,7 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from receiver import config, openapi
+from receiver import openapi
 from tests.conftest import with_database
 from tests.integration import processes
 
@@ -30,8 +30,7 @@ def base_url(server_dsn: str, template_name: str) -> Iterator[str]:
         await conn.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"'))
-    values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
-    env = processes.clean_env(**values, RECEIVER_DATABASE_URL=with_database(server_dsn, name))
+    env, _ = processes.receiver_env(with_database(server_dsn, name))
     port = processes.free_port()
     with processes.serving(["--port", str(port)], env) as (process, _):
         asyncio.run(processes.wait_healthy(port, process))
