@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from receiver import config, db, embedded, log, outbox, rotation, store, tokens
+from receiver import config, db, embedded, inbox, log, outbox, rotation, store, tokens
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -106,7 +106,9 @@ def tokens_reveal(args: argparse.Namespace) -> int:
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = store.Sealer.from_settings(settings)
-        meta, token = await tokens.reveal(database, sealer, args.client, args.prefix)
+        meta, token = await tokens.reveal(
+            database, sealer, args.client, args.prefix, args.environment
+        )
         print(
             f"# client {meta['client_id']}, token {meta['prefix']}…, status {meta['status']}",
             file=sys.stderr,
@@ -180,6 +182,7 @@ def signals_list(args: argparse.Namespace) -> int:
 SIGNAL_COLUMNS = (
     "id",
     "client_id",
+    "environment",
     "reason",
     "status",
     "attempts",
@@ -196,5 +199,72 @@ def signals_retry(args: argparse.Namespace) -> int:
         retried = await outbox.retry_dead(database, args.id or None)
         print(f"{len(retried)} dead signal(s) back to pending")
         return 0
+
+    return with_database(args, work)
+
+
+def events_list(args: argparse.Namespace) -> int:
+    """`receiver events list`."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        rows = await inbox.listing(
+            database,
+            status=args.status,
+            reason=args.reason,
+            event_type=args.type,
+            limit=args.limit,
+        )
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        else:
+            print(table(rows, inbox.LIST_COLUMNS, noun="event"))
+        return 0
+
+    return with_database(args, work)
+
+
+def events_show(args: argparse.Namespace) -> int:
+    """`receiver events show`: the stored delivery, redacted."""
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        keyring = store.Sealer.from_settings(settings).keyring
+        shown = await inbox.show(database, keyring, args.event_id)
+        if not shown:
+            print(f"receiver: no stored event {args.event_id!r}", file=sys.stderr)
+            return EXIT_FAILURE
+        for entry in shown:
+            print(json.dumps(entry, indent=None if args.json else 2, ensure_ascii=False))
+        return 0
+
+    return with_database(args, work)
+
+
+def events_reprocess(args: argparse.Namespace) -> int:
+    """`receiver events reprocess`: exit 0 when every named delivery left quarantine."""
+    if bool(args.event_ids) == bool(args.quarantined):
+        print(
+            "receiver: error: give EVENT_ID... or --quarantined (not both)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
+        results = await inbox.reprocess(database, settings, keys)
+        for result in results:
+            if args.json:
+                print(json.dumps({k: getattr(result, k) for k in result.__slots__}))
+            else:
+                line = f"{result.key}: {result.outcome}"
+                if result.reason:
+                    line += f" ({result.reason}: {result.detail})"
+                print(line)
+        left = [r for r in results if r.outcome in {"quarantined", "not_found"}]
+        if not args.json:
+            print(
+                f"{len(results) - len(left)} of {len(results)} event(s) left quarantine or were done"
+            )
+        return EXIT_FAILURE if left else 0
 
     return with_database(args, work)

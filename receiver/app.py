@@ -49,7 +49,7 @@ def _from_http(exc: web.HTTPException) -> errors.ReceiverError:
     if kind is not None:
         return kind(exc.reason.lower())
     if exc.status >= 500:
-        return errors.ReceiverError("internal error")
+        return errors.InternalError("internal error, retry later")
     return errors.InvalidRequest(exc.reason.lower())
 
 
@@ -86,9 +86,12 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
             response.headers["Allow"] = exc.headers["Allow"]
     except Exception:
+        # A fault of ours, never of the input: answered 503 so the sender retries
+        # (after a fix) rather than counting a 500 towards switching us off.
         log.exception("request_failed")
+        metrics.INTERNAL_ERRORS.inc()
         error_code = "internal_error"
-        response = _error_response(errors.ReceiverError("internal error"))
+        response = _error_response(errors.InternalError("internal error, retry later"))
     response.headers["X-Request-Id"] = request_id
     elapsed = time.perf_counter() - started
     route = _route_label(request)

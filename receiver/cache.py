@@ -58,7 +58,7 @@ class TokenCache:
         self._channel = channel
         self._ttl = ttl
         self._signal_secret = signal_secret
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[tuple[str, str], _Entry] = {}  # (client id, environment)
         # Bumped by every invalidation: a read that started before one is not cached.
         self._generations: dict[str, int] = {}
         self._epoch = 0
@@ -108,15 +108,18 @@ class TokenCache:
         """Whether the LISTEN connection is up right now."""
         return self._listening.is_set()
 
-    async def get(self, client_id: str) -> str | None:
-        """The client's active token, or None when it has none (revoked, unknown)."""
-        entry = self._entries.get(client_id)
+    async def get(self, client_id: str, environment: str = "live") -> str | None:
+        """The client's active token in `environment` (live unless told otherwise: a
+        test token never stands in for a live one), or None when it has none."""
+        if environment not in tokens.ENVIRONMENTS:
+            raise errors.UsageError("environment must be 'live' or 'test'")
+        entry = self._entries.get((client_id, environment))
         if entry is not None and entry.expires > time.monotonic():
             return entry.token.get_secret_value() if entry.token is not None else None
         if self._database is None:
             raise errors.ReceiverError("TokenCache.start() has not been awaited")
         before = (self._epoch, self._generations.get(client_id, 0))
-        rows = await self._database.fetch("active_token", client_id)
+        rows = await self._database.fetch("active_token", client_id, environment)
         token = (
             tokens.open_token(self._sealer, rows[0]["id"], rows[0]["token_sealed"])
             if rows
@@ -124,12 +127,13 @@ class TokenCache:
         )
         if (self._epoch, self._generations.get(client_id, 0)) == before:
             secret = SecretStr(token) if token is not None else None
-            self._entries[client_id] = _Entry(time.monotonic() + self._ttl, secret)
+            self._entries[(client_id, environment)] = _Entry(time.monotonic() + self._ttl, secret)
         return token
 
     def invalidate(self, client_id: str) -> None:
-        """Drop what is cached for one client."""
-        self._entries.pop(client_id, None)
+        """Drop what is cached for one client, in both environments."""
+        for environment in tokens.ENVIRONMENTS:
+            self._entries.pop((client_id, environment), None)
         self._generations[client_id] = self._generations.get(client_id, 0) + 1
 
     def flush(self) -> None:
@@ -215,19 +219,23 @@ R = TypeVar("R", bound=_HasStatus)
 
 
 async def call_with_token(
-    cache: TokenCache, client_id: str, call: Callable[[str], Awaitable[R]]
+    cache: TokenCache,
+    client_id: str,
+    call: Callable[[str], Awaitable[R]],
+    *,
+    environment: str = "live",
 ) -> R:
     """Call Debitura with the client's token; on a 401, invalidate, re-read and retry
     exactly once. A second 401, or no newer token, means the link itself is invalid:
     the 401 is returned rather than retried again."""
-    token = await cache.get(client_id)
+    token = await cache.get(client_id, environment)
     if token is None:
         raise errors.ReceiverError(f"client {client_id!r} has no active token")
     response = await call(token)
     if response.status != 401:
         return response
     cache.invalidate(client_id)
-    fresh = await cache.get(client_id)
+    fresh = await cache.get(client_id, environment)
     if fresh is None or fresh == token:
         return response
     return await call(fresh)

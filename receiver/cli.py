@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from receiver import admin, errors, outbox, replay, service, tokens
+from receiver import admin, errors, events, inbox, outbox, replay, service, tokens
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_dev_flag(dispatch)
     dispatch.set_defaults(run=service.dispatch)
 
+    _add_events(commands)
     _add_signals(commands)
     _add_keys(commands)
     _add_tokens(commands)
@@ -86,6 +87,41 @@ def _add_dev_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dev", action="store_true", help="use the dev secrets and embedded Postgres"
     )
+
+
+def _add_events(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("events", help="stored deliveries, and the quarantine")
+    sub = parser.add_subparsers(dest="events_command", metavar="EVENTS_COMMAND", required=True)
+    listing = sub.add_parser(
+        "list",
+        help="stored deliveries, newest first (no bodies)",
+        description="Example: receiver events list --status quarantined",
+    )
+    listing.add_argument("--status", choices=inbox.STATUSES)
+    listing.add_argument("--reason", choices=events.QUARANTINE_REASONS, help="quarantine reason")
+    listing.add_argument("--type", help="only this event type")
+    listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_dev_flag(listing)
+    listing.set_defaults(run=admin.events_list)
+    show = sub.add_parser(
+        "show", help="one stored delivery, its body redacted (tokens cut to their prefix)"
+    )
+    show.add_argument("event_id", metavar="EVENT_ID", help="its key or envelope id")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_dev_flag(show)
+    show.set_defaults(run=admin.events_show)
+    reprocess = sub.add_parser(
+        "reprocess",
+        help="re-apply quarantined deliveries under the current code and configuration",
+        description="Example: receiver events reprocess --quarantined --reason invalid_data",
+    )
+    reprocess.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="stored keys")
+    reprocess.add_argument("--quarantined", action="store_true", help="every quarantined one")
+    reprocess.add_argument("--reason", choices=events.QUARANTINE_REASONS, help="with --quarantined")
+    reprocess.add_argument("--json", action="store_true", help="one JSON object per event")
+    _add_dev_flag(reprocess)
+    reprocess.set_defaults(run=admin.events_reprocess)
 
 
 def _add_signals(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -128,6 +164,12 @@ def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     reveal = sub.add_parser("reveal", help="print one token in plain text (audited; --confirm)")
     reveal.add_argument("client", help="client id")
     reveal.add_argument("--prefix", help="the token with this prefix (default: the active one)")
+    reveal.add_argument(
+        "--environment",
+        choices=tokens.ENVIRONMENTS,
+        default="live",
+        help="whose active token (default live)",
+    )
     reveal.add_argument("--confirm", action="store_true", help="yes, print the secret token")
     _add_dev_flag(reveal)
     reveal.set_defaults(run=admin.tokens_reveal)

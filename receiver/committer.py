@@ -15,11 +15,12 @@ event cannot fail the others.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from dataclasses import dataclass, field
 
 import structlog
 
-from receiver import db, errors, events, metrics, store
+from receiver import db, errors, metrics, store
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +31,7 @@ MAX_IN_FLIGHT = 2
 @dataclass
 class _Waiting:
     row: store.Row
-    outcome: asyncio.Future[events.Outcome] = field(
+    outcome: asyncio.Future[store.Recorded] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -56,13 +57,15 @@ class GroupCommit:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def record(self, row: store.Row) -> events.Outcome:
+    async def record(self, row: store.Row) -> store.Recorded:
         """Record one event; returns after the transaction that holds it committed."""
         waiting = _Waiting(row)
         self._queue.append(waiting)
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
-            task = asyncio.create_task(self._drain())
+            # A fresh context: the drain outlives this request and commits others,
+            # so it must not log under this request's id.
+            task = asyncio.create_task(self._drain(), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await waiting.outcome
@@ -97,7 +100,7 @@ class GroupCommit:
             if not waiting.outcome.done():
                 waiting.outcome.set_result(outcome)
 
-    async def _record(self, rows: list[store.Row]) -> list[events.Outcome]:
+    async def _record(self, rows: list[store.Row]) -> list[store.Recorded]:
         return await store.record_rows(
             self._database, rows, channel=self._channel, http_delivery=self._http
         )

@@ -59,6 +59,11 @@ def _webhook_secrets(value: Any) -> Any:
     return decoded
 
 
+def _test_webhook_secrets(value: Any) -> Any:
+    parts = _split(value)
+    return _webhook_secrets(list(parts)) if parts else ()
+
+
 def _key32(value: Any) -> Any:
     if isinstance(value, str):
         value = _b64(value)
@@ -103,6 +108,9 @@ def _channel(value: str) -> str:
 
 
 WebhookSecrets = Annotated[tuple[SecretBytes, ...], NoDecode, BeforeValidator(_webhook_secrets)]
+TestWebhookSecrets = Annotated[
+    tuple[SecretBytes, ...], NoDecode, BeforeValidator(_test_webhook_secrets)
+]
 TokenKeys = Annotated[tuple[tuple[str, SecretBytes], ...], NoDecode, BeforeValidator(_token_keys)]
 Key32 = Annotated[SecretBytes, BeforeValidator(_key32)]
 
@@ -115,6 +123,9 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = None
     data_dir: Path = Path(".receiver")
     webhook_secrets: WebhookSecrets
+    # A delivery verified by one of these is a test delivery whatever its headers
+    # (X-Debitura-Test is not signed), and never changes live state.
+    test_webhook_secrets: TestWebhookSecrets = ()
     token_keys: TokenKeys
     index_key: Key32
     cache_url: HttpUrl | None = None
@@ -133,6 +144,7 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every configured secret as text, for the log redaction processor to mask."""
         raw: list[bytes] = [s.get_secret_value() for s in self.webhook_secrets]
+        raw += [s.get_secret_value() for s in self.test_webhook_secrets]
         raw += [k.get_secret_value() for _, k in self.token_keys]
         raw.append(self.index_key.get_secret_value())
         if self.cache_secret is not None:

@@ -16,6 +16,10 @@ from typing import Any, TypeVar, cast
 import asyncpg
 import structlog
 
+# asyncpg raises this one (an InterfaceError) when it cannot encode an argument; it is
+# not exported under another name, and its message quotes the argument.
+from asyncpg.exceptions._base import DataError as _ArgumentError
+
 from receiver import errors, metrics
 
 log = structlog.get_logger(__name__)
@@ -54,6 +58,15 @@ _SCHEMA_MISSING: tuple[type[BaseException], ...] = (
     asyncpg.UndefinedFunctionError,
     asyncpg.InvalidSchemaNameError,
 )
+# Postgres (or the driver, encoding an argument) refused a value: retrying cannot
+# help, and the connection is fine. The messages quote values: never logged.
+_UNSTORABLE: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.CheckViolationError,
+    asyncpg.NotNullViolationError,
+    asyncpg.UntranslatableCharacterError,
+    _ArgumentError,
+)
 # Faults that a fresh attempt of the same all-or-nothing statement resolves.
 _RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.UniqueViolationError,  # two writers raced to the same unique row
@@ -77,6 +90,11 @@ async def translated_errors() -> AsyncIterator[None]:
     """Turn driver and network faults into `errors.DatabaseUnavailable`."""
     try:
         yield
+    except _UNSTORABLE as exc:
+        metrics.DATABASE_ERRORS.labels(kind="unstorable").inc()
+        code = getattr(exc, "sqlstate", None) or "client"
+        log.warning("database_refused_value", error=type(exc).__name__, sqlstate=code)
+        raise errors.UnstorableValue(f"database refused a value (SQLSTATE {code})") from None
     except _SCHEMA_MISSING as exc:
         metrics.DATABASE_ERRORS.labels(kind="schema_missing").inc()
         log.warning("database_schema_missing", error=type(exc).__name__)
@@ -96,7 +114,9 @@ async def connect(dsn: str) -> Connection:
 
 # synchronous_commit is forced on whatever the database default: a 200 must follow a
 # durable commit (DESIGN §3, guarantee 1).
-_SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "receiver"}
+# jit off: asyncpg introspects the composite type once per connection, and JIT
+# compiling that catalog query costs more than running it.
+_SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "receiver", "jit": "off"}
 
 
 async def _keep_session(_: Any) -> None:
@@ -149,6 +169,8 @@ class Database:
             try:
                 # The pool hands out a proxy that forwards every Connection method.
                 yield cast(Connection, conn)
+            except _UNSTORABLE:
+                raise  # the value was refused, the session is fine
             except _BROKEN:
                 conn.terminate()
                 raise

@@ -104,12 +104,28 @@ class DatabaseUnavailable(ReceiverError):
         return {"Retry-After": str(self.retry_after_seconds)}
 
 
+class InternalError(DatabaseUnavailable):
+    """A fault of the receiver's own. Answered 503 with Retry-After, never 500: the
+    sender retries, and nothing counts towards switching the subscription off."""
+
+    code = "internal_error"
+
+
 class ShuttingDown(DatabaseUnavailable):
     """The process is draining before it stops; retry against another replica."""
 
 
 class SchemaNotReady(DatabaseUnavailable):
     """The database is reachable but its schema is missing or behind: run `receiver migrate`."""
+
+
+class UnstorableValue(ReceiverError):
+    """Postgres refused a value of the delivery (a data or check error). The webhook
+    stores the delivery quarantined instead; the message names the SQLSTATE only."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "unstorable_value"
 
 
 class UsageError(ReceiverError):

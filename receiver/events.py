@@ -1,13 +1,16 @@
-"""Debitura's webhook envelope and the data of the events we act on (DESIGN §2).
+"""Debitura's webhook envelope, and how a verified delivery reads (docs/contract.md).
 
-Parsing never echoes input: validation errors are reported by field location and
-rule only, and a bearer token lives in a `SecretStr` from the moment it is parsed.
+`read` never raises: a delivery whose signature verified is authentic, and refusing
+it would make Debitura retry and then switch the subscription off. Whatever it holds
+comes back as an `Event`, either applicable or quarantined with a machine-readable
+reason and a detail that names a field path and an error kind, never a value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,23 +26,45 @@ from pydantic import (
     ValidationError,
 )
 
-from receiver import errors, redaction
+from receiver import redaction
 
 ONBOARDING_COMPLETED = "client.onboarding_completed"
+TOKEN_REVOKED = "token.revoked"  # noqa: S105 - an event name, not a credential
 # Debitura's default rotation grace period: the replaced token stays valid 24 hours.
 ROTATION_GRACE = timedelta(hours=24)
-TOKEN_REVOKED = "token.revoked"  # noqa: S105 - an event name, not a credential
 
-_TOKEN = re.compile(r"^tok_(live|test)_[A-Za-z0-9]{12,200}$")
+Environment = Literal["live", "test"]
+Outcome = Literal["processed", "duplicate", "ignored", "quarantined"]
+QuarantineReason = Literal[
+    "invalid_json",
+    "not_an_object",
+    "invalid_data",
+    "unstorable_value",
+    "id_conflict",
+    "test_delivery_targets_live",
+    "token_outside_bearer_token",
+]
+QUARANTINE_REASONS: tuple[QuarantineReason, ...] = QuarantineReason.__args__  # type: ignore[attr-defined]
+
+# Debitura's own examples use underscores (`tok_live_new_token_456`): the URL-safe
+# alphabet, as the redaction pattern reads it.
+_TOKEN = re.compile(r"^tok_(live|test)_[A-Za-z0-9_-]{12,200}$")
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
-TokenPrefix = Annotated[str, StringConstraints(pattern=r"^tok_(live|test)_[A-Za-z0-9]{6}$")]
+TokenPrefix = Annotated[
+    str,
+    StringConstraints(pattern=rf"^tok_(live|test)_[A-Za-z0-9_-]{{{redaction.PREFIX_LENGTH - 9}}}$"),
+]
 ShortText = Annotated[str, StringConstraints(max_length=200)]
+# Past this many digits Python refuses to convert an integer (int_max_str_digits).
+_MAX_INT_DIGITS = 4000
+# The redacted copy keeps this much nesting; deeper values are masked whole.
+_MAX_DEPTH = 32
 
 
 def _check_token(value: SecretStr) -> SecretStr:
     if not _TOKEN.match(value.get_secret_value()):
         # The message states the rule; the value is never repeated.
-        raise ValueError("must be tok_live_ or tok_test_ followed by 12-200 letters or digits")
+        raise ValueError("must be tok_live_ or tok_test_ followed by 12-200 of [A-Za-z0-9_-]")
     return value
 
 
@@ -48,7 +73,12 @@ BearerToken = Annotated[SecretStr, AfterValidator(_check_token)]
 
 def _as_utc(value: datetime) -> datetime:
     # Debitura's timestamps are UTC; a naive one is read as UTC rather than rejected.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise ValueError("is out of the supported date range") from None
 
 
 Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
@@ -81,6 +111,11 @@ class OnboardingCompleted(BaseModel):
     # valid. Absent, Debitura's documented default grace period applies.
     old_token_expires_at: Timestamp | None = None
 
+    @property
+    def environment(self) -> Environment:
+        """The token's own environment: `tok_live_…` or `tok_test_…`."""
+        return "live" if self.bearer_token.get_secret_value()[4:8] == "live" else "test"
+
 
 class TokenRevoked(BaseModel):
     """`token.revoked`: one token (by prefix), or every token of the client, is revoked."""
@@ -94,97 +129,284 @@ class TokenRevoked(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Why a delivery cannot be applied: a reason code and a value-free detail."""
+
+    reason: QuarantineReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
-    """A parsed, not yet stored, webhook delivery."""
+    """A verified delivery as read: applicable (`data`, or an ignored type) or
+    quarantined. `document` is the copy operators may read: tokens cut to their
+    prefix, and values Postgres cannot store replaced (None when not JSON)."""
 
     key: str
+    envelope_id: str | None
     type: str
-    envelope: Envelope
-    data: OnboardingCompleted | TokenRevoked | None
-    document: dict[str, Any] = field(repr=False)
+    is_test: bool
+    body_hash: bytes
+    occurred_at: datetime | None = None
+    data: OnboardingCompleted | TokenRevoked | None = None
+    environment: Environment | None = None
+    quarantine: Quarantine | None = None
+    document: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def client_id(self) -> str | None:
         """The client the event is about, when it names one we understand."""
         return self.data.client_id if self.data is not None else None
 
+    @property
+    def public_id(self) -> str:
+        """The id answered to the sender: the envelope id if readable, else the key."""
+        return self.envelope_id or self.key
+
+
+def body_key(body_hash: bytes) -> str:
+    """The idempotency key of a body without a usable id."""
+    return "sha256:" + body_hash.hex()
+
 
 def event_key(envelope_id: str | None, body: bytes) -> str:
     """The idempotency key: the envelope's id, else a hash of the raw body."""
-    if envelope_id:
-        return envelope_id
-    return "sha256:" + hashlib.sha256(body).hexdigest()
+    return envelope_id or body_key(hashlib.sha256(body).digest())
 
 
-def parse(body: bytes) -> Event:
-    """Parse and validate a raw webhook body (already signature-checked)."""
-    document = _load_json(body)
-    if not isinstance(document, dict):
-        raise errors.InvalidRequest("body must be a JSON object")
-    envelope = _validate(Envelope, document, "")
-    data: OnboardingCompleted | TokenRevoked | None = None
+def read(body: bytes, *, is_test: bool) -> Event:
+    """Read a verified body: never raises, whatever it holds.
+
+    Checks, first failure wins: JSON, an object, no token outside `data.bearer_token`,
+    storable values, the schema of known events, and a test delivery that would
+    touch live state.
+    """
+    body_hash = hashlib.sha256(body).digest()
+    fallback = body_key(body_hash)
+
+    def quarantined(
+        reason: QuarantineReason, detail: str, document: dict[str, Any] | None = None, **known: Any
+    ) -> Event:
+        key = known.pop("envelope_id", None)
+        return Event(
+            key=key or fallback,
+            envelope_id=key,
+            type=known.pop("type", "unknown"),
+            is_test=is_test,
+            body_hash=body_hash,
+            quarantine=Quarantine(reason, detail),
+            document=document,
+            **known,
+        )
+
+    loaded = _load_json(body)
+    if isinstance(loaded, Quarantine):
+        return quarantined(loaded.reason, loaded.detail)
+    if not isinstance(loaded, dict):
+        return quarantined("not_an_object", f"body: a JSON {_json_kind(loaded)}, not an object")
+
+    event_name = loaded.get("event")
+    token_path = ("data", "bearer_token") if event_name == ONBOARDING_COMPLETED else None
+    inspection = _Inspection(token_path)
+    document = inspection.copy(loaded)
+    known: dict[str, Any] = {"document": document}
+    # The id and type name the stored row, so they are kept only when plain and clean.
+    raw_id = loaded.get("id")
+    if isinstance(raw_id, str) and _readable_id(raw_id) and ("id",) not in inspection.token_paths:
+        known["envelope_id"] = raw_id
+    if (
+        isinstance(event_name, str)
+        and _readable_id(event_name)
+        and len(event_name) <= 100
+        and ("event",) not in inspection.token_paths
+    ):
+        known["type"] = event_name
+
+    if inspection.token_paths:
+        paths = ", ".join(_path(p) for p in inspection.token_paths[:5])
+        return quarantined("token_outside_bearer_token", f"{paths}: token-shaped value", **known)
+    if inspection.unstorable:
+        path, kind = inspection.unstorable[0]
+        return quarantined("unstorable_value", f"{_path(path)}: {kind}", **known)
+
+    envelope = _validate(Envelope, loaded, ())
+    if isinstance(envelope, Quarantine):
+        return quarantined(envelope.reason, envelope.detail, **known)
+    known["envelope_id"] = envelope.id
+    known["type"] = envelope.event
+    known["occurred_at"] = envelope.timestamp
+    data: OnboardingCompleted | TokenRevoked | Quarantine | None = None
+    environment: Environment | None = None
     if envelope.event == ONBOARDING_COMPLETED:
-        data = _validate(OnboardingCompleted, envelope.data, "data.")
+        data = _validate(OnboardingCompleted, envelope.data, ("data",))
+        if isinstance(data, OnboardingCompleted):
+            environment = data.environment
     elif envelope.event == TOKEN_REVOKED:
-        data = _validate(TokenRevoked, envelope.data, "data.")
+        data = _validate(TokenRevoked, envelope.data, ("data",))
+        if isinstance(data, TokenRevoked):
+            prefix = data.token_prefix
+            environment = ("live" if prefix[4:8] == "live" else "test") if prefix else None
+            environment = environment or ("test" if is_test else "live")
+    if isinstance(data, Quarantine):
+        return quarantined(data.reason, data.detail, **known)
+    if is_test and environment == "live":
+        field_name = "bearer_token" if envelope.event == ONBOARDING_COMPLETED else "token_prefix"
+        return quarantined(
+            "test_delivery_targets_live",
+            f"data.{field_name}: a live token in a test delivery",
+            **known,
+        )
     return Event(
-        key=event_key(envelope.id, body),
-        type=envelope.event,
-        envelope=envelope,
+        key=envelope.id or fallback,
+        is_test=is_test,
+        body_hash=body_hash,
         data=data,
-        document=document,
+        environment=environment,
+        **known,
     )
+
+
+def _readable_id(value: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", value) is not None
+
+
+class _TooLong:
+    """An integer literal too long to convert: kept out of the document, reported."""
+
+    __slots__ = ()
+
+
+def _int(text: str) -> int | _TooLong:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else _TooLong()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _load_json(body: bytes) -> Any:
     try:
         # Strictly UTF-8 (RFC 8259): json.loads(bytes) would also guess UTF-16/32.
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise errors.InvalidRequest("body is not valid UTF-8 JSON") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return Quarantine("invalid_json", "body: not UTF-8")
+    try:
+        return json.loads(text, parse_int=_int, parse_constant=_no_constant)
     except RecursionError:
-        raise errors.InvalidRequest("body is nested too deeply") from None
+        return Quarantine("invalid_json", "body: nested too deeply")
+    except ValueError as exc:  # JSONDecodeError included; its message quotes no input
+        if isinstance(exc, json.JSONDecodeError):
+            return Quarantine("invalid_json", f"body: {exc.msg} at character {exc.pos}")
+        return Quarantine("invalid_json", "body: NaN or Infinity is not JSON")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return "number"
+
+
+Path = tuple[str | int, ...]
+
+
+class _Inspection:
+    """One pass over a parsed document: the copy operators may read, the paths of
+    token-shaped values outside `allowed`, and values Postgres cannot store (NUL,
+    unpaired surrogates, non-finite numbers, over-long integers)."""
+
+    def __init__(self, allowed: Path | None) -> None:
+        self.allowed = allowed
+        self.token_paths: list[Path] = []
+        self.unstorable: list[tuple[Path, str]] = []
+
+    def copy(self, document: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._value(document, ())
+        return result
+
+    def _value(self, value: Any, path: Path) -> Any:
+        if isinstance(value, str):
+            return self._text(value, path)
+        if isinstance(value, _TooLong):
+            self.unstorable.append((path, "integer with more than 4000 digits"))
+            return redaction.MASK
+        if isinstance(value, float) and not math.isfinite(value):
+            self.unstorable.append((path, "number out of range"))
+            return redaction.MASK
+        if len(path) > _MAX_DEPTH:
+            self._scan_deep(value, path)
+            return redaction.MASK
+        if isinstance(value, dict):
+            copied: dict[str, Any] = {}
+            for key, item in value.items():
+                child = (*path, key)
+                safe_key = self._text(key, child)
+                if redaction.is_sensitive_key(key) and child != self.allowed:
+                    copied[safe_key] = _REDACTOR.sensitive(self._value(item, child))
+                else:
+                    copied[safe_key] = self._value(item, child)
+            return copied
+        if isinstance(value, list):
+            return [self._value(item, (*path, i)) for i, item in enumerate(value)]
+        return value
+
+    def _text(self, value: str, path: Path) -> str:
+        if path != self.allowed and redaction.FULL_TOKEN.search(value):
+            self.token_paths.append(path)
+        if "\x00" in value:
+            self.unstorable.append((path, "NUL character"))
+            value = value.replace("\x00", "\ufffd")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.unstorable.append((path, "unpaired surrogate"))
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        return _REDACTOR.text(value)
+
+    def _scan_deep(self, value: Any, path: Path) -> None:
+        # Past the depth the copy keeps, only tokens still matter (the copy masks the
+        # rest); iterative, so a document as deep as the parser allows cannot recurse.
+        stack: list[Any] = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str) and redaction.FULL_TOKEN.search(item):
+                self.token_paths.append(path)
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+
+
+_REDACTOR = redaction.Redactor()
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_]{1,40}$")
+
+
+def _path(path: Path) -> str:
+    """A field path for a detail line: plain names and indexes; any other key (it is
+    input, and could be anything) shows as `?`."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + (part if _SAFE_SEGMENT.match(part) else "?")
+    return out or "body"
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(model: type[M], document: Any, prefix: str) -> M:
+def _validate(model: type[M], document: Any, prefix: Path) -> M | Quarantine:
     try:
         return model.model_validate(document)
     except ValidationError as exc:
-        raise errors.InvalidRequest(_describe(exc, prefix)) from None
-
-
-def _describe(exc: ValidationError, prefix: str) -> str:
-    problems = []
-    for error in exc.errors(include_input=False, include_url=False)[:5]:
-        field = prefix + ".".join(str(part) for part in error["loc"]) or "body"
-        problems.append(f"{field}: {error['msg']}")
-    return "invalid event: " + "; ".join(problems)
-
-
-def redacted_document(event: Event) -> dict[str, Any]:
-    """The event as operators may read it: every token cut to its prefix.
-
-    Postgres `jsonb` cannot hold NUL characters, so they are replaced here; the
-    exact original stays available in the sealed body.
-    """
-    cleaned: dict[str, Any] = _strip_nul(_REDACTOR.value(event.document))
-    return cleaned
-
-
-_REDACTOR = redaction.Redactor()
-
-
-def _strip_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    return value
-
-
-Outcome = Literal["processed", "duplicate", "ignored"]
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False, include_context=False)[:5]:
+            problems.append(f"{_path((*prefix, *error['loc']))}: {error['type']}")
+        return Quarantine("invalid_data", "; ".join(problems))

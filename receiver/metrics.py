@@ -31,6 +31,11 @@ if TYPE_CHECKING:  # db reports its faults here: a runtime import would be circu
 EVENTS = Counter(
     "receiver_events_total", "Webhook events answered 200, by type and outcome", ["type", "outcome"]
 )
+QUARANTINED = Counter(
+    "receiver_events_quarantined_total",
+    "Authentic deliveries stored quarantined (answered 200), by reason",
+    ["reason"],
+)
 SIGNATURE_FAILURES = Counter(
     "receiver_signature_failures_total", "Deliveries refused with 401, by reason", ["reason"]
 )
@@ -45,9 +50,12 @@ REQUEST_SECONDS = Histogram(
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+INTERNAL_ERRORS = Counter(
+    "receiver_internal_errors_total", "Requests that failed on a fault of the receiver's own"
+)
 DATABASE_ERRORS = Counter(
     "receiver_database_errors_total",
-    "Database faults, by kind (unavailable, refused, schema_missing, retried)",
+    "Database faults, by kind (unavailable, refused, schema_missing, retried, unstorable)",
     ["kind"],
 )
 COMMIT_GROUP_SIZE = Histogram(
@@ -101,6 +109,11 @@ async def render(database: db.Database) -> bytes:
     counts.update({row["status"]: row["n"] for row in await database.fetch("open_signal_counts")})
     for status, n in counts.items():
         signals.add_metric([status], n)
+    quarantined = GaugeMetricFamily(
+        "receiver_events_quarantined_open",
+        "Quarantined deliveries not yet reprocessed, read at scrape time (alert when > 0)",
+        value=await database.fetchval("open_quarantine_count"),
+    )
     if time.monotonic() - _sealed_refreshed > SEALED_REFRESH_SECONDS:
         rows = await database.fetch("sealed_key_counts")
         _sealed_rows = [(row["kind"], row["key_id"], row["n"]) for row in rows]
@@ -114,7 +127,7 @@ async def render(database: db.Database) -> bytes:
     for kind, key_id, n in _sealed_rows:
         sealed.add_metric([kind, key_id], n)
     from_database = CollectorRegistry(auto_describe=False)
-    from_database.register(_Snapshot([signals, sealed]))
+    from_database.register(_Snapshot([signals, quarantined, sealed]))
     return generate_latest(_process_registry()) + generate_latest(from_database)
 
 

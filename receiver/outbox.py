@@ -51,6 +51,7 @@ class Signal:
 
     id: str
     client_id: str
+    environment: str | None  # None: queued before signals carried it
     token_prefix: str | None
     reason: str
     event_id: str
@@ -63,6 +64,7 @@ class Signal:
             {
                 "signal_id": self.id,
                 "client_id": self.client_id,
+                "environment": self.environment,
                 "token_prefix": self.token_prefix,
                 "reason": self.reason,
                 "event_id": self.event_id,
@@ -163,6 +165,7 @@ class Dispatcher:
             Signal(
                 id=r["id"],
                 client_id=r["client_id"],
+                environment=r["environment"],
                 token_prefix=r["token_prefix"],
                 reason=r["reason"],
                 event_id=r["event_key"],

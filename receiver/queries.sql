@@ -1,20 +1,13 @@
 -- Named queries, loaded once by receiver.db. Placeholders are asyncpg's $1…$n.
 
 -- name: record_events
--- A group of events in one statement and one transaction; rows come back in order.
-SELECT receiver.record_event(kind, key, type, is_test, occurred_at, body_sealed,
-                             body_redacted, client_id, token_id, environment, prefix,
-                             token_index, token_sealed, completed_at, old_expires_at,
-                             grace, revoked_at, reason, $19, $20) AS outcome
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::timestamptz[],
-              $6::bytea[], $7::jsonb[], $8::text[], $9::uuid[], $10::text[], $11::text[],
-              $12::bytea[], $13::bytea[], $14::timestamptz[], $15::timestamptz[],
-              $16::interval[], $17::timestamptz[], $18::text[])
-       WITH ORDINALITY AS t(kind, key, type, is_test, occurred_at, body_sealed,
-                            body_redacted, client_id, token_id, environment, prefix,
-                            token_index, token_sealed, completed_at, old_expires_at,
-                            grace, revoked_at, reason, ord)
- ORDER BY ord;
+-- A group of deliveries (one receiver.event_row[]) in one statement and one
+-- transaction; outcomes come back in order.
+SELECT outcome FROM receiver.record_events_v2($1::receiver.event_row[], $2, $3);
+
+-- name: reprocess_event
+-- One quarantined delivery ($1: its stored key) re-applied as it reads now ($2).
+SELECT receiver.reprocess_event_v2($1, $2::receiver.event_row, $3, $4);
 
 -- name: ping
 SELECT 1;
@@ -39,6 +32,10 @@ CREATE TABLE IF NOT EXISTS receiver.schema_migrations (
 -- name: migration_record
 INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, $2);
 
+-- name: migration_forget
+-- Squashed migrations give way to the baseline that replaces them.
+DELETE FROM receiver.schema_migrations WHERE name = ANY($1::text[]);
+
 -- name: migration_checksums
 SELECT name, checksum FROM receiver.schema_migrations;
 
@@ -54,17 +51,17 @@ SELECT client_id, prefix, environment, status, onboarding_completed_at, stored_a
  LIMIT $4;
 
 -- name: token_to_open
--- The client's active token, or the one with the given prefix.
+-- The client's active token in environment $3, or the one with prefix $2.
 SELECT t.id::text AS id, t.client_id, t.prefix, i.status, t.token_sealed
   FROM receiver.tokens t
   JOIN receiver.token_inventory i USING (id)
  WHERE t.client_id = $1
-   AND (($2::text IS NULL AND t.status = 'active') OR t.prefix = $2)
+   AND (($2::text IS NULL AND t.status = 'active' AND t.environment = $3) OR t.prefix = $2)
  ORDER BY t.onboarding_completed_at DESC
  LIMIT 1;
 
 -- name: rotation_tokens
-SELECT id::text AS key, token_sealed AS sealed
+SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed
   FROM receiver.tokens
  WHERE id > $1::uuid AND receiver.sealed_key_id(token_sealed) <> $2
  ORDER BY id
@@ -72,7 +69,7 @@ SELECT id::text AS key, token_sealed AS sealed
    FOR UPDATE SKIP LOCKED;
 
 -- name: rotation_events
-SELECT key, body_sealed AS sealed
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed
   FROM receiver.events
  WHERE key > $1 AND receiver.sealed_key_id(body_sealed) <> $2
  ORDER BY key
@@ -104,8 +101,8 @@ UPDATE receiver.signals s
                  ORDER BY next_attempt_at
                  LIMIT $3
                    FOR UPDATE SKIP LOCKED)
-RETURNING s.id::text AS id, s.client_id, s.token_prefix, s.reason, s.event_key,
-          s.created_at, s.attempts;
+RETURNING s.id::text AS id, s.client_id, s.environment, s.token_prefix, s.reason,
+          s.event_key, s.created_at, s.attempts;
 
 -- name: mark_signals_delivered
 -- One statement per batch. Fenced on the lease: a worker whose lease expired cannot
@@ -143,7 +140,7 @@ RETURNING id::text AS id;
 SELECT status, count(*) AS n FROM receiver.signals GROUP BY status ORDER BY status;
 
 -- name: list_signals
-SELECT id::text AS id, client_id, token_prefix, reason, event_key, status, attempts,
+SELECT id::text AS id, client_id, environment, token_prefix, reason, event_key, status, attempts,
        created_at, next_attempt_at, delivered_at, last_error
   FROM receiver.signals
  WHERE ($1::text IS NULL OR status = $1)
@@ -157,10 +154,14 @@ UPDATE receiver.signals
 RETURNING id::text AS id;
 
 -- name: active_token
-SELECT id::text AS id, token_sealed FROM receiver.tokens WHERE client_id = $1 AND status = 'active';
+-- The client's active token in one environment (the cache's read).
+SELECT id::text AS id, token_sealed
+  FROM receiver.tokens
+ WHERE client_id = $1 AND environment = $2 AND status = 'active';
 
 -- name: stored_events
-SELECT key, type, status, received_at, body_sealed
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, type, status,
+       received_at, body_sealed
   FROM receiver.events
  WHERE ($1::text[] IS NULL OR key = ANY($1))
    AND ($2::timestamptz IS NULL OR received_at >= $2)
@@ -176,3 +177,42 @@ SELECT status, count(*) AS n
   FROM receiver.signals
  WHERE status IN ('pending', 'in_flight', 'dead')
  GROUP BY status;
+
+-- name: open_quarantine_count
+-- Quarantined deliveries waiting for an operator (partial index events_quarantined).
+SELECT count(*) FROM receiver.events WHERE status = 'quarantined';
+
+-- name: list_events
+-- Stored deliveries, newest first, by status / quarantine reason / type; no bodies.
+SELECT key, envelope_id, type, status, quarantine_reason AS reason, is_test AS test,
+       client_id, received_at, reprocessed_at, quarantine_detail AS detail
+  FROM receiver.events
+ WHERE ($1::text IS NULL OR status = $1)
+   AND ($2::text IS NULL OR quarantine_reason = $2)
+   AND ($3::text IS NULL OR type = $3)
+ ORDER BY received_at DESC, key
+ LIMIT $4;
+
+-- name: show_event
+-- One delivery by key, or every delivery of an envelope id (an id conflict keeps both).
+SELECT key, envelope_id, type, status, quarantine_reason AS reason,
+       quarantine_detail AS detail, is_test AS test, client_id, received_at,
+       reprocessed_at, body_redacted, body_sealed,
+       COALESCE(receiver.body_key(body_hash), key) AS sealed_for
+  FROM receiver.events
+ WHERE key = $1 OR envelope_id = $1
+ ORDER BY received_at, key;
+
+-- name: event_to_reprocess
+-- What reprocessing a stored delivery needs: its sealed bytes and how it arrived.
+SELECT key, status, is_test, test_header, signature, body_sealed,
+       COALESCE(receiver.body_key(body_hash), key) AS sealed_for
+  FROM receiver.events
+ WHERE key = $1;
+
+-- name: quarantined_keys
+-- Deliveries still quarantined, oldest first (`events reprocess --quarantined`).
+SELECT key FROM receiver.events
+ WHERE status = 'quarantined' AND ($1::text IS NULL OR quarantine_reason = $1)
+ ORDER BY received_at, key
+ LIMIT $2;

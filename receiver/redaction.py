@@ -15,8 +15,12 @@ from typing import Any
 MASK = "[REDACTED]"
 PREFIX_LENGTH = 15  # "tok_live_" + 6, as in token.revoked payloads
 
-# A token as Debitura formats it, anywhere in free text.
-TOKEN_PATTERN = re.compile(r"tok_(?:live|test)_[A-Za-z0-9]+")
+# A token as Debitura formats it, anywhere in free text: its examples use the whole
+# URL-safe alphabet (`tok_live_new_token_456`), so the mask covers all of it.
+TOKEN_PATTERN = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_-]+")
+# Long enough to be a whole token (12+ characters after the environment) rather than
+# the public 15-character prefix that `token.revoked` carries.
+FULL_TOKEN = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_-]{12,}")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
 _SENSITIVE_WORDS = frozenset(
@@ -82,7 +86,7 @@ class Redactor:
             return MASK
         if isinstance(value, dict):
             return {
-                k: (self._sensitive(v) if is_sensitive_key(k) else self.value(v, depth + 1))
+                k: (self.sensitive(v) if is_sensitive_key(k) else self.value(v, depth + 1))
                 for k, v in value.items()
             }
         if isinstance(value, list | tuple):
@@ -91,7 +95,9 @@ class Redactor:
             return f"<{len(value)} bytes>"
         return value
 
-    def _sensitive(self, value: Any) -> Any:
+    def sensitive(self, value: Any) -> Any:
+        """A value held under a secret-sounding key: masked whole, except a lone token,
+        which keeps its public prefix."""
         if value is None:
             return None
         # A lone token keeps its public prefix, which operators need to match revocations.

@@ -174,7 +174,7 @@ async def stored_events(
     rows = await database.fetch("stored_events", event_ids, since, until, event_type, status, limit)
     found = []
     for row in rows:
-        body = keyring.open(row["body_sealed"], vault.event_associated_data(row["key"]))
+        body = keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
         document = json.loads(body)
         meta = {
             "event_id": row["key"],

@@ -20,7 +20,7 @@ from receiver import db, vault
 
 log = structlog.get_logger(__name__)
 
-# kind -> (claim query, store query, associated data for a row key, first key)
+# kind -> (claim query, store query, associated data for a row, first key)
 _KINDS: dict[str, tuple[str, str, Callable[[str], bytes], str]] = {
     "tokens": (
         "rotation_tokens",
@@ -98,7 +98,7 @@ async def _pass(
             for row in rows:
                 if vault.key_id_of(row["sealed"]) not in keyring.key_ids:
                     continue  # reported from the final counts
-                ad = associated_data(row["key"])
+                ad = associated_data(row["sealed_for"])
                 resealed = keyring.seal(keyring.open(row["sealed"], ad), ad)
                 updates.append((row["key"], row["sealed"], resealed))
             if updates:

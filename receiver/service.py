@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from receiver import admin, app, config, db, errors, log, migrations, outbox
+from receiver import admin, app, config, db, errors, log, migrations, outbox, server
 
 logger = structlog.get_logger(__name__)
 
@@ -63,22 +63,33 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: bool) -> None:
-    def banner(_: str) -> None:
-        logger.info("listening", url=f"http://{host}:{port}", pid=os.getpid())
+    asyncio.run(_serve_until_stopped(settings, host, port, reuse_port=reuse_port))
 
-    web.run_app(
+
+async def _serve_until_stopped(
+    settings: config.Settings, host: str, port: int, *, reuse_port: bool
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (aiohttp's graceful shutdown)."""
+    runner = server.Runner(
         app.create_app(settings),
-        host=host,
-        port=port,
-        reuse_port=reuse_port,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
         # aiohttp starts this timer when a connection opens and again after each answer,
         # and closes the connection if no complete request has arrived when it fires:
         # it bounds idle keep-alive connections and headers trickled byte by byte alike.
         keepalive_timeout=settings.keepalive_seconds,
         access_log=None,  # the canonical request line replaces it, without the query string
-        print=banner,
     )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        logger.info("listening", url=f"http://{host}:{port}", pid=os.getpid())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:

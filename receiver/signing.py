@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from receiver import errors
 
@@ -22,6 +22,9 @@ SIGNATURE_HEADER = "X-Debitura-Signature"
 FUTURE_TOLERANCE_SECONDS = 30
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_HEADER_LENGTH = 4096
+# Unix seconds fit in 11 digits until the year 5138; a longer t= is not a time (and
+# a 320-digit one would overflow the float arithmetic below).
+_MAX_TIMESTAMP_DIGITS = 12
 
 
 def compute(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -52,7 +55,12 @@ def parse(header: str) -> tuple[int, list[str]]:
                 "signature header is malformed: expected t=<unix>,v1=<hex>"
             )
         if key == "t":
-            if timestamp is not None or not value.isascii() or not value.isdigit():
+            if (
+                timestamp is not None
+                or not value.isascii()
+                or not value.isdigit()
+                or len(value) > _MAX_TIMESTAMP_DIGITS
+            ):
                 raise errors.InvalidSignature("signature header has a malformed t= timestamp")
             timestamp = int(value)
         elif key == "v1" and _HEX64.match(value):
@@ -77,6 +85,18 @@ def verify(
     comparison runs in constant time and all of them run, so timing says nothing
     about which secret or signature was close.
     """
+    return authenticate(header, body, {"": secrets}, tolerance, now)[0]
+
+
+def authenticate(
+    header: str | None,
+    body: bytes,
+    secret_sets: Mapping[str, Sequence[bytes]],
+    tolerance: int,
+    now: float | None = None,
+) -> tuple[int, str]:
+    """Like `verify`, against several named sets of secrets (live, test); return the
+    timestamp and the name of the first set with a matching secret."""
     if not header:
         raise errors.InvalidSignature(f"missing {SIGNATURE_HEADER} header", reason="missing")
     timestamp, signatures = parse(header)
@@ -85,9 +105,14 @@ def verify(
         raise errors.InvalidSignature("signature timestamp is too old", reason="stale")
     if timestamp - current > FUTURE_TOLERANCE_SECONDS:
         raise errors.InvalidSignature("signature timestamp is in the future", reason="future")
-    if not _any_match(signatures, (compute(s, timestamp, body) for s in secrets)):
+    matched = [
+        name
+        for name, secrets in secret_sets.items()
+        if _any_match(signatures, (compute(s, timestamp, body) for s in secrets))
+    ]
+    if not matched:
         raise errors.InvalidSignature("signature does not match", reason="mismatch")
-    return timestamp
+    return timestamp, matched[0]
 
 
 def _any_match(given: Sequence[str], expected: Iterable[str]) -> bool:

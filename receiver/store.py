@@ -1,10 +1,11 @@
 """Recording verified events: seal what is secret, then one round trip to Postgres.
 
-Everything an event changes (the event row, the token, the revocation record, the
+Everything a delivery changes (the event row, the token, the revocation record, the
 outbox signal and its NOTIFY) commits in one transaction inside one SQL function,
 so a 200 always follows a durable commit of all of it, and a duplicate of any kind
-changes nothing. Several events can share that transaction (`record_rows`, used by
-the group committer); each still gets its own outcome.
+changes nothing. Several deliveries share that transaction (`record_rows`, used by
+the group committer); each still gets its own outcome. A delivery that cannot be
+applied is stored all the same, quarantined.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from receiver import config, db, events, redaction, vault
 
@@ -39,18 +40,23 @@ class Sealer:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One event as its SQL function takes it: sealed bytes and the blind index only."""
+    """One delivery as SQL takes it (`receiver.event_row`, field for field and in its
+    order: tests compare the two). Sealed bytes and the blind index only, never a token."""
 
-    kind: str  # onboarding | revocation | ignored
+    kind: str  # onboarding | revocation | ignored | quarantined
     key: str
+    envelope_id: str | None
     type: str
     is_test: bool
+    test_header: bool | None
+    signature: str | None
     occurred_at: datetime | None
+    body_hash: bytes
     body_sealed: bytes
-    body_redacted: str
+    body_redacted: str | None
     client_id: str | None = None
-    token_id: str | None = None
     environment: str | None = None
+    token_id: uuid.UUID | None = None
     prefix: str | None = None
     token_index: bytes | None = None
     token_sealed: bytes | None = None
@@ -59,33 +65,67 @@ class Row:
     grace: timedelta | None = None
     revoked_at: datetime | None = None
     reason: str | None = None
+    quarantine_reason: str | None = None
+    quarantine_detail: str | None = None
 
     def __repr__(self) -> str:
         return f"Row({self.kind!r}, key={self.key!r}, client_id={self.client_id!r})"
 
+    def as_record(self) -> tuple[Any, ...]:
+        """The row as the composite's positional fields."""
+        return tuple(getattr(self, name) for name in self.__slots__)
 
-def prepare(sealer: Sealer, event: events.Event, body: bytes, *, is_test: bool) -> Row:
-    """Seal the event's body (and token) and lay it out for SQL."""
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A verified delivery: its raw bytes and what its headers and secret said."""
+
+    body: bytes
+    is_test: bool  # verified by a test secret, or X-Debitura-Test: true
+    test_header: bool
+    signature: str | None
+
+    def __repr__(self) -> str:
+        return f"Delivery({len(self.body)} bytes, is_test={self.is_test})"
+
+
+def prepare(sealer: Sealer, event: events.Event, delivery: Delivery) -> Row:
+    """Seal the delivery's body (and token) and lay it out for SQL."""
     common: dict[str, Any] = {
         "key": event.key,
+        "envelope_id": event.envelope_id,
         "type": event.type,
-        "is_test": is_test,
-        "occurred_at": event.envelope.timestamp,
-        "body_sealed": sealer.keyring.seal(body, vault.event_associated_data(event.key)),
-        "body_redacted": json.dumps(events.redacted_document(event)),
+        "is_test": event.is_test,
+        "test_header": delivery.test_header,
+        "signature": delivery.signature,
+        "occurred_at": event.occurred_at,
+        "body_hash": event.body_hash,
+        "body_sealed": sealer.keyring.seal(
+            delivery.body, vault.event_associated_data(events.body_key(event.body_hash))
+        ),
+        "body_redacted": None if event.document is None else json.dumps(event.document),
+        "environment": event.environment,
     }
+    if event.quarantine is not None:
+        return Row(
+            kind="quarantined",
+            quarantine_reason=event.quarantine.reason,
+            quarantine_detail=event.quarantine.detail,
+            **common,
+        )
     data = event.data
     if isinstance(data, events.OnboardingCompleted):
         token = data.bearer_token.get_secret_value()
-        row_id = str(uuid.uuid4())
+        row_id = uuid.uuid4()
         return Row(
             kind="onboarding",
             client_id=data.client_id,
             token_id=row_id,
-            environment=token[4:8],  # "live" | "test", validated by the token pattern
             prefix=redaction.token_prefix(token),
             token_index=vault.blind_index(sealer.index_key, token),
-            token_sealed=sealer.keyring.seal(token.encode(), vault.token_associated_data(row_id)),
+            token_sealed=sealer.keyring.seal(
+                token.encode(), vault.token_associated_data(str(row_id))
+            ),
             completed_at=data.onboarding_completed_at,
             old_expires_at=data.old_token_expires_at,
             grace=events.ROTATION_GRACE,
@@ -96,36 +136,41 @@ def prepare(sealer: Sealer, event: events.Event, body: bytes, *, is_test: bool) 
             kind="revocation",
             client_id=data.client_id,
             prefix=data.token_prefix,
-            revoked_at=data.revoked_at or event.envelope.timestamp or datetime.now(UTC),
+            revoked_at=data.revoked_at or event.occurred_at or datetime.now(UTC),
             reason=data.reason,
             **common,
         )
     return Row(kind="ignored", **common)
 
 
-_COLUMNS = Row.__slots__
+Recorded = tuple[events.Outcome, events.QuarantineReason | None]
+
+
+def _recorded(outcome: str, row: Row) -> Recorded:
+    if outcome == "id_conflict":
+        return "quarantined", "id_conflict"
+    if outcome == "quarantined":
+        return "quarantined", cast(events.QuarantineReason, row.quarantine_reason)
+    return cast(events.Outcome, outcome), None
 
 
 async def record_rows(
     database: db.Database, rows: list[Row], *, channel: str, http_delivery: bool
-) -> list[events.Outcome]:
-    """Record several events in one statement and one transaction; outcomes in order."""
-    columns = [[getattr(row, name) for row in rows] for name in _COLUMNS]
-    records = await database.fetch("record_events", *columns, channel, http_delivery)
-    return [r["outcome"] for r in records]
+) -> list[Recorded]:
+    """Record several deliveries in one statement and one transaction; each one's
+    outcome (and quarantine reason), in order."""
+    records = await database.fetch(
+        "record_events", [row.as_record() for row in rows], channel, http_delivery
+    )
+    return [_recorded(r["outcome"], row) for r, row in zip(records, rows, strict=True)]
 
 
-async def record(
-    database: db.Database,
-    sealer: Sealer,
-    event: events.Event,
-    body: bytes,
-    *,
-    is_test: bool,
-    channel: str,
-    http_delivery: bool,
-) -> events.Outcome:
-    """Store one verified event and apply its effect; return what happened."""
-    row = prepare(sealer, event, body, is_test=is_test)
-    outcomes = await record_rows(database, [row], channel=channel, http_delivery=http_delivery)
-    return outcomes[0]
+async def reprocess(
+    database: db.Database, stored_key: str, row: Row, *, channel: str, http_delivery: bool
+) -> str:
+    """Re-apply the quarantined row `stored_key` as `row` now reads; the outcome, or
+    `not_quarantined` when it no longer is."""
+    outcome: str = await database.fetchval(
+        "reprocess_event", stored_key, row.as_record(), channel, http_delivery
+    )
+    return outcome

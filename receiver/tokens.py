@@ -50,13 +50,18 @@ def open_token(sealer: store.Sealer, row_id: str, sealed: bytes) -> str:
 
 
 async def reveal(
-    database: db.Database, sealer: store.Sealer, client_id: str, prefix: str | None = None
+    database: db.Database,
+    sealer: store.Sealer,
+    client_id: str,
+    prefix: str | None = None,
+    environment: str = "live",
 ) -> tuple[dict[str, Any], str]:
-    """The client's active token (or the one with `prefix`) in plain text, audited.
+    """The client's active token in `environment` (or the one with `prefix`) in plain
+    text, audited.
 
     The audit line names who asked and which token, never the token itself.
     """
-    rows = await database.fetch("token_to_open", client_id, prefix)
+    rows = await database.fetch("token_to_open", client_id, prefix, environment)
     if not rows:
         raise errors.ReceiverError(
             f"no {'token with that prefix' if prefix else 'active token'} for client {client_id!r}"

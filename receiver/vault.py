@@ -5,7 +5,8 @@ A sealed value is self-describing:
     version (1 byte, 0x01) | key id length (1 byte) | key id (ASCII)
     | nonce (12 bytes) | ciphertext+tag
 
-The associated data binds it to its row and purpose (`token|<row id>`), so a
+The associated data binds it to its row and purpose (`token|<row id>`,
+`event|sha256:<body hash>`), so a
 ciphertext copied into another row, or into another column, fails to open.
 """
 
@@ -95,6 +96,8 @@ def token_associated_data(row_id: str) -> bytes:
     return f"token|{row_id}".encode()
 
 
-def event_associated_data(event_key: str) -> bytes:
-    """Associated data for an event's stored raw body."""
-    return f"event|{event_key}".encode()
+def event_associated_data(sealed_for: str) -> bytes:
+    """Associated data for an event's stored raw body. `sealed_for` is the body's own
+    key (`sha256:<hex>` of the bytes) for rows that store a body hash, else the row's
+    key (rows stored before body hashes): a body opens only as the body it is."""
+    return f"event|{sealed_for}".encode()

@@ -1,15 +1,19 @@
-"""`POST /webhooks/debitura`: verify, parse, record, answer (DESIGN §2).
+"""`POST /webhooks/debitura`: verify, read, record, answer (docs/contract.md).
 
 Checks run cheapest first and before any parsing: size, content type, then the
-HMAC over the raw bytes. Only a verified body is parsed.
+HMAC over the raw bytes. Everything before the signature may refuse (401/413/415);
+nothing after it does. A verified delivery is authentic: it is stored and answered
+200, quarantined when it cannot be applied, and only an unavailable database makes
+it a 503 (Debitura retries those; it switches a subscription off after 8 failures).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import structlog
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from receiver import errors, events, metrics, signing, state, store
 
@@ -33,6 +37,11 @@ async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
         raise errors.BodyTooLarge(f"body is larger than {limit} bytes") from None
     except TimeoutError:
         raise errors.RequestTimeout("body was not received in time") from None
+    except http_exceptions.HttpProcessingError:
+        # A Content-Encoding the body does not match (gzip that is not gzip, …).
+        raise errors.InvalidRequest(
+            "body could not be decoded as its Content-Encoding says"
+        ) from None
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -44,26 +53,59 @@ async def receive(request: web.Request) -> web.Response:
     if not _is_json(request.content_type):
         raise errors.UnsupportedMediaType("content type must be application/json")
     body = await _read_body(request, limit, settings.body_timeout_seconds)
-    signing.verify(
-        request.headers.get(signing.SIGNATURE_HEADER),
+    signature = request.headers.get(signing.SIGNATURE_HEADER)
+    _, signed_by = signing.authenticate(
+        signature,
         body,
-        [s.get_secret_value() for s in settings.webhook_secrets],
+        {
+            "live": [s.get_secret_value() for s in settings.webhook_secrets],
+            "test": [s.get_secret_value() for s in settings.test_webhook_secrets],
+        },
         settings.signature_tolerance,
     )
-    event = events.parse(body)
+    # From here on the delivery is authentic: nothing below refuses it.
+    test_header = request.headers.get(TEST_HEADER, "").strip().lower() == "true"
+    delivery = store.Delivery(
+        body=body,
+        is_test=test_header or signed_by == "test",
+        test_header=test_header,
+        signature=signature,
+    )
+    event = events.read(body, is_test=delivery.is_test)
     structlog.contextvars.bind_contextvars(
-        event_id=event.key, event_type=event.type, client_id=event.client_id
+        event_id=event.public_id,
+        event_type=event.type,
+        client_id=event.client_id,
+        test=delivery.is_test,
     )
-    row = store.prepare(
-        request.app[state.SEALER],
-        event,
-        body,
-        is_test=request.headers.get(TEST_HEADER, "").lower() == "true",
-    )
-    outcome = await request.app[state.COMMITTER].record(row)
+    sealer = request.app[state.SEALER]
+    committer = request.app[state.COMMITTER]
+    try:
+        outcome, reason = await committer.record(store.prepare(sealer, event, delivery))
+    except errors.UnstorableValue as exc:
+        # A value our own checks let through and Postgres refused: keep the delivery
+        # all the same, as the bytes it came as, quarantined.
+        fallback = events.Event(
+            key=event.key,
+            envelope_id=event.envelope_id,
+            type=event.type,
+            is_test=event.is_test,
+            body_hash=hashlib.sha256(body).digest(),
+            quarantine=events.Quarantine("unstorable_value", exc.message),
+        )
+        outcome, reason = await committer.record(store.prepare(sealer, fallback, delivery))
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
         dispatcher.wake()  # a signal may have been queued: deliver it now, not at the poll
     structlog.contextvars.bind_contextvars(outcome=outcome)
     metrics.EVENTS.labels(type=metrics.event_type(event.type), outcome=outcome).inc()
-    return web.json_response({"status": outcome, "event_id": event.key})
+    if reason is None:
+        return web.json_response({"status": outcome, "event_id": event.public_id})
+    metrics.QUARANTINED.labels(reason=reason).inc()
+    detail = "id already used by a delivery with other content"
+    if event.quarantine is not None and reason == event.quarantine.reason:
+        detail = event.quarantine.detail
+    log.warning("event_quarantined", reason=reason, detail=detail)
+    return web.json_response(
+        {"status": "quarantined", "event_id": event.public_id, "reason": reason}
+    )

@@ -44,8 +44,8 @@ async def every_value_opens(conn: asyncpg.Connection, keyring: vault.Keyring) ->
     for row in await conn.fetch("SELECT id::text AS id, token_sealed FROM receiver.tokens"):
         keyring.open(row["token_sealed"], vault.token_associated_data(row["id"]))
         opened += 1
-    for row in await conn.fetch("SELECT key, body_sealed FROM receiver.events"):
-        keyring.open(row["body_sealed"], vault.event_associated_data(row["key"]))
+    for row in await conn.fetch("SELECT body_hash, body_sealed FROM receiver.events"):
+        keyring.open(row["body_sealed"], vault.event_associated_data("sha256:" + row["body_hash"].hex()))
         opened += 1
     return opened
 

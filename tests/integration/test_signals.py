@@ -36,14 +36,10 @@ async def seed(
     sealer = store.Sealer.from_settings(settings)
     for _ in range(count):
         body = helpers.encode(helpers.revocation(f"cli_{os.urandom(4).hex()}", None))
-        await store.record(
-            database,
-            sealer,
-            events.parse(body),
-            body,
-            is_test=False,
-            channel=settings.notify_channel,
-            http_delivery=http,
+        delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
+        row = store.prepare(sealer, events.read(body, is_test=False), delivery)
+        await store.record_rows(
+            database, [row], channel=settings.notify_channel, http_delivery=http
         )
     rows = await database.fetch("list_signals", None, 100_000)
     return [r["id"] for r in rows]

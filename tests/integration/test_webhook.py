@@ -54,7 +54,8 @@ async def test_stored_event_keeps_the_exact_body_sealed(
     body = helpers.encode(helpers.onboarding(token=token))
     assert (await post(body)).status == 200
     row = await conn.fetchrow("SELECT * FROM receiver.events")
-    assert sealer.keyring.open(row["body_sealed"], vault.event_associated_data(row["key"])) == body
+    sealed_for = "sha256:" + hashlib.sha256(body).hexdigest()
+    assert sealer.keyring.open(row["body_sealed"], vault.event_associated_data(sealed_for)) == body
     redacted = json.loads(row["body_redacted"])
     assert token not in json.dumps(redacted)
     assert redacted["data"]["bearer_token"].startswith(token[:15])
@@ -176,22 +177,6 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, str], int, str]] = [
         401,
         "authentication_error",
     ),
-    ("not JSON", b"{not json", {}, 400, "invalid_request_error"),
-    ("JSON array", b"[1,2,3]", {}, 400, "invalid_request_error"),
-    (
-        "missing fields",
-        {"event": "client.onboarding_completed", "data": {}},
-        {},
-        400,
-        "invalid_request_error",
-    ),
-    (
-        "malformed token",
-        helpers.onboarding(token="tok_live_bad-token-here"),
-        {},
-        400,
-        "invalid_request_error",
-    ),
     (
         "wrong content type",
         helpers.onboarding(),
@@ -216,7 +201,9 @@ async def test_bad_input_gets_its_status_and_stores_nothing(
     status: int,
     error_type: str,
 ) -> None:
-    """Each bad delivery gets its documented status, a JSON error body, and no row."""
+    """Each refused delivery (unauthenticated, or not JSON by its content type) gets its
+    documented status, a JSON error body, and no row. Authentic deliveries are never
+    refused: see test_quarantine.py."""
     response = await post(document, **headers)
     assert response.status == status, case
     body = await response.json()
@@ -245,15 +232,6 @@ async def test_stale_and_future_signatures_are_401(post: Post, webhook_secret: s
         },
     )
     assert (stale.status, future.status) == (401, 401)
-
-
-async def test_malformed_token_is_not_echoed(post: Post) -> None:
-    """A 400 about a token never repeats the token."""
-    bad = "tok_live_" + "x" * 20 + "!!"
-    response = await post(helpers.onboarding(token=bad))
-    text = await response.text()
-    assert response.status == 400
-    assert "x" * 20 not in text
 
 
 async def test_body_over_the_limit_is_413(

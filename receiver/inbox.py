@@ -1,0 +1,156 @@
+"""The stored deliveries as operators meet them: list, show (redacted), and reprocess
+the quarantined ones under the current code and configuration.
+
+Reprocessing reads the sealed original bytes again, exactly as the webhook would
+now: the test/live verdict is re-derived from the stored signature header and the
+secrets configured now (a secret moved out of `RECEIVER_TEST_WEBHOOK_SECRETS` is a
+config fix that changes it), falling back to what was decided at arrival when no
+configured secret verifies it any more.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from receiver import config, db, errors, events, redaction, signing, store, vault
+
+log = structlog.get_logger(__name__)
+
+STATUSES = ("processed", "ignored", "quarantined")
+LIST_COLUMNS = ("key", "type", "status", "reason", "test", "received_at", "detail")
+_REDACTOR = redaction.Redactor()
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+async def listing(
+    database: db.Database,
+    *,
+    status: str | None = None,
+    reason: str | None = None,
+    event_type: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Stored deliveries, newest first: metadata only, never a body."""
+    rows = await database.fetch("list_events", status, reason, event_type, limit)
+    return [{k: _plain(v) for k, v in row.items()} for row in rows]
+
+
+async def show(
+    database: db.Database, keyring: vault.Keyring, event_id: str
+) -> list[dict[str, Any]]:
+    """Every stored delivery under `event_id` (its key, or its envelope id: an id
+    conflict keeps both), each with its body redacted: tokens cut to their prefix.
+
+    A body that is not JSON has no stored copy to show; it is opened in memory and
+    shown as text, masked the same way."""
+    rows = await database.fetch("show_event", event_id)
+    shown = []
+    for row in rows:
+        entry = {k: _plain(v) for k, v in row.items() if k not in {"body_sealed", "sealed_for"}}
+        if row["body_redacted"] is not None:
+            entry["body"] = json.loads(row["body_redacted"])
+        else:
+            raw = keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
+            text = raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
+            entry["body_text"] = _REDACTOR.text(text)
+        del entry["body_redacted"]
+        shown.append(entry)
+    return shown
+
+
+@dataclass(frozen=True, slots=True)
+class Reprocessed:
+    """What reprocessing one stored delivery did."""
+
+    key: str
+    outcome: str  # processed | ignored | duplicate | quarantined | not_quarantined | not_found
+    reason: str | None = None
+    detail: str | None = None
+
+
+async def reprocess(
+    database: db.Database, settings: config.Settings, keys: list[str]
+) -> list[Reprocessed]:
+    """Re-apply each quarantined delivery in `keys`; one outcome per key, in order.
+
+    Idempotent: a delivery that left quarantine reports `not_quarantined` next time.
+    """
+    sealer = store.Sealer.from_settings(settings)
+    results = []
+    for key in keys:
+        rows = await database.fetch("event_to_reprocess", key)
+        if not rows:
+            results.append(Reprocessed(key, "not_found"))
+            continue
+        row = rows[0]
+        if row["status"] != "quarantined":
+            results.append(Reprocessed(key, "not_quarantined"))
+            continue
+        body = sealer.keyring.open(
+            row["body_sealed"], vault.event_associated_data(row["sealed_for"])
+        )
+        delivery = store.Delivery(
+            body=body,
+            is_test=_is_test_now(settings, row, body),
+            test_header=bool(row["test_header"]),
+            signature=row["signature"],
+        )
+        event = events.read(body, is_test=delivery.is_test)
+        prepared = store.prepare(sealer, event, delivery)
+        outcome = await store.reprocess(
+            database,
+            key,
+            prepared,
+            channel=settings.notify_channel,
+            http_delivery=settings.cache_url is not None,
+        )
+        result = _result(key, outcome, event)
+        log.info("event_reprocessed", event_id=key, outcome=result.outcome, reason=result.reason)
+        results.append(result)
+    return results
+
+
+def _result(key: str, outcome: str, event: events.Event) -> Reprocessed:
+    if outcome == "id_conflict":
+        return Reprocessed(key, "quarantined", "id_conflict", "id: already used by other content")
+    if outcome == "quarantined" and event.quarantine is not None:
+        return Reprocessed(key, "quarantined", event.quarantine.reason, event.quarantine.detail)
+    return Reprocessed(key, outcome)
+
+
+def _is_test_now(settings: config.Settings, row: Any, body: bytes) -> bool:
+    if row["test_header"]:
+        return True
+    header = row["signature"]
+    try:
+        # The stored header is checked for which secret made it, not for freshness.
+        timestamp, _ = signing.parse(header or "")
+        _, signed_by = signing.authenticate(
+            header,
+            body,
+            {
+                "live": [s.get_secret_value() for s in settings.webhook_secrets],
+                "test": [s.get_secret_value() for s in settings.test_webhook_secrets],
+            },
+            settings.signature_tolerance,
+            now=timestamp,
+        )
+    except errors.InvalidSignature:
+        return bool(row["is_test"])
+    return signed_by == "test"
+
+
+async def quarantined_keys(
+    database: db.Database, *, reason: str | None = None, limit: int = 10_000
+) -> list[str]:
+    """Keys of the deliveries still quarantined (optionally for one reason), oldest first."""
+    rows = await database.fetch("quarantined_keys", reason, limit)
+    return [row["key"] for row in rows]
