@@ -18,10 +18,12 @@ VERSION = "0.1.0"
 
 
 class WebhookAnswer(BaseModel):
-    """A 200 answer: the event was committed (or had been, or is ignored)."""
+    """A 200 answer: the delivery is committed: applied, a duplicate, an ignored type,
+    or quarantined (stored, not applied: `reason` says why)."""
 
-    status: Literal["processed", "duplicate", "ignored"]
+    status: Literal["processed", "duplicate", "ignored", "quarantined"]
     event_id: str
+    reason: events.QuarantineReason | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -76,9 +78,11 @@ def document() -> dict[str, Any]:
         "summary": "Receive one Debitura webhook delivery",
         "description": (
             "Verified on the raw bytes before parsing: HMAC-SHA256 of `<t>.<body>` under any "
-            "configured base64-decoded secret; `t` at most 300 s old and 30 s ahead. `data` is "
-            "validated as OnboardingCompleted or TokenRevoked for those event types; other "
-            "types are recorded as ignored. 200 is sent only after the commit."
+            "configured base64-decoded secret; `t` at most 300 s old and 30 s ahead. A delivery "
+            "whose signature verifies is never refused: `data` is validated as "
+            "OnboardingCompleted or TokenRevoked for those event types, other types are "
+            "recorded as ignored, and one that cannot be applied is stored quarantined and "
+            "answered 200 with a reason. 200 is sent only after the commit."
         ),
         "parameters": [
             {
@@ -107,14 +111,14 @@ def document() -> dict[str, Any]:
             "content": {"application/json": {"schema": _ref(events.Envelope)}},
         },
         "responses": {
-            "200": _json(WebhookAnswer, "committed (or a duplicate, or ignored)"),
+            "200": _json(WebhookAnswer, "committed: processed, duplicate, ignored or quarantined"),
             **_errors(
-                (400, "not JSON, or the envelope or its data are invalid"),
+                (400, "malformed HTTP, a token in the URL, or a body its encoding cannot read"),
                 (401, "signature missing, malformed, wrong, or outside the tolerance"),
                 (408, "the body did not arrive in time"),
                 (413, "body larger than RECEIVER_MAX_BODY_BYTES"),
                 (415, "content type is not JSON"),
-                (503, "Postgres unavailable or the process is shutting down: retry later"),
+                (503, "Postgres unavailable, a fault of ours, or shutting down: retry later"),
             ),
         },
     }

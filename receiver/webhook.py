@@ -37,7 +37,7 @@ async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
         raise errors.BodyTooLarge(f"body is larger than {limit} bytes") from None
     except TimeoutError:
         raise errors.RequestTimeout("body was not received in time") from None
-    except http_exceptions.HttpProcessingError:
+    except (web.RequestPayloadError, http_exceptions.HttpProcessingError):
         # A Content-Encoding the body does not match (gzip that is not gzip, …).
         raise errors.InvalidRequest(
             "body could not be decoded as its Content-Encoding says"

@@ -54,7 +54,8 @@ async def test_metrics_count_a_mixed_run(client: TestClient, post: Post) -> None
     await post(onboarding)
     await post(onboarding)
     await post(helpers.revocation("cli_metrics", token[:15]))
-    await post({"id": "evt_odd", "event": f"evil.{token}", "data": {}})
+    await post({"id": "evt_odd", "event": "evil.case_created", "data": {}})
+    await post({"id": "evt_leak", "event": f"evil.{token}", "data": {}})
     await post(helpers.onboarding(), secret=helpers.new_secret())
     await post(helpers.onboarding(), **{"X-Debitura-Signature": ""})
     after = await scrape(client)
@@ -68,15 +69,19 @@ async def test_metrics_count_a_mixed_run(client: TestClient, post: Post) -> None
     )
     assert delta(before, after, events, type="token.revoked", outcome="processed") == 1
     assert delta(before, after, events, type="other", outcome="ignored") == 1
+    assert delta(before, after, events, type="other", outcome="quarantined") == 1
+    quarantined = "receiver_events_quarantined_total"
+    assert delta(before, after, quarantined, reason="token_outside_bearer_token") == 1
+    assert after[("receiver_events_quarantined_open", ())] == 1
     failures = "receiver_signature_failures_total"
     assert delta(before, after, failures, reason="mismatch") == 1
     assert delta(before, after, failures, reason="missing") == 1
     requests = "receiver_http_requests_total"
-    assert delta(before, after, requests, route="/webhooks/debitura", status="200") == 4
+    assert delta(before, after, requests, route="/webhooks/debitura", status="200") == 5
     assert delta(before, after, requests, route="/webhooks/debitura", status="401") == 2
     assert (
         delta(before, after, "receiver_request_duration_seconds_count", route="/webhooks/debitura")
-        == 6
+        == 7
     )
     assert after[("receiver_signals", (("status", "pending"),))] == 0
     text = await (await client.get("/metrics")).text()
@@ -104,10 +109,12 @@ async def test_openapi_describes_every_route(client: TestClient) -> None:  # typ
 
 
 async def test_answers_match_the_described_schemas(client: TestClient, post: Post) -> None:  # type: ignore[type-arg]
-    """Real answers (200, 400, 401, 404, 415) validate against the described models."""
+    """Real answers (200 processed and quarantined, 401, 404, 415) validate against the
+    described models."""
     openapi.WebhookAnswer.model_validate(await (await post(helpers.onboarding())).json())
+    quarantined = openapi.WebhookAnswer.model_validate(await (await post(b"{not json")).json())
+    assert quarantined.reason == "invalid_json"
     for response in (
-        await post(b"{not json"),
         await post(helpers.onboarding(), secret=helpers.new_secret()),
         await post(helpers.onboarding(), **{"Content-Type": "text/plain"}),
         await client.get("/nowhere"),

@@ -67,6 +67,11 @@ async def test_trigger_many_with_overrides(
     assert overridden == 5
 
 
+def onboarding_with_test_token() -> dict[str, Any]:
+    """An onboarding with a test token, as a test delivery must carry."""
+    return helpers.onboarding(token=helpers.canary_token("test"))
+
+
 async def test_send_reads_json_lists_ndjson_and_stdin(
     client: TestClient,
     webhook_secret: str,
@@ -75,9 +80,10 @@ async def test_send_reads_json_lists_ndjson_and_stdin(
 ) -> None:
     """`send` takes a JSON list file, an NDJSON file and stdin in one run."""
     listed = tmp_path / "events.json"
-    listed.write_text(json.dumps([helpers.onboarding(), helpers.onboarding()]))
+    # Test deliveries (replay's default) carry test tokens: a live one would be quarantined.
+    listed.write_text(json.dumps([onboarding_with_test_token(), onboarding_with_test_token()]))
     lines = tmp_path / "events.ndjson"
-    lines.write_text("\n".join(json.dumps(helpers.onboarding()) for _ in range(3)) + "\n\n")
+    lines.write_text("\n".join(json.dumps(onboarding_with_test_token()) for _ in range(3)) + "\n\n")
     piped = json.dumps(helpers.revocation("cli_stdin", None))
     result = await replay(
         "send",
