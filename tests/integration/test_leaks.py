@@ -20,7 +20,9 @@ from receiver import app, config, embedded, migrations, store
 from receiver.config import Settings
 from tests import helpers
 from tests.conftest import with_database
-from tests.integration.conftest import Post
+from tests.integration.conftest import Post, operator_env, with_cache
+from tests.integration.processes import run
+from tests.integration.standins import StandInCache, eventually
 
 
 def pg_dump(database_url: str) -> str:
@@ -149,8 +151,101 @@ async def test_postgres_never_sees_a_plaintext_token(
         await conn.execute("SELECT receiver.sealed_key_id($1::bytea) / 0", b"\x01\x02k1")
     await conn.close()
     log_text = (Path(urlsplit(dsn).query.split("host=")[1]) / "log").read_text(errors="replace")
-    assert "receiver.record_event(" in log_text  # the statements really were logged
+    assert "receiver.record_events_v2(" in log_text  # the statements really were logged
     assert "Parameters: $1 = " in log_text
     for token in planted:
         for form in helpers.leak_forms(token):
             assert form not in log_text
+
+
+def _nested(value: Any, depth: int) -> Any:
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _planted_everywhere(token: str, live: str) -> list[tuple[dict[str, Any] | bytes, dict[str, str]]]:
+    """Deliveries with `token` in every field a sender controls (and in headers), plus
+    a legitimate onboarding of `live` and its revocation, so signals flow too."""
+    onboarding = helpers.onboarding("cli_canary", live)
+    deliveries: list[tuple[dict[str, Any] | bytes, dict[str, str]]] = [
+        (onboarding, {}),
+        (helpers.revocation("cli_canary", live[:15]), {}),
+        (helpers.revocation("cli_canary", None, reason=f"leaked {token}"), {}),
+        (helpers.revocation(token, None), {}),
+        (helpers.revocation("cli_canary", token), {}),
+        ({**helpers.onboarding(), "id": token}, {}),
+        ({**helpers.onboarding(), "event": token}, {}),
+        ({**helpers.onboarding(), "specVersion": token, "timestamp": token}, {}),
+        ({**helpers.onboarding(), token: "a key", "extra": {token: [token]}}, {}),
+        ({"event": "token.revoked", "data": {"client_id": "c", "bearer_token": token}}, {}),
+        ({"event": "x", "data": {"deep": _nested(token, 40)}}, {}),
+        (f"not json at all {token}".encode(), {}),
+        (helpers.onboarding(), {"X-Debitura-Event": token, "X-Request-Id": token}),
+        (helpers.onboarding(token=token + "!"), {}),
+    ]
+    return deliveries
+
+
+async def test_canary_in_every_field_never_surfaces(
+    aiohttp_client: Any,
+    settings: Settings,
+    standin_cache: StandInCache,
+    database_url: str,
+    webhook_secret: str,
+    log_lines: Any,
+) -> None:
+    """A canary token planted in every field of signed deliveries (and in headers)
+    appears in no answer, log line, NOTIFY payload, cache POST, pg_dump, nor in the
+    output of `events list`, `events show`, `tokens list` and `signals list`."""
+    cached = with_cache(settings, standin_cache)
+    client = await aiohttp_client(app.create_app(cached))
+    listener = await asyncpg.connect(database_url)
+    notified: list[str] = []
+    await listener.add_listener(cached.notify_channel, lambda *args: notified.append(args[3]))
+    token, live = helpers.canary_token(), helpers.canary_token()
+    answers = []
+    try:
+        for document, extra in _planted_everywhere(token, live):
+            body = document if isinstance(document, bytes) else helpers.encode(document)
+            headers = helpers.signed_headers(webhook_secret, body, **extra)
+            response = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
+            assert response.status == 200
+            answers.append(await response.text())
+        await eventually(lambda: _true(len(standin_cache.received) >= 2))
+        await eventually(lambda: _true(len(notified) >= 2))
+    finally:
+        await listener.close()
+    statuses = [json.loads(a)["status"] for a in answers]
+    # The legitimate pair, and the delivery with the token only in its headers, apply.
+    assert statuses == ["processed"] * 2 + ["quarantined"] * 10 + ["processed", "quarantined"]
+
+    env = operator_env(settings)
+    outputs = [
+        run(["events", "list", "--json", "--limit", "1000"], env).stdout,
+        run(["events", "list"], env).stdout,
+        run(["tokens", "list"], env).stdout,
+        run(["signals", "list"], env).stdout,
+    ]
+    for line in outputs[0].splitlines():
+        shown = run(["events", "show", json.loads(line)["key"]], env)
+        assert shown.returncode == 0, shown.stderr
+        outputs.append(shown.stdout)
+    assert len(outputs) == 4 + len(answers)
+    surfaces = {
+        "answers": "\n".join(answers),
+        "logs": json.dumps(log_lines()),
+        "notify": "\n".join(notified),
+        "cache posts": json.dumps([r["body"] for r in standin_cache.received]),
+        "pg_dump": pg_dump(database_url),
+        "cli": "\n".join(outputs),
+    }
+    for where, text in surfaces.items():
+        for secret in (token, live):
+            for form in helpers.leak_forms(secret):
+                assert form not in text, where
+    assert live[:15] in surfaces["cli"]  # the prefix is public, and shown
+
+
+async def _true(value: bool) -> bool:
+    return value
