@@ -34,6 +34,9 @@ CREATE INDEX events_envelope_id ON receiver.events (envelope_id) WHERE envelope_
 -- is never undone here: a token revoked by a test delivery stays revoked.
 UPDATE receiver.tokens SET environment = substr(prefix, 5, 4)
  WHERE environment IS DISTINCT FROM substr(prefix, 5, 4);
+CREATE UNIQUE INDEX tokens_one_active_per_client_environment
+    ON receiver.tokens (client_id, environment) WHERE status = 'active';
+DROP INDEX receiver.tokens_one_active_per_client;
 UPDATE receiver.tokens t
    SET status = 'active', superseded_at = NULL, expires_at = NULL,
        changed_by_event = NULL, updated_at = now()
@@ -46,9 +49,6 @@ UPDATE receiver.tokens t
                       AND o.id <> t.id
                       AND (o.status = 'active'
                            OR o.onboarding_completed_at > t.onboarding_completed_at));
-CREATE UNIQUE INDEX tokens_one_active_per_client_environment
-    ON receiver.tokens (client_id, environment) WHERE status = 'active';
-DROP INDEX receiver.tokens_one_active_per_client;
 
 -- Revocations act inside one environment: their prefix's, else the delivery's.
 ALTER TABLE receiver.revocations ADD COLUMN environment text;

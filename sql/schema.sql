@@ -1,0 +1,570 @@
+-- The receiver's current schema, as the migrations in this folder build it: read
+-- this file, not the migrations, to know what is there. Written by `make schema`
+-- (pg_dump, noise stripped); tests/integration/test_schema.py checks that a
+-- database built from it and one built from the migrations are the same.
+-- Never apply it to a database: `receiver migrate` is how schemas change.
+
+SET check_function_bodies = false;
+
+CREATE SCHEMA receiver;
+
+CREATE TYPE receiver.event_row AS (
+	kind text,
+	key text,
+	envelope_id text,
+	type text,
+	is_test boolean,
+	test_header boolean,
+	signature text,
+	occurred_at timestamp with time zone,
+	body_hash bytea,
+	body_sealed bytea,
+	body_redacted jsonb,
+	client_id text,
+	environment text,
+	token_id uuid,
+	prefix text,
+	token_index bytea,
+	token_sealed bytea,
+	completed_at timestamp with time zone,
+	old_expires_at timestamp with time zone,
+	grace interval,
+	revoked_at timestamp with time zone,
+	reason text,
+	quarantine_reason text,
+	quarantine_detail text
+);
+
+CREATE FUNCTION receiver.apply_event_v2(r receiver.event_row, p_channel text, p_http boolean) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_stored text;
+BEGIN
+    v_stored := receiver.insert_event_v2(r, CASE r.kind
+        WHEN 'onboarding' THEN 'processed' WHEN 'revocation' THEN 'processed'
+        ELSE r.kind END);
+    IF v_stored = 'duplicate' THEN
+        RETURN 'duplicate';
+    ELSIF v_stored = 'id_conflict' THEN
+        RETURN 'id_conflict';  -- stored quarantined, under its body key
+    END IF;
+    IF r.kind = 'onboarding' THEN
+        PERFORM receiver.apply_onboarding_v2(r, p_channel, p_http);
+        RETURN 'processed';
+    ELSIF r.kind = 'revocation' THEN
+        PERFORM receiver.apply_revocation_v2(r, p_channel, p_http);
+        RETURN 'processed';
+    END IF;
+    RETURN r.kind;  -- ignored | quarantined: stored, no effect
+END;
+$$;
+
+CREATE FUNCTION receiver.apply_onboarding_v2(r receiver.event_row, p_channel text, p_http boolean) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_revocation receiver.revocations%ROWTYPE;
+    v_newer receiver.tokens%ROWTYPE;
+    v_status text;
+    v_expires_at timestamptz;
+BEGIN
+    -- The same token delivered again by another event changes nothing.
+    IF EXISTS (SELECT 1 FROM receiver.tokens WHERE token_index = r.token_index) THEN
+        RETURN;
+    END IF;
+
+    -- A revocation that arrived first still wins.
+    SELECT * INTO v_revocation FROM receiver.revocations v
+     WHERE v.client_id = r.client_id AND v.environment = r.environment
+       AND (v.token_prefix = r.prefix
+            OR (v.token_prefix IS NULL AND v.revoked_at >= r.completed_at))
+     ORDER BY v.revoked_at
+     LIMIT 1;
+
+    IF FOUND THEN
+        v_status := 'revoked';
+    ELSE
+        SELECT * INTO v_newer FROM receiver.tokens
+         WHERE client_id = r.client_id AND environment = r.environment AND status = 'active'
+           AND onboarding_completed_at > r.completed_at;
+        IF FOUND THEN
+            -- An older onboarding arriving late never displaces the newer active
+            -- token; it is stored as superseded by it, with the grace it would have had.
+            v_status := 'superseded';
+            v_expires_at := v_newer.onboarding_completed_at + r.grace;
+        ELSE
+            UPDATE receiver.tokens
+               SET status = 'superseded', superseded_at = now(),
+                   expires_at = COALESCE(r.old_expires_at, r.completed_at + r.grace),
+                   changed_by_event = r.key, updated_at = now()
+             WHERE client_id = r.client_id AND environment = r.environment
+               AND status = 'active';
+            v_status := 'active';
+        END IF;
+    END IF;
+
+    INSERT INTO receiver.tokens
+        (id, client_id, environment, prefix, token_index, token_sealed, status,
+         onboarding_completed_at, superseded_at, expires_at, revoked_at, revoke_reason,
+         created_by_event)
+    VALUES
+        (r.token_id, r.client_id, r.environment, r.prefix, r.token_index, r.token_sealed,
+         v_status, r.completed_at,
+         CASE WHEN v_status = 'superseded' THEN now() END, v_expires_at,
+         v_revocation.revoked_at, v_revocation.reason, r.key);
+
+    IF v_status = 'active' THEN
+        PERFORM receiver.enqueue_signal_v2(r.client_id, r.environment, r.prefix,
+                                           'token_issued', r.key, p_channel, p_http);
+    END IF;
+END;
+$$;
+
+CREATE FUNCTION receiver.apply_revocation_v2(r receiver.event_row, p_channel text, p_http boolean) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO receiver.revocations
+        (event_key, client_id, environment, token_prefix, revoked_at, reason)
+    VALUES (r.key, r.client_id, r.environment, r.prefix, r.revoked_at, r.reason);
+
+    -- With a prefix: that token only. Without: every token issued before revoked_at,
+    -- so an old revocation never touches a newer token.
+    UPDATE receiver.tokens
+       SET status = 'revoked', revoked_at = r.revoked_at, revoke_reason = r.reason,
+           changed_by_event = r.key, updated_at = now()
+     WHERE client_id = r.client_id AND environment = r.environment
+       AND status <> 'revoked'
+       AND CASE WHEN r.prefix IS NULL THEN onboarding_completed_at <= r.revoked_at
+                ELSE prefix = r.prefix END;
+
+    PERFORM receiver.enqueue_signal_v2(r.client_id, r.environment, r.prefix,
+                                       'token_revoked', r.key, p_channel, p_http);
+END;
+$$;
+
+CREATE FUNCTION receiver.body_key(p_hash bytea) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$
+    SELECT 'sha256:' || encode(p_hash, 'hex')
+$$;
+
+CREATE FUNCTION receiver.enqueue_signal(p_client_id text, p_token_prefix text, p_reason text, p_event_key text, p_channel text, p_http boolean) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_id uuid;
+BEGIN
+    INSERT INTO receiver.signals (client_id, token_prefix, reason, event_key, status)
+    VALUES (p_client_id, p_token_prefix, p_reason, p_event_key,
+            CASE WHEN p_http THEN 'pending' ELSE 'notified' END)
+    RETURNING id INTO v_id;
+    PERFORM pg_notify(p_channel, json_build_object(
+        'signal_id', v_id, 'client_id', p_client_id, 'token_prefix', p_token_prefix,
+        'reason', p_reason, 'event_id', p_event_key)::text);
+END;
+$$;
+
+CREATE FUNCTION receiver.enqueue_signal_v2(p_client_id text, p_environment text, p_token_prefix text, p_reason text, p_event_key text, p_channel text, p_http boolean) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_id uuid;
+BEGIN
+    INSERT INTO receiver.signals (client_id, environment, token_prefix, reason, event_key, status)
+    VALUES (p_client_id, p_environment, p_token_prefix, p_reason, p_event_key,
+            CASE WHEN p_http THEN 'pending' ELSE 'notified' END)
+    RETURNING id INTO v_id;
+    PERFORM pg_notify(p_channel, json_build_object(
+        'signal_id', v_id, 'client_id', p_client_id, 'environment', p_environment,
+        'token_prefix', p_token_prefix, 'reason', p_reason, 'event_id', p_event_key)::text);
+END;
+$$;
+
+CREATE FUNCTION receiver.event_locks(r receiver.event_row) RETURNS bigint[]
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT array_remove(ARRAY[
+        hashtextextended('receiver.event:' || r.key, 0),
+        hashtextextended('receiver.client:' || r.client_id, 0)], NULL)
+$$;
+
+CREATE FUNCTION receiver.insert_event(p_key text, p_type text, p_status text, p_client_id text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO receiver.events
+        (key, type, status, client_id, is_test, occurred_at, body_sealed, body_redacted)
+    VALUES
+        (p_key, p_type, p_status, p_client_id, p_is_test, p_occurred_at, p_body_sealed,
+         p_body_redacted)
+    ON CONFLICT (key) DO NOTHING;
+    RETURN FOUND;
+END;
+$$;
+
+CREATE FUNCTION receiver.insert_event_v2(r receiver.event_row, p_status text) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_hash bytea;
+BEGIN
+    INSERT INTO receiver.events
+        (key, envelope_id, type, status, client_id, is_test, occurred_at, body_hash,
+         body_sealed, body_redacted, quarantine_reason, quarantine_detail, test_header,
+         signature)
+    VALUES
+        (r.key, r.envelope_id, r.type, p_status, r.client_id, r.is_test, r.occurred_at,
+         r.body_hash, r.body_sealed, r.body_redacted,
+         CASE WHEN p_status = 'quarantined' THEN r.quarantine_reason END,
+         CASE WHEN p_status = 'quarantined' THEN r.quarantine_detail END,
+         CASE WHEN p_status = 'quarantined' THEN r.test_header END,
+         CASE WHEN p_status = 'quarantined' THEN r.signature END)
+    ON CONFLICT (key) DO NOTHING;
+    IF FOUND THEN
+        RETURN 'inserted';
+    END IF;
+    SELECT body_hash INTO v_hash FROM receiver.events WHERE key = r.key;
+    -- Rows stored before body hashes existed cannot be compared: a duplicate, as then.
+    IF v_hash IS NULL OR v_hash = r.body_hash THEN
+        RETURN 'duplicate';
+    END IF;
+    INSERT INTO receiver.events
+        (key, envelope_id, type, status, is_test, occurred_at, body_hash, body_sealed,
+         body_redacted, quarantine_reason, quarantine_detail, test_header, signature)
+    VALUES
+        (receiver.body_key(r.body_hash), r.envelope_id, r.type, 'quarantined', r.is_test,
+         r.occurred_at, r.body_hash, r.body_sealed, r.body_redacted, 'id_conflict',
+         'id: already used by a delivery with other content', r.test_header, r.signature)
+    ON CONFLICT (key) DO NOTHING;
+    IF FOUND THEN
+        RETURN 'id_conflict';
+    END IF;
+    RETURN 'duplicate';  -- this very conflicting delivery, again
+END;
+$$;
+
+CREATE FUNCTION receiver.lock_client(p_client_id text) RETURNS void
+    LANGUAGE sql
+    AS $$
+    SELECT pg_advisory_xact_lock(hashtextextended('receiver.client:' || p_client_id, 0));
+$$;
+
+CREATE FUNCTION receiver.record_event(p_kind text, p_key text, p_type text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb, p_client_id text, p_token_id uuid, p_environment text, p_prefix text, p_token_index bytea, p_token_sealed bytea, p_completed_at timestamp with time zone, p_old_expires_at timestamp with time zone, p_grace interval, p_revoked_at timestamp with time zone, p_reason text, p_channel text, p_http boolean) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF p_kind = 'onboarding' THEN
+        RETURN receiver.record_onboarding(
+            p_key, p_type, p_is_test, p_occurred_at, p_body_sealed, p_body_redacted,
+            p_token_id, p_client_id, p_environment, p_prefix, p_token_index, p_token_sealed,
+            p_completed_at, p_old_expires_at, p_grace, p_channel, p_http);
+    ELSIF p_kind = 'revocation' THEN
+        RETURN receiver.record_revocation(
+            p_key, p_type, p_is_test, p_occurred_at, p_body_sealed, p_body_redacted,
+            p_client_id, p_prefix, p_revoked_at, p_reason, p_channel, p_http);
+    ELSIF p_kind = 'ignored' THEN
+        IF receiver.insert_event(p_key, p_type, 'ignored', NULL, p_is_test, p_occurred_at,
+                                 p_body_sealed, p_body_redacted) THEN
+            RETURN 'ignored';
+        END IF;
+        RETURN 'duplicate';
+    END IF;
+    RAISE EXCEPTION 'unknown event kind %', p_kind;
+END;
+$$;
+
+CREATE FUNCTION receiver.record_events_v2(p_rows receiver.event_row[], p_channel text, p_http boolean) RETURNS TABLE(outcome text)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r receiver.event_row;
+BEGIN
+    PERFORM pg_advisory_xact_lock(l)
+       FROM (SELECT DISTINCT unnest(receiver.event_locks(x)) AS l
+               FROM unnest(p_rows) AS x) AS locks
+      ORDER BY l;
+    FOREACH r IN ARRAY p_rows LOOP
+        outcome := receiver.apply_event_v2(r, p_channel, p_http);
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+CREATE FUNCTION receiver.record_onboarding(p_key text, p_type text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb, p_token_id uuid, p_client_id text, p_environment text, p_prefix text, p_token_index bytea, p_token_sealed bytea, p_completed_at timestamp with time zone, p_old_expires_at timestamp with time zone, p_grace interval, p_channel text, p_http boolean) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_revocation receiver.revocations%ROWTYPE;
+    v_newer receiver.tokens%ROWTYPE;
+    v_status text;
+    v_expires_at timestamptz;
+BEGIN
+    IF NOT receiver.insert_event(p_key, p_type, 'processed', p_client_id, p_is_test,
+                                 p_occurred_at, p_body_sealed, p_body_redacted) THEN
+        RETURN 'duplicate';
+    END IF;
+    PERFORM receiver.lock_client(p_client_id);
+
+    -- The same token delivered again by another event changes nothing.
+    IF EXISTS (SELECT 1 FROM receiver.tokens WHERE token_index = p_token_index) THEN
+        RETURN 'processed';
+    END IF;
+
+    -- A revocation that arrived first still wins (order does not matter).
+    SELECT * INTO v_revocation FROM receiver.revocations r
+     WHERE r.client_id = p_client_id
+       AND (r.token_prefix = p_prefix
+            OR (r.token_prefix IS NULL AND r.revoked_at >= p_completed_at))
+     ORDER BY r.revoked_at
+     LIMIT 1;
+
+    IF FOUND THEN
+        v_status := 'revoked';
+    ELSE
+        SELECT * INTO v_newer FROM receiver.tokens
+         WHERE client_id = p_client_id AND status = 'active'
+           AND onboarding_completed_at > p_completed_at;
+        IF FOUND THEN
+            -- An older onboarding arriving late never displaces the newer active
+            -- token; it is stored as superseded by it, with the grace it would have had.
+            v_status := 'superseded';
+            v_expires_at := v_newer.onboarding_completed_at + p_grace;
+        ELSE
+            UPDATE receiver.tokens
+               SET status = 'superseded', superseded_at = now(),
+                   expires_at = COALESCE(p_old_expires_at, p_completed_at + p_grace),
+                   changed_by_event = p_key, updated_at = now()
+             WHERE client_id = p_client_id AND status = 'active';
+            v_status := 'active';
+        END IF;
+    END IF;
+
+    INSERT INTO receiver.tokens
+        (id, client_id, environment, prefix, token_index, token_sealed, status,
+         onboarding_completed_at, superseded_at, expires_at, revoked_at, revoke_reason,
+         created_by_event)
+    VALUES
+        (p_token_id, p_client_id, p_environment, p_prefix, p_token_index, p_token_sealed,
+         v_status, p_completed_at,
+         CASE WHEN v_status = 'superseded' THEN now() END, v_expires_at,
+         v_revocation.revoked_at, v_revocation.reason, p_key);
+
+    IF v_status = 'active' THEN
+        PERFORM receiver.enqueue_signal(p_client_id, p_prefix, 'token_issued', p_key, p_channel,
+                                       p_http);
+    END IF;
+    RETURN 'processed';
+END;
+$$;
+
+CREATE FUNCTION receiver.record_revocation(p_key text, p_type text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb, p_client_id text, p_prefix text, p_revoked_at timestamp with time zone, p_reason text, p_channel text, p_http boolean) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NOT receiver.insert_event(p_key, p_type, 'processed', p_client_id, p_is_test,
+                                 p_occurred_at, p_body_sealed, p_body_redacted) THEN
+        RETURN 'duplicate';
+    END IF;
+    PERFORM receiver.lock_client(p_client_id);
+
+    INSERT INTO receiver.revocations (event_key, client_id, token_prefix, revoked_at, reason)
+    VALUES (p_key, p_client_id, p_prefix, p_revoked_at, p_reason);
+
+    -- With a prefix: that token only. Without: every token issued before revoked_at,
+    -- so an old revocation never touches a newer token.
+    UPDATE receiver.tokens
+       SET status = 'revoked', revoked_at = p_revoked_at, revoke_reason = p_reason,
+           changed_by_event = p_key, updated_at = now()
+     WHERE client_id = p_client_id
+       AND status <> 'revoked'
+       AND CASE WHEN p_prefix IS NULL THEN onboarding_completed_at <= p_revoked_at
+                ELSE prefix = p_prefix END;
+
+    -- Signal even when nothing matched: the cache may hold a token we never saw.
+    PERFORM receiver.enqueue_signal(p_client_id, p_prefix, 'token_revoked', p_key, p_channel,
+                                   p_http);
+    RETURN 'processed';
+END;
+$$;
+
+CREATE FUNCTION receiver.reprocess_event_v2(p_stored_key text, r receiver.event_row, p_channel text, p_http boolean) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_old receiver.events%ROWTYPE;
+    v_outcome text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(l)
+       FROM (SELECT DISTINCT unnest(receiver.event_locks(r)
+                                    || hashtextextended('receiver.event:' || p_stored_key, 0)) AS l
+            ) AS locks
+      ORDER BY l;
+    DELETE FROM receiver.events WHERE key = p_stored_key AND status = 'quarantined'
+    RETURNING * INTO v_old;
+    IF NOT FOUND THEN
+        RETURN 'not_quarantined';
+    END IF;
+    v_outcome := receiver.apply_event_v2(r, p_channel, p_http);
+    IF v_outcome = 'duplicate' AND v_old.key <> r.key THEN
+        -- It reads as a repeat of a stored delivery: nothing to apply, nothing lost.
+        RETURN 'duplicate';
+    END IF;
+    UPDATE receiver.events
+       SET received_at = v_old.received_at, reprocessed_at = now(),
+           quarantine_reason = CASE WHEN status = 'quarantined' THEN quarantine_reason
+                                    ELSE v_old.quarantine_reason END,
+           quarantine_detail = CASE WHEN status = 'quarantined' THEN quarantine_detail
+                                    ELSE v_old.quarantine_detail END
+     WHERE key = CASE WHEN v_outcome = 'id_conflict' THEN receiver.body_key(r.body_hash)
+                      ELSE r.key END;
+    RETURN v_outcome;
+END;
+$$;
+
+CREATE FUNCTION receiver.sealed_key_id(sealed bytea) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$
+    SELECT encode(substring(sealed FROM 3 FOR get_byte(sealed, 1)), 'escape')
+$$;
+
+CREATE TABLE receiver.events (
+    key text NOT NULL,
+    type text NOT NULL,
+    status text NOT NULL,
+    client_id text,
+    is_test boolean NOT NULL,
+    occurred_at timestamp with time zone,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    body_sealed bytea NOT NULL,
+    body_redacted jsonb,
+    envelope_id text,
+    body_hash bytea,
+    quarantine_reason text,
+    quarantine_detail text,
+    test_header boolean,
+    signature text,
+    reprocessed_at timestamp with time zone,
+    CONSTRAINT events_quarantine_reason_check CHECK ((quarantine_reason = ANY (ARRAY['invalid_json'::text, 'not_an_object'::text, 'invalid_data'::text, 'unstorable_value'::text, 'id_conflict'::text, 'test_delivery_targets_live'::text, 'token_outside_bearer_token'::text]))),
+    CONSTRAINT events_quarantined_has_reason CHECK (((status <> 'quarantined'::text) OR (quarantine_reason IS NOT NULL))),
+    CONSTRAINT events_status_check CHECK ((status = ANY (ARRAY['processed'::text, 'ignored'::text, 'quarantined'::text])))
+);
+
+CREATE TABLE receiver.revocations (
+    event_key text NOT NULL,
+    client_id text NOT NULL,
+    token_prefix text,
+    revoked_at timestamp with time zone NOT NULL,
+    reason text,
+    environment text NOT NULL,
+    CONSTRAINT revocations_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
+);
+
+CREATE TABLE receiver.signals (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    client_id text NOT NULL,
+    token_prefix text,
+    reason text NOT NULL,
+    event_key text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    status text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    lease_id uuid,
+    lease_expires_at timestamp with time zone,
+    last_error text,
+    delivered_at timestamp with time zone,
+    environment text,
+    CONSTRAINT signals_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
+    CONSTRAINT signals_lease_iff_in_flight CHECK (((status = 'in_flight'::text) = (lease_id IS NOT NULL))),
+    CONSTRAINT signals_reason_check CHECK ((reason = ANY (ARRAY['token_issued'::text, 'token_revoked'::text]))),
+    CONSTRAINT signals_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'delivered'::text, 'dead'::text, 'notified'::text])))
+);
+
+CREATE TABLE receiver.tokens (
+    id uuid NOT NULL,
+    client_id text NOT NULL,
+    environment text NOT NULL,
+    prefix text NOT NULL,
+    token_index bytea NOT NULL,
+    token_sealed bytea NOT NULL,
+    status text NOT NULL,
+    onboarding_completed_at timestamp with time zone NOT NULL,
+    stored_at timestamp with time zone DEFAULT now() NOT NULL,
+    superseded_at timestamp with time zone,
+    revoked_at timestamp with time zone,
+    revoke_reason text,
+    created_by_event text NOT NULL,
+    changed_by_event text,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone,
+    CONSTRAINT tokens_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
+    CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text])))
+);
+
+CREATE VIEW receiver.token_inventory AS
+ SELECT tokens.id,
+    tokens.client_id,
+    tokens.environment,
+    tokens.prefix,
+        CASE
+            WHEN ((tokens.status = 'superseded'::text) AND (tokens.expires_at <= now())) THEN 'expired'::text
+            ELSE tokens.status
+        END AS status,
+    tokens.onboarding_completed_at,
+    tokens.stored_at,
+    tokens.superseded_at,
+    tokens.expires_at,
+    tokens.revoked_at,
+    tokens.revoke_reason,
+    tokens.created_by_event,
+    tokens.changed_by_event,
+    tokens.updated_at,
+    receiver.sealed_key_id(tokens.token_sealed) AS key_id
+   FROM receiver.tokens;
+
+ALTER TABLE ONLY receiver.events
+    ADD CONSTRAINT events_pkey PRIMARY KEY (key);
+
+ALTER TABLE ONLY receiver.revocations
+    ADD CONSTRAINT revocations_pkey PRIMARY KEY (event_key);
+
+ALTER TABLE ONLY receiver.signals
+    ADD CONSTRAINT signals_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY receiver.tokens
+    ADD CONSTRAINT tokens_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY receiver.tokens
+    ADD CONSTRAINT tokens_token_index_key UNIQUE (token_index);
+
+CREATE INDEX events_envelope_id ON receiver.events USING btree (envelope_id) WHERE (envelope_id IS NOT NULL);
+
+CREATE INDEX events_quarantined ON receiver.events USING btree (received_at) WHERE (status = 'quarantined'::text);
+
+CREATE INDEX events_received_at ON receiver.events USING btree (received_at);
+
+CREATE INDEX revocations_client ON receiver.revocations USING btree (client_id);
+
+CREATE INDEX signals_dead ON receiver.signals USING btree (created_at) WHERE (status = 'dead'::text);
+
+CREATE INDEX signals_due ON receiver.signals USING btree (next_attempt_at) WHERE (status = 'pending'::text);
+
+CREATE INDEX signals_leased ON receiver.signals USING btree (lease_expires_at) WHERE (status = 'in_flight'::text);
+
+CREATE INDEX tokens_client_prefix ON receiver.tokens USING btree (client_id, prefix);
+
+CREATE UNIQUE INDEX tokens_one_active_per_client_environment ON receiver.tokens USING btree (client_id, environment) WHERE (status = 'active'::text);
+
+ALTER TABLE ONLY receiver.revocations
+    ADD CONSTRAINT revocations_event_key_fkey FOREIGN KEY (event_key) REFERENCES receiver.events(key);
+
+ALTER TABLE ONLY receiver.signals
+    ADD CONSTRAINT signals_event_key_fkey FOREIGN KEY (event_key) REFERENCES receiver.events(key);
+
+ALTER TABLE ONLY receiver.tokens
+    ADD CONSTRAINT tokens_changed_by_event_fkey FOREIGN KEY (changed_by_event) REFERENCES receiver.events(key);
+
+ALTER TABLE ONLY receiver.tokens
+    ADD CONSTRAINT tokens_created_by_event_fkey FOREIGN KEY (created_by_event) REFERENCES receiver.events(key);
