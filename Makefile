@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test check fmt bench clean
+.PHONY: run test check fmt bench schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ check: $(STAMP)  ## format, lint and type checks
 
 bench: $(STAMP)  ## the benchmark against this machine's ceilings (see bench/README.md)
 	$(BIN)/python -m bench.run
+
+schema: $(STAMP)  ## rewrite sql/schema.sql from the migrations (after adding one)
+	$(BIN)/python -m tests.schema $(RECEIVER_TEST_DATABASE_URL)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format receiver tests bench

@@ -1,4 +1,5 @@
-"""Operator commands against the database: tokens, keys, signals (DESIGN §6).
+"""Operator commands against the database: tokens, keys, signals, events
+(docs/design.md §6).
 
 Each runs once and exits; output that scripts read goes to stdout, logs to stderr.
 """
@@ -6,60 +7,10 @@ Each runs once and exits; output that scripts read goes to stdout, logs to stder
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
-from pydantic import SecretStr
-
-from receiver import config, db, embedded, inbox, log, outbox, rotation, store, tokens
-
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
-
-
-def resolve_database(settings: config.Settings) -> config.Settings:
-    """The settings with a DSN: the configured one, else the embedded Postgres's."""
-    if settings.database_url is not None:
-        return settings
-    dsn = embedded.start(settings.data_dir)
-    return settings.model_copy(update={"database_url": SecretStr(dsn)})
-
-
-def configure_logging(settings: config.Settings, *, service: bool = False) -> None:
-    """Logging as the settings ask, with their secrets masked."""
-    # The service logs to stdout (DESIGN §1); one-shot commands keep stdout for their
-    # output, which scripts parse, and log to stderr.
-    log.configure(
-        level=settings.log_level,
-        fmt=settings.log_format,
-        secrets=settings.secret_values(),
-        stream=sys.stdout if service else sys.stderr,
-    )
-
-
-def with_database(
-    args: argparse.Namespace,
-    work: Callable[[config.Settings, db.Database], Awaitable[int]],
-) -> int:
-    """Run a one-shot command against the configured (or embedded) database."""
-    log.configure(stream=sys.stderr)
-    settings = config.load_settings(dev=args.dev)
-    configure_logging(settings)
-    settings = resolve_database(settings)
-    assert settings.database_url is not None
-    dsn = settings.database_url.get_secret_value()
-
-    async def run() -> int:
-        database = await db.Database.open(dsn, max_size=2)
-        try:
-            return await work(settings, database)
-        finally:
-            await database.close()
-
-    return asyncio.run(run())
+from receiver import command, config, db, inbox, outbox, rotation, tokens, vault
 
 
 def tokens_list(args: argparse.Namespace) -> int:
@@ -77,22 +28,10 @@ def tokens_list(args: argparse.Namespace) -> int:
             for row in rows:
                 print(json.dumps(row))
         else:
-            print(table(rows, tokens.INVENTORY_COLUMNS))
+            print(command.table(rows, tokens.INVENTORY_COLUMNS))
         return 0
 
-    return with_database(args, work)
-
-
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], noun: str = "token") -> str:
-    """Rows as a plain fixed-width table with a count line."""
-    # Hand-written: fixed, unwrapped columns that grep and cut read reliably, which
-    # terminal table libraries do not promise off a terminal.
-    cells = [[str(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.append(f"({len(rows)} {noun}{'s' if len(rows) != 1 else ''})")
-    return "\n".join(lines)
+    return command.with_database(args, work)
 
 
 def tokens_reveal(args: argparse.Namespace) -> int:
@@ -102,10 +41,10 @@ def tokens_reveal(args: argparse.Namespace) -> int:
             "receiver: refusing to print a token without --confirm (the reveal is audited)",
             file=sys.stderr,
         )
-        return EXIT_CONFIG
+        return command.EXIT_CONFIG
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        sealer = store.Sealer.from_settings(settings)
+        sealer = vault.Sealer.from_settings(settings)
         meta, token = await tokens.reveal(
             database, sealer, args.client, args.prefix, args.environment
         )
@@ -116,14 +55,14 @@ def tokens_reveal(args: argparse.Namespace) -> int:
         print(token)
         return 0
 
-    return with_database(args, work)
+    return command.with_database(args, work)
 
 
 def keys_rotate(args: argparse.Namespace) -> int:
     """`receiver keys rotate`."""
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        sealer = store.Sealer.from_settings(settings)
+        sealer = vault.Sealer.from_settings(settings)
 
         def progress(kind: str, total: int) -> None:
             print(f"{kind}: {total} re-encrypted", file=sys.stderr, flush=True)
@@ -148,9 +87,9 @@ def keys_rotate(args: argparse.Namespace) -> int:
             print(line)
         for kid, count in report.missing_keys.items():
             print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
-        return EXIT_FAILURE if report.missing_keys else 0
+        return command.EXIT_FAILURE if report.missing_keys else 0
 
-    return with_database(args, work)
+    return command.with_database(args, work)
 
 
 def keys_generate(_: argparse.Namespace) -> int:
@@ -173,10 +112,10 @@ def signals_list(args: argparse.Namespace) -> int:
             return 0
         by_status = await outbox.counts(database)
         print("  ".join(f"{status}={n}" for status, n in sorted(by_status.items())) or "no signals")
-        print(table(rows, SIGNAL_COLUMNS, noun="signal"))
+        print(command.table(rows, SIGNAL_COLUMNS, noun="signal"))
         return 0
 
-    return with_database(args, work)
+    return command.with_database(args, work)
 
 
 SIGNAL_COLUMNS = (
@@ -200,7 +139,7 @@ def signals_retry(args: argparse.Namespace) -> int:
         print(f"{len(retried)} dead signal(s) back to pending")
         return 0
 
-    return with_database(args, work)
+    return command.with_database(args, work)
 
 
 def events_list(args: argparse.Namespace) -> int:
@@ -218,26 +157,26 @@ def events_list(args: argparse.Namespace) -> int:
             for row in rows:
                 print(json.dumps(row))
         else:
-            print(table(rows, inbox.LIST_COLUMNS, noun="event"))
+            print(command.table(rows, inbox.LIST_COLUMNS, noun="event"))
         return 0
 
-    return with_database(args, work)
+    return command.with_database(args, work)
 
 
 def events_show(args: argparse.Namespace) -> int:
     """`receiver events show`: the stored delivery, redacted."""
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        keyring = store.Sealer.from_settings(settings).keyring
+        keyring = vault.Sealer.from_settings(settings).keyring
         shown = await inbox.show(database, keyring, args.event_id)
         if not shown:
             print(f"receiver: no stored event {args.event_id!r}", file=sys.stderr)
-            return EXIT_FAILURE
+            return command.EXIT_FAILURE
         for entry in shown:
             print(json.dumps(entry, indent=None if args.json else 2, ensure_ascii=False))
         return 0
 
-    return with_database(args, work)
+    return command.with_database(args, work)
 
 
 def events_reprocess(args: argparse.Namespace) -> int:
@@ -247,7 +186,7 @@ def events_reprocess(args: argparse.Namespace) -> int:
             "receiver: error: give EVENT_ID... or --quarantined (not both)",
             file=sys.stderr,
         )
-        return EXIT_CONFIG
+        return command.EXIT_CONFIG
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
@@ -262,9 +201,8 @@ def events_reprocess(args: argparse.Namespace) -> int:
                 print(line)
         left = [r for r in results if r.outcome in {"quarantined", "not_found"}]
         if not args.json:
-            print(
-                f"{len(results) - len(left)} of {len(results)} event(s) left quarantine or were done"
-            )
-        return EXIT_FAILURE if left else 0
+            done = len(results) - len(left)
+            print(f"{done} of {len(results)} event(s) out of quarantine")
+        return command.EXIT_FAILURE if left else 0
 
-    return with_database(args, work)
+    return command.with_database(args, work)

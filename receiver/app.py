@@ -24,8 +24,9 @@ from receiver import (
     openapi,
     outbox,
     redaction,
+    scrape,
     state,
-    store,
+    vault,
     webhook,
 )
 
@@ -141,7 +142,7 @@ def create_app(settings: config.Settings) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[state.SETTINGS] = settings
-    app[state.SEALER] = store.Sealer.from_settings(settings)
+    app[state.SEALER] = vault.Sealer.from_settings(settings)
     app.cleanup_ctx.append(_database)
     if settings.cache_url is not None:
         app.cleanup_ctx.append(_dispatcher)
@@ -164,7 +165,7 @@ async def _start_draining(app: web.Application) -> None:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus exposition."""
-    body = await metrics.render(request.app[state.DATABASE])
+    body = await scrape.render(request.app[state.DATABASE])
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 

@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 from pydantic import SecretStr
 
-from receiver import config, db, errors, outbox, signing, store, tokens
+from receiver import config, db, errors, signing, tokens, vault
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +47,7 @@ class TokenCache:
     def __init__(
         self,
         database_url: str,
-        sealer: store.Sealer,
+        sealer: vault.Sealer,
         *,
         channel: str = "token_invalidation",
         ttl: float = DEFAULT_TTL_SECONDS,
@@ -76,7 +76,7 @@ class TokenCache:
         secret = settings.cache_secret.get_secret_value() if settings.cache_secret else None
         return cls(
             settings.database_url.get_secret_value(),
-            store.Sealer.from_settings(settings),
+            vault.Sealer.from_settings(settings),
             channel=settings.notify_channel,
             ttl=ttl,
             signal_secret=secret,
@@ -120,11 +120,7 @@ class TokenCache:
             raise errors.ReceiverError("TokenCache.start() has not been awaited")
         before = (self._epoch, self._generations.get(client_id, 0))
         rows = await self._database.fetch("active_token", client_id, environment)
-        token = (
-            tokens.open_token(self._sealer, rows[0]["id"], rows[0]["token_sealed"])
-            if rows
-            else None
-        )
+        token = self._sealer.open_token(rows[0]["id"], rows[0]["token_sealed"]) if rows else None
         if (self._epoch, self._generations.get(client_id, 0)) == before:
             secret = SecretStr(token) if token is not None else None
             self._entries[(client_id, environment)] = _Entry(time.monotonic() + self._ttl, secret)
@@ -198,7 +194,10 @@ class TokenCache:
         body = await request.read()
         try:
             signing.verify(
-                request.headers.get(outbox.SIGNATURE_HEADER), body, [self._signal_secret], 300
+                request.headers.get(signing.SIGNAL_SIGNATURE_HEADER),
+                body,
+                [self._signal_secret],
+                300,
             )
             client_id = json.loads(body)["client_id"]
         except errors.ReceiverError as exc:

@@ -1,4 +1,4 @@
-"""The `receiver` command line (DESIGN §6): the parser, and the mapping of errors
+"""The `receiver` command line (docs/design.md §6): the parser, and the mapping of errors
 to exit statuses. The commands themselves live in service, admin and replay."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from receiver import admin, errors, events, inbox, outbox, replay, service, tokens
+from receiver import admin, command, errors, events, inbox, outbox, replay, service, tokens
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -19,16 +19,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
-        return admin.EXIT_CONFIG
+        return command.EXIT_CONFIG
     try:
         status: int = args.run(args)
     except (errors.ConfigError, errors.UsageError) as exc:
         kind = "configuration error" if isinstance(exc, errors.ConfigError) else "error"
         print(f"receiver: {kind}: {exc}", file=sys.stderr)
-        return admin.EXIT_CONFIG
+        return command.EXIT_CONFIG
     except errors.ReceiverError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
-        return admin.EXIT_FAILURE
+        return command.EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     return status
@@ -204,7 +204,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     resend.add_argument("--since", help="received at or after (ISO time)")
     resend.add_argument("--until", help="received before (ISO time)")
     resend.add_argument("--type", help="only this event type")
-    resend.add_argument("--status", choices=("processed", "ignored"))
+    resend.add_argument("--status", choices=inbox.STATUSES)
     resend.add_argument("--limit", type=_positive, default=10_000)
     resend.add_argument("--dry-run", action="store_true", help="list what would be sent")
     _add_sender_options(resend)

@@ -1,4 +1,4 @@
-"""Settings: one frozen model read once from the `RECEIVER_*` variables (DESIGN §5).
+"""Settings: one frozen model read once from the `RECEIVER_*` variables (docs/design.md §5).
 
 Nothing else in the package reads the environment. Key material is decoded and
 checked here, at start-up, so a malformed value stops the process before it serves.
@@ -116,7 +116,7 @@ Key32 = Annotated[SecretBytes, BeforeValidator(_key32)]
 
 
 class Settings(BaseSettings):
-    """Every setting the receiver reads; see the table in DESIGN §5 and the README."""
+    """Every setting the receiver reads; see the table in docs/design.md §5 and the README."""
 
     model_config = SettingsConfigDict(env_prefix="RECEIVER_", frozen=True, extra="forbid")
 

@@ -113,7 +113,7 @@ async def connect(dsn: str) -> Connection:
 
 
 # synchronous_commit is forced on whatever the database default: a 200 must follow a
-# durable commit (DESIGN §3, guarantee 1).
+# durable commit (docs/design.md §3, guarantee 1).
 # jit off: asyncpg introspects the composite type once per connection, and JIT
 # compiling that catalog query costs more than running it.
 _SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "receiver", "jit": "off"}

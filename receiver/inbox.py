@@ -83,7 +83,7 @@ async def reprocess(
 
     Idempotent: a delivery that left quarantine reports `not_quarantined` next time.
     """
-    sealer = store.Sealer.from_settings(settings)
+    sealer = vault.Sealer.from_settings(settings)
     results = []
     for key in keys:
         rows = await database.fetch("event_to_reprocess", key)

@@ -7,26 +7,15 @@ codes. No token, secret or raw client input ever becomes a label.
 With `serve --workers N`, the workers run in prometheus-client's multiprocess mode
 (`PROMETHEUS_MULTIPROC_DIR`, set by the parent before they start): each keeps its
 counters in files there, and whichever worker answers a scrape reports the sum of
-all of them. The gauges read from the database are computed at scrape time and are
-the same whichever worker answers.
+all of them. The gauges read from the database are computed at scrape time by
+`receiver.scrape`, and are the same whichever worker answers.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Histogram
 
 from receiver import events
-
-if TYPE_CHECKING:  # db reports its faults here: a runtime import would be circular
-    from receiver import db
 
 EVENTS = Counter(
     "receiver_events_total", "Webhook events answered 200, by type and outcome", ["type", "outcome"]
@@ -78,63 +67,8 @@ SIGNAL_DELIVERY_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600),
 )
 _KNOWN_TYPES = frozenset({events.ONBOARDING_COMPLETED, events.TOKEN_REVOKED})
-SEALED_REFRESH_SECONDS = 60.0
-_sealed_rows: list[tuple[str, str, int]] = []
-_sealed_refreshed = -SEALED_REFRESH_SECONDS
 
 
 def event_type(name: str) -> str:
     """The label for an event type: known types by name, anything else `other`."""
     return name if name in _KNOWN_TYPES else "other"
-
-
-class _Snapshot(Collector):
-    """A collector that reports metric families computed once, for one scrape."""
-
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = list(families)
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
-
-
-async def render(database: db.Database) -> bytes:
-    """The exposition text: this process's metrics (every worker's, in multiprocess
-    mode), then the gauges read from the database now."""
-    global _sealed_rows, _sealed_refreshed
-    signals = GaugeMetricFamily(
-        "receiver_signals", "Outbox signals by status, read at scrape time", labels=["status"]
-    )
-    counts = {"pending": 0, "in_flight": 0, "dead": 0}
-    counts.update({row["status"]: row["n"] for row in await database.fetch("open_signal_counts")})
-    for status, n in counts.items():
-        signals.add_metric([status], n)
-    quarantined = GaugeMetricFamily(
-        "receiver_events_quarantined_open",
-        "Quarantined deliveries not yet reprocessed, read at scrape time (alert when > 0)",
-        value=await database.fetchval("open_quarantine_count"),
-    )
-    if time.monotonic() - _sealed_refreshed > SEALED_REFRESH_SECONDS:
-        rows = await database.fetch("sealed_key_counts")
-        _sealed_rows = [(row["kind"], row["key_id"], row["n"]) for row in rows]
-        _sealed_refreshed = time.monotonic()
-    sealed = GaugeMetricFamily(
-        "receiver_sealed_values",
-        "Sealed values per kind and key id (key rotation progress); "
-        "refreshed at most once a minute",
-        labels=["kind", "key_id"],
-    )
-    for kind, key_id, n in _sealed_rows:
-        sealed.add_metric([kind, key_id], n)
-    from_database = CollectorRegistry(auto_describe=False)
-    from_database.register(_Snapshot([signals, quarantined, sealed]))
-    return generate_latest(_process_registry()) + generate_latest(from_database)
-
-
-def _process_registry() -> CollectorRegistry:
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        return REGISTRY
-    registry = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    return registry

@@ -48,7 +48,7 @@ class Migration:
 
 def sql_dir() -> Path:
     """Where the migrations are: inside an installed wheel, or beside the package in
-    a checkout (DESIGN §8 keeps them at the top level)."""
+    a checkout (docs/design.md §8 keeps them at the top level)."""
     packaged = Path(__file__).with_name("sql")
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "sql"
 

@@ -35,7 +35,6 @@ from receiver import config, db, errors, metrics, signing
 
 log = structlog.get_logger(__name__)
 
-SIGNATURE_HEADER = "X-Receiver-Signature"
 DELIVERY_TIMEOUT_SECONDS = 5.0
 POLL_INTERVAL_SECONDS = 1.0
 REAP_INTERVAL_SECONDS = 5.0
@@ -215,7 +214,7 @@ class Dispatcher:
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": signal.id,
-            SIGNATURE_HEADER: signing.header_value(self._secret, body),
+            signing.SIGNAL_SIGNATURE_HEADER: signing.header_value(self._secret, body),
         }
         timeout = aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT_SECONDS)
         try:

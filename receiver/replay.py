@@ -1,4 +1,4 @@
-"""`receiver replay`: fire signed test events at any receiver (DESIGN §7).
+"""`receiver replay`: fire signed test events at any receiver (docs/design.md §7).
 
 Like `stripe trigger` and `stripe events resend`: `trigger` builds realistic
 events, `send` signs and sends events from files, `resend` re-drives stored events
@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from receiver import admin, config, db, errors, events, redaction, sender, store, vault
+from receiver import command, config, db, errors, events, redaction, sender, vault
 
 DEFAULT_URL = "http://127.0.0.1:8080/webhooks/debitura"
 _ALPHABET = string.ascii_letters + string.digits
@@ -99,7 +99,8 @@ def outgoing(document: dict[str, Any], body: bytes | None = None) -> sender.Outg
     if isinstance(token, str) and redaction.TOKEN_PATTERN.fullmatch(token):
         prefix = redaction.token_prefix(token)
     elif isinstance(data.get("token_prefix"), str):
-        prefix = data["token_prefix"]
+        # Cut to the public length: a sender may have put a whole token there.
+        prefix = redaction.token_prefix(data["token_prefix"])
     event_id = document.get("id")
     return sender.Outgoing(
         body=body if body is not None else json.dumps(document).encode(),
@@ -175,14 +176,22 @@ async def stored_events(
     found = []
     for row in rows:
         body = keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
-        document = json.loads(body)
+        try:  # a quarantined body may be anything: it is re-sent as it came
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        found_prefix = outgoing(document if isinstance(document, dict) else {}, body).token_prefix
+        # The stored key and type, not the body's: they are clean of tokens by construction.
+        sending = sender.Outgoing(
+            body=body, event_type=row["type"], event_id=row["key"], token_prefix=found_prefix
+        )
         meta = {
             "event_id": row["key"],
             "type": row["type"],
             "status": row["status"],
             "received_at": row["received_at"].isoformat(),
         }
-        found.append((meta, outgoing(document, body)))
+        found.append((meta, sending))
     return found
 
 
@@ -229,7 +238,7 @@ def _send(args: argparse.Namespace, secret: bytes, outgoing_events: list[sender.
         print(json.dumps({"summary": summary.as_dict()}))
     else:
         print(summary.render())
-    return admin.EXIT_FAILURE if summary.failed else 0
+    return command.EXIT_FAILURE if summary.failed else 0
 
 
 def _line(delivery: sender.Delivery) -> str:
@@ -290,7 +299,7 @@ def run_resend(args: argparse.Namespace) -> int:
         found.extend(
             await stored_events(
                 database,
-                store.Sealer.from_settings(settings).keyring,
+                vault.Sealer.from_settings(settings).keyring,
                 event_ids=args.event_id,
                 since=since,
                 until=until,
@@ -301,14 +310,14 @@ def run_resend(args: argparse.Namespace) -> int:
         )
         return 0
 
-    admin.with_database(args, load)
+    command.with_database(args, load)
     if args.dry_run:
         rows = [meta | {"token_prefix": out.token_prefix} for meta, out in found]
         if args.json:
             for row in rows:
                 print(json.dumps(row))
         else:
-            print(admin.table(rows, RESEND_COLUMNS, noun="event"))
+            print(command.table(rows, RESEND_COLUMNS, noun="event"))
         return 0
     if not found:
         raise errors.UsageError("no stored event matches")

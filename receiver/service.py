@@ -1,4 +1,4 @@
-"""The long-running commands: `serve`, `dispatch`, and `migrate` (DESIGN §6)."""
+"""The long-running commands: `serve`, `dispatch`, and `migrate` (docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from receiver import admin, app, config, db, errors, log, migrations, outbox, server
+from receiver import app, command, config, db, errors, migrations, outbox, server
 
 logger = structlog.get_logger(__name__)
 
@@ -44,15 +44,11 @@ async def _migrate_when_reachable(dsn: str) -> list[str]:
 
 def serve(args: argparse.Namespace) -> int:
     """`receiver serve`."""
-    log.configure(stream=sys.stdout)
-    settings = config.load_settings(dev=args.dev)
-    admin.configure_logging(settings, service=True)
-    settings = admin.resolve_database(settings)
-    assert settings.database_url is not None
+    settings = command.start(args, service=True)
     if args.worker:  # one of `serve --workers N`'s processes: the parent migrated
         _run_worker(settings, args.host, args.port, reuse_port=True)
         return 0
-    asyncio.run(_migrate_when_reachable(settings.database_url.get_secret_value()))
+    asyncio.run(_migrate_when_reachable(command.dsn(settings)))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
         _print_dev_help(settings, url)
@@ -155,14 +151,10 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     """`receiver dispatch`."""
-    log.configure(stream=sys.stdout)
-    settings = config.load_settings(dev=args.dev)
-    admin.configure_logging(settings, service=True)
+    settings = command.start(args, service=True)
     if settings.cache_url is None:
         raise errors.ConfigError("RECEIVER_CACHE_URL is required to dispatch signals")
-    settings = admin.resolve_database(settings)
-    assert settings.database_url is not None
-    asyncio.run(_dispatch_until_stopped(settings, settings.database_url.get_secret_value()))
+    asyncio.run(_dispatch_until_stopped(settings, command.dsn(settings)))
     return 0
 
 
@@ -197,11 +189,7 @@ def _print_dev_help(settings: config.Settings, url: str) -> None:
 
 def migrate(args: argparse.Namespace) -> int:
     """`receiver migrate`."""
-    log.configure(stream=sys.stderr)
-    settings = config.load_settings(dev=args.dev)
-    admin.configure_logging(settings)
-    settings = admin.resolve_database(settings)
-    assert settings.database_url is not None
-    applied = asyncio.run(migrations.apply(settings.database_url.get_secret_value()))
+    settings = command.start(args)
+    applied = asyncio.run(migrations.apply(command.dsn(settings)))
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
     return 0

@@ -1,4 +1,4 @@
-"""Debitura's webhook signature scheme, used both ways (DESIGN §2).
+"""Debitura's webhook signature scheme, used both ways (docs/design.md §2).
 
     X-Debitura-Signature: t=<unix seconds>,v1=<lowercase hex HMAC-SHA256>
 
@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from receiver import errors
 
 SIGNATURE_HEADER = "X-Debitura-Signature"
+# The same scheme on the receiver's own invalidation POSTs, under RECEIVER_CACHE_SECRET.
+SIGNAL_SIGNATURE_HEADER = "X-Receiver-Signature"
 FUTURE_TOLERANCE_SECONDS = 30
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_HEADER_LENGTH = 4096

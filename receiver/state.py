@@ -6,11 +6,11 @@ import asyncio
 
 from aiohttp import web
 
-from receiver import committer, config, db, outbox, store
+from receiver import committer, config, db, outbox, vault
 
 SETTINGS = web.AppKey("settings", config.Settings)
 DATABASE = web.AppKey("database", db.Database)
-SEALER = web.AppKey("sealer", store.Sealer)
+SEALER = web.AppKey("sealer", vault.Sealer)
 DISPATCHER = web.AppKey("dispatcher", outbox.Dispatcher)
 COMMITTER = web.AppKey("committer", committer.GroupCommit)
 DRAINING = web.AppKey("draining", asyncio.Event)

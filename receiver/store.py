@@ -16,26 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from receiver import config, db, events, redaction, vault
-
-
-@dataclass(frozen=True, slots=True)
-class Sealer:
-    """The key material the request path needs: a keyring and the blind-index key."""
-
-    keyring: vault.Keyring
-    index_key: bytes
-
-    @classmethod
-    def from_settings(cls, settings: config.Settings) -> Sealer:
-        """The keyring and index key the settings configure."""
-        return cls(
-            keyring=vault.Keyring([(kid, k.get_secret_value()) for kid, k in settings.token_keys]),
-            index_key=settings.index_key.get_secret_value(),
-        )
-
-    def __repr__(self) -> str:
-        return f"Sealer(keyring={self.keyring!r})"
+from receiver import db, events, redaction, vault
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +70,7 @@ class Delivery:
         return f"Delivery({len(self.body)} bytes, is_test={self.is_test})"
 
 
-def prepare(sealer: Sealer, event: events.Event, delivery: Delivery) -> Row:
+def prepare(sealer: vault.Sealer, event: events.Event, delivery: Delivery) -> Row:
     """Seal the delivery's body (and token) and lay it out for SQL."""
     common: dict[str, Any] = {
         "key": event.key,

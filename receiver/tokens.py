@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from receiver import db, errors, store, vault
+from receiver import db, errors, vault
 
 log = structlog.get_logger(__name__)
 
@@ -44,14 +44,9 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def open_token(sealer: store.Sealer, row_id: str, sealed: bytes) -> str:
-    """Decrypt one stored token; it opens only in the row it was sealed for."""
-    return sealer.keyring.open(sealed, vault.token_associated_data(row_id)).decode()
-
-
 async def reveal(
     database: db.Database,
-    sealer: store.Sealer,
+    sealer: vault.Sealer,
     client_id: str,
     prefix: str | None = None,
     environment: str = "live",
@@ -67,7 +62,7 @@ async def reveal(
             f"no {'token with that prefix' if prefix else 'active token'} for client {client_id!r}"
         )
     row = rows[0]
-    token = open_token(sealer, row["id"], row["token_sealed"])
+    token = sealer.open_token(row["id"], row["token_sealed"])
     log.warning(
         "token_revealed",
         client_id=row["client_id"],

@@ -1,4 +1,4 @@
-"""Encryption at rest: AES-256-GCM under a keyring, and a blind index (DESIGN §4).
+"""Encryption at rest: AES-256-GCM under a keyring, and a blind index (docs/design.md §4).
 
 A sealed value is self-describing:
 
@@ -16,11 +16,12 @@ import hashlib
 import hmac
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from receiver import errors
+from receiver import config, errors
 
 VERSION = 1
 NONCE_BYTES = 12
@@ -101,3 +102,26 @@ def event_associated_data(sealed_for: str) -> bytes:
     key (`sha256:<hex>` of the bytes) for rows that store a body hash, else the row's
     key (rows stored before body hashes): a body opens only as the body it is."""
     return f"event|{sealed_for}".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Sealer:
+    """The key material the request path needs: a keyring and the blind-index key."""
+
+    keyring: Keyring
+    index_key: bytes
+
+    @classmethod
+    def from_settings(cls, settings: config.Settings) -> Sealer:
+        """The keyring and index key the settings configure."""
+        return cls(
+            keyring=Keyring([(kid, k.get_secret_value()) for kid, k in settings.token_keys]),
+            index_key=settings.index_key.get_secret_value(),
+        )
+
+    def __repr__(self) -> str:
+        return f"Sealer(keyring={self.keyring!r})"
+
+    def open_token(self, row_id: str, sealed: bytes) -> str:
+        """Decrypt one stored token; it opens only in the row it was sealed for."""
+        return self.keyring.open(sealed, token_associated_data(row_id)).decode()

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from receiver import app, config, db, embedded, log, store
+from receiver import app, config, db, embedded, log, vault
 from receiver.config import Settings
 from tests import conftest, helpers
 from tests.integration import processes
@@ -95,9 +95,9 @@ def with_cache(settings: Settings, cache: StandInCache, **extra: Any) -> Setting
 
 
 @pytest.fixture
-def sealer(settings: Settings) -> store.Sealer:
+def sealer(settings: Settings) -> vault.Sealer:
     """The keyring and index key of the receiver under test."""
-    return store.Sealer.from_settings(settings)
+    return vault.Sealer.from_settings(settings)
 
 
 @pytest.fixture

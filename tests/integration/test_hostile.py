@@ -223,9 +223,7 @@ def _fuzz(served: Served, statuses: Counter[str]) -> None:
         elif header_mode == 5:
             headers["X-Debitura-Signature"] = "t=" + "9" * 40 + ",v1=" + "z" * 64
         elif header_mode == 6:
-            headers["X-Debitura-Signature"] = helpers.debitura_signature(
-                helpers.new_secret(), body
-            )
+            headers["X-Debitura-Signature"] = helpers.debitura_signature(helpers.new_secret(), body)
         status, answer, _ = served.post(body, headers)
         authentic = (
             header_mode < 5 and content_type.startswith("application/") and len(body) <= LIMIT

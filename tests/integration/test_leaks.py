@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import structlog
 
-from receiver import app, config, embedded, migrations, store
+from receiver import app, config, embedded, migrations, vault
 from receiver.config import Settings
 from tests import helpers
 from tests.conftest import with_database
@@ -95,7 +95,7 @@ async def test_secret_keys_and_configured_secrets_are_masked(
 
 def test_reprs_hold_no_secret(settings: Settings) -> None:
     """Settings, sealer and keyring reprs show no key material."""
-    sealer = store.Sealer.from_settings(settings)
+    sealer = vault.Sealer.from_settings(settings)
     text = repr(settings) + repr(sealer) + str(settings)
     for secret in settings.secret_values():
         assert secret not in text
@@ -164,7 +164,9 @@ def _nested(value: Any, depth: int) -> Any:
     return value
 
 
-def _planted_everywhere(token: str, live: str) -> list[tuple[dict[str, Any] | bytes, dict[str, str]]]:
+def _planted_everywhere(
+    token: str, live: str
+) -> list[tuple[dict[str, Any] | bytes, dict[str, str]]]:
     """Deliveries with `token` in every field a sender controls (and in headers), plus
     a legitimate onboarding of `live` and its revocation, so signals flow too."""
     onboarding = helpers.onboarding("cli_canary", live)

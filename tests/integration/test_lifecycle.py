@@ -1,4 +1,4 @@
-"""A token's life, whatever order Debitura's webhooks arrive in (DESIGN §3, 2 and 5)."""
+"""A token's life, whatever order Debitura's webhooks arrive in (docs/design.md §3, 2 and 5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from receiver import db, errors, store, tokens, vault
+from receiver import db, errors, tokens, vault
 from tests import helpers
 from tests.integration.conftest import Post
 
@@ -178,7 +178,7 @@ async def test_inventory_lists_metadata_only(post: Post, database: db.Database) 
 
 
 async def test_tampered_or_moved_ciphertext_fails_to_open(
-    post: Post, conn: asyncpg.Connection, database: db.Database, sealer: store.Sealer
+    post: Post, conn: asyncpg.Connection, database: db.Database, sealer: vault.Sealer
 ) -> None:
     """A ciphertext copied into another row, or altered in place, does not open."""
     a, b = helpers.canary_token(), helpers.canary_token()
@@ -203,6 +203,6 @@ async def test_tampered_or_moved_ciphertext_fails_to_open(
 async def test_value_under_a_removed_key_names_the_key(post: Post, database: db.Database) -> None:
     """Opening a token whose key left RECEIVER_TOKEN_KEYS fails naming that key id."""
     await post(helpers.onboarding("cli_k"))
-    other = store.Sealer(keyring=vault.Keyring([("k9", os.urandom(32))]), index_key=os.urandom(32))
+    other = vault.Sealer(keyring=vault.Keyring([("k9", os.urandom(32))]), index_key=os.urandom(32))
     with pytest.raises(errors.KeyNotFound, match="'k1'"):
         await tokens.reveal(database, other, "cli_k")

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from receiver import app, config, store, vault
+from receiver import app, config, vault
 from receiver.config import Settings
 from tests import helpers
 from tests.integration.conftest import Post, operator_env, settings_values
@@ -39,17 +39,53 @@ def _raw(text: str) -> bytes:
 # Each one came from a user's report or Debitura's documentation; each was a 4xx or
 # a 500 once. (case, body, reason or None when it is simply processed)
 HOSTILE: list[tuple[str, bytes, str | None]] = [
-    ("debitura example token", helpers.encode(helpers.onboarding(token="tok_live_new_token_456")), None),
-    ("prefix of 14", helpers.encode(_revocation_with(token_prefix="tok_live_abc12")), "invalid_data"),
-    ("prefix of 16", helpers.encode(_revocation_with(token_prefix="tok_live_abc1234")), "invalid_data"),
+    (
+        "debitura example token",
+        helpers.encode(helpers.onboarding(token="tok_live_new_token_456")),
+        None,
+    ),
+    (
+        "prefix of 14",
+        helpers.encode(_revocation_with(token_prefix="tok_live_abc12")),
+        "invalid_data",
+    ),
+    (
+        "prefix of 16",
+        helpers.encode(_revocation_with(token_prefix="tok_live_abc1234")),
+        "invalid_data",
+    ),
     ("data missing a field", helpers.encode(_onboarding_with(client_id=None)), "invalid_data"),
-    ("no data at all", _raw('{"id": "evt_nodata", "event": "client.onboarding_completed"}'), "invalid_data"),
-    ("NaN", _raw('{"id": "evt_nan", "event": "token.revoked", "data": {"x": NaN}}'), "invalid_json"),
-    ("1e400", _raw('{"id": "evt_big", "event": "token.revoked", "data": {"x": 1e400}}'), "unstorable_value"),
-    ("lone surrogate", _raw('{"id": "evt_sur", "event": "x", "data": {"r": "\\ud800"}}'), "unstorable_value"),
+    (
+        "no data at all",
+        _raw('{"id": "evt_nodata", "event": "client.onboarding_completed"}'),
+        "invalid_data",
+    ),
+    (
+        "NaN",
+        _raw('{"id": "evt_nan", "event": "token.revoked", "data": {"x": NaN}}'),
+        "invalid_json",
+    ),
+    (
+        "1e400",
+        _raw('{"id": "evt_big", "event": "token.revoked", "data": {"x": 1e400}}'),
+        "unstorable_value",
+    ),
+    (
+        "lone surrogate",
+        _raw('{"id": "evt_sur", "event": "x", "data": {"r": "\\ud800"}}'),
+        "unstorable_value",
+    ),
     ("NUL in reason", helpers.encode(_revocation_with(reason="a\u0000b")), "unstorable_value"),
-    ("5,000 digits", _raw('{"id": "evt_digits", "event": "x", "n": ' + "7" * 5000 + "}"), "unstorable_value"),
-    ("year 0 in UTC", helpers.encode(helpers.onboarding(completed_at="0001-01-01T00:00:00+14:00")), "invalid_data"),
+    (
+        "5,000 digits",
+        _raw('{"id": "evt_digits", "event": "x", "n": ' + "7" * 5000 + "}"),
+        "unstorable_value",
+    ),
+    (
+        "year 0 in UTC",
+        helpers.encode(helpers.onboarding(completed_at="0001-01-01T00:00:00+14:00")),
+        "invalid_data",
+    ),
     ("not JSON", b"{not json", "invalid_json"),
     ("not UTF-8", b'{"event": "\xff"}', "invalid_json"),
     ("a JSON array", b"[1, 2, 3]", "not_an_object"),
@@ -61,7 +97,12 @@ HOSTILE: list[tuple[str, bytes, str | None]] = [
 
 @pytest.mark.parametrize(("case", "body", "reason"), HOSTILE, ids=[h[0] for h in HOSTILE])
 async def test_hostile_body_signed_is_stored_and_answered_200(
-    post: Post, conn: asyncpg.Connection, sealer: store.Sealer, case: str, body: bytes, reason: str | None
+    post: Post,
+    conn: asyncpg.Connection,
+    sealer: vault.Sealer,
+    case: str,
+    body: bytes,
+    reason: str | None,
 ) -> None:
     """Signed, each hostile body is answered 200 and stored (quarantined with its
     reason when it cannot be applied); its exact bytes stay sealed in the row."""
@@ -87,7 +128,11 @@ async def test_hostile_body_signed_is_stored_and_answered_200(
 
 @pytest.mark.parametrize(("case", "body", "reason"), HOSTILE, ids=[h[0] for h in HOSTILE])
 async def test_hostile_body_unsigned_is_refused_and_stores_nothing(
-    client: TestClient, conn: asyncpg.Connection, case: str, body: bytes, reason: str | None  # type: ignore[type-arg]
+    client: TestClient,
+    conn: asyncpg.Connection,
+    case: str,
+    body: bytes,
+    reason: str | None,  # type: ignore[type-arg]
 ) -> None:
     """Unsigned (or signed by someone else), the same bytes get a JSON 401 and no row."""
     for signature in ("", helpers.debitura_signature(helpers.new_secret(), body)):
@@ -116,7 +161,9 @@ async def test_signature_with_a_320_digit_timestamp_is_401(client: TestClient) -
 
 
 async def test_gzip_that_is_not_gzip_is_a_json_400(
-    client: TestClient, webhook_secret: str, conn: asyncpg.Connection  # type: ignore[type-arg]
+    client: TestClient,
+    webhook_secret: str,
+    conn: asyncpg.Connection,  # type: ignore[type-arg]
 ) -> None:
     """Content-Encoding: gzip over bytes that are not gzip: a JSON 400, nothing stored;
     real gzip of a signed body is read like any other."""
@@ -211,17 +258,27 @@ TEST_BY_HEADER = {"X-Debitura-Test": "true"}
 
 @pytest.mark.parametrize("how", ["header", "test secret"])
 async def test_test_onboarding_never_supersedes_the_live_token(
-    two_worlds: TestClient, webhook_secret: str, test_secret: str, conn: asyncpg.Connection, how: str  # type: ignore[type-arg]
+    two_worlds: TestClient,
+    webhook_secret: str,
+    test_secret: str,
+    conn: asyncpg.Connection,
+    how: str,  # type: ignore[type-arg]
 ) -> None:
     """A client has one active token per environment: a test onboarding (by header or
     by test secret) leaves the live token active, and a live one leaves the test one."""
     secret, headers = (webhook_secret, TEST_BY_HEADER) if how == "header" else (test_secret, {})
-    live = helpers.onboarding("cli_env", helpers.canary_token("live"), completed_at="2024-01-01T00:00:00Z")
-    test = helpers.onboarding("cli_env", helpers.canary_token("test"), completed_at="2024-02-01T00:00:00Z")
+    live = helpers.onboarding(
+        "cli_env", helpers.canary_token("live"), completed_at="2024-01-01T00:00:00Z"
+    )
+    test = helpers.onboarding(
+        "cli_env", helpers.canary_token("test"), completed_at="2024-02-01T00:00:00Z"
+    )
     assert (await _send(two_worlds, webhook_secret, live))["status"] == "processed"
     assert (await _send(two_worlds, secret, test, **headers))["status"] == "processed"
     assert await _statuses(conn, "cli_env") == {"live": ["active"], "test": ["active"]}
-    later = helpers.onboarding("cli_env", helpers.canary_token("live"), completed_at="2024-03-01T00:00:00Z")
+    later = helpers.onboarding(
+        "cli_env", helpers.canary_token("live"), completed_at="2024-03-01T00:00:00Z"
+    )
     assert (await _send(two_worlds, webhook_secret, later))["status"] == "processed"
     assert await _statuses(conn, "cli_env") == {"live": ["expired", "active"], "test": ["active"]}
     is_test = await conn.fetchval("SELECT is_test FROM receiver.events WHERE key = $1", test["id"])
@@ -230,14 +287,20 @@ async def test_test_onboarding_never_supersedes_the_live_token(
 
 @pytest.mark.parametrize("how", ["header", "test secret"])
 async def test_test_delivery_naming_live_is_quarantined(
-    two_worlds: TestClient, webhook_secret: str, test_secret: str, conn: asyncpg.Connection, how: str  # type: ignore[type-arg]
+    two_worlds: TestClient,
+    webhook_secret: str,
+    test_secret: str,
+    conn: asyncpg.Connection,
+    how: str,  # type: ignore[type-arg]
 ) -> None:
     """A test delivery carrying a live token, or revoking a live prefix, is quarantined
     and changes no live state."""
     secret, headers = (webhook_secret, TEST_BY_HEADER) if how == "header" else (test_secret, {})
     live_token = helpers.canary_token("live")
     await _send(two_worlds, webhook_secret, helpers.onboarding("cli_w", live_token))
-    onboarding = helpers.onboarding("cli_w", helpers.canary_token("live"), completed_at="2025-01-01T00:00:00Z")
+    onboarding = helpers.onboarding(
+        "cli_w", helpers.canary_token("live"), completed_at="2025-01-01T00:00:00Z"
+    )
     revocation = helpers.revocation("cli_w", live_token[:15])
     for document in (onboarding, revocation):
         answer = await _send(two_worlds, secret, document, **headers)
@@ -251,15 +314,25 @@ async def test_test_delivery_naming_live_is_quarantined(
 
 
 async def test_prefixless_revocation_acts_in_its_delivery_environment(
-    two_worlds: TestClient, webhook_secret: str, test_secret: str, conn: asyncpg.Connection  # type: ignore[type-arg]
+    two_worlds: TestClient,
+    webhook_secret: str,
+    test_secret: str,
+    conn: asyncpg.Connection,  # type: ignore[type-arg]
 ) -> None:
     """Without a prefix, a test revocation revokes test tokens only and a live one live
     tokens only; each signals its environment."""
-    await _send(two_worlds, webhook_secret, helpers.onboarding("cli_r", helpers.canary_token("live")))
+    await _send(
+        two_worlds, webhook_secret, helpers.onboarding("cli_r", helpers.canary_token("live"))
+    )
     await _send(two_worlds, test_secret, helpers.onboarding("cli_r", helpers.canary_token("test")))
     await _send(two_worlds, test_secret, helpers.revocation("cli_r", None))
     assert await _statuses(conn, "cli_r") == {"live": ["active"], "test": ["revoked"]}
-    await _send(two_worlds, webhook_secret, helpers.revocation("cli_r", None), **{"X-Debitura-Test": "false"})
+    await _send(
+        two_worlds,
+        webhook_secret,
+        helpers.revocation("cli_r", None),
+        **{"X-Debitura-Test": "false"},
+    )
     assert await _statuses(conn, "cli_r") == {"live": ["revoked"], "test": ["revoked"]}
     signalled = await conn.fetch(
         "SELECT reason, environment FROM receiver.signals ORDER BY created_at, reason"
@@ -273,18 +346,25 @@ async def test_prefixless_revocation_acts_in_its_delivery_environment(
 
 
 async def test_prefixed_revocation_acts_in_its_prefix_environment(
-    two_worlds: TestClient, webhook_secret: str, conn: asyncpg.Connection  # type: ignore[type-arg]
+    two_worlds: TestClient,
+    webhook_secret: str,
+    conn: asyncpg.Connection,  # type: ignore[type-arg]
 ) -> None:
     """A live delivery revoking a test prefix revokes that test token and nothing live."""
     test_token = helpers.canary_token("test")
-    await _send(two_worlds, webhook_secret, helpers.onboarding("cli_p", helpers.canary_token("live")))
+    await _send(
+        two_worlds, webhook_secret, helpers.onboarding("cli_p", helpers.canary_token("live"))
+    )
     await _send(two_worlds, webhook_secret, helpers.onboarding("cli_p", test_token))
     await _send(two_worlds, webhook_secret, helpers.revocation("cli_p", test_token[:15]))
     assert await _statuses(conn, "cli_p") == {"live": ["active"], "test": ["revoked"]}
 
 
 async def test_tokens_list_and_cache_read_per_environment(
-    two_worlds: TestClient, two_world_settings: Settings, webhook_secret: str, test_secret: str  # type: ignore[type-arg]
+    two_worlds: TestClient,
+    two_world_settings: Settings,
+    webhook_secret: str,
+    test_secret: str,  # type: ignore[type-arg]
 ) -> None:
     """`tokens list` shows each token's environment; the cache hands out the live token
     unless asked for the test one."""
@@ -362,7 +442,9 @@ async def test_reprocess_reports_what_stays_quarantined(
     assert (await (await post(document)).json())["reason"] == "invalid_data"
     result = run(["events", "reprocess", document["id"], "evt_nowhere"], operator_env(settings))
     assert result.returncode == 1
-    assert f"{document['id']}: quarantined (invalid_data: data.bearer_token: missing)" in result.stdout
+    assert (
+        f"{document['id']}: quarantined (invalid_data: data.bearer_token: missing)" in result.stdout
+    )
     assert "evt_nowhere: not_found" in result.stdout
     assert await conn.fetchval("SELECT status FROM receiver.events") == "quarantined"
 
@@ -392,7 +474,9 @@ async def test_events_show_reads_a_quarantined_body_redacted(
 
 
 async def test_quarantine_is_loud_in_logs_and_metrics(
-    client: TestClient, post: Post, log_lines: Any  # type: ignore[type-arg]
+    client: TestClient,
+    post: Post,
+    log_lines: Any,  # type: ignore[type-arg]
 ) -> None:
     """Each quarantine writes one warning with event id and reason; /metrics counts it
     by reason and shows how many are still open."""

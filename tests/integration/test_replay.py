@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import operator_env
+from tests.integration.conftest import Post, operator_env
 
 
 def webhook_url(client: TestClient) -> str:  # type: ignore[type-arg]
@@ -141,6 +141,38 @@ async def test_resend_exercises_deduplication(
     assert "status=duplicate" in sent.stdout
     assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 1
     assert await conn.fetchval("SELECT count(*) FROM receiver.tokens") == 1
+
+
+async def test_resend_of_quarantined_deliveries_sends_their_bytes(
+    client: TestClient,
+    post: Post,
+    conn: asyncpg.Connection,
+    settings: Settings,  # type: ignore[type-arg]
+) -> None:
+    """Quarantined deliveries (not JSON; a token where a prefix belongs) are re-sent as
+    they came, listed by their stored key and type, never with a token in the output;
+    the receiver answers each a duplicate."""
+    token = helpers.canary_token()
+    assert (await (await post(b"not json")).json())["status"] == "quarantined"
+    misplaced = helpers.revocation("cli_q", None)
+    misplaced["data"]["token_prefix"] = token
+    assert (await (await post(misplaced)).json())["reason"] == "token_outside_bearer_token"
+    sent = await replay(
+        "resend",
+        "--status",
+        "quarantined",
+        "--since",
+        "2000-01-01",
+        "--live",
+        "--to",
+        webhook_url(client),
+        env=operator_env(settings),
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert sent.stdout.count("status=duplicate") == 2
+    assert misplaced["id"] in sent.stdout
+    assert token not in sent.stdout + sent.stderr
+    assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 2
 
 
 async def test_signature_verifies_under_an_independent_implementation(webhook_secret: str) -> None:

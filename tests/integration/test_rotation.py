@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from pydantic import SecretBytes
 
-from receiver import app, db, rotation, store, vault
+from receiver import app, db, rotation, vault
 from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
@@ -45,7 +45,9 @@ async def every_value_opens(conn: asyncpg.Connection, keyring: vault.Keyring) ->
         keyring.open(row["token_sealed"], vault.token_associated_data(row["id"]))
         opened += 1
     for row in await conn.fetch("SELECT body_hash, body_sealed FROM receiver.events"):
-        keyring.open(row["body_sealed"], vault.event_associated_data("sha256:" + row["body_hash"].hex()))
+        keyring.open(
+            row["body_sealed"], vault.event_associated_data("sha256:" + row["body_hash"].hex())
+        )
         opened += 1
     return opened
 
@@ -78,7 +80,7 @@ async def test_rotation_under_concurrent_writes(
             sent += 1
         return sent
 
-    ring = store.Sealer.from_settings(rotated_settings).keyring
+    ring = vault.Sealer.from_settings(rotated_settings).keyring
     report, written = await asyncio.gather(
         rotation.rotate(database, ring, batch_size=7), keep_writing()
     )
@@ -94,7 +96,7 @@ async def test_interrupted_rotation_resumes(
     """A rotation that dies after its first batch loses nothing; the next run finishes."""
     for _ in range(10):
         await post(helpers.onboarding())
-    ring = store.Sealer.from_settings(with_new_primary(settings)).keyring
+    ring = vault.Sealer.from_settings(with_new_primary(settings)).keyring
 
     class Crash(Exception):
         """Stands in for a kill after the first committed batch."""

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from receiver import db, errors, events, migrations, store
+from receiver import db, errors, events, migrations, store, vault
 from tests import helpers, schema
 
 
@@ -130,7 +130,9 @@ async def test_migration_keeps_existing_data_correct(empty_database_url: str) ->
             ("cli_m2", "live", "active"),  # a live token superseded by a live one stays so
             ("cli_m2", "live", "superseded"),
         ]
-        restored = next(r for r in after if r["client_id"] == "cli_m" and r["environment"] == "live")
+        restored = next(
+            r for r in after if r["client_id"] == "cli_m" and r["environment"] == "live"
+        )
         assert restored["superseded_at"] is None and restored["expires_at"] is None
         environment = await conn.fetchval("SELECT environment FROM receiver.revocations")
         assert environment == "test"
@@ -165,7 +167,7 @@ async def test_database_built_by_the_squashed_files_is_adopted(empty_database_ur
 # --- locking ------------------------------------------------------------------------
 
 
-def _row(sealer: store.Sealer, document: dict[str, Any]) -> tuple[Any, ...]:
+def _row(sealer: vault.Sealer, document: dict[str, Any]) -> tuple[Any, ...]:
     body = helpers.encode(document)
     delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
     return store.prepare(sealer, events.read(body, is_test=False), delivery).as_record()
@@ -187,7 +189,7 @@ async def _wait_until_blocked(watcher: asyncpg.Connection, pids: list[int]) -> N
 
 
 async def test_groups_sharing_keys_and_clients_never_deadlock(
-    database_url: str, sealer: store.Sealer
+    database_url: str, sealer: vault.Sealer
 ) -> None:
     """Two groups, sorted by client as the committer sorts them, that share a client
     and an event key: the one holding the client lock next needs the key the other

@@ -16,7 +16,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from receiver import app, cache, db, events, outbox, store
+from receiver import app, cache, db, events, outbox, store, vault
 from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
@@ -33,7 +33,7 @@ async def seed(
     database: db.Database, settings: Settings, count: int, *, http: bool = True
 ) -> list[str]:
     """Record `count` revocations (each queues one signal) the way the webhook does."""
-    sealer = store.Sealer.from_settings(settings)
+    sealer = vault.Sealer.from_settings(settings)
     for _ in range(count):
         body = helpers.encode(helpers.revocation(f"cli_{os.urandom(4).hex()}", None))
         delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
@@ -360,7 +360,7 @@ async def test_token_cache_applies_signed_http_signals(
     old, new = helpers.canary_token(), helpers.canary_token()
     quiet = cache.TokenCache(
         database_url,
-        store.Sealer.from_settings(settings),
+        vault.Sealer.from_settings(settings),
         channel="unused_channel",
         signal_secret=base64.b64decode(cache_secret),
     )
@@ -414,7 +414,7 @@ async def test_call_with_token_retries_exactly_once_on_401(
     await post(helpers.onboarding("cli_401", old, completed_at="2024-01-01T00:00:00Z"))
     # On a channel nobody notifies, so the cache goes stale after the rotation below.
     stale = cache.TokenCache(
-        database_url, store.Sealer.from_settings(settings), channel="unused_channel"
+        database_url, vault.Sealer.from_settings(settings), channel="unused_channel"
     )
     await stale.start()
     used: list[str] = []

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from receiver import store, vault
+from receiver import vault
 from receiver.config import Settings
 from tests import helpers
 from tests.integration.conftest import Post
@@ -24,7 +24,7 @@ async def count(conn: asyncpg.Connection, table: str) -> int:
 
 
 async def test_onboarding_is_stored_sealed(
-    post: Post, conn: asyncpg.Connection, settings: Settings, sealer: store.Sealer
+    post: Post, conn: asyncpg.Connection, settings: Settings, sealer: vault.Sealer
 ) -> None:
     """A valid onboarding answers processed and leaves only sealed bytes in the row."""
     token = helpers.canary_token()
@@ -47,7 +47,7 @@ async def test_onboarding_is_stored_sealed(
 
 
 async def test_stored_event_keeps_the_exact_body_sealed(
-    post: Post, conn: asyncpg.Connection, sealer: store.Sealer
+    post: Post, conn: asyncpg.Connection, sealer: vault.Sealer
 ) -> None:
     """The raw body is kept sealed byte for byte; the operators' copy shows only the prefix."""
     token = helpers.canary_token()
