@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import time
 import uuid
@@ -106,6 +107,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         error=error_code,
         duration_ms=round(elapsed * 1000, 2),
         remote=request.remote,
+        pid=os.getpid(),  # which process answered (serve --workers)
     )
     return response
 

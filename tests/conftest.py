@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -95,10 +96,11 @@ def template_name(server_dsn: str) -> Iterator[str]:
 
     asyncio.run(create())
     yield name
-    asyncio.run(_drop(server_dsn, name))
+    asyncio.run(drop_database(server_dsn, name))
 
 
-async def _drop(server_dsn: str, name: str) -> None:
+async def drop_database(server_dsn: str, name: str) -> None:
+    """Drop a database the suite created, closing any session still on it."""
     conn = await asyncpg.connect(server_dsn)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -106,28 +108,45 @@ async def _drop(server_dsn: str, name: str) -> None:
         await conn.close()
 
 
-async def _create(server_dsn: str, prefix: str, template: str | None = None) -> str:
-    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
+def unique_name(prefix: str) -> str:
+    """A database name no other test of this run (or a parallel run) uses."""
+    return f"{prefix}_{os.getpid()}_{next(_counter)}"
+
+
+async def create_database(server_dsn: str, name: str, template: str | None = None) -> None:
+    """Create database `name`, a clone of `template` if given."""
     conn = await asyncpg.connect(server_dsn)
     try:
         clause = f' TEMPLATE "{template}"' if template else ""
         await conn.execute(f'CREATE DATABASE "{name}"{clause}')
     finally:
         await conn.close()
-    return name
+
+
+@contextmanager
+def cloned_database(server_dsn: str, template: str, prefix: str) -> Iterator[str]:
+    """A clone of the migrated template for a block (module fixtures): its URL."""
+    name = unique_name(prefix)
+    asyncio.run(create_database(server_dsn, name, template))
+    try:
+        yield with_database(server_dsn, name)
+    finally:
+        asyncio.run(drop_database(server_dsn, name))
 
 
 @pytest.fixture
 async def database_url(server_dsn: str, template_name: str) -> AsyncIterator[str]:
     """A fresh, migrated database for one test."""
-    name = await _create(server_dsn, "receiver_t", template_name)
+    name = unique_name("receiver_t")
+    await create_database(server_dsn, name, template_name)
     yield with_database(server_dsn, name)
-    await _drop(server_dsn, name)
+    await drop_database(server_dsn, name)
 
 
 @pytest.fixture
 async def empty_database_url(server_dsn: str) -> AsyncIterator[str]:
     """A fresh database with no schema at all."""
-    name = await _create(server_dsn, "receiver_e")
+    name = unique_name("receiver_e")
+    await create_database(server_dsn, name)
     yield with_database(server_dsn, name)
-    await _drop(server_dsn, name)
+    await drop_database(server_dsn, name)

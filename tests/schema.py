@@ -30,8 +30,8 @@ HEADER = """\
 
 """
 _NOISE = re.compile(
-    r"^(SET (?!check_function_bodies)|SELECT pg_catalog\.set_config|\\(un)?restrict |-- Dumped |-- PostgreSQL database dump"
-    r"|-- Name: |--$"
+    r"^(SET (?!check_function_bodies)|SELECT pg_catalog\.set_config|\\(un)?restrict "
+    r"|-- Dumped |-- PostgreSQL database dump|-- Name: |--$"
     # Column options some servers stamp on every column themselves (seen on this
     # machine's Postgres 15: pg_attver=<n>); not part of what the migrations say.
     r"|ALTER TABLE ONLY \S+ ALTER COLUMN \S+ SET \(pg_attver=)"

@@ -12,7 +12,7 @@ import pytest
 from receiver import app, db, errors, migrations
 from receiver.config import Settings
 from tests import helpers
-from tests.conftest import with_database
+from tests.conftest import create_database, drop_database, unique_name, with_database
 from tests.integration.conftest import Post
 
 
@@ -69,7 +69,7 @@ async def test_event_is_accepted_once_the_database_is_back(
     template_name: str,
 ) -> None:
     """A delivery refused with 503 while the database is missing succeeds on Debitura's retry."""
-    name = f"receiver_late_{id(settings)}"
+    name = unique_name("receiver_late")
     late = settings.model_copy(
         update={"database_url": type(settings.database_url)(with_database(server_dsn, name))}
     )
@@ -78,16 +78,14 @@ async def test_event_is_accepted_once_the_database_is_back(
     headers = helpers.signed_headers(webhook_secret, body)
     assert (await client.post(app.WEBHOOK_PATH, data=body, headers=headers)).status == 503
 
-    admin = await asyncpg.connect(server_dsn)
+    await create_database(server_dsn, name, template_name)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
         retry = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
         assert retry.status == 200
         assert (await retry.json())["status"] == "processed"
     finally:
         await client.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(server_dsn, name)
 
 
 async def test_unmigrated_database_answers_503_not_500(

@@ -18,12 +18,6 @@ from tests import helpers
 from tests.integration import processes
 
 
-def _secrets_env(database_url: str) -> dict[str, str]:
-    return {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()} | {
-        "RECEIVER_DATABASE_URL": database_url
-    }
-
-
 @pytest.mark.slow
 async def test_dev_mode_from_scratch_fires_the_printed_command(tmp_path: Path) -> None:
     """`serve --dev` on an empty data dir starts an embedded Postgres, and the command it
@@ -75,7 +69,7 @@ async def test_malformed_configuration_never_prints_the_value() -> None:
 
 async def test_migrate_command_is_idempotent(empty_database_url: str) -> None:
     """`receiver migrate` applies the schema once, then reports nothing to do."""
-    env = processes.clean_env(**_secrets_env(empty_database_url))
+    env, _ = processes.receiver_env(empty_database_url)
     first = await asyncio.to_thread(processes.run, ["migrate"], env)
     second = await asyncio.to_thread(processes.run, ["migrate"], env)
     names = [m.name for m in migrations.available()]
@@ -95,7 +89,7 @@ async def test_keys_generate_prints_loadable_settings() -> None:
 async def test_serve_with_a_database_url_processes_and_logs_json(database_url: str) -> None:
     """A production-style start: env settings, JSON logs, a signed delivery stored."""
     port = processes.free_port()
-    env = processes.clean_env(**_secrets_env(database_url), RECEIVER_LOG_FORMAT="json")
+    env, _ = processes.receiver_env(database_url, RECEIVER_LOG_FORMAT="json")
     secret = env["RECEIVER_WEBHOOK_SECRETS"]
     token = helpers.canary_token()
     with processes.serving(["--port", str(port)], env) as (process, output):
@@ -123,7 +117,7 @@ async def test_serve_with_a_database_url_processes_and_logs_json(database_url: s
 async def test_replay_trigger_reports_a_wrong_secret(database_url: str) -> None:
     """Signed with the wrong secret, the trigger prints the 401 and exits non-zero."""
     port = processes.free_port()
-    env = processes.clean_env(**_secrets_env(database_url))
+    env, _ = processes.receiver_env(database_url)
     with processes.serving(["--port", str(port)], env) as (process, _):
         await processes.wait_healthy(port, process)
         result = await asyncio.to_thread(

@@ -192,9 +192,11 @@ async def test_tampered_or_moved_ciphertext_fails_to_open(
     )
     with pytest.raises(errors.SealBroken):
         await tokens.reveal(database, sealer, "cli_m2")
+    # One bit of the ciphertext flipped: always a change, whatever the byte was.
     await conn.execute(
         "UPDATE receiver.tokens SET token_sealed = "
-        "overlay(token_sealed placing '\\x00'::bytea from 30 for 1) WHERE client_id = 'cli_m1'"
+        "overlay(token_sealed placing set_byte(substring(token_sealed from 30 for 1), 0, "
+        "get_byte(token_sealed, 29) # 1) from 30 for 1) WHERE client_id = 'cli_m1'"
     )
     with pytest.raises(errors.SealBroken):
         await tokens.reveal(database, sealer, "cli_m1")

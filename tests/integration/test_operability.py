@@ -187,7 +187,7 @@ async def test_workers_report_one_set_of_metrics(database_url: str) -> None:
     base = f"http://127.0.0.1:{port}"
     with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
         await processes.wait_healthy(port, process)
-        await listening_pids(output, 2)
+        workers = await listening_pids(output, 2)
         # A connection per request: the kernel spreads them over both workers.
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -213,6 +213,13 @@ async def test_workers_report_one_set_of_metrics(database_url: str) -> None:
         assert processed == {40.0}
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 20) == 0
+    lines = [json.loads(line) for line in output.read_text().splitlines() if line[:1] == "{"]
+    served_by = {
+        line["pid"]
+        for line in lines
+        if line.get("event") == "request" and line.get("path") == "/webhooks/debitura"
+    }
+    assert served_by == set(workers)  # both workers really served deliveries
 
 
 async def test_a_dead_worker_stops_the_service(database_url: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from receiver import db, errors, events, migrations, store, vault
 from tests import helpers, schema
+from tests.conftest import create_database, drop_database, unique_name, with_database
 
 
 async def test_schema_file_matches_the_migrations(empty_database_url: str, server_dsn: str) -> None:
@@ -22,9 +23,8 @@ async def test_schema_file_matches_the_migrations(empty_database_url: str, serve
     same schema (`make schema` rewrites the file after a migration is added)."""
     await migrations.apply(empty_database_url)
     from_migrations = schema.dump(empty_database_url)
-    from tests.conftest import _create, _drop, with_database
-
-    name = await _create(server_dsn, "receiver_snap")
+    name = unique_name("receiver_snap")
+    await create_database(server_dsn, name)
     try:
         url = with_database(server_dsn, name)
         conn = await asyncpg.connect(url)
@@ -34,7 +34,7 @@ async def test_schema_file_matches_the_migrations(empty_database_url: str, serve
             await conn.close()
         from_file = schema.dump(url)
     finally:
-        await _drop(server_dsn, name)
+        await drop_database(server_dsn, name)
     diff = "\n".join(
         difflib.unified_diff(
             from_file.splitlines(), from_migrations.splitlines(), "schema.sql", "migrations"
@@ -133,7 +133,8 @@ async def test_migration_keeps_existing_data_correct(empty_database_url: str) ->
         restored = next(
             r for r in after if r["client_id"] == "cli_m" and r["environment"] == "live"
         )
-        assert restored["superseded_at"] is None and restored["expires_at"] is None
+        assert restored["superseded_at"] is None
+        assert restored["expires_at"] is None
         environment = await conn.fetchval("SELECT environment FROM receiver.revocations")
         assert environment == "test"
     finally:

@@ -4,16 +4,14 @@ operation, every answer checked against what the description promises."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from receiver import openapi
-from tests.conftest import with_database
+from tests.conftest import cloned_database
 from tests.integration import processes
 
 schema = schemathesis.openapi.from_dict(openapi.document())
@@ -22,20 +20,12 @@ schema = schemathesis.openapi.from_dict(openapi.document())
 @pytest.fixture(scope="module")
 def base_url(server_dsn: str, template_name: str) -> Iterator[str]:
     """A `receiver serve` process on its own database, for the module."""
-    name = f"receiver_schema_{time.monotonic_ns()}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(server_dsn)
-        await conn.execute(sql)
-        await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"'))
-    env, _ = processes.receiver_env(with_database(server_dsn, name))
-    port = processes.free_port()
-    with processes.serving(["--port", str(port)], env) as (process, _):
-        asyncio.run(processes.wait_healthy(port, process))
-        yield f"http://127.0.0.1:{port}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with cloned_database(server_dsn, template_name, "receiver_schema") as url:
+        env, _ = processes.receiver_env(url)
+        port = processes.free_port()
+        with processes.serving(["--port", str(port)], env) as (process, _):
+            asyncio.run(processes.wait_healthy(port, process))
+            yield f"http://127.0.0.1:{port}"
 
 
 @schema.parametrize()
