@@ -348,6 +348,45 @@ async def test_token_cache_flushes_after_losing_its_listener(
         await token_cache.close()
 
 
+async def test_token_cache_does_not_keep_a_read_that_raced_an_invalidation(
+    post: Any, settings: Settings, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """A read that started before an invalidation returns what it read but does not
+    cache it: the next read goes to Postgres again (the generation counter)."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_race", token))
+    token_cache = cache.TokenCache.from_settings(settings)
+    await token_cache.start()
+    try:
+        async with conn.transaction():
+            # Holds the cache's read until the invalidation below has happened.
+            await conn.execute("LOCK TABLE receiver.tokens IN ACCESS EXCLUSIVE MODE")
+            read = asyncio.create_task(token_cache.get("cli_race"))
+            await eventually(lambda: _reads_blocked(database_url))
+            token_cache.invalidate("cli_race")
+        assert await read == token  # the read completes and returns what it read...
+        # ...but is not cached: a change no signal announces shows at the next read.
+        await conn.execute(
+            "UPDATE receiver.tokens SET status = 'revoked' WHERE client_id = 'cli_race'"
+        )
+        assert await token_cache.get("cli_race") is None
+    finally:
+        await token_cache.close()
+
+
+async def _reads_blocked(database_url: str) -> bool:
+    # A connection of its own: inside a transaction pg_stat_activity is a snapshot.
+    watcher = await asyncpg.connect(database_url)
+    try:
+        waiting: int = await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%FROM receiver.tokens%'"
+        )
+    finally:
+        await watcher.close()
+    return waiting == 1
+
+
 async def test_token_cache_applies_signed_http_signals(
     aiohttp_client: Any,
     settings: Settings,
