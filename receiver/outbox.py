@@ -149,9 +149,13 @@ class Dispatcher:
         many were claimed."""
         if time.monotonic() >= self._next_reap:
             self._next_reap = time.monotonic() + REAP_INTERVAL_SECONDS
-            reaped = await self._database.fetch("reap_expired_leases")
+            reaped = await self._database.fetch("reap_expired_leases", self._max_attempts)
             if reaped:
                 log.warning("signal_leases_reaped", count=len(reaped), worker_id=self.worker_id)
+            for row in reaped:
+                if row["status"] == "dead":
+                    metrics.SIGNALS_DEAD.inc()
+                    log.error("signal_dead", signal_id=row["id"], error="lease expired too often")
         lease = uuid.uuid4()
         rows = await self._database.fetch(
             "claim_due_signals", lease, self._lease_seconds, self._batch_size

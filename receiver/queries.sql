@@ -10,18 +10,23 @@ SELECT outcome FROM receiver.record_events_v2($1::receiver.event_row[], $2, $3);
 SELECT receiver.reprocess_event_v2($1, $2::receiver.event_row, $3, $4);
 
 -- name: ping
+-- Is the database answering (readiness probe)?
 SELECT 1;
 
 -- name: applied_migrations
+-- Migration names already applied (readiness: is the schema current?).
 SELECT name FROM receiver.schema_migrations;
 
 -- name: migration_lock
+-- Replicas migrating at once take turns (session advisory lock).
 SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));
 
 -- name: migration_unlock
+-- Releases migration_lock.
 SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0));
 
 -- name: migration_bootstrap
+-- The schema and the migrations table, before the first migration.
 CREATE SCHEMA IF NOT EXISTS receiver;
 CREATE TABLE IF NOT EXISTS receiver.schema_migrations (
     name        text PRIMARY KEY,
@@ -30,6 +35,7 @@ CREATE TABLE IF NOT EXISTS receiver.schema_migrations (
 );
 
 -- name: migration_record
+-- Records one applied migration and its checksum.
 INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, $2);
 
 -- name: migration_forget
@@ -37,9 +43,11 @@ INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, $2);
 DELETE FROM receiver.schema_migrations WHERE name = ANY($1::text[]);
 
 -- name: migration_checksums
+-- Applied migrations and their checksums (an edited file is refused).
 SELECT name, checksum FROM receiver.schema_migrations;
 
 -- name: token_inventory
+-- The inventory operators list: metadata only, never a token; filters optional.
 SELECT client_id, prefix, environment, status, onboarding_completed_at, stored_at,
        superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
        changed_by_event, key_id
@@ -61,6 +69,7 @@ SELECT t.id::text AS id, t.client_id, t.prefix, i.status, t.token_sealed
  LIMIT 1;
 
 -- name: rotation_tokens
+-- A batch of tokens not yet under the primary key, locked for re-sealing.
 SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed
   FROM receiver.tokens
  WHERE id > $1::uuid AND receiver.sealed_key_id(token_sealed) <> $2
@@ -69,6 +78,7 @@ SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed
    FOR UPDATE SKIP LOCKED;
 
 -- name: rotation_events
+-- A batch of stored bodies not yet under the primary key, locked for re-sealing.
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed
   FROM receiver.events
  WHERE key > $1 AND receiver.sealed_key_id(body_sealed) <> $2
@@ -81,9 +91,11 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
 UPDATE receiver.tokens SET token_sealed = $3 WHERE id = $1::uuid AND token_sealed = $2;
 
 -- name: rotation_store_events
+-- Fenced on the old bytes, like rotation_store_tokens.
 UPDATE receiver.events SET body_sealed = $3 WHERE key = $1 AND body_sealed = $2;
 
 -- name: sealed_key_counts
+-- Sealed values per kind and key id (rotation progress; a full scan, cached by the caller).
 SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
   FROM receiver.tokens GROUP BY 2
 UNION ALL
@@ -130,16 +142,22 @@ UPDATE receiver.signals
  WHERE lease_id = ANY($1::uuid[]) AND status = 'in_flight';
 
 -- name: reap_expired_leases
+-- Leases whose dispatcher died or stalled go back to pending; a signal that has used
+-- up its attempts ($1) this way is dead instead, so one that kills every dispatcher
+-- taking it cannot cycle forever.
 UPDATE receiver.signals
-   SET status = 'pending', lease_id = NULL, lease_expires_at = NULL,
+   SET status = CASE WHEN attempts >= $1 THEN 'dead' ELSE 'pending' END,
+       lease_id = NULL, lease_expires_at = NULL,
        last_error = 'lease expired: the dispatcher holding it stopped or stalled'
  WHERE status = 'in_flight' AND lease_expires_at < now()
-RETURNING id::text AS id;
+RETURNING id::text AS id, status;
 
 -- name: signal_counts
+-- Every signal status and its count (signals list).
 SELECT status, count(*) AS n FROM receiver.signals GROUP BY status ORDER BY status;
 
 -- name: list_signals
+-- The outbox, newest first, optionally one status.
 SELECT id::text AS id, client_id, environment, token_prefix, reason, event_key, status, attempts,
        created_at, next_attempt_at, delivered_at, last_error
   FROM receiver.signals
@@ -148,6 +166,7 @@ SELECT id::text AS id, client_id, environment, token_prefix, reason, event_key, 
  LIMIT $2;
 
 -- name: retry_dead_signals
+-- Dead letters (all, or the given ids) back to pending with a fresh count.
 UPDATE receiver.signals
    SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
  WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1::uuid[]))
@@ -160,6 +179,7 @@ SELECT id::text AS id, token_sealed
  WHERE client_id = $1 AND environment = $2 AND status = 'active';
 
 -- name: stored_events
+-- Stored deliveries to re-send (replay resend): sealed bodies, filters optional.
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, type, status,
        received_at, body_sealed
   FROM receiver.events
@@ -172,11 +192,14 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, type, sta
  LIMIT $6;
 
 -- name: open_signal_counts
--- Only the statuses partial indexes cover: cheap at any outbox size.
-SELECT status, count(*) AS n
-  FROM receiver.signals
- WHERE status IN ('pending', 'in_flight', 'dead')
- GROUP BY status;
+-- The open statuses, one count each, so each can use its partial index
+-- (signals_due, signals_leased, signals_dead): cheap at any outbox size. (One
+-- `status IN (…)` cannot use partial indexes and scans the table.)
+SELECT 'pending' AS status, count(*) AS n FROM receiver.signals WHERE status = 'pending'
+UNION ALL
+SELECT 'in_flight', count(*) FROM receiver.signals WHERE status = 'in_flight'
+UNION ALL
+SELECT 'dead', count(*) FROM receiver.signals WHERE status = 'dead';
 
 -- name: open_quarantine_count
 -- Quarantined deliveries waiting for an operator (partial index events_quarantined).

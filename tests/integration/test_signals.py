@@ -252,6 +252,29 @@ async def test_killed_dispatcher_is_covered_after_its_lease_expires(
     assert standin_cache.ids() == ids * 2  # the hung attempt, then the redelivery
 
 
+async def test_signal_whose_leases_keep_expiring_dies(
+    database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
+) -> None:
+    """A signal whose every claim ended in an expired lease (it kills or stalls each
+    dispatcher that takes it) is dead-lettered by the reaper once its attempts are
+    used up, instead of cycling forever; nothing is sent for it."""
+    await seed(database, settings, 1)
+    await conn.execute(
+        "UPDATE receiver.signals SET status = 'in_flight', lease_id = gen_random_uuid(), "
+        "lease_expires_at = now() - interval '1 second', attempts = 3"
+    )
+    async with dispatching(
+        database, with_cache(settings, standin_cache, signal_max_attempts=3), poll_interval=0.05
+    ):
+
+        async def dead() -> bool:
+            return await signal_statuses(conn) == ["dead"]
+
+        await eventually(dead)
+    assert standin_cache.received == []
+    assert "lease expired" in await conn.fetchval("SELECT last_error FROM receiver.signals")
+
+
 async def test_three_dispatchers_share_the_work_without_duplicates(
     database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
 ) -> None:
