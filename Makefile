@@ -19,10 +19,14 @@ run: $(STAMP)  ## start the receiver on an embedded Postgres with generated dev 
 test: $(STAMP)  ## the whole suite
 	$(BIN)/pytest
 
-check: $(STAMP)  ## format, lint and type checks
+check: $(STAMP)  ## format, lint, type checks, and the suite under branch coverage with its floor
 	$(BIN)/ruff format --check receiver tests bench
 	$(BIN)/ruff check receiver tests bench
 	$(BIN)/mypy
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest -q
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report
 
 bench: $(STAMP)  ## the benchmark against this machine's ceilings (see bench/README.md)
 	$(BIN)/python -m bench.run

@@ -44,9 +44,9 @@ class Result:
     generator_cpu: float | None = None
 
     def row(self) -> str:
+        """One table line of this scenario's figures."""
         p50 = harness.percentile(self.latencies, 50) * 1000
         p99 = harness.percentile(self.latencies, 99) * 1000
-        cpu = lambda v: f"{v:5.0f}%" if v is not None else "    - "  # noqa: E731
         return (
             f"{self.name:<44} {self.rate:8.0f}/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
             f"  server {cpu(self.server_cpu)}  postgres {cpu(self.postgres_cpu)}"
@@ -206,7 +206,7 @@ async def resident_memory(env: dict[str, str], port: int, secret: bytes, events:
             requests = loadgen.prebuilt(port, secret, harness.onboardings(chunk))
             answers = await loadgen.closed_loop(port, requests, 32, float("inf"))
             sent += len(answers.only(200).latencies)
-        return psutil.Process(process.pid).memory_info().rss / 2**20
+        return float(psutil.Process(process.pid).memory_info().rss) / 2**20
 
 
 async def main() -> None:
@@ -289,3 +289,8 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
+
+
+def cpu(value: float | None) -> str:
+    """A CPU share for the table, or a dash when it was not measured."""
+    return f"{value:5.0f}%" if value is not None else "    - "

@@ -141,6 +141,13 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    def webhook_secret_sets(self) -> dict[str, list[bytes]]:
+        """The webhook secrets by the world they verify: live, and test."""
+        return {
+            "live": [s.get_secret_value() for s in self.webhook_secrets],
+            "test": [s.get_secret_value() for s in self.test_webhook_secrets],
+        }
+
     def secret_values(self) -> list[str]:
         """Every configured secret as text, for the log redaction processor to mask."""
         raw: list[bytes] = [s.get_secret_value() for s in self.webhook_secrets]

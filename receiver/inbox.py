@@ -134,14 +134,7 @@ def _is_test_now(settings: config.Settings, row: Any, body: bytes) -> bool:
         # The stored header is checked for which secret made it, not for freshness.
         timestamp, _ = signing.parse(header or "")
         _, signed_by = signing.authenticate(
-            header,
-            body,
-            {
-                "live": [s.get_secret_value() for s in settings.webhook_secrets],
-                "test": [s.get_secret_value() for s in settings.test_webhook_secrets],
-            },
-            settings.signature_tolerance,
-            now=timestamp,
+            header, body, settings.webhook_secret_sets(), settings.signature_tolerance, timestamp
         )
     except errors.InvalidSignature:
         return bool(row["is_test"])

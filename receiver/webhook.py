@@ -55,13 +55,7 @@ async def receive(request: web.Request) -> web.Response:
     body = await _read_body(request, limit, settings.body_timeout_seconds)
     signature = request.headers.get(signing.SIGNATURE_HEADER)
     _, signed_by = signing.authenticate(
-        signature,
-        body,
-        {
-            "live": [s.get_secret_value() for s in settings.webhook_secrets],
-            "test": [s.get_secret_value() for s in settings.test_webhook_secrets],
-        },
-        settings.signature_tolerance,
+        signature, body, settings.webhook_secret_sets(), settings.signature_tolerance
     )
     # From here on the delivery is authentic: nothing below refuses it.
     test_header = request.headers.get(TEST_HEADER, "").strip().lower() == "true"

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from receiver import app, config, db, embedded, log, vault
@@ -26,6 +26,7 @@ from tests.integration import processes
 from tests.integration.standins import StandInCache
 
 Post = Callable[..., Awaitable[ClientResponse]]
+Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ async def standin_cache(cache_secret: str) -> AsyncIterator[StandInCache]:
     await cache.stop()
 
 
-def settings_values(settings: Settings) -> dict[str, str]:
+def settings_values(settings: Settings) -> dict[str, Any]:
     """The settings written back in the form RECEIVER_* variables take."""
     values = {
         "webhook_secrets": ",".join(
@@ -101,13 +102,14 @@ def sealer(settings: Settings) -> vault.Sealer:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings) -> TestClient:  # type: ignore[type-arg]
+async def client(aiohttp_client: Any, settings: Settings) -> Client:
     """An HTTP client for a receiver serving on loopback."""
-    return await aiohttp_client(app.create_app(settings))
+    served: Client = await aiohttp_client(app.create_app(settings))
+    return served
 
 
 @pytest.fixture
-def post(client: TestClient, webhook_secret: str) -> Post:  # type: ignore[type-arg]
+def post(client: Client, webhook_secret: str) -> Post:
     """POST a document (or raw bytes) to the webhook, signed unless told otherwise."""
 
     async def send(document: Any, *, secret: str | None = None, **headers: str) -> ClientResponse:

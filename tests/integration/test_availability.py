@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
 from receiver import app, db, errors, migrations
 from receiver.config import Settings
@@ -35,9 +36,7 @@ async def test_readyz_fails_on_unmigrated_schema(
     aiohttp_client: Any, settings: Settings, empty_database_url: str
 ) -> None:
     """A reachable database without the schema is not ready."""
-    unmigrated = settings.model_copy(
-        update={"database_url": type(settings.database_url)(empty_database_url)}
-    )
+    unmigrated = settings.model_copy(update={"database_url": SecretStr(empty_database_url)})
     client = await aiohttp_client(app.create_app(unmigrated))
     response = await client.get("/readyz")
     assert response.status == 503
@@ -49,7 +48,7 @@ async def test_unreachable_postgres_is_503_with_retry_after(
 ) -> None:
     """Connection refused: 503, a Retry-After header, and the Debitura error shape."""
     dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
-    down = settings.model_copy(update={"database_url": type(settings.database_url)(dsn)})
+    down = settings.model_copy(update={"database_url": SecretStr(dsn)})
     client = await aiohttp_client(app.create_app(down))
     body = helpers.encode(helpers.onboarding())
     response = await client.post(
@@ -70,9 +69,7 @@ async def test_event_is_accepted_once_the_database_is_back(
 ) -> None:
     """A delivery refused with 503 while the database is missing succeeds on Debitura's retry."""
     name = unique_name("receiver_late")
-    late = settings.model_copy(
-        update={"database_url": type(settings.database_url)(with_database(server_dsn, name))}
-    )
+    late = settings.model_copy(update={"database_url": SecretStr(with_database(server_dsn, name))})
     client = await aiohttp_client(app.create_app(late))
     body = helpers.encode(helpers.onboarding())
     headers = helpers.signed_headers(webhook_secret, body)
@@ -92,9 +89,7 @@ async def test_unmigrated_database_answers_503_not_500(
     aiohttp_client: Any, settings: Settings, empty_database_url: str, webhook_secret: str
 ) -> None:
     """Deliveries before `receiver migrate` are retried by Debitura, not failed."""
-    unmigrated = settings.model_copy(
-        update={"database_url": type(settings.database_url)(empty_database_url)}
-    )
+    unmigrated = settings.model_copy(update={"database_url": SecretStr(empty_database_url)})
     client = await aiohttp_client(app.create_app(unmigrated))
     body = helpers.encode(helpers.onboarding())
     response = await client.post(

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -83,7 +84,8 @@ async def test_keys_generate_prints_loadable_settings() -> None:
     result = await asyncio.to_thread(processes.run, ["keys", "generate"], processes.clean_env())
     values = dict(line.split("=", 1) for line in result.stdout.strip().splitlines())
     assert set(values) == {"RECEIVER_WEBHOOK_SECRETS", "RECEIVER_TOKEN_KEYS", "RECEIVER_INDEX_KEY"}
-    config.load_settings(**{k.removeprefix("RECEIVER_").lower(): v for k, v in values.items()})
+    named: dict[str, Any] = {k.removeprefix("RECEIVER_").lower(): v for k, v in values.items()}
+    config.load_settings(**named)
 
 
 async def test_serve_with_a_database_url_processes_and_logs_json(database_url: str) -> None:

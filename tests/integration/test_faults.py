@@ -182,6 +182,7 @@ async def test_two_receivers_fed_every_event_twice(database_url: str) -> None:
             "(SELECT count(*) FROM receiver.tokens) AS tokens, "
             "(SELECT count(*) FROM receiver.signals) AS signals"
         )
+        assert counts is not None
     finally:
         await conn.close()
     assert dict(counts) == {"events": 200, "tokens": 200, "signals": 200}

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -34,8 +35,11 @@ FUZZ_EXAMPLES = 1000
 class Served:
     """A receiver process on its own database, for a whole module."""
 
-    def __init__(self, url: str, secret: str, database_url: str, keys: dict[str, str]) -> None:
+    def __init__(
+        self, url: str, secret: str, database_url: str, keys: dict[str, str], log: Path
+    ) -> None:
         self.url, self.secret, self.database_url, self.keys = url, secret, database_url, keys
+        self.log = log
         self.port = int(url.rsplit(":", 1)[1])
 
     def get(self, path: str) -> str:
@@ -70,9 +74,9 @@ def served(server_dsn: str, template_name: str) -> Iterator[Served]:
             RECEIVER_KEEPALIVE_SECONDS="2",
         )
         port = processes.free_port()
-        with processes.serving(["--port", str(port)], env) as (process, _):
+        with processes.serving(["--port", str(port)], env) as (process, output):
             asyncio.run(processes.wait_healthy(port, process))
-            yield Served(f"http://127.0.0.1:{port}", keys["webhook_secrets"], url, keys)
+            yield Served(f"http://127.0.0.1:{port}", keys["webhook_secrets"], url, keys, output)
 
 
 # --- strategies -----------------------------------------------------------------
@@ -382,8 +386,7 @@ def test_malformed_http_gets_a_json_400_and_one_quiet_log_line(
         "message": "malformed HTTP request",
     }
     assert b"tok_live_" not in answer
-    logs = "".join(p.read_text() for p in conftest.LOG_DIR.glob("serve-*.log"))
-    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in served.log.read_text().splitlines() if line[:1] == "{"]
     errors = [line for line in lines if line["level"] in ("error", "critical")]
     assert errors == []
     protocol = [line for line in lines if line["event"] == "http_protocol_error"]
@@ -446,7 +449,7 @@ def test_flood_of_bad_signatures_is_counted_with_its_source(served: Served) -> N
         )
         assert status == 401
     assert failures() - before == 50
-    logs = "".join(p.read_text() for p in conftest.LOG_DIR.glob("serve-*.log"))
+    logs = served.log.read_text()
     forged = [json.loads(line) for line in logs.splitlines() if '"invalid_signature"' in line]
     assert len(forged) >= 50
     assert {line["remote"] for line in forged} == {"127.0.0.1"}

@@ -115,6 +115,7 @@ async def test_revocation_before_onboarding_by_prefix(post: Post, conn: asyncpg.
     await post(helpers.onboarding("cli_b", token, completed_at="2024-02-01T00:00:00Z"))
     assert await states(conn, "cli_b") == {token[:15]: "revoked"}
     row = await conn.fetchrow("SELECT revoked_at, revoke_reason FROM receiver.tokens")
+    assert row is not None
     assert row["revoke_reason"] == "client_request"
 
 

@@ -16,18 +16,17 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver import migrations, openapi
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import Post
+from tests.integration.conftest import Client, Post
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:  # type: ignore[type-arg]
+async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics, keyed by name and sorted labels."""
     response = await client.get("/metrics")
     assert response.status == 200
@@ -45,7 +44,7 @@ def delta(before: dict[Any, float], after: dict[Any, float], name: str, **labels
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-async def test_metrics_count_a_mixed_run(client: TestClient, post: Post) -> None:  # type: ignore[type-arg]
+async def test_metrics_count_a_mixed_run(client: Client, post: Post) -> None:
     """After onboardings, a duplicate, a revocation, an unknown type and bad signatures,
     /metrics shows each count, with no client input or token in any label."""
     before = await scrape(client)
@@ -90,7 +89,7 @@ async def test_metrics_count_a_mixed_run(client: TestClient, post: Post) -> None
     assert "cli_metrics" not in text
 
 
-async def test_openapi_describes_every_route(client: TestClient) -> None:  # type: ignore[type-arg]
+async def test_openapi_describes_every_route(client: Client) -> None:
     """/openapi.json names every route the app serves, and no other; refs resolve."""
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.")
@@ -108,7 +107,7 @@ async def test_openapi_describes_every_route(client: TestClient) -> None:  # typ
     assert set(envelope["properties"]) == {"id", "specVersion", "event", "timestamp", "data"}
 
 
-async def test_answers_match_the_described_schemas(client: TestClient, post: Post) -> None:  # type: ignore[type-arg]
+async def test_answers_match_the_described_schemas(client: Client, post: Post) -> None:
     """Real answers (200 processed and quarantined, 401, 404, 415) validate against the
     described models."""
     openapi.WebhookAnswer.model_validate(await (await post(helpers.onboarding())).json())
@@ -123,7 +122,7 @@ async def test_answers_match_the_described_schemas(client: TestClient, post: Pos
     openapi.Status.model_validate(await (await client.get("/readyz")).json())
 
 
-async def test_readyz_fails_as_soon_as_shutdown_begins(client: TestClient) -> None:  # type: ignore[type-arg]
+async def test_readyz_fails_as_soon_as_shutdown_begins(client: Client) -> None:
     """When shutdown starts, the readiness probe answers 503 at once."""
     assert (await client.get("/readyz")).status == 200
     await client.app.shutdown()

@@ -11,12 +11,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 
 from receiver import app, config, vault
 from receiver.config import Settings
 from tests import helpers
-from tests.integration.conftest import Post, operator_env, settings_values
+from tests.integration.conftest import Client, Post, operator_env, settings_values
 from tests.integration.processes import run
 
 
@@ -117,6 +116,7 @@ async def test_hostile_body_signed_is_stored_and_answered_200(
     row = await conn.fetchrow(
         "SELECT * FROM receiver.events WHERE key = $1 OR envelope_id = $1", answer["event_id"]
     )
+    assert row is not None
     assert row["status"] == "quarantined"
     assert row["quarantine_reason"] == reason
     assert row["quarantine_detail"]
@@ -128,11 +128,11 @@ async def test_hostile_body_signed_is_stored_and_answered_200(
 
 @pytest.mark.parametrize(("case", "body", "reason"), HOSTILE, ids=[h[0] for h in HOSTILE])
 async def test_hostile_body_unsigned_is_refused_and_stores_nothing(
-    client: TestClient,
+    client: Client,
     conn: asyncpg.Connection,
     case: str,
     body: bytes,
-    reason: str | None,  # type: ignore[type-arg]
+    reason: str | None,
 ) -> None:
     """Unsigned (or signed by someone else), the same bytes get a JSON 401 and no row."""
     for signature in ("", helpers.debitura_signature(helpers.new_secret(), body)):
@@ -146,7 +146,7 @@ async def test_hostile_body_unsigned_is_refused_and_stores_nothing(
     assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 0
 
 
-async def test_signature_with_a_320_digit_timestamp_is_401(client: TestClient) -> None:  # type: ignore[type-arg]
+async def test_signature_with_a_320_digit_timestamp_is_401(client: Client) -> None:
     """A t= too long to be a time is a malformed signature, not an overflow."""
     response = await client.post(
         app.WEBHOOK_PATH,
@@ -161,9 +161,9 @@ async def test_signature_with_a_320_digit_timestamp_is_401(client: TestClient) -
 
 
 async def test_gzip_that_is_not_gzip_is_a_json_400(
-    client: TestClient,
+    client: Client,
     webhook_secret: str,
-    conn: asyncpg.Connection,  # type: ignore[type-arg]
+    conn: asyncpg.Connection,
 ) -> None:
     """Content-Encoding: gzip over bytes that are not gzip: a JSON 400, nothing stored;
     real gzip of a signed body is read like any other."""
@@ -227,12 +227,12 @@ def two_world_settings(settings: Settings, test_secret: str) -> Settings:
 
 
 @pytest.fixture
-async def two_worlds(aiohttp_client: Any, two_world_settings: Settings) -> TestClient:  # type: ignore[type-arg]
+async def two_worlds(aiohttp_client: Any, two_world_settings: Settings) -> Client:
     """A receiver that knows a live and a test secret."""
     return await aiohttp_client(app.create_app(two_world_settings))  # type: ignore[no-any-return]
 
 
-async def _send(client: TestClient, secret: str, document: Any, **headers: str) -> dict[str, Any]:  # type: ignore[type-arg]
+async def _send(client: Client, secret: str, document: Any, **headers: str) -> dict[str, Any]:
     body = helpers.encode(document)
     signed = helpers.signed_headers(secret, body, **headers)
     response = await client.post(app.WEBHOOK_PATH, data=body, headers=signed)
@@ -258,11 +258,11 @@ TEST_BY_HEADER = {"X-Debitura-Test": "true"}
 
 @pytest.mark.parametrize("how", ["header", "test secret"])
 async def test_test_onboarding_never_supersedes_the_live_token(
-    two_worlds: TestClient,
+    two_worlds: Client,
     webhook_secret: str,
     test_secret: str,
     conn: asyncpg.Connection,
-    how: str,  # type: ignore[type-arg]
+    how: str,
 ) -> None:
     """A client has one active token per environment: a test onboarding (by header or
     by test secret) leaves the live token active, and a live one leaves the test one."""
@@ -287,11 +287,11 @@ async def test_test_onboarding_never_supersedes_the_live_token(
 
 @pytest.mark.parametrize("how", ["header", "test secret"])
 async def test_test_delivery_naming_live_is_quarantined(
-    two_worlds: TestClient,
+    two_worlds: Client,
     webhook_secret: str,
     test_secret: str,
     conn: asyncpg.Connection,
-    how: str,  # type: ignore[type-arg]
+    how: str,
 ) -> None:
     """A test delivery carrying a live token, or revoking a live prefix, is quarantined
     and changes no live state."""
@@ -314,10 +314,10 @@ async def test_test_delivery_naming_live_is_quarantined(
 
 
 async def test_prefixless_revocation_acts_in_its_delivery_environment(
-    two_worlds: TestClient,
+    two_worlds: Client,
     webhook_secret: str,
     test_secret: str,
-    conn: asyncpg.Connection,  # type: ignore[type-arg]
+    conn: asyncpg.Connection,
 ) -> None:
     """Without a prefix, a test revocation revokes test tokens only and a live one live
     tokens only; each signals its environment."""
@@ -346,9 +346,9 @@ async def test_prefixless_revocation_acts_in_its_delivery_environment(
 
 
 async def test_prefixed_revocation_acts_in_its_prefix_environment(
-    two_worlds: TestClient,
+    two_worlds: Client,
     webhook_secret: str,
-    conn: asyncpg.Connection,  # type: ignore[type-arg]
+    conn: asyncpg.Connection,
 ) -> None:
     """A live delivery revoking a test prefix revokes that test token and nothing live."""
     test_token = helpers.canary_token("test")
@@ -361,10 +361,10 @@ async def test_prefixed_revocation_acts_in_its_prefix_environment(
 
 
 async def test_tokens_list_and_cache_read_per_environment(
-    two_worlds: TestClient,
+    two_worlds: Client,
     two_world_settings: Settings,
     webhook_secret: str,
-    test_secret: str,  # type: ignore[type-arg]
+    test_secret: str,
 ) -> None:
     """`tokens list` shows each token's environment; the cache hands out the live token
     unless asked for the test one."""
@@ -417,6 +417,7 @@ async def test_reprocess_applies_a_delivery_after_a_config_fix(
     assert result.returncode == 0, result.stderr
     assert f"{document['id']}: processed" in result.stdout
     row = await conn.fetchrow("SELECT * FROM receiver.events WHERE key = $1", document["id"])
+    assert row is not None
     assert (row["status"], row["is_test"], row["quarantine_reason"]) == (
         "processed",
         False,
@@ -474,9 +475,9 @@ async def test_events_show_reads_a_quarantined_body_redacted(
 
 
 async def test_quarantine_is_loud_in_logs_and_metrics(
-    client: TestClient,
+    client: Client,
     post: Post,
-    log_lines: Any,  # type: ignore[type-arg]
+    log_lines: Any,
 ) -> None:
     """Each quarantine writes one warning with event id and reason; /metrics counts it
     by reason and shows how many are still open."""

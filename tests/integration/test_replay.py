@@ -9,15 +9,15 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import Post, operator_env
+from tests.integration.conftest import Client, Post, operator_env
 
 
-def webhook_url(client: TestClient) -> str:  # type: ignore[type-arg]
+def webhook_url(client: Client) -> str:
     """The receiver's webhook URL on loopback."""
     return str(client.make_url("/webhooks/debitura"))
 
@@ -30,8 +30,8 @@ async def replay(*args: str, env: dict[str, str] | None = None, stdin: str | Non
 
 
 async def test_trigger_many_with_overrides(
-    client: TestClient, webhook_secret: str, conn: asyncpg.Connection
-) -> None:  # type: ignore[type-arg]
+    client: Client, webhook_secret: str, conn: asyncpg.Connection
+) -> None:
     """`trigger --count 5 --set` sends five distinct test events with the override applied."""
     result = await replay(
         "trigger",
@@ -73,10 +73,10 @@ def onboarding_with_test_token() -> dict[str, Any]:
 
 
 async def test_send_reads_json_lists_ndjson_and_stdin(
-    client: TestClient,
+    client: Client,
     webhook_secret: str,
     conn: asyncpg.Connection,
-    tmp_path: Path,  # type: ignore[type-arg]
+    tmp_path: Path,
 ) -> None:
     """`send` takes a JSON list file, an NDJSON file and stdin in one run."""
     listed = tmp_path / "events.json"
@@ -108,11 +108,11 @@ async def test_send_reads_json_lists_ndjson_and_stdin(
 
 
 async def test_resend_exercises_deduplication(
-    client: TestClient,
+    client: Client,
     webhook_secret: str,
     conn: asyncpg.Connection,
     database_url: str,
-    settings: Settings,  # type: ignore[type-arg]
+    settings: Settings,
 ) -> None:
     """`resend` sends the stored bytes with the same id: the receiver answers duplicate
     and stores nothing new; `--dry-run` lists without sending."""
@@ -144,10 +144,10 @@ async def test_resend_exercises_deduplication(
 
 
 async def test_resend_of_quarantined_deliveries_sends_their_bytes(
-    client: TestClient,
+    client: Client,
     post: Post,
     conn: asyncpg.Connection,
-    settings: Settings,  # type: ignore[type-arg]
+    settings: Settings,
 ) -> None:
     """Quarantined deliveries (not JSON; a token where a prefix belongs) are re-sent as
     they came, listed by their stored key and type, never with a token in the output;
@@ -294,7 +294,7 @@ async def test_unreachable_receiver_summarises_and_fails(webhook_secret: str) ->
     assert "cannot connect" in result.stdout
 
 
-async def test_wrong_secret_is_reported(client: TestClient) -> None:  # type: ignore[type-arg]
+async def test_wrong_secret_is_reported(client: Client) -> None:
     """Signed with another secret: the receiver's 401 shows in the summary; exit 1."""
     result = await replay(
         "trigger",
@@ -309,7 +309,7 @@ async def test_wrong_secret_is_reported(client: TestClient) -> None:  # type: ig
     assert "signature does not match" in result.stdout
 
 
-async def test_rate_limits_the_sending(client: TestClient, webhook_secret: str) -> None:  # type: ignore[type-arg]
+async def test_rate_limits_the_sending(client: Client, webhook_secret: str) -> None:
     """`--rate 20` spreads 10 events over about half a second or more."""
     result = await replay(
         "trigger",

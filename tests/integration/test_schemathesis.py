@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import schemathesis
@@ -36,6 +37,6 @@ def base_url(server_dsn: str, template_name: str) -> Iterator[str]:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_every_answer_matches_the_description(case: schemathesis.Case, base_url: str) -> None:
+def test_every_answer_matches_the_description(case: schemathesis.Case[Any], base_url: str) -> None:
     """No server error, only documented statuses, bodies that match their schemas."""
     case.call_and_validate(base_url=base_url)

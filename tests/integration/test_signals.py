@@ -163,6 +163,7 @@ async def test_4xx_dead_letters_at_once_and_retry_recovers_it(
 
         await eventually(dead)
         row = await conn.fetchrow("SELECT attempts, last_error FROM receiver.signals")
+        assert row is not None
         assert (row["attempts"], row["last_error"]) == (1, "cache answered 400")
 
         env = operator_env(settings)
@@ -289,7 +290,7 @@ async def test_three_dispatchers_share_the_work_without_duplicates(
             )
 
         async def all_delivered() -> bool:
-            return (
+            return bool(
                 await conn.fetchval(
                     "SELECT count(*) FROM receiver.signals WHERE status = 'delivered'"
                 )
@@ -407,7 +408,7 @@ async def _reads_blocked(database_url: str) -> bool:
         )
     finally:
         await watcher.close()
-    return waiting == 1
+    return bool(waiting == 1)
 
 
 async def test_token_cache_applies_signed_http_signals(

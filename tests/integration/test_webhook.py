@@ -34,6 +34,7 @@ async def test_onboarding_is_stored_sealed(
     assert await response.json() == {"status": "processed", "event_id": document["id"]}
 
     row = await conn.fetchrow("SELECT * FROM receiver.tokens WHERE client_id = 'cli_abc123'")
+    assert row is not None
     assert row["status"] == "active"
     assert row["prefix"] == token[:15]
     assert row["environment"] == "live"
@@ -54,6 +55,7 @@ async def test_stored_event_keeps_the_exact_body_sealed(
     body = helpers.encode(helpers.onboarding(token=token))
     assert (await post(body)).status == 200
     row = await conn.fetchrow("SELECT * FROM receiver.events")
+    assert row is not None
     sealed_for = "sha256:" + hashlib.sha256(body).hexdigest()
     assert sealer.keyring.open(row["body_sealed"], vault.event_associated_data(sealed_for)) == body
     redacted = json.loads(row["body_redacted"])
@@ -125,6 +127,7 @@ async def test_revocation_revokes_the_matching_token(post: Post, conn: asyncpg.C
     response = await post(helpers.revocation("cli_1", token[:15]))
     assert (await response.json())["status"] == "processed"
     row = await conn.fetchrow("SELECT status, revoke_reason FROM receiver.tokens")
+    assert row is not None
     assert (row["status"], row["revoke_reason"]) == ("revoked", "client_request")
     reasons = await conn.fetch("SELECT reason FROM receiver.signals ORDER BY created_at")
     assert [r["reason"] for r in reasons] == ["token_issued", "token_revoked"]

@@ -6,12 +6,13 @@ import base64
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from receiver import config, errors
 
-GOOD = {
+GOOD: dict[str, Any] = {
     "webhook_secrets": base64.b64encode(b"s" * 32).decode(),
     "token_keys": "k1:" + base64.b64encode(b"k" * 32).decode(),
     "index_key": base64.b64encode(b"i" * 32).decode(),
