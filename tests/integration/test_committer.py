@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 import asyncpg
+import structlog
 
 from receiver import committer, db, errors, events, store, vault
 from tests import helpers
@@ -24,11 +25,16 @@ async def test_a_refused_row_fails_alone_and_the_rest_commit(
 ) -> None:
     """Four rows recorded at once form one group; one of them holds a value Postgres
     refuses, so the group is retried row by row: three commit, one fails with
-    UnstorableValue, and nothing of it is stored."""
+    UnstorableValue, and nothing of it is stored. The commit runs in a context of its
+    own: its log lines never carry the id of the request that happened to start it."""
     group = committer.GroupCommit(database, channel="token_invalidation", http_delivery=False)
     rows = [_row(sealer) for _ in range(4)]
     rows[1] = dataclasses.replace(rows[1], body_redacted="{not json")
-    results = await asyncio.gather(*(group.record(r) for r in rows), return_exceptions=True)
+    structlog.contextvars.bind_contextvars(request_id="req-that-started-it")
+    try:
+        results = await asyncio.gather(*(group.record(r) for r in rows), return_exceptions=True)
+    finally:
+        structlog.contextvars.clear_contextvars()
     assert results[0] == results[2] == results[3] == ("processed", None)
     assert isinstance(results[1], errors.UnstorableValue)
     assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 3
@@ -37,3 +43,4 @@ async def test_a_refused_row_fails_alone_and_the_rest_commit(
     )
     splits = [line for line in log_lines() if line["event"] == "group_commit_split"]
     assert [line["size"] for line in splits] == [4]
+    assert "request_id" not in splits[0]
