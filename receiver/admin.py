@@ -24,11 +24,7 @@ def tokens_list(args: argparse.Namespace) -> int:
             environment=args.environment,
             limit=args.limit,
         )
-        if args.json:
-            for row in rows:
-                print(json.dumps(row))
-        else:
-            print(command.table(rows, tokens.INVENTORY_COLUMNS))
+        command.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json)
         return 0
 
     return command.with_database(args, work)
@@ -153,11 +149,7 @@ def events_list(args: argparse.Namespace) -> int:
             event_type=args.type,
             limit=args.limit,
         )
-        if args.json:
-            for row in rows:
-                print(json.dumps(row))
-        else:
-            print(command.table(rows, inbox.LIST_COLUMNS, noun="event"))
+        command.print_rows(rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event")
         return 0
 
     return command.with_database(args, work)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -66,6 +67,17 @@ def with_database(
             await database.close()
 
     return asyncio.run(run())
+
+
+def print_rows(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], *, as_json: bool, noun: str = "token"
+) -> None:
+    """Rows on stdout: one JSON object per line, or a table for people."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(table(rows, columns, noun))
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], noun: str = "token") -> str:
