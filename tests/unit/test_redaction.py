@@ -36,3 +36,13 @@ def test_values_under_secret_keys_are_masked_at_any_depth() -> None:
 def test_short_token_shaped_value_is_masked_whole() -> None:
     """A token too short to keep a prefix safely is masked entirely."""
     assert redaction.Redactor().text("tok_test_abcdef12") == "tok_test_" + redaction.MASK
+
+
+def test_whole_token_is_masked_whatever_its_alphabet() -> None:
+    """Underscores and hyphens are part of a token (Debitura's `tok_live_new_token_456`):
+    nothing of its secret part survives, not even a tail after an underscore."""
+    for token in ("tok_live_new_token_456", "tok_test_a-b_c-d_e-f_g-h_ij-kl_mn"):
+        masked = redaction.Redactor().text(f"rotated to {token}.")
+        assert token[9:] not in masked
+        assert "token_456" not in masked
+        assert masked.endswith(".")
