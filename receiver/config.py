@@ -131,7 +131,10 @@ class Settings(BaseSettings):
     cache_url: HttpUrl | None = None
     cache_secret: Annotated[SecretBytes | None, BeforeValidator(_optional_secret)] = None
     notify_channel: Annotated[str, AfterValidator(_channel)] = "token_invalidation"
-    signal_max_attempts: int = Field(default=12, ge=1, le=1000)
+    # A signal is retried for as long as it can matter (a cache may hold a token this
+    # long), never for a small count: docs/design.md §3, guarantee 4.
+    signal_max_age: float = Field(default=86_400.0, gt=0, le=30 * 86_400)
+    signal_retry_cap_seconds: float = Field(default=300.0, gt=0, le=3600)
     signal_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
     signal_retry_base_seconds: float = Field(default=1.0, gt=0, le=3600)
     signature_tolerance: int = Field(default=300, ge=1, le=86_400)

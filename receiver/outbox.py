@@ -9,7 +9,12 @@ Signals are written by the same transaction as the token change they announce
 - record the result with an update fenced on the lease, so a dispatcher whose lease
   expired cannot overwrite a newer result;
 - on failure, retry after an exponential backoff with full jitter; dead-letter after
-  `RECEIVER_SIGNAL_MAX_ATTEMPTS`, or at once on a 4xx other than 408/429;
+  the delay capped at `RECEIVER_SIGNAL_RETRY_CAP_SECONDS`, for as long as the signal
+  is younger than `RECEIVER_SIGNAL_MAX_AGE` (a cache that is merely down is waited
+  out, however long that takes); dead-letter at once only on a 4xx other than
+  408/429 (a permanent refusal);
+- after a failure, the first success pulls every waiting signal forward: a cache
+  that is back gets its backlog at once, not at each signal's next backoff step;
 - a reaper returns expired leases (a dispatcher that died mid-delivery) to pending.
 
 A duplicate delivery is possible only after a lease expired; the cache treats a
@@ -39,7 +44,6 @@ DELIVERY_TIMEOUT_SECONDS = 5.0
 POLL_INTERVAL_SECONDS = 1.0
 REAP_INTERVAL_SECONDS = 5.0
 BATCH_SIZE = 50
-MAX_BACKOFF_SECONDS = 600.0
 _RETRYABLE_4XX = frozenset({408, 429})
 STATUSES = ("pending", "in_flight", "delivered", "dead", "notified")
 
@@ -80,9 +84,9 @@ class DeliveryFailed(Exception):
         self.permanent = permanent
 
 
-def backoff_seconds(attempts: int, base: float) -> float:
-    """Full jitter: uniform in [0, base·2^(attempts-1)], capped."""
-    ceiling = min(MAX_BACKOFF_SECONDS, base * 2 ** max(attempts - 1, 0))
+def backoff_seconds(attempts: int, base: float, cap: float) -> float:
+    """Full jitter: uniform in [0, base·2^(attempts-1)], the ceiling capped at `cap`."""
+    ceiling = min(cap, base * 2 ** min(max(attempts - 1, 0), 64))
     return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
 
 
@@ -104,7 +108,10 @@ class Dispatcher:
         self._url = str(settings.cache_url)
         self._secret = settings.cache_secret.get_secret_value()
         self._session = session
-        self._max_attempts = settings.signal_max_attempts
+        self._max_age = settings.signal_max_age
+        self._retry_cap = settings.signal_retry_cap_seconds
+        # Set by a failed delivery: the next success pulls the waiting signals forward.
+        self._backlog_waiting = False
         self._lease_seconds = settings.signal_lease_seconds
         self._retry_base = settings.signal_retry_base_seconds
         self._poll_interval = poll_interval
@@ -149,13 +156,15 @@ class Dispatcher:
         many were claimed."""
         if time.monotonic() >= self._next_reap:
             self._next_reap = time.monotonic() + REAP_INTERVAL_SECONDS
-            reaped = await self._database.fetch("reap_expired_leases", self._max_attempts)
+            reaped = await self._database.fetch("reap_expired_leases", self._max_age)
             if reaped:
                 log.warning("signal_leases_reaped", count=len(reaped), worker_id=self.worker_id)
             for row in reaped:
                 if row["status"] == "dead":
                     metrics.SIGNALS_DEAD.inc()
-                    log.error("signal_dead", signal_id=row["id"], error="lease expired too often")
+                    log.error(
+                        "signal_dead", signal_id=row["id"], error="lease expired past max age"
+                    )
         lease = uuid.uuid4()
         rows = await self._database.fetch(
             "claim_due_signals", lease, self._lease_seconds, self._batch_size
@@ -196,6 +205,13 @@ class Dispatcher:
         rows = await self._database.fetch(
             "mark_signals_delivered", [s.id for s in delivered], lease
         )
+        if rows and self._backlog_waiting:
+            # The cache answers again: what waits for a backoff step goes now.
+            self._backlog_waiting = False
+            pulled = await self._database.fetch("pull_forward_signals")
+            if pulled:
+                log.info("signal_backlog_released", count=len(pulled), worker_id=self.worker_id)
+                self.wake()
         ages = {r["id"]: r["age"] for r in rows}
         metrics.SIGNALS_DELIVERED.inc(len(ages))
         for age in ages.values():
@@ -237,14 +253,15 @@ class Dispatcher:
         raise DeliveryFailed(f"cache answered {status}", permanent=permanent)
 
     async def _failed(self, signal: Signal, lease: uuid.UUID, exc: DeliveryFailed) -> None:
-        delay = backoff_seconds(signal.attempts, self._retry_base)
+        self._backlog_waiting = True
+        delay = backoff_seconds(signal.attempts, self._retry_base, self._retry_cap)
         rows = await self._database.fetch(
             "mark_signal_failed",
             signal.id,
             lease,
             delay,
             exc.permanent,
-            self._max_attempts,
+            self._max_age,
             str(exc),
         )
         metrics.SIGNAL_FAILURES.labels(

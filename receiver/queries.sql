@@ -126,10 +126,14 @@ UPDATE receiver.signals
 RETURNING id::text AS id, now() - created_at AS age;
 
 -- name: mark_signal_failed
--- $3: retry delay in seconds; $4: give up now; $5: attempts allowed; $6: error text.
+-- $3: retry delay in seconds; $4: a permanent refusal (dead now); $5: the age in
+-- seconds past which a signal no longer matters; $6: error text. The last retry
+-- is at that age, not after it.
 UPDATE receiver.signals
-   SET status = CASE WHEN $4 OR attempts >= $5 THEN 'dead' ELSE 'pending' END,
-       next_attempt_at = now() + make_interval(secs => $3),
+   SET status = CASE WHEN $4 OR created_at + make_interval(secs => $5) <= now()
+                     THEN 'dead' ELSE 'pending' END,
+       next_attempt_at = least(now() + make_interval(secs => $3),
+                               created_at + make_interval(secs => $5)),
        lease_id = NULL, lease_expires_at = NULL, last_error = $6
  WHERE id = $1::uuid AND lease_id = $2 AND status = 'in_flight'
 RETURNING status;
@@ -142,15 +146,23 @@ UPDATE receiver.signals
  WHERE lease_id = ANY($1::uuid[]) AND status = 'in_flight';
 
 -- name: reap_expired_leases
--- Leases whose dispatcher died or stalled go back to pending; a signal that has used
--- up its attempts ($1) this way is dead instead, so one that kills every dispatcher
--- taking it cannot cycle forever.
+-- Leases whose dispatcher died or stalled go back to pending; a signal older than
+-- the max age ($1 seconds) is dead instead, so one that kills every dispatcher
+-- taking it does not cycle forever.
 UPDATE receiver.signals
-   SET status = CASE WHEN attempts >= $1 THEN 'dead' ELSE 'pending' END,
+   SET status = CASE WHEN created_at + make_interval(secs => $1) <= now()
+                     THEN 'dead' ELSE 'pending' END,
        lease_id = NULL, lease_expires_at = NULL,
        last_error = 'lease expired: the dispatcher holding it stopped or stalled'
  WHERE status = 'in_flight' AND lease_expires_at < now()
 RETURNING id::text AS id, status;
+
+-- name: pull_forward_signals
+-- The cache answers again: every pending signal waiting for a later backoff step is
+-- due now (partial index signals_due).
+UPDATE receiver.signals SET next_attempt_at = now()
+ WHERE status = 'pending' AND next_attempt_at > now()
+RETURNING id::text AS id;
 
 -- name: signal_counts
 -- Every signal status and its count (signals list).

@@ -198,22 +198,61 @@ async def test_5xx_is_retried_with_backoff(
     assert await conn.fetchval("SELECT attempts FROM receiver.signals") == 4
 
 
-async def test_signal_dies_after_the_configured_attempts(
+async def test_failing_signal_is_retried_until_it_no_longer_matters(
     database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
 ) -> None:
-    """A cache that keeps failing dead-letters the signal after RECEIVER_SIGNAL_MAX_ATTEMPTS."""
+    """A cache that keeps answering 503 is retried, attempt after attempt (never dead
+    after a small count), until the signal is older than RECEIVER_SIGNAL_MAX_AGE (here
+    scaled down to 2 s); then it is dead-lettered, loudly."""
     await seed(database, settings, 1)
-    standin_cache.statuses.extend([503] * 10)
-    async with dispatching(
-        database, with_cache(settings, standin_cache, signal_max_attempts=3), poll_interval=0.05
-    ):
+    standin_cache.statuses.extend([503] * 10_000)
+    scaled = with_cache(
+        settings, standin_cache, signal_max_age=2.0, signal_retry_cap_seconds=0.1
+    )
+    async with dispatching(database, scaled, poll_interval=0.05):
 
         async def dead() -> bool:
             return await signal_statuses(conn) == ["dead"]
 
         await eventually(dead)
-    assert await conn.fetchval("SELECT attempts FROM receiver.signals") == 3
-    assert len(standin_cache.received) == 3
+    row = await conn.fetchrow(
+        "SELECT attempts, last_error, next_attempt_at - created_at AS last_at "
+        "FROM receiver.signals"
+    )
+    assert row is not None
+    assert row["attempts"] > 12  # what the old count-bound allowed
+    assert row["last_error"] == "cache answered 503"
+    assert row["last_at"].total_seconds() <= 2.0  # the last retry was not after the age
+    assert len(standin_cache.received) == row["attempts"]
+
+
+async def test_backlog_drains_at_once_when_the_cache_is_back(
+    database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
+) -> None:
+    """Signals that failed while the cache was down wait on long backoff steps (here up
+    to 10 minutes); the first success after it is back sends every one of them, rather
+    than each at its own next step."""
+    ids = await seed(database, settings, 30)
+    standin_cache.statuses.extend([503] * 30)
+    slow = with_cache(settings, standin_cache, signal_retry_base_seconds=600.0)
+    async with dispatching(database, slow, poll_interval=0.05) as dispatcher:
+
+        async def all_failed_once() -> bool:
+            return len(standin_cache.received) >= 30
+
+        await eventually(all_failed_once)
+        # Back now; one signal made due (as its backoff step would): the rest follow it.
+        await conn.execute(
+            "UPDATE receiver.signals SET next_attempt_at = now() "
+            "WHERE id = (SELECT id FROM receiver.signals ORDER BY id LIMIT 1)"
+        )
+        dispatcher.wake()
+
+        async def all_delivered() -> bool:
+            return set(await signal_statuses(conn)) == {"delivered"}
+
+        await eventually(all_delivered)
+    assert set(standin_cache.ids()[30:]) == set(ids)
 
 
 async def test_killed_dispatcher_is_covered_after_its_lease_expires(
@@ -257,15 +296,16 @@ async def test_signal_whose_leases_keep_expiring_dies(
     database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
 ) -> None:
     """A signal whose every claim ended in an expired lease (it kills or stalls each
-    dispatcher that takes it) is dead-lettered by the reaper once its attempts are
-    used up, instead of cycling forever; nothing is sent for it."""
+    dispatcher that takes it) is dead-lettered by the reaper once it is older than the
+    max age, instead of cycling forever; nothing is sent for it."""
     await seed(database, settings, 1)
     await conn.execute(
         "UPDATE receiver.signals SET status = 'in_flight', lease_id = gen_random_uuid(), "
-        "lease_expires_at = now() - interval '1 second', attempts = 3"
+        "lease_expires_at = now() - interval '1 second', attempts = 3, "
+        "created_at = now() - interval '2 seconds'"
     )
     async with dispatching(
-        database, with_cache(settings, standin_cache, signal_max_attempts=3), poll_interval=0.05
+        database, with_cache(settings, standin_cache, signal_max_age=1.0), poll_interval=0.05
     ):
 
         async def dead() -> bool:
