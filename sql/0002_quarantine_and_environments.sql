@@ -12,7 +12,8 @@ ALTER TABLE receiver.events ADD CONSTRAINT events_status_check
     CHECK (status IN ('processed', 'ignored', 'quarantined'));
 ALTER TABLE receiver.events ALTER COLUMN body_redacted DROP NOT NULL;  -- NULL: not JSON
 ALTER TABLE receiver.events
-    ADD COLUMN envelope_id text,          -- the envelope's id when readable and clean
+    ADD COLUMN envelope_id text,          -- an id conflict's envelope id (its key is the
+                                          -- body hash); NULL where key = the id
     ADD COLUMN body_hash bytea,           -- sha256 of the raw body; NULL for old rows
     ADD COLUMN quarantine_reason text,    -- why it was (or is) quarantined
     ADD COLUMN quarantine_detail text,    -- field path and error kind, never a value
@@ -130,7 +131,8 @@ BEGIN
          body_sealed, body_redacted, quarantine_reason, quarantine_detail, test_header,
          signature)
     VALUES
-        (r.key, r.envelope_id, r.type, p_status, r.client_id, r.is_test, r.occurred_at,
+        (r.key, NULLIF(r.envelope_id, r.key), r.type, p_status, r.client_id, r.is_test,
+         r.occurred_at,
          r.body_hash, r.body_sealed, r.body_redacted,
          CASE WHEN p_status = 'quarantined' THEN r.quarantine_reason END,
          CASE WHEN p_status = 'quarantined' THEN r.quarantine_detail END,

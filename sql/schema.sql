@@ -215,7 +215,8 @@ BEGIN
          body_sealed, body_redacted, quarantine_reason, quarantine_detail, test_header,
          signature)
     VALUES
-        (r.key, r.envelope_id, r.type, p_status, r.client_id, r.is_test, r.occurred_at,
+        (r.key, NULLIF(r.envelope_id, r.key), r.type, p_status, r.client_id, r.is_test,
+         r.occurred_at,
          r.body_hash, r.body_sealed, r.body_redacted,
          CASE WHEN p_status = 'quarantined' THEN r.quarantine_reason END,
          CASE WHEN p_status = 'quarantined' THEN r.quarantine_detail END,

@@ -202,7 +202,8 @@ async def test_reused_id_with_other_content_is_quarantined_and_both_kept(
     assert answer == {"status": "quarantined", "event_id": first["id"], "reason": "id_conflict"}
     assert (await (await post(other)).json())["status"] == "duplicate"
     statuses = await conn.fetch(
-        "SELECT status FROM receiver.events WHERE envelope_id = $1 ORDER BY received_at",
+        "SELECT status FROM receiver.events WHERE key = $1 OR envelope_id = $1 "
+        "ORDER BY received_at",
         first["id"],
     )
     assert [r["status"] for r in statuses] == ["processed", "quarantined"]
