@@ -179,7 +179,11 @@ async def openapi_endpoint(_: web.Request) -> web.Response:
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[state.SETTINGS]
     assert settings.database_url is not None  # checked by create_app
-    database = await db.Database.open(settings.database_url.get_secret_value())
+    database = await db.Database.open(
+        settings.database_url.get_secret_value(),
+        statement_timeout=settings.statement_timeout_seconds,
+        lock_timeout=settings.lock_timeout_seconds,
+    )
     app[state.DATABASE] = database
     app[state.COMMITTER] = committer.GroupCommit(
         database, channel=settings.notify_channel, http_delivery=settings.cache_url is not None

@@ -57,8 +57,15 @@ class GroupCommit:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def record(self, row: store.Row) -> store.Recorded:
-        """Record one event; returns after the transaction that holds it committed."""
+    async def record(self, row: store.Row, *, deadline: float | None = None) -> store.Recorded:
+        """Record one event; returns after the transaction that holds it committed.
+
+        `deadline` (event-loop time): past it, a row still waiting for a group is taken
+        out of the queue and the caller gets `DatabaseUnavailable` (a 503: the sender
+        retries). A row already in a committing group cannot be taken back; that
+        group is bounded by the sessions' statement timeout, and a retry of a row
+        it did commit is a duplicate.
+        """
         waiting = _Waiting(row)
         self._queue.append(waiting)
         if self._in_flight < self._max_in_flight:
@@ -68,7 +75,19 @@ class GroupCommit:
             task = asyncio.create_task(self._drain(), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await waiting.outcome
+        if deadline is None:
+            return await waiting.outcome
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(waiting.outcome)
+        except TimeoutError:
+            # Nobody awaits the outcome now: consume whatever it turns out to be.
+            waiting.outcome.add_done_callback(_consume)
+            if waiting in self._queue:
+                self._queue.remove(waiting)
+            metrics.DATABASE_ERRORS.labels(kind="deadline").inc()
+            log.warning("commit_deadline_passed", queued=len(self._queue))
+            raise errors.DatabaseUnavailable("could not commit in time, retry later") from None
 
     async def _drain(self) -> None:
         try:
@@ -104,6 +123,11 @@ class GroupCommit:
         return await store.record_rows(
             self._database, rows, channel=self._channel, http_delivery=self._http
         )
+
+
+def _consume(outcome: asyncio.Future[store.Recorded]) -> None:
+    if not outcome.cancelled():
+        outcome.exception()
 
 
 def _fail(waiting: _Waiting, exc: BaseException) -> None:

@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     body_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     keepalive_seconds: float = Field(default=75.0, gt=0, le=3600)
+    # Debitura waits 10 s for an answer: the service's sessions give up well before.
+    statement_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    lock_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # A delivery not committed this long after its handler started is answered 503
+    # (Debitura retries) rather than committed after the sender has left.
+    request_deadline_seconds: float = Field(default=8.0, gt=0, le=60)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

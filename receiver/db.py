@@ -44,6 +44,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.ReadOnlySQLTransactionError,  # connected to a standby during failover
     asyncpg.InternalClientError,  # the driver lost track of a session the server ended
+    asyncpg.LockNotAvailableError,  # lock_timeout: a row or client lock held too long
 )
 # Faults after which a connection must never be handed out again. When the server
 # ends a session in the middle of an operation (a restart, pg_terminate_backend),
@@ -135,14 +136,30 @@ class Database:
         self.pool = pool
 
     @classmethod
-    async def open(cls, dsn: str, *, max_size: int = 10) -> Database:
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        max_size: int = 10,
+        statement_timeout: float | None = None,
+        lock_timeout: float | None = None,
+    ) -> Database:
         """Create the pool. It connects lazily, so a database that is down at start-up
-        shows as 503s and a failing readiness probe, not as a crash."""
+        shows as 503s and a failing readiness probe, not as a crash.
+
+        The timeouts (seconds) are set on every session of the pool, so Postgres itself
+        gives up on a statement or a lock wait (a 503, which the sender retries) before
+        the sender gives up on us; the driver's own timeout stays as a backstop."""
+        settings = dict(_SERVER_SETTINGS)
+        if statement_timeout is not None:
+            settings["statement_timeout"] = f"{round(statement_timeout * 1000)}ms"
+        if lock_timeout is not None:
+            settings["lock_timeout"] = f"{round(lock_timeout * 1000)}ms"
         pool = await asyncpg.create_pool(
             dsn,
             min_size=0,
             max_size=max_size,
-            server_settings=_SERVER_SETTINGS,
+            server_settings=settings,
             reset=_keep_session,
         )
         return cls(pool)

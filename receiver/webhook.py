@@ -47,6 +47,7 @@ async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
 async def receive(request: web.Request) -> web.Response:
     """Receive one Debitura webhook delivery."""
     settings = request.app[state.SETTINGS]
+    deadline = asyncio.get_running_loop().time() + settings.request_deadline_seconds
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise errors.BodyTooLarge(f"body is larger than {limit} bytes")
@@ -75,7 +76,9 @@ async def receive(request: web.Request) -> web.Response:
     sealer = request.app[state.SEALER]
     committer = request.app[state.COMMITTER]
     try:
-        outcome, reason = await committer.record(store.prepare(sealer, event, delivery))
+        outcome, reason = await committer.record(
+            store.prepare(sealer, event, delivery), deadline=deadline
+        )
     except errors.UnstorableValue as exc:
         # A value our own checks let through and Postgres refused: keep the delivery
         # all the same, as the bytes it came as, quarantined.
@@ -87,7 +90,9 @@ async def receive(request: web.Request) -> web.Response:
             body_hash=hashlib.sha256(body).digest(),
             quarantine=events.Quarantine("unstorable_value", exc.message),
         )
-        outcome, reason = await committer.record(store.prepare(sealer, fallback, delivery))
+        outcome, reason = await committer.record(
+            store.prepare(sealer, fallback, delivery), deadline=deadline
+        )
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
         dispatcher.wake()  # a signal may have been queued: deliver it now, not at the poll

@@ -168,3 +168,68 @@ async def test_sessions_ended_by_the_server_are_503_and_the_pool_recovers(
     assert set(retries) == {200}
     stored = await conn.fetchval("SELECT count(DISTINCT key) FROM receiver.events")
     assert stored == await conn.fetchval("SELECT count(*) FROM receiver.events") == 200
+
+
+_CLIENT_LOCK = "SELECT pg_advisory_{}(hashtextextended('receiver.client:' || $1, 0))"
+
+
+async def test_client_lock_held_too_long_is_a_503_within_the_lock_timeout(
+    aiohttp_client: Any, settings: Settings, webhook_secret: str, database_url: str, log_lines: Any
+) -> None:
+    """While another session holds the client's lock, a delivery for that client gets
+    503 + Retry-After once the sessions' lock timeout passes (here 0.5 s), not an
+    answer after Debitura's 10 s; once the lock is free, the retry is processed."""
+    impatient = settings.model_copy(update={"lock_timeout_seconds": 0.5})
+    client = await aiohttp_client(app.create_app(impatient))
+    body = helpers.encode(helpers.onboarding("cli_locked"))
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute(_CLIENT_LOCK.format("lock"), "cli_locked")
+        response = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        # Postgres gave up on the lock (not the driver's 6 s backstop).
+        faults = [line["error"] for line in log_lines() if line["event"] == "database_unavailable"]
+        assert faults == ["LockNotAvailableError"]
+        await holder.execute(_CLIENT_LOCK.format("unlock"), "cli_locked")
+    finally:
+        await holder.close()
+    retry = await client.post(
+        app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+    )
+    assert (await retry.json())["status"] == "processed"
+
+
+async def test_delivery_past_its_deadline_is_a_503_and_its_retry_changes_nothing(
+    aiohttp_client: Any, settings: Settings, webhook_secret: str, database_url: str
+) -> None:
+    """A delivery still not committed at its deadline (here 0.5 s; its group waits on a
+    lock) is answered 503 rather than after the sender left. The group it was in
+    commits once the lock is free, so Debitura's retry is a duplicate: stored once."""
+    patient_db = settings.model_copy(
+        update={"lock_timeout_seconds": 30.0, "request_deadline_seconds": 0.5}
+    )
+    client = await aiohttp_client(app.create_app(patient_db))
+    body = helpers.encode(helpers.onboarding("cli_slow"))
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute(_CLIENT_LOCK.format("lock"), "cli_slow")
+        response = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        assert response.status == 503
+        await holder.execute(_CLIENT_LOCK.format("unlock"), "cli_slow")
+    finally:
+        await holder.close()
+    retry = await client.post(
+        app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+    )
+    assert (await retry.json())["status"] == "duplicate"
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 1
+        assert await conn.fetchval("SELECT count(*) FROM receiver.tokens") == 1
+    finally:
+        await conn.close()

@@ -206,9 +206,7 @@ async def test_failing_signal_is_retried_until_it_no_longer_matters(
     scaled down to 2 s); then it is dead-lettered, loudly."""
     await seed(database, settings, 1)
     standin_cache.statuses.extend([503] * 10_000)
-    scaled = with_cache(
-        settings, standin_cache, signal_max_age=2.0, signal_retry_cap_seconds=0.1
-    )
+    scaled = with_cache(settings, standin_cache, signal_max_age=2.0, signal_retry_cap_seconds=0.1)
     async with dispatching(database, scaled, poll_interval=0.05):
 
         async def dead() -> bool:
@@ -216,8 +214,7 @@ async def test_failing_signal_is_retried_until_it_no_longer_matters(
 
         await eventually(dead)
     row = await conn.fetchrow(
-        "SELECT attempts, last_error, next_attempt_at - created_at AS last_at "
-        "FROM receiver.signals"
+        "SELECT attempts, last_error, next_attempt_at - created_at AS last_at FROM receiver.signals"
     )
     assert row is not None
     assert row["attempts"] > 12  # what the old count-bound allowed
