@@ -196,8 +196,10 @@ async def _dispatcher(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as session:
         dispatcher = outbox.Dispatcher(app[state.DATABASE], app[state.SETTINGS], session)
         app[state.DISPATCHER] = dispatcher
-        task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+        task = asyncio.create_task(dispatcher.run_until_stopped(), name="dispatcher")
         yield
+        # Cancelling run_until_stopped stops the dispatcher gracefully: the batch in
+        # flight finishes and is recorded, so no other dispatcher sends it again.
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -41,6 +41,8 @@ from receiver import config, db, errors, metrics, signing
 log = structlog.get_logger(__name__)
 
 DELIVERY_TIMEOUT_SECONDS = 5.0
+# On stop, deliveries in flight get this long to finish and be recorded.
+STOP_GRACE_SECONDS = DELIVERY_TIMEOUT_SECONDS + 2.0
 POLL_INTERVAL_SECONDS = 1.0
 REAP_INTERVAL_SECONDS = 5.0
 BATCH_SIZE = 50
@@ -118,6 +120,7 @@ class Dispatcher:
         self._batch_size = batch_size
         self._wakeup = asyncio.Event()
         self._held: set[uuid.UUID] = set()
+        self._stopping = asyncio.Event()
         self._next_reap = 0.0
         self.worker_id = uuid.uuid4().hex[:12]
 
@@ -128,11 +131,32 @@ class Dispatcher:
         """Look for due signals now rather than at the next poll."""
         self._wakeup.set()
 
+    def stop(self) -> None:
+        """Stop after the batch in flight: its deliveries finish and are recorded, so a
+        graceful stop never makes another dispatcher send a signal again."""
+        self._stopping.set()
+        self._wakeup.set()
+
+    async def run_until_stopped(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Run until `stop()`; then give the batch in flight `grace` seconds to finish
+        before cancelling it (its unfinished leases are handed back)."""
+        task = asyncio.create_task(self.run(), name="dispatcher")
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.stop()
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            raise
+
     async def run(self) -> None:
-        """Deliver until cancelled; on cancellation hand back unfinished leases."""
+        """Deliver until stopped (or cancelled); hand back unfinished leases at the end."""
         log.info("dispatcher_started", worker_id=self.worker_id, url=self._url)
         try:
-            while True:
+            while not self._stopping.is_set():
                 try:
                     delivered = await self.run_once()
                 except errors.DatabaseUnavailable:

@@ -162,7 +162,8 @@ async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
     database = await db.Database.open(dsn, max_size=4)
     try:
         async with aiohttp.ClientSession() as session:
-            task = asyncio.create_task(outbox.Dispatcher(database, settings, session).run())
+            dispatcher = outbox.Dispatcher(database, settings, session)
+            task = asyncio.create_task(dispatcher.run_until_stopped())
             loop = asyncio.get_running_loop()
             for stop in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(stop, task.cancel)

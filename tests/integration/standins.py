@@ -38,6 +38,7 @@ class StandInCache:
         self.received: list[dict[str, Any]] = []
         self.statuses: deque[int] = deque()  # answers for the next requests, then 200
         self.hang: asyncio.Event | None = None  # when set, requests wait for it
+        self.latency = 0.0  # seconds each answer takes: a slow cache, not a sync point
         self.arrivals: list[float] = []
         self._runner: web.AppRunner | None = None
 
@@ -73,5 +74,7 @@ class StandInCache:
         self.received.append({"body": json.loads(body), "headers": dict(request.headers)})
         if self.hang is not None:
             await self.hang.wait()
+        if self.latency:
+            await asyncio.sleep(self.latency)
         status = self.statuses.popleft() if self.statuses else 200
         return web.json_response({"ok": status == 200}, status=status)

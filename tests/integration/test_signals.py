@@ -313,6 +313,47 @@ async def test_signal_whose_leases_keep_expiring_dies(
     assert "lease expired" in await conn.fetchval("SELECT last_error FROM receiver.signals")
 
 
+async def test_sigterm_never_makes_a_signal_go_twice(
+    database: db.Database,
+    settings: Settings,
+    standin_cache: StandInCache,
+    conn: asyncpg.Connection,
+) -> None:
+    """`receiver dispatch` stopped with SIGTERM three times while deliveries are in
+    flight to a slow cache: each stop lets its batch finish and records it, leaves no
+    lease behind, and every signal reaches the cache exactly once."""
+    ids = await seed(database, settings, 300)
+    # Each answer takes 0.5 s, so a batch (50 signals) is in flight when SIGTERM lands.
+    standin_cache.latency = 0.5
+    env = operator_env(
+        settings,
+        RECEIVER_CACHE_URL=standin_cache.url,
+        RECEIVER_CACHE_SECRET=standin_cache.secret_b64,
+    )
+    for cycle in range(3):
+        seen = len(standin_cache.received)
+        with processes.background(["dispatch"], env) as (process, _):
+
+            async def in_flight(seen: int = seen) -> bool:  # this run's first batch arrived
+                return len(standin_cache.received) > seen
+
+            await eventually(in_flight, seconds=30)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 30) == 0
+        held = await conn.fetchval(
+            "SELECT count(*) FROM receiver.signals WHERE status = 'in_flight'"
+        )
+        assert held == 0, f"cycle {cycle}: leases left behind"
+    standin_cache.latency = 0.0
+    async with dispatching(database, with_cache(settings, standin_cache), poll_interval=0.05):
+
+        async def all_delivered() -> bool:
+            return set(await signal_statuses(conn)) == {"delivered"}
+
+        await eventually(all_delivered, seconds=30)
+    assert sorted(standin_cache.ids()) == sorted(ids)  # each once: no duplicate
+
+
 async def test_three_dispatchers_share_the_work_without_duplicates(
     database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
 ) -> None:
