@@ -154,6 +154,7 @@ def create_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_endpoint)
     app[state.DRAINING] = asyncio.Event()
+    app[state.GAUGES] = scrape.DatabaseGauges(settings.metrics_refresh_seconds)
     app.on_shutdown.append(_start_draining)
     return app
 
@@ -167,7 +168,7 @@ async def _start_draining(app: web.Application) -> None:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus exposition."""
-    body = await scrape.render(request.app[state.DATABASE])
+    body = await scrape.render(request.app[state.DATABASE], request.app[state.GAUGES])
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 

@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     # A delivery not committed this long after its handler started is answered 503
     # (Debitura retries) rather than committed after the sender has left.
     request_deadline_seconds: float = Field(default=8.0, gt=0, le=60)
+    # /metrics reads its Postgres gauges at most this often, whatever the scrapers do.
+    metrics_refresh_seconds: float = Field(default=5.0, ge=0, le=3600)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

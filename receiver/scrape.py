@@ -3,20 +3,24 @@ then the gauges read from Postgres at scrape time."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterable
 
+import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from receiver import db
+from receiver import db, errors
 
+log = structlog.get_logger(__name__)
+
+REFRESH_SECONDS = 5.0
 SEALED_REFRESH_SECONDS = 60.0
-_sealed_rows: list[tuple[str, str, int]] = []
-_sealed_refreshed = -SEALED_REFRESH_SECONDS
+QUERY_TIMEOUT_SECONDS = 1.0
 
 
 class _Snapshot(Collector):
@@ -29,36 +33,93 @@ class _Snapshot(Collector):
         return self._families
 
 
-async def render(database: db.Database) -> bytes:
+class DatabaseGauges:
+    """The gauges read from Postgres, best-effort and shared by concurrent scrapes.
+
+    They are read at most once per `RECEIVER_METRICS_REFRESH_SECONDS` (the scan behind the
+    sealed-values gauge once per `SEALED_REFRESH_SECONDS`), by one scrape while the
+    others wait for it, each query bounded by `QUERY_TIMEOUT_SECONDS`. When Postgres
+    cannot answer, the last values are served with `receiver_database_gauges_up 0`
+    and their age, so the process's own counters are always scrapable, exactly when
+    an outage makes them matter.
+    """
+
+    def __init__(self, refresh_seconds: float = REFRESH_SECONDS) -> None:
+        self._refresh_seconds = refresh_seconds
+        self._lock = asyncio.Lock()
+        self._read_at: float | None = None
+        self._tried_at = -refresh_seconds
+        self._sealed_at = -SEALED_REFRESH_SECONDS
+        self._up = False
+        self._signals = {"pending": 0, "in_flight": 0, "dead": 0}
+        self._quarantined = 0
+        self._sealed: list[tuple[str, str, int]] = []
+
+    async def families(self, database: db.Database) -> list[Metric]:
+        """The gauge families for one scrape, refreshed first when due."""
+        async with self._lock:
+            if time.monotonic() - self._tried_at >= self._refresh_seconds:
+                await self._refresh(database)
+        return self._render()
+
+    async def _refresh(self, database: db.Database) -> None:
+        self._tried_at = time.monotonic()
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
+                rows = await database.fetch("open_signal_counts")
+                quarantined = await database.fetchval("open_quarantine_count")
+                sealed = None
+                if time.monotonic() - self._sealed_at >= SEALED_REFRESH_SECONDS:
+                    sealed = await database.fetch("sealed_key_counts")
+        except (errors.ReceiverError, TimeoutError) as exc:
+            self._up = False
+            log.info("database_gauges_stale", error=type(exc).__name__)
+            return
+        self._signals.update({row["status"]: row["n"] for row in rows})
+        self._quarantined = quarantined
+        if sealed is not None:
+            self._sealed = [(row["kind"], row["key_id"], row["n"]) for row in sealed]
+            self._sealed_at = time.monotonic()
+        self._read_at = time.monotonic()
+        self._up = True
+
+    def _render(self) -> list[Metric]:
+        signals = GaugeMetricFamily(
+            "receiver_signals", "Outbox signals by status, read from Postgres", labels=["status"]
+        )
+        for status, n in self._signals.items():
+            signals.add_metric([status], n)
+        quarantined = GaugeMetricFamily(
+            "receiver_events_quarantined_open",
+            "Quarantined deliveries not yet reprocessed, read from Postgres (alert when > 0)",
+            value=self._quarantined,
+        )
+        sealed = GaugeMetricFamily(
+            "receiver_sealed_values",
+            "Sealed values per kind and key id (key rotation progress); "
+            "refreshed at most once a minute",
+            labels=["kind", "key_id"],
+        )
+        for kind, key_id, n in self._sealed:
+            sealed.add_metric([kind, key_id], n)
+        up = GaugeMetricFamily(
+            "receiver_database_gauges_up",
+            "1 when the gauges above were just read from Postgres, 0 when it did not answer",
+            value=int(self._up),
+        )
+        age = GaugeMetricFamily(
+            "receiver_database_gauges_age_seconds",
+            "Seconds since the gauges above were last read from Postgres (-1: never)",
+            value=-1 if self._read_at is None else time.monotonic() - self._read_at,
+        )
+        return [signals, quarantined, sealed, up, age]
+
+
+async def render(database: db.Database, gauges: DatabaseGauges) -> bytes:
     """The exposition text: this process's metrics (every worker's, in multiprocess
-    mode), then the gauges read from the database now."""
-    global _sealed_rows, _sealed_refreshed
-    signals = GaugeMetricFamily(
-        "receiver_signals", "Outbox signals by status, read at scrape time", labels=["status"]
-    )
-    counts = {"pending": 0, "in_flight": 0, "dead": 0}
-    counts.update({row["status"]: row["n"] for row in await database.fetch("open_signal_counts")})
-    for status, n in counts.items():
-        signals.add_metric([status], n)
-    quarantined = GaugeMetricFamily(
-        "receiver_events_quarantined_open",
-        "Quarantined deliveries not yet reprocessed, read at scrape time (alert when > 0)",
-        value=await database.fetchval("open_quarantine_count"),
-    )
-    if time.monotonic() - _sealed_refreshed > SEALED_REFRESH_SECONDS:
-        rows = await database.fetch("sealed_key_counts")
-        _sealed_rows = [(row["kind"], row["key_id"], row["n"]) for row in rows]
-        _sealed_refreshed = time.monotonic()
-    sealed = GaugeMetricFamily(
-        "receiver_sealed_values",
-        "Sealed values per kind and key id (key rotation progress); "
-        "refreshed at most once a minute",
-        labels=["kind", "key_id"],
-    )
-    for kind, key_id, n in _sealed_rows:
-        sealed.add_metric([kind, key_id], n)
+    mode), then the gauges read from Postgres (best-effort)."""
     from_database = CollectorRegistry(auto_describe=False)
-    from_database.register(_Snapshot([signals, quarantined, sealed]))
+    from_database.register(_Snapshot(await gauges.families(database)))
     return generate_latest(_process_registry()) + generate_latest(from_database)
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from receiver import committer, config, db, outbox, vault
+from receiver import committer, config, db, outbox, scrape, vault
 
 SETTINGS = web.AppKey("settings", config.Settings)
 DATABASE = web.AppKey("database", db.Database)
@@ -14,3 +14,4 @@ SEALER = web.AppKey("sealer", vault.Sealer)
 DISPATCHER = web.AppKey("dispatcher", outbox.Dispatcher)
 COMMITTER = web.AppKey("committer", committer.GroupCommit)
 DRAINING = web.AppKey("draining", asyncio.Event)
+GAUGES = web.AppKey("gauges", scrape.DatabaseGauges)

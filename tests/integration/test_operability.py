@@ -17,9 +17,12 @@ import aiohttp
 import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
-from receiver import migrations, openapi
+from receiver import app, migrations, openapi
+from receiver.config import Settings
 from tests import helpers
+from tests.conftest import with_database
 from tests.integration import processes
 from tests.integration.conftest import Client, Post
 
@@ -87,6 +90,42 @@ async def test_metrics_count_a_mixed_run(client: Client, post: Post) -> None:
     assert token not in text
     assert "evil" not in text
     assert "cli_metrics" not in text
+
+
+async def test_metrics_answer_while_postgres_does_not(
+    aiohttp_client: Any, settings: Settings, server_dsn: str
+) -> None:
+    """With Postgres unreachable, /metrics still answers 200 with the process's own
+    counters, marking the database gauges as not read (`..._up 0`, age -1)."""
+    gone = settings.model_copy(
+        update={"database_url": SecretStr(with_database(server_dsn, "receiver_nowhere"))}
+    )
+    client = await aiohttp_client(app.create_app(gone))
+    await client.post(app.WEBHOOK_PATH, data=b"{}", headers={"Content-Type": "application/json"})
+    response = await client.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    assert 'receiver_signature_failures_total{reason="missing"} ' in text
+    assert "receiver_database_gauges_up 0.0" in text
+    assert "receiver_database_gauges_age_seconds -1.0" in text
+
+
+async def test_concurrent_scrapes_read_postgres_once_per_interval(
+    aiohttp_client: Any, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """Twenty concurrent scrapes within the refresh interval share one read of the
+    gauges: a change made after it shows only once the interval has passed."""
+    cached = settings.model_copy(update={"metrics_refresh_seconds": 3600.0})
+    client = await aiohttp_client(app.create_app(cached))
+    texts = await asyncio.gather(*(client.get("/metrics") for _ in range(20)))
+    bodies = [await r.text() for r in texts]
+    assert all("receiver_database_gauges_up 1.0" in b for b in bodies)
+    assert all("receiver_events_quarantined_open 0.0" in b for b in bodies)
+    await conn.execute(
+        "INSERT INTO receiver.events (key, type, status, is_test, body_sealed, "
+        "quarantine_reason) VALUES ('k', 'x', 'quarantined', false, '\\x01', 'invalid_json')"
+    )
+    assert "receiver_events_quarantined_open 0.0" in await (await client.get("/metrics")).text()
 
 
 async def test_openapi_describes_every_route(client: Client) -> None:
