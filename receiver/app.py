@@ -155,6 +155,7 @@ def create_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/openapi.json", openapi_endpoint)
     app[state.DRAINING] = asyncio.Event()
     app[state.GAUGES] = scrape.DatabaseGauges(settings.metrics_refresh_seconds)
+    app[state.LOAD] = state.Load()
     app.on_shutdown.append(_start_draining)
     return app
 

@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     # A delivery not committed this long after its handler started is answered 503
     # (Debitura retries) rather than committed after the sender has left.
     request_deadline_seconds: float = Field(default=8.0, gt=0, le=60)
+    # Past these the receiver answers 503 + Retry-After at once, so memory and the
+    # queue stay bounded under a flood or thousands of slow clients.
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    max_requests_in_flight: int = Field(default=256, ge=1, le=100_000)
     # /metrics reads its Postgres gauges at most this often, whatever the scrapers do.
     metrics_refresh_seconds: float = Field(default=5.0, ge=0, le=3600)
     log_format: Literal["json", "console"] | None = None

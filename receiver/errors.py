@@ -104,6 +104,13 @@ class DatabaseUnavailable(ReceiverError):
         return {"Retry-After": str(self.retry_after_seconds)}
 
 
+class Overloaded(DatabaseUnavailable):
+    """More connections or requests than the receiver takes at once: retry shortly."""
+
+    code = "overloaded"
+    retry_after_seconds = 1
+
+
 class InternalError(DatabaseUnavailable):
     """A fault of the receiver's own. Answered 503 with Retry-After, never 500: the
     sender retries, and nothing counts towards switching the subscription off."""

@@ -39,6 +39,14 @@ REQUEST_SECONDS = Histogram(
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+CONNECTIONS_REFUSED = Counter(
+    "receiver_connections_refused_total",
+    "Connections answered 503 at once: RECEIVER_MAX_CONNECTIONS were open",
+)
+REQUESTS_REFUSED = Counter(
+    "receiver_requests_refused_total",
+    "Deliveries answered 503 at once: RECEIVER_MAX_REQUESTS_IN_FLIGHT were in flight",
+)
 INTERNAL_ERRORS = Counter(
     "receiver_internal_errors_total", "Requests that failed on a fault of the receiver's own"
 )

@@ -11,7 +11,9 @@ so a server subclass picks ours.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import json
+from typing import Any, cast
 
 import structlog
 from aiohttp import web, web_protocol, web_request, web_server
@@ -23,7 +25,31 @@ log = structlog.get_logger(__name__)
 _DETAIL_CHARS = 80
 
 
+_OVER_CAPACITY = errors.Overloaded("too many connections, retry later")
+_OVER_CAPACITY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    + f"Retry-After: {_OVER_CAPACITY.retry_after_seconds}\r\n".encode()
+    + b"Connection: close\r\nContent-Length: "
+    + str(len(json.dumps(_OVER_CAPACITY.body()))).encode()
+    + b"\r\n\r\n"
+    + json.dumps(_OVER_CAPACITY.body()).encode()
+)
+
+
 class _Protocol(web_protocol.RequestHandler):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        if not isinstance(manager, _Server) or manager.max_connections is None:
+            return
+        if len(manager.connections) > manager.max_connections:
+            # Past the cap a connection costs us nothing more than this answer:
+            # nothing is read, and the sender is told to come back.
+            metrics.CONNECTIONS_REFUSED.inc()
+            cast(asyncio.Transport, transport).write(_OVER_CAPACITY_ANSWER)
+            self.force_close()
+            transport.close()
+
     def handle_error(
         self,
         request: web_request.BaseRequest,
@@ -50,19 +76,30 @@ class _Protocol(web_protocol.RequestHandler):
 
 
 class _Server(web_server.Server):
+    max_connections: int | None = None
+
     def __call__(self) -> web_protocol.RequestHandler:
         return _Protocol(self, loop=self._loop, **self._kwargs)
 
 
 class Runner(web.AppRunner):
-    """An `AppRunner` whose connections answer unparsable requests in JSON."""
+    """An `AppRunner` whose connections answer unparsable requests in JSON, and that
+    answers connections past `max_connections` with a 503 at once."""
+
+    def __init__(
+        self, app: web.Application, *, max_connections: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
         kwargs: dict[str, Any] = server._kwargs
-        return _Server(
+        ours = _Server(
             server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             **kwargs,
         )
+        ours.max_connections = self._max_connections
+        return ours

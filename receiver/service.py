@@ -68,6 +68,7 @@ async def _serve_until_stopped(
     """Serve until SIGTERM or SIGINT, then drain (aiohttp's graceful shutdown)."""
     runner = server.Runner(
         app.create_app(settings),
+        max_connections=settings.max_connections,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
         # aiohttp starts this timer when a connection opens and again after each answer,
         # and closes the connection if no complete request has arrived when it fires:

@@ -1,4 +1,4 @@
-"""The application's typed keys, defined in one place."""
+"""The application's typed keys, defined in one place, and the small state they hold."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from aiohttp import web
 
 from receiver import committer, config, db, outbox, scrape, vault
 
+
+class Load:
+    """Deliveries being handled by this process right now (the admission cap)."""
+
+    in_flight = 0
+
+
 SETTINGS = web.AppKey("settings", config.Settings)
 DATABASE = web.AppKey("database", db.Database)
 SEALER = web.AppKey("sealer", vault.Sealer)
@@ -15,3 +22,4 @@ DISPATCHER = web.AppKey("dispatcher", outbox.Dispatcher)
 COMMITTER = web.AppKey("committer", committer.GroupCommit)
 DRAINING = web.AppKey("draining", asyncio.Event)
 GAUGES = web.AppKey("gauges", scrape.DatabaseGauges)
+LOAD = web.AppKey("load", Load)

@@ -45,7 +45,21 @@ async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
 
 
 async def receive(request: web.Request) -> web.Response:
-    """Receive one Debitura webhook delivery."""
+    """Receive one Debitura webhook delivery (at most RECEIVER_MAX_REQUESTS_IN_FLIGHT
+    at once; past that, a 503 at once, before the body is read)."""
+    settings = request.app[state.SETTINGS]
+    load = request.app[state.LOAD]
+    if load.in_flight >= settings.max_requests_in_flight:
+        metrics.REQUESTS_REFUSED.inc()
+        raise errors.Overloaded("too many deliveries in flight, retry shortly")
+    load.in_flight += 1
+    try:
+        return await _receive(request)
+    finally:
+        load.in_flight -= 1
+
+
+async def _receive(request: web.Request) -> web.Response:
     settings = request.app[state.SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.request_deadline_seconds
     limit = settings.max_body_bytes

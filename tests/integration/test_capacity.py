@@ -1,0 +1,78 @@
+"""Bounded work under a flood: past the caps on connections and on deliveries in
+flight, a 503 + Retry-After at once instead of unbounded memory and queues."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import asyncpg
+
+from receiver import app, state
+from receiver.config import Settings
+from tests import helpers
+from tests.integration import processes
+from tests.integration.standins import eventually
+
+_CLIENT_LOCK = "SELECT pg_advisory_{}(hashtextextended('receiver.client:' || $1, 0))"
+
+
+async def test_deliveries_past_the_in_flight_cap_get_503_at_once(
+    aiohttp_client: Any, settings: Settings, webhook_secret: str, database_url: str
+) -> None:
+    """With RECEIVER_MAX_REQUESTS_IN_FLIGHT=2 and two deliveries held up (their client's
+    lock is taken), a third is answered 503 `overloaded` with Retry-After at once; the
+    two complete once the lock is free."""
+    capped = settings.model_copy(update={"max_requests_in_flight": 2, "lock_timeout_seconds": 30.0})
+    client = await aiohttp_client(app.create_app(capped))
+
+    async def deliver(document: dict[str, Any]) -> Any:
+        body = helpers.encode(document)
+        response = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        return response.status, await response.json(), response.headers.get("Retry-After")
+
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute(_CLIENT_LOCK.format("lock"), "cli_busy")
+        held = [asyncio.create_task(deliver(helpers.onboarding("cli_busy"))) for _ in range(2)]
+
+        async def both_in_flight() -> bool:
+            return bool(client.app[state.LOAD].in_flight == 2)
+
+        await eventually(both_in_flight)
+        status, answer, retry_after = await deliver(helpers.onboarding("cli_other"))
+        assert (status, answer["error"]["code"], retry_after) == (503, "overloaded", "1")
+        await holder.execute(_CLIENT_LOCK.format("unlock"), "cli_busy")
+    finally:
+        await holder.close()
+    assert [(s, a["status"]) for s, a, _ in await asyncio.gather(*held)] == [
+        (200, "processed"),
+        (200, "processed"),
+    ]
+
+
+def test_connections_past_the_cap_get_503_and_the_rest_are_served(database_url: str) -> None:
+    """With RECEIVER_MAX_CONNECTIONS=3 and three idle connections open, a fourth is
+    answered 503 `overloaded` at once and closed; once they close, it is served again."""
+    env, _ = processes.receiver_env(database_url, RECEIVER_MAX_CONNECTIONS="3")
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        asyncio.run(processes.wait_healthy(port, process))
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                answer = b""
+                while chunk := extra.recv(4096):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503")
+            assert b"Retry-After: 1" in head
+            assert json.loads(body)["error"]["code"] == "overloaded"
+        finally:
+            for sock in idle:
+                sock.close()
+        asyncio.run(processes.wait_healthy(port, process, seconds=30))
