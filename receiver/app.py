@@ -124,9 +124,13 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Postgres answers, the schema is current, and we are not shutting down."""
+    """Readiness: Postgres answers, the schema is current, writes are not failing, and
+    we are not shutting down."""
     if request.app[state.DRAINING].is_set():
         raise errors.ShuttingDown("shutting down: send new requests elsewhere")
+    if request.app[state.COMMITTER].failing_since is not None:
+        # A ping can succeed while every write fails (disk full, a read-only standby).
+        raise errors.DatabaseUnavailable("writes are failing: the last commit did not succeed")
     database = request.app[state.DATABASE]
     await database.fetchval("ping")
     behind = await migrations.pending(database)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -56,6 +57,9 @@ class GroupCommit:
         self._queue: list[_Waiting] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # When the last commit failed for want of the database (None: the last one
+        # succeeded): readiness reports failing writes, not only a failing ping.
+        self.failing_since: float | None = None
 
     async def record(self, row: store.Row, *, deadline: float | None = None) -> store.Recorded:
         """Record one event; returns after the transaction that holds it committed.
@@ -104,6 +108,8 @@ class GroupCommit:
         try:
             outcomes = await self._record([w.row for w in group])
         except errors.DatabaseUnavailable as exc:
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
             for waiting in group:
                 _fail(waiting, exc)
             return
@@ -115,6 +121,7 @@ class GroupCommit:
             for waiting in group:
                 await self._commit([waiting])
             return
+        self.failing_since = None
         for waiting, outcome in zip(group, outcomes, strict=True):
             if not waiting.outcome.done():
                 waiting.outcome.set_result(outcome)

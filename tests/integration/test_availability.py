@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from receiver import app, db, errors, migrations
+from receiver import app, db, errors, migrations, state
 from receiver.config import Settings
 from tests import helpers
 from tests.conftest import create_database, drop_database, unique_name, with_database
@@ -233,3 +233,31 @@ async def test_delivery_past_its_deadline_is_a_503_and_its_retry_changes_nothing
         assert await conn.fetchval("SELECT count(*) FROM receiver.tokens") == 1
     finally:
         await conn.close()
+
+
+async def test_readyz_fails_while_writes_fail_though_postgres_answers(
+    aiohttp_client: Any, settings: Settings, webhook_secret: str, database_url: str, server_dsn: str
+) -> None:
+    """A database that answers pings but refuses writes (here: read-only, as a standby
+    or a full disk would) makes deliveries 503 and /readyz fail too, so the load
+    balancer stops sending here; once a write succeeds again, /readyz is back."""
+    name = database_url.rsplit("/", 1)[1].split("?")[0]
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        client = await aiohttp_client(app.create_app(settings))
+        assert (await client.get("/readyz")).status == 200
+        body = helpers.encode(helpers.onboarding())
+        headers = helpers.signed_headers(webhook_secret, body)
+        assert (await client.post(app.WEBHOOK_PATH, data=body, headers=headers)).status == 503
+        readyz = await client.get("/readyz")
+        assert readyz.status == 503
+        assert "writes are failing" in (await readyz.json())["error"]["message"]
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        # The pool's sessions keep the setting they started with: new ones are needed.
+        await client.app[state.DATABASE].pool.expire_connections()
+        retry = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
+        assert (await retry.json())["status"] == "processed"
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await admin.close()
