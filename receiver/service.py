@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -66,6 +67,7 @@ async def _serve_until_stopped(
     settings: config.Settings, host: str, port: int, *, reuse_port: bool
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain (aiohttp's graceful shutdown)."""
+    _allow_open_files(settings.max_connections + 256)  # the pool, logs, listeners
     runner = server.Runner(
         app.create_app(settings),
         max_connections=settings.max_connections,
@@ -87,6 +89,16 @@ async def _serve_until_stopped(
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raise the soft limit on open files towards `wanted` (never past the hard limit):
+    with the common default of 1024, accept() would fail before the connection cap
+    is reached."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:

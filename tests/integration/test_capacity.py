@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import asyncpg
+import psutil
 
 from receiver import app, state
 from receiver.config import Settings
@@ -76,3 +77,50 @@ def test_connections_past_the_cap_get_503_and_the_rest_are_served(database_url: 
             for sock in idle:
                 sock.close()
         asyncio.run(processes.wait_healthy(port, process, seconds=30))
+
+
+def test_two_thousand_slow_connections_keep_memory_bounded(database_url: str) -> None:
+    """2,000 connections each send headers and 60 KB of a 64 KB body, then stall: the
+    process takes 1,024 (the default cap), answers the rest 503 at once, and its RSS
+    stays under 200 MB while they hang; all of it is measured, none of it timed."""
+    env, secret = processes.receiver_env(database_url, RECEIVER_BODY_TIMEOUT_SECONDS="60")
+    port = processes.free_port()
+    body = b"x" * 65_000
+    head = (
+        b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n".encode()
+        + f"X-Debitura-Signature: {helpers.debitura_signature(secret, body)}\r\n\r\n".encode()
+    )
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        asyncio.run(processes.wait_healthy(port, process))
+        server = psutil.Process(process.pid)
+        baseline = server.memory_info().rss
+        slow: list[socket.socket] = []
+        refused = 0
+        try:
+            for _ in range(2000):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                slow.append(sock)
+                try:
+                    sock.sendall(head + body[:60_000])
+                except OSError:
+                    refused += 1
+            served = sum(
+                1
+                for c in server.net_connections("tcp")
+                if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+            )
+            held = server.memory_info().rss
+        finally:
+            for sock in slow:
+                sock.close()
+        after = server.memory_info().rss
+        assert process.poll() is None
+    report = (
+        f"2,000 slow connections: {served} held open by the server, RSS "
+        f"{baseline / 2**20:.0f} MB before, {held / 2**20:.0f} MB while held, "
+        f"{after / 2**20:.0f} MB after"
+    )
+    print("\n" + report)
+    assert served <= 1024 + 1
+    assert held < 200 * 2**20, report
