@@ -300,6 +300,27 @@ def test_fuzzed_deliveries_get_the_contract_and_leave_the_database_consistent(
     assert counts["tokens"] > 0
 
 
+def test_a_flood_of_oversized_headers_logs_one_short_line_each(served: Served) -> None:
+    """Fifty requests with an 8 KB header: fifty 400s, and the log gets one warning
+    line per request, each short (the header is never written out)."""
+    marker = f"flood-{time.monotonic_ns()}"
+    before = len(served.log.read_text())
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\nX-Flood: "
+                + marker.encode()
+                + b"y" * 8192
+                + b"\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            assert _read_answer(sock).split(b" ", 2)[1] == b"400"
+    logged = served.log.read_text()[before:]
+    lines = [line for line in logged.splitlines() if "http_protocol_error" in line]
+    assert len(lines) == 50
+    assert max(len(line) for line in lines) < 600
+    assert "y" * 100 not in logged
+
+
 def test_slow_sender_is_cut_off(served: Served) -> None:
     """A body trickled byte by byte is answered 408 once the body timeout passes; the
     connection is not held."""
