@@ -1,8 +1,10 @@
 """Does scraping /metrics hurt ingest? Webhook latency at a fixed offered rate, with no
-scraper and with 64 scrapers hammering /metrics (each scrape right after the last),
-on one `receiver serve` process. Interleaved runs; medians printed with the ratio.
+scraper and with 64 scrapers each scraping every `--interval` seconds (0: each scrape
+right after the last, a flood rather than monitoring), on one `receiver serve`
+process. Interleaved runs; medians printed with the ratio.
 
-    .venv/bin/python -m bench.scrapes [--rate 500] [--seconds 5] [--scrapers 64] [--runs 3]
+    .venv/bin/python -m bench.scrapes [--rate 500] [--seconds 5] [--scrapers 64]
+                                      [--interval 1] [--runs 3]
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import random
 import statistics
 import time
 
@@ -18,15 +22,25 @@ import aiohttp
 from bench import harness, loadgen
 
 
-async def _scrape_forever(port: int, stop: asyncio.Event, count: list[int]) -> None:
+async def _scrape_forever(
+    port: int, interval: float, stop: asyncio.Event, count: list[int]
+) -> None:
     async with aiohttp.ClientSession() as session:
+        # Scrapers are not in lockstep: each starts at its own point of the interval.
+        await asyncio.sleep(random.uniform(0, interval))
         while not stop.is_set():
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
                 await response.read()
             count[0] += 1
+            if interval:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await stop.wait()
 
 
-async def _run(url: str, rate: float, seconds: float, scrapers: int) -> tuple[float, int]:
+async def _run(
+    url: str, rate: float, seconds: float, scrapers: int, interval: float
+) -> tuple[float, int]:
     port = harness.free_port()
     env = harness.secrets_env(url)
     secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
@@ -37,7 +51,10 @@ async def _run(url: str, rate: float, seconds: float, scrapers: int) -> tuple[fl
         )
         requests = loadgen.prebuilt(port, secret, harness.onboardings(int(rate * seconds) + 100))
         stop, scraped = asyncio.Event(), [0]
-        tasks = [asyncio.create_task(_scrape_forever(port, stop, scraped)) for _ in range(scrapers)]
+        tasks = [
+            asyncio.create_task(_scrape_forever(port, interval, stop, scraped))
+            for _ in range(scrapers)
+        ]
         end = time.monotonic() + seconds
         answers = await loadgen.open_loop(port, requests, rate, lambda: time.monotonic() >= end)
         stop.set()
@@ -51,15 +68,16 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--scrapers", type=int, default=64)
+    parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     quiet: list[float] = []
     scraped_p99: list[float] = []
     async with harness.fresh_database(harness.server_dsn()) as url:
         for _ in range(args.runs):
-            p99, _ = await _run(url, args.rate, args.seconds, 0)
+            p99, _ = await _run(url, args.rate, args.seconds, 0, args.interval)
             quiet.append(p99)
-            p99, scrapes = await _run(url, args.rate, args.seconds, args.scrapers)
+            p99, scrapes = await _run(url, args.rate, args.seconds, args.scrapers, args.interval)
             scraped_p99.append(p99)
             print(
                 f"  no scraper p99 {quiet[-1]:6.2f} ms | {args.scrapers} scrapers p99 "

@@ -34,6 +34,7 @@ from receiver import (
 log = structlog.get_logger(__name__)
 
 WEBHOOK_PATH = "/webhooks/debitura"
+_ROUTINE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _HTTP_ERRORS: dict[int, type[errors.ReceiverError]] = {
     404: errors.NotFound,
@@ -99,7 +100,10 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     route = _route_label(request)
     metrics.REQUESTS.labels(route=route, status=str(response.status)).inc()
     metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
-    log.info(
+    # Probes and scrapes that went well are routine: at debug, so a crowd of them
+    # neither floods the log nor takes the event loop from deliveries.
+    routine = route in _ROUTINE_ROUTES and response.status < 400
+    (log.debug if routine else log.info)(
         "request",
         method=request.method,
         path=path,

@@ -21,6 +21,10 @@ log = structlog.get_logger(__name__)
 REFRESH_SECONDS = 5.0
 SEALED_REFRESH_SECONDS = 60.0
 QUERY_TIMEOUT_SECONDS = 1.0
+# A whole exposition is reused for this long (or the refresh interval, if shorter):
+# a crowd of scrapers then costs one render a second, not one each, and leaves the
+# event loop to the webhook (bench/scrapes.py).
+RENDER_REUSE_SECONDS = 1.0
 
 
 class _Snapshot(Collector):
@@ -54,6 +58,8 @@ class DatabaseGauges:
         self._signals = {"pending": 0, "in_flight": 0, "dead": 0}
         self._quarantined = 0
         self._sealed: list[tuple[str, str, int]] = []
+        self._rendered = b""
+        self._rendered_at = -RENDER_REUSE_SECONDS
 
     async def families(self, database: db.Database) -> list[Metric]:
         """The gauge families for one scrape, refreshed first when due."""
@@ -114,13 +120,23 @@ class DatabaseGauges:
         )
         return [signals, quarantined, sealed, up, age]
 
+    async def exposition(self, database: db.Database) -> bytes:
+        """The exposition text: this process's metrics (every worker's, in
+        multiprocess mode), then the gauges read from Postgres (best-effort). Scrapes
+        within `RENDER_REUSE_SECONDS` of each other share one rendering."""
+        reuse = min(RENDER_REUSE_SECONDS, self._refresh_seconds)
+        if time.monotonic() - self._rendered_at < reuse:
+            return self._rendered
+        from_database = CollectorRegistry(auto_describe=False)
+        from_database.register(_Snapshot(await self.families(database)))
+        self._rendered = generate_latest(_process_registry()) + generate_latest(from_database)
+        self._rendered_at = time.monotonic()
+        return self._rendered
+
 
 async def render(database: db.Database, gauges: DatabaseGauges) -> bytes:
-    """The exposition text: this process's metrics (every worker's, in multiprocess
-    mode), then the gauges read from Postgres (best-effort)."""
-    from_database = CollectorRegistry(auto_describe=False)
-    from_database.register(_Snapshot(await gauges.families(database)))
-    return generate_latest(_process_registry()) + generate_latest(from_database)
+    """What `GET /metrics` answers (see `DatabaseGauges.exposition`)."""
+    return await gauges.exposition(database)
 
 
 def _process_registry() -> CollectorRegistry:
