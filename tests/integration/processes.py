@@ -36,6 +36,8 @@ def clean_env(**values: str) -> dict[str, str]:
 def receiver_env(database_url: str, **extra: str) -> tuple[dict[str, str], str]:
     """Settings for a receiver process with fresh dev secrets, and its webhook secret."""
     values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    # Each scrape reads afresh: tests compare scrapes a moment apart.
+    values["RECEIVER_METRICS_REFRESH_SECONDS"] = "0"
     env = clean_env(**values, RECEIVER_DATABASE_URL=database_url, **extra)
     return env, values["RECEIVER_WEBHOOK_SECRETS"]
 

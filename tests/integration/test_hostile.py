@@ -72,6 +72,7 @@ def served(server_dsn: str, template_name: str) -> Iterator[Served]:
             RECEIVER_DATABASE_URL=url,
             RECEIVER_BODY_TIMEOUT_SECONDS="1",
             RECEIVER_KEEPALIVE_SECONDS="2",
+            RECEIVER_METRICS_REFRESH_SECONDS="0",  # tests compare scrapes a moment apart
         )
         port = processes.free_port()
         with processes.serving(["--port", str(port)], env) as (process, output):
