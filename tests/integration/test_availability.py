@@ -121,7 +121,8 @@ async def test_synchronous_commit_is_on_for_our_connections(
     post: Post, conn: asyncpg.Connection, database_url: str
 ) -> None:
     """Even when the database defaults to synchronous_commit=off, ours commit durably."""
-    name = database_url.rsplit("/", 1)[-1].split("?")[0]
+    # The clone's own name (an embedded Postgres's DSN ends in a socket path instead).
+    name = await conn.fetchval("SELECT current_database()")
     await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     database = await db.Database.open(database_url)
     try:
@@ -241,7 +242,10 @@ async def test_readyz_fails_while_writes_fail_though_postgres_answers(
     """A database that answers pings but refuses writes (here: read-only, as a standby
     or a full disk would) makes deliveries 503 and /readyz fail too, so the load
     balancer stops sending here; once a write succeeds again, /readyz is back."""
-    name = database_url.rsplit("/", 1)[1].split("?")[0]
+    probe = await asyncpg.connect(database_url)
+    name = await probe.fetchval("SELECT current_database()")
+    await probe.close()
+    assert name.startswith("receiver_t_")  # this test's own clone, never a shared one
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
@@ -260,4 +264,5 @@ async def test_readyz_fails_while_writes_fail_though_postgres_answers(
         assert (await retry.json())["status"] == "processed"
         assert (await client.get("/readyz")).status == 200
     finally:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
         await admin.close()
