@@ -49,7 +49,8 @@ QUARANTINE_REASONS: tuple[QuarantineReason, ...] = QuarantineReason.__args__  # 
 # Debitura's own examples use underscores (`tok_live_new_token_456`): the URL-safe
 # alphabet, as the redaction pattern reads it.
 _TOKEN = re.compile(r"^tok_(live|test)_[A-Za-z0-9_-]{12,200}$")
-Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
+_IDENTIFIER = r"^[A-Za-z0-9_.:\-]{1,128}$"
+Identifier = Annotated[str, StringConstraints(pattern=_IDENTIFIER)]
 TokenPrefix = Annotated[
     str,
     StringConstraints(pattern=rf"^tok_(live|test)_[A-Za-z0-9_-]{{{redaction.PREFIX_LENGTH - 9}}}$"),
@@ -62,7 +63,7 @@ _MAX_DEPTH = 32
 
 
 def _check_token(value: SecretStr) -> SecretStr:
-    if not _TOKEN.match(value.get_secret_value()):
+    if not _TOKEN.fullmatch(value.get_secret_value()):
         # The message states the rule; the value is never repeated.
         raise ValueError("must be tok_live_ or tok_test_ followed by 12-200 of [A-Za-z0-9_-]")
     return value
@@ -169,11 +170,6 @@ def body_key(body_hash: bytes) -> str:
     return "sha256:" + body_hash.hex()
 
 
-def event_key(envelope_id: str | None, body: bytes) -> str:
-    """The idempotency key: the envelope's id, else a hash of the raw body."""
-    return envelope_id or body_key(hashlib.sha256(body).digest())
-
-
 def read(body: bytes, *, is_test: bool) -> Event:
     """Read a verified body: never raises, whatever it holds.
 
@@ -267,7 +263,11 @@ def read(body: bytes, *, is_test: bool) -> Event:
 
 
 def _readable_id(value: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", value) is not None
+    # fullmatch: Python's `$` would also match before a trailing newline.
+    return _IDENTIFIER_RE.fullmatch(value) is not None
+
+
+_IDENTIFIER_RE = re.compile(_IDENTIFIER.strip("^$"))
 
 
 class _TooLong:
@@ -403,7 +403,7 @@ def _path(path: Path) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + (part if _SAFE_SEGMENT.match(part) else "?")
+            out += ("." if out else "") + (part if _SAFE_SEGMENT.fullmatch(part) else "?")
     return out or "body"
 
 
