@@ -132,7 +132,7 @@ async def readyz(request: web.Request) -> web.Response:
     we are not shutting down."""
     if request.app[state.DRAINING].is_set():
         raise errors.ShuttingDown("shutting down: send new requests elsewhere")
-    if request.app[state.COMMITTER].failing_since is not None:
+    if request.app[state.COMMITTER].writes_failing:
         # A ping can succeed while every write fails (disk full, a read-only standby).
         raise errors.DatabaseUnavailable("writes are failing: the last commit did not succeed")
     database = request.app[state.DATABASE]

@@ -6,17 +6,16 @@ There is no timer: a delivery that finds no group committing is committed at onc
 alone. Deliveries arriving while a group commits wait for it to finish and form the
 next group. Each delivery's 200 still waits for the durable commit of its own group.
 
-Rows are sorted by client id so every group takes the per-client advisory locks in
-the same order; two groups never deadlock on them. A group that fails for any
-reason but an unavailable database is retried one event at a time, so one bad
-event cannot fail the others.
+The SQL function takes every advisory lock a group needs first, in one order, so two
+groups never deadlock (sql/0002). A group that fails for any reason but an
+unavailable database is retried one event at a time, so one bad event cannot fail
+the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -29,7 +28,7 @@ MAX_GROUP = 128
 MAX_IN_FLIGHT = 2
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue removes a waiting row by it
 class _Waiting:
     row: store.Row
     outcome: asyncio.Future[store.Recorded] = field(
@@ -57,9 +56,9 @@ class GroupCommit:
         self._queue: list[_Waiting] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        # When the last commit failed for want of the database (None: the last one
-        # succeeded): readiness reports failing writes, not only a failing ping.
-        self.failing_since: float | None = None
+        # Whether the last commit failed for want of the database: readiness reports
+        # failing writes, not only a failing ping.
+        self.writes_failing = False
 
     async def record(self, row: store.Row, *, deadline: float | None = None) -> store.Recorded:
         """Record one event; returns after the transaction that holds it committed.
@@ -103,13 +102,11 @@ class GroupCommit:
             self._in_flight -= 1
 
     async def _commit(self, group: list[_Waiting]) -> None:
-        group.sort(key=lambda w: w.row.client_id or "")
         metrics.COMMIT_GROUP_SIZE.observe(len(group))
         try:
             outcomes = await self._record([w.row for w in group])
         except errors.DatabaseUnavailable as exc:
-            if self.failing_since is None:
-                self.failing_since = time.monotonic()
+            self.writes_failing = True
             for waiting in group:
                 _fail(waiting, exc)
             return
@@ -121,7 +118,7 @@ class GroupCommit:
             for waiting in group:
                 await self._commit([waiting])
             return
-        self.failing_since = None
+        self.writes_failing = False
         for waiting, outcome in zip(group, outcomes, strict=True):
             if not waiting.outcome.done():
                 waiting.outcome.set_result(outcome)

@@ -10,7 +10,6 @@ it a 503 (Debitura retries those; it switches a subscription off after 8 failure
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 import structlog
 from aiohttp import http_exceptions, web
@@ -96,16 +95,16 @@ async def _receive(request: web.Request) -> web.Response:
     except errors.UnstorableValue as exc:
         # A value our own checks let through and Postgres refused: keep the delivery
         # all the same, as the bytes it came as, quarantined.
-        fallback = events.Event(
+        event = events.Event(
             key=event.key,
             envelope_id=event.envelope_id,
             type=event.type,
             is_test=event.is_test,
-            body_hash=hashlib.sha256(body).digest(),
+            body_hash=event.body_hash,
             quarantine=events.Quarantine("unstorable_value", exc.message),
         )
         outcome, reason = await committer.record(
-            store.prepare(sealer, fallback, delivery), deadline=deadline
+            store.prepare(sealer, event, delivery), deadline=deadline
         )
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
