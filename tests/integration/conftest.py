@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import secrets
@@ -191,3 +192,28 @@ def own_postgres() -> Any:
     if (data / "postmaster.pid").exists():
         control("stop")
     shutil.rmtree(root, ignore_errors=True)
+
+
+_CLIENT_LOCK = "SELECT pg_advisory_{}(hashtextextended('receiver.client:' || $1, 0))"
+
+
+@contextlib.asynccontextmanager
+async def client_lock(
+    database_url: str, client_id: str
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Another session holding a client's lock (as a long transaction on that client
+    would); yields `release()`, which the block may call early."""
+    holder = await asyncpg.connect(database_url)
+    held = True
+
+    async def release() -> None:
+        nonlocal held
+        if held:
+            await holder.execute(_CLIENT_LOCK.format("unlock"), client_id)
+            held = False
+
+    try:
+        await holder.execute(_CLIENT_LOCK.format("lock"), client_id)
+        yield release
+    finally:
+        await holder.close()

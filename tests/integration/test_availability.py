@@ -14,7 +14,7 @@ from receiver import app, db, errors, migrations, state
 from receiver.config import Settings
 from tests import helpers
 from tests.conftest import create_database, drop_database, unique_name, with_database
-from tests.integration.conftest import Post
+from tests.integration.conftest import Post, client_lock
 
 
 def _closed_port() -> int:
@@ -171,9 +171,6 @@ async def test_sessions_ended_by_the_server_are_503_and_the_pool_recovers(
     assert stored == await conn.fetchval("SELECT count(*) FROM receiver.events") == 200
 
 
-_CLIENT_LOCK = "SELECT pg_advisory_{}(hashtextextended('receiver.client:' || $1, 0))"
-
-
 async def test_client_lock_held_too_long_is_a_503_within_the_lock_timeout(
     aiohttp_client: Any, settings: Settings, webhook_secret: str, database_url: str, log_lines: Any
 ) -> None:
@@ -183,9 +180,7 @@ async def test_client_lock_held_too_long_is_a_503_within_the_lock_timeout(
     impatient = settings.model_copy(update={"lock_timeout_seconds": 0.5})
     client = await aiohttp_client(app.create_app(impatient))
     body = helpers.encode(helpers.onboarding("cli_locked"))
-    holder = await asyncpg.connect(database_url)
-    try:
-        await holder.execute(_CLIENT_LOCK.format("lock"), "cli_locked")
+    async with client_lock(database_url, "cli_locked") as release:
         response = await client.post(
             app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
         )
@@ -194,9 +189,7 @@ async def test_client_lock_held_too_long_is_a_503_within_the_lock_timeout(
         # Postgres gave up on the lock (not the driver's 6 s backstop).
         faults = [line["error"] for line in log_lines() if line["event"] == "database_unavailable"]
         assert faults == ["LockNotAvailableError"]
-        await holder.execute(_CLIENT_LOCK.format("unlock"), "cli_locked")
-    finally:
-        await holder.close()
+        await release()
     retry = await client.post(
         app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
     )
@@ -214,16 +207,12 @@ async def test_delivery_past_its_deadline_is_a_503_and_its_retry_changes_nothing
     )
     client = await aiohttp_client(app.create_app(patient_db))
     body = helpers.encode(helpers.onboarding("cli_slow"))
-    holder = await asyncpg.connect(database_url)
-    try:
-        await holder.execute(_CLIENT_LOCK.format("lock"), "cli_slow")
+    async with client_lock(database_url, "cli_slow") as release:
         response = await client.post(
             app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
         )
         assert response.status == 503
-        await holder.execute(_CLIENT_LOCK.format("unlock"), "cli_slow")
-    finally:
-        await holder.close()
+        await release()
     retry = await client.post(
         app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
     )

@@ -10,16 +10,14 @@ import socket
 import urllib.request
 from typing import Any
 
-import asyncpg
 import psutil
 
 from receiver import app, state
 from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
+from tests.integration.conftest import client_lock
 from tests.integration.standins import eventually
-
-_CLIENT_LOCK = "SELECT pg_advisory_{}(hashtextextended('receiver.client:' || $1, 0))"
 
 
 async def test_deliveries_past_the_in_flight_cap_get_503_at_once(
@@ -38,9 +36,7 @@ async def test_deliveries_past_the_in_flight_cap_get_503_at_once(
         )
         return response.status, await response.json(), response.headers.get("Retry-After")
 
-    holder = await asyncpg.connect(database_url)
-    try:
-        await holder.execute(_CLIENT_LOCK.format("lock"), "cli_busy")
+    async with client_lock(database_url, "cli_busy") as release:
         held = [asyncio.create_task(deliver(helpers.onboarding("cli_busy"))) for _ in range(2)]
 
         async def both_in_flight() -> bool:
@@ -49,9 +45,7 @@ async def test_deliveries_past_the_in_flight_cap_get_503_at_once(
         await eventually(both_in_flight)
         status, answer, retry_after = await deliver(helpers.onboarding("cli_other"))
         assert (status, answer["error"]["code"], retry_after) == (503, "overloaded", "1")
-        await holder.execute(_CLIENT_LOCK.format("unlock"), "cli_busy")
-    finally:
-        await holder.close()
+        await release()
     assert [(s, a["status"]) for s, a, _ in await asyncio.gather(*held)] == [
         (200, "processed"),
         (200, "processed"),
