@@ -164,6 +164,7 @@ def create_app(settings: config.Settings) -> web.Application:
     app[state.DRAINING] = asyncio.Event()
     app[state.GAUGES] = scrape.DatabaseGauges(settings.metrics_refresh_seconds)
     app[state.LOAD] = state.Load()
+    app[state.SECRET_SETS] = settings.webhook_secret_sets()
     app.on_shutdown.append(_start_draining)
     return app
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -26,6 +27,7 @@ log = structlog.get_logger(__name__)
 
 MAX_GROUP = 128
 MAX_IN_FLIGHT = 2
+WRITE_FAILURE_SECONDS = 10.0
 
 
 @dataclass(eq=False)  # compared by identity: the queue removes a waiting row by it
@@ -56,9 +58,8 @@ class GroupCommit:
         self._queue: list[_Waiting] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        # Whether the last commit failed for want of the database: readiness reports
-        # failing writes, not only a failing ping.
-        self.writes_failing = False
+        # When the last commit failed for want of the database (None: it succeeded).
+        self._failed_at: float | None = None
 
     async def record(self, row: store.Row, *, deadline: float | None = None) -> store.Recorded:
         """Record one event; returns after the transaction that holds it committed.
@@ -81,16 +82,25 @@ class GroupCommit:
         if deadline is None:
             return await waiting.outcome
         try:
+            # On timeout the outcome future is cancelled with the wait: the group that
+            # holds the row (if any) finds it done and leaves it be.
             async with asyncio.timeout_at(deadline):
-                return await asyncio.shield(waiting.outcome)
+                return await waiting.outcome
         except TimeoutError:
-            # Nobody awaits the outcome now: consume whatever it turns out to be.
-            waiting.outcome.add_done_callback(_consume)
             if waiting in self._queue:
                 self._queue.remove(waiting)
             metrics.DATABASE_ERRORS.labels(kind="deadline").inc()
             log.warning("commit_deadline_passed", queued=len(self._queue))
             raise errors.DatabaseUnavailable("could not commit in time, retry later") from None
+
+    @property
+    def writes_failing(self) -> bool:
+        """Whether the last commit failed for want of the database, within the last
+        WRITE_FAILURE_SECONDS. Readiness uses it (a ping can succeed while every write
+        fails); it expires on its own, because a replica taken out of rotation gets no
+        delivery whose success could clear it."""
+        failed_at = self._failed_at
+        return failed_at is not None and time.monotonic() - failed_at < WRITE_FAILURE_SECONDS
 
     async def _drain(self) -> None:
         try:
@@ -106,7 +116,7 @@ class GroupCommit:
         try:
             outcomes = await self._record([w.row for w in group])
         except errors.DatabaseUnavailable as exc:
-            self.writes_failing = True
+            self._failed_at = time.monotonic()
             for waiting in group:
                 _fail(waiting, exc)
             return
@@ -118,7 +128,7 @@ class GroupCommit:
             for waiting in group:
                 await self._commit([waiting])
             return
-        self.writes_failing = False
+        self._failed_at = None
         for waiting, outcome in zip(group, outcomes, strict=True):
             if not waiting.outcome.done():
                 waiting.outcome.set_result(outcome)
@@ -127,11 +137,6 @@ class GroupCommit:
         return await store.record_rows(
             self._database, rows, channel=self._channel, http_delivery=self._http
         )
-
-
-def _consume(outcome: asyncio.Future[store.Recorded]) -> None:
-    if not outcome.cancelled():
-        outcome.exception()
 
 
 def _fail(waiting: _Waiting, exc: BaseException) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -127,6 +128,15 @@ async def _keep_session(_: Any) -> None:
     scoped, nothing is SET or LISTENed on them, and asyncpg itself still rolls back a
     connection released inside a transaction before calling this.
     """
+
+
+def plain(row: Record, *, leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A row as a plain dict for output (CLI tables, JSON lines): times as ISO text."""
+    return {
+        k: (v.isoformat() if isinstance(v, datetime) else v)
+        for k, v in row.items()
+        if k not in leave_out
+    }
 
 
 class Database:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -24,10 +23,7 @@ log = structlog.get_logger(__name__)
 STATUSES = ("processed", "ignored", "quarantined")
 LIST_COLUMNS = ("key", "type", "status", "reason", "test", "received_at", "detail")
 _REDACTOR = redaction.Redactor()
-
-
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+_SEALED = frozenset({"body_sealed", "sealed_for"})
 
 
 async def listing(
@@ -40,7 +36,7 @@ async def listing(
 ) -> list[dict[str, Any]]:
     """Stored deliveries, newest first: metadata only, never a body."""
     rows = await database.fetch("list_events", status, reason, event_type, limit)
-    return [{k: _plain(v) for k, v in row.items()} for row in rows]
+    return [db.plain(row) for row in rows]
 
 
 async def show(
@@ -54,7 +50,7 @@ async def show(
     rows = await database.fetch("show_event", event_id)
     shown = []
     for row in rows:
-        entry = {k: _plain(v) for k, v in row.items() if k not in {"body_sealed", "sealed_for"}}
+        entry = db.plain(row, leave_out=_SEALED)
         if row["body_redacted"] is not None:
             entry["body"] = json.loads(row["body_redacted"])
         else:

@@ -332,9 +332,7 @@ async def listing(
 ) -> list[dict[str, Any]]:
     """The newest signals, optionally of one status."""
     rows = await database.fetch("list_signals", status, limit)
-    return [
-        {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()} for r in rows
-    ]
+    return [db.plain(r) for r in rows]
 
 
 async def retry_dead(database: db.Database, ids: list[str] | None = None) -> list[str]:

@@ -22,4 +22,6 @@ DISPATCHER = web.AppKey("dispatcher", outbox.Dispatcher)
 COMMITTER = web.AppKey("committer", committer.GroupCommit)
 DRAINING = web.AppKey("draining", asyncio.Event)
 GAUGES = web.AppKey("gauges", scrape.DatabaseGauges)
+# The webhook secrets by world (live, test), decoded once for every delivery.
+SECRET_SETS = web.AppKey("secret_sets", dict[str, list[bytes]])
 LOAD = web.AppKey("load", Load)

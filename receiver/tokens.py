@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -37,11 +36,7 @@ async def inventory(
 ) -> list[dict[str, Any]]:
     """Every stored token's metadata, newest first per client; never the token."""
     rows = await database.fetch("token_inventory", client_id, status, environment, limit)
-    return [{k: _plain(v) for k, v in row.items()} for row in rows]
-
-
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+    return [db.plain(row) for row in rows]
 
 
 async def reveal(

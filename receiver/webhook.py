@@ -68,9 +68,8 @@ async def _receive(request: web.Request) -> web.Response:
         raise errors.UnsupportedMediaType("content type must be application/json")
     body = await _read_body(request, limit, settings.body_timeout_seconds)
     signature = request.headers.get(signing.SIGNATURE_HEADER)
-    _, signed_by = signing.authenticate(
-        signature, body, settings.webhook_secret_sets(), settings.signature_tolerance
-    )
+    secret_sets = request.app[state.SECRET_SETS]
+    _, signed_by = signing.authenticate(signature, body, secret_sets, settings.signature_tolerance)
     # From here on the delivery is authentic: nothing below refuses it.
     test_header = request.headers.get(TEST_HEADER, "").strip().lower() == "true"
     delivery = store.Delivery(
