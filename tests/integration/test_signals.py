@@ -239,13 +239,19 @@ async def test_backlog_drains_at_once_when_the_cache_is_back(
     async with dispatching(database, slow, poll_interval=0.05) as dispatcher:
 
         async def all_failed_once() -> bool:
-            return len(standin_cache.received) >= 30
+            # Every failure recorded, not only sent: a row still in flight would have
+            # its next attempt set by the dispatcher after the test's update below.
+            in_flight = await conn.fetchval(
+                "SELECT count(*) FROM receiver.signals WHERE status = 'in_flight'"
+            )
+            return len(standin_cache.received) >= 30 and in_flight == 0
 
         await eventually(all_failed_once)
-        # Back now; one signal made due (as its backoff step would): the rest follow it.
+        # Back now; one waiting signal made due (as its backoff step would): the rest
+        # follow it. (One retried early by its own jitter would have released them too.)
         await conn.execute(
-            "UPDATE receiver.signals SET next_attempt_at = now() "
-            "WHERE id = (SELECT id FROM receiver.signals ORDER BY id LIMIT 1)"
+            "UPDATE receiver.signals SET next_attempt_at = now() WHERE id = "
+            "(SELECT id FROM receiver.signals WHERE status = 'pending' ORDER BY id LIMIT 1)"
         )
         dispatcher.wake()
 
