@@ -162,7 +162,9 @@ def create_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_endpoint)
     app[state.DRAINING] = asyncio.Event()
-    app[state.GAUGES] = scrape.DatabaseGauges(settings.metrics_refresh_seconds)
+    app[state.GAUGES] = scrape.DatabaseGauges(
+        app[state.SEALER].keyring.primary_id, settings.metrics_refresh_seconds
+    )
     app[state.LOAD] = state.Load()
     app[state.SECRET_SETS] = settings.webhook_secret_sets()
     app.on_shutdown.append(_start_draining)

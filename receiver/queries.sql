@@ -95,12 +95,26 @@ UPDATE receiver.tokens SET token_sealed = $3 WHERE id = $1::uuid AND token_seale
 UPDATE receiver.events SET body_sealed = $3 WHERE key = $1 AND body_sealed = $2;
 
 -- name: sealed_key_counts
--- Sealed values per kind and key id (rotation progress; a full scan, cached by the caller).
+-- Sealed values per kind and key id: a full scan, for `keys rotate`'s report only.
 SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
   FROM receiver.tokens GROUP BY 2
 UNION ALL
 SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
   FROM receiver.events GROUP BY 2
+ ORDER BY 1, 2;
+
+-- name: sealed_to_rotate_counts
+-- Values sealed under a key other than $1 (the primary), per kind and key id: two
+-- range scans of the sealed_key_id indexes (0003), empty once a rotation is done.
+SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
+  FROM receiver.tokens
+ WHERE receiver.sealed_key_id(token_sealed) < $1 OR receiver.sealed_key_id(token_sealed) > $1
+ GROUP BY 2
+UNION ALL
+SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
+  FROM receiver.events
+ WHERE receiver.sealed_key_id(body_sealed) < $1 OR receiver.sealed_key_id(body_sealed) > $1
+ GROUP BY 2
  ORDER BY 1, 2;
 
 -- name: claim_due_signals

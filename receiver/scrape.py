@@ -19,7 +19,6 @@ from receiver import db, errors
 log = structlog.get_logger(__name__)
 
 REFRESH_SECONDS = 5.0
-SEALED_REFRESH_SECONDS = 60.0
 QUERY_TIMEOUT_SECONDS = 1.0
 # A whole exposition is reused for this long (or the refresh interval, if shorter):
 # a crowd of scrapers then costs one render a second, not one each, and leaves the
@@ -40,24 +39,25 @@ class _Snapshot(Collector):
 class DatabaseGauges:
     """The gauges read from Postgres, best-effort and shared by concurrent scrapes.
 
-    They are read at most once per `RECEIVER_METRICS_REFRESH_SECONDS` (the scan behind the
-    sealed-values gauge once per `SEALED_REFRESH_SECONDS`), by one scrape while the
-    others wait for it, each query bounded by `QUERY_TIMEOUT_SECONDS`. When Postgres
+    They are read at most once per `RECEIVER_METRICS_REFRESH_SECONDS`, by one scrape
+    while the others wait for it, each query bounded by `QUERY_TIMEOUT_SECONDS`, and
+    each index-backed: partial indexes for the open signals and quarantined events,
+    the sealed-key-id indexes for the values still to re-seal under `primary_key_id`. When Postgres
     cannot answer, the last values are served with `receiver_database_gauges_up 0`
     and their age, so the process's own counters are always scrapable, exactly when
     an outage makes them matter.
     """
 
-    def __init__(self, refresh_seconds: float = REFRESH_SECONDS) -> None:
+    def __init__(self, primary_key_id: str, refresh_seconds: float = REFRESH_SECONDS) -> None:
+        self._primary_key_id = primary_key_id
         self._refresh_seconds = refresh_seconds
         self._lock = asyncio.Lock()
         self._read_at: float | None = None
         self._tried_at = -refresh_seconds
-        self._sealed_at = -SEALED_REFRESH_SECONDS
         self._up = False
         self._signals = {"pending": 0, "in_flight": 0, "dead": 0}
         self._quarantined = 0
-        self._sealed: list[tuple[str, str, int]] = []
+        self._to_rotate: list[tuple[str, str, int]] = []
         self._rendered = b""
         self._rendered_at = -RENDER_REUSE_SECONDS
 
@@ -74,18 +74,14 @@ class DatabaseGauges:
             async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
                 rows = await database.fetch("open_signal_counts")
                 quarantined = await database.fetchval("open_quarantine_count")
-                sealed = None
-                if time.monotonic() - self._sealed_at >= SEALED_REFRESH_SECONDS:
-                    sealed = await database.fetch("sealed_key_counts")
+                to_rotate = await database.fetch("sealed_to_rotate_counts", self._primary_key_id)
         except (errors.ReceiverError, TimeoutError) as exc:
             self._up = False
             log.info("database_gauges_stale", error=type(exc).__name__)
             return
         self._signals.update({row["status"]: row["n"] for row in rows})
         self._quarantined = quarantined
-        if sealed is not None:
-            self._sealed = [(row["kind"], row["key_id"], row["n"]) for row in sealed]
-            self._sealed_at = time.monotonic()
+        self._to_rotate = [(row["kind"], row["key_id"], row["n"]) for row in to_rotate]
         self._read_at = time.monotonic()
         self._up = True
 
@@ -100,14 +96,14 @@ class DatabaseGauges:
             "Quarantined deliveries not yet reprocessed, read from Postgres (alert when > 0)",
             value=self._quarantined,
         )
-        sealed = GaugeMetricFamily(
-            "receiver_sealed_values",
-            "Sealed values per kind and key id (key rotation progress); "
-            "refreshed at most once a minute",
+        to_rotate = GaugeMetricFamily(
+            "receiver_sealed_values_to_rotate",
+            "Tokens and events sealed under a key id other than the primary, per kind and "
+            "key id (key rotation progress: none left when done)",
             labels=["kind", "key_id"],
         )
-        for kind, key_id, n in self._sealed:
-            sealed.add_metric([kind, key_id], n)
+        for kind, key_id, n in self._to_rotate:
+            to_rotate.add_metric([kind, key_id], n)
         up = GaugeMetricFamily(
             "receiver_database_gauges_up",
             "1 when the gauges above were just read from Postgres, 0 when it did not answer",
@@ -118,7 +114,7 @@ class DatabaseGauges:
             "Seconds since the gauges above were last read from Postgres (-1: never)",
             value=-1 if self._read_at is None else time.monotonic() - self._read_at,
         )
-        return [signals, quarantined, sealed, up, age]
+        return [signals, quarantined, to_rotate, up, age]
 
     async def exposition(self, database: db.Database) -> bytes:
         """The exposition text: this process's metrics (every worker's, in

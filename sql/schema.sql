@@ -546,6 +546,8 @@ CREATE INDEX events_quarantined ON receiver.events USING btree (received_at) WHE
 
 CREATE INDEX events_received_at ON receiver.events USING btree (received_at);
 
+CREATE INDEX events_sealed_key_id ON receiver.events USING btree (receiver.sealed_key_id(body_sealed));
+
 CREATE INDEX revocations_client ON receiver.revocations USING btree (client_id);
 
 CREATE INDEX signals_dead ON receiver.signals USING btree (created_at) WHERE (status = 'dead'::text);
@@ -557,6 +559,8 @@ CREATE INDEX signals_leased ON receiver.signals USING btree (lease_expires_at) W
 CREATE INDEX tokens_client_prefix ON receiver.tokens USING btree (client_id, prefix);
 
 CREATE UNIQUE INDEX tokens_one_active_per_client_environment ON receiver.tokens USING btree (client_id, environment) WHERE (status = 'active'::text);
+
+CREATE INDEX tokens_sealed_key_id ON receiver.tokens USING btree (receiver.sealed_key_id(token_sealed));
 
 ALTER TABLE ONLY receiver.revocations
     ADD CONSTRAINT revocations_event_key_fkey FOREIGN KEY (event_key) REFERENCES receiver.events(key);

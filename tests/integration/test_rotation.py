@@ -185,3 +185,33 @@ async def test_tokens_reveal_needs_confirm_and_is_audited(
     assert shown.stdout.strip() == token
     assert '"event": "token_revealed"' in shown.stderr
     assert token not in shown.stderr
+
+
+def to_rotate(exposition: str) -> dict[str, float]:
+    """The receiver_sealed_values_to_rotate samples of an exposition, by their labels."""
+    prefix = "receiver_sealed_values_to_rotate{"
+    return {
+        line[len(prefix) : line.index("}")]: float(line.split()[-1])
+        for line in exposition.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+async def test_metrics_count_the_values_a_rotation_still_has_to_move(
+    post: Post, aiohttp_client: Any, settings: Settings, database: db.Database
+) -> None:
+    """Once a new key is primary, /metrics counts what is still sealed under the old one
+    (an index range scan, read at scrape time), and nothing once the rotation is done."""
+    for _ in range(3):
+        await post(helpers.onboarding())
+    rotated_settings = with_new_primary(settings)
+    before = await aiohttp_client(app.create_app(settings))
+    assert to_rotate(await (await before.get("/metrics")).text()) == {}
+
+    scraper = await aiohttp_client(app.create_app(rotated_settings))
+    assert to_rotate(await (await scraper.get("/metrics")).text()) == {
+        'key_id="k1",kind="events"': 3.0,
+        'key_id="k1",kind="tokens"': 3.0,
+    }
+    await rotation.rotate(database, vault.Sealer.from_settings(rotated_settings).keyring)
+    assert to_rotate(await (await scraper.get("/metrics")).text()) == {}
