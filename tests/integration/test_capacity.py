@@ -87,7 +87,7 @@ def test_two_thousand_slow_connections_keep_memory_bounded(database_url: str) ->
         + f"Content-Length: {len(body)}\r\n".encode()
         + f"X-Debitura-Signature: {helpers.debitura_signature(secret, body)}\r\n\r\n".encode()
     )
-    with processes.serving(["--port", str(port)], env) as (process, _):
+    with processes.serving(["--port", str(port)], env) as (process, output):
         asyncio.run(processes.wait_healthy(port, process))
         server = psutil.Process(process.pid)
         baseline = server.memory_info().rss
@@ -107,6 +107,13 @@ def test_two_thousand_slow_connections_keep_memory_bounded(database_url: str) ->
         finally:
             for sock in slow:
                 sock.close()
+
+        # The server says when the crowd has gone and its memory was handed back.
+        async def crowd_gone() -> bool:
+            assert process.poll() is None
+            return "connection_crowd_gone" in output.read_text()
+
+        asyncio.run(eventually(crowd_gone, seconds=60))
         after = server.memory_info().rss
         assert process.poll() is None
         asyncio.run(processes.wait_healthy(port, process, seconds=30))
@@ -128,3 +135,5 @@ def test_two_thousand_slow_connections_keep_memory_bounded(database_url: str) ->
     # Every connection past the cap was answered 503 and closed, none taken in.
     assert refused >= 2000 - 1024, report
     assert held < 200 * 2**20, report
+    # Once they are gone, the memory their buffers took goes back to the system.
+    assert after < baseline + 25 * 2**20, report
