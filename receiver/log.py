@@ -8,8 +8,10 @@ nothing reaches the stream unmasked.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
@@ -102,3 +104,46 @@ class _NamedWriteLogger(structlog.WriteLogger):
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
         self.name = name
+
+
+class Throttle:
+    """At most `limit` lines of one event per `window_seconds`; past that they are
+    counted, and one summary line (`<event>_suppressed`, with the count) is written
+    when the window ends. For what a flood of hostile input produces, so that the
+    flood cannot flood the log (the metrics still count every one).
+
+    Written by hand: neither structlog nor the stdlib has rate-limited logging, and
+    this needs one counter and one timer. Runs on the event loop; not thread-safe.
+    """
+
+    def __init__(self, event: str, *, limit: int = 10, window_seconds: float = 10.0) -> None:
+        self.event = event
+        self._limit = limit
+        self._window = window_seconds
+        self._started = -window_seconds
+        self._written = 0
+        self._suppressed = 0
+        self._log = structlog.get_logger("receiver.log")
+
+    def allow(self) -> bool:
+        """Whether this occurrence gets its own line; if not, it is counted."""
+        now = time.monotonic()
+        if now - self._started >= self._window:
+            self._started, self._written = now, 0
+        if self._written < self._limit:
+            self._written += 1
+            return True
+        if self._suppressed == 0:
+            remaining = self._window - (now - self._started)
+            asyncio.get_running_loop().call_later(remaining, self._summarise)
+        self._suppressed += 1
+        return False
+
+    def _summarise(self) -> None:
+        count, self._suppressed = self._suppressed, 0
+        self._log.warning(
+            f"{self.event}_suppressed",
+            count=count,
+            limit=self._limit,
+            window_seconds=self._window,
+        )

@@ -22,10 +22,13 @@ import structlog
 from aiohttp import web, web_protocol, web_request, web_server
 
 from receiver import errors, metrics
+from receiver.log import Throttle
 
 log = structlog.get_logger(__name__)
 
 _DETAIL_CHARS = 80
+# One line per refused connection, up to 10 in 10 s; then one summary line.
+_PROTOCOL_ERRORS = Throttle("http_protocol_error")
 # After a crowd of connections (this many at once) has thinned to a quarter of its
 # peak, the memory their buffers held is handed back to the system (see _trim).
 _TRIM_AFTER_PEAK = 256
@@ -72,14 +75,15 @@ class _Protocol(web_protocol.RequestHandler):
             error = errors.InvalidRequest("malformed HTTP request")
         else:
             error = errors.InternalError("internal error, retry later")
-        log.warning(
-            "http_protocol_error",
-            status=error.status,
-            error=type(exc).__name__ if exc is not None else None,
-            detail=(message or "")[:_DETAIL_CHARS],
-            remote=request.remote,
-        )
         metrics.REQUESTS.labels(route="unparsed", status=str(error.status)).inc()
+        if _PROTOCOL_ERRORS.allow():
+            log.warning(
+                "http_protocol_error",
+                status=error.status,
+                error=type(exc).__name__ if exc is not None else None,
+                detail=(message or "")[:_DETAIL_CHARS],
+                remote=request.remote,
+            )
         response = web.json_response(error.body(), status=error.status, headers=error.headers())
         response.force_close()
         return response

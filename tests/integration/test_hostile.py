@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from receiver import config, events, vault
 from tests import conftest, helpers
 from tests.integration import processes
+from tests.integration.standins import eventually
 
 FUZZ_EXAMPLES = 1000
 
@@ -301,25 +302,43 @@ def test_fuzzed_deliveries_get_the_contract_and_leave_the_database_consistent(
     assert counts["tokens"] > 0
 
 
-def test_a_flood_of_oversized_headers_logs_one_short_line_each(served: Served) -> None:
-    """Fifty requests with an 8 KB header: fifty 400s, and the log gets one warning
-    line per request, each short (the header is never written out)."""
-    marker = f"flood-{time.monotonic_ns()}"
-    before = len(served.log.read_text())
-    for _ in range(50):
-        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
-            sock.sendall(
-                b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\nX-Flood: "
-                + marker.encode()
-                + b"y" * 8192
-                + b"\r\nContent-Length: 2\r\n\r\n{}"
-            )
-            assert _read_answer(sock).split(b" ", 2)[1] == b"400"
-    logged = served.log.read_text()[before:]
-    lines = [line for line in logged.splitlines() if "http_protocol_error" in line]
-    assert len(lines) == 50
-    assert max(len(line) for line in lines) < 600
-    assert "y" * 100 not in logged
+def test_a_flood_of_oversized_headers_logs_ten_short_lines_and_a_summary(
+    database_url: str,
+) -> None:
+    """Fifty requests with an 8 KB header: fifty 400s, and the log gets one short
+    warning line for each of the first ten (the header never written out), then one
+    summary line that counts the other forty when the 10 s window ends."""
+    env, _ = processes.receiver_env(database_url)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        asyncio.run(processes.wait_healthy(port, process))
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\nX-Flood: "
+                    + b"y" * 8192
+                    + b"\r\nContent-Length: 2\r\n\r\n{}"
+                )
+                assert _read_answer(sock).split(b" ", 2)[1] == b"400"
+
+        def logged(event: str) -> list[dict[str, Any]]:
+            return [
+                record
+                for record in map(json.loads, output.read_text().splitlines())
+                if record.get("event") == event
+            ]
+
+        async def summarised() -> bool:
+            return bool(logged("http_protocol_error_suppressed"))
+
+        asyncio.run(eventually(summarised, seconds=30))
+        lines = logged("http_protocol_error")
+        (summary,) = logged("http_protocol_error_suppressed")
+        text = output.read_text()
+    assert len(lines) == 10
+    assert summary["count"] == 40
+    assert max(len(json.dumps(line)) for line in lines) < 600
+    assert "y" * 100 not in text
 
 
 def test_slow_sender_is_cut_off(served: Served) -> None:
