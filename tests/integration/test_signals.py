@@ -364,6 +364,79 @@ async def test_sigterm_never_makes_a_signal_go_twice(
     assert sorted(standin_cache.ids()) == sorted(ids)  # each once: no duplicate
 
 
+async def test_sigterm_of_serve_under_load_never_makes_a_signal_go_twice(
+    database: db.Database,
+    settings: Settings,
+    webhook_secret: str,
+    standin_cache: StandInCache,
+    conn: asyncpg.Connection,
+) -> None:
+    """`receiver serve` stopped with SIGTERM three times while revocations keep
+    arriving and its dispatcher has a batch in flight to a slow cache: each stop exits
+    0, leaves no lease behind, loses no acknowledged delivery, and every signal
+    reaches the cache exactly once."""
+    await seed(database, settings, 200)
+    standin_cache.latency = 0.5
+    env = operator_env(
+        settings,
+        RECEIVER_CACHE_URL=standin_cache.url,
+        RECEIVER_CACHE_SECRET=standin_cache.secret_b64,
+    )
+    acknowledged: list[str] = []
+    for cycle in range(3):
+        seen = len(standin_cache.received)
+        port = processes.free_port()
+        with processes.serving(["--port", str(port)], env) as (process, _):
+            await processes.wait_healthy(port, process)
+            stop_load = asyncio.Event()
+
+            async def load(port: int = port, stop: asyncio.Event = stop_load) -> None:
+                # Deliveries until the process stops answering; only 200s count.
+                url = f"http://127.0.0.1:{port}{app.WEBHOOK_PATH}"
+                async with aiohttp.ClientSession() as session:
+                    while not stop.is_set():
+                        document = helpers.revocation(f"cli_{os.urandom(4).hex()}", None)
+                        body = helpers.encode(document)
+                        headers = helpers.signed_headers(webhook_secret, body)
+                        try:
+                            async with session.post(url, data=body, headers=headers) as answer:
+                                if answer.status == 200:
+                                    acknowledged.append(document["id"])
+                        except aiohttp.ClientError:
+                            return
+
+            loader = asyncio.create_task(load())
+
+            answered = len(acknowledged)
+
+            async def busy(seen: int = seen, answered: int = answered) -> bool:
+                # Signals in flight to the cache and deliveries being answered.
+                return len(standin_cache.received) > seen and len(acknowledged) > answered + 5
+
+            await eventually(busy, seconds=30)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 30) == 0
+            stop_load.set()
+            await loader
+        held = await conn.fetchval(
+            "SELECT count(*) FROM receiver.signals WHERE status = 'in_flight'"
+        )
+        assert held == 0, f"cycle {cycle}: leases left behind"
+    assert acknowledged, "no delivery was answered during the cycles"
+    stored = await conn.fetch("SELECT key FROM receiver.events WHERE key = ANY($1)", acknowledged)
+    assert len(stored) == len(acknowledged)  # nothing acknowledged was lost
+    standin_cache.latency = 0.0
+    async with dispatching(database, with_cache(settings, standin_cache), poll_interval=0.05):
+
+        async def all_delivered() -> bool:
+            return set(await signal_statuses(conn)) == {"delivered"}
+
+        await eventually(all_delivered, seconds=30)
+    ids = [r["id"] for r in await database.fetch("list_signals", None, 100_000)]
+    assert len(ids) == 200 + len(acknowledged)
+    assert sorted(standin_cache.ids()) == sorted(ids)  # each once: no duplicate
+
+
 async def test_three_dispatchers_share_the_work_without_duplicates(
     database: db.Database, settings: Settings, standin_cache: StandInCache, conn: asyncpg.Connection
 ) -> None:
