@@ -123,7 +123,7 @@ async def test_concurrent_scrapes_read_postgres_once_per_interval(
     assert all("receiver_events_quarantined_open 0.0" in b for b in bodies)
     await conn.execute(
         "INSERT INTO receiver.events (key, type, status, is_test, body_sealed, "
-        "quarantine_reason) VALUES ('k', 'x', 'quarantined', false, '\\x01', 'invalid_json')"
+        "quarantine_reason) VALUES ('k', 'x', 'quarantined', false, '\\x01026b31', 'invalid_json')"
     )
     assert "receiver_events_quarantined_open 0.0" in await (await client.get("/metrics")).text()
 
