@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from receiver import command, config, db, inbox, outbox, rotation, tokens, vault
+from receiver import command, config, db, governance, inbox, outbox, rotation, tokens, vault
 
 
 def tokens_list(args: argparse.Namespace) -> int:
@@ -22,6 +22,7 @@ def tokens_list(args: argparse.Namespace) -> int:
             client_id=args.client,
             status=args.status,
             environment=args.environment,
+            older_than=args.older_than,
             limit=args.limit,
         )
         command.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json)
@@ -42,7 +43,12 @@ def tokens_reveal(args: argparse.Namespace) -> int:
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
         meta, token = await tokens.reveal(
-            database, sealer, args.client, args.prefix, args.environment
+            database,
+            sealer,
+            args.client,
+            governance.Actor.of(args.actor, args.audit_reason),
+            prefix=args.prefix,
+            environment=args.environment,
         )
         print(
             f"# client {meta['client_id']}, token {meta['prefix']}…, status {meta['status']}",
@@ -83,6 +89,13 @@ def keys_rotate(args: argparse.Namespace) -> int:
             print(line)
         for kid, count in report.missing_keys.items():
             print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
+        detail = {"primary": report.primary, "rotated": report.rotated}
+        await governance.audit_each(
+            database,
+            governance.Actor.of(args.actor, args.audit_reason),
+            "keys_rotate",
+            [{"detail": detail | {"missing_keys": report.missing_keys}}],
+        )
         return command.EXIT_FAILURE if report.missing_keys else 0
 
     return command.with_database(args, work)
@@ -183,6 +196,15 @@ def events_reprocess(args: argparse.Namespace) -> int:
     async def work(settings: config.Settings, database: db.Database) -> int:
         keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
         results = await inbox.reprocess(database, settings, keys)
+        await governance.audit_each(
+            database,
+            governance.Actor.of(args.actor, args.audit_reason),
+            "events_reprocess",
+            [
+                {"event_key": r.key, "detail": {"outcome": r.outcome, "reason": r.reason}}
+                for r in results
+            ],
+        )
         for result in results:
             if args.json:
                 print(json.dumps({k: getattr(result, k) for k in result.__slots__}))
@@ -191,10 +213,111 @@ def events_reprocess(args: argparse.Namespace) -> int:
                 if result.reason:
                     line += f" ({result.reason}: {result.detail})"
                 print(line)
-        left = [r for r in results if r.outcome in {"quarantined", "not_found"}]
+        left = [r for r in results if r.outcome in {"quarantined", "not_found", "body_dropped"}]
         if not args.json:
             done = len(results) - len(left)
             print(f"{done} of {len(results)} event(s) out of quarantine")
         return command.EXIT_FAILURE if left else 0
+
+    return command.with_database(args, work)
+
+
+def prune(args: argparse.Namespace) -> int:
+    """`receiver prune`: drop what has outlived its retention (or, --dry-run, count it)."""
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        report = await governance.prune(database, settings, dry_run=args.dry_run)
+        if not report.ran:
+            print("receiver: another process is pruning now; nothing done", file=sys.stderr)
+            return command.EXIT_FAILURE
+        if args.json:
+            print(json.dumps(report.as_dict() | {"dry_run": args.dry_run}))
+            return 0
+        verb = "would drop" if args.dry_run else "dropped"
+        print(
+            f"{verb}: {report.event_bodies} event bod(ies) older than "
+            f"{settings.retain_event_bodies_days:g} days, {report.token_values} revoked or "
+            f"expired token value(s) older than {settings.retain_token_values_days:g} days, "
+            f"{report.signals} settled signal(s) older than {settings.retain_signals_days:g} days"
+        )
+        return 0
+
+    return command.with_database(args, work)
+
+
+def clients_erase(args: argparse.Namespace) -> int:
+    """`receiver clients erase CLIENT_ID --confirm`."""
+    if not args.confirm:
+        print(
+            "receiver: refusing to erase without --confirm: every token value and stored "
+            f"body of client {args.client!r} will be gone for good (the erasure is audited)",
+            file=sys.stderr,
+        )
+        return command.EXIT_CONFIG
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        sealer = vault.Sealer.from_settings(settings)
+        erasure = await governance.erase_client(
+            database, settings, sealer, args.client, governance.Actor.of(args.actor, args.audit_reason)
+        )
+        if args.json:
+            print(json.dumps(erasure.as_dict()))
+        elif erasure.event_key is None:
+            print(f"nothing left to erase for client {args.client!r}")
+        else:
+            print(
+                f"erased client {args.client!r}: {erasure.tokens} token value(s), "
+                f"{erasure.bodies} stored bod(ies); invalidation signalled "
+                f"({', '.join(erasure.environments)}); tombstone {erasure.client_hash[:16]}"
+            )
+        return 0
+
+    return command.with_database(args, work)
+
+
+def tokens_import(args: argparse.Namespace) -> int:
+    """`receiver tokens import CLIENT_ID`: the token from stdin or --file, never argv."""
+    if args.file:
+        with open(args.file, encoding="utf-8") as source:
+            token = governance.read_token(source)
+    else:
+        if sys.stdin.isatty():
+            print("paste the token, then Enter:", file=sys.stderr)
+        token = governance.read_token([sys.stdin.readline()])
+    expires_at = command.timestamp(args.expires_at, "--expires-at")
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        imported = await governance.import_token(
+            database,
+            settings,
+            vault.Sealer.from_settings(settings),
+            args.client,
+            token,
+            governance.Actor.of(args.actor, args.audit_reason),
+            supersede=args.supersede,
+            old_expires_at=expires_at,
+        )
+        print(
+            f"client {imported.client_id}: token {imported.prefix}… ({imported.environment}) "
+            f"{imported.status}, event {imported.event_key}"
+        )
+        return 0
+
+    return command.with_database(args, work)
+
+
+def audit_list(args: argparse.Namespace) -> int:
+    """`receiver audit list`."""
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        rows = await governance.audit_listing(
+            database,
+            vault.Sealer.from_settings(settings),
+            client_id=args.client,
+            action=args.action,
+            limit=args.limit,
+        )
+        command.print_rows(rows, governance.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
+        return 0
 
     return command.with_database(args, work)

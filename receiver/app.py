@@ -20,6 +20,7 @@ from receiver import (
     config,
     db,
     errors,
+    governance,
     metrics,
     migrations,
     openapi,
@@ -156,6 +157,8 @@ def create_app(settings: config.Settings) -> web.Application:
     app.cleanup_ctx.append(_database)
     if settings.cache_url is not None:
         app.cleanup_ctx.append(_dispatcher)
+    if settings.prune_interval_seconds > 0:
+        app.cleanup_ctx.append(_pruner)
     app.router.add_post(WEBHOOK_PATH, webhook.receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -203,6 +206,16 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await app[state.DATABASE].close()
+
+
+async def _pruner(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(
+        governance.prune_every(app[state.DATABASE], app[state.SETTINGS]), name="pruner"
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _dispatcher(app: web.Application) -> AsyncIterator[None]:

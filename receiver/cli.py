@@ -4,10 +4,23 @@ to exit statuses. The commands themselves live in service, admin and replay."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
-from receiver import admin, command, errors, events, inbox, outbox, replay, service, tokens
+from receiver import (
+    admin,
+    command,
+    errors,
+    events,
+    governance,
+    inbox,
+    outbox,
+    replay,
+    service,
+    tokens,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -65,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_signals(commands)
     _add_keys(commands)
     _add_tokens(commands)
+    _add_governance(commands)
     _add_replay(commands)
     return parser
 
@@ -81,6 +95,26 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number")
     return value
+
+
+_AGE = re.compile(r"^(\d+)([dhm])$")
+_AGE_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def _age(text: str) -> timedelta:
+    match = _AGE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError("expected a number and d, h or m, e.g. 90d")
+    return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _add_actor(parser: argparse.ArgumentParser, why: str = "--reason") -> None:
+    """--actor and --reason (`why`: where --reason means something else already), for
+    the commands the audit trail records."""
+    parser.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
+    parser.add_argument(
+        why, dest="audit_reason", help="why, for the audit trail (e.g. a ticket number)"
+    )
 
 
 def _add_dev_flag(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +154,7 @@ def _add_events(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     reprocess.add_argument("--quarantined", action="store_true", help="every quarantined one")
     reprocess.add_argument("--reason", choices=events.QUARANTINE_REASONS, help="with --quarantined")
     reprocess.add_argument("--json", action="store_true", help="one JSON object per event")
+    _add_actor(reprocess, why="--why")
     _add_dev_flag(reprocess)
     reprocess.set_defaults(run=admin.events_reprocess)
 
@@ -146,6 +181,7 @@ def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     generate.set_defaults(run=admin.keys_generate)
     rotate = sub.add_parser("rotate", help="re-encrypt every sealed value under the primary key")
     rotate.add_argument("--batch-size", type=_positive, default=500, help="rows per transaction")
+    _add_actor(rotate)
     _add_dev_flag(rotate)
     rotate.set_defaults(run=admin.keys_rotate)
 
@@ -157,6 +193,12 @@ def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     listing.add_argument("--client", help="only this client")
     listing.add_argument("--status", choices=tokens.STATUSES)
     listing.add_argument("--environment", choices=tokens.ENVIRONMENTS)
+    listing.add_argument(
+        "--older-than",
+        type=_age,
+        metavar="AGE",
+        help="only tokens issued longer ago, e.g. 90d (rotation is due after 90 days)",
+    )
     listing.add_argument("--limit", type=_positive, default=1000)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
@@ -171,8 +213,66 @@ def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="whose active token (default live)",
     )
     reveal.add_argument("--confirm", action="store_true", help="yes, print the secret token")
+    _add_actor(reveal)
     _add_dev_flag(reveal)
     reveal.set_defaults(run=admin.tokens_reveal)
+    imports = sub.add_parser(
+        "import",
+        help="store a token that came from Debitura's API (read from stdin or --file)",
+        description=(
+            "Stores the token as an onboarding webhook would (sealed, signalled, audited). "
+            "Example: pbpaste | receiver tokens import cli_abc123 --reason 'API rotate'"
+        ),
+    )
+    imports.add_argument("client", help="client id")
+    imports.add_argument("--file", help="read the token from this file (default: stdin)")
+    imports.add_argument(
+        "--supersede", action="store_true", help="replace the client's active token"
+    )
+    imports.add_argument(
+        "--expires-at",
+        metavar="TIME",
+        help="when the replaced token stops working (old_token_expires_at; default: 24 h grace)",
+    )
+    _add_actor(imports)
+    _add_dev_flag(imports)
+    imports.set_defaults(run=admin.tokens_import)
+
+
+def _add_governance(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    prune = commands.add_parser(
+        "prune",
+        help="drop event bodies, token values and signals past their retention",
+        description="Runs inside serve every RECEIVER_PRUNE_INTERVAL_SECONDS as well.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count only, change nothing")
+    prune.add_argument("--json", action="store_true", help="the counts as one JSON object")
+    _add_dev_flag(prune)
+    prune.set_defaults(run=admin.prune)
+
+    clients = commands.add_parser("clients", help="linked clients")
+    sub = clients.add_subparsers(dest="clients_command", metavar="CLIENTS_COMMAND", required=True)
+    erase = sub.add_parser(
+        "erase",
+        help="remove every token value and stored body of one client (audited; --confirm)",
+        description="Example: receiver clients erase cli_abc123 --confirm --reason 'GDPR #42'",
+    )
+    erase.add_argument("client", help="client id")
+    erase.add_argument("--confirm", action="store_true", help="yes, erase for good")
+    erase.add_argument("--json", action="store_true", help="the outcome as one JSON object")
+    _add_actor(erase)
+    _add_dev_flag(erase)
+    erase.set_defaults(run=admin.clients_erase)
+
+    audit = commands.add_parser("audit", help="the audit trail of operator actions")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
+    listing = audit_sub.add_parser("list", help="audit rows, newest first")
+    listing.add_argument("--client", help="only this client (finds its erasure too)")
+    listing.add_argument("--action", choices=governance.ACTIONS)
+    listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_dev_flag(listing)
+    listing.set_defaults(run=admin.audit_list)
 
 
 def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -207,6 +307,12 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     resend.add_argument("--status", choices=inbox.STATUSES)
     resend.add_argument("--limit", type=_positive, default=10_000)
     resend.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    resend.add_argument(
+        "--confirm-live",
+        action="store_true",
+        help="yes, send stored events that carry a live token (HTTPS or loopback only; audited)",
+    )
+    _add_actor(resend)
     _add_sender_options(resend)
     resend.set_defaults(run=replay.run_resend)
 

@@ -8,11 +8,12 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import SecretStr
 
-from receiver import config, db, embedded, log
+from receiver import config, db, embedded, errors, log
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -67,6 +68,17 @@ def with_database(
             await database.close()
 
     return asyncio.run(run())
+
+
+def timestamp(text: str | None, flag: str) -> datetime | None:
+    """An ISO date or time given to `flag` (UTC when it names no zone)."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise errors.UsageError(f"{flag} {text!r}: expected an ISO date or time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def print_rows(

@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     max_requests_in_flight: int = Field(default=256, ge=1, le=100_000)
     # /metrics reads its Postgres gauges at most this often, whatever the scrapers do.
     metrics_refresh_seconds: float = Field(default=5.0, ge=0, le=3600)
+    # Retention (docs/decisions.md): how long values are kept before `prune` drops
+    # them (the rows stay). Debitura retries for ~1.5 h, so one day is the floor.
+    retain_event_bodies_days: float = Field(default=30.0, ge=1, le=3650)
+    retain_token_values_days: float = Field(default=30.0, ge=1, le=3650)
+    retain_signals_days: float = Field(default=7.0, ge=1, le=3650)
+    # `serve` prunes this often (one replica at a time); 0 leaves it to `receiver prune`.
+    prune_interval_seconds: float = Field(default=3600.0, ge=0, le=7 * 86_400)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -90,6 +90,9 @@ async def reprocess(
         if row["status"] != "quarantined":
             results.append(Reprocessed(key, "not_quarantined"))
             continue
+        if row["body_sealed"] is None:  # erased (receiver clients erase)
+            results.append(Reprocessed(key, "body_dropped"))
+            continue
         body = sealer.keyring.open(
             row["body_sealed"], vault.event_associated_data(row["sealed_for"])
         )

@@ -55,12 +55,13 @@ SELECT client_id, prefix, environment, status, onboarding_completed_at, stored_a
  WHERE ($1::text IS NULL OR client_id = $1)
    AND ($2::text IS NULL OR status = $2)
    AND ($3::text IS NULL OR environment = $3)
+   AND ($4::interval IS NULL OR onboarding_completed_at < now() - $4::interval)
  ORDER BY client_id, onboarding_completed_at DESC, prefix
- LIMIT $4;
+ LIMIT $5;
 
 -- name: token_to_open
 -- The client's active token in environment $3, or the one with prefix $2.
-SELECT t.id::text AS id, t.client_id, t.prefix, i.status, t.token_sealed
+SELECT t.id::text AS id, t.client_id, t.environment, t.prefix, i.status, t.token_sealed
   FROM receiver.tokens t
   JOIN receiver.token_inventory i USING (id)
  WHERE t.client_id = $1
@@ -265,3 +266,169 @@ SELECT key FROM receiver.events
  WHERE status = 'quarantined' AND ($1::text IS NULL OR quarantine_reason = $1)
  ORDER BY received_at, key
  LIMIT $2;
+
+-- ---- data governance (receiver/governance.py, migration 0004) -------------------
+
+-- name: audit_record
+-- One audit row (the table refuses updates and deletes: 0004).
+INSERT INTO receiver.audit
+    (actor, action, client_id, client_hash, environment, token_prefix, event_key, reason, detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb);
+
+-- name: audit_list
+-- Newest first; $1 a client id, $2 its hash (finds its erasure's tombstone too).
+SELECT id, at, actor, action, COALESCE(client_id, 'erased:' || left(client_hash, 16)) AS client_id,
+       environment, token_prefix, event_key, reason, detail
+  FROM receiver.audit
+ WHERE ($1::text IS NULL OR client_id = $1 OR client_hash = $2)
+   AND ($3::text IS NULL OR action = $3)
+ ORDER BY id DESC
+ LIMIT $4;
+
+-- name: try_xact_lock
+-- A named advisory lock for this transaction, if free (the prune's: one replica at a time).
+SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0));
+
+-- name: prune_counts
+-- What a prune would drop now ($1, $2, $3: the retention ages in seconds).
+SELECT (SELECT count(*) FROM receiver.events
+         WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
+           AND received_at < now() - make_interval(secs => $1)) AS event_bodies,
+       (SELECT count(*) FROM receiver.tokens
+         WHERE token_sealed IS NOT NULL
+           AND ((status = 'revoked' AND revoked_at < now() - make_interval(secs => $2))
+                OR (status = 'superseded' AND expires_at < now() - make_interval(secs => $2))))
+           AS token_values,
+       (SELECT count(*) FROM receiver.signals
+         WHERE status IN ('delivered', 'notified')
+           AND created_at < now() - make_interval(secs => $3)) AS signals;
+
+-- name: prune_event_bodies
+-- One batch: bodies older than $1 seconds, never an open quarantine's (an operator
+-- still needs it). The key, hash and metadata stay: a retry is still a duplicate.
+WITH batch AS (
+    SELECT key FROM receiver.events
+     WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
+       AND received_at < now() - make_interval(secs => $1)
+     ORDER BY received_at
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE receiver.events e
+       SET body_sealed = NULL, body_redacted = NULL, body_dropped_at = now()
+      FROM batch WHERE e.key = batch.key
+    RETURNING 1
+)
+SELECT count(*) FROM done;
+
+-- name: prune_token_values
+-- One batch: ciphertext of tokens revoked, or expired, more than $1 seconds ago.
+WITH batch AS (
+    SELECT id FROM receiver.tokens
+     WHERE token_sealed IS NOT NULL
+       AND ((status = 'revoked' AND revoked_at < now() - make_interval(secs => $1))
+            OR (status = 'superseded' AND expires_at < now() - make_interval(secs => $1)))
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE receiver.tokens t
+       SET token_sealed = NULL, value_dropped_at = now(), updated_at = now()
+      FROM batch WHERE t.id = batch.id
+    RETURNING 1
+)
+SELECT count(*) FROM done;
+
+-- name: prune_signals
+-- One batch: signals settled (delivered, or NOTIFY-only) more than $1 seconds ago.
+WITH batch AS (
+    SELECT id FROM receiver.signals
+     WHERE status IN ('delivered', 'notified')
+       AND created_at < now() - make_interval(secs => $1)
+     ORDER BY created_at
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+), done AS (
+    DELETE FROM receiver.signals s USING batch WHERE s.id = batch.id RETURNING 1
+)
+SELECT count(*) FROM done;
+
+-- name: lock_client
+-- The same lock a delivery for this client takes (receiver.event_locks).
+SELECT pg_advisory_xact_lock(hashtextextended('receiver.client:' || $1, 0));
+
+-- name: unreadable_bodies
+-- Stored bodies without a redacted copy (not JSON): searched by opening them.
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed
+  FROM receiver.events
+ WHERE body_redacted IS NULL AND body_sealed IS NOT NULL;
+
+-- name: erase_pending
+-- What erasing client $1 would still remove ($2: unreadable bodies that name it).
+SELECT (SELECT count(*) FROM receiver.tokens
+         WHERE client_id = $1 AND (token_sealed IS NOT NULL OR token_index IS NOT NULL))
+           AS tokens,
+       (SELECT count(*) FROM receiver.events
+         WHERE (client_id = $1 OR body_redacted #>> '{data,client_id}' = $1 OR key = ANY($2))
+           AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)) AS bodies,
+       (SELECT array_agg(DISTINCT environment ORDER BY environment) FROM receiver.tokens
+         WHERE client_id = $1) AS environments;
+
+-- name: insert_operator_event
+-- An operator action that changes tokens, as an event: signals name it. No body.
+INSERT INTO receiver.events (key, type, status, is_test, body_dropped_at)
+VALUES ($1, $2, 'processed', false, now());
+
+-- name: erase_tokens
+-- Every token of client $1: no value, no blind index, revoked (if it was not yet).
+UPDATE receiver.tokens
+   SET token_sealed = NULL, token_index = NULL,
+       value_dropped_at = COALESCE(value_dropped_at, now()),
+       revoke_reason = CASE WHEN status = 'revoked' THEN revoke_reason ELSE 'erased' END,
+       revoked_at = CASE WHEN status = 'revoked' THEN revoked_at ELSE now() END,
+       changed_by_event = CASE WHEN status = 'revoked' THEN changed_by_event ELSE $2 END,
+       status = 'revoked', updated_at = now()
+ WHERE client_id = $1 AND (token_sealed IS NOT NULL OR token_index IS NOT NULL)
+RETURNING id;
+
+-- name: erase_bodies
+-- Every stored body of client $1 ($2: unreadable bodies that name it), keys kept.
+WITH done AS (
+    UPDATE receiver.events
+       SET body_sealed = NULL, body_redacted = NULL,
+           body_dropped_at = COALESCE(body_dropped_at, now())
+     WHERE (client_id = $1 OR body_redacted #>> '{data,client_id}' = $1 OR key = ANY($2))
+       AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)
+    RETURNING 1
+)
+SELECT count(*) FROM done;
+
+-- name: enqueue_signal
+-- "Drop whatever you hold for client $1 in environment $2" (no prefix: every token).
+SELECT receiver.enqueue_signal_v2($1, $2, NULL, 'token_revoked', $3, $4, $5);
+
+-- name: active_prefix
+-- The prefix of client $1's active token in environment $2, if any.
+SELECT prefix FROM receiver.tokens
+ WHERE client_id = $1 AND environment = $2 AND status = 'active';
+
+-- name: token_created_by
+-- The status of the token event $1 stored (NULL: it was a token already stored).
+SELECT status FROM receiver.tokens WHERE created_by_event = $1;
+
+-- name: token_health
+-- Active tokens by age of issue, and clients with tokens but none active, per
+-- environment (the unique partial index on active tokens serves the first part).
+SELECT environment, 'active' AS kind,
+       CASE WHEN onboarding_completed_at > now() - interval '30 days' THEN 'under_30d'
+            WHEN onboarding_completed_at > now() - interval '90 days' THEN '30d_to_90d'
+            ELSE 'over_90d' END AS age,
+       count(*) AS n
+  FROM receiver.tokens WHERE status = 'active'
+ GROUP BY 1, 2, 3
+UNION ALL
+SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
+  FROM receiver.tokens t
+ WHERE NOT EXISTS (SELECT 1 FROM receiver.tokens a
+                    WHERE a.client_id = t.client_id AND a.environment = t.environment
+                      AND a.status = 'active')
+ GROUP BY 1;

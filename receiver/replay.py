@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import secrets
 import string
@@ -21,8 +22,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from receiver import command, config, db, errors, events, redaction, sender, vault
+from receiver import command, config, db, errors, events, governance, redaction, sender, vault
 
 DEFAULT_URL = "http://127.0.0.1:8080/webhooks/debitura"
 _ALPHABET = string.ascii_letters + string.digits
@@ -171,10 +173,13 @@ async def stored_events(
     status: str | None = None,
     limit: int = 10_000,
 ) -> list[tuple[dict[str, Any], sender.Outgoing]]:
-    """Stored events with their exact original bytes, opened in memory only."""
+    """Stored events with their exact original bytes, opened in memory only. Events
+    whose body was dropped (retention, erasure) cannot be re-sent and are left out."""
     rows = await database.fetch("stored_events", event_ids, since, until, event_type, status, limit)
     found = []
     for row in rows:
+        if row["body_sealed"] is None:
+            continue
         body = keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
         try:  # a quarantined body may be anything: it is re-sent as it came
             document = json.loads(body)
@@ -185,14 +190,47 @@ async def stored_events(
         sending = sender.Outgoing(
             body=body, event_type=row["type"], event_id=row["key"], token_prefix=found_prefix
         )
+        live = redaction.FULL_TOKEN.search(body.decode("utf-8", "replace"))
         meta = {
             "event_id": row["key"],
             "type": row["type"],
             "status": row["status"],
             "received_at": row["received_at"].isoformat(),
+            "live_token": live is not None and live.group(0).startswith("tok_live_"),
         }
         found.append((meta, sending))
     return found
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def guard_live(
+    found: list[tuple[dict[str, Any], sender.Outgoing]], to: str, confirmed: bool
+) -> None:
+    """Refuse to send stored live tokens unless confirmed, and then only over HTTPS or
+    to this machine: a resend puts the token on the wire in clear inside the body."""
+    live = [meta["event_id"] for meta, _ in found if meta["live_token"]]
+    if not live:
+        return
+    if not confirmed:
+        raise errors.UsageError(
+            f"{len(live)} stored event(s) carry a live token ({', '.join(live[:3])}"
+            f"{', …' if len(live) > 3 else ''}): a resend sends it in the body; "
+            "add --confirm-live to do so (it is audited)"
+        )
+    if urlsplit(to).scheme != "https" and not _loopback(to):
+        raise errors.UsageError(
+            f"refusing to send live tokens over plain HTTP to {urlsplit(to).hostname!r}: "
+            "use an https:// URL (or a loopback address)"
+        )
 
 
 # --- command handlers ------------------------------------------------------------
@@ -276,22 +314,12 @@ def run_send(args: argparse.Namespace) -> int:
     return _send(args, secret, read_events(args.files))
 
 
-def _timestamp(text: str | None, flag: str) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise errors.UsageError(f"{flag} {text!r}: expected an ISO date or time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def run_resend(args: argparse.Namespace) -> int:
     """`receiver replay resend`: stored events, exact bytes, same id, fresh signature."""
     if not args.event_id and not args.since:
         raise errors.UsageError("say which events: --event-id ID (repeatable) or --since TIME")
-    since = _timestamp(args.since, "--since")
-    until = _timestamp(args.until, "--until")
+    since = command.timestamp(args.since, "--since")
+    until = command.timestamp(args.until, "--until")
     secret = None if args.dry_run else _secret(args)
     found: list[tuple[dict[str, Any], sender.Outgoing]] = []
 
@@ -307,6 +335,24 @@ def run_resend(args: argparse.Namespace) -> int:
                 status=args.status,
                 limit=args.limit,
             )
+        )
+        if args.dry_run:
+            return 0
+        guard_live(found, args.to, args.confirm_live)
+        # Recorded before anything is sent: no live token leaves unaudited.
+        await governance.audit_each(
+            database,
+            governance.Actor.of(args.actor, args.audit_reason),
+            "event_resend",
+            [
+                {
+                    "event_key": meta["event_id"],
+                    "token_prefix": out.token_prefix,
+                    "detail": {"to": args.to},
+                }
+                for meta, out in found
+                if meta["live_token"]
+            ],
         )
         return 0
 
@@ -325,4 +371,4 @@ def run_resend(args: argparse.Namespace) -> int:
     return _send(args, secret, [out for _, out in found])
 
 
-RESEND_COLUMNS = ("event_id", "type", "status", "received_at", "token_prefix")
+RESEND_COLUMNS = ("event_id", "type", "status", "received_at", "token_prefix", "live_token")

@@ -24,6 +24,8 @@ QUERY_TIMEOUT_SECONDS = 1.0
 # a crowd of scrapers then costs one render a second, not one each, and leaves the
 # event loop to the webhook (bench/scrapes.py).
 RENDER_REUSE_SECONDS = 1.0
+_ENVIRONMENTS = ("live", "test")
+_AGES = ("under_30d", "30d_to_90d", "over_90d")
 
 
 class _Snapshot(Collector):
@@ -58,6 +60,8 @@ class DatabaseGauges:
         self._signals = {"pending": 0, "in_flight": 0, "dead": 0}
         self._quarantined = 0
         self._to_rotate: list[tuple[str, str, int]] = []
+        self._active: dict[tuple[str, str], int] = {}
+        self._without_active: dict[str, int] = {}
         self._rendered = b""
         self._rendered_at = -RENDER_REUSE_SECONDS
 
@@ -75,6 +79,7 @@ class DatabaseGauges:
                 rows = await database.fetch("open_signal_counts")
                 quarantined = await database.fetchval("open_quarantine_count")
                 to_rotate = await database.fetch("sealed_to_rotate_counts", self._primary_key_id)
+                health = await database.fetch("token_health")
         except (errors.ReceiverError, TimeoutError) as exc:
             self._up = False
             log.info("database_gauges_stale", error=type(exc).__name__)
@@ -82,6 +87,14 @@ class DatabaseGauges:
         self._signals.update({row["status"]: row["n"] for row in rows})
         self._quarantined = quarantined
         self._to_rotate = [(row["kind"], row["key_id"], row["n"]) for row in to_rotate]
+        # Every combination is reported, 0 included, so an alert can be written on it.
+        self._active = {(env, age): 0 for env in _ENVIRONMENTS for age in _AGES}
+        self._without_active = dict.fromkeys(_ENVIRONMENTS, 0)
+        for row in health:
+            if row["kind"] == "active":
+                self._active[(row["environment"], row["age"])] = row["n"]
+            else:
+                self._without_active[row["environment"]] = row["n"]
         self._read_at = time.monotonic()
         self._up = True
 
@@ -104,6 +117,20 @@ class DatabaseGauges:
         )
         for kind, key_id, n in self._to_rotate:
             to_rotate.add_metric([kind, key_id], n)
+        active = GaugeMetricFamily(
+            "receiver_tokens_active",
+            "Active tokens by environment and age since issue (rotate after 90 days)",
+            labels=["environment", "age"],
+        )
+        for (environment, bucket), n in self._active.items():
+            active.add_metric([environment, bucket], n)
+        without = GaugeMetricFamily(
+            "receiver_clients_without_active_token",
+            "Clients with tokens stored but none active, by environment",
+            labels=["environment"],
+        )
+        for environment, n in self._without_active.items():
+            without.add_metric([environment], n)
         up = GaugeMetricFamily(
             "receiver_database_gauges_up",
             "1 when the gauges above were just read from Postgres, 0 when it did not answer",
@@ -114,7 +141,7 @@ class DatabaseGauges:
             "Seconds since the gauges above were last read from Postgres (-1: never)",
             value=-1 if self._read_at is None else time.monotonic() - self._read_at,
         )
-        return [signals, quarantined, to_rotate, up, age]
+        return [signals, quarantined, to_rotate, active, without, up, age]
 
     async def exposition(self, database: db.Database) -> bytes:
         """The exposition text: this process's metrics (every worker's, in

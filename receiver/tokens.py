@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import getpass
+from datetime import timedelta
 from typing import Any
 
 import structlog
 
-from receiver import db, errors, vault
+from receiver import db, errors, governance, vault
 
 log = structlog.get_logger(__name__)
 
@@ -32,10 +32,14 @@ async def inventory(
     client_id: str | None = None,
     status: str | None = None,
     environment: str | None = None,
+    older_than: timedelta | None = None,
     limit: int = 1000,
 ) -> list[dict[str, Any]]:
-    """Every stored token's metadata, newest first per client; never the token."""
-    rows = await database.fetch("token_inventory", client_id, status, environment, limit)
+    """Every stored token's metadata, newest first per client; never the token.
+    `older_than`: only tokens issued longer ago than that (rotation reminders)."""
+    rows = await database.fetch(
+        "token_inventory", client_id, status, environment, older_than, limit
+    )
     return [db.plain(row) for row in rows]
 
 
@@ -43,26 +47,43 @@ async def reveal(
     database: db.Database,
     sealer: vault.Sealer,
     client_id: str,
+    actor: governance.Actor,
+    *,
     prefix: str | None = None,
     environment: str = "live",
 ) -> tuple[dict[str, Any], str]:
     """The client's active token in `environment` (or the one with `prefix`) in plain
-    text, audited.
-
-    The audit line names who asked and which token, never the token itself.
-    """
+    text. The audit row (who, why, which client and prefix) is committed before the
+    token is opened: no reveal goes unrecorded."""
     rows = await database.fetch("token_to_open", client_id, prefix, environment)
     if not rows:
         raise errors.ReceiverError(
             f"no {'token with that prefix' if prefix else 'active token'} for client {client_id!r}"
         )
     row = rows[0]
+    if row["token_sealed"] is None:
+        raise errors.ReceiverError(
+            f"token {row['prefix']}… of client {client_id!r} is {row['status']} and its value "
+            "was dropped (retention or erasure)"
+        )
+    await governance.audit_each(
+        database,
+        actor,
+        "token_reveal",
+        [
+            {
+                "client_id": row["client_id"],
+                "environment": row["environment"],
+                "token_prefix": row["prefix"],
+                "detail": {"status": row["status"]},
+            }
+        ],
+    )
     token = sealer.open_token(row["id"], row["token_sealed"])
     log.warning(
         "token_revealed",
         client_id=row["client_id"],
-        token_prefix=row["prefix"],
         status=row["status"],
-        requested_by=getpass.getuser(),
+        requested_by=actor.name,
     )
     return {"client_id": row["client_id"], "prefix": row["prefix"], "status": row["status"]}, token

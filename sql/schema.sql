@@ -144,6 +144,15 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION receiver.audit_is_append_only() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION 'receiver.audit is append-only: rows are never changed or removed'
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
 CREATE FUNCTION receiver.body_key(p_hash bytea) RETURNS text
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     AS $$
@@ -430,6 +439,31 @@ CREATE FUNCTION receiver.sealed_key_id(sealed bytea) RETURNS text
     SELECT encode(substring(sealed FROM 3 FOR get_byte(sealed, 1)), 'escape')
 $$;
 
+CREATE TABLE receiver.audit (
+    id bigint NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL,
+    actor text NOT NULL,
+    action text NOT NULL,
+    client_id text,
+    client_hash text,
+    environment text,
+    token_prefix text,
+    event_key text,
+    reason text,
+    detail jsonb DEFAULT '{}'::jsonb NOT NULL,
+    CONSTRAINT audit_action_check CHECK ((action = ANY (ARRAY['token_reveal'::text, 'token_import'::text, 'client_erase'::text, 'keys_rotate'::text, 'events_reprocess'::text, 'event_resend'::text]))),
+    CONSTRAINT audit_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
+);
+
+ALTER TABLE receiver.audit ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME receiver.audit_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 CREATE TABLE receiver.events (
     key text NOT NULL,
     type text NOT NULL,
@@ -438,7 +472,7 @@ CREATE TABLE receiver.events (
     is_test boolean NOT NULL,
     occurred_at timestamp with time zone,
     received_at timestamp with time zone DEFAULT now() NOT NULL,
-    body_sealed bytea NOT NULL,
+    body_sealed bytea,
     body_redacted jsonb,
     envelope_id text,
     body_hash bytea,
@@ -447,6 +481,7 @@ CREATE TABLE receiver.events (
     test_header boolean,
     signature text,
     reprocessed_at timestamp with time zone,
+    body_dropped_at timestamp with time zone,
     CONSTRAINT events_quarantine_reason_check CHECK ((quarantine_reason = ANY (ARRAY['invalid_json'::text, 'not_an_object'::text, 'invalid_data'::text, 'unstorable_value'::text, 'id_conflict'::text, 'test_delivery_targets_live'::text, 'token_outside_bearer_token'::text]))),
     CONSTRAINT events_quarantined_has_reason CHECK (((status <> 'quarantined'::text) OR (quarantine_reason IS NOT NULL))),
     CONSTRAINT events_status_check CHECK ((status = ANY (ARRAY['processed'::text, 'ignored'::text, 'quarantined'::text])))
@@ -488,8 +523,8 @@ CREATE TABLE receiver.tokens (
     client_id text NOT NULL,
     environment text NOT NULL,
     prefix text NOT NULL,
-    token_index bytea NOT NULL,
-    token_sealed bytea NOT NULL,
+    token_index bytea,
+    token_sealed bytea,
     status text NOT NULL,
     onboarding_completed_at timestamp with time zone NOT NULL,
     stored_at timestamp with time zone DEFAULT now() NOT NULL,
@@ -500,6 +535,7 @@ CREATE TABLE receiver.tokens (
     changed_by_event text,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     expires_at timestamp with time zone,
+    value_dropped_at timestamp with time zone,
     CONSTRAINT tokens_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
     CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text])))
 );
@@ -525,6 +561,12 @@ CREATE VIEW receiver.token_inventory AS
     receiver.sealed_key_id(tokens.token_sealed) AS key_id
    FROM receiver.tokens;
 
+ALTER TABLE ONLY receiver.audit
+    ADD CONSTRAINT audit_pkey PRIMARY KEY (id);
+
+ALTER TABLE receiver.events
+    ADD CONSTRAINT events_body_or_dropped CHECK (((body_sealed IS NOT NULL) OR (body_dropped_at IS NOT NULL))) NOT VALID;
+
 ALTER TABLE ONLY receiver.events
     ADD CONSTRAINT events_pkey PRIMARY KEY (key);
 
@@ -534,11 +576,23 @@ ALTER TABLE ONLY receiver.revocations
 ALTER TABLE ONLY receiver.signals
     ADD CONSTRAINT signals_pkey PRIMARY KEY (id);
 
+ALTER TABLE receiver.tokens
+    ADD CONSTRAINT tokens_active_has_value CHECK (((status <> 'active'::text) OR (token_sealed IS NOT NULL))) NOT VALID;
+
 ALTER TABLE ONLY receiver.tokens
     ADD CONSTRAINT tokens_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY receiver.tokens
     ADD CONSTRAINT tokens_token_index_key UNIQUE (token_index);
+
+ALTER TABLE receiver.tokens
+    ADD CONSTRAINT tokens_value_or_dropped CHECK (((token_sealed IS NOT NULL) OR (value_dropped_at IS NOT NULL))) NOT VALID;
+
+CREATE INDEX audit_client ON receiver.audit USING btree (client_id, at);
+
+CREATE INDEX audit_client_hash ON receiver.audit USING btree (client_hash) WHERE (client_hash IS NOT NULL);
+
+CREATE INDEX events_body_kept ON receiver.events USING btree (received_at) WHERE (body_sealed IS NOT NULL);
 
 CREATE INDEX events_envelope_id ON receiver.events USING btree (envelope_id) WHERE (envelope_id IS NOT NULL);
 
@@ -556,11 +610,17 @@ CREATE INDEX signals_due ON receiver.signals USING btree (next_attempt_at) WHERE
 
 CREATE INDEX signals_leased ON receiver.signals USING btree (lease_expires_at) WHERE (status = 'in_flight'::text);
 
+CREATE INDEX signals_settled ON receiver.signals USING btree (created_at) WHERE (status = ANY (ARRAY['delivered'::text, 'notified'::text]));
+
 CREATE INDEX tokens_client_prefix ON receiver.tokens USING btree (client_id, prefix);
 
 CREATE UNIQUE INDEX tokens_one_active_per_client_environment ON receiver.tokens USING btree (client_id, environment) WHERE (status = 'active'::text);
 
 CREATE INDEX tokens_sealed_key_id ON receiver.tokens USING btree (receiver.sealed_key_id(token_sealed));
+
+CREATE TRIGGER audit_append_only BEFORE DELETE OR UPDATE ON receiver.audit FOR EACH ROW EXECUTE FUNCTION receiver.audit_is_append_only();
+
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON receiver.audit FOR EACH STATEMENT EXECUTE FUNCTION receiver.audit_is_append_only();
 
 ALTER TABLE ONLY receiver.revocations
     ADD CONSTRAINT revocations_event_key_fkey FOREIGN KEY (event_key) REFERENCES receiver.events(key);

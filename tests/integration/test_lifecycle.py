@@ -10,8 +10,11 @@ import asyncpg
 import pytest
 
 from receiver import db, errors, tokens, vault
+from receiver.governance import Actor
 from tests import helpers
 from tests.integration.conftest import Post
+
+OPERATOR = Actor("test-operator", "tests")
 
 
 async def states(conn: asyncpg.Connection, client_id: str) -> dict[str, str]:
@@ -185,14 +188,14 @@ async def test_tampered_or_moved_ciphertext_fails_to_open(
     a, b = helpers.canary_token(), helpers.canary_token()
     await post(helpers.onboarding("cli_m1", a))
     await post(helpers.onboarding("cli_m2", b))
-    assert (await tokens.reveal(database, sealer, "cli_m1"))[1] == a
+    assert (await tokens.reveal(database, sealer, "cli_m1", OPERATOR))[1] == a
     await conn.execute(
         "UPDATE receiver.tokens SET token_sealed = "
         "(SELECT token_sealed FROM receiver.tokens WHERE client_id = 'cli_m1') "
         "WHERE client_id = 'cli_m2'"
     )
     with pytest.raises(errors.SealBroken):
-        await tokens.reveal(database, sealer, "cli_m2")
+        await tokens.reveal(database, sealer, "cli_m2", OPERATOR)
     # One bit of the ciphertext flipped: always a change, whatever the byte was.
     await conn.execute(
         "UPDATE receiver.tokens SET token_sealed = "
@@ -200,7 +203,7 @@ async def test_tampered_or_moved_ciphertext_fails_to_open(
         "get_byte(token_sealed, 29) # 1) from 30 for 1) WHERE client_id = 'cli_m1'"
     )
     with pytest.raises(errors.SealBroken):
-        await tokens.reveal(database, sealer, "cli_m1")
+        await tokens.reveal(database, sealer, "cli_m1", OPERATOR)
 
 
 async def test_value_under_a_removed_key_names_the_key(post: Post, database: db.Database) -> None:
@@ -208,4 +211,4 @@ async def test_value_under_a_removed_key_names_the_key(post: Post, database: db.
     await post(helpers.onboarding("cli_k"))
     other = vault.Sealer(keyring=vault.Keyring([("k9", os.urandom(32))]), index_key=os.urandom(32))
     with pytest.raises(errors.KeyNotFound, match="'k1'"):
-        await tokens.reveal(database, other, "cli_k")
+        await tokens.reveal(database, other, "cli_k", OPERATOR)

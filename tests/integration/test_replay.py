@@ -133,6 +133,7 @@ async def test_resend_exercises_deduplication(
         "2000-01-01",
         "--type",
         "client.onboarding_completed",
+        "--confirm-live",  # the stored onboarding carries a live token
         "--to",
         webhook_url(client),
         env=env,
@@ -164,6 +165,7 @@ async def test_resend_of_quarantined_deliveries_sends_their_bytes(
         "--since",
         "2000-01-01",
         "--live",
+        "--confirm-live",
         "--to",
         webhook_url(client),
         env=operator_env(settings),
