@@ -258,7 +258,11 @@ def clients_erase(args: argparse.Namespace) -> int:
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
         erasure = await governance.erase_client(
-            database, settings, sealer, args.client, governance.Actor.of(args.actor, args.audit_reason)
+            database,
+            settings,
+            sealer,
+            args.client,
+            governance.Actor.of(args.actor, args.audit_reason),
         )
         if args.json:
             print(json.dumps(erasure.as_dict()))

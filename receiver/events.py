@@ -72,6 +72,15 @@ def _check_token(value: SecretStr) -> SecretStr:
 BearerToken = Annotated[SecretStr, AfterValidator(_check_token)]
 
 
+def token_problem(token: str) -> str | None:
+    """What is wrong with a bearer token's form (the rule, never the value), or None."""
+    try:
+        _check_token(SecretStr(token))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _as_utc(value: datetime) -> datetime:
     # Debitura's timestamps are UTC; a naive one is read as UTC rather than rejected.
     if value.tzinfo is None:

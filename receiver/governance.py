@@ -337,6 +337,9 @@ async def import_token(
     Refused (nothing stored) when the token or client id is malformed, or when the
     client already has an active token in that environment and `supersede` is not set.
     """
+    problem = events.token_problem(token)
+    if problem is not None:
+        raise errors.UsageError(f"cannot import: the token {problem}")
     now = datetime.now(UTC)
     key = f"import_{uuid.uuid4().hex}"
     data: dict[str, Any] = {

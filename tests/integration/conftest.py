@@ -45,6 +45,7 @@ def settings(database_url: str, webhook_secret: str) -> Settings:
         token_keys="k1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
         index_key=base64.b64encode(secrets.token_bytes(32)).decode(),
         metrics_refresh_seconds=0,  # each scrape reads Postgres: tests compare scrapes
+        prune_interval_seconds=0,  # no prune in the background unless a test asks for one
     )
 
 
