@@ -13,6 +13,7 @@ import asyncio
 import getpass
 import json
 import random
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ AUDIT_COLUMNS = (
 # Rows per prune transaction: small enough that a batch holds its row locks for
 # milliseconds, so ingest never waits on it.
 PRUNE_BATCH = 500
+PRUNE_PAUSE_RATIO = 1.0
 _PRUNE_LOCK = "receiver.prune"
 _TEXT_LIMIT = 200
 DAY_SECONDS = 86_400.0
@@ -210,6 +212,7 @@ async def _batches(database: db.Database, query: str, age_seconds: float) -> int
     process holds the prune lock."""
     total = 0
     while True:
+        started = time.monotonic()
         async with database.connection() as conn, conn.transaction():
             if not await conn.fetchval(db.QUERIES["try_xact_lock"], _PRUNE_LOCK):
                 return None if total == 0 else total
@@ -217,6 +220,10 @@ async def _batches(database: db.Database, query: str, age_seconds: float) -> int
         total += done
         if done < PRUNE_BATCH:
             return total
+        # Retention is never urgent, ingest always is: after each batch, a pause as
+        # long as the batch took, so a prune takes at most half of one Postgres
+        # backend's time and the WAL it writes comes in bursts ingest can absorb.
+        await asyncio.sleep((time.monotonic() - started) * PRUNE_PAUSE_RATIO)
 
 
 # --- erasure --------------------------------------------------------------------
