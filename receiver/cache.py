@@ -3,13 +3,17 @@
 The cache pattern of Debitura's bearer-token guide (tokens kept in memory with a
 TTL, `invalidate(client_id)`), wired to the receiver's invalidation signals:
 
-- tokens are read from Postgres and opened in memory, never stored elsewhere;
+- tokens are read from Postgres (the `receiver.cache_tokens` view, all the
+  `receiver_cache_reader` role may read) and opened in memory, never stored elsewhere;
 - a dedicated connection LISTENs on the notify channel and drops a client's entry
   when its token changes; it reconnects with backoff and flushes everything on
   reconnect, because notifications sent while it was away are lost;
-- `signal_handler` is an aiohttp handler for the receiver's signed HTTP signals;
-- `call_with_token` is the "retry once on 401" helper of Debitura's authentication
-  guide: on a 401, invalidate, re-read, and retry exactly once.
+- `verify_signal` checks the receiver's HTTP signals (Standard Webhooks) in any web
+  framework; `signal_handler` is the aiohttp handler built on it.
+
+It logs through the standard library's `logging` (logger `receiver.cache`), so the
+application's own logging configuration decides where its lines go.
+`receiver.partner` builds the typed, retry-once API on top of it.
 """
 
 from __future__ import annotations
@@ -17,28 +21,101 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-import structlog
+import standardwebhooks
 from aiohttp import web
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from receiver import config, db, errors, signing, tokens, vault
 
-log = structlog.get_logger(__name__)
+log = logging.getLogger("receiver.cache")
 
-DEFAULT_TTL_SECONDS = 3600.0
+DEFAULT_TTL_SECONDS = 600.0
 HEALTH_CHECK_SECONDS = 5.0
 MAX_RECONNECT_DELAY_SECONDS = 30.0
+SIGNAL_TOLERANCE_SECONDS = 300
+
+Invalidated = Callable[[str, str], None]
+"""`on_invalidated(client_id, reason)`: reason is `signal` (NOTIFY or HTTP),
+`reconnect` (client_id `*`: everything was dropped), or `link_invalid`."""
+
+
+class CacheSettings(BaseSettings):
+    """What a partner application's cache needs, and nothing more: a database URL
+    (for the `receiver_cache_reader` role), the keys that open tokens, and the
+    channel; the signal secret only to accept HTTP signals."""
+
+    model_config = SettingsConfigDict(env_prefix="RECEIVER_", frozen=True, extra="ignore")
+
+    cache_database_url: SecretStr | None = None
+    database_url: SecretStr | None = None  # used when cache_database_url is not set
+    token_keys: config.TokenKeys
+    notify_channel: config.Channel = "token_invalidation"
+    cache_secret: config.OptionalSecret = None
+    cache_ttl_seconds: float = Field(default=DEFAULT_TTL_SECONDS, gt=0)
+
+    def dsn(self) -> str:
+        """The database URL the cache connects with."""
+        url = self.cache_database_url or self.database_url
+        if url is None:
+            raise errors.ConfigError(
+                "RECEIVER_CACHE_DATABASE_URL is required for the token cache "
+                "(`make run` prints the one for its embedded Postgres)"
+            )
+        return url.get_secret_value()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenState:
+    """What the cache knows of a client's token in one environment."""
+
+    token: SecretStr | None  # the active token, or None
+    prefix: str | None  # the newest token's prefix (active or not), None: never had one
+    status: str | None  # active, superseded, expired, revoked; None: never had one
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
     expires: float
-    token: SecretStr | None  # None: the client has no active token (cached too)
+    state: TokenState
+
+
+def verify_signal(
+    headers: Mapping[str, str], body: bytes, secret: bytes, *, legacy: bool = True
+) -> dict[str, Any]:
+    """Check a signal POST from the receiver and return its payload; framework-agnostic.
+
+    Standard Webhooks headers (`webhook-id`, `webhook-timestamp`, `webhook-signature`)
+    are verified by the `standardwebhooks` library. The first release's
+    `X-Receiver-Signature` is accepted instead when `legacy` and no standard header
+    came. Raises `errors.InvalidSignature` (401) or `errors.InvalidRequest` (400).
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if "webhook-signature" in lowered or not legacy:
+        try:
+            payload = standardwebhooks.Webhook(secret).verify(body, lowered)
+        except (standardwebhooks.WebhookVerificationError, ValueError, TypeError) as exc:
+            raise errors.InvalidSignature("signal signature does not verify", "mismatch") from exc
+    else:
+        signing.verify(
+            lowered.get(signing.SIGNAL_SIGNATURE_HEADER.lower()),
+            body,
+            [secret],
+            SIGNAL_TOLERANCE_SECONDS,
+        )
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+    if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
+        raise errors.InvalidRequest("signal body must be a JSON object with a client_id")
+    return payload
 
 
 class TokenCache:
@@ -47,17 +124,19 @@ class TokenCache:
     def __init__(
         self,
         database_url: str,
-        sealer: vault.Sealer,
+        keyring: vault.Keyring,
         *,
         channel: str = "token_invalidation",
         ttl: float = DEFAULT_TTL_SECONDS,
         signal_secret: bytes | None = None,
+        on_invalidated: Invalidated | None = None,
     ) -> None:
         self._dsn = database_url
-        self._sealer = sealer
+        self._keyring = keyring
         self._channel = channel
         self._ttl = ttl
         self._signal_secret = signal_secret
+        self._on_invalidated = on_invalidated
         self._entries: dict[tuple[str, str], _Entry] = {}  # (client id, environment)
         # Bumped by every invalidation: a read that started before one is not cached.
         self._generations: dict[str, int] = {}
@@ -68,18 +147,23 @@ class TokenCache:
 
     @classmethod
     def from_settings(
-        cls, settings: config.Settings, *, ttl: float = DEFAULT_TTL_SECONDS
+        cls,
+        settings: CacheSettings | None = None,
+        *,
+        on_invalidated: Invalidated | None = None,
     ) -> TokenCache:
-        """A cache reading the database, keys and channel the receiver's settings name."""
-        if settings.database_url is None:
-            raise errors.ConfigError("RECEIVER_DATABASE_URL is required for the token cache")
+        """A cache as `CacheSettings` (the `RECEIVER_*` variables) say."""
+        # The fields come from the environment, which mypy cannot see.
+        settings = settings if settings is not None else CacheSettings()  # type: ignore[call-arg]
         secret = settings.cache_secret.get_secret_value() if settings.cache_secret else None
+        keyring = vault.Keyring([(k, v.get_secret_value()) for k, v in settings.token_keys])
         return cls(
-            settings.database_url.get_secret_value(),
-            vault.Sealer.from_settings(settings),
+            settings.dsn(),
+            keyring,
             channel=settings.notify_channel,
-            ttl=ttl,
+            ttl=settings.cache_ttl_seconds,
             signal_secret=secret,
+            on_invalidated=on_invalidated,
         )
 
     def __repr__(self) -> str:
@@ -111,41 +195,80 @@ class TokenCache:
     async def get(self, client_id: str, environment: str = "live") -> str | None:
         """The client's active token in `environment` (live unless told otherwise: a
         test token never stands in for a live one), or None when it has none."""
+        state = await self.lookup(client_id, environment)
+        return state.token.get_secret_value() if state.token is not None else None
+
+    async def lookup(self, client_id: str, environment: str = "live") -> TokenState:
+        """The client's active token and what is known of its newest one, cached."""
         if environment not in tokens.ENVIRONMENTS:
             raise errors.UsageError("environment must be 'live' or 'test'")
         entry = self._entries.get((client_id, environment))
         if entry is not None and entry.expires > time.monotonic():
-            return entry.token.get_secret_value() if entry.token is not None else None
+            return entry.state
         if self._database is None:
             raise errors.ReceiverError("TokenCache.start() has not been awaited")
         before = (self._epoch, self._generations.get(client_id, 0))
         rows = await self._database.fetch("active_token", client_id, environment)
-        token = self._sealer.open_token(rows[0]["id"], rows[0]["token_sealed"]) if rows else None
+        if not rows:
+            state = TokenState(None, None, None)
+        else:
+            row = rows[0]
+            token = None
+            if row["status"] == "active":
+                token = SecretStr(
+                    self._keyring.open(
+                        row["token_sealed"], vault.token_associated_data(row["id"])
+                    ).decode()
+                )
+            state = TokenState(token, row["prefix"], row["status"])
         if (self._epoch, self._generations.get(client_id, 0)) == before:
-            secret = SecretStr(token) if token is not None else None
-            self._entries[(client_id, environment)] = _Entry(time.monotonic() + self._ttl, secret)
-        return token
+            self._entries[(client_id, environment)] = _Entry(time.monotonic() + self._ttl, state)
+        return state
 
-    def invalidate(self, client_id: str) -> None:
+    async def report_link_invalid(
+        self, client_id: str, environment: str, prefix: str, detail: str = "second 401"
+    ) -> None:
+        """Record that the client's active token was refused twice: visible in
+        `receiver tokens list` and `receiver_clients_link_invalid`; not a revocation."""
+        if self._database is None:
+            raise errors.ReceiverError("TokenCache.start() has not been awaited")
+        await self._database.fetch("report_link_invalid", client_id, environment, prefix, detail)
+        self.invalidate(client_id, reason="link_invalid")
+        log.warning(
+            "client link reported invalid",
+            extra={"client_id": client_id, "environment": environment, "token_prefix": prefix},
+        )
+
+    def invalidate(self, client_id: str, *, reason: str = "signal") -> None:
         """Drop what is cached for one client, in both environments."""
         for environment in tokens.ENVIRONMENTS:
             self._entries.pop((client_id, environment), None)
         self._generations[client_id] = self._generations.get(client_id, 0) + 1
+        self._notify(client_id, reason)
 
-    def flush(self) -> None:
+    def flush(self, *, reason: str = "flush") -> None:
         """Drop everything."""
         self._entries.clear()
         self._epoch += 1
+        self._notify("*", reason)
+
+    def _notify(self, client_id: str, reason: str) -> None:
+        if self._on_invalidated is None:
+            return
+        try:
+            self._on_invalidated(client_id, reason)
+        except Exception:  # the application's hook must not break the listener
+            log.exception("on_invalidated hook failed")
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         try:
             client_id = json.loads(str(payload))["client_id"]
         except (ValueError, KeyError, TypeError):
-            log.warning("cache_signal_unreadable")
-            self.flush()  # unsure what changed: drop everything rather than serve stale
+            log.warning("unreadable invalidation signal: dropping everything")
+            self.flush(reason="signal")  # unsure what changed: drop all, never serve stale
             return
         self.invalidate(str(client_id))
-        log.info("cache_invalidated", client_id=client_id, via="notify")
+        log.info("invalidated", extra={"client_id": client_id, "via": "notify"})
 
     async def _listen_forever(self) -> None:
         delay = 0.1
@@ -165,7 +288,7 @@ class TokenCache:
                 self._listening.clear()
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=1)
-            log.warning("cache_listener_lost", reconnect_in_seconds=delay)
+            log.warning("listener lost; reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
 
     async def _listen_on(self, conn: db.Connection) -> None:
@@ -174,9 +297,9 @@ class TokenCache:
         async with db.translated_errors():
             await conn.add_listener(self._channel, self._on_notify)
         # Anything announced while we were not listening is lost: start clean.
-        self.flush()
+        self.flush(reason="reconnect")
         self._listening.set()
-        log.info("cache_listening", channel=self._channel)
+        log.info("listening on %s", self._channel)
         while not lost.is_set():
             # asyncio.timeout, not wait_for, which can swallow a cancellation on 3.11.
             with contextlib.suppress(TimeoutError):
@@ -193,48 +316,9 @@ class TokenCache:
             raise errors.ConfigError("RECEIVER_CACHE_SECRET is required to accept HTTP signals")
         body = await request.read()
         try:
-            signing.verify(
-                request.headers.get(signing.SIGNAL_SIGNATURE_HEADER),
-                body,
-                [self._signal_secret],
-                300,
-            )
-            client_id = json.loads(body)["client_id"]
+            payload = verify_signal(request.headers, body, self._signal_secret)
         except errors.ReceiverError as exc:
             return web.json_response(exc.body(), status=exc.status)
-        except (ValueError, KeyError, TypeError):
-            error = errors.InvalidRequest("signal body must be JSON with a client_id")
-            return web.json_response(error.body(), status=error.status)
-        self.invalidate(str(client_id))
-        log.info("cache_invalidated", client_id=client_id, via="http")
+        self.invalidate(payload["client_id"])
+        log.info("invalidated", extra={"client_id": payload["client_id"], "via": "http"})
         return web.json_response({"status": "invalidated"})
-
-
-class _HasStatus(Protocol):
-    status: int
-
-
-R = TypeVar("R", bound=_HasStatus)
-
-
-async def call_with_token(
-    cache: TokenCache,
-    client_id: str,
-    call: Callable[[str], Awaitable[R]],
-    *,
-    environment: str = "live",
-) -> R:
-    """Call Debitura with the client's token; on a 401, invalidate, re-read and retry
-    exactly once. A second 401, or no newer token, means the link itself is invalid:
-    the 401 is returned rather than retried again."""
-    token = await cache.get(client_id, environment)
-    if token is None:
-        raise errors.ReceiverError(f"client {client_id!r} has no active token")
-    response = await call(token)
-    if response.status != 401:
-        return response
-    cache.invalidate(client_id)
-    fresh = await cache.get(client_id, environment)
-    if fresh is None or fresh == token:
-        return response
-    return await call(fresh)

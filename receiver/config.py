@@ -113,6 +113,8 @@ TestWebhookSecrets = Annotated[
 ]
 TokenKeys = Annotated[tuple[tuple[str, SecretBytes], ...], NoDecode, BeforeValidator(_token_keys)]
 Key32 = Annotated[SecretBytes, BeforeValidator(_key32)]
+OptionalSecret = Annotated[SecretBytes | None, BeforeValidator(_optional_secret)]
+Channel = Annotated[str, AfterValidator(_channel)]
 
 
 class Settings(BaseSettings):
@@ -129,14 +131,17 @@ class Settings(BaseSettings):
     token_keys: TokenKeys
     index_key: Key32
     cache_url: HttpUrl | None = None
-    cache_secret: Annotated[SecretBytes | None, BeforeValidator(_optional_secret)] = None
-    notify_channel: Annotated[str, AfterValidator(_channel)] = "token_invalidation"
+    cache_secret: OptionalSecret = None
+    notify_channel: Channel = "token_invalidation"
     # A signal is retried for as long as it can matter (a cache may hold a token this
     # long), never for a small count: docs/design.md §3, guarantee 4.
     signal_max_age: float = Field(default=86_400.0, gt=0, le=30 * 86_400)
     signal_retry_cap_seconds: float = Field(default=300.0, gt=0, le=3600)
     signal_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
     signal_retry_base_seconds: float = Field(default=1.0, gt=0, le=3600)
+    # Signals carry Standard Webhooks headers; the first release's X-Receiver-Signature
+    # is sent beside them for this release, so caches can move over (docs/decisions.md).
+    signal_legacy_signature: bool = True
     signature_tolerance: int = Field(default=300, ge=1, le=86_400)
     max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     body_timeout_seconds: float = Field(default=10.0, gt=0, le=60)

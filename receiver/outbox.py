@@ -30,10 +30,11 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import standardwebhooks
 import structlog
 
 from receiver import config, db, errors, metrics, signing
@@ -109,6 +110,8 @@ class Dispatcher:
         self._database = database
         self._url = str(settings.cache_url)
         self._secret = settings.cache_secret.get_secret_value()
+        self._signer = standardwebhooks.Webhook(self._secret)
+        self._legacy_signature = settings.signal_legacy_signature
         self._session = session
         self._max_age = settings.signal_max_age
         self._retry_cap = settings.signal_retry_cap_seconds
@@ -255,11 +258,17 @@ class Dispatcher:
 
     async def _post(self, signal: Signal) -> None:
         body = signal.payload()
+        now = datetime.now(UTC)
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": signal.id,
-            signing.SIGNAL_SIGNATURE_HEADER: signing.header_value(self._secret, body),
+            # Standard Webhooks (standardwebhooks.com): the signal id is the message id.
+            "webhook-id": signal.id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": self._signer.sign(signal.id, now, body.decode()),
         }
+        if self._legacy_signature:
+            headers[signing.SIGNAL_SIGNATURE_HEADER] = signing.header_value(self._secret, body)
         timeout = aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT_SECONDS)
         try:
             async with self._session.post(

@@ -48,10 +48,15 @@ SELECT name, checksum FROM receiver.schema_migrations;
 
 -- name: token_inventory
 -- The inventory operators list: metadata only, never a token; filters optional.
+-- link_invalid_at: when a partner application last reported that this token, though
+-- active, got a second 401 (the client needs re-linking).
 SELECT client_id, prefix, environment, status, onboarding_completed_at, stored_at,
        superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
-       changed_by_event, key_id
-  FROM receiver.token_inventory
+       changed_by_event, key_id,
+       (SELECT max(r.reported_at) FROM receiver.link_reports r
+         WHERE r.client_id = i.client_id AND r.environment = i.environment
+           AND r.token_prefix = i.prefix) AS link_invalid_at
+  FROM receiver.token_inventory i
  WHERE ($1::text IS NULL OR client_id = $1)
    AND ($2::text IS NULL OR status = $2)
    AND ($3::text IS NULL OR environment = $3)
@@ -200,10 +205,18 @@ UPDATE receiver.signals
 RETURNING id::text AS id;
 
 -- name: active_token
--- The client's active token in one environment (the cache's read).
-SELECT id::text AS id, token_sealed
-  FROM receiver.tokens
- WHERE client_id = $1 AND environment = $2 AND status = 'active';
+-- The client's newest token in one environment (the cache's read, through the view
+-- the cache reader role may read): active, or what became of it.
+SELECT id::text AS id, prefix, status, token_sealed
+  FROM receiver.cache_tokens
+ WHERE client_id = $1 AND environment = $2
+ ORDER BY status = 'active' DESC, onboarding_completed_at DESC
+ LIMIT 1;
+
+-- name: report_link_invalid
+-- A partner application's report: this active token got a second 401.
+INSERT INTO receiver.link_reports (client_id, environment, token_prefix, detail)
+VALUES ($1, $2, $3, $4);
 
 -- name: stored_events
 -- Stored deliveries to re-send (replay resend): sealed bodies, filters optional.
@@ -425,6 +438,14 @@ SELECT environment, 'active' AS kind,
        count(*) AS n
   FROM receiver.tokens WHERE status = 'active'
  GROUP BY 1, 2, 3
+UNION ALL
+SELECT t.environment, 'link_invalid', '', count(DISTINCT t.client_id)
+  FROM receiver.tokens t
+ WHERE t.status = 'active'
+   AND EXISTS (SELECT 1 FROM receiver.link_reports r
+                WHERE r.client_id = t.client_id AND r.environment = t.environment
+                  AND r.token_prefix = t.prefix)
+ GROUP BY 1
 UNION ALL
 SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
   FROM receiver.tokens t

@@ -62,6 +62,7 @@ class DatabaseGauges:
         self._to_rotate: list[tuple[str, str, int]] = []
         self._active: dict[tuple[str, str], int] = {}
         self._without_active: dict[str, int] = {}
+        self._link_invalid: dict[str, int] = {}
         self._rendered = b""
         self._rendered_at = -RENDER_REUSE_SECONDS
 
@@ -90,9 +91,12 @@ class DatabaseGauges:
         # Every combination is reported, 0 included, so an alert can be written on it.
         self._active = {(env, age): 0 for env in _ENVIRONMENTS for age in _AGES}
         self._without_active = dict.fromkeys(_ENVIRONMENTS, 0)
+        self._link_invalid = dict.fromkeys(_ENVIRONMENTS, 0)
         for row in health:
             if row["kind"] == "active":
                 self._active[(row["environment"], row["age"])] = row["n"]
+            elif row["kind"] == "link_invalid":
+                self._link_invalid[row["environment"]] = row["n"]
             else:
                 self._without_active[row["environment"]] = row["n"]
         self._read_at = time.monotonic()
@@ -131,6 +135,14 @@ class DatabaseGauges:
         )
         for environment, n in self._without_active.items():
             without.add_metric([environment], n)
+        link_invalid = GaugeMetricFamily(
+            "receiver_clients_link_invalid",
+            "Clients whose active token a partner application reported as refused twice "
+            "(the link needs attention), by environment",
+            labels=["environment"],
+        )
+        for environment, n in self._link_invalid.items():
+            link_invalid.add_metric([environment], n)
         up = GaugeMetricFamily(
             "receiver_database_gauges_up",
             "1 when the gauges above were just read from Postgres, 0 when it did not answer",
@@ -141,7 +153,7 @@ class DatabaseGauges:
             "Seconds since the gauges above were last read from Postgres (-1: never)",
             value=-1 if self._read_at is None else time.monotonic() - self._read_at,
         )
-        return [signals, quarantined, to_rotate, active, without, up, age]
+        return [signals, quarantined, to_rotate, active, without, link_invalid, up, age]
 
     async def exposition(self, database: db.Database) -> bytes:
         """The exposition text: this process's metrics (every worker's, in

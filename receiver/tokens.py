@@ -23,6 +23,7 @@ INVENTORY_COLUMNS = (
     "revoked_at",
     "revoke_reason",
     "key_id",
+    "link_invalid_at",
 )
 
 

@@ -464,6 +464,41 @@ ALTER TABLE receiver.audit ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     CACHE 1
 );
 
+CREATE TABLE receiver.tokens (
+    id uuid NOT NULL,
+    client_id text NOT NULL,
+    environment text NOT NULL,
+    prefix text NOT NULL,
+    token_index bytea,
+    token_sealed bytea,
+    status text NOT NULL,
+    onboarding_completed_at timestamp with time zone NOT NULL,
+    stored_at timestamp with time zone DEFAULT now() NOT NULL,
+    superseded_at timestamp with time zone,
+    revoked_at timestamp with time zone,
+    revoke_reason text,
+    created_by_event text NOT NULL,
+    changed_by_event text,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone,
+    value_dropped_at timestamp with time zone,
+    CONSTRAINT tokens_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
+    CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text])))
+);
+
+CREATE VIEW receiver.cache_tokens AS
+ SELECT tokens.id,
+    tokens.client_id,
+    tokens.environment,
+    tokens.prefix,
+        CASE
+            WHEN ((tokens.status = 'superseded'::text) AND (tokens.expires_at <= now())) THEN 'expired'::text
+            ELSE tokens.status
+        END AS status,
+    tokens.onboarding_completed_at,
+    tokens.token_sealed
+   FROM receiver.tokens;
+
 CREATE TABLE receiver.events (
     key text NOT NULL,
     type text NOT NULL,
@@ -485,6 +520,25 @@ CREATE TABLE receiver.events (
     CONSTRAINT events_quarantine_reason_check CHECK ((quarantine_reason = ANY (ARRAY['invalid_json'::text, 'not_an_object'::text, 'invalid_data'::text, 'unstorable_value'::text, 'id_conflict'::text, 'test_delivery_targets_live'::text, 'token_outside_bearer_token'::text]))),
     CONSTRAINT events_quarantined_has_reason CHECK (((status <> 'quarantined'::text) OR (quarantine_reason IS NOT NULL))),
     CONSTRAINT events_status_check CHECK ((status = ANY (ARRAY['processed'::text, 'ignored'::text, 'quarantined'::text])))
+);
+
+CREATE TABLE receiver.link_reports (
+    id bigint NOT NULL,
+    client_id text NOT NULL,
+    environment text NOT NULL,
+    token_prefix text NOT NULL,
+    reported_at timestamp with time zone DEFAULT now() NOT NULL,
+    detail text,
+    CONSTRAINT link_reports_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
+);
+
+ALTER TABLE receiver.link_reports ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME receiver.link_reports_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
 );
 
 CREATE TABLE receiver.revocations (
@@ -518,28 +572,6 @@ CREATE TABLE receiver.signals (
     CONSTRAINT signals_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'delivered'::text, 'dead'::text, 'notified'::text])))
 );
 
-CREATE TABLE receiver.tokens (
-    id uuid NOT NULL,
-    client_id text NOT NULL,
-    environment text NOT NULL,
-    prefix text NOT NULL,
-    token_index bytea,
-    token_sealed bytea,
-    status text NOT NULL,
-    onboarding_completed_at timestamp with time zone NOT NULL,
-    stored_at timestamp with time zone DEFAULT now() NOT NULL,
-    superseded_at timestamp with time zone,
-    revoked_at timestamp with time zone,
-    revoke_reason text,
-    created_by_event text NOT NULL,
-    changed_by_event text,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone,
-    value_dropped_at timestamp with time zone,
-    CONSTRAINT tokens_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
-    CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text])))
-);
-
 CREATE VIEW receiver.token_inventory AS
  SELECT tokens.id,
     tokens.client_id,
@@ -569,6 +601,9 @@ ALTER TABLE receiver.events
 
 ALTER TABLE ONLY receiver.events
     ADD CONSTRAINT events_pkey PRIMARY KEY (key);
+
+ALTER TABLE ONLY receiver.link_reports
+    ADD CONSTRAINT link_reports_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY receiver.revocations
     ADD CONSTRAINT revocations_pkey PRIMARY KEY (event_key);
@@ -601,6 +636,8 @@ CREATE INDEX events_quarantined ON receiver.events USING btree (received_at) WHE
 CREATE INDEX events_received_at ON receiver.events USING btree (received_at);
 
 CREATE INDEX events_sealed_key_id ON receiver.events USING btree (receiver.sealed_key_id(body_sealed));
+
+CREATE INDEX link_reports_client ON receiver.link_reports USING btree (client_id, environment, token_prefix);
 
 CREATE INDEX revocations_client ON receiver.revocations USING btree (client_id);
 

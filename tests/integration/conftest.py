@@ -20,7 +20,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from receiver import app, config, db, embedded, log, vault
+from receiver import app, cache, config, db, embedded, log, vault
 from receiver.config import Settings
 from tests import conftest, helpers
 from tests.integration import processes
@@ -96,6 +96,18 @@ def with_cache(settings: Settings, cache: StandInCache, **extra: Any) -> Setting
     }
     values.update(extra)
     return config.load_settings(**values)
+
+
+def cache_settings(settings: Settings, **extra: Any) -> cache.CacheSettings:
+    """What a partner application's cache is given, for the receiver under `settings`."""
+    values: dict[str, Any] = {
+        "database_url": settings.database_url,
+        "token_keys": settings_values(settings)["token_keys"],
+        "notify_channel": settings.notify_channel,
+        "cache_secret": settings.cache_secret,
+        "cache_ttl_seconds": 3600.0,
+    }
+    return cache.CacheSettings(**(values | extra))
 
 
 @pytest.fixture

@@ -15,7 +15,13 @@ import pytest
 from receiver import app, config, vault
 from receiver.config import Settings
 from tests import helpers
-from tests.integration.conftest import Client, Post, operator_env, settings_values
+from tests.integration.conftest import (
+    Client,
+    Post,
+    cache_settings,
+    operator_env,
+    settings_values,
+)
 from tests.integration.processes import run
 
 
@@ -381,7 +387,7 @@ async def test_tokens_list_and_cache_read_per_environment(
         ("live", live[:15]),
         ("test", test[:15]),
     ]
-    tokens = cache.TokenCache.from_settings(two_world_settings)
+    tokens = cache.TokenCache.from_settings(cache_settings(two_world_settings))
     await tokens.start()
     try:
         assert await tokens.get("cli_c") == live

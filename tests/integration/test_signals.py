@@ -20,7 +20,7 @@ from receiver import app, cache, db, events, outbox, store, vault
 from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import operator_env, with_cache
+from tests.integration.conftest import cache_settings, operator_env, with_cache
 from tests.integration.standins import StandInCache, eventually
 
 
@@ -483,7 +483,7 @@ async def test_token_cache_follows_rotation_and_revocation(post: Any, settings: 
     """cache.get returns the active token, the new one after a rotation, and nothing
     after a revocation, each within one signal."""
     first, second = helpers.canary_token(), helpers.canary_token()
-    token_cache = cache.TokenCache.from_settings(settings)
+    token_cache = cache.TokenCache.from_settings(cache_settings(settings))
     await token_cache.start()
     try:
         assert token_cache.listening
@@ -510,7 +510,7 @@ async def test_token_cache_flushes_after_losing_its_listener(
     held, since notifications sent meanwhile are lost."""
     token = helpers.canary_token()
     await post(helpers.onboarding("cli_fl", token))
-    token_cache = cache.TokenCache.from_settings(settings)
+    token_cache = cache.TokenCache.from_settings(cache_settings(settings))
     await token_cache.start()
     try:
         assert await token_cache.get("cli_fl") == token
@@ -540,7 +540,7 @@ async def test_token_cache_does_not_keep_a_read_that_raced_an_invalidation(
     cache it: the next read goes to Postgres again (the generation counter)."""
     token = helpers.canary_token()
     await post(helpers.onboarding("cli_race", token))
-    token_cache = cache.TokenCache.from_settings(settings)
+    token_cache = cache.TokenCache.from_settings(cache_settings(settings))
     await token_cache.start()
     try:
         async with conn.transaction():
@@ -565,7 +565,7 @@ async def _reads_blocked(database_url: str) -> bool:
     try:
         waiting: int = await watcher.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE '%FROM receiver.tokens%'"
+            "AND wait_event_type = 'Lock' AND query LIKE '%FROM receiver.cache_tokens%'"
         )
     finally:
         await watcher.close()
@@ -584,7 +584,7 @@ async def test_token_cache_applies_signed_http_signals(
     old, new = helpers.canary_token(), helpers.canary_token()
     quiet = cache.TokenCache(
         database_url,
-        vault.Sealer.from_settings(settings),
+        vault.Sealer.from_settings(settings).keyring,
         channel="unused_channel",
         signal_secret=base64.b64decode(cache_secret),
     )
@@ -622,42 +622,3 @@ async def test_token_cache_applies_signed_http_signals(
     finally:
         await server.close()
         await quiet.close()
-
-
-class _Answer:
-    def __init__(self, status: int) -> None:
-        self.status = status
-
-
-async def test_call_with_token_retries_exactly_once_on_401(
-    post: Any, settings: Settings, database_url: str
-) -> None:
-    """A stale cached token earns a 401: the helper re-reads and retries once with the
-    new token. When re-reading gives nothing newer, the 401 comes back after one call."""
-    old, new = helpers.canary_token(), helpers.canary_token()
-    await post(helpers.onboarding("cli_401", old, completed_at="2024-01-01T00:00:00Z"))
-    # On a channel nobody notifies, so the cache goes stale after the rotation below.
-    stale = cache.TokenCache(
-        database_url, vault.Sealer.from_settings(settings), channel="unused_channel"
-    )
-    await stale.start()
-    used: list[str] = []
-
-    async def debitura(token: str) -> _Answer:
-        used.append(token)
-        return _Answer(401 if token == old else 201)
-
-    async def always_401(token: str) -> _Answer:
-        used.append(token)
-        return _Answer(401)
-
-    try:
-        assert await stale.get("cli_401") == old
-        await post(helpers.onboarding("cli_401", new, completed_at="2024-02-01T00:00:00Z"))
-        assert (await cache.call_with_token(stale, "cli_401", debitura)).status == 201
-        assert used == [old, new]
-        used.clear()
-        assert (await cache.call_with_token(stale, "cli_401", always_401)).status == 401
-        assert used == [new]
-    finally:
-        await stale.close()
