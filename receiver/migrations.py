@@ -77,7 +77,10 @@ async def apply(dsn: str, *, until: str | None = None) -> list[str]:
 
 
 async def _apply_locked(conn: db.Connection, until: str | None) -> list[str]:
-    await conn.execute(db.QUERIES["migration_bootstrap"])
+    # Only a new database needs DDL here: a role without it (receiver_runtime) can
+    # start a service on a database its owner has migrated.
+    if not await conn.fetchval(db.QUERIES["migration_table_exists"]):
+        await conn.execute(db.QUERIES["migration_bootstrap"])
     done = {r["name"]: r["checksum"] for r in await conn.fetch(db.QUERIES["migration_checksums"])}
     if set(SQUASHED) & set(done):
         done = await _adopt_squashed(conn, done)

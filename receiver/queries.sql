@@ -25,6 +25,10 @@ SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));
 -- Releases migration_lock.
 SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0));
 
+-- name: migration_table_exists
+-- Whether the migrations table is there yet.
+SELECT to_regclass('receiver.schema_migrations') IS NOT NULL;
+
 -- name: migration_bootstrap
 -- The schema and the migrations table, before the first migration.
 CREATE SCHEMA IF NOT EXISTS receiver;

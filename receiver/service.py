@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import secrets
 import shlex
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -52,7 +54,8 @@ def serve(args: argparse.Namespace) -> int:
     asyncio.run(_migrate_when_reachable(command.dsn(settings)))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
-        _print_dev_help(settings, url)
+        cache_dsn = asyncio.run(_dev_cache_role(command.dsn(settings)))
+        _print_dev_help(settings, url, cache_dsn)
     if args.workers == 1:
         _run_worker(settings, args.host, args.port, reuse_port=False)
         return 0
@@ -186,7 +189,28 @@ async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
         await database.close()
 
 
-def _print_dev_help(settings: config.Settings, url: str) -> None:
+DEV_CACHE_ROLE = "receiver_cache_dev"
+
+
+async def _dev_cache_role(dsn: str) -> str:
+    """Dev mode: a login role in receiver_cache_reader (with a fresh password each
+    start) for a partner application's token cache; its connection string."""
+    password = secrets.token_urlsafe(18)
+    conn = await db.connect(dsn)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DEV_CACHE_ROLE)
+        verb = "ALTER" if exists else "CREATE"
+        # Identifiers and passwords cannot be bind parameters in DDL; both are ours.
+        await conn.execute(f"{verb} ROLE {DEV_CACHE_ROLE} LOGIN PASSWORD '{password}'")
+        await conn.execute(f"GRANT receiver_cache_reader TO {DEV_CACHE_ROLE}")
+    finally:
+        await conn.close()
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{DEV_CACHE_ROLE}:{password}@{host}"))
+
+
+def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None:
     command = (
         sys.argv[0] if Path(sys.argv[0]).name == "receiver" else f"{sys.executable} -m receiver"
     )
@@ -196,7 +220,10 @@ def _print_dev_help(settings: config.Settings, url: str) -> None:
         f"dev secrets in {data_dir}/{config.DEV_SECRETS_FILE}, mode 0600).\n"
         "Fire a signed test event from another terminal:\n\n"
         f"  RECEIVER_DATA_DIR={data_dir} {shlex.quote(command)} replay trigger "
-        f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n",
+        f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n\n"
+        "A partner application's token cache connects read-only (receiver_cache_reader),\n"
+        f"with RECEIVER_TOKEN_KEYS from the dev secrets file and:\n\n"
+        f"  RECEIVER_CACHE_DATABASE_URL={shlex.quote(cache_dsn)}\n",
         flush=True,
     )
 

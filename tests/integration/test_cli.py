@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 import stat
 import subprocess
@@ -14,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from receiver import config, migrations
+from receiver import cache, config, migrations
 from tests import helpers
 from tests.integration import processes
 
@@ -43,6 +44,32 @@ async def test_dev_mode_from_scratch_fires_the_printed_command(tmp_path: Path) -
         assert "tok_test_" in result.stdout  # the prefix only
         secrets_file = data_dir / config.DEV_SECRETS_FILE
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+
+        # The read-only connection string it printed serves a partner's token cache.
+        (cache_line,) = [
+            line
+            for line in output.read_text().splitlines()
+            if "RECEIVER_CACHE_DATABASE_URL=" in line
+        ]
+        cache_url = shlex.split(cache_line)[0].split("=", 1)[1]
+        reader = await asyncpg.connect(cache_url)
+        try:
+            client_id = await reader.fetchval("SELECT client_id FROM receiver.cache_tokens")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await reader.fetch("SELECT * FROM receiver.events")
+        finally:
+            await reader.close()
+        dev_keys = json.loads(secrets_file.read_text())["token_keys"]
+        tokens = cache.TokenCache.from_settings(
+            cache.CacheSettings(cache_database_url=cache_url, token_keys=dev_keys)
+        )
+        await tokens.start()
+        try:
+            token = await tokens.get(client_id, "test")
+        finally:
+            await tokens.close()
+        assert token is not None
+        assert token[:15] in result.stdout
 
 
 async def test_missing_configuration_is_one_line_without_traceback() -> None:

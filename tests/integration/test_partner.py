@@ -444,3 +444,52 @@ def test_cache_settings_need_only_a_database_url_and_the_keys(
     monkeypatch.delenv("RECEIVER_CACHE_DATABASE_URL")
     with pytest.raises(Exception, match="RECEIVER_CACHE_DATABASE_URL"):
         cache.CacheSettings().dsn()  # type: ignore[call-arg]
+
+
+async def test_the_service_runs_as_the_runtime_role_without_ddl(
+    settings: Settings, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """A login role in receiver_runtime serves on a database its owner migrated: a
+    delivery is processed and a token listed; it cannot change the schema or the
+    audit trail."""
+    role, password = f"app_{uuid.uuid4().hex[:10]}", secrets.token_hex(12)
+    await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE receiver_runtime")
+    try:
+        runtime_url = as_role(database_url, role, password)
+        env = operator_env(settings, RECEIVER_DATABASE_URL=runtime_url)
+        port = processes.free_port()
+        with processes.serving(["--port", str(port)], env) as (process, _):
+            await processes.wait_healthy(port, process)
+            body = helpers.encode(helpers.onboarding("cli_rt"))
+            secret = base64.b64encode(settings.webhook_secrets[0].get_secret_value()).decode()
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/webhooks/debitura",
+                    data=body,
+                    headers=helpers.signed_headers(secret, body),
+                ) as answer,
+            ):
+                assert answer.status == 200
+                assert (await answer.json())["status"] == "processed"
+        listed = await asyncio.to_thread(processes.run, ["tokens", "list", "--json"], env)
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["client_id"] == "cli_rt"
+        runtime = await asyncpg.connect(runtime_url)
+        try:
+            await runtime.execute(
+                "INSERT INTO receiver.audit (actor, action) VALUES ('app', 'keys_rotate')"
+            )
+            for statement in (
+                "CREATE TABLE receiver.mine (x int)",
+                "ALTER TABLE receiver.events ADD COLUMN x int",
+                "DROP TRIGGER audit_append_only ON receiver.audit",
+                "UPDATE receiver.audit SET actor = 'else'",
+            ):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await runtime.execute(statement)
+        finally:
+            await runtime.close()
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
