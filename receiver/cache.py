@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import standardwebhooks
+import structlog
 from aiohttp import web
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,19 @@ class CacheSettings(BaseSettings):
                 "(`make run` prints the one for its embedded Postgres)"
             )
         return url.get_secret_value()
+
+
+def _route_structlog_to_logging() -> None:
+    """The receiver's shared modules (the database layer) speak structlog. In an
+    application that has not configured structlog, send their lines to the standard
+    library's logging too, as the cache's own; an application that configured
+    structlog keeps its configuration."""
+    if not structlog.is_configured():
+        structlog.configure(
+            processors=[structlog.stdlib.render_to_log_kwargs],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +185,7 @@ class TokenCache:
 
     async def start(self, *, wait_listening: float = 10.0) -> None:
         """Open the pool and start listening; waits (bounded) for the first LISTEN."""
+        _route_structlog_to_logging()
         self._database = await db.Database.open(self._dsn, max_size=4)
         self._listener = asyncio.create_task(self._listen_forever(), name="token-cache-listener")
         with contextlib.suppress(TimeoutError):

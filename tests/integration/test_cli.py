@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
 from receiver import cache, config, migrations
 from tests import helpers
@@ -61,7 +62,7 @@ async def test_dev_mode_from_scratch_fires_the_printed_command(tmp_path: Path) -
             await reader.close()
         dev_keys = json.loads(secrets_file.read_text())["token_keys"]
         tokens = cache.TokenCache.from_settings(
-            cache.CacheSettings(cache_database_url=cache_url, token_keys=dev_keys)
+            cache.CacheSettings(cache_database_url=SecretStr(cache_url), token_keys=dev_keys)
         )
         await tokens.start()
         try:

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -493,3 +495,51 @@ async def test_the_service_runs_as_the_runtime_role_without_ddl(
     finally:
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
+
+
+PARTNER_APP = """
+import asyncio, logging, sys
+from receiver import cache, partner
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="APP %(name)s %(message)s")
+
+async def main():
+    token_cache = cache.TokenCache.from_settings()
+    await token_cache.start()
+    try:
+        token = await partner.WebhookTokens(token_cache).get("cli_app")
+        print("APP got", token[:15])
+    finally:
+        await token_cache.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_partner_application_logs_through_its_own_logging(
+    post: Post, settings: Settings
+) -> None:
+    """A partner application that configured only the standard library's logging gets
+    the cache's lines in its own format, and nothing else on its output."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_app", token))
+    values = operator_env(settings)
+    env = processes.clean_env(
+        RECEIVER_CACHE_DATABASE_URL=values["RECEIVER_DATABASE_URL"],
+        RECEIVER_TOKEN_KEYS=values["RECEIVER_TOKEN_KEYS"],
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", PARTNER_APP],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"APP got {token[:15]}" in lines
+    assert any(line.startswith("APP receiver.cache listening") for line in lines)
+    assert all(line.startswith("APP ") for line in lines), lines
+    assert result.stderr == ""
+    assert not helpers.find_canaries(result.stdout)
