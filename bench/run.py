@@ -5,6 +5,8 @@
 At the same concurrency, with the same load generator:
   1. HTTP ceiling: a bare aiohttp handler that reads the body and answers 200;
   2. database ceiling: single-row INSERT commits from asyncpg (no HTTP);
+  L. the lean reference receiver (bench/lean_server.py: HMAC, pydantic, AES-GCM, one
+     INSERT, uvloop), the yardstick of the hot path;
   3. the receiver's full path: signed client.onboarding_completed events;
   4. the same with 10% token.revoked mixed in (signals and NOTIFY on the path);
   5. the full path with two `receiver serve` processes sharing the port.
@@ -239,6 +241,18 @@ async def main() -> None:
         results.append(await database_ceiling(url, c, s))
         results.append(
             await scenario(
+                "L. lean reference (bench/lean_server.py)",
+                [sys.executable, "-m", "bench.lean_server", str(port)],
+                env,
+                port,
+                secret,
+                harness.onboardings,
+                c,
+                s,
+            )
+        )
+        results.append(
+            await scenario(
                 "3. receiver: onboardings", serve, env, port, secret, harness.onboardings, c, s
             )
         )
@@ -271,11 +285,12 @@ async def main() -> None:
     )
     for result in results:
         print(result.row())
-    http, database, full, _, two_proc = results
+    http, database, lean, full, _, two_proc = results
     print(
-        f"ratios: full path / HTTP ceiling = {full.rate / http.rate:.2f}; "
+        f"ratios: full path / lean reference = {full.rate / lean.rate:.2f} (target 0.7); "
+        f"full path / HTTP ceiling = {full.rate / http.rate:.2f}; "
         f"full path / database ceiling = {full.rate / database.rate:.2f}; "
-        f"two processes / one = {two_proc.rate / full.rate:.2f}"
+        f"two processes / one = {two_proc.rate / full.rate:.2f} (target 1.5)"
     )
     print(f"receiver at 1,000 events/s offered (open loop): {offered}")
     if memory is not None:
