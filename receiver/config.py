@@ -165,6 +165,8 @@ class Settings(BaseSettings):
     retain_signals_days: float = Field(default=7.0, ge=1, le=3650)
     # `serve` prunes this often (one replica at a time); 0 leaves it to `receiver prune`.
     prune_interval_seconds: float = Field(default=3600.0, ge=0, le=7 * 86_400)
+    # `auto`: uvloop when installed (the `fast` extra), else asyncio's own loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
