@@ -39,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = "configuration error" if isinstance(exc, errors.ConfigError) else "error"
         print(f"receiver: {kind}: {exc}", file=sys.stderr)
         return command.EXIT_CONFIG
+    except errors.SchemaNotReady:
+        print(
+            "receiver: the database schema is not migrated (or is older than this "
+            "release): run `receiver migrate`",
+            file=sys.stderr,
+        )
+        return command.EXIT_FAILURE
     except errors.ReceiverError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
         return command.EXIT_FAILURE

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -101,6 +102,22 @@ def _optional_secret(value: Any) -> Any:
     return value
 
 
+def _postgres_url(value: SecretStr | None) -> SecretStr | None:
+    # Checked here so that a URL no Postgres driver can use is one line at start-up,
+    # not a driver traceback or a wait for a database that cannot come. The message
+    # says what is wrong, never the URL (it may hold a password).
+    if value is None:
+        return None
+    parts = urlsplit(value.get_secret_value())
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URL")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    return value
+
+
 def _channel(value: str) -> str:
     if not _CHANNEL.match(value):
         raise ValueError("must be a lower-case Postgres identifier")
@@ -122,7 +139,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RECEIVER_", frozen=True, extra="forbid")
 
-    database_url: SecretStr | None = None
+    database_url: Annotated[SecretStr | None, AfterValidator(_postgres_url)] = None
     data_dir: Path = Path(".receiver")
     webhook_secrets: WebhookSecrets
     # A delivery verified by one of these is a test delivery whatever its headers

@@ -108,10 +108,24 @@ async def translated_errors() -> AsyncIterator[None]:
         raise errors.DatabaseUnavailable("database is unavailable, retry later") from exc
 
 
+# Refusals at connect that waiting cannot cure: an operator must fix the settings.
+_MISCONFIGURED: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.InvalidAuthorizationSpecificationError,  # no such role, or pg_hba refuses
+    asyncpg.InvalidPasswordError,
+)
+
+
 async def connect(dsn: str) -> Connection:
-    """One connection, outside the pool (migrations, CLI commands)."""
-    async with translated_errors():
-        return await asyncpg.connect(dsn, server_settings=_SERVER_SETTINGS)
+    """One connection, outside the pool (migrations, CLI commands). A refusal only the
+    settings can cure is a `ConfigError` (exit 2); a fault that may pass is
+    `DatabaseUnavailable`."""
+    try:
+        async with translated_errors():
+            return await asyncpg.connect(dsn, server_settings=_SERVER_SETTINGS)
+    except _MISCONFIGURED as exc:
+        # These messages name the database or role, never a password.
+        raise errors.ConfigError(f"RECEIVER_DATABASE_URL: Postgres refused it: {exc}") from None
 
 
 # synchronous_commit is forced on whatever the database default: a 200 must follow a
