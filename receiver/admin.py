@@ -26,6 +26,11 @@ def tokens_list(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         command.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json)
+        if len(rows) == args.limit:
+            print(
+                f"receiver: showing the first {args.limit} tokens: --limit N for more",
+                file=sys.stderr,
+            )
         return 0
 
     return command.with_database(args, work)

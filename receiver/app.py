@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import structlog
@@ -82,6 +84,9 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         error_code = exc.code
         if isinstance(exc, errors.InvalidSignature):
             metrics.SIGNATURE_FAILURES.labels(reason=exc.reason).inc()
+            # Which check failed, from a fixed set: missing, malformed, stale, future,
+            # mismatch (the answer's body stays as terse as before).
+            structlog.contextvars.bind_contextvars(signature_failure=exc.reason)
         response = _error_response(exc)
     except web.HTTPException as exc:
         mapped = _from_http(exc)
@@ -111,10 +116,39 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         status=response.status,
         error=error_code,
         duration_ms=round(elapsed * 1000, 2),
-        remote=request.remote,
+        remote=client_address(request),
         pid=os.getpid(),  # which process answered (serve --workers)
     )
     return response
+
+
+def client_address(request: web.Request) -> str | None:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the
+    nearest address in X-Forwarded-For that is not itself a trusted proxy (read from
+    the right: only what trusted proxies appended can be believed)."""
+    peer = request.remote
+    trusted = request.app[state.SETTINGS].trusted_proxies
+    if not trusted or peer is None or not _trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
+    address = peer
+    for hop in reversed([h for h in hops if h]):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # garbage: nothing further left can be believed
+        address = hop
+        if not _trusted(hop, trusted):
+            break
+    return address
+
+
+def _trusted(address: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _route_label(request: web.Request) -> str:

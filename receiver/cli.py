@@ -16,6 +16,7 @@ from receiver import (
     events,
     governance,
     inbox,
+    metrics,
     outbox,
     replay,
     service,
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="receiver", description="Debitura webhook receiver and bearer-token vault."
     )
+    parser.add_argument("--version", action="version", version=f"receiver {metrics.version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the webhook service (and its dispatcher)")

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     HttpUrl,
+    IPvAnyNetwork,
     SecretBytes,
     SecretStr,
     ValidationError,
@@ -182,6 +183,9 @@ class Settings(BaseSettings):
     retain_signals_days: float = Field(default=7.0, ge=1, le=3650)
     # `serve` prunes this often (one replica at a time); 0 leaves it to `receiver prune`.
     prune_interval_seconds: float = Field(default=3600.0, ge=0, le=7 * 86_400)
+    # Proxies (addresses or networks) whose X-Forwarded-For is believed: the `remote`
+    # in log lines is then the client's address as the nearest trusted proxy saw it.
+    trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode, BeforeValidator(_split)] = ()
     # `auto`: uvloop when installed (the `fast` extra), else asyncio's own loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_format: Literal["json", "console"] | None = None

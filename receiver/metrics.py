@@ -13,9 +13,37 @@ all of them. The gauges read from the database are computed at scrape time by
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import platform
+from importlib import metadata
+
+from prometheus_client import Counter, Gauge, Histogram
 
 from receiver import events
+
+
+def version() -> str:
+    """The installed receiver's version (`unknown` when run from a bare checkout)."""
+    try:
+        return metadata.version("receiver")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# Gauges in multiprocess mode: the highest value of any live worker is reported.
+BUILD_INFO = Gauge(
+    "receiver_build_info",
+    "Always 1; the labels say which release and Python serve",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
+BUILD_INFO.labels(version=version(), python=platform.python_version()).set(1)
+LAST_EVENT = Gauge(
+    "receiver_last_event_received_timestamp_seconds",
+    "When the last authentic delivery was stored, by environment (alert: no webhook for "
+    "6 h: time() - this > 21600)",
+    ["environment"],
+    multiprocess_mode="max",
+)
 
 EVENTS = Counter(
     "receiver_events_total", "Webhook events answered 200, by type and outcome", ["type", "outcome"]

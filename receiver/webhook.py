@@ -110,6 +110,9 @@ async def _receive(request: web.Request) -> web.Response:
         dispatcher.wake()  # a signal may have been queued: deliver it now, not at the poll
     structlog.contextvars.bind_contextvars(outcome=outcome)
     metrics.EVENTS.labels(type=metrics.event_type(event.type), outcome=outcome).inc()
+    metrics.LAST_EVENT.labels(
+        environment="test" if delivery.is_test else "live"
+    ).set_to_current_time()
     if reason is None:
         return web.json_response({"status": outcome, "event_id": event.public_id})
     metrics.QUARANTINED.labels(reason=reason).inc()

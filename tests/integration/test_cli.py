@@ -258,3 +258,13 @@ async def test_an_unmigrated_database_says_to_run_migrate(empty_database_url: st
     result = await asyncio.to_thread(processes.run, ["tokens", "list"], env, 60)
     assert result.returncode == 1
     assert "run `receiver migrate`" in result.stderr.strip().splitlines()[-1]
+
+
+async def test_version_is_printed() -> None:
+    """`receiver --version` names the installed release."""
+    from receiver import metrics
+
+    result = await asyncio.to_thread(processes.run, ["--version"], processes.clean_env())
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"receiver {metrics.version()}"
+    assert metrics.version() != "unknown"

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
 import sys
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from receiver import app, migrations, openapi
+from receiver import app, config, migrations, openapi
 from receiver.config import Settings
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration import processes
-from tests.integration.conftest import Client, Post
+from tests.integration.conftest import Client, Post, settings_values
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -404,3 +407,59 @@ async def test_the_built_wheel_carries_migrations_and_its_entry_point_starts(
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "remote"),
+    [
+        ("", "203.0.113.9", "127.0.0.1"),  # no proxy trusted: the header is ignored
+        ("127.0.0.1", "203.0.113.9", "203.0.113.9"),
+        ("127.0.0.1", "203.0.113.9, 198.51.100.7", "198.51.100.7"),  # nearest untrusted
+        ("127.0.0.1,198.51.100.0/24", "203.0.113.9, 198.51.100.7", "203.0.113.9"),
+        ("127.0.0.1", "not-an-ip", "127.0.0.1"),
+    ],
+)
+async def test_the_logged_remote_is_the_client_behind_trusted_proxies(
+    aiohttp_client: Any,
+    settings: Settings,
+    log_lines: Callable[[], list[dict[str, Any]]],
+    trusted: str,
+    forwarded: str,
+    remote: str,
+) -> None:
+    """X-Forwarded-For is believed only from RECEIVER_TRUSTED_PROXIES, read from the
+    right, so a client cannot choose the address it is logged under."""
+    values = settings_values(settings) | {"trusted_proxies": trusted}
+    behind = config.load_settings(**values)
+    client = await aiohttp_client(app.create_app(behind))
+    await client.get("/nowhere", headers={"X-Forwarded-For": forwarded})
+    (line,) = [r for r in log_lines() if r.get("event") == "request"]
+    assert line["remote"] == remote
+
+
+async def test_a_401_line_says_which_check_failed(
+    post: Post, log_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    """The request line of a refused delivery names the failed check (a fixed set)."""
+    body = helpers.encode(helpers.onboarding())
+    stale = helpers.debitura_signature(helpers.new_secret(), body, timestamp=1_000_000_000)
+    await post(body, **{"X-Debitura-Signature": stale})
+    await post(body, secret=helpers.new_secret())
+    failures = [r.get("signature_failure") for r in log_lines() if r.get("event") == "request"]
+    assert failures == ["stale", "mismatch"]
+
+
+async def test_metrics_say_which_build_serves_and_when_the_last_event_came(
+    post: Post, client: Client
+) -> None:
+    """receiver_build_info names the version; the last-event timestamp moves with a
+    delivery, per environment (the 'no webhook for 6 h' alert)."""
+    before = time.time()
+    await post(helpers.onboarding())
+    text = await (await client.get("/metrics")).text()
+    assert f'receiver_build_info{{python="{platform.python_version()}",version="' in text
+    line = next(
+        ln for ln in text.splitlines()
+        if ln.startswith('receiver_last_event_received_timestamp_seconds{environment="live"}')
+    )  # fmt: skip
+    assert float(line.split()[-1]) >= before - 1
