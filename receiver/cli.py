@@ -4,6 +4,7 @@ to exit statuses. The commands themselves live in service, admin and replay."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.EXIT_CONFIG
     try:
         status: int = args.run(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be answered quietly
     except (errors.ConfigError, errors.UsageError) as exc:
         kind = "configuration error" if isinstance(exc, errors.ConfigError) else "error"
         print(f"receiver: {kind}: {exc}", file=sys.stderr)
@@ -52,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): stop quietly, as cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return status
 
 
@@ -289,7 +296,10 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     sub = parser.add_subparsers(dest="replay_command", metavar="REPLAY_COMMAND", required=True)
 
     trigger = sub.add_parser("trigger", help="build realistic test events and send them")
-    trigger.add_argument("event", help="event type, e.g. client.onboarding_completed")
+    trigger.add_argument("event", help=f"event type: {' or '.join(replay.SUPPORTED)}")
+    trigger.add_argument(
+        "--allow-unknown", action="store_true", help="send an event type the receiver does not know"
+    )
     trigger.add_argument("--client", help="client id (default: a new one per event)")
     trigger.add_argument("--token-prefix", help="token prefix, for token.revoked")
     trigger.add_argument(

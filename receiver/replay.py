@@ -35,6 +35,9 @@ def new_test_token() -> str:
     return "tok_test_" + "".join(secrets.choice(_ALPHABET) for _ in range(32))
 
 
+SUPPORTED = (events.ONBOARDING_COMPLETED, events.TOKEN_REVOKED)
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -45,9 +48,16 @@ def build_event(
     client_id: str | None = None,
     token_prefix: str | None = None,
     overrides: Iterable[str] = (),
+    allow_unknown: bool = False,
 ) -> dict[str, Any]:
     """A realistic envelope for `event_type` with a new id; `overrides` are
-    `path.to.key=value` (value read as JSON when it parses, else as a string)."""
+    `path.to.key=value` (value read as JSON when it parses, else as a string). An event
+    type the receiver does not know is refused unless `allow_unknown`."""
+    if event_type not in SUPPORTED and not allow_unknown:
+        raise errors.UsageError(
+            f"unknown event {event_type!r}; supported: {', '.join(SUPPORTED)} "
+            "(--allow-unknown sends it anyway, as Debitura might send a new type)"
+        )
     client = client_id or f"cli_{uuid.uuid4().hex[:12]}"
     data: dict[str, Any]
     if event_type == events.ONBOARDING_COMPLETED:
@@ -301,7 +311,11 @@ def run_trigger(args: argparse.Namespace) -> int:
     secret = _secret(args)
     documents = [
         build_event(
-            args.event, client_id=args.client, token_prefix=args.token_prefix, overrides=args.set
+            args.event,
+            client_id=args.client,
+            token_prefix=args.token_prefix,
+            overrides=args.set,
+            allow_unknown=args.allow_unknown,
         )
         for _ in range(args.count)
     ]

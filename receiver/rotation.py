@@ -106,7 +106,7 @@ async def _pass(
             after = rows[-1]["key"]
         rotated += len(updates)
         report.rotated[kind] += len(updates)
-        log.info("rotation_batch", kind=kind, rotated=len(updates), total=report.rotated[kind])
+        log.debug("rotation_batch", kind=kind, rotated=len(updates), total=report.rotated[kind])
         if progress is not None:
             progress(kind, report.rotated[kind])
 

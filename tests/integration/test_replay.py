@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Client, Post, operator_env
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def webhook_url(client: Client) -> str:
@@ -316,6 +320,7 @@ async def test_rate_limits_the_sending(client: Client, webhook_secret: str) -> N
     result = await replay(
         "trigger",
         "case.created",
+        "--allow-unknown",  # an event type the receiver ignores, on purpose
         "--count",
         "10",
         "--rate",
@@ -329,3 +334,56 @@ async def test_rate_limits_the_sending(client: Client, webhook_secret: str) -> N
     summary = json.loads(result.stdout.splitlines()[-1])["summary"]
     assert summary["by_status"] == {"ignored": 10}
     assert summary["seconds"] >= 0.45
+
+
+async def test_trigger_refuses_an_unknown_event_with_the_list(settings: Settings) -> None:
+    """A typo in the event type is refused (exit 2, nothing sent) with the supported
+    types; --allow-unknown sends it on purpose."""
+    refused = await replay(
+        "trigger", "client.onboarding_complete", "--to", "http://127.0.0.1:9/x",
+        env=operator_env(settings),
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "client.onboarding_completed, token.revoked" in refused.stderr
+
+
+async def test_the_shipped_examples_are_processed(
+    client: Client, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """`examples/` holds one payload per event, which the receiver processes."""
+    files = sorted(str(p) for p in (ROOT / "examples").glob("*.json"))
+    assert len(files) == 2
+    sent = await replay("send", *files, "--to", webhook_url(client), env=operator_env(settings))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert sent.stdout.count("status=processed") == 2
+    assert await conn.fetchval("SELECT status FROM receiver.tokens") == "revoked"
+
+
+async def test_output_into_a_closed_pipe_ends_quietly(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """`receiver tokens list | head -1` with far more output than a pipe holds: the
+    reader leaves early, the command ends without a BrokenPipeError traceback."""
+    await conn.execute(
+        "INSERT INTO receiver.events (key, type, status, is_test, body_dropped_at) "
+        "VALUES ('evt_seed', 'client.onboarding_completed', 'processed', false, now())"
+    )
+    await conn.execute(
+        "INSERT INTO receiver.tokens (id, client_id, environment, prefix, token_sealed, "
+        "status, onboarding_completed_at, created_by_event) "
+        "SELECT gen_random_uuid(), 'cli_' || g, 'live', 'tok_live_' || lpad(g::text, 6, '0'), "
+        "'\\x01026b31'::bytea, 'active', now(), 'evt_seed' FROM generate_series(1, 3000) g"
+    )
+    command = f"{sys.executable} -m receiver tokens list --limit 5000 | head -1"
+    shell = await asyncio.to_thread(
+        subprocess.run,
+        ["sh", "-c", command],
+        capture_output=True,
+        text=True,
+        env=operator_env(settings),
+        timeout=60,
+        check=False,
+    )
+    assert shell.stdout.startswith("client_id")  # the header line, then the pipe closed
+    assert "Traceback" not in shell.stderr
+    assert "BrokenPipeError" not in shell.stderr
