@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test check fmt bench schema clean
+.PHONY: run test check fmt bench schema lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)  ## the benchmark against this machine's ceilings (see bench/REA
 
 schema: $(STAMP)  ## rewrite sql/schema.sql from the migrations (after adding one)
 	$(BIN)/python -m tests.schema $(RECEIVER_TEST_DATABASE_URL)
+
+lock: $(STAMP)  ## rewrite requirements.lock (what the image installs) from pyproject.toml
+	$(BIN)/pip-compile --quiet --extra fast --generate-hashes --strip-extras \
+	    --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 fmt: $(STAMP)
 	$(BIN)/ruff format receiver tests bench

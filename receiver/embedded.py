@@ -33,9 +33,16 @@ def start(data_dir: Path) -> str:
 
     The server stops when the last process that started it exits.
     """
+    package = _package()  # first: without the extra, say so before touching the disk
     root = data_dir.expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    server = _package().get_server(root / "postgres", cleanup_mode="stop")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise errors.ConfigError(
+            f"RECEIVER_DATA_DIR: cannot create {root} ({exc.strerror}); set "
+            "RECEIVER_DATABASE_URL, or a RECEIVER_DATA_DIR this user may write"
+        ) from None
+    server = package.get_server(root / "postgres", cleanup_mode="stop")
     dsn: str = server.get_uri("postgres")
     return dsn
 

@@ -13,12 +13,15 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
@@ -309,6 +312,54 @@ def test_dockerfile_copies_what_exists_and_runs_as_designed() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", ".receiver", "tests", ".git"):
         assert path in ignored
+
+
+def _locked() -> dict[str, tuple[str, int]]:
+    """requirements.lock as {name: (version, number of hashes)}."""
+    entries: dict[str, tuple[str, int]] = {}
+    name = ""
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if match := re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line):
+            name = canonicalize_name(match.group(1))
+            entries[name] = (match.group(2), 0)
+        elif "--hash=sha256:" in line and name:
+            version, hashes = entries[name]
+            entries[name] = (version, hashes + 1)
+    return entries
+
+
+def _needed(name: str, extras: frozenset[str], seen: set[str]) -> None:
+    """The installed distribution `name` and everything it needs here, transitively."""
+    seen.add(canonicalize_name(name))
+    for text in metadata.requires(name) or []:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not any(
+            requirement.marker.evaluate({"extra": extra}) for extra in extras | {""}
+        ):
+            continue
+        if canonicalize_name(requirement.name) not in seen:
+            _needed(requirement.name, frozenset(requirement.extras), seen)
+
+
+def test_the_image_installs_a_current_lock_with_hashes() -> None:
+    """requirements.lock pins exactly what the receiver (with its `fast` extra) needs,
+    each with hashes, in versions its pyproject allows; the image installs from it
+    with --require-hashes, in a layer before the source. Out of date: `make lock`."""
+    locked = _locked()
+    needed: set[str] = set()
+    _needed("receiver", frozenset({"fast"}), needed)
+    needed.discard("receiver")
+    assert set(locked) == needed, "requirements.lock is out of date: run `make lock`"
+    assert all(hashes > 0 for _, hashes in locked.values())
+    for text in metadata.requires("receiver") or []:
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": "fast"}):
+            version, _ = locked[canonicalize_name(requirement.name)]
+            assert requirement.specifier.contains(version), (requirement, version)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    install = dockerfile.index("--require-hashes --no-deps -r requirements.lock")
+    assert install < dockerfile.index("pip install --no-cache-dir --no-deps /dist/*.whl")
+    assert "COPY --from=build" not in dockerfile  # the wheel is mounted, not left behind
 
 
 @pytest.mark.slow
