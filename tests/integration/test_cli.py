@@ -268,3 +268,17 @@ async def test_version_is_printed() -> None:
     assert result.returncode == 0
     assert result.stdout.strip() == f"receiver {metrics.version()}"
     assert metrics.version() != "unknown"
+
+
+async def test_an_unwritable_data_dir_without_a_database_url_is_one_line() -> None:
+    """No RECEIVER_DATABASE_URL and a data dir this user cannot create (as in an image
+    with a read-only root): one line naming both variables, exit 2, no traceback."""
+    env = processes.clean_env(
+        **{f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()},
+        RECEIVER_DATA_DIR="/proc/receiver-cannot-be-here",
+    )
+    result = await asyncio.to_thread(processes.run, ["migrate"], env, 60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "RECEIVER_DATA_DIR" in line
+    assert "RECEIVER_DATABASE_URL" in line
