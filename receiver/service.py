@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,24 @@ def _allow_open_files(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+# A dead worker is replaced after a pause that doubles from 1 s up to 30 s; a worker
+# that ran for a minute resets it. Five deaths within a minute is a crash loop: the
+# service stops (exit 1) and the orchestrator takes over.
+RESTART_DELAY_SECONDS = 1.0
+RESTART_DELAY_CAP_SECONDS = 30.0
+HEALTHY_RUN_SECONDS = 60.0
+CRASH_LOOP_DEATHS = 5
+
+
 def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
     """N worker processes share the port (SO_REUSEPORT; the kernel spreads connections).
 
     Each worker is a fresh interpreter started with PROMETHEUS_MULTIPROC_DIR set, which
     prometheus-client reads when it is imported: the workers keep their metrics in
     files there, and any worker's /metrics reports the sum. The parent has migrated;
-    it forwards SIGTERM/SIGINT, and if one worker dies the others are stopped too, so
-    the orchestrator sees the failure and restarts the whole service.
+    it forwards SIGTERM/SIGINT. A worker that dies is replaced after a backoff, as
+    gunicorn's arbiter does, while the others keep serving; only a crash loop stops
+    the service.
     """
     assert settings.database_url is not None
     metrics_dir = tempfile.mkdtemp(prefix="receiver-metrics-")
@@ -142,10 +153,8 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
     }
     argv = [sys.executable, "-m", "receiver", "serve", "--worker"]
     argv += ["--host", args.host, "--port", str(args.port), *(["--dev"] if args.dev else [])]
-    # Only os.wait() reaps the workers (Popen.poll() would too, and a worker reaped
-    # there would escape the failure check below): `running` is the bookkeeping.
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    running: set[int] = set()
+    # Only waitpid() below reaps the workers: `running` is the bookkeeping.
+    running: dict[int, float] = {}  # pid -> when it started
     stopping = False
 
     def stop_all(signum: int = signal.SIGTERM, _: object = None) -> None:
@@ -155,30 +164,56 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    def start_one() -> None:
+        # A session of their own: a terminal's Ctrl-C (or any signal to the parent's
+        # group) reaches the parent alone, which forwards it once. A second signal
+        # would cut a worker's drain short. (Containers and systemd kill the whole
+        # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
+        child = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
+        running[child.pid] = time.monotonic()
+
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
+    deaths: list[float] = []
+    restarts_due: list[float] = []
+    delay = RESTART_DELAY_SECONDS
     try:
         for _ in range(args.workers):
-            # A session of their own: a terminal's Ctrl-C (or any signal to the parent's
-            # group) reaches the parent alone, which forwards it once. A second signal
-            # would cut a worker's drain short. (Containers and systemd kill the whole
-            # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
-            child = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
-            children[child.pid] = child
-            running.add(child.pid)
-        failed = 0
-        while running:
-            pid, status = os.wait()
-            if pid not in running:
+            start_one()
+        while running or (restarts_due and not stopping):
+            now = time.monotonic()
+            if restarts_due and restarts_due[0] <= now and not stopping:
+                restarts_due.pop(0)
+                start_one()
+                logger.info("worker_restarted", workers=len(running))
                 continue
-            running.discard(pid)
-            children[pid].returncode = code = os.waitstatus_to_exitcode(status)
+            # Polled, not a blocking wait(): a restart may be due before any child exits.
+            pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
+            if pid == 0:
+                time.sleep(0.1)
+                continue
+            started = running.pop(pid, None)
+            if started is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
             multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
-            if code not in (0, -signal.SIGTERM, -signal.SIGINT) or not stopping:
-                failed += 1
-                logger.error("worker_exited", pid=pid, status=code)
+            if stopping and code in (0, -signal.SIGTERM, -signal.SIGINT):
+                continue
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < HEALTHY_RUN_SECONDS] + [now]
+            if len(deaths) >= CRASH_LOOP_DEATHS:
+                logger.error("worker_crash_loop", pid=pid, status=code, deaths=len(deaths))
                 stop_all()
-        return 1 if failed else 0
+                for other in list(running):  # let the others drain, then report
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(other, 0)
+                running.clear()
+                return 1
+            delay = RESTART_DELAY_SECONDS if now - started >= HEALTHY_RUN_SECONDS else delay
+            logger.error("worker_exited", pid=pid, status=code, restart_in_seconds=delay)
+            restarts_due.append(now + delay)
+            delay = min(delay * 2, RESTART_DELAY_CAP_SECONDS)
+        return 0
     finally:
         stop_all()
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -266,20 +267,41 @@ async def test_workers_report_one_set_of_metrics(database_url: str) -> None:
     assert served_by == set(workers)  # both workers really served deliveries
 
 
-async def test_a_dead_worker_stops_the_service(database_url: str) -> None:
-    """`serve --workers 2`: when one worker is killed, the parent stops the other and
-    exits 1, so the orchestrator restarts the whole service rather than running on
-    with half of it."""
+async def test_a_dead_worker_is_replaced_and_the_others_keep_serving(
+    database_url: str,
+) -> None:
+    """`serve --workers 2`: a worker killed is replaced (after a backoff) while the
+    other keeps serving; the service stays up and SIGTERM still stops it cleanly."""
     env, _ = processes.receiver_env(database_url)
     port = processes.free_port()
     with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
         await processes.wait_healthy(port, process)
         workers = await listening_pids(output, 2)
         os.kill(workers[0], signal.SIGKILL)
-        assert await asyncio.to_thread(process.wait, 30) == 1
-    with pytest.raises(ProcessLookupError):
-        os.kill(workers[1], 0)  # the other worker is gone too
-    assert '"event": "worker_exited"' in output.read_text()
+        replaced = await listening_pids(output, 3)
+        assert replaced[2] not in workers
+        os.kill(workers[1], 0)  # the other one was never stopped
+        assert process.poll() is None
+        await processes.wait_healthy(port, process)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    text = output.read_text()
+    assert '"event": "worker_exited"' in text
+    assert '"event": "worker_restarted"' in text
+
+
+async def test_workers_that_keep_dying_stop_the_service(database_url: str) -> None:
+    """Workers that cannot start (the port is taken by another program) die again and
+    again: after five deaths within a minute the service gives up, exit 1, so the
+    orchestrator sees it."""
+    env, _ = processes.receiver_env(database_url)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+            assert await asyncio.to_thread(process.wait, 60) == 1
+    assert '"event": "worker_crash_loop"' in output.read_text()
 
 
 async def listening_pids(output: Path, count: int) -> list[int]:
