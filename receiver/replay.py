@@ -264,11 +264,11 @@ def _send(args: argparse.Namespace, secret: bytes, outgoing_events: list[sender.
     progress = sender.Progress(len(outgoing_events))
 
     def show(delivery: sender.Delivery) -> None:
-        progress.advance(delivery)
         if args.json:
-            print(json.dumps(delivery.as_dict()), flush=True)
+            progress.write(json.dumps(delivery.as_dict()))
         elif len(outgoing_events) <= 20:
-            print(_line(delivery), flush=True)
+            progress.write(_line(delivery))
+        progress.advance(delivery)
 
     summary = asyncio.run(
         sender.send_all(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import aiohttp
+from tqdm import tqdm
 
 from receiver import redaction, signing
 
@@ -174,27 +176,37 @@ class _Pace:
 
 
 class Progress:
-    """A one-line counter on stderr, only when stderr is a terminal."""
+    """A progress bar on stderr with rate and ETA (tqdm), only when stderr is a
+    terminal; `write` prints a line above it without tearing it."""
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stderr
-        self._total = total
-        self._done = 0
-        self._enabled = total > 1 and self._stream.isatty()
+        self._failed = 0
+        # The terminal's size, or 80x24 where it reports none: tqdm hides a bar on a
+        # screen it measures as 0 rows high (a bare pty says 0x0).
+        width, height = shutil.get_terminal_size()
+        self._bar = tqdm(
+            total=total,
+            file=self._stream,
+            unit="event",
+            ncols=width,
+            nrows=height,
+            disable=not (total > 1 and self._stream.isatty()),
+            leave=True,
+        )
 
     def advance(self, delivery: Delivery) -> None:
-        self._done += 1
-        if not self._enabled:
-            return
-        width = 30
-        filled = width * self._done // self._total
-        mark = "" if delivery.ok else " (failures)"
-        self._stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self._done}/{self._total}{mark}"
-        )
-        if self._done == self._total:
-            self._stream.write("\n")
-        self._stream.flush()
+        """One more event done."""
+        if not delivery.ok:
+            self._failed += 1
+            self._bar.set_postfix_str(f"{self._failed} failed", refresh=False)
+        self._bar.update(1)
+        if self._bar.n == self._bar.total:
+            self._bar.close()
+
+    def write(self, line: str, stream: TextIO | None = None) -> None:
+        """A line of output (stdout unless told), printed above the bar."""
+        tqdm.write(line, file=stream or sys.stdout)
 
 
 async def send_all(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -387,3 +388,45 @@ async def test_output_into_a_closed_pipe_ends_quietly(
     assert shell.stdout.startswith("client_id")  # the header line, then the pipe closed
     assert "Traceback" not in shell.stderr
     assert "BrokenPipeError" not in shell.stderr
+
+
+async def test_on_a_terminal_event_lines_and_the_progress_bar_do_not_tear(
+    client: Client, webhook_secret: str
+) -> None:
+    """Five events on a terminal (a pty): each event's line stands on its own line,
+    above the bar, and the bar ends at 5/5 with a rate."""
+    primary, secondary = os.openpty()
+    os.set_blocking(primary, False)
+    command = [
+        sys.executable, "-m", "receiver", "replay", "trigger", "client.onboarding_completed",
+        "--count", "5", "--concurrency", "1", "--to", webhook_url(client),
+        "--secret", webhook_secret,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdin=secondary, stdout=secondary, stderr=secondary, env=processes.clean_env()
+    )
+    os.close(secondary)
+    seen = b""
+    while True:  # until the child has exited and the pty is drained (bounded: 30 s)
+        try:
+            chunk = os.read(primary, 65536)
+        except BlockingIOError:
+            if process.poll() is not None:
+                break
+            await asyncio.sleep(0.02)
+            continue
+        except OSError:  # EIO: the child's side is closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(primary)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    text = seen.decode(errors="replace")
+    # What a terminal shows: each \r returns to the line's start, so a line's visible
+    # text is what follows its last \r.
+    shown = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    events = [line for line in shown if "http=200" in line]
+    assert len(events) == 5
+    assert all(line.startswith("client.onboarding_completed evt_") for line in events)
+    assert any("5/5" in line and "event/s" in line for line in shown), shown

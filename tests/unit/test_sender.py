@@ -24,13 +24,16 @@ def delivery(status: int | None, outcome: str | None = "processed") -> sender.De
 
 
 def test_progress_draws_only_on_a_terminal() -> None:
-    """The progress line appears on a terminal and never in a pipe."""
+    """The progress bar (count, rate, failures) appears on a terminal, never in a pipe."""
     terminal, pipe = Terminal(), io.StringIO()
     for stream in (terminal, pipe):
         progress = sender.Progress(4, stream)
-        for _ in range(4):
-            progress.advance(delivery(200))
-    assert terminal.getvalue().endswith("[##############################] 4/4\n")
+        for status in (200, 200, 500, 200):
+            progress.advance(delivery(status))
+    final = terminal.getvalue().rsplit("\r", 1)[-1]
+    assert "4/4" in final
+    assert "event/s" in final
+    assert "1 failed" in final
     assert pipe.getvalue() == ""
 
 
