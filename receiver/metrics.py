@@ -62,7 +62,7 @@ REQUESTS = Counter(
     ["route", "status"],
 )
 REQUEST_SECONDS = Histogram(
-    "receiver_request_duration_seconds",
+    "receiver_http_request_duration_seconds",
     "Time to answer an HTTP request, by route",
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -92,13 +92,13 @@ SIGNALS_DELIVERED = Counter(
     "receiver_signals_delivered_total", "Invalidation signals the cache acknowledged"
 )
 SIGNAL_FAILURES = Counter(
-    "receiver_signal_failures_total",
+    "receiver_signals_failed_total",
     "Failed signal delivery attempts, by whether they are retried",
     ["retried"],
 )
 SIGNALS_DEAD = Counter("receiver_signals_dead_total", "Signals dead-lettered")
 SIGNAL_DELIVERY_SECONDS = Histogram(
-    "receiver_signal_delivery_seconds",
+    "receiver_signals_delivery_seconds",
     "From the token change's commit to the cache acknowledging its signal",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600),
 )
