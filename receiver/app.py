@@ -233,6 +233,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         settings.database_url.get_secret_value(),
         statement_timeout=settings.statement_timeout_seconds,
         lock_timeout=settings.lock_timeout_seconds,
+        pooled=settings.database_pooled,
     )
     app[state.DATABASE] = database
     app[state.COMMITTER] = committer.GroupCommit(

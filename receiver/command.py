@@ -61,7 +61,9 @@ def with_database(
     settings = start(args)
 
     async def run() -> int:
-        database = await db.Database.open(dsn(settings), max_size=2)
+        database = await db.Database.open(
+            dsn(settings), max_size=2, pooled=settings.database_pooled
+        )
         try:
             return await work(settings, database)
         finally:

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECEIVER_", frozen=True, extra="forbid")
 
     database_url: Annotated[SecretStr | None, AfterValidator(_postgres_url)] = None
+    # RECEIVER_DATABASE_URL leads to a transaction-mode pooler (PgBouncer): no prepared
+    # statements, no session settings at connect, no migrations at `serve` start.
+    database_pooled: bool = False
     data_dir: Path = Path(".receiver")
     webhook_secrets: WebhookSecrets
     # A delivery verified by one of these is a test delivery whatever its headers

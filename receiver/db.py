@@ -167,6 +167,7 @@ class Database:
         max_size: int = 10,
         statement_timeout: float | None = None,
         lock_timeout: float | None = None,
+        pooled: bool = False,
     ) -> Database:
         """Create the pool. It connects lazily, so a database that is down at start-up
         shows as 503s and a failing readiness probe, not as a crash.
@@ -179,12 +180,19 @@ class Database:
             settings["statement_timeout"] = f"{round(statement_timeout * 1000)}ms"
         if lock_timeout is not None:
             settings["lock_timeout"] = f"{round(lock_timeout * 1000)}ms"
+        if pooled:
+            # Behind a transaction-mode pooler (PgBouncer), a server session serves
+            # many clients: no named prepared statements (they stay on a session we may
+            # not get again), and no session settings at connect, which the pooler
+            # refuses; the role's settings apply instead (README "Behind PgBouncer").
+            settings = {"application_name": _SERVER_SETTINGS["application_name"]}
         pool = await asyncpg.create_pool(
             dsn,
             min_size=0,
             max_size=max_size,
             server_settings=settings,
             reset=_keep_session,
+            statement_cache_size=0 if pooled else 100,
         )
         return cls(pool)
 

@@ -25,6 +25,11 @@ SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));
 -- Releases migration_lock.
 SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0));
 
+-- name: session_settings
+-- The settings a session got (behind a pooler: the role's and the database's).
+SELECT name, setting FROM pg_settings
+ WHERE name IN ('synchronous_commit', 'statement_timeout', 'lock_timeout');
+
 -- name: migration_table_exists
 -- Whether the migrations table is there yet.
 SELECT to_regclass('receiver.schema_migrations') IS NOT NULL;

@@ -48,13 +48,43 @@ async def _migrate_when_reachable(dsn: str) -> list[str]:
             await asyncio.sleep(1)
 
 
+async def _check_behind_pooler(dsn: str) -> None:
+    """Behind a transaction-mode pooler, `serve` does not migrate (the migration lock is
+    a session lock, which a pooler cannot keep): it checks that nothing is pending, and
+    that the role's own settings keep every 200 durable."""
+    database = await db.Database.open(dsn, max_size=1, pooled=True)
+    try:
+        pending = await migrations.pending(database)
+        if pending:
+            raise errors.ConfigError(
+                f"{len(pending)} migration(s) pending: run `receiver migrate` against the "
+                "database itself (not through the pooler) before serving"
+            )
+        rows = await database.fetch("session_settings")
+    finally:
+        await database.close()
+    values = {row["name"]: row["setting"] for row in rows}
+    if values.get("synchronous_commit") != "on":
+        raise errors.ConfigError(
+            "behind a pooler the role's settings apply, and synchronous_commit is not on: "
+            "ALTER ROLE … SET synchronous_commit = on (a 200 must follow a durable commit)"
+        )
+    if values.get("statement_timeout") in (None, "0"):
+        logger.warning(
+            "pooled_without_statement_timeout", advice="ALTER ROLE … SET statement_timeout = '5s'"
+        )
+
+
 def serve(args: argparse.Namespace) -> int:
     """`receiver serve`."""
     settings = command.start(args, service=True)
     if args.worker:  # one of `serve --workers N`'s processes: the parent migrated
         _run_worker(settings, args.host, args.port, reuse_port=True)
         return 0
-    asyncio.run(_migrate_when_reachable(command.dsn(settings)))
+    if settings.database_pooled:
+        asyncio.run(_check_behind_pooler(command.dsn(settings)))
+    else:
+        asyncio.run(_migrate_when_reachable(command.dsn(settings)))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
         cache_dsn = asyncio.run(_dev_cache_role(command.dsn(settings)))
@@ -229,7 +259,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
-    database = await db.Database.open(dsn, max_size=4)
+    database = await db.Database.open(dsn, max_size=4, pooled=settings.database_pooled)
     try:
         async with aiohttp.ClientSession() as session:
             dispatcher = outbox.Dispatcher(database, settings, session)

@@ -89,7 +89,12 @@ async def test_metrics_count_a_mixed_run(client: Client, post: Post) -> None:
     assert delta(before, after, requests, route="/webhooks/debitura", status="200") == 5
     assert delta(before, after, requests, route="/webhooks/debitura", status="401") == 2
     assert (
-        delta(before, after, "receiver_http_request_duration_seconds_count", route="/webhooks/debitura")
+        delta(
+            before,
+            after,
+            "receiver_http_request_duration_seconds_count",
+            route="/webhooks/debitura",
+        )
         == 7
     )
     assert after[("receiver_signals", (("status", "pending"),))] == 0
