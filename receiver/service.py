@@ -183,8 +183,11 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
     }
     argv = [sys.executable, "-m", "receiver", "serve", "--worker"]
     argv += ["--host", args.host, "--port", str(args.port), *(["--dev"] if args.dev else [])]
-    # Only waitpid() below reaps the workers: `running` is the bookkeeping.
+    # Only waitpid() below reaps the workers: `running` is the bookkeeping. The Popen
+    # objects are kept until then: one dropped while its process runs would be reaped
+    # by subprocess's own cleanup at the next Popen, behind our back.
     running: dict[int, float] = {}  # pid -> when it started
+    children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop_all(signum: int = signal.SIGTERM, _: object = None) -> None:
@@ -201,6 +204,7 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
         # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
         child = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
         running[child.pid] = time.monotonic()
+        children[child.pid] = child
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
@@ -226,6 +230,7 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
             if started is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            children.pop(pid).returncode = code  # reaped: Popen must not wait for it
             multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
             if stopping and code in (0, -signal.SIGTERM, -signal.SIGINT):
                 continue
@@ -237,6 +242,7 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
                 for other in list(running):  # let the others drain, then report
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(other, 0)
+                    children.pop(other).returncode = 0
                 running.clear()
                 return 1
             delay = RESTART_DELAY_SECONDS if now - started >= HEALTHY_RUN_SECONDS else delay
