@@ -55,6 +55,7 @@ class Delivery:
     error: str | None
     latency_ms: float
     attempts: int
+    tokens_revoked: int | None = None  # a processed revocation: how many it revoked
 
     @property
     def ok(self) -> bool:
@@ -72,6 +73,7 @@ class Delivery:
             "error": self.error,
             "latency_ms": self.latency_ms,
             "attempts": self.attempts,
+            "tokens_revoked": self.tokens_revoked,
         }
 
 
@@ -289,10 +291,13 @@ async def send_one(
     status: int | None = None
     outcome: str | None = None
     error: str | None
+    revoked: int | None = None
     try:
         async with session.post(url, data=event.body, headers=headers) as response:
             answer = await response.read()
             status = response.status
+            header = response.headers.get("X-Receiver-Tokens-Revoked", "")
+            revoked = int(header) if header.isdigit() else None
     except (aiohttp.ClientError, TimeoutError) as exc:
         error = _describe(exc)
     else:
@@ -307,6 +312,7 @@ async def send_one(
         error,
         latency,
         attempt,
+        revoked,
     )
 
 

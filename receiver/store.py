@@ -14,7 +14,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from receiver import db, events, redaction, vault
 
@@ -124,15 +124,21 @@ def prepare(sealer: vault.Sealer, event: events.Event, delivery: Delivery) -> Ro
     return Row(kind="ignored", **common)
 
 
-Recorded = tuple[events.Outcome, events.QuarantineReason | None]
+class Recorded(NamedTuple):
+    """What recording one delivery did: its outcome, the quarantine reason if it was
+    quarantined, and for a processed revocation how many tokens it revoked."""
+
+    outcome: events.Outcome
+    reason: events.QuarantineReason | None = None
+    revoked: int | None = None
 
 
-def _recorded(outcome: str, row: Row) -> Recorded:
+def _recorded(outcome: str, row: Row, revoked: int | None = None) -> Recorded:
     if outcome == "id_conflict":
-        return "quarantined", "id_conflict"
+        return Recorded("quarantined", "id_conflict")
     if outcome == "quarantined":
-        return "quarantined", cast(events.QuarantineReason, row.quarantine_reason)
-    return cast(events.Outcome, outcome), None
+        return Recorded("quarantined", cast(events.QuarantineReason, row.quarantine_reason))
+    return Recorded(cast(events.Outcome, outcome), None, revoked)
 
 
 async def record_rows(
@@ -143,7 +149,9 @@ async def record_rows(
     records = await database.fetch(
         "record_events", [row.as_record() for row in rows], channel, http_delivery
     )
-    return [_recorded(r["outcome"], row) for r, row in zip(records, rows, strict=True)]
+    return [
+        _recorded(r["outcome"], row, r["revoked"]) for r, row in zip(records, rows, strict=True)
+    ]
 
 
 async def reprocess(

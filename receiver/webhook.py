@@ -18,6 +18,7 @@ from receiver import errors, events, metrics, signing, state, store
 
 log = structlog.get_logger(__name__)
 
+TOKENS_REVOKED_HEADER = "X-Receiver-Tokens-Revoked"
 TEST_HEADER = "X-Debitura-Test"
 
 
@@ -88,9 +89,7 @@ async def _receive(request: web.Request) -> web.Response:
     sealer = request.app[state.SEALER]
     committer = request.app[state.COMMITTER]
     try:
-        outcome, reason = await committer.record(
-            store.prepare(sealer, event, delivery), deadline=deadline
-        )
+        recorded = await committer.record(store.prepare(sealer, event, delivery), deadline=deadline)
     except errors.UnstorableValue as exc:
         # A value our own checks let through and Postgres refused: keep the delivery
         # all the same, as the bytes it came as, quarantined.
@@ -102,9 +101,8 @@ async def _receive(request: web.Request) -> web.Response:
             body_hash=event.body_hash,
             quarantine=events.Quarantine("unstorable_value", exc.message),
         )
-        outcome, reason = await committer.record(
-            store.prepare(sealer, event, delivery), deadline=deadline
-        )
+        recorded = await committer.record(store.prepare(sealer, event, delivery), deadline=deadline)
+    outcome, reason = recorded.outcome, recorded.reason
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
         dispatcher.wake()  # a signal may have been queued: deliver it now, not at the poll
@@ -114,7 +112,13 @@ async def _receive(request: web.Request) -> web.Response:
         environment="test" if delivery.is_test else "live"
     ).set_to_current_time()
     if reason is None:
-        return web.json_response({"status": outcome, "event_id": event.public_id})
+        answer = web.json_response({"status": outcome, "event_id": event.public_id})
+        if recorded.revoked is not None:
+            # Outside the contract's body: how many tokens this revocation revoked (0:
+            # it matched none; the cache was signalled all the same).
+            answer.headers[TOKENS_REVOKED_HEADER] = str(recorded.revoked)
+            structlog.contextvars.bind_contextvars(tokens_revoked=recorded.revoked)
+        return answer
     metrics.QUARANTINED.labels(reason=reason).inc()
     detail = "id already used by a delivery with other content"
     if event.quarantine is not None and reason == event.quarantine.reason:

@@ -430,3 +430,24 @@ async def test_on_a_terminal_event_lines_and_the_progress_bar_do_not_tear(
     assert len(events) == 5
     assert all(line.startswith("client.onboarding_completed evt_") for line in events)
     assert any("5/5" in line and "event/s" in line for line in shown), shown
+
+
+async def test_a_revocation_that_matched_no_token_says_so(
+    client: Client, post: Post, webhook_secret: str
+) -> None:
+    """The answer says how many tokens a revocation revoked (a header: the body is the
+    contract's); the replay tool shows "no token matched" rather than a bare
+    processed, which would hide a wrong client id or prefix."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_match", token))
+    matched = await post(helpers.revocation("cli_match", token[:15]))
+    assert matched.headers["X-Receiver-Tokens-Revoked"] == "1"
+    assert (await matched.json())["status"] == "processed"
+    ignored = await post(helpers.onboarding("cli_other"))
+    assert "X-Receiver-Tokens-Revoked" not in ignored.headers
+    result = await replay(
+        "trigger", "token.revoked", "--client", "cli_nobody", "--live",
+        "--to", webhook_url(client), "--secret", webhook_secret,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "status=processed tokens_revoked=0 (no token matched)" in result.stdout
