@@ -62,6 +62,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+class _Help(argparse.HelpFormatter):
+    """argparse's help, with each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS, [])
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _with_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The formatter above for a parser and all its subcommands."""
+    parser.formatter_class = _Help
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_help(sub)
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="receiver", description="Debitura webhook receiver and bearer-token vault."
@@ -69,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"receiver {metrics.version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the webhook service (and its dispatcher)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the webhook service (and its dispatcher)",
+        description="Example: receiver serve --host 0.0.0.0 --port 8080 --workers 2",
+    )
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address (default {DEFAULT_HOST})")
     serve.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
@@ -96,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_tokens(commands)
     _add_governance(commands)
     _add_replay(commands)
-    return parser
+    return _with_help(parser)
 
 
 def _positive(text: str) -> int:
@@ -205,7 +233,11 @@ def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("tokens", help="the token inventory")
     sub = parser.add_subparsers(dest="tokens_command", metavar="TOKENS_COMMAND", required=True)
-    listing = sub.add_parser("list", help="stored tokens without secrets")
+    listing = sub.add_parser(
+        "list",
+        help="stored tokens without secrets",
+        description="Example: receiver tokens list --status active --older-than 90d",
+    )
     listing.add_argument("--client", help="only this client")
     listing.add_argument("--status", choices=tokens.STATUSES)
     listing.add_argument("--environment", choices=tokens.ENVIRONMENTS)
@@ -295,7 +327,11 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser = commands.add_parser("replay", help="fire signed test events at a receiver")
     sub = parser.add_subparsers(dest="replay_command", metavar="REPLAY_COMMAND", required=True)
 
-    trigger = sub.add_parser("trigger", help="build realistic test events and send them")
+    trigger = sub.add_parser(
+        "trigger",
+        help="build realistic test events and send them",
+        description="Example: receiver replay trigger client.onboarding_completed --count 5 --dev",
+    )
     trigger.add_argument("event", help=f"event type: {' or '.join(replay.SUPPORTED)}")
     trigger.add_argument(
         "--allow-unknown", action="store_true", help="send an event type the receiver does not know"
@@ -313,12 +349,21 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _add_sender_options(trigger)
     trigger.set_defaults(run=replay.run_trigger)
 
-    send = sub.add_parser("send", help="sign and send events from JSON or NDJSON files")
+    send = sub.add_parser(
+        "send",
+        help="sign and send events from JSON or NDJSON files",
+        description="Example: receiver replay send examples/*.json --dev",
+    )
     send.add_argument("files", nargs="+", metavar="FILE", help="a file, or - for stdin")
     _add_sender_options(send)
     send.set_defaults(run=replay.run_send)
 
-    resend = sub.add_parser("resend", help="re-send stored events: exact bytes, same id")
+    resend = sub.add_parser(
+        "resend",
+        help="re-send stored events: exact bytes, same id",
+        description="Example: receiver replay resend --since 2026-11-01 --type token.revoked "
+        "--dry-run",
+    )
     resend.add_argument("--event-id", action="append", help="a stored event id (repeatable)")
     resend.add_argument("--since", help="received at or after (ISO time)")
     resend.add_argument("--until", help="received before (ISO time)")
