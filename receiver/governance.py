@@ -205,7 +205,7 @@ async def prune_every(database: db.Database, settings: config.Settings) -> None:
             await prune(database, settings)
         except errors.ReceiverError as exc:
             log.warning("prune_failed", error=type(exc).__name__)
-        except Exception:  # noqa: BLE001 - a bug must not end the schedule silently
+        except Exception:  # a bug must not end the schedule silently
             log.exception("prune_failed")
 
 
