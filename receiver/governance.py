@@ -271,11 +271,13 @@ async def erase_client(
     async with database.connection() as conn, conn.transaction():
         await conn.execute(db.QUERIES["lock_client"], client_id)
         # Quarantined bodies that were not JSON have no redacted copy to search: they
-        # are opened (in memory) and searched for the client id.
+        # are opened (in memory) and searched for the client id as a JSON string, so
+        # that erasing cli_1 leaves cli_10's alone.
+        quoted = json.dumps(client_id).encode()
         unreadable = [
             row["key"]
             for row in await conn.fetch(db.QUERIES["unreadable_bodies"])
-            if client_id.encode()
+            if quoted
             in sealer.keyring.open(
                 row["body_sealed"], vault.event_associated_data(row["sealed_for"])
             )
