@@ -11,11 +11,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from receiver import config
-from tests import conftest
+from tests import conftest, helpers
 
 
 def free_port() -> int:
@@ -111,3 +112,17 @@ async def wait_healthy(port: int, process: subprocess.Popen[str], seconds: float
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError("receiver did not become healthy in time")
+
+
+async def post_signed(port: int, secret_b64: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """POST a body signed as Debitura signs to a receiver process on `port`; its
+    status and JSON answer."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/webhooks/debitura",
+            data=body,
+            headers=helpers.signed_headers(secret_b64, body),
+        ) as answer,
+    ):
+        return answer.status, await answer.json()

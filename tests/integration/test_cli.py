@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 from pydantic import SecretStr
@@ -125,15 +124,8 @@ async def test_serve_with_a_database_url_processes_and_logs_json(database_url: s
     with processes.serving(["--port", str(port)], env) as (process, output):
         await processes.wait_healthy(port, process)
         body = helpers.encode(helpers.onboarding("cli_cli", token))
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"http://127.0.0.1:{port}/webhooks/debitura",
-                data=body,
-                headers=helpers.signed_headers(secret, body),
-            ) as response,
-        ):
-            assert response.status == 200
+        status, _ = await processes.post_signed(port, secret, body)
+        assert status == 200
     conn = await asyncpg.connect(database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM receiver.tokens") == 1

@@ -464,16 +464,10 @@ async def test_the_service_runs_as_the_runtime_role_without_ddl(
             await processes.wait_healthy(port, process)
             body = helpers.encode(helpers.onboarding("cli_rt"))
             secret = base64.b64encode(settings.webhook_secrets[0].get_secret_value()).decode()
-            async with (
-                aiohttp.ClientSession() as session,
-                session.post(
-                    f"http://127.0.0.1:{port}/webhooks/debitura",
-                    data=body,
-                    headers=helpers.signed_headers(secret, body),
-                ) as answer,
-            ):
-                assert answer.status == 200
-                assert (await answer.json())["status"] == "processed"
+            assert await processes.post_signed(port, secret, body) == (
+                200,
+                {"status": "processed", "event_id": json.loads(body)["id"]},
+            )
         listed = await asyncio.to_thread(processes.run, ["tokens", "list", "--json"], env)
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout)["client_id"] == "cli_rt"
