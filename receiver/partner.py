@@ -275,11 +275,23 @@ class MintedTokens:
         if task is None or task.done():  # a finished mint's task may linger a moment
             task = asyncio.create_task(self._mint(tenant))
             self._minting[tenant] = task
-            task.add_done_callback(lambda _t: self._minting.pop(tenant, None))
+            task.add_done_callback(lambda done: self._forget_mint(tenant, done))
         # shield: one caller giving up must not cancel the mint the others await.
         return await asyncio.shield(task)
 
+    def _forget_mint(self, tenant: str, done: asyncio.Task[_Minted]) -> None:
+        # Only this mint's own entry: a newer one may already stand in its place.
+        if self._minting.get(tenant) is done:
+            del self._minting[tenant]
+
     async def _mint(self, tenant: str) -> _Minted:
+        try:
+            return await self._mint_once(tenant)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Typed like every other failure to get a token; the cause's class only.
+            raise TokenError(f"POST /oauth/token failed: {type(exc).__name__}", tenant) from None
+
+    async def _mint_once(self, tenant: str) -> _Minted:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         self.mints += 1

@@ -537,3 +537,16 @@ async def test_a_partner_application_logs_through_its_own_logging(
     assert all(line.startswith("APP ") for line in lines), lines
     assert result.stderr == ""
     assert not helpers.find_canaries(result.stdout)
+
+
+async def test_an_unreachable_api_is_a_token_error(session: aiohttp.ClientSession) -> None:
+    """Nothing listening at the API URL: a `TokenError` naming the failure's class, not
+    a raw client exception; the next call tries again."""
+    tokens = partner.MintedTokens(
+        API_KEY, api_url=f"http://127.0.0.1:{processes.free_port()}", session=session
+    )
+    for _ in range(2):
+        with pytest.raises(partner.TokenError, match="ClientConnectorError"):
+            await tokens.get("tenant-g")
+    assert tokens.mints == 2
+    await tokens.close()
