@@ -37,13 +37,18 @@ BUILD_INFO = Gauge(
     multiprocess_mode="livemax",
 )
 BUILD_INFO.labels(version=version(), python=platform.python_version()).set(1)
-LAST_EVENT = Gauge(
+_LAST_EVENT = Gauge(
     "receiver_last_event_received_timestamp_seconds",
     "When the last authentic delivery was stored, by environment (alert: no webhook for "
     "6 h: time() - this > 21600)",
     ["environment"],
     multiprocess_mode="max",
 )
+# Bound once: set on every delivery, keyed by whether it is a test delivery.
+LAST_EVENT = {
+    False: _LAST_EVENT.labels(environment="live"),
+    True: _LAST_EVENT.labels(environment="test"),
+}
 
 EVENTS = Counter(
     "receiver_events_total", "Webhook events answered 200, by type and outcome", ["type", "outcome"]

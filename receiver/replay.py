@@ -297,7 +297,7 @@ def _line(delivery: sender.Delivery) -> str:
     if delivery.outcome:
         parts.append(f"status={delivery.outcome}")
     if delivery.tokens_revoked is not None:
-        matched = " (no token matched)" if delivery.tokens_revoked == 0 else ""
+        matched = " (no unrevoked token matched)" if delivery.tokens_revoked == 0 else ""
         parts.append(f"tokens_revoked={delivery.tokens_revoked}{matched}")
     if delivery.token_prefix:
         parts.append(f"token_prefix={delivery.token_prefix}")

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from receiver import db, errors
+from receiver import db, errors, tokens
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +24,6 @@ QUERY_TIMEOUT_SECONDS = 1.0
 # a crowd of scrapers then costs one render a second, not one each, and leaves the
 # event loop to the webhook (bench/scrapes.py).
 RENDER_REUSE_SECONDS = 1.0
-_ENVIRONMENTS = ("live", "test")
 _AGES = ("under_30d", "30d_to_90d", "over_90d")
 
 
@@ -89,9 +88,9 @@ class DatabaseGauges:
         self._quarantined = quarantined
         self._to_rotate = [(row["kind"], row["key_id"], row["n"]) for row in to_rotate]
         # Every combination is reported, 0 included, so an alert can be written on it.
-        self._active = {(env, age): 0 for env in _ENVIRONMENTS for age in _AGES}
-        self._without_active = dict.fromkeys(_ENVIRONMENTS, 0)
-        self._link_invalid = dict.fromkeys(_ENVIRONMENTS, 0)
+        self._active = {(env, age): 0 for env in tokens.ENVIRONMENTS for age in _AGES}
+        self._without_active = dict.fromkeys(tokens.ENVIRONMENTS, 0)
+        self._link_invalid = dict.fromkeys(tokens.ENVIRONMENTS, 0)
         for row in health:
             if row["kind"] == "active":
                 self._active[(row["environment"], row["age"])] = row["n"]

@@ -44,6 +44,19 @@ async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
         ) from None
 
 
+def _unstorable(event: events.Event, detail: str, *, keep_names: bool) -> events.Event:
+    """The delivery as a quarantined `unstorable_value`, with its id and type or, when
+    those are what Postgres refused, under its body hash and type `unknown`."""
+    return events.Event(
+        key=event.key if keep_names else events.body_key(event.body_hash),
+        envelope_id=event.envelope_id if keep_names else None,
+        type=event.type if keep_names else "unknown",
+        is_test=event.is_test,
+        body_hash=event.body_hash,
+        quarantine=events.Quarantine("unstorable_value", detail),
+    )
+
+
 async def receive(request: web.Request) -> web.Response:
     """Receive one Debitura webhook delivery (at most RECEIVER_MAX_REQUESTS_IN_FLIGHT
     at once; past that, a 503 at once, before the body is read)."""
@@ -92,25 +105,27 @@ async def _receive(request: web.Request) -> web.Response:
         recorded = await committer.record(store.prepare(sealer, event, delivery), deadline=deadline)
     except errors.UnstorableValue as exc:
         # A value our own checks let through and Postgres refused: keep the delivery
-        # all the same, as the bytes it came as, quarantined.
-        event = events.Event(
-            key=event.key,
-            envelope_id=event.envelope_id,
-            type=event.type,
-            is_test=event.is_test,
-            body_hash=event.body_hash,
-            quarantine=events.Quarantine("unstorable_value", exc.message),
-        )
-        recorded = await committer.record(store.prepare(sealer, event, delivery), deadline=deadline)
+        # all the same, as the bytes it came as, quarantined; if even its id or type is
+        # what Postgres refuses, under its body hash alone. An authentic delivery is
+        # never answered 4xx: what is left after that is our fault, a 503.
+        for named in (True, False):
+            event = _unstorable(event, exc.message, keep_names=named)
+            try:
+                recorded = await committer.record(
+                    store.prepare(sealer, event, delivery), deadline=deadline
+                )
+                break
+            except errors.UnstorableValue:
+                continue
+        else:
+            raise errors.InternalError("could not store the delivery, retry later") from exc
     outcome, reason = recorded.outcome, recorded.reason
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
         dispatcher.wake()  # a signal may have been queued: deliver it now, not at the poll
     structlog.contextvars.bind_contextvars(outcome=outcome)
     metrics.EVENTS.labels(type=metrics.event_type(event.type), outcome=outcome).inc()
-    metrics.LAST_EVENT.labels(
-        environment="test" if delivery.is_test else "live"
-    ).set_to_current_time()
+    metrics.LAST_EVENT[delivery.is_test].set_to_current_time()
     if reason is None:
         answer = web.json_response({"status": outcome, "event_id": event.public_id})
         if recorded.revoked is not None:

@@ -504,6 +504,10 @@ async def main():
         print("APP got", token[:15])
     finally:
         await token_cache.close()
+    # A database that is not there: the shared database layer (structlog) reports it.
+    away = cache.TokenCache(sys.argv[1], token_cache._keyring)
+    await away.start(wait_listening=0.5)
+    await away.close()
 
 asyncio.run(main())
 """
@@ -523,7 +527,7 @@ async def test_a_partner_application_logs_through_its_own_logging(
     )
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-c", PARTNER_APP],
+        [sys.executable, "-c", PARTNER_APP, f"postgresql://x@127.0.0.1:{processes.free_port()}/x"],
         env=env,
         capture_output=True,
         text=True,
@@ -534,6 +538,8 @@ async def test_a_partner_application_logs_through_its_own_logging(
     lines = result.stdout.splitlines()
     assert f"APP got {token[:15]}" in lines
     assert any(line.startswith("APP receiver.cache listening") for line in lines)
+    # ...and the database layer's structlog lines too, routed to the app's logging.
+    assert any(line.startswith("APP receiver.db") for line in lines), lines
     assert all(line.startswith("APP ") for line in lines), lines
     assert result.stderr == ""
     assert not helpers.find_canaries(result.stdout)

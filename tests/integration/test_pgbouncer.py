@@ -13,11 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import asyncpg
 import pytest
 
-from receiver import app
 from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
@@ -107,25 +105,21 @@ async def test_ingest_and_signals_through_pgbouncer_in_transaction_mode(
     documents += [helpers.revocation(f"cli_pgb_{n}", None) for n in range(10)]
     with processes.serving(["--port", str(port)], env) as (process, _):
         await processes.wait_healthy(port, process)
-        async with aiohttp.ClientSession() as session:
 
-            async def send(document: dict[str, object]) -> str:
-                body = helpers.encode(document)
-                async with session.post(
-                    f"http://127.0.0.1:{port}{app.WEBHOOK_PATH}",
-                    data=body,
-                    headers=helpers.signed_headers(webhook_secret, body),
-                ) as answer:
-                    assert answer.status == 200
-                    return str((await answer.json())["status"])
+        async def send(document: dict[str, object]) -> str:
+            status, answer = await processes.post_signed(
+                port, webhook_secret, helpers.encode(document)
+            )
+            assert status == 200
+            return str(answer["status"])
 
-            assert await asyncio.gather(*(send(d) for d in documents[:40])) == ["processed"] * 40
-            assert await asyncio.gather(*(send(d) for d in documents[40:])) == ["processed"] * 10
+        assert await asyncio.gather(*(send(d) for d in documents[:40])) == ["processed"] * 40
+        assert await asyncio.gather(*(send(d) for d in documents[40:])) == ["processed"] * 10
 
-            async def all_signalled() -> bool:
-                return len(set(standin_cache.ids())) == 50
+        async def all_signalled() -> bool:
+            return len(set(standin_cache.ids())) == 50
 
-            await eventually(all_signalled, seconds=30)
+        await eventually(all_signalled, seconds=30)
         listed = await asyncio.to_thread(processes.run, ["tokens", "list", "--json"], env)
         assert listed.returncode == 0, listed.stderr
         assert len(listed.stdout.splitlines()) == 40

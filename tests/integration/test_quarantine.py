@@ -500,3 +500,29 @@ async def test_quarantine_is_loud_in_logs_and_metrics(
     text = await (await client.get("/metrics")).text()
     assert 'receiver_events_quarantined_total{reason="invalid_data"}' in text
     assert "receiver_events_quarantined_open 1.0" in text
+
+
+async def test_a_delivery_whose_id_postgres_refuses_is_kept_under_its_body_hash(
+    post: Post, conn: asyncpg.Connection
+) -> None:
+    """When Postgres refuses even the delivery's id (here: a check constraint the test
+    adds, standing in for any value our checks let through), the delivery is stored
+    all the same, quarantined under its body hash: 200, never a 4xx."""
+    await conn.execute(
+        "ALTER TABLE receiver.events ADD CONSTRAINT refuses_this_id "
+        "CHECK (key <> 'evt_refused_by_postgres')"
+    )
+    document = helpers.onboarding("cli_refused", event_id="evt_refused_by_postgres")
+    body = helpers.encode(document)
+    answer = await post(body)
+    assert answer.status == 200
+    assert await answer.json() == {
+        "status": "quarantined",
+        "event_id": "sha256:" + hashlib.sha256(body).hexdigest(),
+        "reason": "unstorable_value",
+    }
+    row = await conn.fetchrow("SELECT type, status, envelope_id FROM receiver.events")
+    assert row is not None
+    assert tuple(row) == ("unknown", "quarantined", None)
+    again = await post(body)  # Debitura's retry: the same body, a duplicate
+    assert (await again.json())["status"] == "duplicate"

@@ -450,4 +450,4 @@ async def test_a_revocation_that_matched_no_token_says_so(
         "--to", webhook_url(client), "--secret", webhook_secret,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "status=processed tokens_revoked=0 (no token matched)" in result.stdout
+    assert "status=processed tokens_revoked=0 (no unrevoked token matched)" in result.stdout
