@@ -41,6 +41,12 @@ async def main() -> None:
                 "SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions "
                 "WHERE schemaname = 'receiver' ORDER BY self_time DESC"
             )
+            # A sequential scan on the hot path's tables is a plan gone wrong.
+            scans = await conn.fetch(
+                "SELECT relname, seq_scan, idx_scan FROM pg_stat_user_tables "
+                "WHERE schemaname = 'receiver' AND relname IN "
+                "('events', 'tokens', 'revocations', 'signals') ORDER BY relname"
+            )
         finally:
             await conn.close()
     print(f"{len(answers.latencies)} onboardings at {answers.rate:.0f}/s; time per call:")
@@ -51,6 +57,9 @@ async def main() -> None:
             f"self {row['self_time'] * 1000 / calls:6.1f} µs  "
             f"total {row['total_time'] * 1000 / calls:6.1f} µs"
         )
+    print("table scans: " + ", ".join(
+        f"{r['relname']} {r['seq_scan']} sequential / {r['idx_scan']} index" for r in scans
+    ))  # fmt: skip
 
 
 if __name__ == "__main__":

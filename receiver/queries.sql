@@ -3,7 +3,7 @@
 -- name: record_events
 -- A group of deliveries (one receiver.event_row[]) in one statement and one
 -- transaction; outcomes (and tokens revoked, for revocations) come back in order.
-SELECT outcome, revoked FROM receiver.record_events_v3($1::receiver.event_row[], $2, $3);
+SELECT outcome, revoked FROM receiver.record_events_v4($1::receiver.event_row[], $2, $3);
 
 -- name: reprocess_event
 -- One quarantined delivery ($1: its stored key) re-applied as it reads now ($2).
