@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -69,7 +69,9 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     log line per request (the canonical log line)."""
     structlog.contextvars.clear_contextvars()
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    # A request id only has to be unique among log lines, not unguessable: no
+    # os.urandom system call per request (uuid4 was ~1% of the request path).
+    request_id = given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     error_code = None
@@ -104,8 +106,8 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     response.headers["X-Request-Id"] = request_id
     elapsed = time.perf_counter() - started
     route = _route_label(request)
-    metrics.REQUESTS.labels(route=route, status=str(response.status)).inc()
-    metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
+    metrics.child(metrics.REQUESTS, route, str(response.status)).inc()
+    metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
     # Probes and scrapes that went well are routine: at debug, so a crowd of them
     # neither floods the log nor takes the event loop from deliveries.
     routine = route in _ROUTINE_ROUTES and response.status < 400

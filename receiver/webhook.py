@@ -30,6 +30,10 @@ def _is_json(content_type: str) -> bool:
 
 async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
     try:
+        if request.content.is_eof():
+            # Already here in full (a delivery usually comes in one packet with its
+            # headers): nothing to wait for, so no timer to arm and cancel.
+            return await request.read()
         # A sender that trickles its body must not hold a connection forever.
         async with asyncio.timeout(seconds):
             return await request.read()
@@ -124,7 +128,7 @@ async def _receive(request: web.Request) -> web.Response:
     if dispatcher is not None and outcome == "processed" and event.data is not None:
         dispatcher.wake()  # a signal may have been queued: deliver it now, not at the poll
     structlog.contextvars.bind_contextvars(outcome=outcome)
-    metrics.EVENTS.labels(type=metrics.event_type(event.type), outcome=outcome).inc()
+    metrics.child(metrics.EVENTS, metrics.event_type(event.type), outcome).inc()
     metrics.LAST_EVENT[delivery.is_test].set_to_current_time()
     if reason is None:
         answer = web.json_response({"status": outcome, "event_id": event.public_id})

@@ -111,7 +111,8 @@ def _bodies(script: list[tuple[Any, ...]], tokens: dict[tuple[str, int], str]) -
                 completed_at=TIMES[at].isoformat(),
             )  # fmt: skip
             if explicit_expiry:
-                document["data"]["old_token_expires_at"] = (TIMES[at] + timedelta(hours=2)).isoformat()
+                expiry = TIMES[at] + timedelta(hours=2)
+                document["data"]["old_token_expires_at"] = expiry.isoformat()
         elif kind == "revoke":
             _, client, env, token, at = step
             prefix = None if token is None else redaction.token_prefix(tokens[(env, token)])
@@ -145,12 +146,16 @@ def _rows(sealer: vault.Sealer, bodies: list[bytes]) -> list[store.Row]:
     return rows
 
 
+_RECORD = {
+    "v3": "SELECT outcome, revoked FROM receiver.record_events_v3"
+    "($1::receiver.event_row[], 'token_invalidation', true)",
+    "v4": "SELECT outcome, revoked FROM receiver.record_events_v4"
+    "($1::receiver.event_row[], 'token_invalidation', true)",
+}
+
+
 async def _record(conn: asyncpg.Connection, version: str, group: list[store.Row]) -> list[Any]:
-    records = await conn.fetch(
-        f"SELECT outcome, revoked FROM receiver.record_events_{version}($1::receiver.event_row[],"
-        " 'token_invalidation', true)",
-        [row.as_record() for row in group],
-    )
+    records = await conn.fetch(_RECORD[version], [row.as_record() for row in group])
     return [tuple(r) for r in records]
 
 
@@ -229,7 +234,10 @@ def test_independent_groups_take_the_set_based_path(
         ("ignored",),
         ("invalid", "cli_b"),
     ]
-    dependent = [("onboard", "cli_a", "live", 0, 1, False), ("onboard", "cli_a", "live", 1, 2, False)]
+    dependent = [
+        ("onboard", "cli_a", "live", 0, 1, False),
+        ("onboard", "cli_a", "live", 1, 2, False),
+    ]
     resent = [("onboard", "cli_a", "live", 0, 1, False), ("resend", 0)]
 
     async def calls(script: list[tuple[Any, ...]]) -> int:
@@ -243,4 +251,3 @@ def test_independent_groups_take_the_set_based_path(
     assert pair.runner.run(calls(independent)) == 0
     assert pair.runner.run(calls(dependent)) == 2
     assert pair.runner.run(calls(resent)) == 2
-
