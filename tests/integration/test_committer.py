@@ -10,8 +10,11 @@ from typing import Any
 import asyncpg
 import structlog
 
-from receiver import committer, db, errors, events, store, vault
+from receiver import app, committer, db, errors, events, state, store, vault
+from receiver.config import Settings
 from tests import helpers
+from tests.integration.conftest import client_lock
+from tests.integration.standins import eventually
 
 
 def _row(sealer: vault.Sealer) -> store.Row:
@@ -44,3 +47,32 @@ async def test_a_refused_row_fails_alone_and_the_rest_commit(
     splits = [line for line in log_lines() if line["event"] == "group_commit_split"]
     assert [line["size"] for line in splits] == [4]
     assert "request_id" not in splits[0]
+
+
+async def test_a_group_stuck_on_a_lock_does_not_hold_up_the_next(
+    aiohttp_client: Any, settings: Settings, webhook_secret: str, database_url: str
+) -> None:
+    """One group commits at a time while groups are quick; a group that waits (here on
+    a client's lock another session holds) is slow, and the deliveries behind it are
+    committed in a group beside it: answered while the lock is still held."""
+    patient = settings.model_copy(update={"lock_timeout_seconds": 30.0})
+    client = await aiohttp_client(app.create_app(patient))
+
+    async def deliver(client_id: str) -> Any:
+        body = helpers.encode(helpers.onboarding(client_id))
+        response = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        return response.status, (await response.json())["status"]
+
+    async with client_lock(database_url, "cli_held") as release:
+        stuck = asyncio.create_task(deliver("cli_held"))
+
+        async def stuck_is_committing() -> bool:
+            return bool(client.app[state.LOAD].in_flight == 1)
+
+        await eventually(stuck_is_committing)
+        assert await asyncio.wait_for(deliver("cli_free"), timeout=20) == (200, "processed")
+        assert not stuck.done()
+        await release()
+    assert await stuck == (200, "processed")
