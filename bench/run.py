@@ -194,8 +194,13 @@ async def open_loop_latency(
         answers = await loadgen.open_loop(
             port, requests, rate, lambda: time.monotonic() >= deadline
         )
-        answers.only(200)
-        return f"{answers.rate:.0f}/s accepted, {harness.summary_ms(answers.latencies)}"
+        # Past its capacity the receiver sheds load with 503 (RECEIVER_MAX_REQUESTS_IN_
+        # FLIGHT): reported, not fatal, since that is the figure this line is for.
+        refused = {s: n for s, n in answers.statuses.items() if s != 200}
+        if set(refused) - {503}:
+            answers.only(200)
+        shed = f", {refused[503]:,} answered 503 (over capacity)" if refused else ""
+        return f"{answers.rate:.0f}/s answered, {harness.summary_ms(answers.latencies)}{shed}"
 
 
 async def resident_memory(env: dict[str, str], port: int, secret: bytes, events: int) -> float:
@@ -272,7 +277,10 @@ async def main() -> None:
             )
         )
         await harness.recycle_wal(url)  # the closed loops above used up the reused segments
-        offered = await open_loop_latency(serve, env, port, secret, rate=1000.0, seconds=s)
+        offered = {
+            rate: await open_loop_latency(serve, env, port, secret, rate=rate, seconds=s)
+            for rate in (1000.0, 2000.0)
+        }
         memory = (
             await resident_memory(env, port, secret, args.memory_events)
             if args.memory_events
@@ -292,7 +300,11 @@ async def main() -> None:
         f"full path / database ceiling = {full.rate / database.rate:.2f}; "
         f"two processes / one = {two_proc.rate / full.rate:.2f} (target 1.5)"
     )
-    print(f"receiver at 1,000 events/s offered (open loop): {offered}")
+    for rate, figures in offered.items():
+        target = "< 10 ms" if rate == 1000 else "< 20 ms"
+        print(
+            f"receiver at {rate:,.0f} events/s offered (open loop, p99 target {target}): {figures}"
+        )
     if memory is not None:
         print(
             f"resident memory of one receiver after {args.memory_events:,} events: {memory:.0f} MiB"
@@ -302,10 +314,10 @@ async def main() -> None:
     await signal_latency.main()
 
 
-if __name__ == "__main__":
-    asyncio.run(main())
-
-
 def cpu(value: float | None) -> str:
     """A CPU share for the table, or a dash when it was not measured."""
     return f"{value:5.0f}%" if value is not None else "    - "
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
