@@ -1,13 +1,13 @@
 """Where one receiver process spends its time at full load: py-spy, summed.
 
-    .venv/bin/python -m bench.profile [--seconds 8] [--rate 250] [--top 40]
+    .venv/bin/python -m bench.profile [--seconds 8] [--rate 250] [--top 40] [--lean]
 
-Starts `receiver serve` on a fresh database, warms it up, then samples it with
-py-spy (`--nonblocking`: the process is never paused) while the closed-loop load of
-`make bench` runs. Prints the share of samples that passed through each function
-(inclusive) and that were in it (self), our modules and the libraries alike. With
-uvloop, callbacks run from its C loop show stacks that start at the callback; the
-shares are of all samples all the same.
+Starts `receiver serve` (or, with --lean, the lean reference) on a fresh database,
+warms it up, then samples it with py-spy (`--nonblocking`: the process is never
+paused) while the closed-loop load of `make bench` runs. Prints the share of
+samples that passed through each function (inclusive) and that were in it (self),
+our modules and the libraries alike. With uvloop, callbacks run from its C loop show
+stacks that start at the callback; the shares are of all samples all the same.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--lean", action="store_true", help="profile bench/lean_server.py")
     args = parser.parse_args()
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
@@ -69,6 +70,8 @@ async def main() -> None:
             secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
             port = harness.free_port()
             serve = [sys.executable, "-m", "receiver", "serve", "--port", str(port)]
+            if args.lean:
+                serve = [sys.executable, "-m", "bench.lean_server", str(port)]
             with harness.receiver_process(env, port, serve) as process:
                 await harness.wait_ready(port)
                 await warm_up(port, secret, harness.onboardings, args.concurrency)

@@ -19,10 +19,13 @@ from typing import Any, NamedTuple, cast
 from receiver import db, events, redaction, vault
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+class Row(NamedTuple):
     """One delivery as SQL takes it (`receiver.event_row`, field for field and in its
-    order: tests compare the two). Sealed bytes and the blind index only, never a token."""
+    order: tests compare the two). Sealed bytes and the blind index only, never a token.
+
+    A named tuple rather than a frozen dataclass: it is built once per delivery and
+    handed to asyncpg as the composite's fields as it is (the dataclass's __init__
+    and its copy into a tuple cost ~6 µs a delivery)."""
 
     kind: str  # onboarding | revocation | ignored | quarantined
     key: str
@@ -53,8 +56,8 @@ class Row:
         return f"Row({self.kind!r}, key={self.key!r}, client_id={self.client_id!r})"
 
     def as_record(self) -> tuple[Any, ...]:
-        """The row as the composite's positional fields."""
-        return tuple(getattr(self, name) for name in self.__slots__)
+        """The row as the composite's positional fields: itself."""
+        return self
 
 
 @dataclass(frozen=True, slots=True)

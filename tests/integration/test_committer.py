@@ -4,7 +4,6 @@ a row Postgres refuses fails alone."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 import asyncpg
@@ -32,7 +31,7 @@ async def test_a_refused_row_fails_alone_and_the_rest_commit(
     own: its log lines never carry the id of the request that happened to start it."""
     group = committer.GroupCommit(database, channel="token_invalidation", http_delivery=False)
     rows = [_row(sealer) for _ in range(4)]
-    rows[1] = dataclasses.replace(rows[1], body_redacted="{not json")
+    rows[1] = rows[1]._replace(body_redacted="{not json")
     structlog.contextvars.bind_contextvars(request_id="req-that-started-it")
     try:
         results = await asyncio.gather(*(group.record(r) for r in rows), return_exceptions=True)

@@ -50,7 +50,7 @@ async def test_row_fields_match_the_sql_composite_in_order(conn: asyncpg.Connect
         "SELECT attname FROM pg_attribute WHERE attrelid = 'receiver.event_row'::regclass "
         "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
     )
-    assert tuple(r["attname"] for r in names) == store.Row.__slots__
+    assert tuple(r["attname"] for r in names) == store.Row._fields
 
 
 # --- migrations ------------------------------------------------------------------------
