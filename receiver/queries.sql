@@ -134,11 +134,45 @@ SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
 
 -- name: claim_due_signals
 -- Claimed in one statement (its own transaction); delivery happens after it commits.
+-- Revocations first, then the rest, each oldest first: a revoked token must leave
+-- the cache fast, and behind a burst of issued tokens it would wait for all of them
+-- (signals are "drop and re-read", so their order is free). Both halves walk the
+-- due range of the signals_due index; rows locked beyond the batch are let go when
+-- this statement's transaction ends.
+WITH revoked AS (
+    SELECT id, next_attempt_at FROM receiver.signals
+     WHERE status = 'pending' AND next_attempt_at <= now() AND reason = 'token_revoked'
+     ORDER BY next_attempt_at
+     LIMIT $3
+       FOR UPDATE SKIP LOCKED
+), others AS (
+    SELECT id, next_attempt_at FROM receiver.signals
+     WHERE status = 'pending' AND next_attempt_at <= now() AND reason <> 'token_revoked'
+     ORDER BY next_attempt_at
+     LIMIT $3
+       FOR UPDATE SKIP LOCKED
+), batch AS (
+    SELECT id FROM (SELECT id, 0 AS rank, next_attempt_at FROM revoked
+                    UNION ALL
+                    SELECT id, 1 AS rank, next_attempt_at FROM others) AS due
+     ORDER BY rank, next_attempt_at
+     LIMIT $3
+)
+UPDATE receiver.signals s
+   SET status = 'in_flight', lease_id = $1, attempts = s.attempts + 1,
+       lease_expires_at = now() + make_interval(secs => $2)
+ WHERE s.id IN (SELECT id FROM batch)
+RETURNING s.id::text AS id, s.client_id, s.environment, s.token_prefix, s.reason,
+          s.event_key, s.created_at, s.attempts;
+
+-- name: claim_due_revocations
+-- The revocation lane's claim (receiver/outbox.py): due revocations only, oldest first.
 UPDATE receiver.signals s
    SET status = 'in_flight', lease_id = $1, attempts = s.attempts + 1,
        lease_expires_at = now() + make_interval(secs => $2)
  WHERE s.id IN (SELECT id FROM receiver.signals
                  WHERE status = 'pending' AND next_attempt_at <= now()
+                   AND reason = 'token_revoked'
                  ORDER BY next_attempt_at
                  LIMIT $3
                    FOR UPDATE SKIP LOCKED)

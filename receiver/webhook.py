@@ -126,7 +126,8 @@ async def _receive(request: web.Request) -> web.Response:
     outcome, reason = recorded.outcome, recorded.reason
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
-        dispatcher.wake()  # a signal may have been queued: deliver it now, not at the poll
+        # A signal may have been queued: deliver it now, not at the poll.
+        dispatcher.wake(revocation=isinstance(event.data, events.TokenRevoked))
     structlog.contextvars.bind_contextvars(outcome=outcome)
     metrics.child(metrics.EVENTS, metrics.event_type(event.type), outcome).inc()
     metrics.LAST_EVENT[delivery.is_test].set_to_current_time()

@@ -622,3 +622,69 @@ async def test_token_cache_applies_signed_http_signals(
     finally:
         await server.close()
         await quiet.close()
+
+
+async def test_a_revocation_goes_before_a_backlog_of_issued_tokens(
+    database: db.Database, settings: Settings, standin_cache: StandInCache
+) -> None:
+    """Signals are "drop and re-read", so their order is free: a revoked token must
+    leave the cache first. Ten onboardings queue ten token_issued signals, then one
+    revocation queues its own; a dispatcher claiming two at a time sends the
+    revocation in its first batch, not after the five batches before it."""
+    client_ids = [f"cli_{os.urandom(4).hex()}" for _ in range(10)]
+    documents = [helpers.onboarding(c) for c in client_ids]
+    documents.append(helpers.revocation(client_ids[0], None))
+    for document in documents:  # one at a time: the revocation is the newest signal
+        await record(database, settings, document)
+    async with dispatching(database, with_cache(settings, standin_cache), batch_size=2):
+
+        async def all_received() -> bool:
+            return len(standin_cache.received) == 11
+
+        await eventually(all_received)
+    reasons = [signal["body"]["reason"] for signal in standin_cache.received]
+    assert "token_revoked" in reasons[:2]
+    assert reasons.count("token_issued") == 10
+
+
+async def test_a_revocation_is_sent_while_a_batch_is_still_out(
+    database: db.Database, settings: Settings, standin_cache: StandInCache
+) -> None:
+    """The revocation lane: while the dispatcher's batch of issued-token signals hangs
+    at the cache, a revocation committed now is sent beside it, not after it."""
+    for _ in range(4):
+        await record(database, settings, helpers.onboarding(f"cli_{os.urandom(4).hex()}"))
+    standin_cache.hang = asyncio.Event()
+    cache = with_cache(settings, standin_cache)
+    try:
+        async with dispatching(database, cache, batch_size=2) as dispatcher:
+
+            async def batch_out() -> bool:
+                return len(standin_cache.received) == 2
+
+            await eventually(batch_out)
+            await record(database, settings, helpers.revocation("cli_revoked", None))
+            dispatcher.wake(revocation=True)
+
+            async def revocation_arrived() -> bool:
+                return any(r["body"]["reason"] == "token_revoked" for r in standin_cache.received)
+
+            await eventually(revocation_arrived)
+            assert len(standin_cache.received) == 3  # the hanging batch, and the revocation
+            standin_cache.hang.set()
+
+            async def all_arrived() -> bool:
+                return len(standin_cache.received) == 5
+
+            await eventually(all_arrived)
+    finally:
+        standin_cache.hang.set()
+
+
+async def record(database: db.Database, settings: Settings, document: dict[str, Any]) -> None:
+    """Record one delivery the way the webhook does, its signals for HTTP delivery."""
+    sealer = vault.Sealer.from_settings(settings)
+    body = helpers.encode(document)
+    delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
+    row = store.prepare(sealer, events.read(body, is_test=False), delivery)
+    await store.record_rows(database, [row], channel=settings.notify_channel, http_delivery=True)
