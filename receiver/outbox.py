@@ -201,6 +201,10 @@ class Dispatcher:
                         return
             except errors.DatabaseUnavailable:
                 pass  # logged by db; the main loop's poll covers it
+            except Exception as exc:  # noqa: BLE001 - the lane must outlive one bad batch
+                # The main loop still sends these (revocations first); say why this
+                # lane did not, without the message (it could quote a value).
+                log.warning("signal_lane_failed", error=type(exc).__name__)
 
     async def _sleep(self) -> None:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
