@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from receiver import config, events, redaction, store, vault
@@ -171,6 +171,32 @@ async def _state(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
 @given(
     script=st.lists(_step, min_size=2, max_size=24),
     cuts=st.lists(st.integers(1, 8), min_size=1, max_size=24),
+)
+# The lifecycle's corner cases, every run, beside what hypothesis draws: an older
+# onboarding arriving after a newer one; an id reused with other content; a
+# revocation (by prefix, and without) before the onboarding it names; a rotation with
+# an explicit expiry; the same token delivered by two events.
+@example(
+    script=[("onboard", "cli_a", "live", 0, 4, False), ("onboard", "cli_a", "live", 1, 1, False)],
+    cuts=[1],
+)
+@example(script=[("onboard", "cli_a", "live", 0, 1, False), ("conflict", 0)], cuts=[1])
+@example(
+    script=[
+        ("revoke", "cli_a", "live", 0, 2),
+        ("onboard", "cli_a", "live", 0, 1, False),
+        ("revoke", "cli_b", "test", None, 3),
+        ("onboard", "cli_b", "test", 1, 2, False),
+    ],
+    cuts=[2],
+)
+@example(
+    script=[
+        ("onboard", "cli_a", "live", 0, 1, False),
+        ("onboard", "cli_a", "live", 1, 2, True),
+        ("onboard", "cli_b", "live", 1, 3, False),
+    ],
+    cuts=[1],
 )
 def test_set_based_groups_end_as_row_by_row_ones(
     pair: Pair,
