@@ -38,6 +38,9 @@ log = structlog.get_logger(__name__)
 
 WEBHOOK_PATH = "/webhooks/debitura"
 _ROUTINE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Workers are started as new processes (`serve --workers`), never forked from this
+# one: the id is read once, not with a system call per request.
+_PID = os.getpid()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _HTTP_ERRORS: dict[int, type[errors.ReceiverError]] = {
     404: errors.NotFound,
@@ -85,7 +88,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     except errors.ReceiverError as exc:
         error_code = exc.code
         if isinstance(exc, errors.InvalidSignature):
-            metrics.SIGNATURE_FAILURES.labels(reason=exc.reason).inc()
+            metrics.child(metrics.SIGNATURE_FAILURES, exc.reason).inc()
             # Which check failed, from a fixed set: missing, malformed, stale, future,
             # mismatch (the answer's body stays as terse as before).
             structlog.contextvars.bind_contextvars(signature_failure=exc.reason)
@@ -119,7 +122,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         error=error_code,
         duration_ms=round(elapsed * 1000, 2),
         remote=client_address(request),
-        pid=os.getpid(),  # which process answered (serve --workers)
+        pid=_PID,  # which process answered (serve --workers)
     )
     return response
 

@@ -135,11 +135,13 @@ class Dispatcher:
         return f"Dispatcher(worker_id={self.worker_id!r}, url={self._url!r})"
 
     def wake(self, *, revocation: bool = False) -> None:
-        """Look for due signals now rather than at the next poll; for a revocation, at
-        once, beside a batch already being sent (the revocation lane, below)."""
-        self._wakeup.set()
+        """Look for due signals now rather than at the next poll; a revocation's, at
+        once, beside a batch already being sent (the revocation lane, below: waking
+        the main loop too would only add a claim that finds it taken)."""
         if revocation:
             self._revocation_wakeup.set()
+        else:
+            self._wakeup.set()
 
     def stop(self) -> None:
         """Stop after the batch in flight: its deliveries finish and are recorded, so a

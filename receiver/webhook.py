@@ -139,7 +139,7 @@ async def _receive(request: web.Request) -> web.Response:
             answer.headers[TOKENS_REVOKED_HEADER] = str(recorded.revoked)
             structlog.contextvars.bind_contextvars(tokens_revoked=recorded.revoked)
         return answer
-    metrics.QUARANTINED.labels(reason=reason).inc()
+    metrics.child(metrics.QUARANTINED, reason).inc()
     detail = "id already used by a delivery with other content"
     if event.quarantine is not None and reason == event.quarantine.reason:
         detail = event.quarantine.detail

@@ -386,6 +386,9 @@ DECLARE
     v_expires timestamptz[];
     v_at timestamptz[];
     v_reasons text[];
+    v_new_rows bigint[];    -- the onboardings that store a token: their place in p_rows,
+    v_new_statuses text[];  -- the status each token is stored with,
+    v_new_expires timestamptz[];  -- and until when a superseded one stays usable
 BEGIN
     PERFORM pg_advisory_xact_lock(l)
        FROM (SELECT DISTINCT unnest(receiver.event_locks(x)) AS l
@@ -437,44 +440,20 @@ BEGIN
      ORDER BY x.ordinality;
 
     IF v_onboardings > 0 THEN
-        -- As apply_onboarding_v2. A token already stored changes nothing; a revocation
-        -- that came first wins; a newer active token makes this one superseded;
-        -- otherwise the client's active token in that environment gives way to it.
-        SELECT array_agg(a.id), array_agg(x.key),
+        -- As apply_onboarding_v2, decided once per row from one probe each: a token
+        -- already stored changes nothing; a revocation that came first wins; the
+        -- client's active token in that environment (one at most), when newer, makes
+        -- this one superseded, and otherwise gives way to it.
+        SELECT array_agg(x.ordinality), array_agg(d.status), array_agg(v.revoked_at),
+               array_agg(v.reason),
+               array_agg(CASE WHEN d.status = 'superseded'
+                              THEN a.onboarding_completed_at + x.grace END),
+               array_agg(a.id) FILTER (WHERE d.status = 'active' AND a.id IS NOT NULL),
+               array_agg(x.key) FILTER (WHERE d.status = 'active' AND a.id IS NOT NULL),
                array_agg(COALESCE(x.old_expires_at, x.completed_at + x.grace))
-          INTO v_ids, v_keys, v_expires
-          FROM unnest(p_rows) AS x
-          CROSS JOIN LATERAL (
-                SELECT t.id FROM receiver.tokens t
-                 WHERE t.client_id = x.client_id AND t.environment = x.environment
-                   AND t.status = 'active' AND t.onboarding_completed_at <= x.completed_at
-                 LIMIT 1) AS a
-         WHERE x.kind = 'onboarding' AND x.key <> ALL (v_stored)
-           AND NOT EXISTS (SELECT 1 FROM receiver.tokens o WHERE o.token_index = x.token_index)
-           AND NOT EXISTS (SELECT 1 FROM receiver.revocations v
-                            WHERE v.client_id = x.client_id AND v.environment = x.environment
-                              AND (v.token_prefix = x.prefix
-                                   OR (v.token_prefix IS NULL
-                                       AND v.revoked_at >= x.completed_at)));
-        IF v_ids IS NOT NULL THEN
-            UPDATE receiver.tokens t
-               SET status = 'superseded', superseded_at = now(),
-                   expires_at = v_expires[array_position(v_ids, t.id)],
-                   changed_by_event = v_keys[array_position(v_ids, t.id)], updated_at = now()
-             WHERE t.id = ANY (v_ids);
-        END IF;
-
-        -- The superseded tokens above are not active any more, so "a newer active
-        -- token" below finds exactly what apply_onboarding_v2 found before its update.
-        INSERT INTO receiver.tokens
-            (id, client_id, environment, prefix, token_index, token_sealed, status,
-             onboarding_completed_at, superseded_at, expires_at, revoked_at, revoke_reason,
-             created_by_event)
-        SELECT x.token_id, x.client_id, x.environment, x.prefix, x.token_index,
-               x.token_sealed, d.status, x.completed_at,
-               CASE WHEN d.status = 'superseded' THEN now() END,
-               CASE WHEN d.status = 'superseded' THEN n.onboarding_completed_at + x.grace END,
-               v.revoked_at, v.reason, x.key
+                   FILTER (WHERE d.status = 'active' AND a.id IS NOT NULL)
+          INTO v_new_rows, v_new_statuses, v_at, v_reasons, v_new_expires,
+               v_ids, v_keys, v_expires
           FROM unnest(p_rows) WITH ORDINALITY AS x
           LEFT JOIN LATERAL (
                 SELECT v.revoked_at, v.reason FROM receiver.revocations v
@@ -484,16 +463,39 @@ BEGIN
                  ORDER BY v.revoked_at
                  LIMIT 1) AS v ON true
           LEFT JOIN LATERAL (
-                SELECT t.onboarding_completed_at FROM receiver.tokens t
+                SELECT t.id, t.onboarding_completed_at FROM receiver.tokens t
                  WHERE t.client_id = x.client_id AND t.environment = x.environment
-                   AND t.status = 'active' AND t.onboarding_completed_at > x.completed_at
-                 LIMIT 1) AS n ON true,
+                   AND t.status = 'active'
+                 LIMIT 1) AS a ON true,
                LATERAL (SELECT CASE WHEN v.revoked_at IS NOT NULL THEN 'revoked'
-                                    WHEN n.onboarding_completed_at IS NOT NULL THEN 'superseded'
+                                    WHEN a.onboarding_completed_at > x.completed_at
+                                    THEN 'superseded'
                                     ELSE 'active' END AS status) AS d
          WHERE x.kind = 'onboarding' AND x.key <> ALL (v_stored)
-           AND NOT EXISTS (SELECT 1 FROM receiver.tokens o WHERE o.token_index = x.token_index)
-         ORDER BY x.ordinality;
+           AND NOT EXISTS (SELECT 1 FROM receiver.tokens o WHERE o.token_index = x.token_index);
+
+        -- The active tokens that give way, before the new ones arrive (one active
+        -- token per client and environment).
+        IF v_ids IS NOT NULL THEN
+            UPDATE receiver.tokens t
+               SET status = 'superseded', superseded_at = now(),
+                   expires_at = v_expires[array_position(v_ids, t.id)],
+                   changed_by_event = v_keys[array_position(v_ids, t.id)], updated_at = now()
+             WHERE t.id = ANY (v_ids);
+        END IF;
+
+        INSERT INTO receiver.tokens
+            (id, client_id, environment, prefix, token_index, token_sealed, status,
+             onboarding_completed_at, superseded_at, expires_at, revoked_at, revoke_reason,
+             created_by_event)
+        SELECT x.token_id, x.client_id, x.environment, x.prefix, x.token_index,
+               x.token_sealed, n.status, x.completed_at,
+               CASE WHEN n.status = 'superseded' THEN now() END, n.expires_at,
+               n.revoked_at, n.reason, x.key
+          FROM unnest(v_new_rows, v_new_statuses, v_at, v_reasons, v_new_expires)
+                   AS n(ordinality, status, revoked_at, reason, expires_at)
+          JOIN unnest(p_rows) WITH ORDINALITY AS x ON x.ordinality = n.ordinality
+         ORDER BY n.ordinality;
     END IF;
 
     IF v_revocations > 0 THEN

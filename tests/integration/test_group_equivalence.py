@@ -174,8 +174,17 @@ async def _state(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
 )
 # The lifecycle's corner cases, every run, beside what hypothesis draws: an older
 # onboarding arriving after a newer one; an id reused with other content; a
-# revocation (by prefix, and without) before the onboarding it names; a rotation with
-# an explicit expiry; the same token delivered by two events.
+# revocation (by prefix, and without) before the onboarding it names; two of them,
+# where the earlier one wins; a rotation with an explicit expiry; the same token
+# delivered by two events.
+@example(
+    script=[
+        ("revoke", "cli_a", "live", None, 5),
+        ("revoke", "cli_a", "live", None, 3),
+        ("onboard", "cli_a", "live", 0, 1, False),
+    ],
+    cuts=[1],
+)
 @example(
     script=[("onboard", "cli_a", "live", 0, 4, False), ("onboard", "cli_a", "live", 1, 1, False)],
     cuts=[1],
