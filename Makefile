@@ -19,9 +19,10 @@ run: $(STAMP)  ## start the receiver on an embedded Postgres with generated dev 
 test: $(STAMP)  ## the whole suite
 	$(BIN)/pytest
 
-check: $(STAMP)  ## format, lint, type checks, and the suite under branch coverage with its floor
+check: $(STAMP)  ## format, lint, import walls, type checks, and the suite under branch coverage with its floor
 	$(BIN)/ruff format --check receiver tests bench
 	$(BIN)/ruff check receiver tests bench
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest -q
@@ -31,7 +32,7 @@ check: $(STAMP)  ## format, lint, type checks, and the suite under branch covera
 bench: $(STAMP)  ## the benchmark against this machine's ceilings (see bench/README.md)
 	$(BIN)/python -m bench.run
 
-schema: $(STAMP)  ## rewrite sql/schema.sql from the migrations (after adding one)
+schema: $(STAMP)  ## rewrite receiver/db/sql/schema.sql from the migrations (after adding one)
 	$(BIN)/python -m tests.schema $(RECEIVER_TEST_DATABASE_URL)
 
 lock: $(STAMP)  ## rewrite requirements.lock (what the image installs) from pyproject.toml

@@ -25,7 +25,8 @@ import asyncpg
 from aiohttp import web
 
 from bench import loadgen
-from receiver import embedded, migrations, signing
+from receiver import signing
+from receiver.db import embedded, migrations
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
 """The `receiver` command line (docs/design.md §6): the parser, and the mapping of errors
-to exit statuses. The commands themselves live in service, admin and replay."""
+to exit statuses. The commands themselves live in service.daemon, admin.commands and
+admin.replay."""
 
 from __future__ import annotations
 
@@ -10,19 +11,11 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 
-from receiver import (
-    admin,
-    command,
-    errors,
-    events,
-    governance,
-    inbox,
-    metrics,
-    outbox,
-    replay,
-    service,
-    tokens,
-)
+from receiver import console, errors, metrics, vault
+from receiver.admin import commands, inbox, replay, tokens
+from receiver.lifecycle import events, governance
+from receiver.service import daemon
+from receiver.signals import outbox
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -34,24 +27,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
-        return command.EXIT_CONFIG
+        return console.EXIT_CONFIG
     try:
         status: int = args.run(args)
         sys.stdout.flush()  # here, where a closed pipe can still be answered quietly
     except (errors.ConfigError, errors.UsageError) as exc:
         kind = "configuration error" if isinstance(exc, errors.ConfigError) else "error"
         print(f"receiver: {kind}: {exc}", file=sys.stderr)
-        return command.EXIT_CONFIG
+        return console.EXIT_CONFIG
     except errors.SchemaNotReady:
         print(
             "receiver: the database schema is not migrated (or is older than this "
             "release): run `receiver migrate`",
             file=sys.stderr,
         )
-        return command.EXIT_FAILURE
+        return console.EXIT_FAILURE
     except errors.ReceiverError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
-        return command.EXIT_FAILURE
+        return console.EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -91,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="receiver", description="Debitura webhook receiver and bearer-token vault."
     )
     parser.add_argument("--version", action="version", version=f"receiver {metrics.version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = commands.add_parser(
+    serve = subcommands.add_parser(
         "serve",
         help="run the webhook service (and its dispatcher)",
         description="Example: receiver serve --host 0.0.0.0 --port 8080 --workers 2",
@@ -108,22 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     # Set by `serve --workers N` on the processes it starts: serve, without migrating.
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _add_dev_flag(serve)
-    serve.set_defaults(run=service.serve)
+    serve.set_defaults(run=daemon.serve)
 
-    migrate = commands.add_parser("migrate", help="apply database migrations (idempotent)")
+    migrate = subcommands.add_parser("migrate", help="apply database migrations (idempotent)")
     _add_dev_flag(migrate)
-    migrate.set_defaults(run=service.migrate)
+    migrate.set_defaults(run=daemon.migrate)
 
-    dispatch = commands.add_parser("dispatch", help="run only the signal dispatcher")
+    dispatch = subcommands.add_parser("dispatch", help="run only the signal dispatcher")
     _add_dev_flag(dispatch)
-    dispatch.set_defaults(run=service.dispatch)
+    dispatch.set_defaults(run=daemon.dispatch)
 
-    _add_events(commands)
-    _add_signals(commands)
-    _add_keys(commands)
-    _add_tokens(commands)
-    _add_governance(commands)
-    _add_replay(commands)
+    _add_events(subcommands)
+    _add_signals(subcommands)
+    _add_keys(subcommands)
+    _add_tokens(subcommands)
+    _add_governance(subcommands)
+    _add_replay(subcommands)
     return _with_help(parser)
 
 
@@ -167,8 +160,8 @@ def _add_dev_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_events(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser("events", help="stored deliveries, and the quarantine")
+def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subcommands.add_parser("events", help="stored deliveries, and the quarantine")
     sub = parser.add_subparsers(dest="events_command", metavar="EVENTS_COMMAND", required=True)
     listing = sub.add_parser(
         "list",
@@ -181,14 +174,14 @@ def _add_events(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=admin.events_list)
+    listing.set_defaults(run=commands.events_list)
     show = sub.add_parser(
         "show", help="one stored delivery, its body redacted (tokens cut to their prefix)"
     )
     show.add_argument("event_id", metavar="EVENT_ID", help="its key or envelope id")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(show)
-    show.set_defaults(run=admin.events_show)
+    show.set_defaults(run=commands.events_show)
     reprocess = sub.add_parser(
         "reprocess",
         help="re-apply quarantined deliveries under the current code and configuration",
@@ -200,38 +193,38 @@ def _add_events(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     reprocess.add_argument("--json", action="store_true", help="one JSON object per event")
     _add_actor(reprocess, why="--why")
     _add_dev_flag(reprocess)
-    reprocess.set_defaults(run=admin.events_reprocess)
+    reprocess.set_defaults(run=commands.events_reprocess)
 
 
-def _add_signals(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    signals = commands.add_parser("signals", help="the invalidation outbox")
+def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    signals = subcommands.add_parser("signals", help="the invalidation outbox")
     sub = signals.add_subparsers(dest="signals_command", metavar="SIGNALS_COMMAND", required=True)
     listing = sub.add_parser("list", help="signals by status, with last errors")
     listing.add_argument("--status", choices=outbox.STATUSES)
     listing.add_argument("--limit", type=_positive, default=100)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=admin.signals_list)
+    listing.set_defaults(run=commands.signals_list)
     retry = sub.add_parser("retry", help="put dead letters back to pending")
     retry.add_argument("--id", action="append", help="only this signal (repeatable)")
     _add_dev_flag(retry)
-    retry.set_defaults(run=admin.signals_retry)
+    retry.set_defaults(run=commands.signals_retry)
 
 
-def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    keys = commands.add_parser("keys", help="key material")
+def _add_keys(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = subcommands.add_parser("keys", help="key material")
     sub = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
     generate = sub.add_parser("generate", help="print fresh key material as env lines")
-    generate.set_defaults(run=admin.keys_generate)
+    generate.set_defaults(run=commands.keys_generate)
     rotate = sub.add_parser("rotate", help="re-encrypt every sealed value under the primary key")
     rotate.add_argument("--batch-size", type=_positive, default=500, help="rows per transaction")
     _add_actor(rotate)
     _add_dev_flag(rotate)
-    rotate.set_defaults(run=admin.keys_rotate)
+    rotate.set_defaults(run=commands.keys_rotate)
 
 
-def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser("tokens", help="the token inventory")
+def _add_tokens(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subcommands.add_parser("tokens", help="the token inventory")
     sub = parser.add_subparsers(dest="tokens_command", metavar="TOKENS_COMMAND", required=True)
     listing = sub.add_parser(
         "list",
@@ -240,7 +233,7 @@ def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     listing.add_argument("--client", help="only this client")
     listing.add_argument("--status", choices=tokens.STATUSES)
-    listing.add_argument("--environment", choices=tokens.ENVIRONMENTS)
+    listing.add_argument("--environment", choices=vault.ENVIRONMENTS)
     listing.add_argument(
         "--older-than",
         type=_age,
@@ -250,20 +243,20 @@ def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     listing.add_argument("--limit", type=_positive, default=1000)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=admin.tokens_list)
+    listing.set_defaults(run=commands.tokens_list)
     reveal = sub.add_parser("reveal", help="print one token in plain text (audited; --confirm)")
     reveal.add_argument("client", help="client id")
     reveal.add_argument("--prefix", help="the token with this prefix (default: the active one)")
     reveal.add_argument(
         "--environment",
-        choices=tokens.ENVIRONMENTS,
+        choices=vault.ENVIRONMENTS,
         default="live",
         help="whose active token (default live)",
     )
     reveal.add_argument("--confirm", action="store_true", help="yes, print the secret token")
     _add_actor(reveal)
     _add_dev_flag(reveal)
-    reveal.set_defaults(run=admin.tokens_reveal)
+    reveal.set_defaults(run=commands.tokens_reveal)
     imports = sub.add_parser(
         "import",
         help="store a token that came from Debitura's API (read from stdin or --file)",
@@ -284,11 +277,11 @@ def _add_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     _add_actor(imports)
     _add_dev_flag(imports)
-    imports.set_defaults(run=admin.tokens_import)
+    imports.set_defaults(run=commands.tokens_import)
 
 
-def _add_governance(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    prune = commands.add_parser(
+def _add_governance(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    prune = subcommands.add_parser(
         "prune",
         help="drop event bodies, token values and signals past their retention",
         description="Runs inside serve every RECEIVER_PRUNE_INTERVAL_SECONDS as well.",
@@ -296,9 +289,9 @@ def _add_governance(commands: argparse._SubParsersAction[argparse.ArgumentParser
     prune.add_argument("--dry-run", action="store_true", help="count only, change nothing")
     prune.add_argument("--json", action="store_true", help="the counts as one JSON object")
     _add_dev_flag(prune)
-    prune.set_defaults(run=admin.prune)
+    prune.set_defaults(run=commands.prune)
 
-    clients = commands.add_parser("clients", help="linked clients")
+    clients = subcommands.add_parser("clients", help="linked clients")
     sub = clients.add_subparsers(dest="clients_command", metavar="CLIENTS_COMMAND", required=True)
     erase = sub.add_parser(
         "erase",
@@ -310,9 +303,9 @@ def _add_governance(commands: argparse._SubParsersAction[argparse.ArgumentParser
     erase.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     _add_actor(erase)
     _add_dev_flag(erase)
-    erase.set_defaults(run=admin.clients_erase)
+    erase.set_defaults(run=commands.clients_erase)
 
-    audit = commands.add_parser("audit", help="the audit trail of operator actions")
+    audit = subcommands.add_parser("audit", help="the audit trail of operator actions")
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
     listing = audit_sub.add_parser("list", help="audit rows, newest first")
     listing.add_argument("--client", help="only this client (finds its erasure too)")
@@ -320,11 +313,11 @@ def _add_governance(commands: argparse._SubParsersAction[argparse.ArgumentParser
     listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=admin.audit_list)
+    listing.set_defaults(run=commands.audit_list)
 
 
-def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser("replay", help="fire signed test events at a receiver")
+def _add_replay(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subcommands.add_parser("replay", help="fire signed test events at a receiver")
     sub = parser.add_subparsers(dest="replay_command", metavar="REPLAY_COMMAND", required=True)
 
     trigger = sub.add_parser(

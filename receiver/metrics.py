@@ -8,7 +8,7 @@ With `serve --workers N`, the workers run in prometheus-client's multiprocess mo
 (`PROMETHEUS_MULTIPROC_DIR`, set by the parent before they start): each keeps its
 counters in files there, and whichever worker answers a scrape reports the sum of
 all of them. The gauges read from the database are computed at scrape time by
-`receiver.scrape`, and are the same whichever worker answers.
+`receiver.service.scrape`, and are the same whichever worker answers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from receiver import events
+from receiver import db
 
 
 def version() -> str:
@@ -109,12 +109,9 @@ SIGNAL_DELIVERY_SECONDS = Histogram(
     "From the token change's commit to the cache acknowledging its signal",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600),
 )
-_KNOWN_TYPES = frozenset({events.ONBOARDING_COMPLETED, events.TOKEN_REVOKED})
-
-
-def event_type(name: str) -> str:
-    """The label for an event type: known types by name, anything else `other`."""
-    return name if name in _KNOWN_TYPES else "other"
+# The database layer imports no metrics (the partner library uses it in the partner's
+# process); it reports its faults to whoever listens, and the service counts them.
+db.FAULT_OBSERVERS.append(lambda kind: DATABASE_ERRORS.labels(kind=kind).inc())
 
 
 @functools.lru_cache(maxsize=4096)

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from receiver import embedded, log, migrations
+from receiver import log
+from receiver.db import embedded, migrations
 from tests import helpers
 
 LOG_DIR = Path(tempfile.mkdtemp(prefix="receiver-test-logs-"))

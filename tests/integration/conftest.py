@@ -20,8 +20,11 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from receiver import app, cache, config, db, embedded, log, vault
+from receiver import config, db, log, vault
 from receiver.config import Settings
+from receiver.db import embedded
+from receiver.partner import cache
+from receiver.service import app
 from tests import conftest, helpers
 from tests.integration import processes
 from tests.integration.standins import StandInCache

@@ -10,8 +10,10 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from receiver import app, db, errors, migrations, state
+from receiver import db, errors
 from receiver.config import Settings
+from receiver.db import migrations
+from receiver.service import app, state
 from tests import helpers
 from tests.conftest import create_database, drop_database, unique_name, with_database
 from tests.integration.conftest import Post, client_lock

@@ -12,8 +12,8 @@ from typing import Any
 
 import psutil
 
-from receiver import app, state
 from receiver.config import Settings
+from receiver.service import app, state
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import client_lock

@@ -15,7 +15,9 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from receiver import cache, config, migrations
+from receiver import config
+from receiver.db import migrations
+from receiver.partner import cache
 from tests import helpers
 from tests.integration import processes
 

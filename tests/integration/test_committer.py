@@ -9,8 +9,10 @@ from typing import Any
 import asyncpg
 import structlog
 
-from receiver import app, committer, db, errors, events, state, store, vault
+from receiver import db, errors, vault
 from receiver.config import Settings
+from receiver.lifecycle import committer, events, store
+from receiver.service import app, state
 from tests import helpers
 from tests.integration.conftest import client_lock
 from tests.integration.standins import eventually

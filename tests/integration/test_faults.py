@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from receiver import migrations
+from receiver.db import migrations
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration import processes

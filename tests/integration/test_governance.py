@@ -14,8 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from receiver import app, db, governance, vault
+from receiver import db, vault
 from receiver.config import Settings
+from receiver.lifecycle import governance
+from receiver.service import app
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Client, Post, operator_env

@@ -24,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from receiver import config, events, redaction, store, vault
+from receiver import config, redaction, vault
+from receiver.lifecycle import events, store
 from tests import conftest, helpers
 
 CLIENTS = ("cli_a", "cli_b")

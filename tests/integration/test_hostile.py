@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver import config, events, vault
+from receiver import config, vault
+from receiver.lifecycle import events
 from tests import conftest, helpers
 from tests.integration import processes
 from tests.integration.standins import eventually

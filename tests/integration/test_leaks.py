@@ -16,8 +16,10 @@ from urllib.parse import urlsplit
 import asyncpg
 import structlog
 
-from receiver import app, config, embedded, migrations, vault
+from receiver import config, vault
 from receiver.config import Settings
+from receiver.db import embedded, migrations
+from receiver.service import app
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration.conftest import Post, operator_env, with_cache

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from receiver import db, errors, tokens, vault
-from receiver.governance import Actor
+from receiver import db, errors, vault
+from receiver.admin import tokens
+from receiver.lifecycle.governance import Actor
 from tests import helpers
 from tests.integration.conftest import Post
 

@@ -26,8 +26,10 @@ from packaging.utils import canonicalize_name
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from receiver import app, config, migrations, openapi
+from receiver import config
 from receiver.config import Settings
+from receiver.db import migrations
+from receiver.service import app, openapi
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration import processes
@@ -416,8 +418,8 @@ async def test_the_built_wheel_carries_migrations_and_its_entry_point_starts(
     wheel = next(wheels.glob("receiver-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for migration in migrations.available():
-        assert f"receiver/sql/{migration.name}.sql" in names
-    assert "receiver/queries.sql" in names
+        assert f"receiver/db/sql/{migration.name}.sql" in names
+    assert "receiver/db/queries.sql" in names
     assert not any(name.startswith(("tests/", "bench/")) for name in names)
 
     target = tmp_path / "installed"

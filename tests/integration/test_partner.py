@@ -25,8 +25,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from receiver import cache, partner
+from receiver import partner
 from receiver.config import Settings
+from receiver.partner import cache
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Client, Post, cache_settings, operator_env
@@ -380,7 +381,7 @@ async def test_the_cache_reader_role_reads_tokens_and_nothing_else(
     )
     token = helpers.canary_token()
     await post(helpers.onboarding("cli_ro", token))
-    logs = Captured("receiver.cache")
+    logs = Captured("receiver.partner.cache")
     try:
         reader_url = as_role(database_url, role, password)
         reader = await asyncpg.connect(reader_url)
@@ -423,7 +424,7 @@ async def test_the_cache_reader_role_reads_tokens_and_nothing_else(
             await tokens.close()
         assert await conn.fetchval("SELECT count(*) FROM receiver.link_reports") == 1
         # The cache speaks through the application's logging, not the receiver's.
-        assert any(r.name == "receiver.cache" for r in logs.records)
+        assert any(r.name == "receiver.partner.cache" for r in logs.records)
         assert not helpers.find_canaries(logs.text)
     finally:
         await conn.execute(f"DROP OWNED BY {role}")
@@ -493,7 +494,8 @@ async def test_the_service_runs_as_the_runtime_role_without_ddl(
 
 PARTNER_APP = """
 import asyncio, logging, sys
-from receiver import cache, partner
+from receiver import partner
+from receiver.partner import cache
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="APP %(name)s %(message)s")
 
 async def main():
@@ -537,7 +539,7 @@ async def test_a_partner_application_logs_through_its_own_logging(
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert f"APP got {token[:15]}" in lines
-    assert any(line.startswith("APP receiver.cache listening") for line in lines)
+    assert any(line.startswith("APP receiver.partner.cache listening") for line in lines)
     # ...and the database layer's structlog lines too, routed to the app's logging.
     assert any(line.startswith("APP receiver.db") for line in lines), lines
     assert all(line.startswith("APP ") for line in lines), lines

@@ -129,7 +129,7 @@ async def test_ingest_and_signals_through_pgbouncer_in_transaction_mode(
         == 0
     )
 
-    from receiver import cache
+    from receiver.partner import cache
 
     tokens = cache.TokenCache.from_settings(cache_settings(settings))  # direct: LISTEN
     await tokens.start()

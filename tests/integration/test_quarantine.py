@@ -12,8 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from receiver import app, config, vault
+from receiver import config, vault
 from receiver.config import Settings
+from receiver.service import app
 from tests import helpers
 from tests.integration.conftest import (
     Client,
@@ -375,7 +376,7 @@ async def test_tokens_list_and_cache_read_per_environment(
 ) -> None:
     """`tokens list` shows each token's environment; the cache hands out the live token
     unless asked for the test one."""
-    from receiver import cache
+    from receiver.partner import cache
 
     live, test = helpers.canary_token("live"), helpers.canary_token("test")
     await _send(two_worlds, webhook_secret, helpers.onboarding("cli_c", live))

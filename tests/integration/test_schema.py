@@ -13,7 +13,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from receiver import db, errors, events, migrations, store, vault
+from receiver import db, errors, vault
+from receiver.db import migrations
+from receiver.lifecycle import events, store
 from tests import helpers, schema
 from tests.conftest import create_database, drop_database, unique_name, with_database
 

@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from receiver import openapi
+from receiver.service import openapi
 from tests.conftest import cloned_database
 from tests.integration import processes
 

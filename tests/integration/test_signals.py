@@ -16,8 +16,12 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from receiver import app, cache, db, events, outbox, store, vault
+from receiver import db, vault
 from receiver.config import Settings
+from receiver.lifecycle import events, store
+from receiver.partner import cache
+from receiver.service import app
+from receiver.signals import outbox
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import cache_settings, operator_env, with_cache

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from receiver import events
+from receiver.lifecycle import events
 from tests import helpers
 
 

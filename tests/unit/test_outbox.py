@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from receiver import outbox
+from receiver.signals import outbox
 
 
 @pytest.mark.parametrize(

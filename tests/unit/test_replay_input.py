@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from receiver import errors, replay
+from receiver import errors
+from receiver.admin import replay
 from tests import helpers
 
 

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from receiver import sender
+from receiver.admin import sender
 
 
 class Terminal(io.StringIO):

@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from standardwebhooks import Webhook
 
-from receiver import cache, errors, signing
+from receiver import errors, signing
+from receiver.partner import cache
 
 SECRET = os.urandom(32)
 BODY = json.dumps({"signal_id": "s1", "client_id": "cli_1", "reason": "token_revoked"}).encode()

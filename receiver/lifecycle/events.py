@@ -32,6 +32,14 @@ ONBOARDING_COMPLETED = "client.onboarding_completed"
 TOKEN_REVOKED = "token.revoked"  # noqa: S105 - an event name, not a credential
 # Debitura's default rotation grace period: the replaced token stays valid 24 hours.
 ROTATION_GRACE = timedelta(hours=24)
+_KNOWN_TYPES = frozenset({ONBOARDING_COMPLETED, TOKEN_REVOKED})
+
+
+def type_label(name: str) -> str:
+    """The metric label for an event type: known types by name, anything else `other`
+    (labels come from a fixed set, never from input)."""
+    return name if name in _KNOWN_TYPES else "other"
+
 
 Environment = Literal["live", "test"]
 Outcome = Literal["processed", "duplicate", "ignored", "quarantined"]

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from receiver import db, errors, tokens
+from receiver import db, errors, vault
 
 log = structlog.get_logger(__name__)
 
@@ -88,9 +88,9 @@ class DatabaseGauges:
         self._quarantined = quarantined
         self._to_rotate = [(row["kind"], row["key_id"], row["n"]) for row in to_rotate]
         # Every combination is reported, 0 included, so an alert can be written on it.
-        self._active = {(env, age): 0 for env in tokens.ENVIRONMENTS for age in _AGES}
-        self._without_active = dict.fromkeys(tokens.ENVIRONMENTS, 0)
-        self._link_invalid = dict.fromkeys(tokens.ENVIRONMENTS, 0)
+        self._active = {(env, age): 0 for env in vault.ENVIRONMENTS for age in _AGES}
+        self._without_active = dict.fromkeys(vault.ENVIRONMENTS, 0)
+        self._link_invalid = dict.fromkeys(vault.ENVIRONMENTS, 0)
         for row in health:
             if row["kind"] == "active":
                 self._active[(row["environment"], row["age"])] = row["n"]

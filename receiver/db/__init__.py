@@ -21,9 +21,20 @@ import structlog
 # not exported under another name, and its message quotes the argument.
 from asyncpg.exceptions._base import DataError as _ArgumentError
 
-from receiver import errors, metrics
+from receiver import errors
 
 log = structlog.get_logger(__name__)
+
+# Called with a fault's kind (`unavailable`, `unstorable`, …) each time one is seen.
+# The service's metrics register here: this layer imports no metrics, since the
+# partner library runs it inside the partner's own process.
+FAULT_OBSERVERS: list[Callable[[str], None]] = []
+
+
+def _fault(kind: str) -> None:
+    for observe in FAULT_OBSERVERS:
+        observe(kind)
+
 
 Connection = asyncpg.Connection
 Record = asyncpg.Record
@@ -93,16 +104,16 @@ async def translated_errors() -> AsyncIterator[None]:
     try:
         yield
     except _UNSTORABLE as exc:
-        metrics.DATABASE_ERRORS.labels(kind="unstorable").inc()
+        _fault("unstorable")
         code = getattr(exc, "sqlstate", None) or "client"
         log.warning("database_refused_value", error=type(exc).__name__, sqlstate=code)
         raise errors.UnstorableValue(f"database refused a value (SQLSTATE {code})") from None
     except _SCHEMA_MISSING as exc:
-        metrics.DATABASE_ERRORS.labels(kind="schema_missing").inc()
+        _fault("schema_missing")
         log.warning("database_schema_missing", error=type(exc).__name__)
         raise errors.SchemaNotReady("database schema is not migrated, retry later") from exc
     except _UNAVAILABLE as exc:
-        metrics.DATABASE_ERRORS.labels(kind="unavailable").inc()
+        _fault("unavailable")
         # The driver's message can quote parameters; log only the fault's class.
         log.warning("database_unavailable", error=type(exc).__name__)
         raise errors.DatabaseUnavailable("database is unavailable, retry later") from exc
@@ -211,7 +222,7 @@ class Database:
             except asyncpg.PostgresError as exc:
                 # Refused at connect (no such database, authentication): an operator
                 # must act, and the sender must retry meanwhile.
-                metrics.DATABASE_ERRORS.labels(kind="refused").inc()
+                _fault("refused")
                 # No traceback: the driver's message can quote connection parameters.
                 log.error("database_connect_refused", error=type(exc).__name__)  # noqa: TRY400
                 raise errors.DatabaseUnavailable("database refused the connection") from exc
@@ -232,7 +243,7 @@ class Database:
                 async with self.connection() as conn:
                     return await call(conn)
             except _RETRYABLE as exc:
-                metrics.DATABASE_ERRORS.labels(kind="retried").inc()
+                _fault("retried")
                 log.info("database_retry", attempt=attempt, error=type(exc).__name__)
                 await asyncio.sleep(0.005 * attempt)
         raise errors.DatabaseUnavailable("database is busy, retry later")

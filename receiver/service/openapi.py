@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from receiver import events, signing
+from receiver import signing
+from receiver.lifecycle import events
 
 VERSION = "0.1.0"
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import structlog
 
-from receiver import db, errors, governance, vault
+from receiver import db, errors, vault
+from receiver.lifecycle import governance
 
 log = structlog.get_logger(__name__)
 
 STATUSES = ("active", "superseded", "expired", "revoked")
-ENVIRONMENTS = ("live", "test")
 INVENTORY_COLUMNS = (
     "client_id",
     "prefix",

@@ -25,7 +25,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from receiver import app, command, config, db, errors, migrations, outbox, server
+from receiver import config, console, db, errors
+from receiver.db import migrations
+from receiver.service import app, server
+from receiver.signals import outbox
 
 logger = structlog.get_logger(__name__)
 
@@ -77,17 +80,17 @@ async def _check_behind_pooler(dsn: str) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """`receiver serve`."""
-    settings = command.start(args, service=True)
+    settings = console.start(args, service=True)
     if args.worker:  # one of `serve --workers N`'s processes: the parent migrated
         _run_worker(settings, args.host, args.port, reuse_port=True)
         return 0
     if settings.database_pooled:
-        asyncio.run(_check_behind_pooler(command.dsn(settings)))
+        asyncio.run(_check_behind_pooler(console.dsn(settings)))
     else:
-        asyncio.run(_migrate_when_reachable(command.dsn(settings)))
+        asyncio.run(_migrate_when_reachable(console.dsn(settings)))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
-        cache_dsn = asyncio.run(_dev_cache_role(command.dsn(settings)))
+        cache_dsn = asyncio.run(_dev_cache_role(console.dsn(settings)))
         _print_dev_help(settings, url, cache_dsn)
     if args.workers == 1:
         _run_worker(settings, args.host, args.port, reuse_port=False)
@@ -257,10 +260,10 @@ def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     """`receiver dispatch`."""
-    settings = command.start(args, service=True)
+    settings = console.start(args, service=True)
     if settings.cache_url is None:
         raise errors.ConfigError("RECEIVER_CACHE_URL is required to dispatch signals")
-    asyncio.run(_dispatch_until_stopped(settings, command.dsn(settings)))
+    asyncio.run(_dispatch_until_stopped(settings, console.dsn(settings)))
     return 0
 
 
@@ -320,7 +323,7 @@ def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None
 
 def migrate(args: argparse.Namespace) -> int:
     """`receiver migrate`."""
-    settings = command.start(args)
-    applied = asyncio.run(migrations.apply(command.dsn(settings)))
+    settings = console.start(args)
+    applied = asyncio.run(migrations.apply(console.dsn(settings)))
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
     return 0

@@ -17,22 +17,11 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from receiver import (
-    committer,
-    config,
-    db,
-    errors,
-    governance,
-    metrics,
-    migrations,
-    openapi,
-    outbox,
-    redaction,
-    scrape,
-    state,
-    vault,
-    webhook,
-)
+from receiver import config, db, errors, metrics, redaction, vault
+from receiver.db import migrations
+from receiver.lifecycle import committer, governance
+from receiver.service import openapi, scrape, state, webhook
+from receiver.signals import outbox
 
 log = structlog.get_logger(__name__)
 

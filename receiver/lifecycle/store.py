@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from receiver import db, events, redaction, vault
+from receiver import db, redaction, vault
+from receiver.lifecycle import events
 
 
 class Row(NamedTuple):

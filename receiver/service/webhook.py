@@ -14,7 +14,9 @@ import asyncio
 import structlog
 from aiohttp import http_exceptions, web
 
-from receiver import errors, events, metrics, signing, state, store
+from receiver import errors, metrics, signing
+from receiver.lifecycle import events, store
+from receiver.service import state
 
 log = structlog.get_logger(__name__)
 
@@ -129,7 +131,7 @@ async def _receive(request: web.Request) -> web.Response:
         # A signal may have been queued: deliver it now, not at the poll.
         dispatcher.wake(revocation=isinstance(event.data, events.TokenRevoked))
     structlog.contextvars.bind_contextvars(outcome=outcome)
-    metrics.child(metrics.EVENTS, metrics.event_type(event.type), outcome).inc()
+    metrics.child(metrics.EVENTS, events.type_label(event.type), outcome).inc()
     metrics.LAST_EVENT[delivery.is_test].set_to_current_time()
     if reason is None:
         answer = web.json_response({"status": outcome, "event_id": event.public_id})

@@ -25,6 +25,8 @@ from receiver import config, errors
 
 VERSION = 1
 NONCE_BYTES = 12
+# Live and test tokens are separate worlds (docs/design.md §2).
+ENVIRONMENTS = ("live", "test")
 _HEADER_MIN = 2 + 1 + NONCE_BYTES + 16
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import structlog
 
-from receiver import config, db, errors, events, redaction, store, vault
+from receiver import config, db, errors, redaction, vault
+from receiver.lifecycle import events, store
 
 log = structlog.get_logger(__name__)
 

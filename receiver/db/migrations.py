@@ -47,10 +47,9 @@ class Migration:
 
 
 def sql_dir() -> Path:
-    """Where the migrations are: inside an installed wheel, or beside the package in
-    a checkout (docs/design.md §8 keeps them at the top level)."""
-    packaged = Path(__file__).with_name("sql")
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "sql"
+    """Where the migrations are: inside the database package, in a checkout and in an
+    installed wheel alike."""
+    return Path(__file__).with_name("sql")
 
 
 @functools.cache

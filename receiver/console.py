@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from receiver import config, db, embedded, errors, log
+from receiver import config, db, errors, log
+from receiver.db import embedded
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1

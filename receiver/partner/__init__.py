@@ -4,7 +4,7 @@
     response = await tokens.call(client_or_tenant, lambda token: session.post(...))
 
 - `WebhookTokens`: bearer tokens Debitura delivered by webhook, read from the
-  receiver's Postgres through `receiver.cache.TokenCache`;
+  receiver's Postgres through `receiver.partner.cache.TokenCache`;
 - `MintedTokens`: 30-minute HS256 JWTs minted per `externalTenantId` with
   `POST /oauth/token` and the partner's `XApiKey` (Debitura's referral-partner
   authentication guide), cached until `expiresIn` minus a skew, renewed ahead of
@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 from pydantic import SecretStr
 
-from receiver import cache as token_cache
+from receiver.partner import cache as token_cache
 
 log = logging.getLogger("receiver.partner")
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import structlog
 
-from receiver import config, db, errors, events, redaction, signing, store, vault
+from receiver import config, db, errors, redaction, signing, vault
+from receiver.lifecycle import events, store
 
 log = structlog.get_logger(__name__)
 

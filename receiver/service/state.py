@@ -6,7 +6,10 @@ import asyncio
 
 from aiohttp import web
 
-from receiver import committer, config, db, outbox, scrape, vault
+from receiver import config, db, vault
+from receiver.lifecycle import committer
+from receiver.service import scrape
+from receiver.signals import outbox
 
 
 class Load:

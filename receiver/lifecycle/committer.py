@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from receiver import db, errors, metrics, store
+from receiver import db, errors, metrics
+from receiver.lifecycle import store
 
 log = structlog.get_logger(__name__)
 

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from receiver import command, config, db, errors, events, governance, redaction, sender, vault
+from receiver import config, console, db, errors, redaction, vault
+from receiver.admin import sender
+from receiver.lifecycle import events, governance
 
 DEFAULT_URL = "http://127.0.0.1:8080/webhooks/debitura"
 _ALPHABET = string.ascii_letters + string.digits
@@ -286,7 +288,7 @@ def _send(args: argparse.Namespace, secret: bytes, outgoing_events: list[sender.
         print(json.dumps({"summary": summary.as_dict()}))
     else:
         print(summary.render())
-    return command.EXIT_FAILURE if summary.failed else 0
+    return console.EXIT_FAILURE if summary.failed else 0
 
 
 def _line(delivery: sender.Delivery) -> str:
@@ -335,8 +337,8 @@ def run_resend(args: argparse.Namespace) -> int:
     """`receiver replay resend`: stored events, exact bytes, same id, fresh signature."""
     if not args.event_id and not args.since:
         raise errors.UsageError("say which events: --event-id ID (repeatable) or --since TIME")
-    since = command.timestamp(args.since, "--since")
-    until = command.timestamp(args.until, "--until")
+    since = console.timestamp(args.since, "--since")
+    until = console.timestamp(args.until, "--until")
     secret = None if args.dry_run else _secret(args)
     found: list[tuple[dict[str, Any], sender.Outgoing]] = []
 
@@ -373,14 +375,14 @@ def run_resend(args: argparse.Namespace) -> int:
         )
         return 0
 
-    command.with_database(args, load)
+    console.with_database(args, load)
     if args.dry_run:
         rows = [meta | {"token_prefix": out.token_prefix} for meta, out in found]
         if args.json:
             for row in rows:
                 print(json.dumps(row))
         else:
-            print(command.table(rows, RESEND_COLUMNS, noun="event"))
+            print(console.table(rows, RESEND_COLUMNS, noun="event"))
         return 0
     if not found:
         raise errors.UsageError("no stored event matches")

@@ -10,7 +10,10 @@ import argparse
 import json
 import sys
 
-from receiver import command, config, db, governance, inbox, outbox, rotation, tokens, vault
+from receiver import config, console, db, vault
+from receiver.admin import inbox, rekey, tokens
+from receiver.lifecycle import governance
+from receiver.signals import outbox
 
 
 def tokens_list(args: argparse.Namespace) -> int:
@@ -25,7 +28,7 @@ def tokens_list(args: argparse.Namespace) -> int:
             older_than=args.older_than,
             limit=args.limit,
         )
-        command.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json)
+        console.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json)
         if len(rows) == args.limit:
             print(
                 f"receiver: showing the first {args.limit} tokens: --limit N for more",
@@ -33,7 +36,7 @@ def tokens_list(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def tokens_reveal(args: argparse.Namespace) -> int:
@@ -43,7 +46,7 @@ def tokens_reveal(args: argparse.Namespace) -> int:
             "receiver: refusing to print a token without --confirm (the reveal is audited)",
             file=sys.stderr,
         )
-        return command.EXIT_CONFIG
+        return console.EXIT_CONFIG
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
@@ -62,7 +65,7 @@ def tokens_reveal(args: argparse.Namespace) -> int:
         print(token)
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def keys_rotate(args: argparse.Namespace) -> int:
@@ -74,7 +77,7 @@ def keys_rotate(args: argparse.Namespace) -> int:
         def progress(kind: str, total: int) -> None:
             print(f"{kind}: {total} re-encrypted", file=sys.stderr, flush=True)
 
-        report = await rotation.rotate(
+        report = await rekey.rotate(
             database, sealer.keyring, batch_size=args.batch_size, progress=progress
         )
         print(
@@ -101,9 +104,9 @@ def keys_rotate(args: argparse.Namespace) -> int:
             "keys_rotate",
             [{"detail": detail | {"missing_keys": report.missing_keys}}],
         )
-        return command.EXIT_FAILURE if report.missing_keys else 0
+        return console.EXIT_FAILURE if report.missing_keys else 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def keys_generate(_: argparse.Namespace) -> int:
@@ -126,10 +129,10 @@ def signals_list(args: argparse.Namespace) -> int:
             return 0
         by_status = await outbox.counts(database)
         print("  ".join(f"{status}={n}" for status, n in sorted(by_status.items())) or "no signals")
-        print(command.table(rows, SIGNAL_COLUMNS, noun="signal"))
+        print(console.table(rows, SIGNAL_COLUMNS, noun="signal"))
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 SIGNAL_COLUMNS = (
@@ -153,7 +156,7 @@ def signals_retry(args: argparse.Namespace) -> int:
         print(f"{len(retried)} dead signal(s) back to pending")
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def events_list(args: argparse.Namespace) -> int:
@@ -167,10 +170,10 @@ def events_list(args: argparse.Namespace) -> int:
             event_type=args.type,
             limit=args.limit,
         )
-        command.print_rows(rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event")
+        console.print_rows(rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event")
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def events_show(args: argparse.Namespace) -> int:
@@ -181,12 +184,12 @@ def events_show(args: argparse.Namespace) -> int:
         shown = await inbox.show(database, keyring, args.event_id)
         if not shown:
             print(f"receiver: no stored event {args.event_id!r}", file=sys.stderr)
-            return command.EXIT_FAILURE
+            return console.EXIT_FAILURE
         for entry in shown:
             print(json.dumps(entry, indent=None if args.json else 2, ensure_ascii=False))
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def events_reprocess(args: argparse.Namespace) -> int:
@@ -196,7 +199,7 @@ def events_reprocess(args: argparse.Namespace) -> int:
             "receiver: error: give EVENT_ID... or --quarantined (not both)",
             file=sys.stderr,
         )
-        return command.EXIT_CONFIG
+        return console.EXIT_CONFIG
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
@@ -222,9 +225,9 @@ def events_reprocess(args: argparse.Namespace) -> int:
         if not args.json:
             done = len(results) - len(left)
             print(f"{done} of {len(results)} event(s) out of quarantine")
-        return command.EXIT_FAILURE if left else 0
+        return console.EXIT_FAILURE if left else 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def prune(args: argparse.Namespace) -> int:
@@ -234,7 +237,7 @@ def prune(args: argparse.Namespace) -> int:
         report = await governance.prune(database, settings, dry_run=args.dry_run)
         if not report.ran:
             print("receiver: another process is pruning now; nothing done", file=sys.stderr)
-            return command.EXIT_FAILURE
+            return console.EXIT_FAILURE
         if args.json:
             print(json.dumps(report.as_dict() | {"dry_run": args.dry_run}))
             return 0
@@ -247,7 +250,7 @@ def prune(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def clients_erase(args: argparse.Namespace) -> int:
@@ -258,7 +261,7 @@ def clients_erase(args: argparse.Namespace) -> int:
             f"body of client {args.client!r} will be gone for good (the erasure is audited)",
             file=sys.stderr,
         )
-        return command.EXIT_CONFIG
+        return console.EXIT_CONFIG
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
@@ -281,7 +284,7 @@ def clients_erase(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def tokens_import(args: argparse.Namespace) -> int:
@@ -293,7 +296,7 @@ def tokens_import(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             print("paste the token, then Enter:", file=sys.stderr)
         token = governance.read_token([sys.stdin.readline()])
-    expires_at = command.timestamp(args.expires_at, "--expires-at")
+    expires_at = console.timestamp(args.expires_at, "--expires-at")
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         imported = await governance.import_token(
@@ -312,7 +315,7 @@ def tokens_import(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)
 
 
 def audit_list(args: argparse.Namespace) -> int:
@@ -326,7 +329,7 @@ def audit_list(args: argparse.Namespace) -> int:
             action=args.action,
             limit=args.limit,
         )
-        command.print_rows(rows, governance.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
+        console.print_rows(rows, governance.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
         return 0
 
-    return command.with_database(args, work)
+    return console.with_database(args, work)

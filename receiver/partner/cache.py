@@ -11,7 +11,7 @@ TTL, `invalidate(client_id)`), wired to the receiver's invalidation signals:
 - `verify_signal` checks the receiver's HTTP signals (Standard Webhooks) in any web
   framework; `signal_handler` is the aiohttp handler built on it.
 
-It logs through the standard library's `logging` (logger `receiver.cache`), so the
+It logs through the standard library's `logging` (logger `receiver.partner.cache`), so the
 application's own logging configuration decides where its lines go.
 `receiver.partner` builds the typed, retry-once API on top of it.
 """
@@ -33,9 +33,9 @@ from aiohttp import web
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from receiver import config, db, errors, signing, tokens, vault
+from receiver import config, db, errors, signing, vault
 
-log = logging.getLogger("receiver.cache")
+log = logging.getLogger("receiver.partner.cache")
 
 DEFAULT_TTL_SECONDS = 600.0
 HEALTH_CHECK_SECONDS = 5.0
@@ -215,7 +215,7 @@ class TokenCache:
 
     async def lookup(self, client_id: str, environment: str = "live") -> TokenState:
         """The client's active token and what is known of its newest one, cached."""
-        if environment not in tokens.ENVIRONMENTS:
+        if environment not in vault.ENVIRONMENTS:
             raise errors.UsageError("environment must be 'live' or 'test'")
         entry = self._entries.get((client_id, environment))
         if entry is not None and entry.expires > time.monotonic():
@@ -256,7 +256,7 @@ class TokenCache:
 
     def invalidate(self, client_id: str, *, reason: str = "signal") -> None:
         """Drop what is cached for one client, in both environments."""
-        for environment in tokens.ENVIRONMENTS:
+        for environment in vault.ENVIRONMENTS:
             self._entries.pop((client_id, environment), None)
         self._generations[client_id] = self._generations.get(client_id, 0) + 1
         self._notify(client_id, reason)
