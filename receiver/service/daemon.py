@@ -102,7 +102,7 @@ def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: 
 def _event_loop_runner(settings: config.Settings) -> Callable[[Coroutine[Any, Any, None]], None]:
     """uvloop's `run` when the setting asks for it (or, on `auto`, when the `fast`
     extra installed it), else asyncio's: uvloop is what aiohttp's own production
-    worker uses, and it halves the cost of socket writes (bench/README.md)."""
+    worker uses, and it makes socket writes cheaper (figures: bench/README.md)."""
     if settings.event_loop != "asyncio":
         try:
             import uvloop
