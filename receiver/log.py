@@ -147,3 +147,52 @@ class Throttle:
             limit=self._limit,
             window_seconds=self._window,
         )
+
+
+class PerSource:
+    """One line per source per `window_seconds`: the first occurrence from a source
+    is written as usual, the rest from that source in the same window are counted, and
+    when the window ends one `<event>_suppressed` line per source says how many. For
+    refusals a stranger can provoke at will (401s): a flood of forged deliveries
+    writes a line per source per window, not a line per request.
+
+    At most `max_sources` sources are tracked in a window; past that the rest are
+    counted under the source `other`. Runs on the event loop; not thread-safe.
+    """
+
+    def __init__(
+        self, event: str, *, window_seconds: float = 10.0, max_sources: int = 1000
+    ) -> None:
+        self.event = event
+        self._window = window_seconds
+        self._max_sources = max_sources
+        self._seen: dict[str, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._log = structlog.get_logger("receiver.log")
+
+    def allow(self, source: str | None) -> bool:
+        """Whether this occurrence gets its own line; if not, it is counted."""
+        name = source or "unknown"
+        if name not in self._seen:
+            if len(self._seen) >= self._max_sources:
+                name = "other"
+            else:
+                self._seen[name] = 0
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(
+                        self._window, self._summarise
+                    )
+                return True
+        self._seen[name] = self._seen.get(name, 0) + 1
+        return False
+
+    def _summarise(self) -> None:
+        seen, self._seen, self._timer = self._seen, {}, None
+        for source, count in seen.items():
+            if count:
+                self._log.warning(
+                    f"{self.event}_suppressed",
+                    source=source,
+                    count=count,
+                    window_seconds=self._window,
+                )

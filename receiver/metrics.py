@@ -78,6 +78,10 @@ CONNECTIONS_REFUSED = Counter(
     "receiver_connections_refused_total",
     "Connections answered 503 at once: RECEIVER_MAX_CONNECTIONS were open",
 )
+CONNECTIONS_EVICTED = Counter(
+    "receiver_connections_evicted_total",
+    "Idle connections closed to make room for a new one: RECEIVER_MAX_CONNECTIONS were open",
+)
 REQUESTS_REFUSED = Counter(
     "receiver_requests_refused_total",
     "Deliveries answered 503 at once: RECEIVER_MAX_REQUESTS_IN_FLIGHT were in flight",

@@ -124,6 +124,10 @@ async def _serve_until_stopped(
     runner = server.Runner(
         app.create_app(settings),
         max_connections=settings.max_connections,
+        # A new connection's first request line and headers: a sender has as long for
+        # them as for a body, and a stranger holding connections open without a
+        # request loses each that soon (not after the keep-alive timeout).
+        header_seconds=min(settings.body_timeout_seconds, settings.keepalive_seconds),
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
         # aiohttp starts this timer when a connection opens and again after each answer,
         # and closes the connection if no complete request has arrived when it fires:

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from receiver import errors, metrics, redaction
+from receiver.log import PerSource
 from receiver.service import forwarded
 
 log = structlog.get_logger(__name__)
@@ -22,6 +23,9 @@ _ROUTINE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # one: the id is read once, not with a system call per request.
 _PID = os.getpid()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Forged or stale deliveries cost a stranger nothing to send: the first from a
+# source in 10 s gets its request line, the rest a count in one summary line.
+_REFUSED_SIGNATURES = PerSource("request_signature_refused")
 _HTTP_ERRORS: dict[int, type[errors.ReceiverError]] = {
     404: errors.NotFound,
     405: errors.MethodNotAllowed,
@@ -63,6 +67,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     token_in_url = redaction.TOKEN_PATTERN.search(request.raw_path) is not None
     path = "[refused: token in URL]" if token_in_url else request.path
     response: web.StreamResponse
+    quiet = False
     try:
         response = await (_refuse_token_in_url(request) if token_in_url else handler(request))
     except errors.ReceiverError as exc:
@@ -72,6 +77,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
             # Which check failed, from a fixed set: missing, malformed, stale, future,
             # mismatch (the answer's body stays as terse as before).
             structlog.contextvars.bind_contextvars(signature_failure=exc.reason)
+            quiet = not _REFUSED_SIGNATURES.allow(forwarded.client_address(request))
         response = _error_response(exc)
     except web.HTTPException as exc:
         mapped = _from_http(exc)
@@ -79,6 +85,12 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         response = _error_response(mapped)
         if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
             response.headers["Allow"] = exc.headers["Allow"]
+    except ConnectionError:
+        # The sender went away mid-body: nobody is left to answer, and it is no fault
+        # of ours (aiohttp's payload raises ConnectionResetError).
+        log.info("client_disconnected", remote=forwarded.client_address(request))
+        error_code = "client_disconnected"
+        response = _error_response(errors.InvalidRequest("client disconnected"))
     except Exception:
         # A fault of ours, never of the input: answered 503 so the sender retries
         # (after a fix) rather than counting a 500 towards switching us off.
@@ -94,6 +106,8 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     # Probes and scrapes that went well are routine: at debug, so a crowd of them
     # neither floods the log nor takes the event loop from deliveries.
     routine = route in _ROUTINE_ROUTES and response.status < 400
+    if quiet:
+        return response
     (log.debug if routine else log.info)(
         "request",
         method=request.method,

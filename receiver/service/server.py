@@ -1,5 +1,8 @@
 """The HTTP server around the app: aiohttp's, except for how it answers requests it
-cannot parse (a NUL in a header, a header over the size limit, a broken request line).
+cannot parse (a NUL in a header, a header over the size limit, a broken request line),
+and for what a stranger's connection may hold: a new connection has a short deadline
+for its first request line and headers, and near the connection cap the oldest idle
+connection is closed to make room rather than the newcomer refused (README "Security").
 
 aiohttp answers those below the application, so no middleware sees them: its
 default is a `text/plain` body that repeats the parser's message (which quotes the
@@ -47,21 +50,60 @@ _OVER_CAPACITY_ANSWER = (
 
 
 class _Protocol(web_protocol.RequestHandler):
+    _header_deadline: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
         if not isinstance(manager, _Server):
             return
         manager.note_connections()
+        if manager.header_seconds is not None:
+            # aiohttp's own guard for a connection that has sent no request yet is the
+            # keep-alive timeout (75 s by default): a stranger opening connections and
+            # trickling headers would hold each that long. Ours is short.
+            self._header_deadline = self._loop.call_later(
+                manager.header_seconds, self._headers_late
+            )
         if manager.max_connections is None:
             return
-        if len(manager.connections) > manager.max_connections:
-            # Past the cap a connection costs us nothing more than this answer:
-            # nothing is read, and the sender is told to come back.
+        if len(manager.connections) > manager.max_connections and not manager.evict_idle(self):
+            # Past the cap, with every other connection busy, a connection costs us
+            # nothing more than this answer: nothing is read, and the sender is told
+            # to come back.
             metrics.CONNECTIONS_REFUSED.inc()
             cast(asyncio.Transport, transport).write(_OVER_CAPACITY_ANSWER)
             self.force_close()
             transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if self._request_count == 0 and not self._force_close:
+            log.debug("connection_headers_late")
+            self.force_close()
+
+    def idle_since(self) -> float | None:
+        """When it became idle, if it is: waiting for a request (none begun, or
+        between keep-alive requests) with no handler running, so closing it loses
+        nobody's delivery."""
+        waiter = self._waiter
+        if (
+            waiter is None
+            or waiter.done()
+            or self._request_in_progress
+            or self._messages
+            or self._force_close
+        ):
+            return None
+        # aiohttp sets the keep-alive close time when the connection opens and after
+        # each answer: both are when it became idle.
+        return self._next_keepalive_close_time - self._keepalive_timeout
 
     def handle_error(
         self,
@@ -91,6 +133,7 @@ class _Protocol(web_protocol.RequestHandler):
 
 class _Server(web_server.Server):
     max_connections: int | None = None
+    header_seconds: float | None = None
     _peak = 0
     _trim_check: asyncio.TimerHandle | None = None
 
@@ -103,6 +146,24 @@ class _Server(web_server.Server):
         self._peak = max(self._peak, len(self.connections))
         if self._peak >= _TRIM_AFTER_PEAK and self._trim_check is None:
             self._trim_check = self._loop.call_later(_TRIM_CHECK_SECONDS, self._after_crowd)
+
+    def evict_idle(self, newcomer: _Protocol) -> bool:
+        """Close the connection that has waited longest for a request, to make room
+        for `newcomer`; whether there was one. A crowd of idle strangers cannot keep a
+        sender out: each newcomer costs the longest-idle of them its connection."""
+        oldest: _Protocol | None = None
+        oldest_since = 0.0
+        for handler in self._connections:
+            if handler is newcomer or not isinstance(handler, _Protocol):
+                continue
+            since = handler.idle_since()
+            if since is not None and (oldest is None or since < oldest_since):
+                oldest, oldest_since = handler, since
+        if oldest is None:
+            return False
+        metrics.CONNECTIONS_EVICTED.inc()
+        oldest.force_close()
+        return True
 
     def _after_crowd(self) -> None:
         self._trim_check = None
@@ -145,14 +206,22 @@ def _trim() -> bool:
 
 
 class Runner(web.AppRunner):
-    """An `AppRunner` whose connections answer unparsable requests in JSON, and that
-    answers connections past `max_connections` with a 503 at once."""
+    """An `AppRunner` whose connections answer unparsable requests in JSON, close a
+    connection that has not sent its first request's headers within `header_seconds`,
+    and past `max_connections` close the oldest idle connection (or, when none is
+    idle, answer the newcomer 503 at once)."""
 
     def __init__(
-        self, app: web.Application, *, max_connections: int | None = None, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        max_connections: int | None = None,
+        header_seconds: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
+        self._header_seconds = header_seconds
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
@@ -164,4 +233,5 @@ class Runner(web.AppRunner):
             **kwargs,
         )
         ours.max_connections = self._max_connections
+        ours.header_seconds = self._header_seconds
         return ours

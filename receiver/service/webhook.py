@@ -65,20 +65,12 @@ def _unstorable(event: events.Event, detail: str, *, keep_names: bool) -> events
 
 async def receive(request: web.Request) -> web.Response:
     """Receive one Debitura webhook delivery (at most RECEIVER_MAX_REQUESTS_IN_FLIGHT
-    at once; past that, a 503 at once, before the body is read)."""
-    settings = request.app[state.SETTINGS]
-    load = request.app[state.LOAD]
-    if load.in_flight >= settings.max_requests_in_flight:
-        metrics.REQUESTS_REFUSED.inc()
-        raise errors.Overloaded("too many deliveries in flight, retry shortly")
-    load.in_flight += 1
-    try:
-        return await _receive(request)
-    finally:
-        load.in_flight -= 1
+    authentic deliveries at once; past that, a 503 at once).
 
-
-async def _receive(request: web.Request) -> web.Response:
+    The body is read and its signature checked before the delivery takes one of
+    those slots: a stranger trickling a body, or sending a forged one, holds a
+    connection (bounded by RECEIVER_MAX_CONNECTIONS and the body timeout) but never
+    a slot an authentic delivery needs."""
     settings = request.app[state.SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.request_deadline_seconds
     limit = settings.max_body_bytes
@@ -90,6 +82,21 @@ async def _receive(request: web.Request) -> web.Response:
     signature = request.headers.get(signing.SIGNATURE_HEADER)
     secret_sets = request.app[state.SECRET_SETS]
     _, signed_by = signing.authenticate(signature, body, secret_sets, settings.signature_tolerance)
+    load = request.app[state.LOAD]
+    if load.in_flight >= settings.max_requests_in_flight:
+        metrics.REQUESTS_REFUSED.inc()
+        raise errors.Overloaded("too many deliveries in flight, retry shortly")
+    load.in_flight += 1
+    try:
+        return await _receive(request, body, signature, signed_by, deadline)
+    finally:
+        load.in_flight -= 1
+
+
+async def _receive(
+    request: web.Request, body: bytes, signature: str | None, signed_by: str, deadline: float
+) -> web.Response:
+    settings = request.app[state.SETTINGS]
     # From here on the delivery is authentic: nothing below refuses it.
     test_header = request.headers.get(TEST_HEADER, "").strip().lower() == "true"
     delivery = store.Delivery(
