@@ -96,7 +96,6 @@ async def receive(request: web.Request) -> web.Response:
 async def _receive(
     request: web.Request, body: bytes, signature: str | None, signed_by: str, deadline: float
 ) -> web.Response:
-    settings = request.app[state.SETTINGS]
     # From here on the delivery is authentic: nothing below refuses it.
     test_header = request.headers.get(TEST_HEADER, "").strip().lower() == "true"
     delivery = store.Delivery(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import resource
 import socket
 import urllib.request
@@ -96,8 +95,9 @@ def test_a_crowd_of_slow_connections_keeps_memory_bounded(database_url: str) -> 
     """A crowd of connections (2,000 where the open-files limit allows) each send
     headers and 60 KB of a 64 KB body, then stall: the process takes as many as its
     cap (1,024 by default; half the crowd when fewer fit), answers the rest 503 at
-    once (or closes an idle one to make room), grows by at most 128 KiB per connection taken while they hang, and hands
-    back all but 25 MB once they are gone; all of it measured, none of it timed."""
+    once (or closes an idle one to make room), grows by at most 128 KiB per
+    connection taken while they hang, and hands back all but 25 MB once they are
+    gone; all of it measured, none of it timed."""
     with crowd_size(CROWD) as crowd:
         if crowd < SMALLEST_CROWD:
             pytest.skip(
@@ -171,7 +171,8 @@ def _slow_crowd(database_url: str, crowd: int, cap: int) -> None:
         )
     report = (
         f"{crowd:,} slow connections (cap {cap:,}): {served} open at the server, "
-        f"{refused:.0f} refused, {evicted:.0f} idle ones closed for room, RSS {baseline / 2**20:.0f} MB before, "
+        f"{refused:.0f} refused, {evicted:.0f} idle ones closed for room, "
+        f"RSS {baseline / 2**20:.0f} MB before, "
         f"{held / 2**20:.0f} MB while held, {after / 2**20:.0f} MB after"
     )
     print("\n" + report)
