@@ -8,6 +8,7 @@ logger in the first place.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -21,6 +22,13 @@ TOKEN_PATTERN = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_-]+")
 # Long enough to be a whole token (12+ characters after the environment) rather than
 # the public 15-character prefix that `token.revoked` carries.
 FULL_TOKEN = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_-]{12,}")
+# What masking covers once a token has begun: the token alphabet and the characters a
+# malformed or re-encoded token may carry (`+`, `/`, `=`, a space), so that no part of
+# it is left after the first odd character. Masking too much is the safe side.
+_TOKEN_TEXT = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_\-+/= ]+")
+# A JSON (or JavaScript) escape of an ASCII character, and the escaped solidus: what a
+# reader of the text sees as that character (`tok\u005flive_…` is a token).
+_ASCII_ESCAPE = re.compile(r"\\u00([2-7][0-9a-eA-E]|[2-6][fF])|\\/")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
 _SENSITIVE_WORDS = frozenset(
@@ -65,12 +73,15 @@ class Redactor:
         self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
 
     def text(self, value: str) -> str:
-        """Mask every secret-shaped substring of `value`."""
+        """Mask every secret-shaped substring of `value`, as a reader would see it:
+        JSON escapes of ASCII characters are read (and shown) as the characters."""
+        if "\\" in value:
+            value = unescape(value)
         for secret in self._secrets:
             if secret in value:
                 value = value.replace(secret, MASK)
         if "tok_" in value:
-            value = TOKEN_PATTERN.sub(_mask_token, value)
+            value = _TOKEN_TEXT.sub(_mask_token, value)
         if "eyJ" in value:
             value = _JWT.sub(MASK, value)
         if "earer" in value or "EARER" in value:
@@ -104,6 +115,34 @@ class Redactor:
         if isinstance(value, str) and TOKEN_PATTERN.fullmatch(value):
             return self.text(value)
         return MASK
+
+
+def unescape(text: str) -> str:
+    """`text` with JSON escapes of printable ASCII characters (`\\u005f`, `\\/`) read
+    as the characters they stand for; other escapes (controls, NUL, non-ASCII) are
+    left as they are."""
+    return _ASCII_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)) if m.group(1) else "/", text)
+
+
+def readings(raw: bytes) -> list[str]:
+    """The ways a reader may read `raw` as text: as UTF-8, in the UTF-16/32 encoding
+    its first bytes suggest (JSON's own detection), and each with its escapes read."""
+    texts = [raw.decode("utf-8", "replace")]
+    encoding = json.detect_encoding(raw)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        texts.append(raw.decode(encoding, "replace"))
+    texts += [unescape(text) for text in texts if "\\" in text]
+    return texts
+
+
+def token_environments(raw: bytes) -> set[str]:
+    """Which environments (`live`, `test`) the whole tokens in `raw` belong to, in any
+    of its `readings`."""
+    found = set()
+    for text in readings(raw):
+        for match in FULL_TOKEN.finditer(text):
+            found.add(match.group(0)[4:8])
+    return found
 
 
 def is_sensitive_key(key: object) -> bool:

@@ -74,6 +74,14 @@ def parse(header: str) -> tuple[int, list[str]]:
     return timestamp, signatures
 
 
+def stored_form(header: str) -> str:
+    """A verified header as it is kept: its timestamp and v1 signatures only. Whatever
+    else a sender put in it (an unknown scheme, a token) never becomes a SQL
+    parameter; what is kept still verifies the body (`events reprocess`)."""
+    timestamp, signatures = parse(header)
+    return ",".join([f"t={timestamp}", *(f"v1={s}" for s in signatures)])
+
+
 def verify(
     header: str | None,
     body: bytes,

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from receiver import config, console, db, vault
+from receiver import config, console, db, redaction, vault
 from receiver.admin import inbox
 from receiver.lifecycle import audit
 
@@ -29,8 +29,23 @@ def list_events(args: argparse.Namespace) -> int:
     return console.with_database(args, work)
 
 
+def _token_shaped(event_ids: list[str]) -> bool:
+    """Whether an id given on the command line looks like a token: it is refused
+    before any SQL, so that it reaches neither the statement log nor the audit."""
+    shaped = [i for i in event_ids if redaction.TOKEN_PATTERN.search(redaction.unescape(i))]
+    if shaped:
+        print(
+            f"receiver: error: {len(shaped)} event id(s) look like a bearer token, not an "
+            "event id; nothing was looked up",
+            file=sys.stderr,
+        )
+    return bool(shaped)
+
+
 def show(args: argparse.Namespace) -> int:
     """`receiver events show`: the stored delivery, redacted."""
+    if _token_shaped([args.event_id]):
+        return console.EXIT_CONFIG
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         keyring = vault.Sealer.from_settings(settings).keyring
@@ -52,6 +67,8 @@ def reprocess(args: argparse.Namespace) -> int:
             "receiver: error: give EVENT_ID... or --quarantined (not both)",
             file=sys.stderr,
         )
+        return console.EXIT_CONFIG
+    if _token_shaped(args.event_ids or []):
         return console.EXIT_CONFIG
 
     async def work(settings: config.Settings, database: db.Database) -> int:

@@ -413,12 +413,15 @@ _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_]{1,40}$")
 
 
 def _path(path: Path) -> str:
-    """A field path for a detail line: plain names and indexes; any other key (it is
-    input, and could be anything) shows as `?`."""
+    """A field path for a detail line: plain names and indexes; a token-shaped key
+    shows as `[REDACTED]` (it is stored and printed), any other key (it is input, and
+    could be anything) as `?`."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif redaction.TOKEN_PATTERN.search(redaction.unescape(part)):
+            out += ("." if out else "") + redaction.MASK
         else:
             out += ("." if out else "") + (part if _SAFE_SEGMENT.fullmatch(part) else "?")
     return out or "body"

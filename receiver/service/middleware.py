@@ -7,6 +7,7 @@ import os
 import random
 import re
 import time
+import urllib.parse
 
 import structlog
 from aiohttp import web
@@ -64,7 +65,11 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     error_code = None
     # A token in a URL (path or query) ends up in proxies' logs: refuse it, and never
     # hand that path to our own logger either.
-    token_in_url = redaction.TOKEN_PATTERN.search(request.raw_path) is not None
+    # Judged as a proxy or a reader would read it: percent-decoded (`tok%5Flive%5F…`,
+    # twice for a doubly encoded one) and with `+` as a space.
+    token_in_url = any(
+        redaction.TOKEN_PATTERN.search(form) is not None for form in _url_readings(request.raw_path)
+    )
     path = "[refused: token in URL]" if token_in_url else request.path
     response: web.StreamResponse
     quiet = False
@@ -119,6 +124,13 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         pid=_PID,  # which process answered (serve --workers)
     )
     return response
+
+
+def _url_readings(raw_path: str) -> tuple[str, ...]:
+    if "%" not in raw_path:
+        return (raw_path,)
+    once = urllib.parse.unquote(raw_path)
+    return (raw_path, once, urllib.parse.unquote(once))
 
 
 def _route_label(request: web.Request) -> str:

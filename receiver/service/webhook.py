@@ -102,7 +102,8 @@ async def _receive(
         body=body,
         is_test=test_header or signed_by == "test",
         test_header=test_header,
-        signature=signature,
+        # Verified, so it parses; only what verifies it is kept.
+        signature=signing.stored_form(signature) if signature is not None else None,
     )
     event = events.read(body, is_test=delivery.is_test)
     structlog.contextvars.bind_contextvars(

@@ -62,9 +62,13 @@ SMALLEST_CROWD = 200
 # Descriptors this process needs besides the crowd: pytest, the pool, logs, pipes.
 FD_HEADROOM = 256
 # What one connection taken in may cost while it hangs: its body (at most
-# RECEIVER_MAX_BODY_BYTES, 64 KiB) buffered once, plus as much again for the
-# transport, the request and its task. Measured: ~42 KiB (RSS 69 -> 112 MB for 1,024).
-BYTES_PER_HELD_CONNECTION = 2 * 65_536
+# RECEIVER_MAX_BODY_BYTES, 64 KiB) buffered, plus the transport's read buffer, the
+# request and its task. Measured: ~135 KiB (RSS 71 -> 203 MB for 1,024). It was ~42
+# KiB when the in-flight cap (256) answered the rest 503 before their bodies were
+# read; a body is now read before it takes an in-flight slot (strangers trickling
+# bodies must not hold the slots of authentic deliveries), so every connection
+# taken in holds its body.
+BYTES_PER_HELD_CONNECTION = 3 * 65_536
 # What may stay behind once the crowd is gone (measured: 13 MB; 45 MB before the
 # process handed memory back, docs/decisions.md 2026-11-23).
 KEPT_AFTER_BYTES = 25 * 2**20
@@ -95,7 +99,7 @@ def test_a_crowd_of_slow_connections_keeps_memory_bounded(database_url: str) -> 
     """A crowd of connections (2,000 where the open-files limit allows) each send
     headers and 60 KB of a 64 KB body, then stall: the process takes as many as its
     cap (1,024 by default; half the crowd when fewer fit), answers the rest 503 at
-    once (or closes an idle one to make room), grows by at most 128 KiB per
+    once (or closes an idle one to make room), grows by at most 192 KiB per
     connection taken while they hang, and hands back all but 25 MB once they are
     gone; all of it measured, none of it timed."""
     with crowd_size(CROWD) as crowd:
