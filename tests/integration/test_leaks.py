@@ -109,7 +109,8 @@ async def test_postgres_never_sees_a_plaintext_token(
 ) -> None:
     """With Postgres logging every statement and its bind parameters, and failing
     statements too, its server log holds no token: only sealed bytes and the blind
-    index are ever bound."""
+    index are ever bound, also for a token escaped or in UTF-16 in a body and for an
+    extra `v9=tok_live_…` in the signature header."""
     dsn, _control = own_postgres
     admin = await asyncpg.connect(dsn)
     await admin.execute("CREATE DATABASE watched")
@@ -134,18 +135,23 @@ async def test_postgres_never_sees_a_plaintext_token(
         index_key=base64.b64encode(os.urandom(32)).decode(),
     )
     client = await aiohttp_client(app.create_app(settings))
-    planted = [helpers.canary_token() for _ in range(3)]
-    documents = [
+    planted = [helpers.canary_token() for _ in range(5)]
+    in_header = helpers.canary_token()
+    planted.append(in_header)
+    escaped = planted[3].replace("_", "\\u005f").encode()
+    documents: list[Any] = [
         helpers.onboarding("cli_pg", planted[0]),
         helpers.onboarding("cli_pg", planted[1]),
         helpers.revocation("cli_pg", planted[1][:15]),
         {"id": "evt_x", "event": "case.created", "data": {"note": planted[2]}},
+        b'{"id": "evt_esc", "n": "ESCAPED", "x": NaN}'.replace(b"ESCAPED", escaped),
+        json.dumps({"id": "evt_u16", "data": {"t": planted[4]}}).encode("utf-16"),
     ]
     for document in [*documents, documents[0]]:  # the last one is a duplicate
-        body = helpers.encode(document)
-        response = await client.post(
-            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
-        )
+        body = document if isinstance(document, bytes) else helpers.encode(document)
+        headers = helpers.signed_headers(webhook_secret, body)
+        headers["X-Debitura-Signature"] += f",v9={in_header}"
+        response = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
         assert response.status == 200
     # A statement that fails makes Postgres log it with its parameters as well.
     conn = await asyncpg.connect(database_url)
