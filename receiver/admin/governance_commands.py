@@ -63,6 +63,15 @@ def erase_client(args: argparse.Namespace) -> int:
                 f"{erased.bodies} stored bod(ies); invalidation signalled "
                 f"({', '.join(erased.environments)}); tombstone {erased.client_hash[:16]}"
             )
+        if erased.unopened:
+            # Whether those bodies name the client is unknown: the erasure is not done.
+            print(
+                f"receiver: {erased.unopened} stored bod(ies) could not be opened (sealed "
+                "under a key not in RECEIVER_TOKEN_KEYS) and may name the client: configure "
+                "that key and run the erasure again",
+                file=sys.stderr,
+            )
+            return console.EXIT_FAILURE
         return 0
 
     return console.with_database(args, work)

@@ -348,7 +348,7 @@ SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0));
 -- name: prune_counts
 -- What a prune would drop now ($1, $2, $3: the retention ages in seconds).
 SELECT (SELECT count(*) FROM receiver.events
-         WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
+         WHERE body_sealed IS NOT NULL
            AND received_at < now() - make_interval(secs => $1)) AS event_bodies,
        (SELECT count(*) FROM receiver.tokens
          WHERE token_sealed IS NOT NULL
@@ -360,11 +360,12 @@ SELECT (SELECT count(*) FROM receiver.events
            AND created_at < now() - make_interval(secs => $3)) AS signals;
 
 -- name: prune_event_bodies
--- One batch: bodies older than $1 seconds, never an open quarantine's (an operator
--- still needs it). The key, hash and metadata stay: a retry is still a duplicate.
+-- One batch: bodies older than $1 seconds, quarantined ones too (a body kept until an
+-- operator acts could keep a token for ever; reprocessing it later reports
+-- body_dropped). The key, hash and metadata stay: a retry is still a duplicate.
 WITH batch AS (
     SELECT key FROM receiver.events
-     WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
+     WHERE body_sealed IS NOT NULL
        AND received_at < now() - make_interval(secs => $1)
      ORDER BY received_at
      LIMIT $2
@@ -412,19 +413,24 @@ SELECT count(*) FROM done;
 -- The same lock a delivery for this client takes (receiver.event_locks).
 SELECT pg_advisory_xact_lock(hashtextextended('receiver.client:' || $1, 0));
 
--- name: unreadable_bodies
--- Stored bodies without a redacted copy (not JSON): searched by opening them.
-SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed
+-- name: erase_candidates
+-- One batch of stored bodies (key order, after $1), opened and read in Python to see
+-- whether they name the client: however a body is encoded, SQL sees only ciphertext.
+-- $2: the client being erased, whose own rows need no opening.
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed,
+       client_id IS NOT DISTINCT FROM $2 AS attributed
   FROM receiver.events
- WHERE body_redacted IS NULL AND body_sealed IS NOT NULL;
+ WHERE body_sealed IS NOT NULL AND key > $1
+ ORDER BY key
+ LIMIT $3;
 
 -- name: erase_pending
--- What erasing client $1 would still remove ($2: unreadable bodies that name it).
+-- What erasing client $1 would still remove ($2: the keys of other bodies naming it).
 SELECT (SELECT count(*) FROM receiver.tokens
          WHERE client_id = $1 AND (token_sealed IS NOT NULL OR token_index IS NOT NULL))
            AS tokens,
        (SELECT count(*) FROM receiver.events
-         WHERE (client_id = $1 OR body_redacted #>> '{data,client_id}' = $1 OR key = ANY($2))
+         WHERE (client_id = $1 OR key = ANY($2))
            AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)) AS bodies,
        (SELECT array_agg(DISTINCT environment ORDER BY environment) FROM receiver.tokens
          WHERE client_id = $1) AS environments;
@@ -447,12 +453,12 @@ UPDATE receiver.tokens
 RETURNING id;
 
 -- name: erase_bodies
--- Every stored body of client $1 ($2: unreadable bodies that name it), keys kept.
+-- Every stored body of client $1 ($2: the keys of other bodies naming it), keys kept.
 WITH done AS (
     UPDATE receiver.events
        SET body_sealed = NULL, body_redacted = NULL,
            body_dropped_at = COALESCE(body_dropped_at, now())
-     WHERE (client_id = $1 OR body_redacted #>> '{data,client_id}' = $1 OR key = ANY($2))
+     WHERE (client_id = $1 OR key = ANY($2))
        AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)
     RETURNING 1
 )

@@ -10,10 +10,13 @@ from typing import Any
 
 import structlog
 
-from receiver import config, db, vault
+from receiver import config, db, errors, redaction, vault
 from receiver.lifecycle import audit
 
 log = structlog.get_logger(__name__)
+
+# Stored bodies opened per query while looking for the ones that name a client.
+_SCAN_BATCH = 500
 
 
 @dataclass(slots=True)
@@ -25,6 +28,9 @@ class Erasure:
     tokens: int = 0
     bodies: int = 0
     environments: list[str] = field(default_factory=list)
+    # Stored bodies that could not be opened (sealed under a key no longer configured):
+    # whether they name the client is unknown, so they are left, and counted.
+    unopened: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """For the audit row and the command's output."""
@@ -34,6 +40,7 @@ class Erasure:
             "tokens": self.tokens,
             "bodies": self.bodies,
             "environments": self.environments,
+            "unopened": self.unopened,
         }
 
 
@@ -50,24 +57,18 @@ async def erase_client(
     without bodies, an invalidation signal is queued per environment, and a
     tombstone (the client's hash, who, when, why) goes to the audit trail.
 
+    Bodies are found by what they say, not by their bytes: each stored body that is
+    not already the client's is opened and read as a reader would read it (UTF-16,
+    JSON escapes, NaN, the client id at any depth); one sealed under a key no longer
+    configured is left and counted in `unopened` (configure the key and run again).
+
     Idempotent: when nothing is left to remove, nothing is written.
     """
     erasure = Erasure(client_hash=audit.client_hash(sealer, client_id))
     async with database.connection() as conn, conn.transaction():
         await conn.execute(db.QUERIES["lock_client"], client_id)
-        # Quarantined bodies that were not JSON have no redacted copy to search: they
-        # are opened (in memory) and searched for the client id as a JSON string, so
-        # that erasing cli_1 leaves cli_10's alone.
-        quoted = json.dumps(client_id).encode()
-        unreadable = [
-            row["key"]
-            for row in await conn.fetch(db.QUERIES["unreadable_bodies"])
-            if quoted
-            in sealer.keyring.open(
-                row["body_sealed"], vault.event_associated_data(row["sealed_for"])
-            )
-        ]
-        pending = await conn.fetchrow(db.QUERIES["erase_pending"], client_id, unreadable)
+        naming, erasure.unopened = await _bodies_naming(conn, sealer.keyring, client_id)
+        pending = await conn.fetchrow(db.QUERIES["erase_pending"], client_id, naming)
         assert pending is not None
         if not pending["tokens"] and not pending["bodies"]:
             return erasure
@@ -79,7 +80,7 @@ async def erase_client(
         erasure.tokens = len(
             await conn.fetch(db.QUERIES["erase_tokens"], client_id, erasure.event_key)
         )
-        erasure.bodies = await conn.fetchval(db.QUERIES["erase_bodies"], client_id, unreadable)
+        erasure.bodies = await conn.fetchval(db.QUERIES["erase_bodies"], client_id, naming)
         for environment in erasure.environments:
             await conn.execute(
                 db.QUERIES["enqueue_signal"],
@@ -99,3 +100,64 @@ async def erase_client(
         )
     log.warning("client_erased", actor=actor.name, **erasure.as_dict())
     return erasure
+
+
+async def _bodies_naming(
+    conn: db.Connection, keyring: vault.Keyring, client_id: str
+) -> tuple[list[str], int]:
+    """Keys of the stored bodies, not attributed to the client, that name it; and how
+    many bodies could not be opened to tell."""
+    naming: list[str] = []
+    unopened = 0
+    after = ""
+    while True:
+        rows = await conn.fetch(db.QUERIES["erase_candidates"], after, client_id, _SCAN_BATCH)
+        for row in rows:
+            if row["attributed"]:
+                continue  # erased by its client_id column, opened or not
+            try:
+                raw = keyring.open(
+                    row["body_sealed"], vault.event_associated_data(row["sealed_for"])
+                )
+            except (errors.KeyNotFound, errors.SealBroken):
+                unopened += 1
+                continue
+            if names_client(raw, client_id):
+                naming.append(row["key"])
+        if len(rows) < _SCAN_BATCH:
+            return naming, unopened
+        after = rows[-1]["key"]
+
+
+def names_client(raw: bytes, client_id: str) -> bool:
+    """Whether a stored body names `client_id` as a string (a value or a key, at any
+    depth), in any of the ways a reader may read it: UTF-8 or the UTF-16/32 JSON
+    detects, escapes read, NaN allowed; a body no reading parses is searched for the
+    id as a JSON string (so `cli_1` does not find `cli_10`)."""
+    quoted = json.dumps(client_id)
+    for text in redaction.readings(raw):
+        if quoted in text:
+            return True
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        if _mentions(document, client_id):
+            return True
+    return False
+
+
+def _mentions(document: Any, client_id: str) -> bool:
+    # Iterative: a body as deep as the parser allows cannot recurse here.
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if item == client_id:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

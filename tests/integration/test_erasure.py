@@ -1,0 +1,138 @@
+"""Erasure against odd encodings and lost keys, on a real Postgres and the real CLI:
+a body that names the client is found by what it says, not by its bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import asyncpg
+from pydantic import SecretBytes
+
+from receiver import vault
+from receiver.config import Settings
+from receiver.service import app
+from tests import helpers
+from tests.integration import processes
+from tests.integration.conftest import Post, operator_env
+
+
+async def cli(settings: Settings, *args: str) -> Any:
+    """Run one `receiver` command as an operator would, against the test database."""
+    return await asyncio.to_thread(processes.run, list(args), operator_env(settings), 60)
+
+
+def hostile_bodies(client_id: str, tokens: list[str]) -> list[bytes]:
+    """Four bodies that name `client_id` and carry one of `tokens` each, as the attack
+    stored them: UTF-16, the id escaped in a NaN body, the id at the top level, and
+    the id nested away from `data.client_id`."""
+    escaped = client_id.replace("_", "\\u005f")
+    return [
+        json.dumps(helpers.onboarding(client_id, tokens[0])).encode("utf-16"),
+        (
+            '{"event": "client.onboarding_completed", "data": {"client_id": "'
+            + escaped
+            + '", "bearer_token": "'
+            + tokens[1]
+            + '", "score": NaN}}'
+        ).encode(),
+        helpers.encode(
+            {"event": "client.onboarding_completed", "client_id": client_id, "token": tokens[2]}
+        ),
+        helpers.encode(
+            {
+                "id": f"evt_{os.urandom(6).hex()}",
+                "event": "partner.note",
+                "data": {"client": {"ids": [client_id]}, "copy": {"bearer": tokens[3]}},
+            }
+        ),
+    ]
+
+
+async def bodies_holding(
+    conn: asyncpg.Connection, keyring: vault.Keyring, tokens: list[str]
+) -> int:
+    """How many stored bodies still hold one of `tokens`, read as UTF-8 or UTF-16."""
+    held = 0
+    for row in await conn.fetch(
+        "SELECT body_hash, body_sealed FROM receiver.events WHERE body_sealed IS NOT NULL"
+    ):
+        raw = keyring.open(
+            row["body_sealed"], vault.event_associated_data("sha256:" + row["body_hash"].hex())
+        )
+        text = raw.decode("utf-8", "replace") + raw.decode("utf-16", "replace")
+        held += any(token in text for token in tokens)
+    return held
+
+
+async def test_erase_finds_the_client_however_its_bodies_are_encoded(
+    post: Post, conn: asyncpg.Connection, settings: Settings
+) -> None:
+    """`clients erase` drops every stored body that names the client: UTF-16, an
+    escaped id in a NaN body, the id at the top level or nested, as well as its own
+    processed delivery; a body naming `cli_gdpr0` and another client's stay."""
+    tokens = [helpers.canary_token() for _ in range(5)]
+    await post(helpers.onboarding("cli_gdpr", tokens[4]))
+    for body in hostile_bodies("cli_gdpr", tokens):
+        assert (await (await post(body)).json())["status"] == "quarantined"
+    await post(helpers.onboarding("cli_gdpr0"))
+    await post(helpers.onboarding("cli_other"))
+    keyring = vault.Sealer.from_settings(settings).keyring
+    assert await bodies_holding(conn, keyring, tokens) == 5
+
+    erased = await cli(settings, "clients", "erase", "cli_gdpr", "--confirm", "--json")
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout)["bodies"] == 5
+    assert await bodies_holding(conn, keyring, tokens) == 0
+    assert (
+        await conn.fetchval("SELECT count(*) FROM receiver.events WHERE body_sealed IS NOT NULL")
+        == 2
+    )
+    again = await cli(settings, "clients", "erase", "cli_gdpr", "--confirm")
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to erase" in again.stdout
+
+
+async def test_erase_with_a_key_gone_erases_what_it_can_and_says_what_it_could_not(
+    post: Post,
+    aiohttp_client: Any,
+    conn: asyncpg.Connection,
+    settings: Settings,
+    webhook_secret: str,
+) -> None:
+    """With the key that sealed some old bodies no longer configured (the README's
+    key-loss recovery), `clients erase` erases what it can open, says how many bodies
+    it could not, and exits 1 without a traceback; once the key is back, a second run
+    erases the rest."""
+    old = helpers.canary_token()
+    assert (await (await post(hostile_bodies("cli_gdpr", [old] * 4)[1])).json())[
+        "status"
+    ] == "quarantined"
+    fresh = helpers.canary_token()
+    new_key = ("k2", SecretBytes(os.urandom(32)))
+    only_new = settings.model_copy(update={"token_keys": (new_key,)})
+    client = await aiohttp_client(app.create_app(only_new))
+    body = hostile_bodies("cli_gdpr", [fresh] * 4)[2]
+    response = await client.post(
+        app.WEBHOOK_PATH,
+        data=body,
+        headers=helpers.signed_headers(webhook_secret, body),
+    )
+    assert (await response.json())["status"] == "quarantined"
+
+    partial = await cli(only_new, "clients", "erase", "cli_gdpr", "--confirm")
+    assert partial.returncode == 1, partial.stderr
+    assert "1 stored bod(ies) could not be opened" in partial.stderr
+    assert "Traceback" not in partial.stderr
+    assert "1 stored bod(ies)" in partial.stdout  # the one under k2
+    both = settings.model_copy(update={"token_keys": (new_key, *settings.token_keys)})
+    keyring = vault.Sealer.from_settings(both).keyring
+    assert await bodies_holding(conn, keyring, [fresh]) == 0
+    assert await bodies_holding(conn, keyring, [old]) == 1
+
+    rest = await cli(both, "clients", "erase", "cli_gdpr", "--confirm")
+    assert rest.returncode == 0, rest.stderr
+    assert "1 stored bod(ies)" in rest.stdout
+    assert await bodies_holding(conn, keyring, [old, fresh]) == 0
