@@ -73,16 +73,8 @@ def reprocess(args: argparse.Namespace) -> int:
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
-        results = await inbox.reprocess(database, settings, keys)
-        await audit.audit_each(
-            database,
-            audit.Actor.of(args.actor, args.audit_reason),
-            "events_reprocess",
-            [
-                {"event_key": r.key, "detail": {"outcome": r.outcome, "reason": r.reason}}
-                for r in results
-            ],
-        )
+        actor = audit.Actor.of(args.actor, args.audit_reason)
+        results = await inbox.reprocess(database, settings, keys, actor)
         for result in results:
             if args.json:
                 print(json.dumps({k: getattr(result, k) for k in result.__slots__}))

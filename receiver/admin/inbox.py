@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from receiver import config, db, errors, redaction, signing, vault
-from receiver.lifecycle import events, store
+from receiver.lifecycle import audit, events, store
 
 log = structlog.get_logger(__name__)
 
@@ -77,10 +77,12 @@ class Reprocessed:
 
 
 async def reprocess(
-    database: db.Database, settings: config.Settings, keys: list[str]
+    database: db.Database, settings: config.Settings, keys: list[str], actor: audit.Actor
 ) -> list[Reprocessed]:
     """Re-apply each quarantined delivery in `keys`; one outcome per key, in order.
 
+    Each delivery is its own transaction, and its audit row commits in it: a run
+    killed halfway leaves exactly the deliveries it re-applied audited.
     Idempotent: a delivery that left quarantine reports `not_quarantined` next time.
     """
     sealer = vault.Sealer.from_settings(settings)
@@ -88,14 +90,14 @@ async def reprocess(
     for key in keys:
         rows = await database.fetch("event_to_reprocess", key)
         if not rows:
-            results.append(Reprocessed(key, "not_found"))
+            results.append(await _audited(database, actor, Reprocessed(key, "not_found")))
             continue
         row = rows[0]
         if row["status"] != "quarantined":
-            results.append(Reprocessed(key, "not_quarantined"))
+            results.append(await _audited(database, actor, Reprocessed(key, "not_quarantined")))
             continue
         if row["body_sealed"] is None:  # erased (receiver clients erase)
-            results.append(Reprocessed(key, "body_dropped"))
+            results.append(await _audited(database, actor, Reprocessed(key, "body_dropped")))
             continue
         body = sealer.keyring.open(
             row["body_sealed"], vault.event_associated_data(row["sealed_for"])
@@ -108,17 +110,36 @@ async def reprocess(
         )
         event = events.read(body, is_test=delivery.is_test)
         prepared = store.prepare(sealer, event, delivery)
-        outcome = await store.reprocess(
-            database,
-            key,
-            prepared,
-            channel=settings.notify_channel,
-            http_delivery=settings.cache_url is not None,
-        )
-        result = _result(key, outcome, event)
+        async with database.connection() as conn, conn.transaction():
+            outcome = await store.reprocess(
+                conn,
+                key,
+                prepared,
+                channel=settings.notify_channel,
+                http_delivery=settings.cache_url is not None,
+            )
+            result = _result(key, outcome, event)
+            await _audit(conn, actor, result)
         log.info("event_reprocessed", event_id=key, outcome=result.outcome, reason=result.reason)
         results.append(result)
     return results
+
+
+async def _audit(conn: db.Connection, actor: audit.Actor, result: Reprocessed) -> None:
+    await audit.audit(
+        conn,
+        actor,
+        "events_reprocess",
+        event_key=result.key,
+        detail={"outcome": result.outcome, "reason": result.reason},
+    )
+
+
+async def _audited(database: db.Database, actor: audit.Actor, result: Reprocessed) -> Reprocessed:
+    # Nothing changed, but the attempt is still on record, as before.
+    async with database.connection() as conn, conn.transaction():
+        await _audit(conn, actor, result)
+    return result
 
 
 def _result(key: str, outcome: str, event: events.Event) -> Reprocessed:

@@ -29,8 +29,9 @@ def rotate(args: argparse.Namespace) -> int:
         def progress(kind: str, total: int) -> None:
             print(f"{kind}: {total} re-encrypted", file=sys.stderr, flush=True)
 
+        actor = audit.Actor.of(args.actor, args.audit_reason)
         report = await rekey.rotate(
-            database, sealer.keyring, batch_size=args.batch_size, progress=progress
+            database, sealer.keyring, actor=actor, batch_size=args.batch_size, progress=progress
         )
         print(
             f"re-encrypted {report.rotated['tokens']} token(s) and {report.rotated['events']} "
@@ -49,10 +50,11 @@ def rotate(args: argparse.Namespace) -> int:
             print(line)
         for kid, count in report.missing_keys.items():
             print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
-        detail = {"primary": report.primary, "rotated": report.rotated}
+        # Each batch is audited as it commits; this row closes the run with its totals.
+        detail = {"primary": report.primary, "rotated": report.rotated, "summary": True}
         await audit.audit_each(
             database,
-            audit.Actor.of(args.actor, args.audit_reason),
+            actor,
             "keys_rotate",
             [{"detail": detail | {"missing_keys": report.missing_keys}}],
         )

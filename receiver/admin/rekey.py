@@ -4,8 +4,10 @@ Each batch is its own transaction: rows are claimed with `FOR UPDATE SKIP LOCKED
 (several rotators share the work), opened with whichever key sealed them, sealed
 again under the primary key with the same associated data, and written back fenced
 on the old bytes. An interrupted run loses nothing: committed batches stay done and
-the next run picks up what is left. The service may keep writing meanwhile, since it
-seals new values under the primary key already.
+the next run picks up what is left. Each batch writes its audit row in its own
+transaction, so a run killed halfway leaves exactly its committed batches on record.
+The service may keep writing meanwhile, since it seals new values under the primary
+key already.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from receiver import db, vault
+from receiver.lifecycle import audit
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +67,7 @@ async def rotate(
     database: db.Database,
     keyring: vault.Keyring,
     *,
+    actor: audit.Actor,
     batch_size: int = 500,
     progress: Progress | None = None,
 ) -> RotationReport:
@@ -72,7 +76,7 @@ async def rotate(
     for kind in _KINDS:
         for _ in range(MAX_PASSES):
             # A row the service held locked is skipped by one pass and taken by the next.
-            done = await _pass(database, keyring, kind, batch_size, report, progress)
+            done = await _pass(database, keyring, actor, kind, batch_size, report, progress)
             if done == 0:
                 break
     report.remaining = await sealed_key_counts(database)
@@ -82,6 +86,7 @@ async def rotate(
 async def _pass(
     database: db.Database,
     keyring: vault.Keyring,
+    actor: audit.Actor,
     kind: str,
     batch_size: int,
     report: RotationReport,
@@ -103,6 +108,12 @@ async def _pass(
                 updates.append((row["key"], row["sealed"], resealed))
             if updates:
                 await conn.executemany(db.QUERIES[write], updates)
+                await audit.audit(
+                    conn,
+                    actor,
+                    "keys_rotate",
+                    detail={"primary": keyring.primary_id, "kind": kind, "rotated": len(updates)},
+                )
             after = rows[-1]["key"]
         rotated += len(updates)
         report.rotated[kind] += len(updates)

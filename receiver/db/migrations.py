@@ -11,10 +11,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+import asyncpg
 
 from receiver import db, errors
 
@@ -31,6 +34,13 @@ SQUASHED = {
     "0003_signal_delivery": "a4f96cf114152f652d63ca4fd81b18425dd337d1900c98b58bd921b4ecbe600e",
     "0004_group_commit": "636eaede7f774d505b52e047cb53d5d55cf16e8691aa2cc644cd6a666894f1ca",
 }
+
+
+# Advisory locks cannot be restricted by role: any role that can connect (the cache
+# reader's too) can take the migration lock. So the lock is waited for in slices, each
+# ending in a log line naming who holds it, and given up after this long.
+LOCK_WAIT_SECONDS = 300.0
+LOCK_SLICE_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +76,38 @@ async def apply(dsn: str, *, until: str | None = None) -> list[str]:
     conn = await db.connect(dsn)
     try:
         async with db.translated_errors():
-            await conn.execute(db.QUERIES["migration_lock"])
+            await _lock(conn)
             try:
                 return await _apply_locked(conn, until)
             finally:
                 await conn.execute(db.QUERIES["migration_unlock"])
     finally:
         await conn.close()
+
+
+async def _lock(conn: db.Connection) -> None:
+    """Take the migration lock; while another session holds it, say who, every slice."""
+    started = time.monotonic()
+    while not await conn.fetchval(db.QUERIES["migration_try_lock"]):
+        waited = time.monotonic() - started
+        holder = await conn.fetchrow(db.QUERIES["migration_lock_holder"])
+        who = dict(holder) if holder is not None else {}
+        log.warning("migration_lock_waiting", waited_seconds=round(waited, 1), **who)
+        if waited >= LOCK_WAIT_SECONDS:
+            raise errors.MigrationError(
+                f"the migration lock has been held for over {LOCK_WAIT_SECONDS:g} s by "
+                f"pid {who.get('holder_pid')} (role {who.get('holder_role')!r}, address "
+                f"{who.get('holder_address')}); if that is not a migration in progress, "
+                "end that session (pg_terminate_backend) and start again"
+            )
+        await conn.execute(db.QUERIES["lock_timeout"], f"{round(LOCK_SLICE_SECONDS * 1000)}ms")
+        try:
+            await conn.execute(db.QUERIES["migration_lock"])
+            return
+        except asyncpg.LockNotAvailableError:
+            continue
+        finally:
+            await conn.execute(db.QUERIES["lock_timeout"], "0")
 
 
 async def _apply_locked(conn: db.Connection, until: str | None) -> list[str]:

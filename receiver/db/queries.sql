@@ -21,6 +21,27 @@ SELECT name FROM receiver.schema_migrations;
 -- Replicas migrating at once take turns (session advisory lock).
 SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));
 
+-- name: migration_try_lock
+-- migration_lock if free now (else say who holds it, then wait for it).
+SELECT pg_try_advisory_lock(hashtextextended('receiver.migrate', 0));
+
+-- name: migration_lock_holder
+-- Who holds migration_lock (any role that connects can take an advisory lock).
+WITH k AS (SELECT hashtextextended('receiver.migrate', 0) AS v)
+SELECT a.pid AS holder_pid, a.usename::text AS holder_role,
+       a.application_name AS holder_application, host(a.client_addr) AS holder_address,
+       a.backend_start::text AS holder_since
+  FROM pg_locks l
+  JOIN k ON l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid
+  JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ LIMIT 1;
+
+-- name: lock_timeout
+-- This session's lock_timeout ('0': none), e.g. while waiting for migration_lock.
+SELECT set_config('lock_timeout', $1, false);
+
 -- name: migration_unlock
 -- Releases migration_lock.
 SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0));

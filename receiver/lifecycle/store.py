@@ -159,11 +159,17 @@ async def record_rows(
 
 
 async def reprocess(
-    database: db.Database, stored_key: str, row: Row, *, channel: str, http_delivery: bool
+    conn: db.Connection, stored_key: str, row: Row, *, channel: str, http_delivery: bool
 ) -> str:
-    """Re-apply the quarantined row `stored_key` as `row` now reads; the outcome, or
+    """Re-apply the quarantined row `stored_key` as `row` now reads, on `conn` (in the
+    caller's transaction, so its audit row commits with it); the outcome, or
     `not_quarantined` when it no longer is."""
-    outcome: str = await database.fetchval(
-        "reprocess_event", stored_key, row.as_record(), channel, http_delivery
+    outcome: str = await conn.fetchval(
+        db.QUERIES["reprocess_event"],
+        stored_key,
+        row.as_record(),
+        channel,
+        http_delivery,
+        timeout=db.STATEMENT_TIMEOUT_SECONDS,
     )
     return outcome

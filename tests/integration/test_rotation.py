@@ -14,12 +14,14 @@ from pydantic import SecretBytes
 from receiver import db, vault
 from receiver.admin import rekey
 from receiver.config import Settings
+from receiver.lifecycle import audit
 from receiver.service import app
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Post, operator_env
 
 K2 = ("k2", os.urandom(32))
+OPS = audit.Actor("ops", "rotation test")
 
 
 def with_new_primary(settings: Settings) -> Settings:
@@ -84,7 +86,7 @@ async def test_rotation_under_concurrent_writes(
 
     ring = vault.Sealer.from_settings(rotated_settings).keyring
     report, written = await asyncio.gather(
-        rekey.rotate(database, ring, batch_size=7), keep_writing()
+        rekey.rotate(database, ring, actor=OPS, batch_size=7), keep_writing()
     )
     assert report.rotated == {"tokens": 40, "events": 40}
     assert await key_counts(conn) == {"k2": 80 + 2 * written}
@@ -107,9 +109,9 @@ async def test_interrupted_rotation_resumes(
         raise Crash
 
     with pytest.raises(Crash):
-        await rekey.rotate(database, ring, batch_size=4, progress=crash)
+        await rekey.rotate(database, ring, actor=OPS, batch_size=4, progress=crash)
     assert await key_counts(conn) == {"k1": 16, "k2": 4}
-    report = await rekey.rotate(database, ring, batch_size=4)
+    report = await rekey.rotate(database, ring, actor=OPS, batch_size=4)
     assert report.rotated == {"tokens": 6, "events": 10}
     assert await key_counts(conn) == {"k2": 20}
     assert await every_value_opens(conn, ring) == 20
@@ -121,7 +123,7 @@ async def test_rotation_reports_values_under_a_missing_key(
     """Values sealed under a key not in the ring are counted and named, not lost."""
     await post(helpers.onboarding())
     ring = vault.Keyring([K2])  # k1 removed too early
-    report = await rekey.rotate(database, ring)
+    report = await rekey.rotate(database, ring, actor=OPS)
     assert report.missing_keys == {"k1": 2}
     assert sum(report.rotated.values()) == 0
 
@@ -215,5 +217,5 @@ async def test_metrics_count_the_values_a_rotation_still_has_to_move(
         'key_id="k1",kind="events"': 3.0,
         'key_id="k1",kind="tokens"': 3.0,
     }
-    await rekey.rotate(database, vault.Sealer.from_settings(rotated_settings).keyring)
+    await rekey.rotate(database, vault.Sealer.from_settings(rotated_settings).keyring, actor=OPS)
     assert to_rotate(await (await scraper.get("/metrics")).text()) == {}

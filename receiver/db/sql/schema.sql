@@ -762,7 +762,10 @@ CREATE VIEW receiver.cache_tokens AS
             ELSE tokens.status
         END AS status,
     tokens.onboarding_completed_at,
-    tokens.token_sealed
+        CASE
+            WHEN ((tokens.status = 'active'::text) OR ((tokens.status = 'superseded'::text) AND (tokens.expires_at > now()))) THEN tokens.token_sealed
+            ELSE NULL::bytea
+        END AS token_sealed
    FROM receiver.tokens;
 
 CREATE TABLE receiver.events (
