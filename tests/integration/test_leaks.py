@@ -109,8 +109,10 @@ async def test_postgres_never_sees_a_plaintext_token(
 ) -> None:
     """With Postgres logging every statement and its bind parameters, and failing
     statements too, its server log holds no token: only sealed bytes and the blind
-    index are ever bound, also for a token escaped or in UTF-16 in a body and for an
-    extra `v9=tok_live_…` in the signature header."""
+    index are ever bound, also for every encoding of `hostile_encodings` (escaped,
+    UTF-16, a JSON key, malformed, `v9=` in the signature header, a percent-encoded
+    URL) and for the operator commands that read them back: `events list`, `show`,
+    `reprocess` (with a token-shaped id too), `tokens list`, `signals list`."""
     dsn, _control = own_postgres
     admin = await asyncpg.connect(dsn)
     await admin.execute("CREATE DATABASE watched")
@@ -153,6 +155,9 @@ async def test_postgres_never_sees_a_plaintext_token(
         headers["X-Debitura-Signature"] += f",v9={in_header}"
         response = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
         assert response.status == 200
+    hostile, hidden, percent = hostile_encodings()
+    answers = await post_hostile(client, webhook_secret, hostile, percent)
+    outputs = await asyncio.to_thread(cli_surfaces, operator_env(settings), hidden)
     # A statement that fails makes Postgres log it with its parameters as well.
     conn = await asyncpg.connect(database_url)
     with contextlib.suppress(asyncpg.PostgresError):
@@ -161,9 +166,118 @@ async def test_postgres_never_sees_a_plaintext_token(
     log_text = (Path(urlsplit(dsn).query.split("host=")[1]) / "log").read_text(errors="replace")
     assert "receiver.record_events_v2(" in log_text  # the statements really were logged
     assert "Parameters: $1 = " in log_text
+    assert "reprocess_event_v2(" in log_text  # the operator commands' statements too
     for token in planted:
         for form in helpers.leak_forms(token):
             assert form not in log_text
+    assert_hidden(
+        {"statement log": log_text, "answers": "\n".join(answers), "cli": "\n".join(outputs)},
+        hidden,
+    )
+
+
+# --- every encoding the attack used (issue 24) ----------------------------------------
+
+# The public part of a token: "tok_live_" and six characters (its 15-character prefix).
+_PUBLIC = 15
+
+
+def reader_forms(secret: str) -> list[str]:
+    """How `secret` could show in a sink: as text, hex, base64, and spelled out as
+    UTF-16 read as UTF-8 (NULs or replacement characters between its letters)."""
+    spelled = [sep.join(secret) for sep in ("\x00", "\ufffd", "\\u0000", "\\ufffd")]
+    return [*helpers.leak_forms(secret), *spelled]
+
+
+def hostile_encodings() -> tuple[list[tuple[bytes, dict[str, str]]], list[str], str]:
+    """Signed deliveries carrying canary tokens in every encoding the attack used:
+    JSON-escaped (valid JSON, and in a NaN body), UTF-16, as a JSON key, malformed
+    with `+`, `/` or a space inside, and an extra `v9=` in the signature header; the
+    secret parts no sink may show (each token past its public prefix, or past its
+    odd character); and a URL path with a percent-encoded token (refused 400)."""
+    esc, esc_nan, u16, key, plus, slash, space, header, url = (
+        helpers.canary_token() for _ in range(9)
+    )
+
+    def escaped(token: str) -> str:
+        return token.replace("_", "\\u005f")
+
+    def broken(token: str, odd: str) -> str:
+        return token[:24] + odd + token[24:]
+
+    deliveries: list[tuple[bytes, dict[str, str]]] = [
+        (
+            b'{"id": "evt_esc", "event": "x", "data": {"n": "%s"}}' % escaped(esc).encode(),
+            {},
+        ),
+        (b'{"id": "evt_nan", "n": "%s", "x": NaN}' % escaped(esc_nan).encode(), {}),
+        (json.dumps(helpers.onboarding("cli_u16", u16)).encode("utf-16"), {}),
+        (helpers.encode({"id": "evt_key", "event": "x", "data": {key: 1}}), {}),
+        (helpers.encode({"id": "evt_plus", "event": "x", "data": {"n": broken(plus, "+")}}), {}),
+        (helpers.encode({"id": "evt_slash", "event": "x", "data": {"n": broken(slash, "/")}}), {}),
+        (helpers.encode({"id": "evt_space", "event": "x", "data": {"n": broken(space, " ")}}), {}),
+        (helpers.encode(helpers.onboarding()), {"v9": header}),
+    ]
+    hidden = [t[_PUBLIC:] for t in (esc, esc_nan, u16, key, header, url)]
+    hidden += [t[24:] for t in (plus, slash, space)]
+    percent = app.WEBHOOK_PATH + "?x=" + url.replace("_", "%5F")
+    return deliveries, hidden, percent
+
+
+async def post_hostile(
+    client: Any, webhook_secret: str, deliveries: list[tuple[bytes, dict[str, str]]], percent: str
+) -> list[str]:
+    """Send `hostile_encodings()`'s deliveries signed (an extra `v9=` appended to the
+    signature header where asked) and the percent-encoded URL; every answer's text."""
+    answers = []
+    for body, extra in deliveries:
+        headers = helpers.signed_headers(webhook_secret, body)
+        if "v9" in extra:
+            headers["X-Debitura-Signature"] += f",v9={extra['v9']}"
+        response = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
+        assert response.status == 200
+        answers.append(await response.text())
+    body = helpers.encode(helpers.onboarding())
+    response = await client.post(
+        percent, data=body, headers=helpers.signed_headers(webhook_secret, body)
+    )
+    assert response.status == 400
+    answers.append(await response.text())
+    return answers
+
+
+def cli_surfaces(env: dict[str, str], hidden: list[str]) -> list[str]:
+    """What operators see: `events list` (table and JSON), `events show` of every
+    stored event, `events reprocess --quarantined`, `tokens list`, `signals list`,
+    and `events show`/`reprocess` given a token-shaped id, escaped or not."""
+    outputs = [
+        run(["events", "list", "--json", "--limit", "1000"], env).stdout,
+        run(["events", "list"], env).stdout,
+        run(["tokens", "list"], env).stdout,
+        run(["signals", "list"], env).stdout,
+    ]
+    for line in outputs[0].splitlines():
+        shown = run(["events", "show", json.loads(line)["key"]], env)
+        assert shown.returncode == 0, shown.stderr
+        outputs.append(shown.stdout)
+    reprocessed = run(["events", "reprocess", "--quarantined"], env)
+    assert "out of quarantine" in reprocessed.stdout, reprocessed.stderr
+    outputs += [reprocessed.stdout, reprocessed.stderr]
+    as_id = "tok_live_abcdef" + hidden[0]
+    for given in (as_id, as_id.replace("_", "\\u005f")):
+        for command in (["events", "show", given], ["events", "reprocess", given]):
+            refused = run(command, env)
+            assert refused.returncode == 2, refused.stderr
+            outputs += [refused.stdout, refused.stderr]
+    return outputs
+
+
+def assert_hidden(surfaces: dict[str, str], hidden: list[str]) -> None:
+    """No surface shows any hidden part in any reader form."""
+    for where, text in surfaces.items():
+        for secret in hidden:
+            for form in reader_forms(secret):
+                assert form not in text, where
 
 
 def _nested(value: Any, depth: int) -> Any:
@@ -205,9 +319,11 @@ async def test_canary_in_every_field_never_surfaces(
     webhook_secret: str,
     log_lines: Any,
 ) -> None:
-    """A canary token planted in every field of signed deliveries (and in headers)
-    appears in no answer, log line, NOTIFY payload, cache POST, pg_dump, nor in the
-    output of `events list`, `events show`, `tokens list` and `signals list`."""
+    """A canary token planted in every field of signed deliveries (and in headers),
+    and in every encoding of `hostile_encodings` (escaped, UTF-16, a JSON key, a
+    percent-encoded URL, malformed with `+`, `/` or a space, `v9=` in the signature
+    header), appears in no answer, log line, NOTIFY payload, cache POST, pg_dump, nor
+    in the output of `events list/show/reprocess`, `tokens list` and `signals list`."""
     cached = with_cache(settings, standin_cache)
     client = await aiohttp_client(app.create_app(cached))
     listener = await asyncpg.connect(database_url)
@@ -222,6 +338,8 @@ async def test_canary_in_every_field_never_surfaces(
             response = await client.post(app.WEBHOOK_PATH, data=body, headers=headers)
             assert response.status == 200
             answers.append(await response.text())
+        hostile, hidden, percent = hostile_encodings()
+        hostile_answers = await post_hostile(client, webhook_secret, hostile, percent)
         await eventually(lambda: _true(len(standin_cache.received) >= 2))
         await eventually(lambda: _true(len(notified) >= 2))
     finally:
@@ -230,20 +348,10 @@ async def test_canary_in_every_field_never_surfaces(
     # The legitimate pair, and the delivery with the token only in its headers, apply.
     assert statuses == ["processed"] * 2 + ["quarantined"] * 10 + ["processed", "quarantined"]
 
-    env = operator_env(settings)
-    outputs = [
-        run(["events", "list", "--json", "--limit", "1000"], env).stdout,
-        run(["events", "list"], env).stdout,
-        run(["tokens", "list"], env).stdout,
-        run(["signals", "list"], env).stdout,
-    ]
-    for line in outputs[0].splitlines():
-        shown = run(["events", "show", json.loads(line)["key"]], env)
-        assert shown.returncode == 0, shown.stderr
-        outputs.append(shown.stdout)
-    assert len(outputs) == 4 + len(answers)
+    outputs = cli_surfaces(operator_env(settings), hidden)
+    assert len(outputs) == 4 + len(answers) + len(hostile) + 2 + 8
     surfaces = {
-        "answers": "\n".join(answers),
+        "answers": "\n".join(answers + hostile_answers),
         "logs": json.dumps(log_lines()),
         "notify": "\n".join(notified),
         "cache posts": json.dumps([r["body"] for r in standin_cache.received]),
@@ -254,6 +362,7 @@ async def test_canary_in_every_field_never_surfaces(
         for secret in (token, live):
             for form in helpers.leak_forms(secret):
                 assert form not in text, where
+    assert_hidden(surfaces, hidden)
     assert live[:15] in surfaces["cli"]  # the prefix is public, and shown
 
 
