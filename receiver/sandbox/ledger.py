@@ -151,6 +151,10 @@ class Ledger:
         token.expires_at = self.clock()
         return token
 
+    def issued(self) -> list[IssuedToken]:
+        """Every token issued so far, in order."""
+        return list(self._tokens.values())
+
     def lookup(self, value: str) -> IssuedToken | None:
         """The issued token with this value, usable or not."""
         return self._tokens.get(value)

@@ -28,18 +28,21 @@ SCHEDULE = (0, 60, 120, 240, 480, 960, 1800, 1800)
 JITTER = 0.10
 # Debitura waits at most 10 s for an answer (docs/design.md §1); not scaled.
 ANSWER_TIMEOUT_SECONDS = 10.0
+_ANSWER_KEPT = 2000  # bytes of each answer kept for tests to read
 PENDING, DELIVERED, FAILED, ABANDONED = "pending", "delivered", "failed", "abandoned"
 
 
 @dataclass(slots=True)
 class Attempt:
     """One try: the delay planned before it (nominal and jittered, seconds before
-    scaling), when it left (monotonic), and the answer (status, or the error's name)."""
+    scaling), when it left (monotonic), and the answer (status and the start of its
+    body, or the error's name)."""
 
     nominal_delay: float
     planned_delay: float
     sent_at: float = 0.0
     status: int | None = None
+    answer: str | None = None
     error: str | None = None
 
 
@@ -168,7 +171,7 @@ class Subscription:
         attempt.sent_at = time.monotonic()
         try:
             async with self._session.post(self.url, data=delivery.body, headers=headers) as r:
-                await r.read()
+                attempt.answer = (await r.read())[:_ANSWER_KEPT].decode(errors="replace")
                 attempt.status = r.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             attempt.error = type(exc).__name__
