@@ -415,8 +415,7 @@ def _add_sandbox(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     parser = subcommands.add_parser(
         "sandbox",
         help="run a stand-in Debitura (token API, OAuth, /cases, signed webhooks)",
-        description="Example: receiver sandbox --webhook-url http://127.0.0.1:8080/webhooks/"
-        "debitura --webhook-secret $SECRET --time-scale 60 --link cli_demo",
+        description="Example: receiver sandbox --dev --link cli_demo --time-scale 60",
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address")
     parser.add_argument("--port", type=int, default=sandbox_command.DEFAULT_PORT, help="port")
@@ -438,5 +437,10 @@ def _add_sandbox(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
         default=[],
         metavar="CLIENT_ID",
         help="link this client at start (repeatable; sends its onboarding webhook)",
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="send webhooks to `make run`'s receiver, signed with its dev secret",
     )
     parser.set_defaults(run=sandbox_command.run)

@@ -3,14 +3,19 @@ Customer API's /cases, fault injection and the command, over real HTTP on loopba
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from receiver import signing
 from receiver.sandbox import Sandbox
 from tests import helpers
 from tests.integration import processes
@@ -334,3 +339,46 @@ async def test_the_command_serves_links_and_never_prints_a_token() -> None:
         assert token[:15] in text
         assert token not in text
     assert process.returncode == 0
+
+
+def test_the_command_refuses_a_webhook_url_without_a_secret() -> None:
+    """`--webhook-url` alone, or a secret that is not base64, is a usage error: exit 2."""
+    env = processes.clean_env()
+    alone = processes.run(["sandbox", "--webhook-url", "http://127.0.0.1:9/x"], env)
+    assert alone.returncode == 2
+    assert "--webhook-secret" in alone.stderr
+    garbled = ["sandbox", "--webhook-url", "http://127.0.0.1:9/x", "--webhook-secret", "%%%"]
+    assert processes.run(garbled, env).returncode == 2
+
+
+async def test_the_command_with_dev_signs_with_the_dev_secret(tmp_path: Path) -> None:
+    """`receiver sandbox --dev` signs its webhooks with the dev secret of RECEIVER_DATA_DIR."""
+    received: list[tuple[bytes, str]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append((await request.read(), request.headers["X-Debitura-Signature"]))
+        return web.json_response({"status": "processed"})
+
+    app = web.Application()
+    app.router.add_post("/webhooks/debitura", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    hook_port = processes.free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    try:
+        env = processes.clean_env(RECEIVER_DATA_DIR=str(tmp_path))
+        args = ["sandbox", "--dev", "--port", str(processes.free_port()), "--link", "cli_dev"]
+        args += ["--webhook-url", f"http://127.0.0.1:{hook_port}/webhooks/debitura"]
+        with processes.background(args, env) as (process, output):
+
+            async def delivered() -> bool:
+                assert process.poll() is None, output.read_text()
+                return bool(received)
+
+            await eventually(delivered, seconds=30)
+    finally:
+        await runner.cleanup()
+    body, header = received[0]
+    helpers.CANARIES.add(json.loads(body)["data"]["bearer_token"])
+    secret = json.loads((tmp_path / "dev-secrets.json").read_text())["webhook_secrets"]
+    signing.verify(header, body, [base64.b64decode(secret)], 300)
