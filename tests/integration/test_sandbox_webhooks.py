@@ -16,7 +16,7 @@ from aiohttp import web
 
 from receiver import config, db, errors, signing, vault
 from receiver.admin import tokens
-from receiver.lifecycle.governance import Actor
+from receiver.lifecycle.audit import Actor
 from receiver.sandbox import SCHEDULE, Sandbox
 from tests import helpers
 from tests.integration import processes
