@@ -30,7 +30,8 @@ The in-process API (a contract with other tests; change it only with the lead):
     sb.add_tenant("tenant-1", creditor_id=None, scopes=...) -> creditor_id
     sb.revoke("cli_1", reason=..., prefix_length=15)   # as Debitura on its own + webhook
     sb.rotate("cli_1", reason=..., revoke_immediately=False) -> ledger.Rotation
-    sb.faults.fail_next(call, status, times=1, retry_after=None)
+    sb.faults.fail_next(call, status, times=1, retry_after=None)  # Debitura-shaped body;
+                                               # 403: permission_error + required_scope
     sb.faults.drop_after(call, times=1)        # takes effect, then the answer is lost
     sb.faults.delay(call, seconds)             # takes effect, then answers late; 0 ends
     sb.faults.clear()

@@ -87,7 +87,26 @@ def _guarded(call: str, handler: Handler) -> Callable[[web.Request], Awaitable[w
     return handle
 
 
+# The scope an injected 403 says the API key lacks (Debitura documents none for the
+# partner API; the shape is the Customer API's permission_error).
+FAULT_REQUIRED_SCOPE = "referral_partner.tokens"
+
+
 def _failure(status: int) -> web.Response:
+    """An injected answer in the shape Debitura gives that status."""
+    if status == 401:
+        return error(401, "authentication_error", "invalid_api_key", "Invalid API key")
+    if status == 403:
+        return error(
+            403,
+            "permission_error",
+            "insufficient_scope",
+            "Token does not have permission for this action",
+            required_scope=FAULT_REQUIRED_SCOPE,
+            token_scopes=[],
+        )
+    if status == 404:
+        return error(404, "not_found_error", "not_found", "Not found")
     if status == 429:
         return error(429, "rate_limit_error", "rate_limited", "Too many requests")
     if status >= 500:

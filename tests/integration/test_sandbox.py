@@ -382,3 +382,24 @@ async def test_the_command_with_dev_signs_with_the_dev_secret(tmp_path: Path) ->
     helpers.CANARIES.add(json.loads(body)["data"]["bearer_token"])
     secret = json.loads((tmp_path / "dev-secrets.json").read_text())["webhook_secrets"]
     signing.verify(header, body, [base64.b64decode(secret)], 300)
+
+
+@pytest.mark.parametrize(
+    ("status", "type_", "extra"),
+    [
+        (401, "authentication_error", {}),
+        (403, "permission_error", {"required_scope": "referral_partner.tokens"}),
+        (404, "not_found_error", {}),
+        (500, "api_error", {}),
+    ],
+)
+async def test_an_injected_failure_takes_debitura_shape_for_its_status(
+    sandbox: Sandbox, http: aiohttp.ClientSession, status: int, type_: str, extra: dict[str, str]
+) -> None:
+    """fail_next answers in the error shape Debitura uses for that status (403 names scopes)."""
+    sandbox.link_client("cli_shape")
+    sandbox.faults.fail_next("fetch", status)
+    got, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_shape/token")
+    assert got == status
+    assert body["error"]["type"] == type_
+    assert extra.items() <= body["error"].items()
