@@ -20,7 +20,7 @@ from receiver.partner import expiring, failures, transport
 log = logging.getLogger("receiver.partner")
 
 DEFAULT_API_URL = "https://referral-api.debitura.com"
-TOKEN_PATH = "/oauth/token"
+TOKEN_PATH = "/oauth/token"  # noqa: S105 - a path, not a password
 _MAX_TOKEN_CHARS = 8192
 
 
@@ -35,11 +35,11 @@ class MintAnswer(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="ignore")
 
-    accessToken: Annotated[StrictStr, pydantic.Field(min_length=1, max_length=_MAX_TOKEN_CHARS)]  # noqa: N815
-    tokenType: Annotated[StrictStr, pydantic.AfterValidator(_bearer)]  # noqa: N815
-    expiresIn: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]  # noqa: N815
-    externalTenantId: StrictStr | None = None  # noqa: N815
-    creditorId: StrictStr | None = None  # noqa: N815
+    accessToken: Annotated[StrictStr, pydantic.Field(min_length=1, max_length=_MAX_TOKEN_CHARS)]
+    tokenType: Annotated[StrictStr, pydantic.AfterValidator(_bearer)]
+    expiresIn: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+    externalTenantId: StrictStr | None = None
+    creditorId: StrictStr | None = None
 
 
 class MintedTokens(expiring.ExpiringTokens):

@@ -162,7 +162,7 @@ async def post_once(
     key: str,
     headers: Mapping[str, str] | None = None,
     limit: int = DEFAULT_ANSWER_LIMIT_BYTES,
-    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    request_timeout: float = DEFAULT_TIMEOUT_SECONDS,
     retry_after_cap: float = 60.0,
 ) -> Answer:
     """One POST of a JSON payload, redirects refused, the answer read up to `limit`."""
@@ -171,7 +171,7 @@ async def post_once(
         json=dict(payload),
         headers=dict(headers or {}),
         allow_redirects=False,
-        timeout=aiohttp.ClientTimeout(total=timeout),
+        timeout=aiohttp.ClientTimeout(total=request_timeout),
     ) as response:
         status = response.status
         retry_after = parse_retry_after(response.headers.get("Retry-After"), cap=retry_after_cap)
@@ -200,7 +200,7 @@ async def post(
     policy: RetryPolicy,
     headers: Mapping[str, str] | None = None,
     limit: int = DEFAULT_ANSWER_LIMIT_BYTES,
-    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    request_timeout: float = DEFAULT_TIMEOUT_SECONDS,
     clock: Callable[[], float] = time.monotonic,
     on_attempt: Callable[[], None] | None = None,
 ) -> Answer:
@@ -217,7 +217,7 @@ async def post(
         try:
             answer = await post_once(
                 session, url, payload, key=key, headers=headers, limit=limit,
-                timeout=timeout, retry_after_cap=policy.retry_after_cap,
+                request_timeout=request_timeout, retry_after_cap=policy.retry_after_cap,
             )  # fmt: skip
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = type(exc).__name__  # the class only: its text can quote the request
