@@ -54,7 +54,14 @@ class Scripted:
             return web.json_response({"error": "nothing scripted"}, status=500)
         return await self.handlers.pop(0)(request)
 
-    def json(self, document: Any, status: int = 200, times: int = 1, **headers: str) -> None:
+    def json(
+        self,
+        document: Any,
+        status: int = 200,
+        *,
+        times: int = 1,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """Queue a JSON answer (`times` times)."""
 
         async def answer(_: web.Request) -> web.Response:
@@ -297,7 +304,7 @@ async def test_retry_after_is_finite_and_capped(
 ) -> None:
     """A 429 whose Retry-After is inf, huge, NaN or negative: the mint's `RateLimited`
     carries a finite wait, capped at the policy's `retry_after_cap` (60 s)."""
-    endpoint.json({"error": "slow"}, status=429, **{"Retry-After": header})
+    endpoint.json({"error": "slow"}, status=429, headers={"Retry-After": header})
     tokens = partner.MintedTokens(
         API_KEY, api_url=endpoint.url, session=session, retry=fast_retries(max_retries=0)
     )
@@ -360,7 +367,9 @@ async def test_no_secret_in_any_log_line_exception_or_repr_under_every_error_pat
         scripts: list[Callable[[], None]] = [
             lambda: endpoint.json({"error": api_key}, status=401),
             lambda: endpoint.json({"error": api_key}, status=404),
-            lambda: endpoint.json({}, status=307, Location="http://127.0.0.1:9/" + api_key),
+            lambda: endpoint.json(
+                {}, status=307, headers={"Location": "http://127.0.0.1:9/" + api_key}
+            ),
             lambda: endpoint.raw(b"{" + access.encode()),
             lambda: endpoint.raw(json.dumps({"accessToken": {"t": access}}).encode()),
             lambda: endpoint.raw(
@@ -368,7 +377,7 @@ async def test_no_secret_in_any_log_line_exception_or_repr_under_every_error_pat
             ),
             lambda: endpoint.json({"e": access}, status=503, times=2),
             # Retry-After inf is capped at 60 s, past the 30 s budget: no retry.
-            lambda: endpoint.json({"e": access}, status=429, **{"Retry-After": "inf"}),
+            lambda: endpoint.json({"e": access}, status=429, headers={"Retry-After": "inf"}),
             lambda: endpoint.json({"e": access}, status=418),
         ]
         for script in scripts:
