@@ -64,11 +64,13 @@ class BlockingTokens:
         response = request(token)
         if self._check(key, response) != 401:
             return response
+        calling.discard(response)
         fresh = self._run(self._tokens.renew(key, token), key)
         if fresh == token:
             raise self._run(self._tokens.refused_twice(key, token), key)
         response = request(fresh)
         if self._check(key, response) == 401:
+            calling.discard(response)
             raise self._run(self._tokens.refused_twice(key, fresh), key)
         return response
 
@@ -89,9 +91,12 @@ class BlockingTokens:
     def _check(key: str, response: Any) -> int:
         status = calling.status_of(response)
         if status == 429:
+            calling.discard(response)
             raise calling.rate_limited(key, response)
         if status == 403:
-            raise calling.permission_denied(key, calling.document_sync(response))
+            document = calling.document_sync(response)
+            calling.discard(response)
+            raise calling.permission_denied(key, document)
         return status
 
     def _run(self, coroutine: Coroutine[Any, Any, T], key: str) -> T:

@@ -128,12 +128,30 @@ def document_sync(response: Any) -> Any:
     return None
 
 
+def discard(response: Any) -> None:
+    """Close a response the application will never see (a refused call replaced by
+    its retry, or one turned into an exception), so its connection is not left to the
+    garbage collector. Synchronous `close()` only (aiohttp, httpx, requests, urllib)."""
+    close = getattr(response, "close", None)
+    if not callable(close):
+        return
+    try:
+        result = close()
+    except Exception:  # noqa: BLE001 - closing is best effort; the call's outcome stands
+        return
+    if inspect.iscoroutine(result):
+        result.close()  # an async-only close: never awaited here
+
+
 async def _check(key: str, response: Any) -> int:
     status = status_of(response)
     if status == 429:
+        discard(response)
         raise rate_limited(key, response)
     if status == 403:
-        raise permission_denied(key, await _document_async(response))
+        document = await _document_async(response)
+        discard(response)
+        raise permission_denied(key, document)
     return status
 
 
@@ -143,10 +161,12 @@ async def call(source: Source, key: str, request: Callable[[str], Awaitable[R]])
     response = await request(token)
     if await _check(key, response) != 401:
         return response
+    discard(response)
     fresh = await source.renew(key, token)
     if fresh == token:
         raise await source.refused_twice(key, token)
     response = await request(fresh)
     if await _check(key, response) == 401:
+        discard(response)
         raise await source.refused_twice(key, fresh)
     return response

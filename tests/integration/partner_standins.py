@@ -218,6 +218,7 @@ class StandInVideo:
     refresh_tokens: set[str] = field(default_factory=set)
     revoked: set[str] = field(default_factory=set)
     scripted_refresh: list[int] = field(default_factory=list)
+    refusing: bool = False  # every call refused (an account that lost access)
     server: TestServer | None = None
 
     @property
@@ -257,7 +258,7 @@ class StandInVideo:
     async def videos(self, request: web.Request) -> web.Response:
         self.calls += 1
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if self.access.get(token, 0.0) <= self.clock() or token in self.revoked:
+        if self.refusing or self.access.get(token, 0.0) <= self.clock() or token in self.revoked:
             return web.json_response({"title": "unauthorized"}, status=401)
         return web.json_response({"videoId": uuid.uuid4().hex}, status=201)
 
