@@ -38,10 +38,15 @@ class BlockingTokens:
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="receiver-partner", daemon=True
         )
-        self._closing = threading.Lock()
+        # Held while submitting and while closing: no call slips onto a stopping loop.
+        self._lock = threading.Lock()
         self._closed = False
         self._thread.start()
-        self._run(tokens.start(), "")
+        try:
+            self._run(tokens.start(), "")
+        except BaseException:
+            self._stop()
+            raise
 
     def __repr__(self) -> str:
         return f"BlockingTokens({self._tokens!r}, closed={self._closed})"
@@ -75,17 +80,24 @@ class BlockingTokens:
         return response
 
     def close(self) -> None:
-        """Close the token model and stop its thread; later calls raise `TokenError`."""
-        with self._closing:
+        """Close the token model and stop its thread. Calls still waiting end with a
+        `TokenError`, and so do later calls."""
+        try:
+            self._run(self._tokens.close(), "")
+        except failures.TokenError:
+            pass  # closed already, or the close timed out: stop the loop all the same
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        with self._lock:
             if self._closed:
                 return
-            try:
-                self._run(self._tokens.close(), "")
-            finally:
-                self._closed = True
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join()
-                self._loop.close()
+            self._closed = True
+        asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result(self._timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     @staticmethod
     def _check(key: str, response: Any) -> int:
@@ -100,15 +112,31 @@ class BlockingTokens:
         return status
 
     def _run(self, coroutine: Coroutine[Any, Any, T], key: str) -> T:
-        if self._closed:
-            coroutine.close()
-            raise failures.TokenError("the blocking token model is closed", key)
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        with self._lock:
+            if self._closed:
+                coroutine.close()
+                raise failures.TokenError("the blocking token model is closed", key)
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result(self._timeout)
+        except concurrent.futures.CancelledError:
+            cancelled = True  # closed while this call waited
         except concurrent.futures.TimeoutError:
             future.cancel()
+            cancelled = False
+        if cancelled:
+            raise failures.TokenError("the blocking token model was closed", key)
         raise failures.Unavailable(f"no answer within {self._timeout:.0f} s", key, None)
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task on the loop (calls in flight, background renewals), so
+    no caller waits on a loop that is about to stop."""
+    current = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not current]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def blocking(tokens: Tokens, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> BlockingTokens:
