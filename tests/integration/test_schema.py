@@ -15,7 +15,7 @@ import pytest
 
 from receiver import db, errors, vault
 from receiver.db import migrations
-from receiver.lifecycle import events, store
+from receiver.lifecycle import events, rows
 from tests import helpers, schema
 from tests.conftest import create_database, drop_database, unique_name, with_database
 
@@ -46,13 +46,13 @@ async def test_schema_file_matches_the_migrations(empty_database_url: str, serve
 
 
 async def test_row_fields_match_the_sql_composite_in_order(conn: asyncpg.Connection) -> None:
-    """store.Row and receiver.event_row name the same fields in the same order, so a
+    """rows.Row and receiver.event_row_v2 name the same fields in the same order, so a
     field swapped on one side cannot go unnoticed."""
     names = await conn.fetch(
-        "SELECT attname FROM pg_attribute WHERE attrelid = 'receiver.event_row'::regclass "
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'receiver.event_row_v2'::regclass "
         "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
     )
-    assert tuple(r["attname"] for r in names) == store.Row._fields
+    assert tuple(r["attname"] for r in names) == rows.Row._fields
 
 
 # --- migrations ------------------------------------------------------------------------
@@ -176,8 +176,8 @@ async def test_database_built_by_the_squashed_files_is_adopted(empty_database_ur
 
 def _row(sealer: vault.Sealer, document: dict[str, Any]) -> tuple[Any, ...]:
     body = helpers.encode(document)
-    delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
-    return store.prepare(sealer, events.read(body, is_test=False), delivery).as_record()
+    delivery = rows.Arrival(body=body, is_test=False, test_header=False, signature=None)
+    return rows.prepare(sealer, events.read(body, is_test=False), delivery).as_record()
 
 
 async def _wait_until_blocked(watcher: asyncpg.Connection, pids: list[int]) -> None:
@@ -216,10 +216,10 @@ async def test_groups_sharing_keys_and_clients_never_deadlock(
         await holder.execute(lock.format("lock"))
         calls = []
         # The second group queues for the client lock first, so it gets it first.
-        for conn, rows in ((groups[1], second), (groups[0], first)):
+        for conn, group in ((groups[1], second), (groups[0], first)):
             await conn.execute("SET deadlock_timeout = '100ms'")
             calls.append(
-                asyncio.create_task(conn.fetch(db.QUERIES["record_events"], rows, "c", False))
+                asyncio.create_task(conn.fetch(db.QUERIES["record_events"], group, "c", False))
             )
             await _wait_until_blocked(holder, [conn.get_server_pid()])
         await holder.execute(lock.format("unlock"))
