@@ -221,6 +221,30 @@ async def _state(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     ],
     cuts=[1],
 )
+# Two supersessions in one group, each with its own expiry; revocations by prefixes
+# shorter and longer than the stored one, before and after the tokens they name.
+@example(
+    script=[
+        ("onboard", "cli_a", "live", 0, 0, False),
+        ("onboard", "cli_a", "test", 0, 0, False),
+        ("onboard", "cli_a", "live", 1, 2, False),
+        ("onboard", "cli_a", "test", 1, 4, True),
+    ],
+    cuts=[2],
+)
+@example(
+    script=[
+        ("revoke", "cli_a", "live", 0, 1, 12),
+        ("revoke", "cli_b", "live", 2, 1, 17),
+        ("onboard", "cli_a", "live", 1, 0, False),
+        ("onboard", "cli_b", "live", 0, 0, False),
+        ("onboard", "cli_b", "test", 2, 0, False),
+        ("onboard", "cli_a", "test", 2, 0, False),
+        ("revoke", "cli_b", "test", 0, 3, 16),
+        ("revoke", "cli_a", "test", 1, 3, 14),
+    ],
+    cuts=[2],
+)
 def test_set_based_groups_end_as_row_by_row_ones(
     pair: Pair,
     sealer: vault.Sealer,
