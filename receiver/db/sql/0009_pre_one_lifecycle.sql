@@ -47,6 +47,11 @@ CREATE TYPE receiver.event_row_v2 AS (
     spared text[]               -- checked in memory, not matching (NULL: not checked)
 );
 
+-- Revocations by a prefix longer than the stored 15 characters: rare, and each
+-- onboarding asks whether its client has one (record_events_v5).
+CREATE INDEX revocations_long_prefix ON receiver.revocations (client_id, environment)
+    WHERE length(token_prefix) > 15;
+
 -- Every advisory lock a row needs: its key, its client, the row it replaces.
 CREATE FUNCTION receiver.event_locks_v2(r receiver.event_row_v2) RETURNS bigint[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -350,8 +355,11 @@ BEGIN
       FROM unnest(p_rows) WITH ORDINALITY AS x,
            LATERAL (SELECT x.spared IS NULL AND CASE
                WHEN x.kind = 'onboarding' THEN EXISTS (
+                   -- `> 15` as well: the partial index revocations_long_prefix, empty
+                   -- unless such a revocation was ever received, answers this probe.
                    SELECT 1 FROM receiver.revocations v
                     WHERE v.client_id = x.client_id AND v.environment = x.environment
+                      AND length(v.token_prefix) > 15
                       AND length(v.token_prefix) > length(x.prefix)
                       AND receiver.prefix_may_match(v.token_prefix, x.prefix))
                WHEN x.kind = 'revocation' THEN EXISTS (

@@ -353,8 +353,11 @@ BEGIN
       FROM unnest(p_rows) WITH ORDINALITY AS x,
            LATERAL (SELECT x.spared IS NULL AND CASE
                WHEN x.kind = 'onboarding' THEN EXISTS (
+                   -- `> 15` as well: the partial index revocations_long_prefix, empty
+                   -- unless such a revocation was ever received, answers this probe.
                    SELECT 1 FROM receiver.revocations v
                     WHERE v.client_id = x.client_id AND v.environment = x.environment
+                      AND length(v.token_prefix) > 15
                       AND length(v.token_prefix) > length(x.prefix)
                       AND receiver.prefix_may_match(v.token_prefix, x.prefix))
                WHEN x.kind = 'revocation' THEN EXISTS (
@@ -595,6 +598,8 @@ CREATE INDEX events_sealed_key_id ON receiver.events USING btree (receiver.seale
 CREATE INDEX link_reports_client ON receiver.link_reports USING btree (client_id, environment, token_prefix);
 
 CREATE INDEX revocations_client ON receiver.revocations USING btree (client_id);
+
+CREATE INDEX revocations_long_prefix ON receiver.revocations USING btree (client_id, environment) WHERE (length(token_prefix) > 15);
 
 CREATE INDEX signals_dead ON receiver.signals USING btree (created_at) WHERE (status = 'dead'::text);
 
