@@ -336,7 +336,7 @@ SELECT key FROM receiver.events
  ORDER BY received_at, key
  LIMIT $2;
 
--- ---- data governance (lifecycle: audit, retention, erasure, adoption; 0004) ----------
+-- ---- data governance (receiver/lifecycle/, migration 0004) -------------------
 
 -- name: audit_record
 -- One audit row (the table refuses updates and deletes: 0004).
