@@ -23,7 +23,7 @@ from receiver.admin import (
     token_commands,
     tokens,
 )
-from receiver.lifecycle import events, governance
+from receiver.lifecycle import audit, events
 from receiver.service import daemon
 from receiver.signals import outbox
 
@@ -315,11 +315,13 @@ def _add_governance(subcommands: argparse._SubParsersAction[argparse.ArgumentPar
     _add_dev_flag(erase)
     erase.set_defaults(run=governance_commands.erase_client)
 
-    audit = subcommands.add_parser("audit", help="the audit trail of operator actions")
-    audit_sub = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
+    audit_parser = subcommands.add_parser("audit", help="the audit trail of operator actions")
+    audit_sub = audit_parser.add_subparsers(
+        dest="audit_command", metavar="AUDIT_COMMAND", required=True
+    )
     listing = audit_sub.add_parser("list", help="audit rows, newest first")
     listing.add_argument("--client", help="only this client (finds its erasure too)")
-    listing.add_argument("--action", choices=governance.ACTIONS)
+    listing.add_argument("--action", choices=audit.ACTIONS)
     listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)

@@ -9,7 +9,7 @@ import sys
 
 from receiver import config, console, db, vault
 from receiver.admin import inbox
-from receiver.lifecycle import governance
+from receiver.lifecycle import audit
 
 
 def list_events(args: argparse.Namespace) -> int:
@@ -57,9 +57,9 @@ def reprocess(args: argparse.Namespace) -> int:
     async def work(settings: config.Settings, database: db.Database) -> int:
         keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
         results = await inbox.reprocess(database, settings, keys)
-        await governance.audit_each(
+        await audit.audit_each(
             database,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             "events_reprocess",
             [
                 {"event_key": r.key, "detail": {"outcome": r.outcome, "reason": r.reason}}

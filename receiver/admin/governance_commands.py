@@ -8,14 +8,14 @@ import json
 import sys
 
 from receiver import config, console, db, vault
-from receiver.lifecycle import governance
+from receiver.lifecycle import audit, erasure, retention
 
 
 def prune(args: argparse.Namespace) -> int:
     """`receiver prune`: drop what has outlived its retention (or, --dry-run, count it)."""
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        report = await governance.prune(database, settings, dry_run=args.dry_run)
+        report = await retention.prune(database, settings, dry_run=args.dry_run)
         if not report.ran:
             print("receiver: another process is pruning now; nothing done", file=sys.stderr)
             return console.EXIT_FAILURE
@@ -46,22 +46,22 @@ def erase_client(args: argparse.Namespace) -> int:
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
-        erasure = await governance.erase_client(
+        erased = await erasure.erase_client(
             database,
             settings,
             sealer,
             args.client,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
         )
         if args.json:
-            print(json.dumps(erasure.as_dict()))
-        elif erasure.event_key is None:
+            print(json.dumps(erased.as_dict()))
+        elif erased.event_key is None:
             print(f"nothing left to erase for client {args.client!r}")
         else:
             print(
-                f"erased client {args.client!r}: {erasure.tokens} token value(s), "
-                f"{erasure.bodies} stored bod(ies); invalidation signalled "
-                f"({', '.join(erasure.environments)}); tombstone {erasure.client_hash[:16]}"
+                f"erased client {args.client!r}: {erased.tokens} token value(s), "
+                f"{erased.bodies} stored bod(ies); invalidation signalled "
+                f"({', '.join(erased.environments)}); tombstone {erased.client_hash[:16]}"
             )
         return 0
 
@@ -72,14 +72,14 @@ def list_audit(args: argparse.Namespace) -> int:
     """`receiver audit list`."""
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        rows = await governance.audit_listing(
+        rows = await audit.audit_listing(
             database,
             vault.Sealer.from_settings(settings),
             client_id=args.client,
             action=args.action,
             limit=args.limit,
         )
-        console.print_rows(rows, governance.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
+        console.print_rows(rows, audit.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
         return 0
 
     return console.with_database(args, work)

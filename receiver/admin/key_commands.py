@@ -8,7 +8,7 @@ import sys
 
 from receiver import config, console, db, vault
 from receiver.admin import rekey
-from receiver.lifecycle import governance
+from receiver.lifecycle import audit
 
 
 def generate(_: argparse.Namespace) -> int:
@@ -50,9 +50,9 @@ def rotate(args: argparse.Namespace) -> int:
         for kid, count in report.missing_keys.items():
             print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
         detail = {"primary": report.primary, "rotated": report.rotated}
-        await governance.audit_each(
+        await audit.audit_each(
             database,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             "keys_rotate",
             [{"detail": detail | {"missing_keys": report.missing_keys}}],
         )

@@ -11,7 +11,7 @@ import sys
 
 from receiver import config, console, db, vault
 from receiver.admin import tokens
-from receiver.lifecycle import governance
+from receiver.lifecycle import adoption, audit
 
 
 def list_tokens(args: argparse.Namespace) -> int:
@@ -52,7 +52,7 @@ def reveal(args: argparse.Namespace) -> int:
             database,
             sealer,
             args.client,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             prefix=args.prefix,
             environment=args.environment,
         )
@@ -70,21 +70,21 @@ def import_token(args: argparse.Namespace) -> int:
     """`receiver tokens import CLIENT_ID`: the token from stdin or --file, never argv."""
     if args.file:
         with open(args.file, encoding="utf-8") as source:
-            token = governance.read_token(source)
+            token = adoption.read_token(source)
     else:
         if sys.stdin.isatty():
             print("paste the token, then Enter:", file=sys.stderr)
-        token = governance.read_token([sys.stdin.readline()])
+        token = adoption.read_token([sys.stdin.readline()])
     expires_at = console.timestamp(args.expires_at, "--expires-at")
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        imported = await governance.import_token(
+        imported = await adoption.import_token(
             database,
             settings,
             vault.Sealer.from_settings(settings),
             args.client,
             token,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             supersede=args.supersede,
             old_expires_at=expires_at,
         )

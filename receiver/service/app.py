@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from receiver import config, db, errors, vault
-from receiver.lifecycle import committer, governance
+from receiver.lifecycle import committer, retention
 from receiver.service import middleware, openapi, probes, scrape, state, webhook
 from receiver.signals import outbox
 
@@ -76,7 +76,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _pruner(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(
-        governance.prune_every(app[state.DATABASE], app[state.SETTINGS]), name="pruner"
+        retention.prune_every(app[state.DATABASE], app[state.SETTINGS]), name="pruner"
     )
     yield
     task.cancel()
