@@ -249,11 +249,13 @@ RETURNING id::text AS id;
 
 -- name: active_token
 -- The client's newest token in one environment (the cache's read, through the view
--- the cache reader role may read): active, or what became of it.
+-- the cache reader role may read): active, or what became of it. Two tokens with the
+-- same onboarding time: the revoked one is the newer (a token superseded by the other
+-- is older than it), so a revocation is what `TokenRevoked` names.
 SELECT id::text AS id, prefix, status, token_sealed
   FROM receiver.cache_tokens
  WHERE client_id = $1 AND environment = $2
- ORDER BY status = 'active' DESC, onboarding_completed_at DESC
+ ORDER BY status = 'active' DESC, onboarding_completed_at DESC, status = 'revoked' DESC
  LIMIT 1;
 
 -- name: report_link_invalid
