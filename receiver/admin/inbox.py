@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from receiver import config, db, errors, redaction, signing, vault
-from receiver.lifecycle import audit, events, store
+from receiver.lifecycle import audit, events, rows, store
 
 log = structlog.get_logger(__name__)
 
@@ -56,10 +56,7 @@ async def show(
             entry["body"] = json.loads(row["body_redacted"])
         else:
             raw = keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
-            # As a reader would read it: a UTF-16 body as UTF-16 (its tokens masked as
-            # such), not as UTF-8 with a replacement character between the letters.
-            text = redaction.readings(raw)[-1 if b"\x00" in raw else 0]
-            text = text.replace("\x00", "\ufffd")
+            text = raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
             entry["body_text"] = _REDACTOR.text(text)
         del entry["body_redacted"]
         shown.append(entry)
@@ -77,7 +74,10 @@ class Reprocessed:
 
 
 async def reprocess(
-    database: db.Database, settings: config.Settings, keys: list[str], actor: audit.Actor
+    database: db.Database,
+    settings: config.Settings,
+    keys: list[str],
+    actor: audit.Actor,
 ) -> list[Reprocessed]:
     """Re-apply each quarantined delivery in `keys`; one outcome per key, in order.
 
@@ -86,59 +86,70 @@ async def reprocess(
     Idempotent: a delivery that left quarantine reports `not_quarantined` next time.
     """
     sealer = vault.Sealer.from_settings(settings)
-    results = []
-    for key in keys:
-        rows = await database.fetch("event_to_reprocess", key)
-        if not rows:
-            results.append(await _audited(database, actor, Reprocessed(key, "not_found")))
-            continue
-        row = rows[0]
-        if row["status"] != "quarantined":
-            results.append(await _audited(database, actor, Reprocessed(key, "not_quarantined")))
-            continue
-        if row["body_sealed"] is None:  # erased (receiver clients erase)
-            results.append(await _audited(database, actor, Reprocessed(key, "body_dropped")))
-            continue
-        body = sealer.keyring.open(
-            row["body_sealed"], vault.event_associated_data(row["sealed_for"])
-        )
-        delivery = store.Delivery(
-            body=body,
-            is_test=_is_test_now(settings, row, body),
-            test_header=bool(row["test_header"]),
-            signature=row["signature"],
-        )
-        event = events.read(body, is_test=delivery.is_test)
-        prepared = store.prepare(sealer, event, delivery)
+
+    async def record(prepared: rows.Row) -> store.Recorded:
+        # The lifecycle's one way in, as a webhook delivery takes it, on a connection
+        # whose transaction also takes the audit row.
         async with database.connection() as conn, conn.transaction():
-            outcome = await store.reprocess(
+            (recorded,) = await store.record_rows(
                 conn,
-                key,
-                prepared,
+                sealer,
+                [prepared],
                 channel=settings.notify_channel,
                 http_delivery=settings.cache_url is not None,
             )
-            result = _result(key, outcome, event)
-            await _audit(conn, actor, result)
+            assert prepared.replaces is not None
+            await _audit(conn, actor, prepared.replaces, recorded.outcome, recorded.reason)
+        return recorded
+
+    results = []
+    for key in keys:
+        found = await database.fetch("event_to_reprocess", key)
+        if not found:
+            results.append(await _audited(database, actor, Reprocessed(key, "not_found")))
+            continue
+        stored = found[0]
+        if stored["status"] != "quarantined":
+            results.append(await _audited(database, actor, Reprocessed(key, "not_quarantined")))
+            continue
+        if stored["body_sealed"] is None:  # erased (receiver clients erase)
+            results.append(await _audited(database, actor, Reprocessed(key, "body_dropped")))
+            continue
+        body = sealer.keyring.open(
+            stored["body_sealed"], vault.event_associated_data(stored["sealed_for"])
+        )
+        arrival = rows.Arrival(
+            body=body,
+            is_test=_is_test_now(settings, stored, body),
+            test_header=bool(stored["test_header"]),
+            signature=stored["signature"],
+        )
+        recorded, event = await store.record_delivery(
+            record, sealer, events.read(body, is_test=arrival.is_test), arrival, replaces=key
+        )
+        outcome = "id_conflict" if recorded.reason == "id_conflict" else recorded.outcome
+        result = _result(key, outcome, event)
         log.info("event_reprocessed", event_id=key, outcome=result.outcome, reason=result.reason)
         results.append(result)
     return results
 
 
-async def _audit(conn: db.Connection, actor: audit.Actor, result: Reprocessed) -> None:
+async def _audit(
+    conn: db.Connection, actor: audit.Actor, key: str, outcome: str, reason: str | None
+) -> None:
     await audit.audit(
         conn,
         actor,
         "events_reprocess",
-        event_key=result.key,
-        detail={"outcome": result.outcome, "reason": result.reason},
+        event_key=key,
+        detail={"outcome": outcome, "reason": reason},
     )
 
 
 async def _audited(database: db.Database, actor: audit.Actor, result: Reprocessed) -> Reprocessed:
-    # Nothing changed, but the attempt is still on record, as before.
+    # Nothing changed, but the attempt is on record all the same.
     async with database.connection() as conn, conn.transaction():
-        await _audit(conn, actor, result)
+        await _audit(conn, actor, result.key, result.outcome, result.reason)
     return result
 
 

@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 import asyncpg
+import structlog
 
 from receiver import db, errors
 
@@ -103,9 +102,10 @@ async def _lock(conn: db.Connection) -> None:
         await conn.execute(db.QUERIES["lock_timeout"], f"{round(LOCK_SLICE_SECONDS * 1000)}ms")
         try:
             await conn.execute(db.QUERIES["migration_lock"])
-            return
         except asyncpg.LockNotAvailableError:
             continue
+        else:
+            return
         finally:
             await conn.execute(db.QUERIES["lock_timeout"], "0")
 
