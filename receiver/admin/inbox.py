@@ -56,7 +56,10 @@ async def show(
             entry["body"] = json.loads(row["body_redacted"])
         else:
             raw = keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
-            text = raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
+            # As a reader would read it: a UTF-16 body as UTF-16 (its tokens masked as
+            # such), not as UTF-8 with a replacement character between the letters.
+            text = redaction.readings(raw)[-1 if b"\x00" in raw else 0]
+            text = text.replace("\x00", "\ufffd")
             entry["body_text"] = _REDACTOR.text(text)
         del entry["body_redacted"]
         shown.append(entry)
