@@ -110,10 +110,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Set by `serve --workers N` on the processes it starts: serve, without migrating.
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # …with the read end of a pipe whose write end only the supervisor holds: end of
+    # file there means the supervisor is gone, and the worker stops (no orphans).
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     _add_dev_flag(serve)
     serve.set_defaults(run=daemon.serve)
 
-    migrate = subcommands.add_parser("migrate", help="apply database migrations (idempotent)")
+    migrate = subcommands.add_parser(
+        "migrate",
+        help="apply database migrations (idempotent; needs only RECEIVER_DATABASE_URL)",
+    )
+    shown = migrate.add_mutually_exclusive_group()
+    shown.add_argument("--status", action="store_true", help="list applied and pending ones")
+    shown.add_argument("--check", action="store_true", help="exit 1 when any is pending")
     _add_dev_flag(migrate)
     migrate.set_defaults(run=daemon.migrate)
 

@@ -26,7 +26,7 @@ def list_events(args: argparse.Namespace) -> int:
         console.print_rows(rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event")
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 def show(args: argparse.Namespace) -> int:
@@ -42,7 +42,7 @@ def show(args: argparse.Namespace) -> int:
             print(json.dumps(entry, indent=None if args.json else 2, ensure_ascii=False))
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)
 
 
 def reprocess(args: argparse.Namespace) -> int:
@@ -80,4 +80,4 @@ def reprocess(args: argparse.Namespace) -> int:
             print(f"{done} of {len(results)} event(s) out of quarantine")
         return console.EXIT_FAILURE if left else 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_SERVICE)

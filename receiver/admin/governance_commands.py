@@ -31,7 +31,7 @@ def prune(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 def erase_client(args: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ def erase_client(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)
 
 
 def list_audit(args: argparse.Namespace) -> int:
@@ -82,4 +82,4 @@ def list_audit(args: argparse.Namespace) -> int:
         console.print_rows(rows, audit.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)

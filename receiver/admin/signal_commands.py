@@ -24,7 +24,7 @@ def list_signals(args: argparse.Namespace) -> int:
         print(console.table(rows, SIGNAL_COLUMNS, noun="signal"))
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 SIGNAL_COLUMNS = (
@@ -48,4 +48,4 @@ def retry(args: argparse.Namespace) -> int:
         print(f"{len(retried)} dead signal(s) back to pending")
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)

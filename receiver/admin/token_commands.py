@@ -34,7 +34,7 @@ def list_tokens(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 def reveal(args: argparse.Namespace) -> int:
@@ -63,7 +63,7 @@ def reveal(args: argparse.Namespace) -> int:
         print(token)
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)
 
 
 def import_token(args: argparse.Namespace) -> int:
@@ -94,4 +94,4 @@ def import_token(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)

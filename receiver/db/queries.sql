@@ -17,6 +17,10 @@ SELECT 1;
 -- Migration names already applied (readiness: is the schema current?).
 SELECT name FROM receiver.schema_migrations;
 
+-- name: migration_status
+-- Applied migrations and when (`receiver migrate --status`).
+SELECT name, applied_at FROM receiver.schema_migrations ORDER BY name;
+
 -- name: migration_lock
 -- Replicas migrating at once take turns (session advisory lock).
 SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from receiver import config, db, errors, vault
 from receiver.lifecycle import committer, retention
@@ -24,10 +26,11 @@ def create_app(settings: config.Settings) -> web.Application:
     """Build the application; resources open in cleanup contexts when it starts."""
     if settings.database_url is None:
         raise errors.ConfigError("RECEIVER_DATABASE_URL must be resolved before the app is built")
-    app = web.Application(
-        middlewares=[middleware.canonical_request],
-        client_max_size=settings.max_body_bytes,
-    )
+    middlewares: list[Middleware] = [middleware.canonical_request]
+    if settings.admin_port is not None:
+        middlewares.append(middleware.admin_split(settings.admin_port))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app.on_response_prepare.append(middleware.no_server_version)
     app[state.SETTINGS] = settings
     app[state.SEALER] = vault.Sealer.from_settings(settings)
     app.cleanup_ctx.append(_database)
@@ -52,9 +55,11 @@ def create_app(settings: config.Settings) -> web.Application:
 
 async def _start_draining(app: web.Application) -> None:
     # Runs as shutdown begins, before in-flight requests are awaited: from now on the
-    # readiness probe fails, so load balancers stop sending new deliveries here.
-    app[state.DRAINING].set()
-    log.info("shutting_down")
+    # readiness probe fails, so load balancers stop sending new deliveries here. (On a
+    # signal, `serve` has set it already, a delay before.)
+    if not app[state.DRAINING].is_set():
+        app[state.DRAINING].set()
+        log.info("shutting_down", pid=os.getpid())
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:

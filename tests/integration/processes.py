@@ -39,6 +39,8 @@ def receiver_env(database_url: str, **extra: str) -> tuple[dict[str, str], str]:
     values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
     # Each scrape reads afresh: tests compare scrapes a moment apart.
     values["RECEIVER_METRICS_REFRESH_SECONDS"] = "0"
+    # No readiness delay at SIGTERM unless a test asks for one (it stops each process).
+    values["RECEIVER_SHUTDOWN_DELAY_SECONDS"] = "0"
     env = clean_env(**values, RECEIVER_DATABASE_URL=database_url, **extra)
     return env, values["RECEIVER_WEBHOOK_SECRETS"]
 
