@@ -213,6 +213,18 @@ def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_actor(reprocess, why="--why")
     _add_dev_flag(reprocess)
     reprocess.set_defaults(run=event_commands.reprocess)
+    dismiss = sub.add_parser(
+        "dismiss",
+        help="close quarantined deliveries that will never apply (audited)",
+        description="Example: receiver events dismiss evt_123 --reason 'sender bug, ticket 42'",
+    )
+    dismiss.add_argument("event_ids", nargs="+", metavar="EVENT_ID", help="stored keys")
+    dismiss.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
+    dismiss.add_argument(
+        "--reason", dest="audit_reason", required=True, help="why, for the audit trail"
+    )
+    _add_dev_flag(dismiss)
+    dismiss.set_defaults(run=event_commands.dismiss)
 
 
 def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -320,6 +320,12 @@ SELECT key, status, is_test, test_header, signature, body_sealed,
   FROM receiver.events
  WHERE key = $1;
 
+-- name: dismiss_event
+-- Close one quarantined delivery ($1: its stored key) for good (`events dismiss`).
+UPDATE receiver.events SET status = 'dismissed'
+ WHERE key = $1 AND status = 'quarantined'
+RETURNING key, client_id, quarantine_reason;
+
 -- name: quarantined_keys
 -- Deliveries still quarantined, oldest first (`events reprocess --quarantined`).
 SELECT key FROM receiver.events
