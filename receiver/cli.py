@@ -8,6 +8,7 @@ import argparse
 import os
 import re
 import sys
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -140,17 +141,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be a positive number")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number")
     return value
+
+
+def _signal_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a signal id (a UUID, as `signals list` shows)"
+        ) from None
 
 
 _AGE = re.compile(r"^(\d+)([dhm])$")
@@ -237,7 +253,9 @@ def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     _add_dev_flag(listing)
     listing.set_defaults(run=signal_commands.list_signals)
     retry = sub.add_parser("retry", help="put dead letters back to pending")
-    retry.add_argument("--id", action="append", help="only this signal (repeatable)")
+    retry.add_argument(
+        "--id", action="append", type=_signal_id, help="only this signal (repeatable)"
+    )
     _add_dev_flag(retry)
     retry.set_defaults(run=signal_commands.retry)
 

@@ -24,6 +24,11 @@ def list_events(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         console.print_rows(rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event")
+        if len(rows) == args.limit:
+            print(
+                f"receiver: stopped at --limit {args.limit}: there may be more",
+                file=sys.stderr,
+            )
         return 0
 
     return console.with_database(args, work, needs=config.NEEDS_DATABASE)

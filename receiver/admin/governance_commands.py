@@ -56,14 +56,18 @@ def erase_client(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(erased.as_dict()))
         elif erased.event_key is None:
-            print(f"nothing left to erase for client {args.client!r}")
+            print(
+                f"receiver: nothing matched client {args.client!r} (never stored, or "
+                "erased already)",
+                file=sys.stderr,
+            )
         else:
             print(
                 f"erased client {args.client!r}: {erased.tokens} token value(s), "
                 f"{erased.bodies} stored bod(ies); invalidation signalled "
                 f"({', '.join(erased.environments)}); tombstone {erased.client_hash[:16]}"
             )
-        return 0
+        return console.EXIT_FAILURE if erased.event_key is None else 0
 
     return console.with_database(args, work, needs=config.NEEDS_VAULT)
 

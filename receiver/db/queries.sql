@@ -115,11 +115,12 @@ UPDATE receiver.events SET body_sealed = $3 WHERE key = $1 AND body_sealed = $2;
 
 -- name: sealed_key_counts
 -- Sealed values per kind and key id: a full scan, for `keys rotate`'s report only.
+-- Values emptied by retention or erasure (NULL) are under no key, and not counted.
 SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
-  FROM receiver.tokens GROUP BY 2
+  FROM receiver.tokens WHERE token_sealed IS NOT NULL GROUP BY 2
 UNION ALL
 SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
-  FROM receiver.events GROUP BY 2
+  FROM receiver.events WHERE body_sealed IS NOT NULL GROUP BY 2
  ORDER BY 1, 2;
 
 -- name: sealed_to_rotate_counts

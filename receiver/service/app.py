@@ -12,8 +12,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from receiver import config, db, errors, vault
-from receiver.lifecycle import committer, retention
+from receiver import config, db, errors, metrics, vault
+from receiver.lifecycle import committer, events, retention
 from receiver.service import middleware, openapi, probes, scrape, state, webhook
 from receiver.signals import outbox
 
@@ -26,6 +26,11 @@ def create_app(settings: config.Settings) -> web.Application:
     """Build the application; resources open in cleanup contexts when it starts."""
     if settings.database_url is None:
         raise errors.ConfigError("RECEIVER_DATABASE_URL must be resolved before the app is built")
+    metrics.initialise_labels(
+        event_types=events.KNOWN_TYPES,
+        outcomes=events.OUTCOMES,
+        quarantine_reasons=events.QUARANTINE_REASONS,
+    )
     middlewares: list[Middleware] = [middleware.canonical_request]
     if settings.admin_port is not None:
         middlewares.append(middleware.admin_split(settings.admin_port))
@@ -44,8 +49,9 @@ def create_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/metrics", probes.metrics)
     app.router.add_get("/openapi.json", openapi.serve_document)
     app[state.DRAINING] = asyncio.Event()
+    keyring = app[state.SEALER].keyring
     app[state.GAUGES] = scrape.DatabaseGauges(
-        app[state.SEALER].keyring.primary_id, settings.metrics_refresh_seconds
+        keyring.primary_id, settings.metrics_refresh_seconds, key_ids=keyring.key_ids
     )
     app[state.LOAD] = state.Load()
     app[state.SECRET_SETS] = settings.webhook_secret_sets()
@@ -72,6 +78,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         pooled=settings.database_pooled,
     )
     app[state.DATABASE] = database
+    await scrape.check_keys(database, app[state.SEALER].keyring)
     app[state.COMMITTER] = committer.GroupCommit(
         database, channel=settings.notify_channel, http_delivery=settings.cache_url is not None
     )

@@ -102,7 +102,7 @@ async def _receive(request: web.Request) -> web.Response:
     structlog.contextvars.bind_contextvars(
         event_id=event.public_id,
         event_type=event.type,
-        client_id=event.client_id,
+        client_id=event.named_client_id,
         test=delivery.is_test,
     )
     sealer = request.app[state.SEALER]
