@@ -279,6 +279,12 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, type, sta
  ORDER BY received_at, key
  LIMIT $6;
 
+-- name: oldest_pending_signal_age
+-- Seconds since the oldest pending signal was queued (0: none), over the partial
+-- index signals_due: the backlog's age, which an alert watches.
+SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
+  FROM receiver.signals WHERE status = 'pending';
+
 -- name: open_signal_counts
 -- The open statuses, one count each, so each can use its partial index
 -- (signals_due, signals_leased, signals_dead): cheap at any outbox size. (One

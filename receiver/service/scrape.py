@@ -64,6 +64,7 @@ class DatabaseGauges:
         self._up = False
         self._signals = {"pending": 0, "in_flight": 0, "dead": 0}
         self._quarantined = 0
+        self._oldest_pending = 0.0
         self._to_rotate: list[tuple[str, str, int]] = []
         self._active: dict[tuple[str, str], int] = {}
         self._without_active: dict[str, int] = {}
@@ -83,6 +84,7 @@ class DatabaseGauges:
         try:
             async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
                 rows = await database.fetch("open_signal_counts")
+                oldest = await database.fetchval("oldest_pending_signal_age")
                 quarantined = await database.fetchval("open_quarantine_count")
                 to_rotate = await database.fetch("sealed_to_rotate_counts", self._primary_key_id)
                 health = await database.fetch("token_health")
@@ -91,6 +93,7 @@ class DatabaseGauges:
             log.info("database_gauges_stale", error=type(exc).__name__)
             return
         self._signals.update({row["status"]: row["n"] for row in rows})
+        self._oldest_pending = float(oldest)
         self._quarantined = quarantined
         self._to_rotate = [(row["kind"], row["key_id"], row["n"]) for row in to_rotate]
         # Every combination is reported, 0 included, so an alert can be written on it.
@@ -169,7 +172,21 @@ class DatabaseGauges:
         )
         for kind, n in unopenable_counts(self._to_rotate, self._key_ids).items():
             unopenable.add_metric([kind], n)
-        families = [signals, quarantined, to_rotate, unopenable, active, without, link_invalid]
+        oldest = GaugeMetricFamily(
+            "receiver_signals_oldest_pending_age_seconds",
+            "Seconds since the oldest pending signal was queued, read from Postgres (0: none)",
+            value=self._oldest_pending,
+        )
+        families = [
+            signals,
+            oldest,
+            quarantined,
+            to_rotate,
+            unopenable,
+            active,
+            without,
+            link_invalid,
+        ]
         return [*families, up, age]
 
     async def exposition(self, database: db.Database) -> bytes:
