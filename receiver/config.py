@@ -199,7 +199,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # On SIGTERM/SIGINT/SIGHUP /readyz fails this long before the listener stops, while
     # deliveries are still answered, so a load balancer moves away first. Unset: 5 s,
-    # 0 with --dev (docs/design.md §11).
+    # 0 with --dev (README: Configuration).
     shutdown_delay_seconds: float | None = Field(default=None, ge=0, le=300)
     # Set: /metrics, /openapi.json, /healthz and /readyz are served on this port only.
     admin_port: int | None = Field(default=None, ge=1, le=65535)

@@ -56,10 +56,11 @@ def erase_client(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(erased.as_dict()))
         elif erased.event_key is None:
+            # Exit 0 all the same: an erasure is idempotent, and a second run (or a
+            # request for a client never stored) has nothing left to do.
             print(
-                f"receiver: nothing matched client {args.client!r} (never stored, or "
-                "erased already)",
-                file=sys.stderr,
+                f"nothing left to erase for client {args.client!r}: nothing matched "
+                "(never stored, or erased already)"
             )
         else:
             print(
@@ -67,7 +68,7 @@ def erase_client(args: argparse.Namespace) -> int:
                 f"{erased.bodies} stored bod(ies); invalidation signalled "
                 f"({', '.join(erased.environments)}); tombstone {erased.client_hash[:16]}"
             )
-        return console.EXIT_FAILURE if erased.event_key is None else 0
+        return 0
 
     return console.with_database(args, work, needs=config.NEEDS_VAULT)
 

@@ -118,7 +118,7 @@ ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 def admin_split(admin_port: int) -> Middleware:
     """With `RECEIVER_ADMIN_PORT`, the probes, /metrics and /openapi.json answer only on
-    that port, and everything else only on the public one (docs/design.md §11)."""
+    that port, and everything else only on the public one (README: Deploying)."""
 
     @web.middleware
     async def split(request: web.Request, handler: Handler) -> web.StreamResponse:

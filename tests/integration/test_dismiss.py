@@ -1,4 +1,4 @@
-"""`receiver events dismiss` (docs/design.md §11): a quarantined delivery that will
+"""`receiver events dismiss` (README: Quarantined deliveries): a quarantined delivery that will
 never apply is closed, audited, leaves the open-quarantine gauge, and is settled for
 retention. Real HTTP on loopback, a real Postgres, the real command."""
 

@@ -1,4 +1,4 @@
-"""Operations through real `receiver` processes (docs/design.md §5 and §11): start-up,
+"""Operations through real `receiver` processes (docs/design.md §5; README: Deploying): start-up,
 signals, supervised workers, ports, the admin listener, and migrate --status/--check."""
 
 from __future__ import annotations
