@@ -13,8 +13,8 @@ from tests.integration.processes import run
 
 
 async def _quarantine_one(post: Post) -> str:
-    document = helpers.revocation("cli_dismiss", None)
-    document["data"]["token_prefix"] = "tok_live_abc12"  # 14 characters: invalid_data
+    document = helpers.onboarding("cli_dismiss")
+    document["data"]["onboarding_completed_at"] = "yesterday"  # invalid_data
     answer = await (await post(document)).json()
     assert answer["status"] == "quarantined"
     return str(answer["event_id"])

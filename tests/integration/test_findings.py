@@ -73,8 +73,8 @@ async def test_event_quarantined_names_the_client_the_body_names(settings: Setti
     env = operator_env(settings)
     env["RECEIVER_SHUTDOWN_DELAY_SECONDS"] = "0"
     port = processes.free_port()
-    document = helpers.revocation("cli_named", None)
-    document["data"]["token_prefix"] = "tok_live_abc12"  # 14 characters: invalid_data
+    document = helpers.onboarding("cli_named")
+    document["data"]["onboarding_completed_at"] = "yesterday"  # invalid_data
     with processes.serving(["--port", str(port)], env) as (process, output):
         await processes.wait_healthy(port, process)
         _, answer = await processes.post_signed(port, _secret(settings), helpers.encode(document))

@@ -89,8 +89,8 @@ def test_the_public_prefix_is_not_masked() -> None:
 
 def test_a_quarantined_body_still_names_its_client() -> None:
     """The client id of a quarantined delivery, for its log lines (finding 11)."""
-    document = helpers.revocation("cli_named", None)
-    document["data"]["token_prefix"] = "tok_live_abc12"
+    document = helpers.onboarding("cli_named")
+    document["data"]["onboarding_completed_at"] = "yesterday"  # invalid_data
     event = events.read(helpers.encode(document), is_test=False)
     assert event.quarantine is not None
     assert event.named_client_id == "cli_named"
