@@ -289,6 +289,8 @@ def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None
         "Fire a signed test event from another terminal:\n\n"
         f"  RECEIVER_DATA_DIR={data_dir} {shlex.quote(command)} replay trigger "
         f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n\n"
+        "Commands without --dev (as the README writes them) need the database URL:\n\n"
+        f"  export RECEIVER_DATABASE_URL={shlex.quote(console.dsn(settings))}\n\n"
         "A partner application's token cache connects read-only (receiver_cache_reader),\n"
         f"with RECEIVER_TOKEN_KEYS from the dev secrets file and:\n\n"
         f"  RECEIVER_CACHE_DATABASE_URL={shlex.quote(cache_dsn)}\n",
