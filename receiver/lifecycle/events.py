@@ -1,4 +1,4 @@
-"""Debitura's webhook envelope, and how a verified delivery reads (docs/contract.md).
+"""Debitura's webhook envelope, and how a verified delivery reads (docs/design.md §2).
 
 `read` never raises: a delivery whose signature verified is authentic, and refusing
 it would make Debitura retry and then switch the subscription off. Whatever it holds
