@@ -96,7 +96,7 @@ async def _receive(
     structlog.contextvars.bind_contextvars(
         event_id=event.public_id,
         event_type=event.type,
-        client_id=event.client_id,
+        client_id=event.named_client_id,
         test=arrival.is_test,
     )
     # A delivery Postgres refuses a value of comes back quarantined (the committer
