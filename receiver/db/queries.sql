@@ -401,7 +401,7 @@ SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0));
 -- name: prune_counts
 -- What a prune would drop now ($1, $2, $3: the retention ages in seconds).
 SELECT (SELECT count(*) FROM receiver.events
-         WHERE body_sealed IS NOT NULL
+         WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
            AND received_at < now() - make_interval(secs => $1)) AS event_bodies,
        (SELECT count(*) FROM receiver.tokens
          WHERE token_sealed IS NOT NULL
@@ -413,12 +413,11 @@ SELECT (SELECT count(*) FROM receiver.events
            AND created_at < now() - make_interval(secs => $3)) AS signals;
 
 -- name: prune_event_bodies
--- One batch: bodies older than $1 seconds, quarantined ones too (a body kept until an
--- operator acts could keep a token for ever; reprocessing it later reports
--- body_dropped). The key, hash and metadata stay: a retry is still a duplicate.
+-- One batch: bodies older than $1 seconds, never an open quarantine's (an operator
+-- still needs it). The key, hash and metadata stay: a retry is still a duplicate.
 WITH batch AS (
     SELECT key FROM receiver.events
-     WHERE body_sealed IS NOT NULL
+     WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
        AND received_at < now() - make_interval(secs => $1)
      ORDER BY received_at
      LIMIT $2

@@ -106,23 +106,18 @@ async def test_prune_drops_old_values_and_deduplication_still_works(
     assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 3
 
 
-async def test_prune_drops_quarantined_bodies_after_the_retention_age(
+async def test_prune_never_drops_an_open_quarantine(
     post: Post, conn: asyncpg.Connection, settings: Settings
 ) -> None:
-    """A quarantined body is dropped like any other once past the retention age (it may
-    hold a token nobody will ever reprocess); a younger one stays for reprocessing."""
+    """A quarantined delivery keeps its body past the retention until an operator has
+    dealt with it: the body is what reprocessing needs."""
     await post(b"not json at all")
     await conn.execute("UPDATE receiver.events SET received_at = now() - interval '400 days'")
-    await post(b"not json either")
-    dry = await cli(settings, "prune", "--dry-run", "--json")
-    assert json.loads(dry.stdout)["event_bodies"] == 1
     done = await cli(settings, "prune", "--json")
-    assert json.loads(done.stdout)["event_bodies"] == 1
-    kept = await conn.fetch(
-        "SELECT received_at > now() - interval '1 day' AS young FROM receiver.events "
-        "WHERE status = 'quarantined' AND body_sealed IS NOT NULL"
+    assert json.loads(done.stdout)["event_bodies"] == 0
+    assert (
+        await conn.fetchval("SELECT count(*) FROM receiver.events WHERE body_sealed IS NULL") == 0
     )
-    assert [row["young"] for row in kept] == [True]
 
 
 async def test_serve_prunes_on_its_schedule_one_replica_at_a_time(
