@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from receiver import console, errors, metrics, vault
-from receiver.admin import commands, inbox, replay, tokens
+from receiver.admin import commands, debitura, inbox, replay, tokens
 from receiver.lifecycle import events, governance
 from receiver.service import daemon
 from receiver.signals import outbox
@@ -114,8 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_events(subcommands)
     _add_signals(subcommands)
     _add_keys(subcommands)
-    _add_tokens(subcommands)
-    _add_governance(subcommands)
+    tokens_sub = _add_tokens(subcommands)
+    clients_sub = _add_governance(subcommands)
+    debitura.add_parsers(tokens_sub, clients_sub, _add_dev_flag, _positive)
     _add_replay(subcommands)
     return _with_help(parser)
 
@@ -223,7 +224,9 @@ def _add_keys(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rotate.set_defaults(run=commands.keys_rotate)
 
 
-def _add_tokens(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_tokens(
+    subcommands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     parser = subcommands.add_parser("tokens", help="the token inventory")
     sub = parser.add_subparsers(dest="tokens_command", metavar="TOKENS_COMMAND", required=True)
     listing = sub.add_parser(
@@ -278,9 +281,12 @@ def _add_tokens(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_actor(imports)
     _add_dev_flag(imports)
     imports.set_defaults(run=commands.tokens_import)
+    return sub
 
 
-def _add_governance(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_governance(
+    subcommands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     prune = subcommands.add_parser(
         "prune",
         help="drop event bodies, token values and signals past their retention",
@@ -314,6 +320,7 @@ def _add_governance(subcommands: argparse._SubParsersAction[argparse.ArgumentPar
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
     listing.set_defaults(run=commands.audit_list)
+    return sub
 
 
 def _add_replay(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,7 +12,7 @@ import sys
 
 from receiver import config, console, db, vault
 from receiver.admin import inbox, rekey, tokens
-from receiver.lifecycle import governance
+from receiver.lifecycle import adoption, governance
 from receiver.signals import outbox
 
 
@@ -299,7 +299,7 @@ def tokens_import(args: argparse.Namespace) -> int:
     expires_at = console.timestamp(args.expires_at, "--expires-at")
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        imported = await governance.import_token(
+        imported = await adoption.import_token(
             database,
             settings,
             vault.Sealer.from_settings(settings),

@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler
 
 from receiver import config, db, errors, metrics, redaction, vault
 from receiver.db import migrations
+from receiver.debitura import schedule
 from receiver.lifecycle import committer, governance
 from receiver.service import openapi, scrape, state, webhook
 from receiver.signals import outbox
@@ -187,6 +188,7 @@ def create_app(settings: config.Settings) -> web.Application:
         app.cleanup_ctx.append(_dispatcher)
     if settings.prune_interval_seconds > 0:
         app.cleanup_ctx.append(_pruner)
+    app.cleanup_ctx.append(_token_rotation)
     app.router.add_post(WEBHOOK_PATH, webhook.receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -240,6 +242,19 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _pruner(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(
         governance.prune_every(app[state.DATABASE], app[state.SETTINGS]), name="pruner"
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _token_rotation(app: web.Application) -> AsyncIterator[None]:
+    # Scheduled rotation and the resumption of unfinished ones (docs/design.md §9);
+    # it says once that it is off when no Debitura API key is configured.
+    task = asyncio.create_task(
+        schedule.run(app[state.DATABASE], app[state.SETTINGS], app[state.SEALER]),
+        name="token_rotation",
     )
     yield
     task.cancel()

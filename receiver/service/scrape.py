@@ -62,6 +62,7 @@ class DatabaseGauges:
         self._active: dict[tuple[str, str], int] = {}
         self._without_active: dict[str, int] = {}
         self._link_invalid: dict[str, int] = {}
+        self._invalid: dict[str, int] = {}
         self._rendered = b""
         self._rendered_at = -RENDER_REUSE_SECONDS
 
@@ -91,11 +92,14 @@ class DatabaseGauges:
         self._active = {(env, age): 0 for env in vault.ENVIRONMENTS for age in _AGES}
         self._without_active = dict.fromkeys(vault.ENVIRONMENTS, 0)
         self._link_invalid = dict.fromkeys(vault.ENVIRONMENTS, 0)
+        self._invalid = dict.fromkeys(vault.ENVIRONMENTS, 0)
         for row in health:
             if row["kind"] == "active":
                 self._active[(row["environment"], row["age"])] = row["n"]
             elif row["kind"] == "link_invalid":
                 self._link_invalid[row["environment"]] = row["n"]
+            elif row["kind"] == "invalid":
+                self._invalid[row["environment"]] = row["n"]
             else:
                 self._without_active[row["environment"]] = row["n"]
         self._read_at = time.monotonic()
@@ -142,6 +146,13 @@ class DatabaseGauges:
         )
         for environment, n in self._link_invalid.items():
             link_invalid.add_metric([environment], n)
+        invalid = GaugeMetricFamily(
+            "receiver_tokens_invalid",
+            "Active tokens Debitura's validate-token last called invalid, by environment",
+            labels=["environment"],
+        )
+        for environment, n in self._invalid.items():
+            invalid.add_metric([environment], n)
         up = GaugeMetricFamily(
             "receiver_database_gauges_up",
             "1 when the gauges above were just read from Postgres, 0 when it did not answer",
@@ -152,7 +163,7 @@ class DatabaseGauges:
             "Seconds since the gauges above were last read from Postgres (-1: never)",
             value=-1 if self._read_at is None else time.monotonic() - self._read_at,
         )
-        return [signals, quarantined, to_rotate, active, without, link_invalid, up, age]
+        return [signals, quarantined, to_rotate, active, without, link_invalid, invalid, up, age]
 
     async def exposition(self, database: db.Database) -> bytes:
         """The exposition text: this process's metrics (every worker's, in
