@@ -576,4 +576,5 @@ UPDATE receiver.tokens SET validated_at = now(), valid = $2, scopes = $3
 SELECT pg_try_advisory_lock(hashtextextended($1, 0));
 
 -- name: session_unlock
+-- Release the session lock try_session_lock took.
 SELECT pg_advisory_unlock(hashtextextended($1, 0));
