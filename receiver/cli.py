@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from receiver import console, errors, metrics, vault
 from receiver.admin import commands, debitura, inbox, replay, tokens
-from receiver.lifecycle import events, governance
+from receiver.lifecycle import audit, events
 from receiver.service import daemon
 from receiver.signals import outbox
 
@@ -311,11 +311,13 @@ def _add_governance(
     _add_dev_flag(erase)
     erase.set_defaults(run=commands.clients_erase)
 
-    audit = subcommands.add_parser("audit", help="the audit trail of operator actions")
-    audit_sub = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
+    audit_parser = subcommands.add_parser("audit", help="the audit trail of operator actions")
+    audit_sub = audit_parser.add_subparsers(
+        dest="audit_command", metavar="AUDIT_COMMAND", required=True
+    )
     listing = audit_sub.add_parser("list", help="audit rows, newest first")
     listing.add_argument("--client", help="only this client (finds its erasure too)")
-    listing.add_argument("--action", choices=governance.ACTIONS)
+    listing.add_argument("--action", choices=audit.ACTIONS)
     listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)

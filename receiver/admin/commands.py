@@ -12,7 +12,7 @@ import sys
 
 from receiver import config, console, db, vault
 from receiver.admin import inbox, rekey, tokens
-from receiver.lifecycle import adoption, governance
+from receiver.lifecycle import adoption, audit, erasure, retention
 from receiver.signals import outbox
 
 
@@ -54,7 +54,7 @@ def tokens_reveal(args: argparse.Namespace) -> int:
             database,
             sealer,
             args.client,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             prefix=args.prefix,
             environment=args.environment,
         )
@@ -98,9 +98,9 @@ def keys_rotate(args: argparse.Namespace) -> int:
         for kid, count in report.missing_keys.items():
             print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
         detail = {"primary": report.primary, "rotated": report.rotated}
-        await governance.audit_each(
+        await audit.audit_each(
             database,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             "keys_rotate",
             [{"detail": detail | {"missing_keys": report.missing_keys}}],
         )
@@ -204,9 +204,9 @@ def events_reprocess(args: argparse.Namespace) -> int:
     async def work(settings: config.Settings, database: db.Database) -> int:
         keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
         results = await inbox.reprocess(database, settings, keys)
-        await governance.audit_each(
+        await audit.audit_each(
             database,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             "events_reprocess",
             [
                 {"event_key": r.key, "detail": {"outcome": r.outcome, "reason": r.reason}}
@@ -234,7 +234,7 @@ def prune(args: argparse.Namespace) -> int:
     """`receiver prune`: drop what has outlived its retention (or, --dry-run, count it)."""
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        report = await governance.prune(database, settings, dry_run=args.dry_run)
+        report = await retention.prune(database, settings, dry_run=args.dry_run)
         if not report.ran:
             print("receiver: another process is pruning now; nothing done", file=sys.stderr)
             return console.EXIT_FAILURE
@@ -265,22 +265,22 @@ def clients_erase(args: argparse.Namespace) -> int:
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
-        erasure = await governance.erase_client(
+        erased = await erasure.erase_client(
             database,
             settings,
             sealer,
             args.client,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
         )
         if args.json:
-            print(json.dumps(erasure.as_dict()))
-        elif erasure.event_key is None:
+            print(json.dumps(erased.as_dict()))
+        elif erased.event_key is None:
             print(f"nothing left to erase for client {args.client!r}")
         else:
             print(
-                f"erased client {args.client!r}: {erasure.tokens} token value(s), "
-                f"{erasure.bodies} stored bod(ies); invalidation signalled "
-                f"({', '.join(erasure.environments)}); tombstone {erasure.client_hash[:16]}"
+                f"erased client {args.client!r}: {erased.tokens} token value(s), "
+                f"{erased.bodies} stored bod(ies); invalidation signalled "
+                f"({', '.join(erased.environments)}); tombstone {erased.client_hash[:16]}"
             )
         return 0
 
@@ -291,11 +291,11 @@ def tokens_import(args: argparse.Namespace) -> int:
     """`receiver tokens import CLIENT_ID`: the token from stdin or --file, never argv."""
     if args.file:
         with open(args.file, encoding="utf-8") as source:
-            token = governance.read_token(source)
+            token = adoption.read_token(source)
     else:
         if sys.stdin.isatty():
             print("paste the token, then Enter:", file=sys.stderr)
-        token = governance.read_token([sys.stdin.readline()])
+        token = adoption.read_token([sys.stdin.readline()])
     expires_at = console.timestamp(args.expires_at, "--expires-at")
 
     async def work(settings: config.Settings, database: db.Database) -> int:
@@ -305,7 +305,7 @@ def tokens_import(args: argparse.Namespace) -> int:
             vault.Sealer.from_settings(settings),
             args.client,
             token,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             supersede=args.supersede,
             old_expires_at=expires_at,
         )
@@ -322,14 +322,14 @@ def audit_list(args: argparse.Namespace) -> int:
     """`receiver audit list`."""
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        rows = await governance.audit_listing(
+        rows = await audit.audit_listing(
             database,
             vault.Sealer.from_settings(settings),
             client_id=args.client,
             action=args.action,
             limit=args.limit,
         )
-        console.print_rows(rows, governance.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
+        console.print_rows(rows, audit.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
         return 0
 
     return console.with_database(args, work)

@@ -17,7 +17,7 @@ import aiohttp
 
 from receiver import config, console, db, errors, vault
 from receiver.debitura import api, management, outcomes, rotation
-from receiver.lifecycle import governance
+from receiver.lifecycle import audit
 
 
 def _run(
@@ -51,8 +51,8 @@ def report(done: Sequence[outcomes.Outcome], *, as_json: bool) -> int:
     return console.EXIT_FAILURE if any(not o.ok for o in done) else 0
 
 
-def _actor(args: argparse.Namespace, reason: str | None) -> governance.Actor:
-    return governance.Actor.of(args.actor, reason)
+def _actor(args: argparse.Namespace, reason: str | None) -> audit.Actor:
+    return audit.Actor.of(args.actor, reason)
 
 
 def tokens_fetch(args: argparse.Namespace) -> int:

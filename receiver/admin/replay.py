@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from receiver import config, console, db, errors, redaction, vault
 from receiver.admin import sender
-from receiver.lifecycle import events, governance
+from receiver.lifecycle import audit, events
 
 DEFAULT_URL = "http://127.0.0.1:8080/webhooks/debitura"
 _ALPHABET = string.ascii_letters + string.digits
@@ -359,9 +359,9 @@ def run_resend(args: argparse.Namespace) -> int:
             return 0
         guard_live(found, args.to, args.confirm_live)
         # Recorded before anything is sent: no live token leaves unaudited.
-        await governance.audit_each(
+        await audit.audit_each(
             database,
-            governance.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason),
             "event_resend",
             [
                 {

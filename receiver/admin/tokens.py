@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 
 from receiver import db, errors, vault
-from receiver.lifecycle import governance
+from receiver.lifecycle import audit
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +50,7 @@ async def reveal(
     database: db.Database,
     sealer: vault.Sealer,
     client_id: str,
-    actor: governance.Actor,
+    actor: audit.Actor,
     *,
     prefix: str | None = None,
     environment: str = "live",
@@ -69,7 +69,7 @@ async def reveal(
             f"token {row['prefix']}… of client {client_id!r} is {row['status']} and its value "
             "was dropped (retention or erasure)"
         )
-    await governance.audit_each(
+    await audit.audit_each(
         database,
         actor,
         "token_reveal",

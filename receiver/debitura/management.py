@@ -10,7 +10,7 @@ import structlog
 
 from receiver import config, db, errors, vault
 from receiver.debitura import api, outcomes
-from receiver.lifecycle import adoption, governance
+from receiver.lifecycle import adoption, audit
 
 log = structlog.get_logger(__name__)
 
@@ -24,9 +24,7 @@ class Manager:
     sealer: vault.Sealer
     api: api.Api
 
-    async def fetch(
-        self, client_id: str, environment: str, actor: governance.Actor
-    ) -> outcomes.Outcome:
+    async def fetch(self, client_id: str, environment: str, actor: audit.Actor) -> outcomes.Outcome:
         """Fetch the client's current token and store it when the vault does not hold
         it yet (it becomes active; the one it replaces keeps the 24 h grace)."""
         where = api.endpoint(self.settings, environment)
@@ -119,7 +117,7 @@ class Manager:
         )
 
     async def revoke(
-        self, client_id: str, environment: str, actor: governance.Actor, reason: str
+        self, client_id: str, environment: str, actor: audit.Actor, reason: str
     ) -> outcomes.Outcome:
         """Revoke at Debitura, then locally: every token of the client in that
         environment revoked, a signal, an audit row."""

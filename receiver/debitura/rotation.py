@@ -22,7 +22,7 @@ import structlog
 
 from receiver import config, db, errors, metrics, vault
 from receiver.debitura import api, outcomes
-from receiver.lifecycle import adoption, events, governance
+from receiver.lifecycle import adoption, audit, events
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +43,7 @@ class Rotator:
         self,
         client_id: str,
         environment: str,
-        actor: governance.Actor,
+        actor: audit.Actor,
         *,
         reason: str = DEFAULT_REASON,
         revoke_immediately: bool = False,
@@ -60,7 +60,7 @@ class Rotator:
         self,
         client_id: str,
         environment: str,
-        actor: governance.Actor,
+        actor: audit.Actor,
         reason: str,
         *,
         revoke_immediately: bool,
@@ -131,7 +131,7 @@ class Rotator:
             client_id, environment, "rotated", prefix=stored.prefix, old_prefix=old
         )
 
-    async def resume(self, actor: governance.Actor) -> list[outcomes.Outcome]:
+    async def resume(self, actor: audit.Actor) -> list[outcomes.Outcome]:
         """Finish every open rotation (oldest first) with a fetch each."""
         rows = await self.database.fetch("rotation_intents_open", RESUME_BATCH)
         done = []
@@ -149,7 +149,7 @@ class Rotator:
         return done
 
     async def _finish(
-        self, intent: int, actor: governance.Actor, *, row: db.Record | None = None
+        self, intent: int, actor: audit.Actor, *, row: db.Record | None = None
     ) -> outcomes.Outcome | None:
         """Resolve one open rotation by fetching the client's current token; None
         when it stays open (Debitura or the database unavailable)."""
@@ -213,7 +213,7 @@ class Rotator:
             self.sealer,
             client_id,
             token,
-            governance.Actor(row["actor"], row["reason"]),
+            audit.Actor(row["actor"], row["reason"]),
             supersede=True,
             old_expires_at=expires,
             revoke_old=row["revoke_immediately"],
@@ -241,7 +241,7 @@ class Rotator:
 
     async def rotate_due(
         self,
-        actor: governance.Actor,
+        actor: audit.Actor,
         *,
         limit: int,
         rate: float,

@@ -18,12 +18,12 @@ import structlog
 
 from receiver import config, db, errors, vault
 from receiver.debitura import api, rotation
-from receiver.lifecycle import governance
+from receiver.lifecycle import audit
 
 log = structlog.get_logger(__name__)
 
 LOCK = "receiver.token_rotation"
-ACTOR = governance.Actor("receiver-serve", rotation.DEFAULT_REASON)
+ACTOR = audit.Actor("receiver-serve", rotation.DEFAULT_REASON)
 BATCH = 1000
 FIRST_PAUSE_SECONDS = 30.0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import structlog
 
 from receiver import config, db, errors, redaction, vault
-from receiver.lifecycle import events, governance, store
+from receiver.lifecycle import audit, events, store
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +56,7 @@ async def import_token(
     sealer: vault.Sealer,
     client_id: str,
     token: str,
-    actor: governance.Actor,
+    actor: audit.Actor,
     *,
     supersede: bool = False,
     old_expires_at: datetime | None = None,
@@ -124,7 +125,7 @@ async def import_token(
                 prefix,
                 None,
             )
-        await governance.audit(
+        await audit.audit(
             conn,
             actor,
             action,
@@ -152,7 +153,7 @@ async def revoke_client(
     sealer: vault.Sealer,
     client_id: str,
     environment: str,
-    actor: governance.Actor,
+    actor: audit.Actor,
 ) -> int:
     """Revoke every token of the client in `environment` issued until now, as a
     prefix-less `token.revoked` webhook would (remembered, signalled even when no
@@ -169,7 +170,7 @@ async def revoke_client(
             settings.cache_url is not None,
         )
         revoked = int(recorded[0]["revoked"] or 0)
-        await governance.audit(
+        await audit.audit(
             conn,
             actor,
             "client_revoke",
@@ -206,3 +207,11 @@ def _row(
         event,
         store.Delivery(body=body, is_test=event.is_test, test_header=False, signature=None),
     )
+
+
+def read_token(lines: Iterable[str]) -> str:
+    """The token from stdin or a file: its first non-empty line, stripped."""
+    for line in lines:
+        if line.strip():
+            return line.strip()
+    raise errors.UsageError("no token given: pipe it on stdin, or use --file")

@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 from receiver import config, db, errors, metrics, redaction, vault
 from receiver.db import migrations
 from receiver.debitura import schedule
-from receiver.lifecycle import committer, governance
+from receiver.lifecycle import committer, retention
 from receiver.service import openapi, scrape, state, webhook
 from receiver.signals import outbox
 
@@ -241,7 +241,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _pruner(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(
-        governance.prune_every(app[state.DATABASE], app[state.SETTINGS]), name="pruner"
+        retention.prune_every(app[state.DATABASE], app[state.SETTINGS]), name="pruner"
     )
     yield
     task.cancel()

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from receiver import db, vault
 from receiver.config import Settings
-from receiver.lifecycle import governance
+from receiver.lifecycle import audit
 from receiver.service import app
 from tests import helpers
 from tests.integration import processes
@@ -252,7 +252,7 @@ async def test_audit_rows_cannot_be_changed_or_removed(
 ) -> None:
     """The service's own connections can append to receiver.audit, never update,
     delete or truncate it."""
-    await governance.audit_each(database, governance.Actor("ops", "check"), "keys_rotate", [{}])
+    await audit.audit_each(database, audit.Actor("ops", "check"), "keys_rotate", [{}])
     async with database.connection() as runtime:
         for statement in (
             "UPDATE receiver.audit SET actor = 'someone else'",

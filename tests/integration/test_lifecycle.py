@@ -11,7 +11,7 @@ import pytest
 
 from receiver import db, errors, vault
 from receiver.admin import tokens
-from receiver.lifecycle.governance import Actor
+from receiver.lifecycle.audit import Actor
 from tests import helpers
 from tests.integration.conftest import Post
 

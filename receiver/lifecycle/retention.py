@@ -1,0 +1,115 @@
+"""Retention: what is kept and for how long (prune).
+
+Retention drops values, never the rows that deduplication and the inventory need:
+an event's key stays after its body goes, a token's inventory row after its
+ciphertext goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from receiver import config, db, errors
+
+log = structlog.get_logger(__name__)
+
+# Rows per prune transaction: small enough that a batch holds its row locks for
+# milliseconds, so ingest never waits on it.
+PRUNE_BATCH = 500
+PRUNE_PAUSE_RATIO = 1.0
+_PRUNE_LOCK = "receiver.prune"
+DAY_SECONDS = 86_400.0
+
+
+@dataclass(slots=True)
+class PruneReport:
+    """What a prune dropped (or, dry, would drop)."""
+
+    event_bodies: int = 0
+    token_values: int = 0
+    signals: int = 0
+    ran: bool = True  # False: another process held the prune lock
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts, for log lines and JSON output."""
+        return {
+            "event_bodies": self.event_bodies,
+            "token_values": self.token_values,
+            "signals": self.signals,
+        }
+
+
+def _ages(settings: config.Settings) -> tuple[float, float, float]:
+    return (
+        settings.retain_event_bodies_days * DAY_SECONDS,
+        settings.retain_token_values_days * DAY_SECONDS,
+        settings.retain_signals_days * DAY_SECONDS,
+    )
+
+
+async def prune(
+    database: db.Database, settings: config.Settings, *, dry_run: bool = False
+) -> PruneReport:
+    """Drop what has outlived its retention, in batches of `PRUNE_BATCH` rows, each in
+    its own short transaction that first takes the prune's advisory lock: replicas
+    never prune at the same time, and one that finds the lock taken stops
+    (`ran=False`), leaving the work to the one that has it."""
+    bodies_age, tokens_age, signals_age = _ages(settings)
+    if dry_run:
+        rows = await database.fetch("prune_counts", bodies_age, tokens_age, signals_age)
+        return PruneReport(rows[0]["event_bodies"], rows[0]["token_values"], rows[0]["signals"])
+    report = PruneReport()
+    for name, query, age in (
+        ("event_bodies", "prune_event_bodies", bodies_age),
+        ("token_values", "prune_token_values", tokens_age),
+        ("signals", "prune_signals", signals_age),
+    ):
+        done = await _batches(database, query, age)
+        if done is None:
+            report.ran = False
+            break
+        setattr(report, name, done)
+    log.info("prune_done" if report.ran else "prune_skipped", **report.as_dict())
+    return report
+
+
+async def prune_every(database: db.Database, settings: config.Settings) -> None:
+    """`serve`'s schedule: a prune every `RECEIVER_PRUNE_INTERVAL_SECONDS` (the first
+    after a tenth of it, at most a minute), jittered so replicas spread out; the
+    advisory lock lets one of them at a time do the work. A failed run is logged and
+    tried again at the next interval: retention is never urgent, ingest is."""
+    interval = settings.prune_interval_seconds
+    delay = min(interval / 10, 60.0)
+    while True:
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 (jitter only)
+        delay = interval
+        try:
+            await prune(database, settings)
+        except errors.ReceiverError as exc:
+            log.warning("prune_failed", error=type(exc).__name__)
+        except Exception:  # a bug must not end the schedule silently
+            log.exception("prune_failed")
+
+
+async def _batches(database: db.Database, query: str, age_seconds: float) -> int | None:
+    """Run one prune query batch after batch until a short one; None when another
+    process holds the prune lock."""
+    total = 0
+    while True:
+        started = time.monotonic()
+        async with database.connection() as conn, conn.transaction():
+            if not await conn.fetchval(db.QUERIES["try_xact_lock"], _PRUNE_LOCK):
+                return None if total == 0 else total
+            done: int = await conn.fetchval(db.QUERIES[query], age_seconds, PRUNE_BATCH)
+        total += done
+        if done < PRUNE_BATCH:
+            return total
+        # Retention is never urgent, ingest always is: after each batch, a pause as
+        # long as the batch took, so a prune takes at most half of one Postgres
+        # backend's time and the WAL it writes comes in bursts ingest can absorb.
+        await asyncio.sleep((time.monotonic() - started) * PRUNE_PAUSE_RATIO)
