@@ -23,6 +23,7 @@ from tests.conftest import with_database
 from tests.integration import processes
 from tests.integration.conftest import Client, Post, operator_env
 from tests.integration.standins import eventually
+from tests.integration.test_leaks import pg_dump
 
 GRACE = timedelta(hours=24)
 
@@ -505,3 +506,29 @@ async def test_serve_resumes_open_rotations_and_says_when_rotation_is_off(
         await processes.wait_healthy(port, process)
         text = output.read_text()
     assert text.count("token_rotation_schedule_off") == 1
+
+
+async def test_pg_dump_and_signals_hold_no_token_or_api_key(
+    settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """After fetch, rotate (one lost answer resumed), validate and revoke, neither a
+    pg_dump nor any signal row holds a token or the API key, in any form."""
+    env = api_env(settings, sandbox)
+    seen = [await linked_and_fetched(sandbox, env, "cli_dump")]
+    assert (await cli(["tokens", "rotate", "cli_dump"], env)).returncode == 0
+    seen.append(current(sandbox, "cli_dump"))
+    sandbox.faults.drop_after("rotate")
+    assert (await cli(["tokens", "rotate", "cli_dump"], env)).returncode == 0
+    seen.append(current(sandbox, "cli_dump"))
+    assert (await cli(["tokens", "validate"], env)).returncode == 0
+    revoke = ["clients", "revoke", "cli_dump", "--reason", "done", "--confirm"]
+    assert (await cli(revoke, env)).returncode == 0
+    dump = pg_dump(database_url)
+    assert "rotation_intents" in dump  # the dump is real
+    signals = json.dumps(
+        [dict(r) for r in await conn.fetch("SELECT * FROM receiver.signals")], default=str
+    )
+    for secret in [*seen, sandbox.api_key]:
+        for form in helpers.leak_forms(secret):
+            assert form not in dump
+            assert form not in signals
