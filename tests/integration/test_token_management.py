@@ -163,7 +163,13 @@ async def test_rotate_revoke_immediately_revokes_the_old_token(
 
 
 async def assert_finished(
-    conn: asyncpg.Connection, sb: Sandbox, client_id: str, old: str, started: datetime
+    conn: asyncpg.Connection,
+    sb: Sandbox,
+    client_id: str,
+    old: str,
+    started: datetime,
+    *,
+    rotate_calls: int = 1,
 ) -> None:
     """The rotation of `client_id` is finished: the new token stored and active, the
     old one superseded with the grace counted from when the rotation started, one
@@ -178,7 +184,7 @@ async def assert_finished(
     assert await count(conn, AUDITS, client_id, "token_rotate") == 1
     assert await count(conn, SIGNALS, client_id) == 2  # the fetch's and the rotation's
     assert await count(conn, OPEN_INTENTS) == 0
-    assert sb.calls["rotate"] == 1  # never re-sent
+    assert sb.calls["rotate"] == rotate_calls  # never re-sent
 
 
 async def test_lost_rotation_answer_is_finished_by_resume(
@@ -478,13 +484,19 @@ async def test_a_later_webhook_about_a_rotated_token_is_a_no_op(
 
 
 @pytest.mark.slow
-async def test_serve_resumes_open_rotations_and_says_when_rotation_is_off(
+async def test_serve_resumes_open_rotations_rotates_due_ones_and_says_when_off(
     settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection
 ) -> None:
-    """`serve` finishes an open rotation at start; without an API key it says once
-    that scheduled rotation is off."""
+    """`serve` finishes an open rotation at start and rotates a token past
+    RECEIVER_TOKEN_ROTATE_AFTER_DAYS (audited as its own actor); without an API key it
+    says once that scheduled rotation is off."""
     env = api_env(settings, sandbox)
     old = await linked_and_fetched(sandbox, env, "cli_serve")
+    due = await linked_and_fetched(sandbox, env, "cli_due")
+    await conn.execute(
+        "UPDATE receiver.tokens SET onboarding_completed_at = now() - interval '100 days' "
+        "WHERE client_id = 'cli_due'"
+    )
     started = datetime.now(UTC)
     sandbox.faults.drop_after("rotate")
     sandbox.faults.fail_next("fetch", 503, times=100)
@@ -494,12 +506,20 @@ async def test_serve_resumes_open_rotations_and_says_when_rotation_is_off(
     with processes.serving(["--port", str(port)], env) as (process, output):
         await processes.wait_healthy(port, process)
 
-        async def resumed() -> bool:
-            return await count(conn, OPEN_INTENTS) == 0
+        async def done() -> bool:
+            rotated = await count(conn, AUDITS, "cli_due", "token_rotate")
+            return await count(conn, OPEN_INTENTS) == 0 and rotated == 1
 
-        await eventually(resumed)
+        await eventually(done)
         assert "token_rotation_schedule_on" in output.read_text()
-    await assert_finished(conn, sandbox, "cli_serve", old, started)
+    await assert_finished(conn, sandbox, "cli_serve", old, started, rotate_calls=2)
+    stored = await tokens_of(conn, "cli_due")
+    assert stored[due[:15]]["status"] == "superseded"
+    assert stored[current(sandbox, "cli_due")[:15]]["status"] == "active"
+    actor = await conn.fetchval(
+        "SELECT actor FROM receiver.audit WHERE client_id = 'cli_due' AND action = 'token_rotate'"
+    )
+    assert actor == "receiver-serve"
     keyless = operator_env(settings)
     port = processes.free_port()
     with processes.serving(["--port", str(port)], keyless) as (process, output):
