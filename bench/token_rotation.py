@@ -57,7 +57,7 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=1000.0, help="RECEIVER_TOKEN_ROTATE_RATE")
     args = parser.parse_args()
-    log.configure(level="warning")  # the sandbox's line per call would drown the figures
+    log.configure(level="error")  # the sandbox's line per call would drown the figures
 
     dsn = harness.server_dsn()
     sb = Sandbox(environment="live")
