@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test check fmt bench schema lock clean
+.PHONY: run test check links fmt bench schema lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ run: $(STAMP)  ## start the receiver on an embedded Postgres with generated dev 
 test: $(STAMP)  ## the whole suite
 	$(BIN)/pytest
 
-check: $(STAMP)  ## format, lint, import walls, type checks, and the suite under branch coverage with its floor
+check: $(STAMP) links  ## format, lint, import walls, type checks, links, and the suite under branch coverage with its floor
 	$(BIN)/ruff format --check receiver tests bench
 	$(BIN)/ruff check receiver tests bench
 	$(BIN)/lint-imports
@@ -28,6 +28,9 @@ check: $(STAMP)  ## format, lint, import walls, type checks, and the suite under
 	$(BIN)/coverage run -m pytest -q
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report
+
+links: $(STAMP)  ## the documents' relative links and file references exist; code cites sections that do
+	$(BIN)/pytest -q -p no:randomly -p no:cacheprovider tests/unit/test_links.py
 
 bench: $(STAMP)  ## the benchmark against this machine's ceilings (see bench/README.md)
 	$(BIN)/python -m bench.run

@@ -1,6 +1,6 @@
 """The `receiver` command line (docs/design.md §6): the parser, and the mapping of errors
-to exit statuses. The commands themselves live in service.daemon, admin.commands and
-admin.replay."""
+to exit statuses. The commands themselves live in service.daemon (serve, dispatch,
+migrate), the admin.*_commands modules (one per noun) and admin.replay."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from receiver import console, errors, metrics, vault
-from receiver.admin import commands, debitura, inbox, replay, tokens
+from receiver.admin import (
+    debitura,
+    event_commands,
+    governance_commands,
+    inbox,
+    key_commands,
+    outgoing,
+    replay,
+    signal_commands,
+    token_commands,
+    tokens,
+)
 from receiver.lifecycle import audit, events
 from receiver.service import daemon
 from receiver.signals import outbox
@@ -175,14 +186,14 @@ def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=commands.events_list)
+    listing.set_defaults(run=event_commands.list_events)
     show = sub.add_parser(
         "show", help="one stored delivery, its body redacted (tokens cut to their prefix)"
     )
     show.add_argument("event_id", metavar="EVENT_ID", help="its key or envelope id")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(show)
-    show.set_defaults(run=commands.events_show)
+    show.set_defaults(run=event_commands.show)
     reprocess = sub.add_parser(
         "reprocess",
         help="re-apply quarantined deliveries under the current code and configuration",
@@ -194,7 +205,7 @@ def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     reprocess.add_argument("--json", action="store_true", help="one JSON object per event")
     _add_actor(reprocess, why="--why")
     _add_dev_flag(reprocess)
-    reprocess.set_defaults(run=commands.events_reprocess)
+    reprocess.set_defaults(run=event_commands.reprocess)
 
 
 def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -205,23 +216,23 @@ def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     listing.add_argument("--limit", type=_positive, default=100)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=commands.signals_list)
+    listing.set_defaults(run=signal_commands.list_signals)
     retry = sub.add_parser("retry", help="put dead letters back to pending")
     retry.add_argument("--id", action="append", help="only this signal (repeatable)")
     _add_dev_flag(retry)
-    retry.set_defaults(run=commands.signals_retry)
+    retry.set_defaults(run=signal_commands.retry)
 
 
 def _add_keys(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = subcommands.add_parser("keys", help="key material")
     sub = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
     generate = sub.add_parser("generate", help="print fresh key material as env lines")
-    generate.set_defaults(run=commands.keys_generate)
+    generate.set_defaults(run=key_commands.generate)
     rotate = sub.add_parser("rotate", help="re-encrypt every sealed value under the primary key")
     rotate.add_argument("--batch-size", type=_positive, default=500, help="rows per transaction")
     _add_actor(rotate)
     _add_dev_flag(rotate)
-    rotate.set_defaults(run=commands.keys_rotate)
+    rotate.set_defaults(run=key_commands.rotate)
 
 
 def _add_tokens(
@@ -246,7 +257,7 @@ def _add_tokens(
     listing.add_argument("--limit", type=_positive, default=1000)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=commands.tokens_list)
+    listing.set_defaults(run=token_commands.list_tokens)
     reveal = sub.add_parser("reveal", help="print one token in plain text (audited; --confirm)")
     reveal.add_argument("client", help="client id")
     reveal.add_argument("--prefix", help="the token with this prefix (default: the active one)")
@@ -259,7 +270,7 @@ def _add_tokens(
     reveal.add_argument("--confirm", action="store_true", help="yes, print the secret token")
     _add_actor(reveal)
     _add_dev_flag(reveal)
-    reveal.set_defaults(run=commands.tokens_reveal)
+    reveal.set_defaults(run=token_commands.reveal)
     imports = sub.add_parser(
         "import",
         help="store a token that came from Debitura's API (read from stdin or --file)",
@@ -280,7 +291,7 @@ def _add_tokens(
     )
     _add_actor(imports)
     _add_dev_flag(imports)
-    imports.set_defaults(run=commands.tokens_import)
+    imports.set_defaults(run=token_commands.import_token)
     return sub
 
 
@@ -295,7 +306,7 @@ def _add_governance(
     prune.add_argument("--dry-run", action="store_true", help="count only, change nothing")
     prune.add_argument("--json", action="store_true", help="the counts as one JSON object")
     _add_dev_flag(prune)
-    prune.set_defaults(run=commands.prune)
+    prune.set_defaults(run=governance_commands.prune)
 
     clients = subcommands.add_parser("clients", help="linked clients")
     sub = clients.add_subparsers(dest="clients_command", metavar="CLIENTS_COMMAND", required=True)
@@ -309,7 +320,8 @@ def _add_governance(
     erase.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     _add_actor(erase)
     _add_dev_flag(erase)
-    erase.set_defaults(run=commands.clients_erase)
+    erase.set_defaults(run=governance_commands.erase_client)
+    clients_sub = sub
 
     audit_parser = subcommands.add_parser("audit", help="the audit trail of operator actions")
     audit_sub = audit_parser.add_subparsers(
@@ -321,8 +333,8 @@ def _add_governance(
     listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
-    listing.set_defaults(run=commands.audit_list)
-    return sub
+    listing.set_defaults(run=governance_commands.list_audit)
+    return clients_sub
 
 
 def _add_replay(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -334,7 +346,7 @@ def _add_replay(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="build realistic test events and send them",
         description="Example: receiver replay trigger client.onboarding_completed --count 5 --dev",
     )
-    trigger.add_argument("event", help=f"event type: {' or '.join(replay.SUPPORTED)}")
+    trigger.add_argument("event", help=f"event type: {' or '.join(outgoing.SUPPORTED)}")
     trigger.add_argument(
         "--allow-unknown", action="store_true", help="send an event type the receiver does not know"
     )

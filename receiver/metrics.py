@@ -128,7 +128,8 @@ db.FAULT_OBSERVERS.append(lambda kind: DATABASE_ERRORS.labels(kind=kind).inc())
 @functools.lru_cache(maxsize=4096)
 def child(metric: Counter | Histogram, *values: str) -> Any:
     """`metric.labels(*values)`, bound once per label set: `labels()` validates and
-    takes a lock on every call (~4% of the request path's samples under load). The
+    takes a lock on every call, which showed in the request path's profile
+    (bench/README.md, `bench.profile`). The
     cache is bounded, and every label set on the request path comes from a fixed
     set (route templates, status codes, known event types and outcomes)."""
     return metric.labels(*values)

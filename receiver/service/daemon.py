@@ -1,4 +1,6 @@
-"""The long-running commands: `serve`, `dispatch`, and `migrate` (docs/design.md §6)."""
+"""The long-running commands: `serve`, `dispatch`, and `migrate` (docs/design.md §6).
+
+`serve --workers N` hands its processes to workers.supervise."""
 
 from __future__ import annotations
 
@@ -7,27 +9,20 @@ import asyncio
 import contextlib
 import os
 import resource
-import secrets
 import shlex
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import structlog
 from aiohttp import web
-from prometheus_client import multiprocess
 
 from receiver import config, console, db, errors
-from receiver.db import migrations
-from receiver.service import app, server
+from receiver.db import embedded, migrations
+from receiver.service import app, server, workers
 from receiver.signals import outbox
 
 logger = structlog.get_logger(__name__)
@@ -90,12 +85,14 @@ def serve(args: argparse.Namespace) -> int:
         asyncio.run(_migrate_when_reachable(console.dsn(settings)))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
-        cache_dsn = asyncio.run(_dev_cache_role(console.dsn(settings)))
+        cache_dsn = asyncio.run(embedded.cache_login(console.dsn(settings)))
         _print_dev_help(settings, url, cache_dsn)
     if args.workers == 1:
         _run_worker(settings, args.host, args.port, reuse_port=False)
         return 0
-    return _run_workers(settings, args)
+    return workers.supervise(
+        settings, host=args.host, port=args.port, count=args.workers, dev=args.dev
+    )
 
 
 def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: bool) -> None:
@@ -105,7 +102,7 @@ def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: 
 def _event_loop_runner(settings: config.Settings) -> Callable[[Coroutine[Any, Any, None]], None]:
     """uvloop's `run` when the setting asks for it (or, on `auto`, when the `fast`
     extra installed it), else asyncio's: uvloop is what aiohttp's own production
-    worker uses, and it halves the cost of socket writes (bench/README.md)."""
+    worker uses, and it makes socket writes cheaper (figures: bench/README.md)."""
     if settings.event_loop != "asyncio":
         try:
             import uvloop
@@ -157,107 +154,6 @@ def _allow_open_files(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-# A dead worker is replaced after a pause that doubles from 1 s up to 30 s; a worker
-# that ran for a minute resets it. Five deaths within a minute is a crash loop: the
-# service stops (exit 1) and the orchestrator takes over.
-RESTART_DELAY_SECONDS = 1.0
-RESTART_DELAY_CAP_SECONDS = 30.0
-HEALTHY_RUN_SECONDS = 60.0
-CRASH_LOOP_DEATHS = 5
-
-
-def _run_workers(settings: config.Settings, args: argparse.Namespace) -> int:
-    """N worker processes share the port (SO_REUSEPORT; the kernel spreads connections).
-
-    Each worker is a fresh interpreter started with PROMETHEUS_MULTIPROC_DIR set, which
-    prometheus-client reads when it is imported: the workers keep their metrics in
-    files there, and any worker's /metrics reports the sum. The parent has migrated;
-    it forwards SIGTERM/SIGINT. A worker that dies is replaced after a backoff, as
-    gunicorn's arbiter does, while the others keep serving; only a crash loop stops
-    the service.
-    """
-    assert settings.database_url is not None
-    metrics_dir = tempfile.mkdtemp(prefix="receiver-metrics-")
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-        # As resolved here (the embedded Postgres in dev): workers must not start another.
-        "RECEIVER_DATABASE_URL": settings.database_url.get_secret_value(),
-    }
-    argv = [sys.executable, "-m", "receiver", "serve", "--worker"]
-    argv += ["--host", args.host, "--port", str(args.port), *(["--dev"] if args.dev else [])]
-    # Only waitpid() below reaps the workers: `running` is the bookkeeping. The Popen
-    # objects are kept until then: one dropped while its process runs would be reaped
-    # by subprocess's own cleanup at the next Popen, behind our back.
-    running: dict[int, float] = {}  # pid -> when it started
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    stopping = False
-
-    def stop_all(signum: int = signal.SIGTERM, _: object = None) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    def start_one() -> None:
-        # A session of their own: a terminal's Ctrl-C (or any signal to the parent's
-        # group) reaches the parent alone, which forwards it once. A second signal
-        # would cut a worker's drain short. (Containers and systemd kill the whole
-        # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
-        child = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
-        running[child.pid] = time.monotonic()
-        children[child.pid] = child
-
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
-    deaths: list[float] = []
-    restarts_due: list[float] = []
-    delay = RESTART_DELAY_SECONDS
-    try:
-        for _ in range(args.workers):
-            start_one()
-        while running or (restarts_due and not stopping):
-            now = time.monotonic()
-            if restarts_due and restarts_due[0] <= now and not stopping:
-                restarts_due.pop(0)
-                start_one()
-                logger.info("worker_restarted", workers=len(running))
-                continue
-            # Polled, not a blocking wait(): a restart may be due before any child exits.
-            pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
-            if pid == 0:
-                time.sleep(0.1)
-                continue
-            started = running.pop(pid, None)
-            if started is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            children.pop(pid).returncode = code  # reaped: Popen must not wait for it
-            multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
-            if stopping and code in (0, -signal.SIGTERM, -signal.SIGINT):
-                continue
-            now = time.monotonic()
-            deaths = [t for t in deaths if now - t < HEALTHY_RUN_SECONDS] + [now]
-            if len(deaths) >= CRASH_LOOP_DEATHS:
-                logger.error("worker_crash_loop", pid=pid, status=code, deaths=len(deaths))
-                stop_all()
-                for other in list(running):  # let the others drain, then report
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(other, 0)
-                    children.pop(other).returncode = 0
-                running.clear()
-                return 1
-            delay = RESTART_DELAY_SECONDS if now - started >= HEALTHY_RUN_SECONDS else delay
-            logger.error("worker_exited", pid=pid, status=code, restart_in_seconds=delay)
-            restarts_due.append(now + delay)
-            delay = min(delay * 2, RESTART_DELAY_CAP_SECONDS)
-        return 0
-    finally:
-        stop_all()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
 def dispatch(args: argparse.Namespace) -> int:
     """`receiver dispatch`."""
     settings = console.start(args, service=True)
@@ -280,27 +176,6 @@ async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
                 await task
     finally:
         await database.close()
-
-
-DEV_CACHE_ROLE = "receiver_cache_dev"
-
-
-async def _dev_cache_role(dsn: str) -> str:
-    """Dev mode: a login role in receiver_cache_reader (with a fresh password each
-    start) for a partner application's token cache; its connection string."""
-    password = secrets.token_urlsafe(18)
-    conn = await db.connect(dsn)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DEV_CACHE_ROLE)
-        verb = "ALTER" if exists else "CREATE"
-        # Identifiers and passwords cannot be bind parameters in DDL; both are ours.
-        await conn.execute(f"{verb} ROLE {DEV_CACHE_ROLE} LOGIN PASSWORD '{password}'")
-        await conn.execute(f"GRANT receiver_cache_reader TO {DEV_CACHE_ROLE}")
-    finally:
-        await conn.close()
-    parts = urlsplit(dsn)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{DEV_CACHE_ROLE}:{password}@{host}"))
 
 
 def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -165,3 +166,8 @@ def document() -> dict[str, Any]:
         },
         "components": {"schemas": definitions["$defs"]},
     }
+
+
+async def serve_document(_: web.Request) -> web.Response:
+    """The OpenAPI description of the endpoints."""
+    return web.json_response(document())

@@ -1,4 +1,4 @@
-"""`POST /webhooks/debitura`: verify, read, record, answer (docs/contract.md).
+"""`POST /webhooks/debitura`: verify, read, record, answer (docs/design.md §2).
 
 Checks run cheapest first and before any parsing: size, content type, then the
 HMAC over the raw bytes. Everything before the signature may refuse (401/413/415);

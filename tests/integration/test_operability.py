@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from receiver import config
 from receiver.config import Settings
 from receiver.db import migrations
-from receiver.service import app, openapi
+from receiver.service import app, openapi, state
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration import processes
@@ -127,8 +127,9 @@ async def test_metrics_answer_while_postgres_does_not(
 async def test_concurrent_scrapes_read_postgres_once_per_interval(
     aiohttp_client: Any, settings: Settings, conn: asyncpg.Connection
 ) -> None:
-    """Twenty concurrent scrapes within the refresh interval share one read of the
-    gauges: a change made after it shows only once the interval has passed."""
+    """Within the refresh interval the gauges are read from Postgres once: twenty
+    concurrent scrapes share that read, and a change made after it does not show until
+    the interval has passed (an app whose interval is 0 shows it at once)."""
     cached = settings.model_copy(update={"metrics_refresh_seconds": 3600.0})
     client = await aiohttp_client(app.create_app(cached))
     texts = await asyncio.gather(*(client.get("/metrics") for _ in range(20)))
@@ -139,7 +140,14 @@ async def test_concurrent_scrapes_read_postgres_once_per_interval(
         "INSERT INTO receiver.events (key, type, status, is_test, body_sealed, "
         "quarantine_reason) VALUES ('k', 'x', 'quarantined', false, '\\x01026b31', 'invalid_json')"
     )
-    assert "receiver_events_quarantined_open 0.0" in await (await client.get("/metrics")).text()
+    # Asked of the gauges themselves: /metrics also reuses a whole rendering for a
+    # second (scrape.RENDER_REUSE_SECONDS), which would hide a read made too often.
+    gauges = client.app[state.GAUGES]
+    families = await gauges.families(client.app[state.DATABASE])
+    open_quarantine = next(f for f in families if f.name == "receiver_events_quarantined_open")
+    assert [sample.value for sample in open_quarantine.samples] == [0]
+    due = await aiohttp_client(app.create_app(settings))  # interval 0: every scrape reads
+    assert "receiver_events_quarantined_open 1.0" in await (await due.get("/metrics")).text()
 
 
 async def test_openapi_describes_every_route(client: Client) -> None:

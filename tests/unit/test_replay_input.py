@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from receiver import errors
-from receiver.admin import replay
+from receiver.admin import outgoing
 from tests import helpers
 
 
@@ -23,7 +23,7 @@ def test_a_json_object_a_json_list_and_ndjson_are_read(tmp_path: Path) -> None:
     lines = tmp_path / "lines.ndjson"
     first, second = json.dumps({"event": "x", "id": "evt_n1"}), json.dumps({"event": "y"})
     lines.write_text(f"{first}\n\n{second}\n")
-    found = replay.read_events([str(one), str(listed), str(lines)])
+    found = outgoing.read_events([str(one), str(listed), str(lines)])
     assert [e.event_type for e in found] == [
         "client.onboarding_completed",
         "token.revoked",
@@ -50,19 +50,19 @@ def test_unusable_input_is_refused_saying_where(tmp_path: Path, text: str, messa
     source = tmp_path / "lines.ndjson"
     source.write_text(text)
     with pytest.raises(errors.UsageError, match=message):
-        replay.read_events([str(source)])
+        outgoing.read_events([str(source)])
 
 
 def test_unreadable_file_is_a_usage_error(tmp_path: Path) -> None:
     """A missing file is named in the error."""
     with pytest.raises(errors.UsageError, match=r"missing\.json: cannot read"):
-        replay.read_events([str(tmp_path / "missing.json")])
+        outgoing.read_events([str(tmp_path / "missing.json")])
 
 
 def test_prefix_shown_is_never_more_than_the_public_prefix() -> None:
     """The prefix printed for an event is cut to 15 characters, even when a sender put
     a whole token in `token_prefix`."""
     token = helpers.canary_token()
-    outgoing = replay.outgoing(helpers.revocation("c", token))
-    assert outgoing.token_prefix == token[:15]
-    assert replay.outgoing(helpers.onboarding(token=token)).token_prefix == token[:15]
+    revocation = outgoing.from_document(helpers.revocation("c", token))
+    assert revocation.token_prefix == token[:15]
+    assert outgoing.from_document(helpers.onboarding(token=token)).token_prefix == token[:15]

@@ -1,0 +1,51 @@
+"""`receiver signals list|retry`: the invalidation outbox from the command line
+(docs/design.md §6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from receiver import config, console, db
+from receiver.signals import outbox
+
+
+def list_signals(args: argparse.Namespace) -> int:
+    """`receiver signals list`."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        rows = await outbox.listing(database, status=args.status, limit=args.limit)
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+            return 0
+        by_status = await outbox.counts(database)
+        print("  ".join(f"{status}={n}" for status, n in sorted(by_status.items())) or "no signals")
+        print(console.table(rows, SIGNAL_COLUMNS, noun="signal"))
+        return 0
+
+    return console.with_database(args, work)
+
+
+SIGNAL_COLUMNS = (
+    "id",
+    "client_id",
+    "environment",
+    "reason",
+    "status",
+    "attempts",
+    "created_at",
+    "next_attempt_at",
+    "last_error",
+)
+
+
+def retry(args: argparse.Namespace) -> int:
+    """`receiver signals retry`: dead letters back to pending."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        retried = await outbox.retry_dead(database, args.id or None)
+        print(f"{len(retried)} dead signal(s) back to pending")
+        return 0
+
+    return console.with_database(args, work)

@@ -1,0 +1,97 @@
+"""`receiver tokens list|reveal|import`: the token inventory from the command line
+(docs/design.md §6).
+
+Each runs once and exits; output that scripts read goes to stdout, logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from receiver import config, console, db, vault
+from receiver.admin import tokens
+from receiver.lifecycle import adoption, audit
+
+
+def list_tokens(args: argparse.Namespace) -> int:
+    """`receiver tokens list`."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        rows = await tokens.inventory(
+            database,
+            client_id=args.client,
+            status=args.status,
+            environment=args.environment,
+            older_than=args.older_than,
+            limit=args.limit,
+        )
+        console.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json)
+        if len(rows) == args.limit:
+            print(
+                f"receiver: showing the first {args.limit} tokens: --limit N for more",
+                file=sys.stderr,
+            )
+        return 0
+
+    return console.with_database(args, work)
+
+
+def reveal(args: argparse.Namespace) -> int:
+    """`receiver tokens reveal`."""
+    if not args.confirm:
+        print(
+            "receiver: refusing to print a token without --confirm (the reveal is audited)",
+            file=sys.stderr,
+        )
+        return console.EXIT_CONFIG
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        sealer = vault.Sealer.from_settings(settings)
+        meta, token = await tokens.reveal(
+            database,
+            sealer,
+            args.client,
+            audit.Actor.of(args.actor, args.audit_reason),
+            prefix=args.prefix,
+            environment=args.environment,
+        )
+        print(
+            f"# client {meta['client_id']}, token {meta['prefix']}…, status {meta['status']}",
+            file=sys.stderr,
+        )
+        print(token)
+        return 0
+
+    return console.with_database(args, work)
+
+
+def import_token(args: argparse.Namespace) -> int:
+    """`receiver tokens import CLIENT_ID`: the token from stdin or --file, never argv."""
+    if args.file:
+        with open(args.file, encoding="utf-8") as source:
+            token = adoption.read_token(source)
+    else:
+        if sys.stdin.isatty():
+            print("paste the token, then Enter:", file=sys.stderr)
+        token = adoption.read_token([sys.stdin.readline()])
+    expires_at = console.timestamp(args.expires_at, "--expires-at")
+
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        imported = await adoption.import_token(
+            database,
+            settings,
+            vault.Sealer.from_settings(settings),
+            args.client,
+            token,
+            audit.Actor.of(args.actor, args.audit_reason),
+            supersede=args.supersede,
+            old_expires_at=expires_at,
+        )
+        print(
+            f"client {imported.client_id}: token {imported.prefix}… ({imported.environment}) "
+            f"{imported.status}, event {imported.event_key}"
+        )
+        return 0
+
+    return console.with_database(args, work)

@@ -1,0 +1,113 @@
+"""The one middleware: a request id, the JSON error body for every error, and the
+canonical log line (one per request)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from receiver import errors, metrics, redaction
+from receiver.service import forwarded
+
+log = structlog.get_logger(__name__)
+
+_ROUTINE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Workers are started as new processes (`serve --workers`), never forked from this
+# one: the id is read once, not with a system call per request.
+_PID = os.getpid()
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_HTTP_ERRORS: dict[int, type[errors.ReceiverError]] = {
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.BodyTooLarge,
+}
+
+
+def _error_response(exc: errors.ReceiverError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+
+
+def _from_http(exc: web.HTTPException) -> errors.ReceiverError:
+    kind = _HTTP_ERRORS.get(exc.status)
+    if kind is not None:
+        return kind(exc.reason.lower())
+    if exc.status >= 500:
+        return errors.InternalError("internal error, retry later")
+    return errors.InvalidRequest(exc.reason.lower())
+
+
+async def _refuse_token_in_url(_: web.Request) -> web.StreamResponse:
+    raise errors.InvalidRequest("tokens must never be sent in a URL")
+
+
+@web.middleware
+async def canonical_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id, turn every error into the JSON error body, and write one
+    log line per request (the canonical log line)."""
+    structlog.contextvars.clear_contextvars()
+    given = request.headers.get("X-Request-Id", "")
+    # A request id only has to be unique among log lines, not unguessable: no
+    # os.urandom system call per request (uuid4 showed in the profile: bench/README.md).
+    request_id = given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    error_code = None
+    # A token in a URL (path or query) ends up in proxies' logs: refuse it, and never
+    # hand that path to our own logger either.
+    token_in_url = redaction.TOKEN_PATTERN.search(request.raw_path) is not None
+    path = "[refused: token in URL]" if token_in_url else request.path
+    response: web.StreamResponse
+    try:
+        response = await (_refuse_token_in_url(request) if token_in_url else handler(request))
+    except errors.ReceiverError as exc:
+        error_code = exc.code
+        if isinstance(exc, errors.InvalidSignature):
+            metrics.child(metrics.SIGNATURE_FAILURES, exc.reason).inc()
+            # Which check failed, from a fixed set: missing, malformed, stale, future,
+            # mismatch (the answer's body stays as terse as before).
+            structlog.contextvars.bind_contextvars(signature_failure=exc.reason)
+        response = _error_response(exc)
+    except web.HTTPException as exc:
+        mapped = _from_http(exc)
+        error_code = mapped.code
+        response = _error_response(mapped)
+        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception:
+        # A fault of ours, never of the input: answered 503 so the sender retries
+        # (after a fix) rather than counting a 500 towards switching us off.
+        log.exception("request_failed")
+        metrics.INTERNAL_ERRORS.inc()
+        error_code = "internal_error"
+        response = _error_response(errors.InternalError("internal error, retry later"))
+    response.headers["X-Request-Id"] = request_id
+    elapsed = time.perf_counter() - started
+    route = _route_label(request)
+    metrics.child(metrics.REQUESTS, route, str(response.status)).inc()
+    metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
+    # Probes and scrapes that went well are routine: at debug, so a crowd of them
+    # neither floods the log nor takes the event loop from deliveries.
+    routine = route in _ROUTINE_ROUTES and response.status < 400
+    (log.debug if routine else log.info)(
+        "request",
+        method=request.method,
+        path=path,
+        status=response.status,
+        error=error_code,
+        duration_ms=round(elapsed * 1000, 2),
+        remote=forwarded.client_address(request),
+        pid=_PID,  # which process answered (serve --workers)
+    )
+    return response
+
+
+def _route_label(request: web.Request) -> str:
+    # The route's template, never the raw path: a path is client input.
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
