@@ -79,6 +79,13 @@ class Manager:
             "tokens_to_validate", list(client_ids) if client_ids else None, environment
         )
         found = {(row["client_id"], row["environment"]) for row in rows}
+        # Every environment's API is checked before the first call: a missing key is
+        # exit 2 naming it, not a run that stops half-way.
+        needed: set[str] = {env for _, env in found}
+        if environment is not None:
+            needed.add(environment)
+        for each in sorted(needed):
+            api.endpoint(self.settings, each)
         done = [
             outcomes.failed(client_id, environment or "live", "no active token")
             for client_id in client_ids or ()

@@ -552,3 +552,39 @@ async def test_pg_dump_and_signals_hold_no_token_or_api_key(
         for form in helpers.leak_forms(secret):
             assert form not in dump
             assert form not in signals
+
+
+async def test_test_tokens_are_managed_only_through_the_test_environment(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """A tok_test_ token is fetched and validated through the test API; a live API that
+    answers with a test token is refused; validating test tokens without the test
+    API configured is exit 2 naming it, before any call."""
+    sb = Sandbox(environment="test")
+    await sb.start()
+    try:
+        helpers.CANARIES.add(sb.api_key)
+        token = link(sb, "cli_t")
+        test_env = operator_env(
+            settings,
+            RECEIVER_DEBITURA_TEST_API_URL=sb.url,
+            RECEIVER_DEBITURA_TEST_API_KEY=sb.api_key,
+        )
+        fetched = await cli(["tokens", "fetch", "cli_t", "--environment", "test"], test_env)
+        assert fetched.returncode == 0, fetched.stderr
+        stored = await tokens_of(conn, "cli_t")
+        assert list(stored) == [token[:15]]
+        validated = await cli(["tokens", "validate", "--environment", "test"], test_env)
+        assert validated.returncode == 0, validated.stderr
+        crossed = operator_env(
+            settings, RECEIVER_DEBITURA_API_URL=sb.url, RECEIVER_DEBITURA_API_KEY=sb.api_key
+        )
+        refused = await cli(["tokens", "fetch", "cli_t"], crossed)
+        assert refused.returncode == 1
+        assert "token of the other environment" in refused.stderr
+        no_test_api = await cli(["tokens", "validate"], crossed)
+        assert no_test_api.returncode == 2
+        assert "RECEIVER_DEBITURA_TEST_API_URL" in no_test_api.stderr
+        assert sb.calls["validate"] == 1
+    finally:
+        await sb.stop()
