@@ -201,7 +201,7 @@ class Api:
                     allow_redirects=False,
                     timeout=self._timeout,
                 ) as response:
-                    raw = await response.content.read(MAX_ANSWER_BYTES + 1)
+                    raw = await _read_capped(response.content)
                     status = response.status
                     retry_after = response.headers.get("Retry-After")
             except aiohttp.ClientConnectorError as exc:
@@ -252,6 +252,17 @@ class Api:
             _count(call, "retried")
             log.info("debitura_retry", call=call, fault=fault, attempt=attempt, pause=pause)
             await asyncio.sleep(pause)
+
+
+async def _read_capped(content: aiohttp.StreamReader) -> bytes:
+    """The answer's bytes, at most one past the cap (read() returns a chunk at a time)."""
+    raw = bytearray()
+    while len(raw) <= MAX_ANSWER_BYTES:
+        chunk = await content.read(MAX_ANSWER_BYTES + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return bytes(raw)
 
 
 def _client_path(client_id: str, action: str) -> str:

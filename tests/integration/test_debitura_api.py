@@ -4,6 +4,7 @@ in any error text or repr."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -158,3 +159,25 @@ async def test_no_token_or_api_key_in_errors_or_reprs() -> None:
             assert helpers.find_canaries(text) == [], text
     finally:
         await sb.stop()
+
+
+async def test_an_answer_in_many_chunks_under_the_cap_is_read_whole(
+    debitura: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """An answer that arrives in pieces is read to its end (up to the cap)."""
+    token = helpers.canary_token()
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        body = json.dumps(
+            {"bearer_token": token, "status": "active", "padding": "p" * 40_000}
+        ).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for start in range(0, len(body), 1000):
+            await response.write(body[start : start + 1000])
+        await response.write_eof()
+        return response
+
+    url = await debitura(chunked)
+    fetched = await call(url, "sk_key", lambda a, e: a.fetch(e, "cli_1"))
+    assert fetched.token.get_secret_value() == token
