@@ -59,7 +59,8 @@ SELECT name, checksum FROM receiver.schema_migrations;
 -- The inventory operators list: metadata only, never a token; filters optional.
 -- link_invalid_at: when a partner application last reported that this token, though
 -- active, got a second 401 (the client needs re-linking).
-SELECT client_id, prefix, environment, status, onboarding_completed_at, stored_at,
+SELECT client_id, prefix, prefix AS token_prefix, environment, status,
+       onboarding_completed_at, stored_at,
        superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
        changed_by_event, key_id, validated_at, valid, scopes,
        (SELECT max(r.reported_at) FROM receiver.link_reports r

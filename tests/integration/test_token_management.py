@@ -402,6 +402,7 @@ async def test_validate_stores_what_debitura_says_and_flags_invalid_tokens(
     listed = await cli(["tokens", "list", "--json"], env)
     inventory = {row["client_id"]: row for row in map(json.loads, listed.stdout.splitlines())}
     assert inventory["cli_good"]["valid"] is True
+    assert inventory["cli_good"]["token_prefix"] == good[:15]  # DESIGN §9's name
     assert "cases.create" in inventory["cli_good"]["scopes"]
     assert inventory["cli_good"]["validated_at"] is not None
     assert inventory["cli_bad"]["valid"] is False
