@@ -13,15 +13,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
+from receiver import config, db, vault
 from receiver.config import Settings
+from receiver.debitura import api, rotation, schedule
+from receiver.lifecycle import adoption, audit
 from receiver.sandbox import Sandbox
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration import processes
-from tests.integration.conftest import Client, Post, operator_env
+from tests.integration.conftest import Client, Post, operator_env, settings_values
 from tests.integration.standins import eventually
 from tests.integration.test_leaks import pg_dump
 
@@ -589,3 +593,33 @@ async def test_test_tokens_are_managed_only_through_the_test_environment(
         assert sb.calls["validate"] == 1
     finally:
         await sb.stop()
+
+
+async def test_the_schedule_pauses_while_debitura_rate_limits(
+    settings: Settings, sandbox: Sandbox, database: db.Database, conn: asyncpg.Connection
+) -> None:
+    """A scheduled run stops at the first rotation Debitura refuses with 429 after its
+    retries: the other due token is not tried, and the run reports the pause."""
+    configured = config.load_settings(
+        **settings_values(settings),
+        debitura_api_url=sandbox.url,
+        debitura_api_key=sandbox.api_key,
+        debitura_retry_base_seconds=0.01,
+        debitura_max_attempts=2,
+    )
+    sealer = vault.Sealer.from_settings(configured)
+    for client_id in ("cli_s1", "cli_s2"):
+        token = link(sandbox, client_id)
+        await adoption.import_token(
+            database, configured, sealer, client_id, token, audit.Actor("test")
+        )
+    await conn.execute(
+        "UPDATE receiver.tokens SET onboarding_completed_at = now() - interval '100 days'"
+    )
+    sandbox.faults.fail_next("rotate", 429, times=10, retry_after=0)
+    async with aiohttp.ClientSession() as session:
+        rotator = rotation.Rotator(database, configured, sealer, api.Api(session, configured))
+        paused = await schedule.run_once(rotator, configured)
+    assert paused is True
+    assert sandbox.calls["rotate"] == 2  # the first client's two tries, no third
+    assert await count(conn, OPEN_INTENTS) == 0  # refused: nothing happened at Debitura
