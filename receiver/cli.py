@@ -25,6 +25,7 @@ from receiver.admin import (
     tokens,
 )
 from receiver.lifecycle import audit, events
+from receiver.sandbox import command as sandbox_command
 from receiver.service import daemon
 from receiver.signals import outbox
 
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     clients_sub = _add_governance(subcommands)
     debitura.add_parsers(tokens_sub, clients_sub, _add_dev_flag, _positive)
     _add_replay(subcommands)
+    _add_sandbox(subcommands)
     return _with_help(parser)
 
 
@@ -428,3 +430,38 @@ def _add_sender_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="one JSON line per event, then a summary line"
     )
+
+
+def _add_sandbox(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subcommands.add_parser(
+        "sandbox",
+        help="run a stand-in Debitura (token API, OAuth, /cases, signed webhooks)",
+        description="Example: receiver sandbox --dev --link cli_demo --time-scale 60",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address")
+    parser.add_argument("--port", type=int, default=sandbox_command.DEFAULT_PORT, help="port")
+    parser.add_argument("--environment", choices=vault.ENVIRONMENTS, default="test")
+    parser.add_argument(
+        "--api-key", help="the XApiKey it expects (default: generated and printed once)"
+    )
+    parser.add_argument("--webhook-url", help="the receiver's webhook URL")
+    parser.add_argument("--webhook-secret", metavar="B64", help="base64 webhook secret")
+    parser.add_argument(
+        "--time-scale",
+        type=_positive_float,
+        default=1.0,
+        help="divide Debitura's webhook retry delays by this (60: 1.5 h in 1.5 min)",
+    )
+    parser.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="CLIENT_ID",
+        help="link this client at start (repeatable; sends its onboarding webhook)",
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="send webhooks to `make run`'s receiver, signed with its dev secret",
+    )
+    parser.set_defaults(run=sandbox_command.run)

@@ -95,13 +95,25 @@ def _token_keys(value: Any) -> Any:
     return [(kid, SecretBytes(material)) for kid, material in keys]
 
 
-def _optional_secret(value: Any) -> Any:
-    if isinstance(value, str):
-        decoded = _b64(value)
-        if len(decoded) < 16:
-            raise ValueError("must decode to at least 16 bytes")
-        return decoded
-    return value
+WHSEC_PREFIX = "whsec_"
+
+
+def decode_signal_secret(text: str) -> bytes:
+    """A signal secret as Standard Webhooks spells it (`whsec_<base64>`) or as plain
+    base64, decoded; at least 16 bytes."""
+    decoded = _b64(text.strip().removeprefix(WHSEC_PREFIX))
+    if len(decoded) < 16:
+        raise ValueError("each secret must decode to at least 16 bytes")
+    return decoded
+
+
+def _signal_secrets(value: Any) -> Any:
+    parts = _split(value)
+    if parts is None:
+        return ()
+    if not isinstance(parts, list | tuple):
+        parts = [parts]
+    return [decode_signal_secret(p) if isinstance(p, str) else p for p in parts]
 
 
 def _postgres_url(value: SecretStr | None) -> SecretStr | None:
@@ -154,7 +166,9 @@ TestWebhookSecrets = Annotated[
 ]
 TokenKeys = Annotated[tuple[tuple[str, SecretBytes], ...], NoDecode, BeforeValidator(_token_keys)]
 Key32 = Annotated[SecretBytes, BeforeValidator(_key32)]
-OptionalSecret = Annotated[SecretBytes | None, BeforeValidator(_optional_secret)]
+# RECEIVER_CACHE_SECRET: comma-separated, base64 or `whsec_…`; the first signs, all are
+# listed in `webhook-signature` during a rotation window (docs/design.md §4).
+CacheSecrets = Annotated[tuple[SecretBytes, ...], NoDecode, BeforeValidator(_signal_secrets)]
 Channel = Annotated[str, AfterValidator(_channel)]
 ApiUrl = Annotated[str | None, AfterValidator(_api_url)]
 
@@ -176,7 +190,7 @@ class Settings(BaseSettings):
     token_keys: TokenKeys
     index_key: Key32
     cache_url: HttpUrl | None = None
-    cache_secret: OptionalSecret = None
+    cache_secret: CacheSecrets = ()
     notify_channel: Channel = "token_invalidation"
     # A signal is retried for as long as it can matter (a cache may hold a token this
     # long), never for a small count: docs/design.md §3, guarantee 4.
@@ -253,8 +267,7 @@ class Settings(BaseSettings):
         raw += [s.get_secret_value() for s in self.test_webhook_secrets]
         raw += [k.get_secret_value() for _, k in self.token_keys]
         raw.append(self.index_key.get_secret_value())
-        if self.cache_secret is not None:
-            raw.append(self.cache_secret.get_secret_value())
+        raw += [s.get_secret_value() for s in self.cache_secret]
         texts = [base64.b64encode(r).decode() for r in raw]
         for key in (self.debitura_api_key, self.debitura_test_api_key):
             if key is not None:
@@ -263,7 +276,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cache_secret_with_url(self) -> Settings:
-        if self.cache_url is not None and self.cache_secret is None:
+        if self.cache_url is not None and not self.cache_secret:
             raise ValueError("RECEIVER_CACHE_SECRET is required when RECEIVER_CACHE_URL is set")
         return self
 

@@ -151,8 +151,12 @@ class RetryPolicy:
     schedule: tuple[float, ...] = DEBITURA_SCHEDULE
 
     def delay_before(self, attempt: int) -> float:
-        """Seconds to wait before try number `attempt` (1-based), jittered ±10%."""
-        base = self.schedule[attempt - 1] - (self.schedule[attempt - 2] if attempt > 1 else 0)
+        """Seconds to wait before try number `attempt` (1-based), jittered ±10%.
+
+        The schedule lists the waits before each try, not offsets from the first: they
+        add up to 5,460 s, the "8 tries over about 1.5 h" of docs/design.md §1 (as
+        offsets, the last two tries would coincide and all would end after 30 min)."""
+        base = self.schedule[attempt - 1]
         return max(0.0, base * self.scale * random.uniform(1 - JITTER, 1 + JITTER))  # noqa: S311
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from receiver import config, db, errors, redaction, vault
-from receiver.lifecycle import audit, events, store
+from receiver.lifecycle import audit, events, rows, store
 
 log = structlog.get_logger(__name__)
 
@@ -98,7 +98,7 @@ async def import_token(
                 f"client {client_id!r} already has an active {environment} token ({active}…): "
                 "add --supersede to replace it"
             )
-        rows = [row.as_record()]
+        batch = [row]
         if revoke_old and active is not None and active != prefix:
             # The replaced token is revoked as a token.revoked webhook would revoke it.
             revocation = {
@@ -107,14 +107,14 @@ async def import_token(
                 "revoked_at": now.isoformat(),
                 "reason": "revoke_immediately",
             }
-            rows.append(
-                _row(sealer, f"{key}_old", "token.revoked", revocation, environment).as_record()
-            )
-        await conn.fetch(
-            db.QUERIES["record_events"],
-            rows,
-            settings.notify_channel,
-            settings.cache_url is not None,
+            batch.append(_row(sealer, f"{key}_old", "token.revoked", revocation, environment))
+        # The lifecycle's one way in, inside this transaction (with the audit row).
+        await store.record_rows(
+            conn,
+            sealer,
+            batch,
+            channel=settings.notify_channel,
+            http_delivery=settings.cache_url is not None,
         )
         status = await conn.fetchval(db.QUERIES["token_created_by"], key) or "already_stored"
         if close_intent is not None:
@@ -163,13 +163,14 @@ async def revoke_client(
     data = {"client_id": client_id, "revoked_at": now.isoformat(), "reason": "client_revoke"}
     row = _row(sealer, key, "token.revoked", data, environment)
     async with database.connection() as conn, conn.transaction():
-        recorded = await conn.fetch(
-            db.QUERIES["record_events"],
-            [row.as_record()],
-            settings.notify_channel,
-            settings.cache_url is not None,
+        recorded = await store.record_rows(
+            conn,
+            sealer,
+            [row],
+            channel=settings.notify_channel,
+            http_delivery=settings.cache_url is not None,
         )
-        revoked = int(recorded[0]["revoked"] or 0)
+        revoked = recorded[0].revoked or 0
         await audit.audit(
             conn,
             actor,
@@ -191,7 +192,7 @@ async def revoke_client(
 
 def _row(
     sealer: vault.Sealer, key: str, kind: str, data: dict[str, Any], environment: str
-) -> store.Row:
+) -> rows.Row:
     """The event a webhook would have carried, read and sealed as one."""
     document = {"id": key, "event": kind, "timestamp": data.get("revoked_at"), "data": data}
     if document["timestamp"] is None:
@@ -201,11 +202,11 @@ def _row(
     if event.quarantine is not None or event.data is None:
         detail = event.quarantine.detail if event.quarantine else "not applicable"
         # The detail names a field and an error kind, never a value.
-        raise errors.UsageError(f"cannot store: {detail}")
-    return store.prepare(
+        raise errors.UsageError(f"cannot import: {detail}")
+    return rows.prepare(
         sealer,
         event,
-        store.Delivery(body=body, is_test=event.is_test, test_header=False, signature=None),
+        rows.Arrival(body=body, is_test=event.is_test, test_header=False, signature=None),
     )
 
 

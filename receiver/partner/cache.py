@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,8 @@ class CacheSettings(BaseSettings):
     database_url: SecretStr | None = None  # used when cache_database_url is not set
     token_keys: config.TokenKeys
     notify_channel: config.Channel = "token_invalidation"
-    cache_secret: config.OptionalSecret = None
+    # One or several (comma-separated, base64 or `whsec_…`): any of them verifies.
+    cache_secret: config.CacheSecrets = ()
     cache_ttl_seconds: float = Field(default=DEFAULT_TTL_SECONDS, gt=0)
 
     def dsn(self) -> str:
@@ -100,27 +101,51 @@ class _Entry:
     state: TokenState
 
 
+Secrets = bytes | str | Sequence[bytes | str]
+"""One secret or several (a rotation window): raw bytes, or text in base64 or `whsec_…`."""
+
+
+def _secret_list(secrets: Secrets) -> list[bytes]:
+    items = [secrets] if isinstance(secrets, bytes | str) else list(secrets)
+    return [s if isinstance(s, bytes) else config.decode_signal_secret(s) for s in items]
+
+
+_REFUSED = object()
+
+
+def _verifies(secret: bytes, body: bytes, headers: dict[str, str]) -> Any:
+    try:
+        return standardwebhooks.Webhook(secret).verify(body, headers)
+    except (standardwebhooks.WebhookVerificationError, ValueError, TypeError):
+        return _REFUSED
+
+
 def verify_signal(
-    headers: Mapping[str, str], body: bytes, secret: bytes, *, legacy: bool = True
+    headers: Mapping[str, str], body: bytes, secret: Secrets, *, legacy: bool = True
 ) -> dict[str, Any]:
     """Check a signal POST from the receiver and return its payload; framework-agnostic.
 
-    Standard Webhooks headers (`webhook-id`, `webhook-timestamp`, `webhook-signature`)
-    are verified by the `standardwebhooks` library. The first release's
-    `X-Receiver-Signature` is accepted instead when `legacy` and no standard header
-    came. Raises `errors.InvalidSignature` (401) or `errors.InvalidRequest` (400).
+    `secret` is one secret or several (during a rotation, the new and the old): any
+    of them verifies. Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
+    `webhook-signature`) are verified by the `standardwebhooks` library. The first
+    release's `X-Receiver-Signature` is accepted instead when `legacy` and no standard
+    header came. Raises `errors.InvalidSignature` (401) or `errors.InvalidRequest` (400).
     """
+    secrets = _secret_list(secret)
     lowered = {k.lower(): v for k, v in headers.items()}
     if "webhook-signature" in lowered or not legacy:
-        try:
-            payload = standardwebhooks.Webhook(secret).verify(body, lowered)
-        except (standardwebhooks.WebhookVerificationError, ValueError, TypeError) as exc:
-            raise errors.InvalidSignature("signal signature does not verify", "mismatch") from exc
+        payload = _REFUSED
+        for candidate in secrets:
+            payload = _verifies(candidate, body, lowered)
+            if payload is not _REFUSED:
+                break
+        if payload is _REFUSED:
+            raise errors.InvalidSignature("signal signature does not verify", "mismatch")
     else:
         signing.verify(
             lowered.get(signing.SIGNAL_SIGNATURE_HEADER.lower()),
             body,
-            [secret],
+            secrets,
             SIGNAL_TOLERANCE_SECONDS,
         )
         try:
@@ -142,20 +167,25 @@ class TokenCache:
         *,
         channel: str = "token_invalidation",
         ttl: float = DEFAULT_TTL_SECONDS,
-        signal_secret: bytes | None = None,
+        signal_secret: Secrets | None = None,
         on_invalidated: Invalidated | None = None,
+        database: db.Database | None = None,
     ) -> None:
         self._dsn = database_url
         self._keyring = keyring
         self._channel = channel
         self._ttl = ttl
-        self._signal_secret = signal_secret
+        self._signal_secrets = _secret_list(signal_secret) if signal_secret else []
         self._on_invalidated = on_invalidated
         self._entries: dict[tuple[str, str], _Entry] = {}  # (client id, environment)
         # Bumped by every invalidation: a read that started before one is not cached.
         self._generations: dict[str, int] = {}
         self._epoch = 0
-        self._database: db.Database | None = None
+        # An application's own pool may be shared (it stays the application's to close).
+        self._database: db.Database | None = database
+        self._own_database = database is None
+        # One read per miss: callers missing the same entry await the same read.
+        self._reading: dict[tuple[str, str], asyncio.Task[TokenState]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
 
@@ -169,7 +199,7 @@ class TokenCache:
         """A cache as `CacheSettings` (the `RECEIVER_*` variables) say."""
         # The fields come from the environment, which mypy cannot see.
         settings = settings if settings is not None else CacheSettings()  # type: ignore[call-arg]
-        secret = settings.cache_secret.get_secret_value() if settings.cache_secret else None
+        secret = [s.get_secret_value() for s in settings.cache_secret]
         keyring = vault.Keyring([(k, v.get_secret_value()) for k, v in settings.token_keys])
         return cls(
             settings.dsn(),
@@ -186,7 +216,8 @@ class TokenCache:
     async def start(self, *, wait_listening: float = 10.0) -> None:
         """Open the pool and start listening; waits (bounded) for the first LISTEN."""
         _route_structlog_to_logging()
-        self._database = await db.Database.open(self._dsn, max_size=4)
+        if self._database is None:
+            self._database = await db.Database.open(self._dsn, max_size=4)
         self._listener = asyncio.create_task(self._listen_forever(), name="token-cache-listener")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_listening):
@@ -198,9 +229,16 @@ class TokenCache:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        if self._database is not None:
+        if self._database is not None and self._own_database:
             await self._database.close()
+            self._database = None
+        self._listener = None
         self.flush()
+
+    @property
+    def started(self) -> bool:
+        """Whether `start()` ran and `close()` did not since."""
+        return self._listener is not None
 
     @property
     def listening(self) -> bool:
@@ -222,8 +260,29 @@ class TokenCache:
             return entry.state
         if self._database is None:
             raise errors.ReceiverError("TokenCache.start() has not been awaited")
-        before = (self._epoch, self._generations.get(client_id, 0))
-        rows = await self._database.fetch("active_token", client_id, environment)
+        key = (client_id, environment)
+        reading = self._reading.get(key)
+        if reading is None:
+            # The generations now: a read that an invalidation overtakes is not cached.
+            before = (self._epoch, self._generations.get(client_id, 0))
+            reading = asyncio.create_task(
+                self._read(self._database, client_id, environment, before)
+            )
+            self._reading[key] = reading
+            reading.add_done_callback(lambda done: self._read_done(key, done))
+        # shield: one caller giving up must not cancel the read the others await.
+        return await asyncio.shield(reading)
+
+    def _read_done(self, key: tuple[str, str], done: asyncio.Task[TokenState]) -> None:
+        if self._reading.get(key) is done:
+            del self._reading[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: a failure nobody awaited is not "never retrieved"
+
+    async def _read(
+        self, database: db.Database, client_id: str, environment: str, before: tuple[int, int]
+    ) -> TokenState:
+        rows = await database.fetch("active_token", client_id, environment)
         if not rows:
             state = TokenState(None, None, None)
         else:
@@ -258,12 +317,15 @@ class TokenCache:
         """Drop what is cached for one client, in both environments."""
         for environment in vault.ENVIRONMENTS:
             self._entries.pop((client_id, environment), None)
+            # A read already under way may predate the change: later callers read anew.
+            self._reading.pop((client_id, environment), None)
         self._generations[client_id] = self._generations.get(client_id, 0) + 1
         self._notify(client_id, reason)
 
     def flush(self, *, reason: str = "flush") -> None:
         """Drop everything."""
         self._entries.clear()
+        self._reading.clear()
         self._epoch += 1
         self._notify("*", reason)
 
@@ -327,11 +389,11 @@ class TokenCache:
 
     async def signal_handler(self, request: web.Request) -> web.Response:
         """aiohttp handler for the receiver's signed invalidation POSTs."""
-        if self._signal_secret is None:
+        if not self._signal_secrets:
             raise errors.ConfigError("RECEIVER_CACHE_SECRET is required to accept HTTP signals")
         body = await request.read()
         try:
-            payload = verify_signal(request.headers, body, self._signal_secret)
+            payload = verify_signal(request.headers, body, self._signal_secrets)
         except errors.ReceiverError as exc:
             return web.json_response(exc.body(), status=exc.status)
         self.invalidate(payload["client_id"])

@@ -108,12 +108,14 @@ class Dispatcher:
         poll_interval: float = POLL_INTERVAL_SECONDS,
         batch_size: int = BATCH_SIZE,
     ) -> None:
-        if settings.cache_url is None or settings.cache_secret is None:
+        if settings.cache_url is None or not settings.cache_secret:
             raise errors.ConfigError("RECEIVER_CACHE_URL and RECEIVER_CACHE_SECRET are required")
         self._database = database
         self._url = str(settings.cache_url)
-        self._secret = settings.cache_secret.get_secret_value()
-        self._signer = standardwebhooks.Webhook(self._secret)
+        # The first secret signs; during a rotation window every configured one signs
+        # too, so a cache that knows only the old or only the new one verifies.
+        self._secrets = [s.get_secret_value() for s in settings.cache_secret]
+        self._signers = [standardwebhooks.Webhook(s) for s in self._secrets]
         self._legacy_signature = settings.signal_legacy_signature
         self._session = session
         self._max_age = settings.signal_max_age
@@ -306,10 +308,16 @@ class Dispatcher:
             # Standard Webhooks (standardwebhooks.com): the signal id is the message id.
             "webhook-id": signal.id,
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": self._signer.sign(signal.id, now, body.decode()),
+            # Several signatures are space-delimited (the Standard Webhooks spec).
+            "webhook-signature": " ".join(
+                signer.sign(signal.id, now, body.decode()) for signer in self._signers
+            ),
         }
         if self._legacy_signature:
-            headers[signing.SIGNAL_SIGNATURE_HEADER] = signing.header_value(self._secret, body)
+            t = int(now.timestamp())
+            headers[signing.SIGNAL_SIGNATURE_HEADER] = f"t={t}," + ",".join(
+                f"v1={signing.compute(secret, t, body)}" for secret in self._secrets
+            )
         timeout = aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT_SECONDS)
         try:
             async with self._session.post(

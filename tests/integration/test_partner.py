@@ -1,14 +1,12 @@
-"""The partner side: one token API over both of Debitura's auth models, against a
-stand-in Debitura on loopback, and the cache reader's least privilege."""
+"""The partner side: one token API over Debitura's token models, against a stand-in
+Debitura on loopback; the token cache's single-flight reads, its signals, and the
+cache reader's least privilege."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
-import logging
 import os
 import secrets
 import subprocess
@@ -22,157 +20,64 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 import pytest
+import standardwebhooks
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from receiver import partner
+from receiver import config, db, partner, signing, vault
 from receiver.config import Settings
 from receiver.partner import cache
+from receiver.service import app
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import Client, Post, cache_settings, operator_env
+from tests.integration.conftest import (
+    Client,
+    Post,
+    cache_settings,
+    operator_env,
+    settings_values,
+)
+from tests.integration.partner_standins import (
+    API_KEY,
+    Captured,
+    RecordingSleep,
+    StandInDebitura,
+    debitura_on_loopback,
+    fast_retries,
+    poster,
+    serve,
+    url_of,
+)
 from tests.integration.standins import eventually
-
-API_KEY = "rp_key_" + secrets.token_hex(16)
-
-
-class Captured(logging.Handler):
-    """Records of the stdlib loggers the partner-side modules speak through."""
-
-    def __init__(self, *names: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.loggers = [logging.getLogger(name) for name in names]
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def __enter__(self) -> Captured:
-        for logger in self.loggers:
-            logger.addHandler(self)
-            logger.setLevel(logging.DEBUG)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for logger in self.loggers:
-            logger.removeHandler(self)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(
-            self.format(r) + " " + json.dumps(r.__dict__, default=str) for r in self.records
-        )
-
-
-class FakeClock:
-    """Monotonic seconds the test moves by hand, shared by the client and the stand-in."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class StandInDebitura:
-    """Debitura's Referral Partner API (`POST /oauth/token`, XApiKey) and a Customer API
-    endpoint (`POST /cases`) that refuses expired, revoked or unlinked JWTs."""
-
-    clock: FakeClock
-    expires_in: int = 1800
-    mints: int = 0
-    cases: int = 0
-    unlinked: set[str] = field(default_factory=set)
-    revoked: set[str] = field(default_factory=set)
-    mint_answers: list[int] = field(default_factory=list)  # statuses to answer first
-    case_answers: list[int] = field(default_factory=list)
-    issued: dict[str, tuple[str, float]] = field(default_factory=dict)  # jwt -> tenant, exp
-    server: TestServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return str(self.server.make_url("")).rstrip("/")
-
-    def _jwt(self, tenant: str) -> str:
-        def part(value: dict[str, Any]) -> str:
-            return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
-
-        head = (
-            part({"alg": "HS256", "typ": "JWT"})
-            + "."
-            + part({"sub": tenant, "jti": uuid.uuid4().hex})
-        )
-        mac = hmac.new(b"stand-in", head.encode(), hashlib.sha256).digest()
-        return head + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
-
-    async def mint(self, request: web.Request) -> web.Response:
-        self.mints += 1
-        if self.mint_answers:
-            status = self.mint_answers.pop(0)
-            return web.json_response({"error": status}, status=status, headers={"Retry-After": "7"})
-        if request.headers.get("XApiKey") != API_KEY:
-            return web.json_response({"error": "invalid api key"}, status=401)
-        tenant = (await request.json())["externalTenantId"]
-        token = self._jwt(tenant)
-        self.issued[token] = (tenant, self.clock() + self.expires_in)
-        return web.json_response(
-            {
-                "accessToken": token,
-                "tokenType": "Bearer",
-                "expiresIn": self.expires_in,
-                "externalTenantId": tenant,
-                "creditorId": str(uuid.uuid4()),
-            }
-        )
-
-    async def create_case(self, request: web.Request) -> web.Response:
-        self.cases += 1
-        if self.case_answers:
-            status = self.case_answers.pop(0)
-            return web.json_response({}, status=status, headers={"Retry-After": "3"})
-        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        tenant, expires = self.issued.get(token, ("", 0.0))
-        if (
-            not tenant
-            or self.clock() >= expires
-            or token in self.revoked
-            or tenant in self.unlinked
-        ):
-            return web.json_response({"error": "unauthorized"}, status=401)
-        return web.json_response({"caseId": uuid.uuid4().hex}, status=201)
 
 
 @pytest.fixture
 async def debitura() -> AsyncIterator[StandInDebitura]:
-    stand_in = StandInDebitura(FakeClock())
-    site = web.Application()
-    site.router.add_post("/oauth/token", stand_in.mint)
-    site.router.add_post("/cases", stand_in.create_case)
-    stand_in.server = TestServer(site, host="127.0.0.1", port=processes.free_port())
-    await stand_in.server.start_server()
+    """A stand-in Debitura (token endpoint and Customer API) on loopback."""
+    stand_in = await debitura_on_loopback()
     yield stand_in
+    assert stand_in.server is not None
     await stand_in.server.close()
 
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """The application's own HTTP session."""
     async with aiohttp.ClientSession() as opened:
         yield opened
 
 
+def minted(
+    debitura: StandInDebitura, session: aiohttp.ClientSession, **options: Any
+) -> partner.MintedTokens:
+    """`MintedTokens` against the stand-in, on its clock, retries recorded not slept."""
+    values: dict[str, Any] = {"api_url": debitura.url, "session": session, "clock": debitura.clock}
+    values.setdefault("retry", fast_retries())
+    return partner.MintedTokens(API_KEY, **(values | options))
+
+
 def case_request(session: aiohttp.ClientSession, url: str) -> Any:
     """The application's own request function: create a case with a given token."""
-
-    async def post(token: str) -> aiohttp.ClientResponse:
-        response = await session.post(
-            url + "/cases", json={"debtor": {}}, headers={"Authorization": f"Bearer {token}"}
-        )
-        await response.read()
-        return response
-
-    return post
+    return poster(session, url + "/cases")
 
 
 # --- minted JWTs --------------------------------------------------------------------
@@ -184,10 +89,7 @@ async def test_minted_token_is_reused_until_near_expiry_and_renewed_ahead(
     """A token is minted once and reused; within `refresh_ahead` of its expiry a
     renewal runs in the background while the valid token is still handed out; within
     `skew` of expiry it is never handed out."""
-    tokens = partner.MintedTokens(
-        API_KEY, api_url=debitura.url, session=session, clock=debitura.clock,
-        skew=60, refresh_ahead=300,
-    )  # fmt: skip
+    tokens = minted(debitura, session, skew=60, refresh_ahead=300)
     first = await tokens.get("tenant-a")
     assert await tokens.get("tenant-a") == first
     assert debitura.mints == 1
@@ -207,16 +109,47 @@ async def test_minted_token_is_reused_until_near_expiry_and_renewed_ahead(
     await tokens.close()
 
 
+async def test_a_short_expires_in_does_not_mint_on_every_call(
+    debitura: StandInDebitura, session: aiohttp.ClientSession
+) -> None:
+    """An `expiresIn` under the 60 s skew (30 s): the token is still reused for three
+    quarters of its life, not minted anew on every call; past that, minted again."""
+    debitura.expires_in = 30
+    tokens = minted(debitura, session)
+    first = await tokens.get("tenant-short")
+    for _ in range(10):
+        assert await tokens.get("tenant-short") == first
+    debitura.clock.now += 20  # past half its life: renewed in the background
+    assert await tokens.get("tenant-short") == first
+
+    async def renewed() -> bool:
+        return debitura.mints == 2
+
+    await eventually(renewed)
+    assert await tokens.get("tenant-short") != first
+    assert debitura.mints == 2
+    await tokens.close()
+
+
 async def test_a_hundred_concurrent_callers_share_one_mint(
     debitura: StandInDebitura, session: aiohttp.ClientSession
 ) -> None:
     """Single flight: 100 callers asking at once for a tenant cause one POST /oauth/token."""
-    tokens = partner.MintedTokens(
-        API_KEY, api_url=debitura.url, session=session, clock=debitura.clock
-    )
+    tokens = minted(debitura, session)
     got = await asyncio.gather(*(tokens.get("tenant-b") for _ in range(100)))
     assert len(set(got)) == 1
     assert debitura.mints == 1
+    await tokens.close()
+
+
+async def test_the_creditor_id_is_kept_and_readable(
+    debitura: StandInDebitura, session: aiohttp.ClientSession
+) -> None:
+    """`creditorId` of the mint answer is readable per tenant (None before a mint)."""
+    tokens = minted(debitura, session)
+    assert tokens.creditor_id("tenant-cr") is None
+    await tokens.get("tenant-cr")
+    assert tokens.creditor_id("tenant-cr") == debitura.creditors["tenant-cr"]
     await tokens.close()
 
 
@@ -225,9 +158,7 @@ async def test_a_refused_jwt_is_minted_anew_and_the_call_retried_exactly_once(
 ) -> None:
     """Debitura refuses a token the client still thinks valid (401): one fresh mint,
     one more call, which succeeds."""
-    tokens = partner.MintedTokens(
-        API_KEY, api_url=debitura.url, session=session, clock=debitura.clock
-    )
+    tokens = minted(debitura, session)
     request = case_request(session, debitura.url)
     assert (await tokens.call("tenant-c", request)).status == 201
     debitura.revoked.add(await tokens.get("tenant-c"))
@@ -243,10 +174,9 @@ async def test_a_second_401_means_the_link_is_invalid(
     """A fresh JWT refused too: `LinkInvalid` after exactly two calls, and the hook is
     told; no third call, no loop."""
     seen: list[tuple[str, str]] = []
-    tokens = partner.MintedTokens(
-        API_KEY, api_url=debitura.url, session=session, clock=debitura.clock,
-        on_invalidated=lambda key, reason: seen.append((key, reason)),
-    )  # fmt: skip
+    tokens = minted(
+        debitura, session, on_invalidated=lambda key, reason: seen.append((key, reason))
+    )
     debitura.unlinked.add("tenant-d")
     with pytest.raises(partner.LinkInvalid):
         await tokens.call("tenant-d", case_request(session, debitura.url))
@@ -255,11 +185,59 @@ async def test_a_second_401_means_the_link_is_invalid(
     await tokens.close()
 
 
+async def test_a_refused_mint_during_the_retry_tells_an_unlinked_tenant_from_a_wrong_key(
+    debitura: StandInDebitura, session: aiohttp.ClientSession
+) -> None:
+    """The 401 retry's mint refused for the tenant (404) is `TenantNotLinked`, a
+    `LinkInvalid`, after one call; a wrong API key (401 at the mint) is
+    `ApiKeyRefused`, which is not a `LinkInvalid`."""
+    tokens = minted(debitura, session)
+    request = case_request(session, debitura.url)
+    assert (await tokens.call("tenant-u", request)).status == 201
+    debitura.revoked.add(await tokens.get("tenant-u"))
+    debitura.unknown.add("tenant-u")  # unlinked since: the mint refuses the tenant
+    with pytest.raises(partner.TenantNotLinked) as unlinked:
+        await tokens.call("tenant-u", request)
+    assert isinstance(unlinked.value, partner.LinkInvalid)
+    assert debitura.cases == 2
+    wrong = partner.MintedTokens(
+        "rp_key_wrong", api_url=debitura.url, session=session, retry=fast_retries()
+    )
+    with pytest.raises(partner.ApiKeyRefused) as refused:
+        await wrong.call("tenant-v", request)
+    assert not isinstance(refused.value, partner.LinkInvalid)
+    await tokens.close()
+
+
+async def test_a_403_is_permission_denied_with_the_scopes(
+    debitura: StandInDebitura, session: aiohttp.ClientSession
+) -> None:
+    """Debitura's 403 `permission_error` is `PermissionDenied` carrying
+    `required_scope` and `token_scopes`, after one call (no retry)."""
+    tokens = minted(debitura, session)
+    body = {
+        "error": {
+            "type": "permission_error",
+            "message": "Token does not have permission for this action",
+            "required_scope": "payments.read",
+            "token_scopes": ["cases.create", "cases.read"],
+        }
+    }
+    debitura.case_answers.append((403, body, {}))
+    with pytest.raises(partner.PermissionDenied) as denied:
+        await tokens.call("tenant-p", case_request(session, debitura.url))
+    assert denied.value.required_scope == "payments.read"
+    assert denied.value.token_scopes == ("cases.create", "cases.read")
+    assert "payments.read" in str(denied.value)
+    assert debitura.cases == 1
+    await tokens.close()
+
+
 async def test_a_wrong_api_key_is_refused_and_never_shown(
     debitura: StandInDebitura, session: aiohttp.ClientSession
 ) -> None:
-    """401 from /oauth/token is `MintRefused`; the key is in no repr, message or log,
-    and a minted token in no log either."""
+    """401 from /oauth/token is `ApiKeyRefused` (a `MintRefused`), not retried; the key
+    is in no repr, message or log, and a minted token in no log either."""
     wrong = "rp_key_" + secrets.token_hex(16)
     with Captured("receiver.partner") as logs:
         tokens = partner.MintedTokens(
@@ -267,35 +245,94 @@ async def test_a_wrong_api_key_is_refused_and_never_shown(
         )
         with pytest.raises(partner.MintRefused) as refused:
             await tokens.get("tenant-e")
-        good = partner.MintedTokens(
-            API_KEY, api_url=debitura.url, session=session, clock=debitura.clock
-        )
-        minted = await good.get("tenant-e")
+        good = minted(debitura, session)
+        token = await good.get("tenant-e")
+    assert isinstance(refused.value, partner.ApiKeyRefused)
+    assert debitura.mints == 2
     assert logs.records  # the mint was logged...
-    assert wrong not in repr(tokens) + str(refused.value) + logs.text
+    assert wrong not in repr(tokens) + str(refused.value) + repr(refused.value) + logs.text
     assert API_KEY not in repr(good) + logs.text
-    assert minted not in logs.text  # ...without the token
+    assert token not in logs.text  # ...without the token
     await tokens.close()
     await good.close()
 
 
-async def test_rate_limits_come_back_with_retry_after(
+async def test_the_token_endpoint_is_retried_with_backoff_honouring_retry_after(
     debitura: StandInDebitura, session: aiohttp.ClientSession
 ) -> None:
-    """A 429 from the mint or from the call is `RateLimited` with the server's
-    Retry-After, never retried on the spot."""
-    tokens = partner.MintedTokens(
-        API_KEY, api_url=debitura.url, session=session, clock=debitura.clock
-    )
-    debitura.mint_answers.append(429)
-    with pytest.raises(partner.RateLimited) as minting:
-        await tokens.get("tenant-f")
-    assert minting.value.retry_after == 7
-    debitura.case_answers.append(429)
+    """503, 502 and a 429 (Retry-After: 7) before a token: four POSTs, waits of
+    exponential backoff with jitter (each within its ceiling) and the 7 s asked for."""
+    sleep = RecordingSleep()
+    tokens = minted(debitura, session, retry=fast_retries(sleep, base=0.5, max_retries=3))
+    debitura.answer(503)
+    debitura.answer(502)
+    debitura.answer(429, {"error": "slow down"}, **{"Retry-After": "7"})
+    assert await tokens.get("tenant-r")
+    assert debitura.mints == 4
+    assert len(sleep.waits) == 3
+    assert 0 <= sleep.waits[0] <= 0.5
+    assert 0 <= sleep.waits[1] <= 1.0
+    assert sleep.waits[2] == 7
+    await tokens.close()
+
+
+async def test_retries_are_bounded_in_count_and_in_time(
+    debitura: StandInDebitura, session: aiohttp.ClientSession
+) -> None:
+    """A token endpoint that keeps answering 503 is `Unavailable` after 1 + max_retries
+    POSTs; a 429 whose Retry-After passes the time budget is `RateLimited` at once."""
+    sleep = RecordingSleep()
+    tokens = minted(debitura, session, retry=fast_retries(sleep, max_retries=2))
+    for _ in range(5):
+        debitura.answer(503)
+    with pytest.raises(partner.Unavailable) as unavailable:
+        await tokens.get("tenant-s")
+    assert (unavailable.value.status, debitura.mints, len(sleep.waits)) == (503, 3, 2)
+    debitura.scripted.clear()
+    patient = minted(debitura, session, retry=fast_retries(sleep, max_elapsed=10))
+    debitura.answer(429, **{"Retry-After": "20"})
+    with pytest.raises(partner.RateLimited) as limited:
+        await patient.get("tenant-s")
+    assert limited.value.retry_after == 20
+    assert (debitura.mints, len(sleep.waits)) == (4, 2)  # one more POST, no wait
+    await tokens.close()
+    await patient.close()
+
+
+async def test_a_429_from_the_call_is_rate_limited_not_retried(
+    debitura: StandInDebitura, session: aiohttp.ClientSession
+) -> None:
+    """A 429 from the application's call is `RateLimited` with the server's Retry-After
+    (finite, capped: `inf` is not a wait), never retried on the spot."""
+    tokens = minted(debitura, session)
+    debitura.case_answers.append((429, {}, {"Retry-After": "3"}))
     with pytest.raises(partner.RateLimited) as calling:
         await tokens.call("tenant-f", case_request(session, debitura.url))
     assert calling.value.retry_after == 3
-    assert debitura.cases == 1
+    debitura.case_answers.append((429, {}, {"Retry-After": "inf"}))
+    with pytest.raises(partner.RateLimited) as endless:
+        await tokens.call("tenant-f", case_request(session, debitura.url))
+    assert endless.value.retry_after == 3600
+    assert debitura.cases == 2
+    await tokens.close()
+
+
+async def test_an_unreachable_api_is_a_token_error(session: aiohttp.ClientSession) -> None:
+    """Nothing listening at the API URL: `Unavailable` (a `TokenError`) naming the
+    failure's class after every retry, not a raw client exception; the next call tries
+    again."""
+    sleep = RecordingSleep()
+    tokens = partner.MintedTokens(
+        API_KEY,
+        api_url=f"http://127.0.0.1:{processes.free_port()}",
+        session=session,
+        retry=fast_retries(sleep, max_retries=1),
+    )
+    for _ in range(2):
+        with pytest.raises(partner.Unavailable, match="ClientConnectorError"):
+            await tokens.get("tenant-g")
+    assert tokens.mints == 4
+    assert len(sleep.waits) == 2
     await tokens.close()
 
 
@@ -357,6 +394,143 @@ async def test_webhook_tokens_typed_errors_and_retry_once(
     assert rows[old[:15]]["link_invalid_at"] is None
     metrics = await (await client.get("/metrics")).text()
     assert 'receiver_clients_link_invalid{environment="live"} 1.0' in metrics
+
+
+async def test_a_401_while_a_revocation_is_stored_is_token_revoked(
+    post: Post, settings: Settings
+) -> None:
+    """The cache has not heard of a revocation yet (no signal reaches it); Debitura
+    refuses the token: re-reading finds the revocation, so the call ends in
+    `TokenRevoked` after one call, not `LinkInvalid`, and nothing is reported."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_rv", token))
+    stale = cache.TokenCache.from_settings(cache_settings(settings, notify_channel="unused"))
+    tokens = partner.WebhookTokens(stale)
+    await tokens.start()
+    used: list[str] = []
+
+    async def refused(given: str) -> _Answer:
+        used.append(given)
+        return _Answer(401)
+
+    try:
+        assert await tokens.get("cli_rv") == token
+        await post(helpers.revocation("cli_rv", token[:15]))
+        with pytest.raises(partner.TokenRevoked, match="revoked"):
+            await tokens.call("cli_rv", refused)
+        assert used == [token]
+    finally:
+        await tokens.close()
+
+
+async def test_token_revoked_names_the_revoked_token_when_onboarding_times_tie(
+    post: Post, settings: Settings
+) -> None:
+    """Two onboardings with the same completion time, the second revoked: the client's
+    `TokenRevoked` names the revoked token, not the one it superseded."""
+    first, second = helpers.canary_token(), helpers.canary_token()
+    at = "2024-03-01T00:00:00Z"
+    await post(helpers.onboarding("cli_tie", first, completed_at=at))
+    await post(helpers.onboarding("cli_tie", second, completed_at=at))
+    await post(helpers.revocation("cli_tie", second[:15], revoked_at="2024-03-02T00:00:00Z"))
+    token_cache = cache.TokenCache.from_settings(cache_settings(settings))
+    tokens = partner.WebhookTokens(token_cache)
+    await tokens.start()
+    try:
+        with pytest.raises(partner.TokenRevoked) as revoked:
+            await tokens.get("cli_tie")
+    finally:
+        await tokens.close()
+    assert second[:15] in str(revoked.value)
+    assert "is revoked" in str(revoked.value)
+
+
+class CountingDatabase(db.Database):
+    """The application's pool, shared with the cache, counting each named query run."""
+
+    def __init__(self, pool: Any) -> None:
+        super().__init__(pool)
+        self.runs: dict[str, int] = {}
+
+    async def fetch(self, name: str, *args: Any) -> list[Any]:
+        self.runs[name] = self.runs.get(name, 0) + 1
+        return await super().fetch(name, *args)
+
+
+async def test_fifty_callers_missing_one_client_cause_one_read(
+    post: Post, settings: Settings, database_url: str
+) -> None:
+    """Single flight: 50 concurrent callers missing the same client share one SELECT;
+    after an invalidation the next miss reads again, once."""
+    token = helpers.canary_token()
+    await post(helpers.onboarding("cli_sf", token))
+    opened = await db.Database.open(database_url, max_size=8)
+    counting = CountingDatabase(opened.pool)
+    token_cache = cache.TokenCache(
+        database_url,
+        vault.Sealer.from_settings(settings).keyring,
+        channel="unused",
+        database=counting,
+    )
+    await token_cache.start()
+    try:
+        got = await asyncio.gather(*(token_cache.get("cli_sf") for _ in range(50)))
+        assert set(got) == {token}
+        assert counting.runs["active_token"] == 1
+        token_cache.invalidate("cli_sf")
+        await asyncio.gather(*(token_cache.get("cli_sf") for _ in range(50)))
+        assert counting.runs["active_token"] == 2
+    finally:
+        await token_cache.close()
+        await opened.close()
+
+
+async def test_signals_carry_every_secret_during_a_rotation_window(
+    aiohttp_client: Any, settings: Settings, webhook_secret: str, database_url: str
+) -> None:
+    """RECEIVER_CACHE_SECRET=whsec_new,old_base64: a real signal verifies with the
+    `standardwebhooks` library under either secret (a cache that knows one of them),
+    with `cache.verify_signal` given several, and the legacy header carries both."""
+    new, old = os.urandom(32), os.urandom(32)
+    whsec_new = "whsec_" + base64.b64encode(new).decode()
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    async def signals(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.json_response({"ok": True})
+
+    partner_app = await serve({"/signals": signals})
+    try:
+        rotating = config.load_settings(
+            **settings_values(settings),
+            cache_url=url_of(partner_app) + "/signals",
+            cache_secret=f"{whsec_new}, {base64.b64encode(old).decode()}",
+        )
+        client = await aiohttp_client(app.create_app(rotating))
+        body = helpers.encode(helpers.onboarding("cli_rot"))
+        response = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        assert response.status == 200
+
+        async def arrived() -> bool:
+            return bool(received)
+
+        await eventually(arrived)
+    finally:
+        await partner_app.close()
+    headers, signal = received[0]
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert len(lowered["webhook-signature"].split(" ")) == 2
+    for secret in (whsec_new, base64.b64encode(old).decode()):
+        assert standardwebhooks.Webhook(secret).verify(signal, lowered)["client_id"] == "cli_rot"
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(os.urandom(32)).verify(signal, lowered)
+    assert cache.verify_signal(headers, signal, [os.urandom(32), old])["client_id"] == "cli_rot"
+    assert cache.verify_signal(headers, signal, whsec_new)["client_id"] == "cli_rot"
+    legacy = headers[signing.SIGNAL_SIGNATURE_HEADER]
+    assert legacy.count("v1=") == 2
+    assert cache.verify_signal({signing.SIGNAL_SIGNATURE_HEADER: legacy}, signal, old)
 
 
 # --- least privilege ----------------------------------------------------------------
@@ -545,16 +719,3 @@ async def test_a_partner_application_logs_through_its_own_logging(
     assert all(line.startswith("APP ") for line in lines), lines
     assert result.stderr == ""
     assert not helpers.find_canaries(result.stdout)
-
-
-async def test_an_unreachable_api_is_a_token_error(session: aiohttp.ClientSession) -> None:
-    """Nothing listening at the API URL: a `TokenError` naming the failure's class, not
-    a raw client exception; the next call tries again."""
-    tokens = partner.MintedTokens(
-        API_KEY, api_url=f"http://127.0.0.1:{processes.free_port()}", session=session
-    )
-    for _ in range(2):
-        with pytest.raises(partner.TokenError, match="ClientConnectorError"):
-            await tokens.get("tenant-g")
-    assert tokens.mints == 2
-    await tokens.close()

@@ -37,11 +37,21 @@ def test_progress_draws_only_on_a_terminal() -> None:
     assert pipe.getvalue() == ""
 
 
-@pytest.mark.parametrize(("attempt", "base"), [(1, 0), (2, 60), (3, 60), (4, 120), (8, 0)])
+@pytest.mark.parametrize(
+    ("attempt", "base"), [(1, 0), (2, 60), (3, 120), (4, 240), (7, 1800), (8, 1800)]
+)
 def test_retry_delays_follow_debiturass_schedule(attempt: int, base: int) -> None:
-    """Delays between tries are the documented offsets' differences, ±10%."""
+    """The wait before each try is the schedule's entry, ±10%: 8 tries over ~1.5 h."""
     delay = sender.RetryPolicy().delay_before(attempt)
     assert base * 0.9 <= delay <= base * 1.1
+
+
+def test_the_whole_schedule_spans_about_an_hour_and_a_half() -> None:
+    """Eight tries take about 1.5 h from the first to the last, as Debitura's do."""
+    total = sum(
+        sender.RetryPolicy(schedule=sender.DEBITURA_SCHEDULE).delay_before(a) for a in range(1, 9)
+    )
+    assert 0.9 * 5460 <= total <= 1.1 * 5460
 
 
 def test_summary_counts_statuses_and_failures() -> None:

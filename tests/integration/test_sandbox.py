@@ -1,0 +1,405 @@
+"""`receiver sandbox`, the stand-in Debitura: its Referral Partner API, OAuth, the
+Customer API's /cases, fault injection and the command, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from receiver import signing
+from receiver.sandbox import Sandbox
+from tests import helpers
+from tests.integration import processes
+from tests.integration.standins import eventually
+
+API_KEY = "sk_test_sandbox_key_0123456789"
+CLIENTS = "/v1/referral-partners/clients"
+TOKEN_SHAPE = re.compile(r"^tok_(live|test)_[A-Za-z0-9_-]{24,}$")
+
+
+class Clock:
+    """A clock the test moves forward instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def remember(sandbox: Sandbox) -> None:
+    """Make every token the sandbox issued a canary: the session checks no log has one."""
+    helpers.CANARIES.update(token.value for token in sandbox.ledger.issued())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """The sandbox's clock."""
+    return Clock()
+
+
+@pytest.fixture
+async def sandbox(clock: Clock) -> AsyncIterator[Sandbox]:
+    """A test-environment sandbox without webhooks, on a free loopback port."""
+    sb = Sandbox(environment="test", api_key=API_KEY, clock=clock, jwt_ttl_seconds=600)
+    await sb.start()
+    yield sb
+    remember(sb)
+    await sb.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client carrying the sandbox's API key."""
+    async with aiohttp.ClientSession(headers={"XApiKey": API_KEY}) as session:
+        yield session
+
+
+async def call(
+    session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any, dict[str, str]]:
+    """One request: status, JSON body, headers."""
+    async with session.request(method, url, **kwargs) as response:
+        return response.status, await response.json(), dict(response.headers)
+
+
+async def cases(session: aiohttp.ClientSession, sb: Sandbox, token: str) -> int:
+    """The status `POST /v1/cases` answers for this bearer credential."""
+    status, _, _ = await call(
+        session, "POST", f"{sb.url}/v1/cases", json={}, headers={"Authorization": f"Bearer {token}"}
+    )
+    return status
+
+
+async def rotate(
+    session: aiohttp.ClientSession, sb: Sandbox, client_id: str, immediately: bool = False
+) -> tuple[int, Any, dict[str, str]]:
+    """POST rotate-token for `client_id`."""
+    body = {"reason": "suspected_compromise", "revoke_immediately": immediately}
+    return await call(session, "POST", f"{sb.url}{CLIENTS}/{client_id}/rotate-token", json=body)
+
+
+async def test_fetch_returns_the_current_token_and_404_for_an_unknown_client(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """GET …/token answers the current token, issued_at and status; an unknown client 404."""
+    token = sandbox.link_client("cli_fetch")
+    assert TOKEN_SHAPE.match(token)
+    assert token.startswith("tok_test_")
+    status, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_fetch/token")
+    assert status == 200
+    assert body["bearer_token"] == token == sandbox.current_token("cli_fetch")
+    assert body["status"] == "active"
+    assert body["issued_at"].endswith("Z")
+    status, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_nobody/token")
+    assert (status, body["error"]["code"]) == (404, "client_not_found")
+    assert sandbox.calls["fetch"] == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", f"{CLIENTS}/cli_auth/token", None),
+        ("POST", f"{CLIENTS}/cli_auth/rotate-token", {"reason": "x"}),
+        ("POST", f"{CLIENTS}/cli_auth/revoke-token", {"reason": "x"}),
+        ("POST", "/v1/auth/validate-token", {"token": "tok_test_whatever_000000000000000"}),
+        ("POST", "/oauth/token", {"externalTenantId": "tenant-auth"}),
+    ],
+)
+@pytest.mark.parametrize("key", [None, "sk_wrong"])
+async def test_partner_calls_refuse_a_missing_or_wrong_api_key(
+    sandbox: Sandbox, method: str, path: str, body: Any, key: str | None
+) -> None:
+    """Without the right XApiKey each partner call is 401 invalid_api_key, with no effect."""
+    token = sandbox.link_client("cli_auth")
+    sandbox.add_tenant("tenant-auth")
+    headers = {} if key is None else {"XApiKey": key}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        status, answer, _ = await call(session, method, f"{sandbox.url}{path}", json=body)
+    assert status == 401
+    assert answer["error"]["type"] == "authentication_error"
+    assert answer["error"]["code"] == "invalid_api_key"
+    assert sandbox.current_token("cli_auth") == token
+    assert sandbox.is_valid(token)
+
+
+async def test_grace_rotation_keeps_the_old_token_working_until_the_grace_ends(
+    sandbox: Sandbox, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    """A grace rotation answers both tokens; /cases takes the old one for 24 h, not after."""
+    old = sandbox.link_client("cli_grace")
+    status, body, _ = await rotate(http, sandbox, "cli_grace")
+    assert status == 200
+    new = body["new_bearer_token"]
+    assert body["old_bearer_token"] == old
+    assert new != old
+    assert TOKEN_SHAPE.match(new)
+    assert body["old_token_expires_at"] == time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock.now + 24 * 3600)
+    )
+    assert sandbox.current_token("cli_grace") == new
+    assert (await cases(http, sandbox, old), await cases(http, sandbox, new)) == (201, 201)
+    clock.now += 24 * 3600 - 1
+    assert await cases(http, sandbox, old) == 201
+    clock.now += 1
+    assert (await cases(http, sandbox, old), await cases(http, sandbox, new)) == (401, 201)
+
+
+async def test_immediate_rotation_ends_the_old_token_at_once(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """revoke_immediately: the old token is refused by /cases and validate right away."""
+    old = sandbox.link_client("cli_now")
+    status, body, _ = await rotate(http, sandbox, "cli_now", immediately=True)
+    assert status == 200
+    assert await cases(http, sandbox, old) == 401
+    assert await cases(http, sandbox, body["new_bearer_token"]) == 201
+    status, _, _ = await call(
+        http, "POST", f"{sandbox.url}/v1/auth/validate-token", json={"token": old}
+    )
+    assert status == 401
+
+
+async def test_revoke_ends_the_token_and_rotation_then_needs_a_new_link(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """revoke-token answers {"status": "revoked"}; the token is refused at once; rotate is 409."""
+    token = sandbox.link_client("cli_revoke")
+    url = f"{sandbox.url}{CLIENTS}/cli_revoke/revoke-token"
+    status, body, _ = await call(http, "POST", url, json={"reason": "client_request"})
+    assert (status, body) == (200, {"status": "revoked"})
+    assert await cases(http, sandbox, token) == 401
+    assert not sandbox.is_valid(token)
+    status, body, _ = await rotate(http, sandbox, "cli_revoke")
+    assert (status, body["error"]["code"]) == (409, "token_revoked")
+    status, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_revoke/token")
+    assert (status, body["status"]) == (200, "revoked")
+    status, body, _ = await call(
+        http, "POST", f"{sandbox.url}{CLIENTS}/cli_x/revoke-token", json={}
+    )
+    assert status == 404
+
+
+async def test_validate_answers_a_live_token_and_401_invalid_token_otherwise(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """validate-token: valid, client, scopes, status for a live token; 401 invalid_token else."""
+    token = sandbox.link_client("cli_val", scopes=("cases.create", "cases.read"))
+    url = f"{sandbox.url}/v1/auth/validate-token"
+    status, body, _ = await call(http, "POST", url, json={"token": token})
+    assert status == 200
+    assert body["valid"] is True
+    assert body["client_id"] == "cli_val"
+    assert body["scopes"] == ["cases.create", "cases.read"]
+    assert body["status"] == "active"
+    assert body["partner_id"]
+    assert body["issued_at"].endswith("Z")
+    sandbox.revoke("cli_val")
+    unknown = helpers.canary_token("test")
+    live = helpers.canary_token("live")  # the live environment is another host
+    for candidate in (token, unknown, live):
+        status, body, _ = await call(http, "POST", url, json={"token": candidate})
+        assert status == 401
+        assert body["error"] == {
+            "type": "authentication_error",
+            "code": "invalid_token",
+            "message": "Invalid bearer token",
+        }
+
+
+async def test_oauth_mints_a_jwt_that_cases_accepts_until_it_expires(
+    sandbox: Sandbox, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    """POST /oauth/token mints an HS256 JWT; /cases takes it until expiresIn, then 401."""
+    creditor = sandbox.add_tenant("tenant-1")
+    status, body, _ = await call(
+        http, "POST", f"{sandbox.url}/oauth/token", json={"externalTenantId": "tenant-1"}
+    )
+    assert status == 200
+    assert body["tokenType"] == "Bearer"
+    assert body["expiresIn"] == 600
+    assert body["externalTenantId"] == "tenant-1"
+    assert body["creditorId"] == creditor
+    jwt = body["accessToken"]
+    assert jwt.count(".") == 2
+    status, _, _ = await call(
+        http, "POST", f"{sandbox.url}/cases", json={}, headers={"Authorization": f"Bearer {jwt}"}
+    )
+    assert status == 201
+    head, claims, signature = jwt.split(".")
+    forged = f"{head}.{claims}.{signature[::-1]}"
+    assert await cases(http, sandbox, forged) == 401
+    clock.now += 600
+    assert await cases(http, sandbox, jwt) == 401
+    status, body, _ = await call(
+        http, "POST", f"{sandbox.url}/oauth/token", json={"externalTenantId": "nobody"}
+    )
+    assert (status, body["error"]["code"]) == (404, "tenant_not_found")
+
+
+async def test_cases_refuses_a_missing_or_unknown_credential_and_a_missing_scope(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """/cases: 401 invalid_token without a known token; 403 permission_error naming scopes."""
+    status, body, headers = await call(http, "POST", f"{sandbox.url}/v1/cases", json={})
+    assert (status, body["error"]["code"]) == (401, "invalid_token")
+    assert headers["WWW-Authenticate"] == "Bearer"
+    assert await cases(http, sandbox, helpers.canary_token("test")) == 401
+    token = sandbox.link_client("cli_scopes", scopes=("cases.read",))
+    status, body, _ = await call(
+        http, "POST", f"{sandbox.url}/v1/cases", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert status == 403
+    assert body["error"]["type"] == "permission_error"
+    assert body["error"]["required_scope"] == "cases.create"
+    assert body["error"]["token_scopes"] == ["cases.read"]
+
+
+async def test_fail_next_answers_the_fault_with_retry_after_and_changes_nothing(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """fail_next: the next calls get the status (and Retry-After) without effect, then it heals."""
+    token = sandbox.link_client("cli_fail")
+    sandbox.faults.fail_next("rotate", 429, retry_after=7)
+    sandbox.faults.fail_next("rotate", 503, times=2)
+    status, body, headers = await rotate(http, sandbox, "cli_fail")
+    assert (status, body["error"]["type"], headers["Retry-After"]) == (429, "rate_limit_error", "7")
+    for _ in range(2):
+        status, body, headers = await rotate(http, sandbox, "cli_fail")
+        assert status == 503
+        assert "Retry-After" not in headers
+    assert sandbox.current_token("cli_fail") == token
+    status, body, _ = await rotate(http, sandbox, "cli_fail")
+    assert status == 200
+    assert sandbox.current_token("cli_fail") == body["new_bearer_token"]
+    assert sandbox.calls["rotate"] == 4
+
+
+async def test_drop_after_applies_the_rotation_and_loses_the_answer(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """drop_after: the rotation happens, the connection closes unanswered, fetch then finds it."""
+    old = sandbox.link_client("cli_drop")
+    sandbox.faults.drop_after("rotate")
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await rotate(http, sandbox, "cli_drop")
+    new = sandbox.current_token("cli_drop")
+    assert new != old
+    assert sandbox.is_valid(old)
+    status, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_drop/token")
+    assert (status, body["bearer_token"]) == (200, new)
+
+
+async def test_delay_holds_the_answer_after_the_effect(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """delay: a client that times out has lost an answer whose effect (revocation) happened."""
+    token = sandbox.link_client("cli_slow")
+    sandbox.faults.delay("revoke", 30)
+    url = f"{sandbox.url}{CLIENTS}/cli_slow/revoke-token"
+    with pytest.raises(TimeoutError):
+        await call(http, "POST", url, json={}, timeout=aiohttp.ClientTimeout(total=0.5))
+    assert not sandbox.is_valid(token)
+    sandbox.faults.delay("revoke", 0)
+    status, _, _ = await call(http, "POST", url, json={})
+    assert status == 200
+
+
+async def test_the_command_serves_links_and_never_prints_a_token() -> None:
+    """`receiver sandbox --link` prints URL, key and env lines; fetch works; no token shown."""
+    port = processes.free_port()
+    env = processes.clean_env()
+    args = ["sandbox", "--port", str(port), "--link", "cli_cmd", "--environment", "test"]
+    with processes.background(args, env) as (process, output):
+
+        async def banner_printed() -> bool:
+            assert process.poll() is None, output.read_text()
+            return "linked cli_cmd" in output.read_text()
+
+        await eventually(banner_printed, seconds=30)
+        text = output.read_text()
+        key = re.search(r"API key \(generated[^:]*: (\S+)", text)
+        assert key is not None
+        assert f"RECEIVER_DEBITURA_TEST_API_URL=http://127.0.0.1:{port}" in text
+        async with aiohttp.ClientSession(headers={"XApiKey": key.group(1)}) as session:
+            url = f"http://127.0.0.1:{port}{CLIENTS}/cli_cmd/token"
+            status, body, _ = await call(session, "GET", url)
+        assert status == 200
+        token = body["bearer_token"]
+        helpers.CANARIES.add(token)
+        assert token[:15] in text
+        assert token not in text
+    assert process.returncode == 0
+
+
+def test_the_command_refuses_a_webhook_url_without_a_secret() -> None:
+    """`--webhook-url` alone, or a secret that is not base64, is a usage error: exit 2."""
+    env = processes.clean_env()
+    alone = processes.run(["sandbox", "--webhook-url", "http://127.0.0.1:9/x"], env)
+    assert alone.returncode == 2
+    assert "--webhook-secret" in alone.stderr
+    garbled = ["sandbox", "--webhook-url", "http://127.0.0.1:9/x", "--webhook-secret", "%%%"]
+    assert processes.run(garbled, env).returncode == 2
+
+
+async def test_the_command_with_dev_signs_with_the_dev_secret(tmp_path: Path) -> None:
+    """`receiver sandbox --dev` signs its webhooks with the dev secret of RECEIVER_DATA_DIR."""
+    received: list[tuple[bytes, str]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append((await request.read(), request.headers["X-Debitura-Signature"]))
+        return web.json_response({"status": "processed"})
+
+    app = web.Application()
+    app.router.add_post("/webhooks/debitura", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    hook_port = processes.free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    try:
+        env = processes.clean_env(RECEIVER_DATA_DIR=str(tmp_path))
+        args = ["sandbox", "--dev", "--port", str(processes.free_port()), "--link", "cli_dev"]
+        args += ["--webhook-url", f"http://127.0.0.1:{hook_port}/webhooks/debitura"]
+        with processes.background(args, env) as (process, output):
+
+            async def delivered() -> bool:
+                assert process.poll() is None, output.read_text()
+                return bool(received)
+
+            await eventually(delivered, seconds=30)
+    finally:
+        await runner.cleanup()
+    body, header = received[0]
+    helpers.CANARIES.add(json.loads(body)["data"]["bearer_token"])
+    secret = json.loads((tmp_path / "dev-secrets.json").read_text())["webhook_secrets"]
+    signing.verify(header, body, [base64.b64decode(secret)], 300)
+
+
+@pytest.mark.parametrize(
+    ("status", "type_", "extra"),
+    [
+        (401, "authentication_error", {}),
+        (403, "permission_error", {"required_scope": "referral_partner.tokens"}),
+        (404, "not_found_error", {}),
+        (500, "api_error", {}),
+    ],
+)
+async def test_an_injected_failure_takes_debitura_shape_for_its_status(
+    sandbox: Sandbox, http: aiohttp.ClientSession, status: int, type_: str, extra: dict[str, str]
+) -> None:
+    """fail_next answers in the error shape Debitura uses for that status (403 names scopes)."""
+    sandbox.link_client("cli_shape")
+    sandbox.faults.fail_next("fetch", status)
+    got, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_shape/token")
+    assert got == status
+    assert body["error"]["type"] == type_
+    assert extra.items() <= body["error"].items()
