@@ -102,7 +102,10 @@ class Manager:
         try:
             said = await self.api.validate(where, token)
         except errors.DebituraError as exc:
-            return outcomes.failed(client_id, environment, exc, prefix=row["prefix"])
+            # Unknown, not invalid: the JSON row still says so (`valid: null`).
+            return outcomes.failed(
+                client_id, environment, exc, prefix=row["prefix"], extra={"valid": None}
+            )
         # Valid only for the client it is stored under: a token Debitura ties to
         # another client is as good as invalid here.
         valid = said.valid and said.client_id in (None, client_id)

@@ -413,6 +413,14 @@ async def test_validate_stores_what_debitura_says_and_flags_invalid_tokens(
     assert "expires_at" in inventory["cli_bad"]
     metrics = await (await client.get("/metrics")).text()
     assert 'receiver_tokens_invalid{environment="live"} 1.0' in metrics
+    sandbox.faults.fail_next("validate", 503, times=100)
+    unknown = await cli(
+        ["tokens", "validate", "cli_good", "--json"],
+        {**env, "RECEIVER_DEBITURA_MAX_ATTEMPTS": "2"},
+    )
+    assert unknown.returncode == 1
+    (row,) = map(json.loads, unknown.stdout.splitlines())
+    assert (row["client_id"], row["token_prefix"], row["valid"]) == ("cli_good", good[:15], None)
 
 
 async def test_clients_revoke_needs_confirm_then_revokes_there_and_here(
