@@ -1,0 +1,252 @@
+"""The whole loop against `receiver sandbox` (issues 23 and 25): the partner library's
+`MintedTokens` minting JWTs at the sandbox's `POST /oauth/token`, and `WebhookTokens`
+reading the tokens a real `receiver serve` stored from the sandbox's signed webhooks,
+dropped by NOTIFY when the sandbox revokes one. Everything over real HTTP on loopback,
+a real Postgres, the sandbox's clock moved forward instead of sleeping."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from structlog import testing as structlog_testing
+
+from receiver import config, partner
+from receiver.partner import cache
+from receiver.sandbox import Sandbox
+from tests import helpers
+from tests.integration import processes
+from tests.integration.conftest import cache_settings, operator_env
+from tests.integration.partner_standins import Captured
+from tests.integration.standins import eventually
+
+JWT_TTL_SECONDS = 1800
+
+
+class MovableClock:
+    """The sandbox's wall clock, which the test moves forward instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@dataclass
+class CaseCalls:
+    """The application's own request function: `POST /v1/cases` with a bearer token,
+    recording which token each call carried and what the sandbox answered."""
+
+    session: aiohttp.ClientSession
+    url: str
+    sent: list[tuple[str, int]] = field(default_factory=list)
+
+    async def __call__(self, token: str) -> aiohttp.ClientResponse:
+        """Create a case with `token`; the response, its body read."""
+        response = await self.session.post(
+            f"{self.url}/v1/cases",
+            json={"debtor": "Loop ApS", "amount": 1250},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        await response.read()
+        self.sent.append((token, response.status))
+        return response
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """The partner application's own HTTP session."""
+    async with aiohttp.ClientSession() as opened:
+        yield opened
+
+
+@pytest.fixture
+def captured() -> Iterator[tuple[Captured, list[dict[str, Any]]]]:
+    """Every log line of the partner library (stdlib logging) and of the sandbox
+    (structlog, the event dicts as handed to the logger, before any redaction)."""
+    with Captured("receiver.partner") as partner_logs, structlog_testing.capture_logs() as events:
+        yield partner_logs, events
+
+
+def logged_text(captured: tuple[Captured, list[dict[str, Any]]]) -> str:
+    """All captured log lines as one text to search for secrets."""
+    partner_logs, events = captured
+    return partner_logs.text + "\n" + "\n".join(json.dumps(e, default=str) for e in events)
+
+
+def exception_text(error: BaseException) -> str:
+    """What a crash reporter could keep of an exception: message, repr, its chain."""
+    parts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None:
+        parts += [str(seen), repr(seen), repr(seen.args)]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(parts)
+
+
+def remember(*values: str) -> None:
+    """Make secrets canaries: the session searches every log file for them too."""
+    helpers.CANARIES.update(values)
+
+
+# --- 1. MintedTokens against the sandbox ---------------------------------------------
+
+
+async def test_a_minted_jwt_creates_a_case_and_one_past_its_life_is_minted_once_anew(
+    session: aiohttp.ClientSession, captured: tuple[Captured, list[dict[str, Any]]]
+) -> None:
+    """A JWT minted at the sandbox creates a case (201); once the sandbox's clock is past
+    its life the call gets a 401, the library mints exactly once more and the retried
+    call succeeds; neither JWT nor the API key reaches a log line."""
+    clock = MovableClock()
+    api_key = "sk_sandbox_" + secrets.token_urlsafe(24)
+    remember(api_key)
+    sb = Sandbox(api_key=api_key, jwt_ttl_seconds=JWT_TTL_SECONDS, clock=clock)
+    await sb.start()
+    tokens = partner.MintedTokens(api_key, api_url=sb.url, session=session)
+    cases = CaseCalls(session, sb.url)
+    try:
+        creditor = sb.add_tenant("tenant-loop")
+        first = await tokens.call("tenant-loop", cases)
+        assert first.status == 201
+        assert sb.calls["oauth"] == 1
+        assert tokens.creditor_id("tenant-loop") == creditor
+        clock.offset += JWT_TTL_SECONDS + 1  # the JWT's exp is behind the sandbox now
+        second = await tokens.call("tenant-loop", cases)
+        assert second.status == 201
+        assert sb.calls["oauth"] == 2  # one mint for the 401, not one per call
+        [(jwt, s1), (expired, s2), (fresh, s3)] = cases.sent
+        remember(jwt, fresh)
+        assert (s1, s2, s3) == (201, 401, 201)
+        assert expired == jwt and fresh != jwt
+        assert not sb.is_valid(jwt) and sb.is_valid(fresh)
+    finally:
+        await tokens.close()
+        await sb.stop()
+    text = logged_text(captured)
+    assert "sandbox_started" in text  # the sandbox's lines were captured...
+    assert any(r.getMessage().startswith("minted") for r in captured[0].records)  # ...and ours
+    for secret in (jwt, fresh, api_key):
+        assert secret not in text
+        assert secret not in repr(tokens) + repr(sb)
+
+
+async def test_an_unknown_tenant_and_a_wrong_api_key_are_told_apart_without_secrets(
+    session: aiohttp.ClientSession, captured: tuple[Captured, list[dict[str, Any]]]
+) -> None:
+    """At the sandbox's token endpoint an unknown tenant is `TenantNotLinked` and a
+    wrong API key `ApiKeyRefused`; neither exception nor any log line holds a key."""
+    api_key = "sk_sandbox_" + secrets.token_urlsafe(24)
+    wrong = "sk_sandbox_" + secrets.token_urlsafe(24)
+    remember(api_key, wrong)
+    sb = Sandbox(api_key=api_key)
+    await sb.start()
+    right = partner.MintedTokens(api_key, api_url=sb.url, session=session)
+    mistaken = partner.MintedTokens(wrong, api_url=sb.url, session=session)
+    try:
+        sb.add_tenant("tenant-known")
+        with pytest.raises(partner.TenantNotLinked) as unlinked:
+            await right.get("tenant-unknown")
+        with pytest.raises(partner.ApiKeyRefused) as refused:
+            await mistaken.get("tenant-known")
+        assert sb.calls["oauth"] == 2  # neither refusal is retried
+        assert unlinked.value.key == "tenant-unknown"
+        assert not isinstance(refused.value, partner.LinkInvalid)  # configuration, not link
+    finally:
+        await right.close()
+        await mistaken.close()
+        await sb.stop()
+    text = logged_text(captured) + exception_text(unlinked.value) + exception_text(refused.value)
+    for secret in (api_key, wrong):
+        assert secret not in text
+        assert secret not in repr(right) + repr(mistaken)
+
+
+# --- 2. WebhookTokens: sandbox -> receiver serve -> Postgres -> the partner's cache ---
+
+
+async def stored(conn: asyncpg.Connection, client_id: str, status: str) -> bool:
+    """Whether the receiver stored a test token for the client with that status."""
+    found = await conn.fetchval(
+        "SELECT count(*) FROM receiver.tokens"
+        " WHERE client_id = $1 AND environment = 'test' AND status = $2",
+        client_id,
+        status,
+    )
+    return bool(found)
+
+
+@pytest.mark.slow
+async def test_a_linked_client_token_reaches_the_partner_and_its_revocation_too(
+    settings: config.Settings,
+    webhook_secret: str,
+    conn: asyncpg.Connection,
+    session: aiohttp.ClientSession,
+) -> None:
+    """The sandbox links a client; `receiver serve` stores the token from the signed
+    webhook; the partner's `WebhookTokens` creates a case with it (201). The sandbox
+    revokes it: its token.revoked reaches the receiver, whose NOTIFY drops the cache
+    entry, and `get`/`call` raise `TokenRevoked` without calling Debitura."""
+    port = processes.free_port()
+    env = operator_env(settings, RECEIVER_LOG_FORMAT="json")
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        sb = Sandbox(
+            webhook_url=f"http://127.0.0.1:{port}/webhooks/debitura",
+            webhook_secret=webhook_secret,
+        )
+        await sb.start()
+        # The cache's TTL is an hour: only a NOTIFY can make it see the revocation.
+        token_cache = cache.TokenCache.from_settings(cache_settings(settings))
+        tokens = partner.WebhookTokens(token_cache, environment="test")
+        await tokens.start()
+        cases = CaseCalls(session, sb.url)
+        try:
+            assert token_cache.listening
+            token = sb.link_client("cli_loop")
+            remember(token)
+
+            async def token_stored() -> bool:
+                return await stored(conn, "cli_loop", "active")
+
+            await eventually(token_stored)
+            created = await tokens.call("cli_loop", cases)
+            assert created.status == 201
+            assert cases.sent == [(token, 201)]
+
+            sb.revoke("cli_loop", reason="client_request")
+            assert not sb.is_valid(token)
+
+            async def revoked_seen() -> bool:
+                try:
+                    await tokens.get("cli_loop")
+                except partner.TokenRevoked:
+                    return True
+                return False
+
+            await eventually(revoked_seen)
+            with pytest.raises(partner.TokenRevoked) as revoked:
+                await tokens.call("cli_loop", cases)
+            assert len(cases.sent) == 1  # nothing was sent with a revoked token
+            assert await stored(conn, "cli_loop", "revoked")
+            await sb.drain(seconds=30)
+            assert [(d.event, d.outcome) for d in sb.deliveries] == [
+                ("client.onboarding_completed", "delivered"),
+                ("token.revoked", "delivered"),
+            ]
+        finally:
+            await tokens.close()
+            await sb.stop()
+        served_log = output.read_text()
+    assert token[:15] in str(revoked.value)
+    assert token not in exception_text(revoked.value)
+    assert "cli_loop" in served_log  # the receiver did log the deliveries...
+    assert token not in served_log  # ...by prefix only
