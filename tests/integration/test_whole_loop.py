@@ -6,11 +6,15 @@ a real Postgres, the sandbox's clock moved forward instead of sleeping."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -131,8 +135,10 @@ async def test_a_minted_jwt_creates_a_case_and_one_past_its_life_is_minted_once_
         [(jwt, s1), (expired, s2), (fresh, s3)] = cases.sent
         remember(jwt, fresh)
         assert (s1, s2, s3) == (201, 401, 201)
-        assert expired == jwt and fresh != jwt
-        assert not sb.is_valid(jwt) and sb.is_valid(fresh)
+        assert expired == jwt
+        assert fresh != jwt
+        assert not sb.is_valid(jwt)
+        assert sb.is_valid(fresh)
     finally:
         await tokens.close()
         await sb.stop()
@@ -176,15 +182,77 @@ async def test_an_unknown_tenant_and_a_wrong_api_key_are_told_apart_without_secr
 # --- 2. WebhookTokens: sandbox -> receiver serve -> Postgres -> the partner's cache ---
 
 
-async def stored(conn: asyncpg.Connection, client_id: str, status: str) -> bool:
-    """Whether the receiver stored a test token for the client with that status."""
-    found = await conn.fetchval(
-        "SELECT count(*) FROM receiver.tokens"
-        " WHERE client_id = $1 AND environment = 'test' AND status = $2",
+async def status_of(conn: asyncpg.Connection, client_id: str, token: str) -> str | None:
+    """The status the receiver stored for this test token of the client (by its
+    15-character prefix), None when it stored none."""
+    status: str | None = await conn.fetchval(
+        "SELECT status FROM receiver.tokens"
+        " WHERE client_id = $1 AND environment = 'test' AND prefix = $2",
         client_id,
-        status,
+        token[:15],
     )
-    return bool(found)
+    return status
+
+
+@dataclass
+class Loop:
+    """Everything of the whole loop: the sandbox, the receiver it sends webhooks to,
+    the partner's `WebhookTokens` on the receiver's database, and the case calls."""
+
+    sb: Sandbox
+    tokens: partner.WebhookTokens
+    cases: CaseCalls
+    output: Path  # what `receiver serve` wrote
+
+    async def linked(self, conn: asyncpg.Connection, client_id: str) -> str:
+        """Link a client at the sandbox and wait (bounded) until the receiver stored
+        its token from the webhook; the token."""
+        token = self.sb.link_client(client_id)
+        remember(token)
+
+        async def token_stored() -> bool:
+            return await status_of(conn, client_id, token) == "active"
+
+        await eventually(token_stored)
+        return token
+
+
+@contextlib.asynccontextmanager
+async def whole_loop(
+    settings: config.Settings, webhook_secret: str, session: aiohttp.ClientSession
+) -> AsyncIterator[Loop]:
+    """A real `receiver serve` on a free port, a test sandbox sending it signed
+    webhooks, and a started `WebhookTokens` (test environment) whose cache LISTENs on
+    the receiver's channel with an hour's TTL, so only a NOTIFY refreshes it."""
+    port = processes.free_port()
+    env = operator_env(settings, RECEIVER_LOG_FORMAT="json")
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        sb = Sandbox(
+            webhook_url=f"http://127.0.0.1:{port}/webhooks/debitura",
+            webhook_secret=webhook_secret,
+        )
+        await sb.start()
+        remember(sb.api_key)
+        token_cache = cache.TokenCache.from_settings(cache_settings(settings))
+        tokens = partner.WebhookTokens(token_cache, environment="test")
+        await tokens.start()
+        try:
+            assert token_cache.listening
+            yield Loop(sb, tokens, CaseCalls(session, sb.url), output)
+            await sb.drain(seconds=30)
+        finally:
+            await tokens.close()
+            await sb.stop()
+
+
+async def hands_out(tokens: partner.WebhookTokens, client_id: str, token: str) -> None:
+    """Wait (bounded) until `tokens.get(client_id)` gives `token`."""
+
+    async def current() -> bool:
+        return await tokens.get(client_id) == token
+
+    await eventually(current)
 
 
 @pytest.mark.slow
@@ -198,58 +266,93 @@ async def test_a_linked_client_token_reaches_the_partner_and_its_revocation_too(
     webhook; the partner's `WebhookTokens` creates a case with it (201). The sandbox
     revokes it: its token.revoked reaches the receiver, whose NOTIFY drops the cache
     entry, and `get`/`call` raise `TokenRevoked` without calling Debitura."""
-    port = processes.free_port()
-    env = operator_env(settings, RECEIVER_LOG_FORMAT="json")
-    with processes.serving(["--port", str(port)], env) as (process, output):
-        await processes.wait_healthy(port, process)
-        sb = Sandbox(
-            webhook_url=f"http://127.0.0.1:{port}/webhooks/debitura",
-            webhook_secret=webhook_secret,
-        )
-        await sb.start()
-        # The cache's TTL is an hour: only a NOTIFY can make it see the revocation.
-        token_cache = cache.TokenCache.from_settings(cache_settings(settings))
-        tokens = partner.WebhookTokens(token_cache, environment="test")
-        await tokens.start()
-        cases = CaseCalls(session, sb.url)
-        try:
-            assert token_cache.listening
-            token = sb.link_client("cli_loop")
-            remember(token)
+    async with whole_loop(settings, webhook_secret, session) as loop:
+        token = await loop.linked(conn, "cli_loop")
+        created = await loop.tokens.call("cli_loop", loop.cases)
+        assert created.status == 201
+        assert loop.cases.sent == [(token, 201)]
 
-            async def token_stored() -> bool:
-                return await stored(conn, "cli_loop", "active")
+        loop.sb.revoke("cli_loop", reason="client_request")
+        assert not loop.sb.is_valid(token)
 
-            await eventually(token_stored)
-            created = await tokens.call("cli_loop", cases)
-            assert created.status == 201
-            assert cases.sent == [(token, 201)]
+        async def revoked_seen() -> bool:
+            try:
+                await loop.tokens.get("cli_loop")
+            except partner.TokenRevoked:
+                return True
+            return False
 
-            sb.revoke("cli_loop", reason="client_request")
-            assert not sb.is_valid(token)
-
-            async def revoked_seen() -> bool:
-                try:
-                    await tokens.get("cli_loop")
-                except partner.TokenRevoked:
-                    return True
-                return False
-
-            await eventually(revoked_seen)
-            with pytest.raises(partner.TokenRevoked) as revoked:
-                await tokens.call("cli_loop", cases)
-            assert len(cases.sent) == 1  # nothing was sent with a revoked token
-            assert await stored(conn, "cli_loop", "revoked")
-            await sb.drain(seconds=30)
-            assert [(d.event, d.outcome) for d in sb.deliveries] == [
-                ("client.onboarding_completed", "delivered"),
-                ("token.revoked", "delivered"),
-            ]
-        finally:
-            await tokens.close()
-            await sb.stop()
-        served_log = output.read_text()
+        await eventually(revoked_seen)
+        with pytest.raises(partner.TokenRevoked) as revoked:
+            await loop.tokens.call("cli_loop", loop.cases)
+        assert len(loop.cases.sent) == 1  # nothing was sent with a revoked token
+        assert await status_of(conn, "cli_loop", token) == "revoked"
+    assert [(d.event, d.outcome) for d in loop.sb.deliveries] == [
+        ("client.onboarding_completed", "delivered"),
+        ("token.revoked", "delivered"),
+    ]
+    served_log = loop.output.read_text()
     assert token[:15] in str(revoked.value)
     assert leaked(exception_text(revoked.value), token=token) == []
     assert "cli_loop" in served_log  # the receiver did log the deliveries...
     assert leaked(served_log, token=token) == []  # ...by prefix only
+
+
+# --- 3. A grace rotation at Debitura, picked up by `receiver tokens fetch` -------------
+
+
+def fetch_command_exists() -> bool:
+    """Whether this build has `receiver tokens fetch` (branch `tokens` lands it)."""
+    done = processes.run(["tokens", "fetch", "--help"], processes.clean_env())
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+async def test_a_grace_rotation_fetched_by_the_cli_reaches_the_partner(
+    settings: config.Settings,
+    webhook_secret: str,
+    conn: asyncpg.Connection,
+    session: aiohttp.ClientSession,
+) -> None:
+    """A grace rotation at the sandbox sends no webhook; `receiver tokens fetch CLIENT
+    --environment test` stores the new token and supersedes the old one with its 24 h
+    grace expiry, and the NOTIFY makes `WebhookTokens` call with the new token."""
+    if not await asyncio.to_thread(fetch_command_exists):
+        pytest.skip("`receiver tokens fetch` is not in this build yet (branch tokens)")
+    async with whole_loop(settings, webhook_secret, session) as loop:
+        old = await loop.linked(conn, "cli_grace")
+        assert (await loop.tokens.call("cli_grace", loop.cases)).status == 201
+        rotation = loop.sb.rotate("cli_grace", reason="scheduled_rotation")
+        new = rotation.new.value
+        remember(new)
+        assert loop.sb.is_valid(old)  # in its grace period: no webhook, nothing changed
+        env = operator_env(
+            settings,
+            RECEIVER_DEBITURA_TEST_API_URL=loop.sb.url,
+            RECEIVER_DEBITURA_TEST_API_KEY=loop.sb.api_key,
+        )
+        before = datetime.now(UTC)
+        fetched = await asyncio.to_thread(
+            processes.run, ["tokens", "fetch", "cli_grace", "--environment", "test"], env
+        )
+        after = datetime.now(UTC)
+        assert fetched.returncode == 0, fetched.stderr
+        assert new[:15] in fetched.stdout
+        assert leaked(fetched.stdout + fetched.stderr, new=new, old=old, key=loop.sb.api_key) == []
+        assert loop.sb.calls["fetch"] == 1
+        row = await conn.fetchrow(
+            "SELECT status, expires_at FROM receiver.tokens"
+            " WHERE client_id = $1 AND environment = 'test' AND prefix = $2",
+            "cli_grace",
+            old[:15],
+        )
+        assert row is not None
+        assert row["status"] == "superseded"
+        grace = timedelta(hours=24)
+        slack = timedelta(seconds=1)  # timestamps are stored to the microsecond, compared here
+        assert before + grace - slack <= row["expires_at"] <= after + grace + slack
+        assert await status_of(conn, "cli_grace", new) == "active"
+        await hands_out(loop.tokens, "cli_grace", new)
+        assert (await loop.tokens.call("cli_grace", loop.cases)).status == 201
+        assert loop.cases.sent == [(old, 201), (new, 201)]
+        assert [d.event for d in loop.sb.deliveries] == ["client.onboarding_completed"]
