@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from receiver import config, db, errors, redaction, signing, vault
-from receiver.lifecycle import events, store
+from receiver.lifecycle import events, rows, store
 
 log = structlog.get_logger(__name__)
 
@@ -81,37 +81,44 @@ async def reprocess(
     Idempotent: a delivery that left quarantine reports `not_quarantined` next time.
     """
     sealer = vault.Sealer.from_settings(settings)
-    results = []
-    for key in keys:
-        rows = await database.fetch("event_to_reprocess", key)
-        if not rows:
-            results.append(Reprocessed(key, "not_found"))
-            continue
-        row = rows[0]
-        if row["status"] != "quarantined":
-            results.append(Reprocessed(key, "not_quarantined"))
-            continue
-        if row["body_sealed"] is None:  # erased (receiver clients erase)
-            results.append(Reprocessed(key, "body_dropped"))
-            continue
-        body = sealer.keyring.open(
-            row["body_sealed"], vault.event_associated_data(row["sealed_for"])
-        )
-        delivery = store.Delivery(
-            body=body,
-            is_test=_is_test_now(settings, row, body),
-            test_header=bool(row["test_header"]),
-            signature=row["signature"],
-        )
-        event = events.read(body, is_test=delivery.is_test)
-        prepared = store.prepare(sealer, event, delivery)
-        outcome = await store.reprocess(
+
+    async def record(prepared: rows.Row) -> store.Recorded:
+        # The lifecycle's one way in, as a webhook delivery takes it.
+        (recorded,) = await store.record_rows(
             database,
-            key,
-            prepared,
+            sealer,
+            [prepared],
             channel=settings.notify_channel,
             http_delivery=settings.cache_url is not None,
         )
+        return recorded
+
+    results = []
+    for key in keys:
+        found = await database.fetch("event_to_reprocess", key)
+        if not found:
+            results.append(Reprocessed(key, "not_found"))
+            continue
+        stored = found[0]
+        if stored["status"] != "quarantined":
+            results.append(Reprocessed(key, "not_quarantined"))
+            continue
+        if stored["body_sealed"] is None:  # erased (receiver clients erase)
+            results.append(Reprocessed(key, "body_dropped"))
+            continue
+        body = sealer.keyring.open(
+            stored["body_sealed"], vault.event_associated_data(stored["sealed_for"])
+        )
+        arrival = rows.Arrival(
+            body=body,
+            is_test=_is_test_now(settings, stored, body),
+            test_header=bool(stored["test_header"]),
+            signature=stored["signature"],
+        )
+        recorded, event = await store.record_delivery(
+            record, sealer, events.read(body, is_test=arrival.is_test), arrival, replaces=key
+        )
+        outcome = "id_conflict" if recorded.reason == "id_conflict" else recorded.outcome
         result = _result(key, outcome, event)
         log.info("event_reprocessed", event_id=key, outcome=result.outcome, reason=result.reason)
         results.append(result)

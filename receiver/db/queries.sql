@@ -1,13 +1,26 @@
 -- Named queries, loaded once by receiver.db. Placeholders are asyncpg's $1…$n.
 
 -- name: record_events
--- A group of deliveries (one receiver.event_row[]) in one statement and one
--- transaction; outcomes (and tokens revoked, for revocations) come back in order.
-SELECT outcome, revoked FROM receiver.record_events_v4($1::receiver.event_row[], $2, $3);
+-- The one way in (sql/0009): a group of rows (one receiver.event_row_v2[]:
+-- deliveries, imports, reprocessings) in one statement and one transaction; outcomes
+-- (and tokens revoked, for revocations) come back in order. `recheck`: nothing was
+-- written, the row's prefix is to be checked in memory first (lifecycle/store.py).
+SELECT outcome, revoked FROM receiver.record_events_v5($1::receiver.event_row_v2[], $2, $3);
 
--- name: reprocess_event
--- One quarantined delivery ($1: its stored key) re-applied as it reads now ($2).
-SELECT receiver.reprocess_event_v2($1, $2::receiver.event_row, $3, $4);
+-- name: revocations_to_check
+-- Remembered revocations of client $1 in environment $2 whose prefix is longer than
+-- the stored prefix $3 and starts with it: the onboarding's token is checked against
+-- each in memory.
+SELECT event_key, token_prefix FROM receiver.revocations
+ WHERE client_id = $1 AND environment = $2
+   AND length(token_prefix) > length($3) AND starts_with(token_prefix, $3);
+
+-- name: tokens_to_check
+-- Tokens of client $1 in environment $2, not revoked, whose stored prefix is the start
+-- of revocation prefix $3 (longer than it): each is opened and checked in memory.
+SELECT id::text AS id, token_sealed FROM receiver.tokens
+ WHERE client_id = $1 AND environment = $2 AND status <> 'revoked'
+   AND length($3) > length(prefix) AND receiver.prefix_may_match($3, prefix);
 
 -- name: ping
 -- Is the database answering (readiness probe)?

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from receiver import config, db, errors, redaction, vault
-from receiver.lifecycle import audit, events, store
+from receiver.lifecycle import audit, events, rows, store
 
 log = structlog.get_logger(__name__)
 
@@ -72,10 +72,10 @@ async def import_token(
         detail = event.quarantine.detail if event.quarantine else "not an onboarding"
         # The detail names a field and an error kind, never a value.
         raise errors.UsageError(f"cannot import: {detail}")
-    row = store.prepare(
+    row = rows.prepare(
         sealer,
         event,
-        store.Delivery(body=body, is_test=event.is_test, test_header=False, signature=None),
+        rows.Arrival(body=body, is_test=event.is_test, test_header=False, signature=None),
     )
     prefix = redaction.token_prefix(token)
     async with database.connection() as conn, conn.transaction():
@@ -85,11 +85,13 @@ async def import_token(
                 f"client {client_id!r} already has an active {environment} token ({active}…): "
                 "add --supersede to replace it"
             )
-        await conn.fetch(
-            db.QUERIES["record_events"],
-            [row.as_record()],
-            settings.notify_channel,
-            settings.cache_url is not None,
+        # The lifecycle's one way in, inside this transaction (with the audit row).
+        await store.record_rows(
+            conn,
+            sealer,
+            [row],
+            channel=settings.notify_channel,
+            http_delivery=settings.cache_url is not None,
         )
         status = await conn.fetchval(db.QUERIES["token_created_by"], key)
         await audit.audit(

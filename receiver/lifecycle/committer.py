@@ -15,7 +15,8 @@ group starts beside it only when the one committing has taken SLOW_GROUP_SECONDS
 The SQL function takes every advisory lock a group needs first, in one order, so two
 groups never deadlock (sql/0002). A group that fails for any reason but an
 unavailable database is retried one event at a time, so one bad event cannot fail
-the others.
+the others; a delivery Postgres refuses a value of is then kept quarantined
+(`deliver`, store.record_delivery).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from receiver import db, errors, metrics
-from receiver.lifecycle import store
+from receiver import db, errors, metrics, vault
+from receiver.lifecycle import events, rows, store
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +43,7 @@ WRITE_FAILURE_SECONDS = 10.0
 
 @dataclass(eq=False)  # compared by identity: the queue removes a waiting row by it
 class _Waiting:
-    row: store.Row
+    row: rows.Row
     outcome: asyncio.Future[store.Recorded] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -55,12 +56,14 @@ class GroupCommit:
         self,
         database: db.Database,
         *,
+        sealer: vault.Sealer,
         channel: str,
         http_delivery: bool,
         max_group: int = MAX_GROUP,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self._database = database
+        self._sealer = sealer
         self._channel = channel
         self._http = http_delivery
         self._max_group = max_group
@@ -74,7 +77,16 @@ class GroupCommit:
         # When the last commit failed for want of the database (None: it succeeded).
         self._failed_at: float | None = None
 
-    async def record(self, row: store.Row, *, deadline: float | None = None) -> store.Recorded:
+    async def deliver(
+        self, event: events.Event, arrival: rows.Arrival, *, deadline: float | None = None
+    ) -> tuple[store.Recorded, events.Event]:
+        """Seal and record one verified delivery (`record`), keeping it quarantined when
+        Postgres refuses one of its values; what it did, and the event as stored."""
+        return await store.record_delivery(
+            lambda row: self.record(row, deadline=deadline), self._sealer, event, arrival
+        )
+
+    async def record(self, row: rows.Row, *, deadline: float | None = None) -> store.Recorded:
         """Record one event; returns after the transaction that holds it committed.
 
         `deadline` (event-loop time): past it, a row still waiting for a group is taken
@@ -177,9 +189,9 @@ class GroupCommit:
             if not waiting.outcome.done():
                 waiting.outcome.set_result(outcome)
 
-    async def _record(self, rows: list[store.Row]) -> list[store.Recorded]:
+    async def _record(self, batch: list[rows.Row]) -> list[store.Recorded]:
         return await store.record_rows(
-            self._database, rows, channel=self._channel, http_delivery=self._http
+            self._database, self._sealer, batch, channel=self._channel, http_delivery=self._http
         )
 
 

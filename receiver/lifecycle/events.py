@@ -59,9 +59,14 @@ QUARANTINE_REASONS: tuple[QuarantineReason, ...] = QuarantineReason.__args__  # 
 _TOKEN = re.compile(r"^tok_(live|test)_[A-Za-z0-9_-]{12,200}$")
 _IDENTIFIER = r"^[A-Za-z0-9_.:\-]{1,128}$"
 Identifier = Annotated[str, StringConstraints(pattern=_IDENTIFIER)]
+# A revocation's prefix of any length from `tok_live_` + 3 characters (DESIGN §2: a
+# revocation fails safe; 15, as in Debitura's example, is the length we store). One
+# long enough to be a whole token never gets here: it is quarantined as a token
+# outside `bearer_token` first.
+MIN_PREFIX_LENGTH = 12
 TokenPrefix = Annotated[
     str,
-    StringConstraints(pattern=rf"^tok_(live|test)_[A-Za-z0-9_-]{{{redaction.PREFIX_LENGTH - 9}}}$"),
+    StringConstraints(pattern=rf"^tok_(live|test)_[A-Za-z0-9_-]{{{MIN_PREFIX_LENGTH - 9},200}}$"),
 ]
 ShortText = Annotated[str, StringConstraints(max_length=200)]
 # Past this many digits Python refuses to convert an integer (int_max_str_digits).
@@ -135,8 +140,9 @@ class OnboardingCompleted(BaseModel):
         return "live" if self.bearer_token.get_secret_value()[4:8] == "live" else "test"
 
 
-class TokenRevoked(BaseModel):
-    """`token.revoked`: one token (by prefix), or every token of the client, is revoked."""
+class TokenRevocation(BaseModel):
+    """`token.revoked`: the tokens that start with a prefix, or every token of the
+    client, are revoked. (Not `TokenRevoked`: that is the partner library's error.)"""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -166,7 +172,7 @@ class Event:
     is_test: bool
     body_hash: bytes
     occurred_at: datetime | None = None
-    data: OnboardingCompleted | TokenRevoked | None = None
+    data: OnboardingCompleted | TokenRevocation | None = None
     environment: Environment | None = None
     quarantine: Quarantine | None = None
     document: dict[str, Any] | None = field(default=None, repr=False)
@@ -248,15 +254,15 @@ def read(body: bytes, *, is_test: bool) -> Event:
     known["envelope_id"] = envelope.id
     known["type"] = envelope.event
     known["occurred_at"] = envelope.timestamp
-    data: OnboardingCompleted | TokenRevoked | Quarantine | None = None
+    data: OnboardingCompleted | TokenRevocation | Quarantine | None = None
     environment: Environment | None = None
     if envelope.event == ONBOARDING_COMPLETED:
         data = _validate(OnboardingCompleted, envelope.data, ("data",))
         if isinstance(data, OnboardingCompleted):
             environment = data.environment
     elif envelope.event == TOKEN_REVOKED:
-        data = _validate(TokenRevoked, envelope.data, ("data",))
-        if isinstance(data, TokenRevoked):
+        data = _validate(TokenRevocation, envelope.data, ("data",))
+        if isinstance(data, TokenRevocation):
             prefix = data.token_prefix
             environment = ("live" if prefix[4:8] == "live" else "test") if prefix else None
             environment = environment or ("test" if is_test else "live")

@@ -68,7 +68,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     )
     app[state.DATABASE] = database
     app[state.COMMITTER] = committer.GroupCommit(
-        database, channel=settings.notify_channel, http_delivery=settings.cache_url is not None
+        database,
+        sealer=app[state.SEALER],
+        channel=settings.notify_channel,
+        http_delivery=settings.cache_url is not None,
     )
     yield
     await app[state.DATABASE].close()

@@ -51,7 +51,7 @@ class Status(BaseModel):
 _MODELS: list[type[BaseModel]] = [
     events.Envelope,
     events.OnboardingCompleted,
-    events.TokenRevoked,
+    events.TokenRevocation,
     WebhookAnswer,
     ErrorBody,
     Status,
@@ -82,7 +82,7 @@ def document() -> dict[str, Any]:
             "Verified on the raw bytes before parsing: HMAC-SHA256 of `<t>.<body>` under any "
             "configured base64-decoded secret; `t` at most 300 s old and 30 s ahead. A delivery "
             "whose signature verifies is never refused: `data` is validated as "
-            "OnboardingCompleted or TokenRevoked for those event types, other types are "
+            "OnboardingCompleted or TokenRevocation for those event types, other types are "
             "recorded as ignored, and one that cannot be applied is stored quarantined and "
             "answered 200 with a reason. 200 is sent only after the commit."
         ),

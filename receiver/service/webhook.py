@@ -15,7 +15,7 @@ import structlog
 from aiohttp import http_exceptions, web
 
 from receiver import errors, metrics, signing
-from receiver.lifecycle import events, store
+from receiver.lifecycle import events, rows
 from receiver.service import state
 
 log = structlog.get_logger(__name__)
@@ -50,19 +50,6 @@ async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
         ) from None
 
 
-def _unstorable(event: events.Event, detail: str, *, keep_names: bool) -> events.Event:
-    """The delivery as a quarantined `unstorable_value`, with its id and type or, when
-    those are what Postgres refused, under its body hash and type `unknown`."""
-    return events.Event(
-        key=event.key if keep_names else events.body_key(event.body_hash),
-        envelope_id=event.envelope_id if keep_names else None,
-        type=event.type if keep_names else "unknown",
-        is_test=event.is_test,
-        body_hash=event.body_hash,
-        quarantine=events.Quarantine("unstorable_value", detail),
-    )
-
-
 async def receive(request: web.Request) -> web.Response:
     """Receive one Debitura webhook delivery (at most RECEIVER_MAX_REQUESTS_IN_FLIGHT
     at once; past that, a 503 at once, before the body is read)."""
@@ -92,47 +79,30 @@ async def _receive(request: web.Request) -> web.Response:
     _, signed_by = signing.authenticate(signature, body, secret_sets, settings.signature_tolerance)
     # From here on the delivery is authentic: nothing below refuses it.
     test_header = request.headers.get(TEST_HEADER, "").strip().lower() == "true"
-    delivery = store.Delivery(
+    arrival = rows.Arrival(
         body=body,
         is_test=test_header or signed_by == "test",
         test_header=test_header,
         signature=signature,
     )
-    event = events.read(body, is_test=delivery.is_test)
+    event = events.read(body, is_test=arrival.is_test)
     structlog.contextvars.bind_contextvars(
         event_id=event.public_id,
         event_type=event.type,
         client_id=event.client_id,
-        test=delivery.is_test,
+        test=arrival.is_test,
     )
-    sealer = request.app[state.SEALER]
-    committer = request.app[state.COMMITTER]
-    try:
-        recorded = await committer.record(store.prepare(sealer, event, delivery), deadline=deadline)
-    except errors.UnstorableValue as exc:
-        # A value our own checks let through and Postgres refused: keep the delivery
-        # all the same, as the bytes it came as, quarantined; if even its id or type is
-        # what Postgres refuses, under its body hash alone. An authentic delivery is
-        # never answered 4xx: what is left after that is our fault, a 503.
-        for named in (True, False):
-            event = _unstorable(event, exc.message, keep_names=named)
-            try:
-                recorded = await committer.record(
-                    store.prepare(sealer, event, delivery), deadline=deadline
-                )
-                break
-            except errors.UnstorableValue:
-                continue
-        else:
-            raise errors.InternalError("could not store the delivery, retry later") from exc
+    # A delivery Postgres refuses a value of comes back quarantined (the committer
+    # keeps it): an authentic delivery is never answered 4xx.
+    recorded, event = await request.app[state.COMMITTER].deliver(event, arrival, deadline=deadline)
     outcome, reason = recorded.outcome, recorded.reason
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
         # A signal may have been queued: deliver it now, not at the poll.
-        dispatcher.wake(revocation=isinstance(event.data, events.TokenRevoked))
+        dispatcher.wake(revocation=isinstance(event.data, events.TokenRevocation))
     structlog.contextvars.bind_contextvars(outcome=outcome)
     metrics.child(metrics.EVENTS, events.type_label(event.type), outcome).inc()
-    metrics.LAST_EVENT[delivery.is_test].set_to_current_time()
+    metrics.LAST_EVENT[arrival.is_test].set_to_current_time()
     if reason is None:
         answer = web.json_response({"status": outcome, "event_id": event.public_id})
         if recorded.revoked is not None:

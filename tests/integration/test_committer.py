@@ -11,17 +11,17 @@ import structlog
 
 from receiver import db, errors, vault
 from receiver.config import Settings
-from receiver.lifecycle import committer, events, store
+from receiver.lifecycle import committer, events, rows
 from receiver.service import app
 from tests import helpers
 from tests.integration.conftest import client_lock
 from tests.integration.standins import eventually
 
 
-def _row(sealer: vault.Sealer) -> store.Row:
+def _row(sealer: vault.Sealer) -> rows.Row:
     body = helpers.encode(helpers.onboarding())
-    delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
-    return store.prepare(sealer, events.read(body, is_test=False), delivery)
+    delivery = rows.Arrival(body=body, is_test=False, test_header=False, signature=None)
+    return rows.prepare(sealer, events.read(body, is_test=False), delivery)
 
 
 async def test_a_refused_row_fails_alone_and_the_rest_commit(
@@ -31,19 +31,22 @@ async def test_a_refused_row_fails_alone_and_the_rest_commit(
     refuses, so the group is retried row by row: three commit, one fails with
     UnstorableValue, and nothing of it is stored. The commit runs in a context of its
     own: its log lines never carry the id of the request that happened to start it."""
-    group = committer.GroupCommit(database, channel="token_invalidation", http_delivery=False)
-    rows = [_row(sealer) for _ in range(4)]
-    rows[1] = rows[1]._replace(body_redacted="{not json")
+    group = committer.GroupCommit(
+        database, sealer=sealer, channel="token_invalidation", http_delivery=False
+    )
+    batch = [_row(sealer) for _ in range(4)]
+    batch[1] = batch[1]._replace(body_redacted="{not json")
     structlog.contextvars.bind_contextvars(request_id="req-that-started-it")
     try:
-        results = await asyncio.gather(*(group.record(r) for r in rows), return_exceptions=True)
+        results = await asyncio.gather(*(group.record(r) for r in batch), return_exceptions=True)
     finally:
         structlog.contextvars.clear_contextvars()
     assert [getattr(results[i], "outcome", None) for i in (0, 2, 3)] == ["processed"] * 3
     assert isinstance(results[1], errors.UnstorableValue)
     assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 3
     assert (
-        await conn.fetchval("SELECT count(*) FROM receiver.events WHERE key = $1", rows[1].key) == 0
+        await conn.fetchval("SELECT count(*) FROM receiver.events WHERE key = $1", batch[1].key)
+        == 0
     )
     splits = [line for line in log_lines() if line["event"] == "group_commit_split"]
     assert [line["size"] for line in splits] == [4]

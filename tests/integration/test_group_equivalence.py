@@ -1,12 +1,13 @@
-"""The set-based group (record_events_v4) against the row-by-row one (v3).
+"""The set-based group (record_events_v5) against its own row-by-row fallback.
 
 Random scripts of deliveries over a few clients, both environments and a small pool
 of tokens (so tokens come twice, revocations arrive before their onboardings, older
 onboardings arrive late), with exact resends, id conflicts, ignored and quarantined
-deliveries, cut into random groups. Database A records each group with v4, database
-B with v3; the outcomes and everything stored must be the same. v3 is what the
-receiver did before (and still does for a group v4 finds dependent), so this pins v4
-to the behaviour the lifecycle tests describe one delivery at a time.
+deliveries, revocations by prefixes of several lengths, cut into random groups.
+Database A records each group as the receiver does (set-based when the group is
+independent), database B row by row (`receiver.row_by_row = on`: each row a group of
+one, seeing the one before it, as the lifecycle tests describe one delivery at a
+time); the outcomes and everything stored must be the same.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from receiver import config, redaction, vault
-from receiver.lifecycle import events, store
+from receiver.lifecycle import events, rows, store
 from tests import conftest, helpers
 
 CLIENTS = ("cli_a", "cli_b")
@@ -57,12 +58,12 @@ class Pair:
 @pytest.fixture(scope="module")
 def pair(server_dsn: str, template_name: str) -> Iterator[Pair]:
     with (
-        conftest.cloned_database(server_dsn, template_name, "receiver_v4") as url_a,
-        conftest.cloned_database(server_dsn, template_name, "receiver_v3") as url_b,
+        conftest.cloned_database(server_dsn, template_name, "receiver_group") as url_a,
+        conftest.cloned_database(server_dsn, template_name, "receiver_rows") as url_b,
         asyncio.Runner() as runner,
     ):
         a = runner.run(asyncpg.connect(url_a))
-        b = runner.run(asyncpg.connect(url_b))
+        b = runner.run(asyncpg.connect(url_b, server_settings={"receiver.row_by_row": "on"}))
         try:
             yield Pair(runner, a, b)
         finally:
@@ -84,16 +85,29 @@ def sealer() -> vault.Sealer:
 
 @pytest.fixture(scope="module")
 def tokens() -> dict[tuple[str, int], str]:
-    """Three canary tokens per environment: the pool every script draws from."""
-    return {(env, i): helpers.canary_token(env) for env in ENVIRONMENTS for i in range(3)}
+    """Three canary tokens per environment, the pool every script draws from: the
+    second shares its first 13 characters with the first, the third its first 16, so
+    revocation prefixes of 12 to 17 characters match one, two or three of them."""
+    pool = {}
+    for env in ENVIRONMENTS:
+        first = helpers.canary_token(env)
+        pool[(env, 0)] = first
+        for i, shared in ((1, 13), (2, 16)):
+            token = first[:shared] + helpers.canary_token(env)[shared:]
+            helpers.CANARIES.add(token)
+            pool[(env, i)] = token
+    return pool
 
 
 _env = st.sampled_from(ENVIRONMENTS)
 _client = st.sampled_from(CLIENTS)
 _time = st.integers(0, len(TIMES) - 1)
+_prefix_length = st.sampled_from([12, 14, 15, 16, 17])
 _step = st.one_of(
     st.tuples(st.just("onboard"), _client, _env, st.integers(0, 2), _time, st.booleans()),
-    st.tuples(st.just("revoke"), _client, _env, st.none() | st.integers(0, 2), _time),
+    st.tuples(
+        st.just("revoke"), _client, _env, st.none() | st.integers(0, 2), _time, _prefix_length
+    ),
     st.tuples(st.just("resend"), st.integers(0, 100)),
     st.tuples(st.just("conflict"), st.integers(0, 100)),
     st.tuples(st.just("ignored")),
@@ -115,8 +129,10 @@ def _bodies(script: list[tuple[Any, ...]], tokens: dict[tuple[str, int], str]) -
                 expiry = TIMES[at] + timedelta(hours=2)
                 document["data"]["old_token_expires_at"] = expiry.isoformat()
         elif kind == "revoke":
-            _, client, env, token, at = step
-            prefix = None if token is None else redaction.token_prefix(tokens[(env, token)])
+            _, client, env, token, at, *length = step
+            # Without a length: the stored prefix's, as Debitura's example.
+            cut = length[0] if length else redaction.PREFIX_LENGTH
+            prefix = None if token is None else tokens[(env, token)][:cut]
             document = helpers.revocation(client, prefix, revoked_at=TIMES[at].isoformat())
             document["id"] = f"evt_{n}"
             document["data"]["environment_hint"] = env  # read as the delivery's, below
@@ -135,29 +151,26 @@ def _bodies(script: list[tuple[Any, ...]], tokens: dict[tuple[str, int], str]) -
     return bodies
 
 
-def _rows(sealer: vault.Sealer, bodies: list[bytes]) -> list[store.Row]:
-    rows = []
+def _rows(sealer: vault.Sealer, bodies: list[bytes]) -> list[rows.Row]:
+    prepared = []
     for body in bodies:
         document = json.loads(body)
         is_test = document.get("data", {}).get("environment_hint") == "test" or (
             "tok_test_" in document.get("data", {}).get("bearer_token", "")
         )
-        delivery = store.Delivery(body=body, is_test=is_test, test_header=is_test, signature=None)
-        rows.append(store.prepare(sealer, events.read(body, is_test=is_test), delivery))
-    return rows
+        delivery = rows.Arrival(body=body, is_test=is_test, test_header=is_test, signature=None)
+        prepared.append(rows.prepare(sealer, events.read(body, is_test=is_test), delivery))
+    return prepared
 
 
-_RECORD = {
-    "v3": "SELECT outcome, revoked FROM receiver.record_events_v3"
-    "($1::receiver.event_row[], 'token_invalidation', true)",
-    "v4": "SELECT outcome, revoked FROM receiver.record_events_v4"
-    "($1::receiver.event_row[], 'token_invalidation', true)",
-}
-
-
-async def _record(conn: asyncpg.Connection, version: str, group: list[store.Row]) -> list[Any]:
-    records = await conn.fetch(_RECORD[version], [row.as_record() for row in group])
-    return [tuple(r) for r in records]
+async def _record(
+    conn: asyncpg.Connection, sealer: vault.Sealer, group: list[rows.Row]
+) -> list[Any]:
+    # Through the lifecycle's entry point: a long prefix is checked in memory there.
+    recorded = await store.record_rows(
+        conn, sealer, group, channel="token_invalidation", http_delivery=True
+    )
+    return [tuple(r) for r in recorded]
 
 
 async def _state(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -208,6 +221,30 @@ async def _state(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     ],
     cuts=[1],
 )
+# Two supersessions in one group, each with its own expiry; revocations by prefixes
+# shorter and longer than the stored one, before and after the tokens they name.
+@example(
+    script=[
+        ("onboard", "cli_a", "live", 0, 0, False),
+        ("onboard", "cli_a", "test", 0, 0, False),
+        ("onboard", "cli_a", "live", 1, 2, False),
+        ("onboard", "cli_a", "test", 1, 4, True),
+    ],
+    cuts=[2],
+)
+@example(
+    script=[
+        ("revoke", "cli_a", "live", 0, 1, 12),
+        ("revoke", "cli_b", "live", 2, 1, 17),
+        ("onboard", "cli_a", "live", 1, 0, False),
+        ("onboard", "cli_b", "live", 0, 0, False),
+        ("onboard", "cli_b", "test", 2, 0, False),
+        ("onboard", "cli_a", "test", 2, 0, False),
+        ("revoke", "cli_b", "test", 0, 3, 16),
+        ("revoke", "cli_a", "test", 1, 3, 14),
+    ],
+    cuts=[2],
+)
 def test_set_based_groups_end_as_row_by_row_ones(
     pair: Pair,
     sealer: vault.Sealer,
@@ -227,8 +264,8 @@ def test_set_based_groups_end_as_row_by_row_ones(
         await pair.a.execute(_CLEAR)
         await pair.b.execute(_CLEAR)
         for group in groups:
-            outcomes_a = await _record(pair.a, "v4", group)
-            outcomes_b = await _record(pair.b, "v3", group)
+            outcomes_a = await _record(pair.a, sealer, group)
+            outcomes_b = await _record(pair.b, sealer, group)
             assert outcomes_a == outcomes_b, group
         state_a, state_b = await _state(pair.a), await _state(pair.b)
         for table in _STATE:
@@ -237,18 +274,20 @@ def test_set_based_groups_end_as_row_by_row_ones(
     pair.runner.run(run())
 
 
-async def _apply_event_v3_calls(conn: asyncpg.Connection, group: list[store.Row]) -> int:
-    """How many times recording `group` with v4 fell back to apply_event_v3 (counted in
-    the recording's own transaction, which is rolled back)."""
+async def _group_calls(
+    conn: asyncpg.Connection, sealer: vault.Sealer, group: list[rows.Row]
+) -> int:
+    """How many times recording `group` called apply_group_v1 (counted in the
+    recording's own transaction, which is rolled back)."""
     # Counts not yet flushed to the shared statistics: read before and after.
     count = (
         "SELECT coalesce(sum(calls), 0)::integer FROM pg_stat_xact_user_functions"
-        " WHERE funcname = 'apply_event_v3'"
+        " WHERE funcname = 'apply_group_v1'"
     )
     async with conn.transaction():
         await conn.execute("SET LOCAL track_functions = 'pl'")
         before = await conn.fetchval(count)
-        await _record(conn, "v4", group)
+        await _record(conn, sealer, group)
         raise _RollBack(await conn.fetchval(count) - before)
 
 
@@ -260,9 +299,10 @@ class _RollBack(Exception):
 def test_independent_groups_take_the_set_based_path(
     pair: Pair, sealer: vault.Sealer, tokens: dict[tuple[str, int], str]
 ) -> None:
-    """The comparison above is worth something only if v4 takes its own path for
-    groups with effects: onboardings and revocations of different clients do; two
-    onboardings of one client, or one key twice, go row by row."""
+    """The comparison above is worth something only if the two paths differ: as the
+    receiver runs, a group with effects on different clients is applied in one call,
+    while two onboardings of one client, or one key twice, go row by row (the attempt,
+    then one call per row); with the fallback forced, every row is a call."""
     independent = [
         ("onboard", "cli_a", "live", 0, 1, False),
         ("onboard", "cli_a", "test", 1, 2, True),
@@ -276,14 +316,15 @@ def test_independent_groups_take_the_set_based_path(
     ]
     resent = [("onboard", "cli_a", "live", 0, 1, False), ("resend", 0)]
 
-    async def calls(script: list[tuple[Any, ...]]) -> int:
-        await pair.a.execute(_CLEAR)
+    async def calls(conn: asyncpg.Connection, script: list[tuple[Any, ...]]) -> int:
+        await conn.execute(_CLEAR)
         try:
-            await _apply_event_v3_calls(pair.a, _rows(sealer, _bodies(script, tokens)))
+            await _group_calls(conn, sealer, _rows(sealer, _bodies(script, tokens)))
         except _RollBack as done:
             return done.calls
         raise AssertionError("unreachable")
 
-    assert pair.runner.run(calls(independent)) == 0
-    assert pair.runner.run(calls(dependent)) == 2
-    assert pair.runner.run(calls(resent)) == 2
+    assert pair.runner.run(calls(pair.a, independent)) == 1
+    assert pair.runner.run(calls(pair.a, dependent)) == 3
+    assert pair.runner.run(calls(pair.a, resent)) == 3
+    assert pair.runner.run(calls(pair.b, independent)) == 5

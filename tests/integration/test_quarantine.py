@@ -50,14 +50,21 @@ HOSTILE: list[tuple[str, bytes, str | None]] = [
         helpers.encode(helpers.onboarding(token="tok_live_new_token_456")),
         None,
     ),
+    # A prefix of another length than 15 revokes what starts with it (DESIGN §2,
+    # "A revocation fails safe"); only one below tok_live_ + 3 characters cannot.
     (
         "prefix of 14",
         helpers.encode(_revocation_with(token_prefix="tok_live_abc12")),
-        "invalid_data",
+        None,
     ),
     (
         "prefix of 16",
         helpers.encode(_revocation_with(token_prefix="tok_live_abc1234")),
+        None,
+    ),
+    (
+        "prefix below the minimum",
+        helpers.encode(_revocation_with(token_prefix="tok_live_ab")),
         "invalid_data",
     ),
     ("data missing a field", helpers.encode(_onboarding_with(client_id=None)), "invalid_data"),

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from receiver import db, vault
 from receiver.config import Settings
-from receiver.lifecycle import events, store
+from receiver.lifecycle import events, rows, store
 from receiver.partner import cache
 from receiver.service import app
 from receiver.signals import outbox
@@ -40,13 +40,13 @@ async def seed(
     sealer = vault.Sealer.from_settings(settings)
     for _ in range(count):
         body = helpers.encode(helpers.revocation(f"cli_{os.urandom(4).hex()}", None))
-        delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
-        row = store.prepare(sealer, events.read(body, is_test=False), delivery)
+        delivery = rows.Arrival(body=body, is_test=False, test_header=False, signature=None)
+        row = rows.prepare(sealer, events.read(body, is_test=False), delivery)
         await store.record_rows(
-            database, [row], channel=settings.notify_channel, http_delivery=http
+            database, sealer, [row], channel=settings.notify_channel, http_delivery=http
         )
-    rows = await database.fetch("list_signals", None, 100_000)
-    return [r["id"] for r in rows]
+    listed = await database.fetch("list_signals", None, 100_000)
+    return [r["id"] for r in listed]
 
 
 @contextlib.asynccontextmanager
@@ -689,6 +689,8 @@ async def record(database: db.Database, settings: Settings, document: dict[str, 
     """Record one delivery the way the webhook does, its signals for HTTP delivery."""
     sealer = vault.Sealer.from_settings(settings)
     body = helpers.encode(document)
-    delivery = store.Delivery(body=body, is_test=False, test_header=False, signature=None)
-    row = store.prepare(sealer, events.read(body, is_test=False), delivery)
-    await store.record_rows(database, [row], channel=settings.notify_channel, http_delivery=True)
+    delivery = rows.Arrival(body=body, is_test=False, test_header=False, signature=None)
+    row = rows.prepare(sealer, events.read(body, is_test=False), delivery)
+    await store.record_rows(
+        database, sealer, [row], channel=settings.notify_channel, http_delivery=True
+    )

@@ -8,7 +8,7 @@ SET check_function_bodies = false;
 
 CREATE SCHEMA receiver;
 
-CREATE TYPE receiver.event_row AS (
+CREATE TYPE receiver.event_row_v2 AS (
 	kind text,
 	key text,
 	envelope_id text,
@@ -32,349 +32,19 @@ CREATE TYPE receiver.event_row AS (
 	revoked_at timestamp with time zone,
 	reason text,
 	quarantine_reason text,
-	quarantine_detail text
+	quarantine_detail text,
+	replaces text,
+	spared text[]
 );
 
-CREATE FUNCTION receiver.apply_event_v2(r receiver.event_row, p_channel text, p_http boolean) RETURNS text
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_stored text;
-BEGIN
-    v_stored := receiver.insert_event_v2(r, CASE r.kind
-        WHEN 'onboarding' THEN 'processed' WHEN 'revocation' THEN 'processed'
-        ELSE r.kind END);
-    IF v_stored = 'duplicate' THEN
-        RETURN 'duplicate';
-    ELSIF v_stored = 'id_conflict' THEN
-        RETURN 'id_conflict';  -- stored quarantined, under its body key
-    END IF;
-    IF r.kind = 'onboarding' THEN
-        PERFORM receiver.apply_onboarding_v2(r, p_channel, p_http);
-        RETURN 'processed';
-    ELSIF r.kind = 'revocation' THEN
-        PERFORM receiver.apply_revocation_v2(r, p_channel, p_http);
-        RETURN 'processed';
-    END IF;
-    RETURN r.kind;  -- ignored | quarantined: stored, no effect
-END;
-$$;
-
-CREATE FUNCTION receiver.apply_event_v3(r receiver.event_row, p_channel text, p_http boolean, OUT outcome text, OUT revoked integer) RETURNS record
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_stored text;
-BEGIN
-    v_stored := receiver.insert_event_v2(r, CASE r.kind
-        WHEN 'onboarding' THEN 'processed' WHEN 'revocation' THEN 'processed'
-        ELSE r.kind END);
-    IF v_stored = 'duplicate' OR v_stored = 'id_conflict' THEN
-        outcome := v_stored;
-    ELSIF r.kind = 'onboarding' THEN
-        PERFORM receiver.apply_onboarding_v2(r, p_channel, p_http);
-        outcome := 'processed';
-    ELSIF r.kind = 'revocation' THEN
-        revoked := receiver.apply_revocation_v3(r, p_channel, p_http);
-        outcome := 'processed';
-    ELSE
-        outcome := r.kind;  -- ignored | quarantined: stored, no effect
-    END IF;
-END;
-$$;
-
-CREATE FUNCTION receiver.apply_onboarding_v2(r receiver.event_row, p_channel text, p_http boolean) RETURNS void
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_revocation receiver.revocations%ROWTYPE;
-    v_newer receiver.tokens%ROWTYPE;
-    v_status text;
-    v_expires_at timestamptz;
-BEGIN
-    -- The same token delivered again by another event changes nothing.
-    IF EXISTS (SELECT 1 FROM receiver.tokens WHERE token_index = r.token_index) THEN
-        RETURN;
-    END IF;
-
-    -- A revocation that arrived first still wins.
-    SELECT * INTO v_revocation FROM receiver.revocations v
-     WHERE v.client_id = r.client_id AND v.environment = r.environment
-       AND (v.token_prefix = r.prefix
-            OR (v.token_prefix IS NULL AND v.revoked_at >= r.completed_at))
-     ORDER BY v.revoked_at
-     LIMIT 1;
-
-    IF FOUND THEN
-        v_status := 'revoked';
-    ELSE
-        SELECT * INTO v_newer FROM receiver.tokens
-         WHERE client_id = r.client_id AND environment = r.environment AND status = 'active'
-           AND onboarding_completed_at > r.completed_at;
-        IF FOUND THEN
-            -- An older onboarding arriving late never displaces the newer active
-            -- token; it is stored as superseded by it, with the grace it would have had.
-            v_status := 'superseded';
-            v_expires_at := v_newer.onboarding_completed_at + r.grace;
-        ELSE
-            UPDATE receiver.tokens
-               SET status = 'superseded', superseded_at = now(),
-                   expires_at = COALESCE(r.old_expires_at, r.completed_at + r.grace),
-                   changed_by_event = r.key, updated_at = now()
-             WHERE client_id = r.client_id AND environment = r.environment
-               AND status = 'active';
-            v_status := 'active';
-        END IF;
-    END IF;
-
-    INSERT INTO receiver.tokens
-        (id, client_id, environment, prefix, token_index, token_sealed, status,
-         onboarding_completed_at, superseded_at, expires_at, revoked_at, revoke_reason,
-         created_by_event)
-    VALUES
-        (r.token_id, r.client_id, r.environment, r.prefix, r.token_index, r.token_sealed,
-         v_status, r.completed_at,
-         CASE WHEN v_status = 'superseded' THEN now() END, v_expires_at,
-         v_revocation.revoked_at, v_revocation.reason, r.key);
-
-    IF v_status = 'active' THEN
-        PERFORM receiver.enqueue_signal_v2(r.client_id, r.environment, r.prefix,
-                                           'token_issued', r.key, p_channel, p_http);
-    END IF;
-END;
-$$;
-
-CREATE FUNCTION receiver.apply_revocation_v2(r receiver.event_row, p_channel text, p_http boolean) RETURNS void
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    INSERT INTO receiver.revocations
-        (event_key, client_id, environment, token_prefix, revoked_at, reason)
-    VALUES (r.key, r.client_id, r.environment, r.prefix, r.revoked_at, r.reason);
-
-    -- With a prefix: that token only. Without: every token issued before revoked_at,
-    -- so an old revocation never touches a newer token.
-    UPDATE receiver.tokens
-       SET status = 'revoked', revoked_at = r.revoked_at, revoke_reason = r.reason,
-           changed_by_event = r.key, updated_at = now()
-     WHERE client_id = r.client_id AND environment = r.environment
-       AND status <> 'revoked'
-       AND CASE WHEN r.prefix IS NULL THEN onboarding_completed_at <= r.revoked_at
-                ELSE prefix = r.prefix END;
-
-    PERFORM receiver.enqueue_signal_v2(r.client_id, r.environment, r.prefix,
-                                       'token_revoked', r.key, p_channel, p_http);
-END;
-$$;
-
-CREATE FUNCTION receiver.apply_revocation_v3(r receiver.event_row, p_channel text, p_http boolean) RETURNS integer
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_revoked integer;
-BEGIN
-    INSERT INTO receiver.revocations
-        (event_key, client_id, environment, token_prefix, revoked_at, reason)
-    VALUES (r.key, r.client_id, r.environment, r.prefix, r.revoked_at, r.reason);
-
-    UPDATE receiver.tokens
-       SET status = 'revoked', revoked_at = r.revoked_at, revoke_reason = r.reason,
-           changed_by_event = r.key, updated_at = now()
-     WHERE client_id = r.client_id AND environment = r.environment
-       AND status <> 'revoked'
-       AND CASE WHEN r.prefix IS NULL THEN onboarding_completed_at <= r.revoked_at
-                ELSE prefix = r.prefix END;
-    GET DIAGNOSTICS v_revoked = ROW_COUNT;
-
-    PERFORM receiver.enqueue_signal_v2(r.client_id, r.environment, r.prefix,
-                                       'token_revoked', r.key, p_channel, p_http);
-    RETURN v_revoked;
-END;
-$$;
-
-CREATE FUNCTION receiver.audit_is_append_only() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    RAISE EXCEPTION 'receiver.audit is append-only: rows are never changed or removed'
-        USING ERRCODE = 'insufficient_privilege';
-END;
-$$;
-
-CREATE FUNCTION receiver.body_key(p_hash bytea) RETURNS text
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    AS $$
-    SELECT 'sha256:' || encode(p_hash, 'hex')
-$$;
-
-CREATE FUNCTION receiver.enqueue_signal(p_client_id text, p_token_prefix text, p_reason text, p_event_key text, p_channel text, p_http boolean) RETURNS void
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_id uuid;
-BEGIN
-    INSERT INTO receiver.signals (client_id, token_prefix, reason, event_key, status)
-    VALUES (p_client_id, p_token_prefix, p_reason, p_event_key,
-            CASE WHEN p_http THEN 'pending' ELSE 'notified' END)
-    RETURNING id INTO v_id;
-    PERFORM pg_notify(p_channel, json_build_object(
-        'signal_id', v_id, 'client_id', p_client_id, 'token_prefix', p_token_prefix,
-        'reason', p_reason, 'event_id', p_event_key)::text);
-END;
-$$;
-
-CREATE FUNCTION receiver.enqueue_signal_v2(p_client_id text, p_environment text, p_token_prefix text, p_reason text, p_event_key text, p_channel text, p_http boolean) RETURNS void
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_id uuid;
-BEGIN
-    INSERT INTO receiver.signals (client_id, environment, token_prefix, reason, event_key, status)
-    VALUES (p_client_id, p_environment, p_token_prefix, p_reason, p_event_key,
-            CASE WHEN p_http THEN 'pending' ELSE 'notified' END)
-    RETURNING id INTO v_id;
-    PERFORM pg_notify(p_channel, json_build_object(
-        'signal_id', v_id, 'client_id', p_client_id, 'environment', p_environment,
-        'token_prefix', p_token_prefix, 'reason', p_reason, 'event_id', p_event_key)::text);
-END;
-$$;
-
-CREATE FUNCTION receiver.event_locks(r receiver.event_row) RETURNS bigint[]
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$
-    SELECT array_remove(ARRAY[
-        hashtextextended('receiver.event:' || r.key, 0),
-        hashtextextended('receiver.client:' || r.client_id, 0)], NULL)
-$$;
-
-CREATE FUNCTION receiver.insert_event(p_key text, p_type text, p_status text, p_client_id text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb) RETURNS boolean
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    INSERT INTO receiver.events
-        (key, type, status, client_id, is_test, occurred_at, body_sealed, body_redacted)
-    VALUES
-        (p_key, p_type, p_status, p_client_id, p_is_test, p_occurred_at, p_body_sealed,
-         p_body_redacted)
-    ON CONFLICT (key) DO NOTHING;
-    RETURN FOUND;
-END;
-$$;
-
-CREATE FUNCTION receiver.insert_event_v2(r receiver.event_row, p_status text) RETURNS text
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_hash bytea;
-BEGIN
-    INSERT INTO receiver.events
-        (key, envelope_id, type, status, client_id, is_test, occurred_at, body_hash,
-         body_sealed, body_redacted, quarantine_reason, quarantine_detail, test_header,
-         signature)
-    VALUES
-        (r.key, NULLIF(r.envelope_id, r.key), r.type, p_status, r.client_id, r.is_test,
-         r.occurred_at,
-         r.body_hash, r.body_sealed, r.body_redacted,
-         CASE WHEN p_status = 'quarantined' THEN r.quarantine_reason END,
-         CASE WHEN p_status = 'quarantined' THEN r.quarantine_detail END,
-         CASE WHEN p_status = 'quarantined' THEN r.test_header END,
-         CASE WHEN p_status = 'quarantined' THEN r.signature END)
-    ON CONFLICT (key) DO NOTHING;
-    IF FOUND THEN
-        RETURN 'inserted';
-    END IF;
-    SELECT body_hash INTO v_hash FROM receiver.events WHERE key = r.key;
-    -- Rows stored before body hashes existed cannot be compared: a duplicate, as then.
-    IF v_hash IS NULL OR v_hash = r.body_hash THEN
-        RETURN 'duplicate';
-    END IF;
-    INSERT INTO receiver.events
-        (key, envelope_id, type, status, is_test, occurred_at, body_hash, body_sealed,
-         body_redacted, quarantine_reason, quarantine_detail, test_header, signature)
-    VALUES
-        (receiver.body_key(r.body_hash), r.envelope_id, r.type, 'quarantined', r.is_test,
-         r.occurred_at, r.body_hash, r.body_sealed, r.body_redacted, 'id_conflict',
-         'id: already used by a delivery with other content', r.test_header, r.signature)
-    ON CONFLICT (key) DO NOTHING;
-    IF FOUND THEN
-        RETURN 'id_conflict';
-    END IF;
-    RETURN 'duplicate';  -- this very conflicting delivery, again
-END;
-$$;
-
-CREATE FUNCTION receiver.lock_client(p_client_id text) RETURNS void
-    LANGUAGE sql
-    AS $$
-    SELECT pg_advisory_xact_lock(hashtextextended('receiver.client:' || p_client_id, 0));
-$$;
-
-CREATE FUNCTION receiver.record_event(p_kind text, p_key text, p_type text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb, p_client_id text, p_token_id uuid, p_environment text, p_prefix text, p_token_index bytea, p_token_sealed bytea, p_completed_at timestamp with time zone, p_old_expires_at timestamp with time zone, p_grace interval, p_revoked_at timestamp with time zone, p_reason text, p_channel text, p_http boolean) RETURNS text
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    IF p_kind = 'onboarding' THEN
-        RETURN receiver.record_onboarding(
-            p_key, p_type, p_is_test, p_occurred_at, p_body_sealed, p_body_redacted,
-            p_token_id, p_client_id, p_environment, p_prefix, p_token_index, p_token_sealed,
-            p_completed_at, p_old_expires_at, p_grace, p_channel, p_http);
-    ELSIF p_kind = 'revocation' THEN
-        RETURN receiver.record_revocation(
-            p_key, p_type, p_is_test, p_occurred_at, p_body_sealed, p_body_redacted,
-            p_client_id, p_prefix, p_revoked_at, p_reason, p_channel, p_http);
-    ELSIF p_kind = 'ignored' THEN
-        IF receiver.insert_event(p_key, p_type, 'ignored', NULL, p_is_test, p_occurred_at,
-                                 p_body_sealed, p_body_redacted) THEN
-            RETURN 'ignored';
-        END IF;
-        RETURN 'duplicate';
-    END IF;
-    RAISE EXCEPTION 'unknown event kind %', p_kind;
-END;
-$$;
-
-CREATE FUNCTION receiver.record_events_v2(p_rows receiver.event_row[], p_channel text, p_http boolean) RETURNS TABLE(outcome text)
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    r receiver.event_row;
-BEGIN
-    PERFORM pg_advisory_xact_lock(l)
-       FROM (SELECT DISTINCT unnest(receiver.event_locks(x)) AS l
-               FROM unnest(p_rows) AS x) AS locks
-      ORDER BY l;
-    FOREACH r IN ARRAY p_rows LOOP
-        outcome := receiver.apply_event_v2(r, p_channel, p_http);
-        RETURN NEXT;
-    END LOOP;
-END;
-$$;
-
-CREATE FUNCTION receiver.record_events_v3(p_rows receiver.event_row[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    r receiver.event_row;
-BEGIN
-    PERFORM pg_advisory_xact_lock(l)
-       FROM (SELECT DISTINCT unnest(receiver.event_locks(x)) AS l
-               FROM unnest(p_rows) AS x) AS locks
-      ORDER BY l;
-    FOREACH r IN ARRAY p_rows LOOP
-        SELECT a.outcome, a.revoked INTO outcome, revoked
-          FROM receiver.apply_event_v3(r, p_channel, p_http) AS a;
-        RETURN NEXT;
-    END LOOP;
-END;
-$$;
-
-CREATE FUNCTION receiver.record_events_v4(p_rows receiver.event_row[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
+CREATE FUNCTION receiver.apply_group_v1(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
     AS $$
 DECLARE
-    r receiver.event_row;
-    v_stored text[];        -- keys already stored with the same content: duplicates
+    v_stored text[];        -- keys already stored: no effect
+    v_conflicts text[];     -- of those, stored with other content: an id conflict
+    v_kept text[];          -- the conflicting deliveries stored now, under their body key
     v_independent boolean;
     v_onboardings integer;
     v_revocations integer;
@@ -390,34 +60,26 @@ DECLARE
     v_new_statuses text[];  -- the status each token is stored with,
     v_new_expires timestamptz[];  -- and until when a superseded one stays usable
 BEGIN
-    PERFORM pg_advisory_xact_lock(l)
-       FROM (SELECT DISTINCT unnest(receiver.event_locks(x)) AS l
-               FROM unnest(p_rows) AS x) AS locks
-      ORDER BY l;
-
+    -- Rows stored before body hashes existed cannot be compared: duplicates, as then.
     SELECT coalesce(array_agg(x.key) FILTER (WHERE e.key IS NOT NULL), '{}'),
-           count(DISTINCT x.key) = count(*)
-           AND NOT coalesce(bool_or(e.body_hash <> x.body_hash), false)
-           AND count(DISTINCT (x.client_id, x.environment))
-                 FILTER (WHERE e.key IS NULL AND x.kind IN ('onboarding', 'revocation'))
-               = count(*) FILTER (WHERE e.key IS NULL AND x.kind IN ('onboarding', 'revocation'))
-           AND count(DISTINCT x.token_index) FILTER (WHERE e.key IS NULL AND x.kind = 'onboarding')
-               = count(*) FILTER (WHERE e.key IS NULL AND x.kind = 'onboarding'),
+           coalesce(array_agg(x.key) FILTER (WHERE e.body_hash <> x.body_hash), '{}'),
+           count(*) = 1
+           OR (count(DISTINCT x.key) = count(*)
+               AND NOT coalesce(bool_or(e.body_hash <> x.body_hash), false)
+               AND count(DISTINCT (x.client_id, x.environment))
+                     FILTER (WHERE e.key IS NULL AND x.kind IN ('onboarding', 'revocation'))
+                   = count(*) FILTER (WHERE e.key IS NULL
+                                        AND x.kind IN ('onboarding', 'revocation'))
+               AND count(DISTINCT x.token_index)
+                     FILTER (WHERE e.key IS NULL AND x.kind = 'onboarding')
+                   = count(*) FILTER (WHERE e.key IS NULL AND x.kind = 'onboarding')),
            count(*) FILTER (WHERE e.key IS NULL AND x.kind = 'onboarding'),
            count(*) FILTER (WHERE e.key IS NULL AND x.kind = 'revocation')
-      INTO v_stored, v_independent, v_onboardings, v_revocations
+      INTO v_stored, v_conflicts, v_independent, v_onboardings, v_revocations
       FROM unnest(p_rows) AS x
-      -- One index probe per row, whatever the table's size: as a plain join the
-      -- planner chose a hash join over a scan of the whole table while it was small.
       LEFT JOIN LATERAL (SELECT e.key, e.body_hash FROM receiver.events e
                           WHERE e.key = x.key LIMIT 1) AS e ON true;
-
     IF NOT v_independent THEN
-        FOREACH r IN ARRAY p_rows LOOP
-            SELECT a.outcome, a.revoked INTO outcome, revoked
-              FROM receiver.apply_event_v3(r, p_channel, p_http) AS a;
-            RETURN NEXT;
-        END LOOP;
         RETURN;
     END IF;
 
@@ -439,11 +101,31 @@ BEGIN
      WHERE x.key <> ALL (v_stored)
      ORDER BY x.ordinality;
 
+    IF cardinality(v_conflicts) > 0 THEN
+        -- An id reused with other content: kept, quarantined, under its body key (once:
+        -- the same conflicting delivery again is a duplicate).
+        WITH kept AS (
+            INSERT INTO receiver.events
+                (key, envelope_id, type, status, is_test, occurred_at, body_hash,
+                 body_sealed, body_redacted, quarantine_reason, quarantine_detail,
+                 test_header, signature)
+            SELECT receiver.body_key(x.body_hash), x.envelope_id, x.type, 'quarantined',
+                   x.is_test, x.occurred_at, x.body_hash, x.body_sealed, x.body_redacted,
+                   'id_conflict', 'id: already used by a delivery with other content',
+                   x.test_header, x.signature
+              FROM unnest(p_rows) AS x
+             WHERE x.key = ANY (v_conflicts)
+            ON CONFLICT (key) DO NOTHING
+            RETURNING key)
+        SELECT array_agg(kept.key) INTO v_kept FROM kept;
+    END IF;
+
     IF v_onboardings > 0 THEN
-        -- As apply_onboarding_v2, decided once per row from one probe each: a token
-        -- already stored changes nothing; a revocation that came first wins; the
-        -- client's active token in that environment (one at most), when newer, makes
-        -- this one superseded, and otherwise gives way to it.
+        -- Decided once per row from one probe each: a token already stored changes
+        -- nothing; a revocation that came first wins (by a prefix its token starts
+        -- with, a longer one unless checked and spared, or without a prefix one dated
+        -- after it); the client's active token in that environment (one at most),
+        -- when newer, makes this one superseded, and otherwise gives way to it.
         SELECT array_agg(x.ordinality), array_agg(d.status), array_agg(v.revoked_at),
                array_agg(v.reason),
                array_agg(CASE WHEN d.status = 'superseded'
@@ -458,8 +140,11 @@ BEGIN
           LEFT JOIN LATERAL (
                 SELECT v.revoked_at, v.reason FROM receiver.revocations v
                  WHERE v.client_id = x.client_id AND v.environment = x.environment
-                   AND (v.token_prefix = x.prefix
-                        OR (v.token_prefix IS NULL AND v.revoked_at >= x.completed_at))
+                   AND CASE WHEN v.token_prefix IS NULL THEN v.revoked_at >= x.completed_at
+                            ELSE receiver.prefix_may_match(v.token_prefix, x.prefix)
+                                 AND (length(v.token_prefix) <= length(x.prefix)
+                                      OR v.event_key <> ALL (coalesce(x.spared, '{}')))
+                       END
                  ORDER BY v.revoked_at
                  LIMIT 1) AS v ON true
           LEFT JOIN LATERAL (
@@ -499,15 +184,17 @@ BEGIN
     END IF;
 
     IF v_revocations > 0 THEN
-        -- As apply_revocation_v3: remembered, applied inside its environment.
+        -- Remembered (a later onboarding it names ends revoked), applied inside its
+        -- environment.
         INSERT INTO receiver.revocations
             (event_key, client_id, environment, token_prefix, revoked_at, reason)
         SELECT x.key, x.client_id, x.environment, x.prefix, x.revoked_at, x.reason
           FROM unnest(p_rows) AS x
          WHERE x.kind = 'revocation' AND x.key <> ALL (v_stored);
 
-        -- One revocation can match several tokens (no prefix: all issued before it);
-        -- a token matches one revocation at most (distinct clients).
+        -- One revocation can match several tokens (no prefix: all issued before it; a
+        -- short prefix: all that start with it); a token matches one revocation at
+        -- most (distinct clients).
         SELECT array_agg(a.id), array_agg(x.key), array_agg(x.revoked_at), array_agg(x.reason)
           INTO v_ids, v_keys, v_at, v_reasons
           FROM unnest(p_rows) AS x
@@ -516,7 +203,10 @@ BEGIN
                  WHERE t.client_id = x.client_id AND t.environment = x.environment
                    AND t.status <> 'revoked'
                    AND CASE WHEN x.prefix IS NULL THEN t.onboarding_completed_at <= x.revoked_at
-                            ELSE t.prefix = x.prefix END
+                            ELSE receiver.prefix_may_match(x.prefix, t.prefix)
+                                 AND (length(x.prefix) <= length(t.prefix)
+                                      OR t.id::text <> ALL (coalesce(x.spared, '{}')))
+                       END
                 OFFSET 0) AS a
          WHERE x.kind = 'revocation' AND x.key <> ALL (v_stored);
         IF v_ids IS NOT NULL THEN
@@ -531,8 +221,9 @@ BEGIN
     END IF;
 
     IF v_onboardings + v_revocations > 0 THEN
-        -- As enqueue_signal_v2, for each token issued active and each revocation, in
-        -- the group's order: an outbox row and its NOTIFY.
+        -- For each token issued active and each revocation (even one that matched
+        -- nothing: the cache may hold a token we never saw), in the group's order: an
+        -- outbox row and its NOTIFY.
         WITH queued AS (
             INSERT INTO receiver.signals
                 (client_id, environment, token_prefix, reason, event_key, status)
@@ -557,7 +248,10 @@ BEGIN
     END IF;
 
     RETURN QUERY
-        SELECT CASE WHEN x.key = ANY (v_stored) THEN 'duplicate'
+        SELECT CASE WHEN x.key = ANY (v_conflicts) THEN
+                        CASE WHEN receiver.body_key(x.body_hash) = ANY (v_kept)
+                             THEN 'id_conflict' ELSE 'duplicate' END
+                    WHEN x.key = ANY (v_stored) THEN 'duplicate'
                     WHEN x.kind IN ('onboarding', 'revocation') THEN 'processed'
                     ELSE x.kind END,
                CASE WHEN x.kind = 'revocation' AND x.key <> ALL (v_stored)
@@ -568,124 +262,68 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION receiver.record_onboarding(p_key text, p_type text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb, p_token_id uuid, p_client_id text, p_environment text, p_prefix text, p_token_index bytea, p_token_sealed bytea, p_completed_at timestamp with time zone, p_old_expires_at timestamp with time zone, p_grace interval, p_channel text, p_http boolean) RETURNS text
+CREATE FUNCTION receiver.audit_is_append_only() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION 'receiver.audit is append-only: rows are never changed or removed'
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
+CREATE FUNCTION receiver.body_key(p_hash bytea) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$
+    SELECT 'sha256:' || encode(p_hash, 'hex')
+$$;
+
+CREATE FUNCTION receiver.enqueue_signal_v2(p_client_id text, p_environment text, p_token_prefix text, p_reason text, p_event_key text, p_channel text, p_http boolean) RETURNS void
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    v_revocation receiver.revocations%ROWTYPE;
-    v_newer receiver.tokens%ROWTYPE;
-    v_status text;
-    v_expires_at timestamptz;
+    v_id uuid;
 BEGIN
-    IF NOT receiver.insert_event(p_key, p_type, 'processed', p_client_id, p_is_test,
-                                 p_occurred_at, p_body_sealed, p_body_redacted) THEN
-        RETURN 'duplicate';
-    END IF;
-    PERFORM receiver.lock_client(p_client_id);
-
-    -- The same token delivered again by another event changes nothing.
-    IF EXISTS (SELECT 1 FROM receiver.tokens WHERE token_index = p_token_index) THEN
-        RETURN 'processed';
-    END IF;
-
-    -- A revocation that arrived first still wins (order does not matter).
-    SELECT * INTO v_revocation FROM receiver.revocations r
-     WHERE r.client_id = p_client_id
-       AND (r.token_prefix = p_prefix
-            OR (r.token_prefix IS NULL AND r.revoked_at >= p_completed_at))
-     ORDER BY r.revoked_at
-     LIMIT 1;
-
-    IF FOUND THEN
-        v_status := 'revoked';
-    ELSE
-        SELECT * INTO v_newer FROM receiver.tokens
-         WHERE client_id = p_client_id AND status = 'active'
-           AND onboarding_completed_at > p_completed_at;
-        IF FOUND THEN
-            -- An older onboarding arriving late never displaces the newer active
-            -- token; it is stored as superseded by it, with the grace it would have had.
-            v_status := 'superseded';
-            v_expires_at := v_newer.onboarding_completed_at + p_grace;
-        ELSE
-            UPDATE receiver.tokens
-               SET status = 'superseded', superseded_at = now(),
-                   expires_at = COALESCE(p_old_expires_at, p_completed_at + p_grace),
-                   changed_by_event = p_key, updated_at = now()
-             WHERE client_id = p_client_id AND status = 'active';
-            v_status := 'active';
-        END IF;
-    END IF;
-
-    INSERT INTO receiver.tokens
-        (id, client_id, environment, prefix, token_index, token_sealed, status,
-         onboarding_completed_at, superseded_at, expires_at, revoked_at, revoke_reason,
-         created_by_event)
-    VALUES
-        (p_token_id, p_client_id, p_environment, p_prefix, p_token_index, p_token_sealed,
-         v_status, p_completed_at,
-         CASE WHEN v_status = 'superseded' THEN now() END, v_expires_at,
-         v_revocation.revoked_at, v_revocation.reason, p_key);
-
-    IF v_status = 'active' THEN
-        PERFORM receiver.enqueue_signal(p_client_id, p_prefix, 'token_issued', p_key, p_channel,
-                                       p_http);
-    END IF;
-    RETURN 'processed';
+    INSERT INTO receiver.signals (client_id, environment, token_prefix, reason, event_key, status)
+    VALUES (p_client_id, p_environment, p_token_prefix, p_reason, p_event_key,
+            CASE WHEN p_http THEN 'pending' ELSE 'notified' END)
+    RETURNING id INTO v_id;
+    PERFORM pg_notify(p_channel, json_build_object(
+        'signal_id', v_id, 'client_id', p_client_id, 'environment', p_environment,
+        'token_prefix', p_token_prefix, 'reason', p_reason, 'event_id', p_event_key)::text);
 END;
 $$;
 
-CREATE FUNCTION receiver.record_revocation(p_key text, p_type text, p_is_test boolean, p_occurred_at timestamp with time zone, p_body_sealed bytea, p_body_redacted jsonb, p_client_id text, p_prefix text, p_revoked_at timestamp with time zone, p_reason text, p_channel text, p_http boolean) RETURNS text
-    LANGUAGE plpgsql
+CREATE FUNCTION receiver.event_locks_v2(r receiver.event_row_v2) RETURNS bigint[]
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
-BEGIN
-    IF NOT receiver.insert_event(p_key, p_type, 'processed', p_client_id, p_is_test,
-                                 p_occurred_at, p_body_sealed, p_body_redacted) THEN
-        RETURN 'duplicate';
-    END IF;
-    PERFORM receiver.lock_client(p_client_id);
-
-    INSERT INTO receiver.revocations (event_key, client_id, token_prefix, revoked_at, reason)
-    VALUES (p_key, p_client_id, p_prefix, p_revoked_at, p_reason);
-
-    -- With a prefix: that token only. Without: every token issued before revoked_at,
-    -- so an old revocation never touches a newer token.
-    UPDATE receiver.tokens
-       SET status = 'revoked', revoked_at = p_revoked_at, revoke_reason = p_reason,
-           changed_by_event = p_key, updated_at = now()
-     WHERE client_id = p_client_id
-       AND status <> 'revoked'
-       AND CASE WHEN p_prefix IS NULL THEN onboarding_completed_at <= p_revoked_at
-                ELSE prefix = p_prefix END;
-
-    -- Signal even when nothing matched: the cache may hold a token we never saw.
-    PERFORM receiver.enqueue_signal(p_client_id, p_prefix, 'token_revoked', p_key, p_channel,
-                                   p_http);
-    RETURN 'processed';
-END;
+    SELECT array_remove(ARRAY[
+        hashtextextended('receiver.event:' || r.key, 0),
+        hashtextextended('receiver.client:' || r.client_id, 0),
+        hashtextextended('receiver.event:' || r.replaces, 0)], NULL)
 $$;
 
-CREATE FUNCTION receiver.reprocess_event_v2(p_stored_key text, r receiver.event_row, p_channel text, p_http boolean) RETURNS text
+CREATE FUNCTION receiver.prefix_may_match(p text, stored text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$
+    SELECT starts_with(stored, left(p, length(stored)))
+$$;
+
+CREATE FUNCTION receiver.reapply_v1(r receiver.event_row_v2, p_channel text, p_http boolean, OUT outcome text, OUT revoked integer) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
     v_old receiver.events%ROWTYPE;
-    v_outcome text;
 BEGIN
-    PERFORM pg_advisory_xact_lock(l)
-       FROM (SELECT DISTINCT unnest(receiver.event_locks(r)
-                                    || hashtextextended('receiver.event:' || p_stored_key, 0)) AS l
-            ) AS locks
-      ORDER BY l;
-    DELETE FROM receiver.events WHERE key = p_stored_key AND status = 'quarantined'
+    DELETE FROM receiver.events WHERE key = r.replaces AND status = 'quarantined'
     RETURNING * INTO v_old;
     IF NOT FOUND THEN
-        RETURN 'not_quarantined';
+        outcome := 'not_quarantined';
+        RETURN;
     END IF;
-    v_outcome := receiver.apply_event_v2(r, p_channel, p_http);
-    IF v_outcome = 'duplicate' AND v_old.key <> r.key THEN
-        -- It reads as a repeat of a stored delivery: nothing to apply, nothing lost.
-        RETURN 'duplicate';
+    SELECT a.outcome, a.revoked INTO outcome, revoked
+      FROM receiver.apply_group_v1(ARRAY[r], p_channel, p_http) AS a;
+    IF outcome = 'duplicate' AND v_old.key <> r.key THEN
+        RETURN;  -- it reads as a repeat of a stored delivery: nothing to apply, nothing lost
     END IF;
     UPDATE receiver.events
        SET received_at = v_old.received_at, reprocessed_at = now(),
@@ -693,9 +331,63 @@ BEGIN
                                     ELSE v_old.quarantine_reason END,
            quarantine_detail = CASE WHEN status = 'quarantined' THEN quarantine_detail
                                     ELSE v_old.quarantine_detail END
-     WHERE key = CASE WHEN v_outcome = 'id_conflict' THEN receiver.body_key(r.body_hash)
+     WHERE key = CASE WHEN outcome = 'id_conflict' THEN receiver.body_key(r.body_hash)
                       ELSE r.key END;
-    RETURN v_outcome;
+END;
+$$;
+
+CREATE FUNCTION receiver.record_events_v5(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
+    LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r receiver.event_row_v2;
+    v_recheck boolean[];
+BEGIN
+    PERFORM pg_advisory_xact_lock(l)
+       FROM (SELECT DISTINCT unnest(receiver.event_locks_v2(x)) AS l
+               FROM unnest(p_rows) AS x) AS locks
+      ORDER BY l;
+
+    SELECT array_agg(c.needed ORDER BY x.ordinality) INTO v_recheck
+      FROM unnest(p_rows) WITH ORDINALITY AS x,
+           LATERAL (SELECT x.spared IS NULL AND CASE
+               WHEN x.kind = 'onboarding' THEN EXISTS (
+                   -- `> 15` as well: the partial index revocations_long_prefix, empty
+                   -- unless such a revocation was ever received, answers this probe.
+                   SELECT 1 FROM receiver.revocations v
+                    WHERE v.client_id = x.client_id AND v.environment = x.environment
+                      AND length(v.token_prefix) > 15
+                      AND length(v.token_prefix) > length(x.prefix)
+                      AND receiver.prefix_may_match(v.token_prefix, x.prefix))
+               WHEN x.kind = 'revocation' THEN EXISTS (
+                   SELECT 1 FROM receiver.tokens t
+                    WHERE t.client_id = x.client_id AND t.environment = x.environment
+                      AND t.status <> 'revoked' AND length(x.prefix) > length(t.prefix)
+                      AND receiver.prefix_may_match(x.prefix, t.prefix))
+               ELSE false END AS needed) AS c;
+    IF true = ANY (v_recheck) THEN
+        RETURN QUERY
+            SELECT CASE WHEN c.needed THEN 'recheck' ELSE 'deferred' END, NULL::integer
+              FROM unnest(v_recheck) WITH ORDINALITY AS c(needed, ordinality)
+             ORDER BY c.ordinality;
+        RETURN;
+    END IF;
+
+    IF current_setting('receiver.row_by_row', true) IS DISTINCT FROM 'on'
+       AND NOT EXISTS (SELECT 1 FROM unnest(p_rows) AS x WHERE x.replaces IS NOT NULL) THEN
+        RETURN QUERY SELECT * FROM receiver.apply_group_v1(p_rows, p_channel, p_http);
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    FOREACH r IN ARRAY p_rows LOOP
+        IF r.replaces IS NULL THEN
+            RETURN QUERY SELECT * FROM receiver.apply_group_v1(ARRAY[r], p_channel, p_http);
+        ELSE
+            RETURN QUERY SELECT * FROM receiver.reapply_v1(r, p_channel, p_http);
+        END IF;
+    END LOOP;
 END;
 $$;
 
@@ -906,6 +598,8 @@ CREATE INDEX events_sealed_key_id ON receiver.events USING btree (receiver.seale
 CREATE INDEX link_reports_client ON receiver.link_reports USING btree (client_id, environment, token_prefix);
 
 CREATE INDEX revocations_client ON receiver.revocations USING btree (client_id);
+
+CREATE INDEX revocations_long_prefix ON receiver.revocations USING btree (client_id, environment) WHERE (length(token_prefix) > 15);
 
 CREATE INDEX signals_dead ON receiver.signals USING btree (created_at) WHERE (status = 'dead'::text);
 
