@@ -11,7 +11,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,14 +73,14 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def captured() -> Iterator[tuple[Captured, list[dict[str, Any]]]]:
+def captured() -> Iterator[tuple[Captured, list[MutableMapping[str, Any]]]]:
     """Every log line of the partner library (stdlib logging) and of the sandbox
     (structlog, the event dicts as handed to the logger, before any redaction)."""
     with Captured("receiver.partner") as partner_logs, structlog_testing.capture_logs() as events:
         yield partner_logs, events
 
 
-def logged_text(captured: tuple[Captured, list[dict[str, Any]]]) -> str:
+def logged_text(captured: tuple[Captured, list[MutableMapping[str, Any]]]) -> str:
     """All captured log lines as one text to search for secrets."""
     partner_logs, events = captured
     return partner_logs.text + "\n" + "\n".join(json.dumps(e, default=str) for e in events)
@@ -110,7 +110,7 @@ def remember(*values: str) -> None:
 
 
 async def test_a_minted_jwt_creates_a_case_and_one_past_its_life_is_minted_once_anew(
-    session: aiohttp.ClientSession, captured: tuple[Captured, list[dict[str, Any]]]
+    session: aiohttp.ClientSession, captured: tuple[Captured, list[MutableMapping[str, Any]]]
 ) -> None:
     """A JWT minted at the sandbox creates a case (201); once the sandbox's clock is past
     its life the call gets a 401, the library mints exactly once more and the retried
@@ -150,7 +150,7 @@ async def test_a_minted_jwt_creates_a_case_and_one_past_its_life_is_minted_once_
 
 
 async def test_an_unknown_tenant_and_a_wrong_api_key_are_told_apart_without_secrets(
-    session: aiohttp.ClientSession, captured: tuple[Captured, list[dict[str, Any]]]
+    session: aiohttp.ClientSession, captured: tuple[Captured, list[MutableMapping[str, Any]]]
 ) -> None:
     """At the sandbox's token endpoint an unknown tenant is `TenantNotLinked` and a
     wrong API key `ApiKeyRefused`; neither exception nor any log line holds a key."""
