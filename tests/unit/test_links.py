@@ -30,9 +30,6 @@ _PLACEHOLDER = re.compile(r"NNNN|X\.Y\.Z|<|\*")
 _GENERATED = (".receiver/",)
 _CITATION = re.compile(r"docs/([a-z_]+\.md)(?: §(\d+))?")
 _SECTION = re.compile(r"^## (\d+)\. ", re.M)
-# Cited docs/contract.md, which never existed; the file is owned by branch house-sql,
-# which fixes the citation: the lead drops this entry when both are merged.
-_CITATIONS_LEFT_TO_HOUSE_SQL = {"receiver/lifecycle/events.py"}
 
 
 def _exists(reference: str, document: Path, root: Path) -> bool:
@@ -88,7 +85,7 @@ def test_code_cites_documents_and_sections_that_exist() -> None:
     wrong = []
     for source in sorted([*ROOT.glob("receiver/**/*.py"), *ROOT.glob("tests/**/*.py")]):
         name = str(source.relative_to(ROOT))
-        if name in _CITATIONS_LEFT_TO_HOUSE_SQL or source == Path(__file__):
+        if source == Path(__file__):
             continue
         for document, section in _CITATION.findall(source.read_text()):
             if not (ROOT / "docs" / document).is_file():
@@ -114,3 +111,42 @@ def test_the_readmes_python_examples_import_what_exists() -> None:
     assert imports
     for line in imports:
         exec(line, {})  # noqa: S102 - our own README's import lines, nothing else
+
+
+def _layout_entries() -> dict[str, str]:
+    """The README "Layout" map's entries under `receiver/`, by their first word (a
+    subpackage `db/`, or `-` for the package's top level), each with its text."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Layout\n") :]
+    start = section.index("```\nreceiver/\n") + len("```\nreceiver/\n")
+    block = section[start : section.index("\nbench/", start)]
+    entries: dict[str, str] = {}
+    current = "-"
+    for line in block.splitlines():
+        match = re.match(r"^  (\w+)/\s", line)
+        current = match.group(1) if match else current if line.startswith("   ") else "-"
+        entries[current] = entries.get(current, "") + line + "\n"
+    return entries
+
+
+def test_the_readme_layout_names_every_module_and_only_those() -> None:
+    """README's "Layout" map names every module of `receiver/` with code in it (empty
+    package markers aside) under its subpackage, and nothing that is not there."""
+    entries = _layout_entries()
+    named = {
+        (package, name)
+        for package, text in entries.items()
+        for name in re.findall(r"\b(?<!\.)(\w+\.(?:py|sql|md)|__init__)\b", text)
+    }
+    files = set()
+    for path in (ROOT / "receiver").rglob("*"):
+        if path.suffix not in {".py", ".sql", ".md"} or path.stat().st_size == 0:
+            continue
+        if re.match(r"\d{4}_", path.name):
+            continue  # migrations: `NNNN_name.sql` names them all
+        parts = path.relative_to(ROOT / "receiver").parts
+        package = parts[0] if len(parts) > 1 else "-"
+        name = "__init__" if path.name == "__init__.py" else path.name
+        files.add((package, name))
+    assert sorted(files - named) == []
+    assert sorted(named - files - {("db", "NNNN_name.sql")}) == []
