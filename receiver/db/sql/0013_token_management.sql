@@ -43,8 +43,10 @@ SELECT id, client_id, environment, prefix,
        validated_at, valid, scopes
   FROM receiver.tokens;
 
--- The audit trail's new actions.
+-- The audit trail's new actions (after 0012's events_dismiss).
 ALTER TABLE receiver.audit DROP CONSTRAINT audit_action_check;
 ALTER TABLE receiver.audit ADD CONSTRAINT audit_action_check CHECK (action IN (
     'token_reveal', 'token_import', 'client_erase', 'keys_rotate', 'events_reprocess',
-    'event_resend', 'token_fetch', 'token_rotate', 'client_revoke'));
+    'event_resend', 'events_dismiss', 'token_fetch', 'token_rotate', 'client_revoke'))
+    NOT VALID;
+ALTER TABLE receiver.audit VALIDATE CONSTRAINT audit_action_check;
