@@ -8,6 +8,7 @@ import argparse
 import os
 import re
 import sys
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -111,10 +112,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Set by `serve --workers N` on the processes it starts: serve, without migrating.
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # …with the read end of a pipe whose write end only the supervisor holds: end of
+    # file there means the supervisor is gone, and the worker stops (no orphans).
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     _add_dev_flag(serve)
     serve.set_defaults(run=daemon.serve)
 
-    migrate = subcommands.add_parser("migrate", help="apply database migrations (idempotent)")
+    migrate = subcommands.add_parser(
+        "migrate",
+        help="apply database migrations (idempotent; needs only RECEIVER_DATABASE_URL)",
+    )
+    shown = migrate.add_mutually_exclusive_group()
+    shown.add_argument("--status", action="store_true", help="list applied and pending ones")
+    shown.add_argument("--check", action="store_true", help="exit 1 when any is pending")
     _add_dev_flag(migrate)
     migrate.set_defaults(run=daemon.migrate)
 
@@ -133,17 +143,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be a positive number")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number")
     return value
+
+
+def _signal_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a signal id (a UUID, as `signals list` shows)"
+        ) from None
 
 
 _AGE = re.compile(r"^(\d+)([dhm])$")
@@ -206,6 +231,18 @@ def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_actor(reprocess, why="--why")
     _add_dev_flag(reprocess)
     reprocess.set_defaults(run=event_commands.reprocess)
+    dismiss = sub.add_parser(
+        "dismiss",
+        help="close quarantined deliveries that will never apply (audited)",
+        description="Example: receiver events dismiss evt_123 --reason 'sender bug, ticket 42'",
+    )
+    dismiss.add_argument("event_ids", nargs="+", metavar="EVENT_ID", help="stored keys")
+    dismiss.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
+    dismiss.add_argument(
+        "--reason", dest="audit_reason", required=True, help="why, for the audit trail"
+    )
+    _add_dev_flag(dismiss)
+    dismiss.set_defaults(run=event_commands.dismiss)
 
 
 def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -218,7 +255,9 @@ def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     _add_dev_flag(listing)
     listing.set_defaults(run=signal_commands.list_signals)
     retry = sub.add_parser("retry", help="put dead letters back to pending")
-    retry.add_argument("--id", action="append", help="only this signal (repeatable)")
+    retry.add_argument(
+        "--id", action="append", type=_signal_id, help="only this signal (repeatable)"
+    )
     _add_dev_flag(retry)
     retry.set_defaults(run=signal_commands.retry)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from receiver import errors
 
 KEY_BYTES = 32
 DEV_SECRETS_FILE = "dev-secrets.json"
+DEFAULT_DATA_DIR = ".receiver"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -159,12 +161,14 @@ class Settings(BaseSettings):
     # statements, no session settings at connect, no migrations at `serve` start.
     database_pooled: bool = False
     data_dir: Path = Path(".receiver")
-    webhook_secrets: WebhookSecrets
+    # The three below are required by the commands that use them, and only those
+    # (`require`): `migrate` runs with the database URL alone.
+    webhook_secrets: WebhookSecrets = Field(default=(), validate_default=False)
     # A delivery verified by one of these is a test delivery whatever its headers
     # (X-Debitura-Test is not signed), and never changes live state.
     test_webhook_secrets: TestWebhookSecrets = ()
-    token_keys: TokenKeys
-    index_key: Key32
+    token_keys: TokenKeys = Field(default=(), validate_default=False)
+    index_key: Key32 = Field(default=SecretBytes(b""), validate_default=False)
     cache_url: HttpUrl | None = None
     cache_secret: CacheSecrets = ()
     notify_channel: Channel = "token_invalidation"
@@ -207,6 +211,12 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # On SIGTERM/SIGINT/SIGHUP /readyz fails this long before the listener stops, while
+    # deliveries are still answered, so a load balancer moves away first. Unset: 5 s,
+    # 0 with --dev (README: Configuration).
+    shutdown_delay_seconds: float | None = Field(default=None, ge=0, le=300)
+    # Set: /metrics, /openapi.json, /healthz and /readyz are served on this port only.
+    admin_port: int | None = Field(default=None, ge=1, le=65535)
 
     def webhook_secret_sets(self) -> dict[str, list[bytes]]:
         """The webhook secrets by the world they verify: live, and test."""
@@ -220,7 +230,8 @@ class Settings(BaseSettings):
         raw: list[bytes] = [s.get_secret_value() for s in self.webhook_secrets]
         raw += [s.get_secret_value() for s in self.test_webhook_secrets]
         raw += [k.get_secret_value() for _, k in self.token_keys]
-        raw.append(self.index_key.get_secret_value())
+        if self.index_key.get_secret_value():
+            raw.append(self.index_key.get_secret_value())
         raw += [s.get_secret_value() for s in self.cache_secret]
         return [base64.b64encode(r).decode() for r in raw]
 
@@ -250,8 +261,21 @@ class _Locations(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RECEIVER_", extra="ignore")
 
-    data_dir: Path = Path(".receiver")
+    data_dir: Path | None = None
     webhook_secrets: WebhookSecrets | None = None
+
+
+# What a command needs beyond the database URL (docs/design.md §5): each asks only
+# for what it uses, so the role that migrates never holds the token keys.
+NEEDS_DATABASE: frozenset[str] = frozenset()
+NEEDS_VAULT = frozenset({"token_keys", "index_key"})
+NEEDS_SERVICE = NEEDS_VAULT | {"webhook_secrets"}
+
+# RECEIVER_* variables read by others than this model (the partner library's cache,
+# the test suite, the benchmark): not typos.
+OTHER_VARIABLES = frozenset(
+    {"cache_database_url", "cache_ttl_seconds", "test_database_url", "bench_database_url"}
+)
 
 
 def _config_error(exc: ValidationError) -> errors.ConfigError:
@@ -260,22 +284,61 @@ def _config_error(exc: ValidationError) -> errors.ConfigError:
     return errors.ConfigError("; ".join(lines))
 
 
-def load_settings(*, dev: bool = False, **overrides: Any) -> Settings:
+def require(settings: Settings, needs: frozenset[str]) -> None:
+    """Raise `errors.ConfigError` naming each setting in `needs` that is not set."""
+    missing = []
+    for name in sorted(needs):
+        value = getattr(settings, name)
+        if isinstance(value, SecretBytes):
+            value = value.get_secret_value()
+        if not value:
+            missing.append(f"RECEIVER_{name.upper()} is required but not set")
+    if missing:
+        raise errors.ConfigError("; ".join(missing))
+
+
+def load_settings(
+    *,
+    dev: bool = False,
+    needs: frozenset[str] = NEEDS_SERVICE,
+    first_use: bool = False,
+    **overrides: Any,
+) -> Settings:
     """Read the settings from the environment; overrides win (tests).
 
     With `dev`, secrets the environment does not set come from the dev secrets file
-    in the data directory, generated on first use. Raises `errors.ConfigError` with
-    one line per bad variable, naming it but never echoing its value.
+    in the data directory (generated there only on `first_use`: `serve --dev`). The
+    settings in `needs` must be set. Raises `errors.ConfigError` with one line per
+    bad variable, naming it but never echoing its value.
     """
     if dev:
-        data_dir = Path(overrides.get("data_dir") or _locations().data_dir)
+        given = overrides.get("data_dir")
+        data_dir = Path(given) if given else dev_data_dir(create=first_use)
         present = env_names_set() | set(overrides)
         generated = dev_secrets(data_dir)
-        overrides = {**{k: v for k, v in generated.items() if k not in present}, **overrides}
+        overrides = {
+            **{k: v for k, v in generated.items() if k not in present},
+            **overrides,
+            "data_dir": data_dir,
+        }
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise _config_error(exc) from None
+    require(settings, needs)
+    return settings
+
+
+def unknown_variables() -> list[str]:
+    """`RECEIVER_*` variables in the environment that nothing reads (typos), each
+    with the known name it most resembles, if any."""
+    known = set(Settings.model_fields) | OTHER_VARIABLES
+    found = []
+    for name in sorted(env_names_set() - known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean RECEIVER_{close[0].upper()}?)" if close else ""
+        found.append(f"RECEIVER_{name.upper()}{hint}")
+    return found
 
 
 def _locations() -> _Locations:
@@ -292,13 +355,31 @@ def webhook_secret_for_replay(*, dev: bool) -> bytes | None:
     if locations.webhook_secrets:
         return locations.webhook_secrets[0].get_secret_value()
     if dev:
-        return _b64(dev_secrets(locations.data_dir)["webhook_secrets"].split(",")[0])
+        secrets_file = dev_secrets(dev_data_dir(create=False))
+        return _b64(secrets_file["webhook_secrets"].split(",")[0])
     return None
 
 
-def data_dir() -> Path:
-    """`RECEIVER_DATA_DIR`, for commands that need only it."""
-    return _locations().data_dir
+def dev_data_dir(*, create: bool) -> Path:
+    """Where `--dev` keeps the embedded Postgres and its secrets, found the same way
+    from any directory: `RECEIVER_DATA_DIR` when set, else the nearest `.receiver`
+    in the working directory or above it (as git finds `.git`). With `create` (the
+    first `serve --dev`), `./.receiver` when there is none; without, a clear error
+    rather than a second set of secrets and a second database."""
+    configured = _locations().data_dir
+    if configured is not None:
+        return configured.expanduser().resolve()
+    here = Path.cwd().resolve()
+    for directory in (here, *here.parents):
+        if (directory / DEFAULT_DATA_DIR / DEV_SECRETS_FILE).is_file():
+            return directory / DEFAULT_DATA_DIR
+    if create:
+        return here / DEFAULT_DATA_DIR
+    raise errors.ConfigError(
+        f"no dev data directory ({DEFAULT_DATA_DIR} with {DEV_SECRETS_FILE}) in {here} or "
+        "above it: start `receiver serve --dev` (make run) in the project first, or set "
+        "RECEIVER_DATA_DIR"
+    )
 
 
 def generate_dev_secrets() -> dict[str, str]:
@@ -316,7 +397,13 @@ def dev_secrets(data_dir: Path) -> dict[str, str]:
     if path.exists():
         loaded: dict[str, str] = json.loads(path.read_text())
         return loaded
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise errors.ConfigError(
+            f"RECEIVER_DATA_DIR: cannot create {data_dir} ({exc.strerror}); set "
+            "RECEIVER_DATABASE_URL and the secrets, or a RECEIVER_DATA_DIR this user may write"
+        ) from None
     values = generate_dev_secrets()
     # O_EXCL + 0600 at creation: the file never exists with wider permissions.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -10,40 +10,62 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import structlog
 from pydantic import SecretStr
 
 from receiver import config, db, errors, log
 from receiver.db import embedded
 
+logger = structlog.get_logger(__name__)
+
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 
 
-def start(args: argparse.Namespace, *, service: bool = False) -> config.Settings:
+def start(
+    args: argparse.Namespace,
+    *,
+    service: bool = False,
+    needs: frozenset[str] = config.NEEDS_SERVICE,
+) -> config.Settings:
     """The start-up of every command that needs settings: log until the settings are
-    read, read them (`--dev`: the dev secrets), log as they say with their secrets
-    masked, and resolve the database (the embedded Postgres when none is set).
+    read, read them (`--dev`: the dev secrets; only the ones in `needs` must be set),
+    log as they say with their secrets masked, name unknown `RECEIVER_*` variables,
+    and resolve the database (the embedded Postgres only with `--dev`).
 
     The service logs to stdout (docs/design.md §1); one-shot commands keep stdout for
     their output, which scripts parse, and log to stderr.
     """
     stream = sys.stdout if service else sys.stderr
     log.configure(stream=stream)
-    settings = config.load_settings(dev=args.dev)
+    dev = bool(getattr(args, "dev", False))
+    settings = config.load_settings(
+        dev=dev, needs=needs, first_use=getattr(args, "command", None) == "serve"
+    )
     log.configure(
         level=settings.log_level,
         fmt=settings.log_format,
         secrets=settings.secret_values(),
         stream=stream,
     )
-    return resolve_database(settings)
+    unknown = config.unknown_variables()
+    if unknown:
+        logger.warning("unknown_settings_ignored", variables=unknown)
+    return resolve_database(settings, dev=dev)
 
 
-def resolve_database(settings: config.Settings) -> config.Settings:
-    """The settings with a DSN: the configured one, else the embedded Postgres's."""
+def resolve_database(settings: config.Settings, *, dev: bool) -> config.Settings:
+    """The settings with a DSN: the configured one, else (only with `--dev`) the
+    embedded Postgres's. Production tokens never land in a throwaway database."""
     if settings.database_url is not None:
         return settings
+    if not dev:
+        raise errors.ConfigError(
+            "RECEIVER_DATABASE_URL is required but not set (the embedded Postgres runs "
+            "only with --dev)"
+        )
     dsn = embedded.start(settings.data_dir)
     return settings.model_copy(update={"database_url": SecretStr(dsn)})
 
@@ -54,12 +76,25 @@ def dsn(settings: config.Settings) -> str:
     return settings.database_url.get_secret_value()
 
 
+def database_label(url: str) -> str:
+    """host:port/name of a database URL, never its user or password (the start line)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    host = parts.hostname or (query.get("host") or ["localhost"])[0]
+    port = parts.port or (query.get("port") or ["5432"])[0]
+    name = parts.path.lstrip("/") or (query.get("dbname") or ["?"])[0]
+    return f"{host}:{port}/{name}"
+
+
 def with_database(
     args: argparse.Namespace,
     work: Callable[[config.Settings, db.Database], Awaitable[int]],
+    *,
+    needs: frozenset[str] = config.NEEDS_VAULT,
 ) -> int:
-    """Run a one-shot command against the configured (or embedded) database."""
-    settings = start(args)
+    """Run a one-shot command against the configured (or, with `--dev`, embedded)
+    database; the settings in `needs` must be set."""
+    settings = start(args, needs=needs)
 
     async def run() -> int:
         database = await db.Database.open(

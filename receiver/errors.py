@@ -157,5 +157,9 @@ class SealBroken(ReceiverError):
     """A sealed value failed to open: tampered, truncated, or moved to another row."""
 
 
+class ListenError(ReceiverError):
+    """The service cannot listen where it was told to (a port in use)."""
+
+
 class MigrationError(ReceiverError):
     """The schema cannot be brought up to date."""

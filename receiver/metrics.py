@@ -18,9 +18,14 @@ import platform
 from importlib import metadata
 from typing import Any
 
+import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
 from receiver import db
+
+# No `_created` series beside each counter: they double the exposition, and every
+# dashboard and alert here uses rates, which need no creation time.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def version() -> str:
@@ -112,6 +117,29 @@ SIGNAL_DELIVERY_SECONDS = Histogram(
 # The database layer imports no metrics (the partner library uses it in the partner's
 # process); it reports its faults to whoever listens, and the service counts them.
 db.FAULT_OBSERVERS.append(lambda kind: DATABASE_ERRORS.labels(kind=kind).inc())
+
+
+SIGNATURE_FAILURE_REASONS = ("missing", "malformed", "stale", "future", "mismatch")
+DATABASE_ERROR_KINDS = ("unavailable", "refused", "schema_missing", "retried", "unstorable")
+
+
+def initialise_labels(
+    *, event_types: tuple[str, ...], outcomes: tuple[str, ...], quarantine_reasons: tuple[str, ...]
+) -> None:
+    """Give each labelled counter a 0 series for every label set it can take, so a
+    rate() or an alert sees the counter before its first event (the sets not known
+    here come from the lifecycle layer, which the caller imports)."""
+    for event_type in (*event_types, "other"):
+        for outcome in outcomes:
+            child(EVENTS, event_type, outcome)
+    for reason in quarantine_reasons:
+        child(QUARANTINED, reason)
+    for reason in SIGNATURE_FAILURE_REASONS:
+        child(SIGNATURE_FAILURES, reason)
+    for kind in DATABASE_ERROR_KINDS:
+        DATABASE_ERRORS.labels(kind=kind)
+    for retried in ("true", "false"):
+        SIGNAL_FAILURES.labels(retried=retried)
 
 
 @functools.lru_cache(maxsize=4096)

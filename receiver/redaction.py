@@ -51,6 +51,10 @@ def token_prefix(token: str) -> str:
 
 def _mask_token(match: re.Match[str]) -> str:
     token = match.group(0)
+    if len(token) <= PREFIX_LENGTH:
+        # At most the public prefix (`token.revoked` carries it, `tokens list` shows
+        # it): nothing secret follows, and operators need it to match a revocation.
+        return token
     # Keep the public prefix only when enough of the token stays hidden behind it.
     if len(token) >= PREFIX_LENGTH + 8:
         return token_prefix(token) + "…" + MASK

@@ -1,4 +1,4 @@
-"""`receiver events list|show|reprocess`: stored deliveries and the quarantine from
+"""`receiver events list|show|reprocess|dismiss`: stored deliveries and the quarantine from
 the command line (docs/design.md §6)."""
 
 from __future__ import annotations
@@ -24,9 +24,14 @@ def list_events(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         console.print_rows(rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event")
+        if len(rows) == args.limit:
+            print(
+                f"receiver: stopped at --limit {args.limit}: there may be more",
+                file=sys.stderr,
+            )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 def show(args: argparse.Namespace) -> int:
@@ -42,7 +47,7 @@ def show(args: argparse.Namespace) -> int:
             print(json.dumps(entry, indent=None if args.json else 2, ensure_ascii=False))
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)
 
 
 def reprocess(args: argparse.Namespace) -> int:
@@ -80,4 +85,22 @@ def reprocess(args: argparse.Namespace) -> int:
             print(f"{done} of {len(results)} event(s) out of quarantine")
         return console.EXIT_FAILURE if left else 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_SERVICE)
+
+
+def dismiss(args: argparse.Namespace) -> int:
+    """`receiver events dismiss KEY… --reason TEXT`: close quarantined deliveries that
+    will never apply (audited); exit 1 when a named key was not quarantined."""
+
+    async def work(_: config.Settings, database: db.Database) -> int:
+        actor = audit.Actor.of(args.actor, args.audit_reason)
+        dismissed = await inbox.dismiss(database, actor, args.event_ids)
+        for key in args.event_ids:
+            if key in dismissed:
+                print(f"{key}: dismissed (was quarantined: {dismissed[key]})")
+            else:
+                print(f"{key}: not an open quarantine (unknown, or not quarantined)")
+        print(f"{len(dismissed)} of {len(args.event_ids)} event(s) dismissed")
+        return 0 if len(dismissed) == len(args.event_ids) else console.EXIT_FAILURE
+
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)

@@ -31,7 +31,7 @@ def prune(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 def erase_client(args: argparse.Namespace) -> int:
@@ -56,7 +56,12 @@ def erase_client(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(erased.as_dict()))
         elif erased.event_key is None:
-            print(f"nothing left to erase for client {args.client!r}")
+            # Exit 0 all the same: an erasure is idempotent, and a second run (or a
+            # request for a client never stored) has nothing left to do.
+            print(
+                f"nothing left to erase for client {args.client!r}: nothing matched "
+                "(never stored, or erased already)"
+            )
         else:
             print(
                 f"erased client {args.client!r}: {erased.tokens} token value(s), "
@@ -65,7 +70,7 @@ def erase_client(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)
 
 
 def list_audit(args: argparse.Namespace) -> int:
@@ -82,4 +87,4 @@ def list_audit(args: argparse.Namespace) -> int:
         console.print_rows(rows, audit.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)

@@ -17,11 +17,11 @@ from typing import Any
 import structlog
 
 from receiver import config, db, errors, redaction, signing, vault
-from receiver.lifecycle import events, rows, store
+from receiver.lifecycle import audit, events, rows, store
 
 log = structlog.get_logger(__name__)
 
-STATUSES = ("processed", "ignored", "quarantined")
+STATUSES = ("processed", "ignored", "quarantined", "dismissed")
 LIST_COLUMNS = ("key", "type", "status", "reason", "test", "received_at", "detail")
 _REDACTOR = redaction.Redactor()
 _SEALED = frozenset({"body_sealed", "sealed_for"})
@@ -154,3 +154,27 @@ async def quarantined_keys(
     """Keys of the deliveries still quarantined (optionally for one reason), oldest first."""
     rows = await database.fetch("quarantined_keys", reason, limit)
     return [row["key"] for row in rows]
+
+
+async def dismiss(
+    database: db.Database, actor: audit.Actor, keys: list[str]
+) -> dict[str, str | None]:
+    """Close the named quarantined deliveries for good, each audited in the same
+    transaction; the keys dismissed, with the quarantine reason each had (a key not
+    quarantined is left alone and not in the answer)."""
+    dismissed: dict[str, str | None] = {}
+    async with database.connection() as conn, conn.transaction():
+        for key in keys:
+            row = await conn.fetchrow(db.QUERIES["dismiss_event"], key)
+            if row is None:
+                continue
+            dismissed[key] = row["quarantine_reason"]
+            await audit.audit(
+                conn,
+                actor,
+                "events_dismiss",
+                client_id=row["client_id"],
+                event_key=key,
+                detail={"quarantine_reason": row["quarantine_reason"]},
+            )
+    return dismissed

@@ -58,4 +58,4 @@ def rotate(args: argparse.Namespace) -> int:
         )
         return console.EXIT_FAILURE if report.missing_keys else 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)

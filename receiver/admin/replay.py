@@ -183,7 +183,7 @@ def run_resend(args: argparse.Namespace) -> int:
         )
         return 0
 
-    console.with_database(args, load)
+    console.with_database(args, load, needs=config.NEEDS_VAULT)
     if args.dry_run:
         rows = [meta | {"token_prefix": out.token_prefix} for meta, out in found]
         if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from receiver import config, console, db
 from receiver.signals import outbox
@@ -24,7 +25,7 @@ def list_signals(args: argparse.Namespace) -> int:
         print(console.table(rows, SIGNAL_COLUMNS, noun="signal"))
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 SIGNAL_COLUMNS = (
@@ -46,6 +47,9 @@ def retry(args: argparse.Namespace) -> int:
     async def work(_: config.Settings, database: db.Database) -> int:
         retried = await outbox.retry_dead(database, args.id or None)
         print(f"{len(retried)} dead signal(s) back to pending")
-        return 0
+        missed = sorted(set(args.id or ()) - {str(r) for r in retried})
+        for signal_id in missed:
+            print(f"receiver: no dead signal {signal_id} (unknown, or not dead)", file=sys.stderr)
+        return console.EXIT_FAILURE if missed else 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from receiver import config, console, db, vault
+from receiver import config, console, db, errors, vault
 from receiver.admin import tokens
 from receiver.lifecycle import adoption, audit
 
@@ -34,7 +34,7 @@ def list_tokens(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_DATABASE)
 
 
 def reveal(args: argparse.Namespace) -> int:
@@ -63,14 +63,17 @@ def reveal(args: argparse.Namespace) -> int:
         print(token)
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)
 
 
 def import_token(args: argparse.Namespace) -> int:
     """`receiver tokens import CLIENT_ID`: the token from stdin or --file, never argv."""
     if args.file:
-        with open(args.file, encoding="utf-8") as source:
-            token = adoption.read_token(source)
+        try:
+            with open(args.file, encoding="utf-8") as source:
+                token = adoption.read_token(source)
+        except OSError as exc:
+            raise errors.UsageError(f"--file {args.file}: {exc.strerror or exc}") from None
     else:
         if sys.stdin.isatty():
             print("paste the token, then Enter:", file=sys.stderr)
@@ -94,4 +97,4 @@ def import_token(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return console.with_database(args, work)
+    return console.with_database(args, work, needs=config.NEEDS_VAULT)

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -152,3 +153,13 @@ async def pending(database: db.Database) -> list[str]:
         return [m.name for m in available()]
     applied = {r["name"] for r in rows}
     return [m.name for m in available() if m.name not in applied]
+
+
+async def status(database: db.Database) -> list[tuple[str, datetime | None]]:
+    """Every known migration with when it was applied (None: pending), in order."""
+    try:
+        rows = await database.fetch("migration_status")
+    except errors.SchemaNotReady:
+        rows = []
+    applied = {r["name"]: r["applied_at"] for r in rows}
+    return [(m.name, applied.get(m.name)) for m in available()]

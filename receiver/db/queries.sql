@@ -30,6 +30,10 @@ SELECT 1;
 -- Migration names already applied (readiness: is the schema current?).
 SELECT name FROM receiver.schema_migrations;
 
+-- name: migration_status
+-- Applied migrations and when (`receiver migrate --status`).
+SELECT name, applied_at FROM receiver.schema_migrations ORDER BY name;
+
 -- name: migration_lock
 -- Replicas migrating at once take turns (session advisory lock).
 SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));
@@ -124,11 +128,12 @@ UPDATE receiver.events SET body_sealed = $3 WHERE key = $1 AND body_sealed = $2;
 
 -- name: sealed_key_counts
 -- Sealed values per kind and key id: a full scan, for `keys rotate`'s report only.
+-- Values emptied by retention or erasure (NULL) are under no key, and not counted.
 SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
-  FROM receiver.tokens GROUP BY 2
+  FROM receiver.tokens WHERE token_sealed IS NOT NULL GROUP BY 2
 UNION ALL
 SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
-  FROM receiver.events GROUP BY 2
+  FROM receiver.events WHERE body_sealed IS NOT NULL GROUP BY 2
  ORDER BY 1, 2;
 
 -- name: sealed_to_rotate_counts
@@ -289,6 +294,12 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, type, sta
  ORDER BY received_at, key
  LIMIT $6;
 
+-- name: oldest_pending_signal_age
+-- Seconds since the oldest pending signal was queued (0: none), over the partial
+-- index signals_due: the backlog's age, which an alert watches.
+SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
+  FROM receiver.signals WHERE status = 'pending';
+
 -- name: open_signal_counts
 -- The open statuses, one count each, so each can use its partial index
 -- (signals_due, signals_leased, signals_dead): cheap at any outbox size. (One
@@ -330,6 +341,12 @@ SELECT key, status, is_test, test_header, signature, body_sealed,
        COALESCE(receiver.body_key(body_hash), key) AS sealed_for
   FROM receiver.events
  WHERE key = $1;
+
+-- name: dismiss_event
+-- Close one quarantined delivery ($1: its stored key) for good (`events dismiss`).
+UPDATE receiver.events SET status = 'dismissed'
+ WHERE key = $1 AND status = 'quarantined'
+RETURNING key, client_id, quarantine_reason;
 
 -- name: quarantined_keys
 -- Deliveries still quarantined, oldest first (`events reprocess --quarantined`).

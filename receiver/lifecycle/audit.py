@@ -21,6 +21,7 @@ ACTIONS = (
     "keys_rotate",
     "events_reprocess",
     "event_resend",
+    "events_dismiss",
 )
 AUDIT_COLUMNS = (
     "id",

@@ -33,6 +33,7 @@ TOKEN_REVOKED = "token.revoked"  # noqa: S105 - an event name, not a credential
 # Debitura's default rotation grace period: the replaced token stays valid 24 hours.
 ROTATION_GRACE = timedelta(hours=24)
 _KNOWN_TYPES = frozenset({ONBOARDING_COMPLETED, TOKEN_REVOKED})
+KNOWN_TYPES = tuple(sorted(_KNOWN_TYPES))
 
 
 def type_label(name: str) -> str:
@@ -43,6 +44,7 @@ def type_label(name: str) -> str:
 
 Environment = Literal["live", "test"]
 Outcome = Literal["processed", "duplicate", "ignored", "quarantined"]
+OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
 QuarantineReason = Literal[
     "invalid_json",
     "not_an_object",
@@ -181,6 +183,16 @@ class Event:
     def client_id(self) -> str | None:
         """The client the event is about, when it names one we understand."""
         return self.data.client_id if self.data is not None else None
+
+    @property
+    def named_client_id(self) -> str | None:
+        """The client id the body names, even when it is quarantined (for log lines):
+        only a string shaped like an identifier, never other input."""
+        if self.data is not None:
+            return self.data.client_id
+        data = (self.document or {}).get("data")
+        named = data.get("client_id") if isinstance(data, dict) else None
+        return named if isinstance(named, str) and re.fullmatch(_IDENTIFIER, named) else None
 
     @property
     def public_id(self) -> str:

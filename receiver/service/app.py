@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from receiver import config, db, errors, vault
-from receiver.lifecycle import committer, retention
+from receiver import config, db, errors, metrics, vault
+from receiver.lifecycle import committer, events, retention
 from receiver.service import middleware, openapi, probes, scrape, state, webhook
 from receiver.signals import outbox
 
@@ -24,10 +26,16 @@ def create_app(settings: config.Settings) -> web.Application:
     """Build the application; resources open in cleanup contexts when it starts."""
     if settings.database_url is None:
         raise errors.ConfigError("RECEIVER_DATABASE_URL must be resolved before the app is built")
-    app = web.Application(
-        middlewares=[middleware.canonical_request],
-        client_max_size=settings.max_body_bytes,
+    metrics.initialise_labels(
+        event_types=events.KNOWN_TYPES,
+        outcomes=events.OUTCOMES,
+        quarantine_reasons=events.QUARANTINE_REASONS,
     )
+    middlewares: list[Middleware] = [middleware.canonical_request]
+    if settings.admin_port is not None:
+        middlewares.append(middleware.admin_split(settings.admin_port))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app.on_response_prepare.append(middleware.no_server_version)
     app[state.SETTINGS] = settings
     app[state.SEALER] = vault.Sealer.from_settings(settings)
     app.cleanup_ctx.append(_database)
@@ -41,8 +49,9 @@ def create_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/metrics", probes.metrics)
     app.router.add_get("/openapi.json", openapi.serve_document)
     app[state.DRAINING] = asyncio.Event()
+    keyring = app[state.SEALER].keyring
     app[state.GAUGES] = scrape.DatabaseGauges(
-        app[state.SEALER].keyring.primary_id, settings.metrics_refresh_seconds
+        keyring.primary_id, settings.metrics_refresh_seconds, key_ids=keyring.key_ids
     )
     app[state.LOAD] = state.Load()
     app[state.SECRET_SETS] = settings.webhook_secret_sets()
@@ -52,9 +61,11 @@ def create_app(settings: config.Settings) -> web.Application:
 
 async def _start_draining(app: web.Application) -> None:
     # Runs as shutdown begins, before in-flight requests are awaited: from now on the
-    # readiness probe fails, so load balancers stop sending new deliveries here.
-    app[state.DRAINING].set()
-    log.info("shutting_down")
+    # readiness probe fails, so load balancers stop sending new deliveries here. (On a
+    # signal, `serve` has set it already, a delay before.)
+    if not app[state.DRAINING].is_set():
+        app[state.DRAINING].set()
+        log.info("shutting_down", pid=os.getpid())
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -67,6 +78,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         pooled=settings.database_pooled,
     )
     app[state.DATABASE] = database
+    await scrape.check_keys(database, app[state.SEALER].keyring)
     app[state.COMMITTER] = committer.GroupCommit(
         database,
         sealer=app[state.SEALER],

@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 import resource
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -20,9 +22,9 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from receiver import config, console, db, errors
+from receiver import config, console, db, errors, metrics
 from receiver.db import embedded, migrations
-from receiver.service import app, server, workers
+from receiver.service import app, server, state, workers
 from receiver.signals import outbox
 
 logger = structlog.get_logger(__name__)
@@ -31,6 +33,8 @@ STARTUP_DB_WAIT_SECONDS = 30.0
 # On SIGTERM: stop accepting, fail /readyz, let requests in flight finish for at most
 # this long (Debitura waits 10 s for an answer), then release leases and close.
 SHUTDOWN_TIMEOUT_SECONDS = 10.0
+# Before that, /readyz fails this long (RECEIVER_SHUTDOWN_DELAY_SECONDS unset, no --dev).
+DEFAULT_SHUTDOWN_DELAY_SECONDS = 5.0
 
 
 async def _migrate_when_reachable(dsn: str) -> list[str]:
@@ -77,8 +81,13 @@ def serve(args: argparse.Namespace) -> int:
     """`receiver serve`."""
     settings = console.start(args, service=True)
     if args.worker:  # one of `serve --workers N`'s processes: the parent migrated
-        _run_worker(settings, args.host, args.port, reuse_port=True)
+        _run_worker(settings, args, reuse_port=True)
         return 0
+    if settings.admin_port == args.port:
+        raise errors.ConfigError("RECEIVER_ADMIN_PORT must differ from --port")
+    # Before migrating or printing anything: a second `make run` is one line, exit 1.
+    for port in _ports(settings, args.port):
+        _check_port_free(args.host, port)
     if settings.database_pooled:
         asyncio.run(_check_behind_pooler(console.dsn(settings)))
     else:
@@ -88,15 +97,59 @@ def serve(args: argparse.Namespace) -> int:
         cache_dsn = asyncio.run(embedded.cache_login(console.dsn(settings)))
         _print_dev_help(settings, url, cache_dsn)
     if args.workers == 1:
-        _run_worker(settings, args.host, args.port, reuse_port=False)
+        _run_worker(settings, args, reuse_port=False)
         return 0
     return workers.supervise(
         settings, host=args.host, port=args.port, count=args.workers, dev=args.dev
     )
 
 
-def _run_worker(settings: config.Settings, host: str, port: int, *, reuse_port: bool) -> None:
-    _event_loop_runner(settings)(_serve_until_stopped(settings, host, port, reuse_port=reuse_port))
+def _ports(settings: config.Settings, port: int) -> list[int]:
+    return [port] if settings.admin_port is None else [port, settings.admin_port]
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise `errors.ListenError` when something listens on host:port already. Bound
+    without SO_REUSEPORT, so a listener that has it (an earlier `serve --workers`)
+    counts too."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise errors.ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise errors.ListenError(_listen_failure(host, port, exc)) from None
+
+
+def _listen_failure(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port}: the port is in use (another receiver?)"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+def shutdown_delay(settings: config.Settings, *, dev: bool) -> float:
+    """How long /readyz fails before the listener stops: the setting, else 5 s (0
+    with --dev, where no load balancer waits)."""
+    if settings.shutdown_delay_seconds is not None:
+        return settings.shutdown_delay_seconds
+    return 0.0 if dev else DEFAULT_SHUTDOWN_DELAY_SECONDS
+
+
+def _run_worker(settings: config.Settings, args: argparse.Namespace, *, reuse_port: bool) -> None:
+    _event_loop_runner(settings)(
+        _serve_until_stopped(
+            settings,
+            args.host,
+            args.port,
+            reuse_port=reuse_port,
+            delay=shutdown_delay(settings, dev=args.dev),
+            supervisor_fd=getattr(args, "supervisor_fd", None),
+        )
+    )
 
 
 def _event_loop_runner(settings: config.Settings) -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -117,12 +170,23 @@ def _event_loop_runner(settings: config.Settings) -> Callable[[Coroutine[Any, An
 
 
 async def _serve_until_stopped(
-    settings: config.Settings, host: str, port: int, *, reuse_port: bool
+    settings: config.Settings,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    delay: float,
+    supervisor_fd: int | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (aiohttp's graceful shutdown)."""
+    """Serve until SIGTERM, SIGINT or SIGHUP, then stop gracefully: /readyz fails for
+    `delay` seconds while deliveries are still answered (a load balancer moves away),
+    then the listener closes and requests in flight finish (aiohttp's graceful
+    shutdown). A worker whose supervisor is gone (`supervisor_fd` reads end of file)
+    stops at once, without the delay."""
     _allow_open_files(settings.max_connections + 256)  # the pool, logs, listeners
+    application = app.create_app(settings)
     runner = server.Runner(
-        app.create_app(settings),
+        application,
         max_connections=settings.max_connections,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
         # aiohttp starts this timer when a connection opens and again after each answer,
@@ -133,15 +197,51 @@ async def _serve_until_stopped(
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
-        logger.info("listening", url=f"http://{host}:{port}", pid=os.getpid())
+        for listen_port in _ports(settings, port):
+            try:
+                await web.TCPSite(runner, host, listen_port, reuse_port=reuse_port).start()
+            except OSError as exc:
+                raise errors.ListenError(_listen_failure(host, listen_port, exc)) from None
+        logger.info(
+            "listening",
+            url=f"http://{host}:{port}",
+            admin_url=None
+            if settings.admin_port is None
+            else f"http://{host}:{settings.admin_port}",
+            version=metrics.version(),
+            database=console.database_label(console.dsn(settings)),
+            pid=os.getpid(),
+        )
         stop = asyncio.Event()
+        why: list[str] = []
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+
+        def on_signal(signum: signal.Signals) -> None:
+            why.append(signum.name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+        def on_supervisor_gone() -> None:
+            why.append("supervisor_gone")
+            stop.set()
+
+        if supervisor_fd is not None:
+            loop.add_reader(supervisor_fd, on_supervisor_gone)
         await stop.wait()
+        if supervisor_fd is not None:
+            loop.remove_reader(supervisor_fd)
+        wait = 0.0 if why[0] == "supervisor_gone" else delay
+        application[state.DRAINING].set()
+        logger.info("shutting_down", signal=why[0], pid=os.getpid(), readiness_delay_seconds=wait)
+        if wait > 0:
+            stop.clear()  # a second signal cuts the delay short
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
     finally:
         await runner.cleanup()
+    logger.info("stopped", pid=os.getpid())
 
 
 def _allow_open_files(wanted: int) -> None:
@@ -156,7 +256,7 @@ def _allow_open_files(wanted: int) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """`receiver dispatch`."""
-    settings = console.start(args, service=True)
+    settings = console.start(args, service=True, needs=config.NEEDS_DATABASE)
     if settings.cache_url is None:
         raise errors.ConfigError("RECEIVER_CACHE_URL is required to dispatch signals")
     asyncio.run(_dispatch_until_stopped(settings, console.dsn(settings)))
@@ -189,6 +289,8 @@ def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None
         "Fire a signed test event from another terminal:\n\n"
         f"  RECEIVER_DATA_DIR={data_dir} {shlex.quote(command)} replay trigger "
         f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n\n"
+        "Commands without --dev (as the README writes them) need the database URL:\n\n"
+        f"  export RECEIVER_DATABASE_URL={shlex.quote(console.dsn(settings))}\n\n"
         "A partner application's token cache connects read-only (receiver_cache_reader),\n"
         f"with RECEIVER_TOKEN_KEYS from the dev secrets file and:\n\n"
         f"  RECEIVER_CACHE_DATABASE_URL={shlex.quote(cache_dsn)}\n",
@@ -197,8 +299,29 @@ def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None
 
 
 def migrate(args: argparse.Namespace) -> int:
-    """`receiver migrate`."""
-    settings = console.start(args)
+    """`receiver migrate`: apply; with --status list applied and pending migrations;
+    with --check exit 1 when any is pending. Needs the database URL and nothing else."""
+    settings = console.start(args, needs=config.NEEDS_DATABASE)
+    if args.status or args.check:
+        pending = asyncio.run(_migration_status(settings, listing=args.status))
+        return console.EXIT_FAILURE if pending and args.check else 0
     applied = asyncio.run(migrations.apply(console.dsn(settings)))
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
     return 0
+
+
+async def _migration_status(settings: config.Settings, *, listing: bool) -> list[str]:
+    database = await db.Database.open(
+        console.dsn(settings), max_size=1, pooled=settings.database_pooled
+    )
+    try:
+        known = await migrations.status(database)
+    finally:
+        await database.close()
+    pending = [name for name, applied_at in known if applied_at is None]
+    if listing:
+        for name, applied_at in known:
+            when = "pending" if applied_at is None else f"applied {applied_at.isoformat()}"
+            print(f"{name}  {when}")
+    print(f"{len(known) - len(pending)} applied, {len(pending)} pending")
+    return pending

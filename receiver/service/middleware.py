@@ -10,7 +10,7 @@ import time
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from receiver import errors, metrics, redaction
 from receiver.service import forwarded
@@ -111,3 +111,26 @@ def _route_label(request: web.Request) -> str:
     # The route's template, never the raw path: a path is client input.
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+
+
+ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+def admin_split(admin_port: int) -> Middleware:
+    """With `RECEIVER_ADMIN_PORT`, the probes, /metrics and /openapi.json answer only on
+    that port, and everything else only on the public one (README: Deploying)."""
+
+    @web.middleware
+    async def split(request: web.Request, handler: Handler) -> web.StreamResponse:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        on_admin = isinstance(sockname, tuple) and sockname[1] == admin_port
+        if (request.path in ADMIN_PATHS) != on_admin:
+            raise errors.NotFound("not found")
+        return await handler(request)
+
+    return split
+
+
+async def no_server_version(_: web.Request, response: web.StreamResponse) -> None:
+    """No `Server` header naming Python's and aiohttp's versions (aiohttp's default)."""
+    response.headers["Server"] = "receiver"

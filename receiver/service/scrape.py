@@ -49,8 +49,14 @@ class DatabaseGauges:
     an outage makes them matter.
     """
 
-    def __init__(self, primary_key_id: str, refresh_seconds: float = REFRESH_SECONDS) -> None:
+    def __init__(
+        self,
+        primary_key_id: str,
+        refresh_seconds: float = REFRESH_SECONDS,
+        key_ids: Iterable[str] = (),
+    ) -> None:
         self._primary_key_id = primary_key_id
+        self._key_ids = frozenset(key_ids) | {primary_key_id}
         self._refresh_seconds = refresh_seconds
         self._lock = asyncio.Lock()
         self._read_at: float | None = None
@@ -58,6 +64,7 @@ class DatabaseGauges:
         self._up = False
         self._signals = {"pending": 0, "in_flight": 0, "dead": 0}
         self._quarantined = 0
+        self._oldest_pending = 0.0
         self._to_rotate: list[tuple[str, str, int]] = []
         self._active: dict[tuple[str, str], int] = {}
         self._without_active: dict[str, int] = {}
@@ -77,6 +84,7 @@ class DatabaseGauges:
         try:
             async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
                 rows = await database.fetch("open_signal_counts")
+                oldest = await database.fetchval("oldest_pending_signal_age")
                 quarantined = await database.fetchval("open_quarantine_count")
                 to_rotate = await database.fetch("sealed_to_rotate_counts", self._primary_key_id)
                 health = await database.fetch("token_health")
@@ -85,6 +93,7 @@ class DatabaseGauges:
             log.info("database_gauges_stale", error=type(exc).__name__)
             return
         self._signals.update({row["status"]: row["n"] for row in rows})
+        self._oldest_pending = float(oldest)
         self._quarantined = quarantined
         self._to_rotate = [(row["kind"], row["key_id"], row["n"]) for row in to_rotate]
         # Every combination is reported, 0 included, so an alert can be written on it.
@@ -102,6 +111,19 @@ class DatabaseGauges:
         self._up = True
 
     def _render(self) -> list[Metric]:
+        up = GaugeMetricFamily(
+            "receiver_database_gauges_up",
+            "1 when the gauges above were just read from Postgres, 0 when it did not answer",
+            value=int(self._up),
+        )
+        age = GaugeMetricFamily(
+            "receiver_database_gauges_age_seconds",
+            "Seconds since the gauges above were last read from Postgres (-1: never)",
+            value=-1 if self._read_at is None else time.monotonic() - self._read_at,
+        )
+        if self._read_at is None:
+            # Never read: no value at all rather than a false 0 an alert would trust.
+            return [up, age]
         signals = GaugeMetricFamily(
             "receiver_signals", "Outbox signals by status, read from Postgres", labels=["status"]
         )
@@ -142,17 +164,30 @@ class DatabaseGauges:
         )
         for environment, n in self._link_invalid.items():
             link_invalid.add_metric([environment], n)
-        up = GaugeMetricFamily(
-            "receiver_database_gauges_up",
-            "1 when the gauges above were just read from Postgres, 0 when it did not answer",
-            value=int(self._up),
+        unopenable = GaugeMetricFamily(
+            "receiver_sealed_values_unopenable",
+            "Tokens and events sealed under a key id not in RECEIVER_TOKEN_KEYS, per kind "
+            "(a wrong or missing key: alert when > 0)",
+            labels=["kind"],
         )
-        age = GaugeMetricFamily(
-            "receiver_database_gauges_age_seconds",
-            "Seconds since the gauges above were last read from Postgres (-1: never)",
-            value=-1 if self._read_at is None else time.monotonic() - self._read_at,
+        for kind, n in unopenable_counts(self._to_rotate, self._key_ids).items():
+            unopenable.add_metric([kind], n)
+        oldest = GaugeMetricFamily(
+            "receiver_signals_oldest_pending_age_seconds",
+            "Seconds since the oldest pending signal was queued, read from Postgres (0: none)",
+            value=self._oldest_pending,
         )
-        return [signals, quarantined, to_rotate, active, without, link_invalid, up, age]
+        families = [
+            signals,
+            oldest,
+            quarantined,
+            to_rotate,
+            unopenable,
+            active,
+            without,
+            link_invalid,
+        ]
+        return [*families, up, age]
 
     async def exposition(self, database: db.Database) -> bytes:
         """The exposition text: this process's metrics (every worker's, in
@@ -166,6 +201,37 @@ class DatabaseGauges:
         self._rendered = generate_latest(_process_registry()) + generate_latest(from_database)
         self._rendered_at = time.monotonic()
         return self._rendered
+
+
+def unopenable_counts(
+    to_rotate: Iterable[tuple[str, str, int]], key_ids: frozenset[str]
+) -> dict[str, int]:
+    """Per kind, the values sealed under a key id that is not configured."""
+    counts = {"tokens": 0, "events": 0}
+    for kind, key_id, n in to_rotate:
+        if key_id not in key_ids:
+            counts[kind] = counts.get(kind, 0) + n
+    return counts
+
+
+async def check_keys(database: db.Database, keyring: vault.Keyring) -> None:
+    """At start: say when stored values are sealed under a key id that is not
+    configured (a wrong RECEIVER_TOKEN_KEYS), before anyone needs to open one."""
+    try:
+        rows = await database.fetch("sealed_to_rotate_counts", keyring.primary_id)
+    except errors.ReceiverError:
+        return  # not migrated yet, or unavailable: /readyz says so
+    unknown: dict[str, int] = {}
+    for row in rows:
+        if row["key_id"] not in keyring.key_ids:
+            unknown[row["key_id"]] = unknown.get(row["key_id"], 0) + row["n"]
+    if unknown:
+        log.warning(
+            "sealed_under_unconfigured_key",
+            key_ids=sorted(unknown),
+            values=sum(unknown.values()),
+            advice="these cannot be opened: add the key back to RECEIVER_TOKEN_KEYS",
+        )
 
 
 async def render(database: db.Database, gauges: DatabaseGauges) -> bytes:

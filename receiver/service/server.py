@@ -85,6 +85,7 @@ class _Protocol(web_protocol.RequestHandler):
                 remote=request.remote,
             )
         response = web.json_response(error.body(), status=error.status, headers=error.headers())
+        response.headers["Server"] = "receiver"  # not aiohttp's, which names versions
         response.force_close()
         return response
 

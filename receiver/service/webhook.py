@@ -89,7 +89,7 @@ async def _receive(request: web.Request) -> web.Response:
     structlog.contextvars.bind_contextvars(
         event_id=event.public_id,
         event_type=event.type,
-        client_id=event.client_id,
+        client_id=event.named_client_id,
         test=arrival.is_test,
     )
     # A delivery Postgres refuses a value of comes back quarantined (the committer

@@ -46,7 +46,12 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         # As resolved here (the embedded Postgres in dev): workers must not start another.
         "RECEIVER_DATABASE_URL": settings.database_url.get_secret_value(),
     }
+    # The workers hold the read end of this pipe, only this process its write end: when
+    # this process dies, however (even SIGKILL), the workers read end of file and stop.
+    # Portable, unlike PR_SET_PDEATHSIG, and immune to the workers' own sessions.
+    watch_fd, alive_fd = os.pipe()
     argv = [sys.executable, "-m", "receiver", "serve", "--worker"]
+    argv += ["--supervisor-fd", str(watch_fd)]
     argv += ["--host", host, "--port", str(port), *(["--dev"] if dev else [])]
     # Only waitpid() below reaps the workers: `running` is the bookkeeping. The Popen
     # objects are kept until then: one dropped while its process runs would be reaped
@@ -67,12 +72,21 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         # group) reaches the parent alone, which forwards it once. A second signal
         # would cut a worker's drain short. (Containers and systemd kill the whole
         # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
-        child = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
+        child = subprocess.Popen(  # noqa: S603
+            argv, env=env, start_new_session=True, pass_fds=(watch_fd,)
+        )
         running[child.pid] = time.monotonic()
         children[child.pid] = child
 
+    def hang_up(_: int, __: object) -> None:
+        # A terminal closed, or someone's reload habit: the same graceful stop as
+        # SIGTERM, said in the log (never a silent death that orphans the workers).
+        logger.info("supervisor_stopping", signal="SIGHUP", pid=os.getpid())
+        stop_all(signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGHUP, hang_up)
     deaths: list[float] = []
     restarts_due: list[float] = []
     delay = RESTART_DELAY_SECONDS
@@ -117,4 +131,6 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         return 0
     finally:
         stop_all()
+        os.close(alive_fd)
+        os.close(watch_fd)
         shutil.rmtree(metrics_dir, ignore_errors=True)

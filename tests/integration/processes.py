@@ -39,12 +39,18 @@ def receiver_env(database_url: str, **extra: str) -> tuple[dict[str, str], str]:
     values = {f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
     # Each scrape reads afresh: tests compare scrapes a moment apart.
     values["RECEIVER_METRICS_REFRESH_SECONDS"] = "0"
-    env = clean_env(**values, RECEIVER_DATABASE_URL=database_url, **extra)
+    # No readiness delay at SIGTERM unless a test asks for one (it stops each process).
+    values["RECEIVER_SHUTDOWN_DELAY_SECONDS"] = "0"
+    env = clean_env(**{**values, "RECEIVER_DATABASE_URL": database_url, **extra})
     return env, values["RECEIVER_WEBHOOK_SECRETS"]
 
 
 def run(
-    args: list[str], env: Mapping[str, str], timeout: float = 60, stdin: str | None = None
+    args: list[str],
+    env: Mapping[str, str],
+    timeout: float = 60,
+    stdin: str | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a receiver command to completion; its output joins the canary check."""
     result = subprocess.run(
@@ -55,6 +61,7 @@ def run(
         timeout=timeout,
         check=False,
         input=stdin if stdin is not None else "",
+        cwd=cwd,
     )
     log = conftest.LOG_DIR / f"cli-{time.monotonic_ns()}.log"
     log.write_text(result.stdout + "\n" + result.stderr)

@@ -271,7 +271,7 @@ async def test_an_unwritable_data_dir_without_a_database_url_is_one_line() -> No
         **{f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()},
         RECEIVER_DATA_DIR="/proc/receiver-cannot-be-here",
     )
-    result = await asyncio.to_thread(processes.run, ["migrate"], env, 60)
+    result = await asyncio.to_thread(processes.run, ["migrate", "--dev"], env, 60)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "RECEIVER_DATA_DIR" in line

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -306,16 +306,18 @@ async def test_a_dead_worker_is_replaced_and_the_others_keep_serving(
 
 
 async def test_workers_that_keep_dying_stop_the_service(database_url: str) -> None:
-    """Workers that cannot start (the port is taken by another program) die again and
-    again: after five deaths within a minute the service gives up, exit 1, so the
-    orchestrator sees it."""
+    """Workers that die again and again (killed as each starts listening): after five
+    deaths within a minute the service gives up, exit 1, so the orchestrator sees it."""
     env, _ = processes.receiver_env(database_url)
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
-            assert await asyncio.to_thread(process.wait, 60) == 1
+    port = processes.free_port()
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        killed = 0
+        while process.poll() is None and killed < 5:
+            for pid in (await listening_pids(output, killed + 1))[killed:]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed += 1
+        assert await asyncio.to_thread(process.wait, 60) == 1
     assert '"event": "worker_crash_loop"' in output.read_text()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -117,6 +118,12 @@ def test_every_readme_command_runs(fresh_copy: Path) -> None:
             time.sleep(0.2)
         dev = json.loads(secrets_file.read_text())
         env.update({f"RECEIVER_{k.upper()}": v for k, v in dev.items()})
+        # Operator commands run without --dev: the URL `serve --dev` prints for them.
+        printed = re.search(
+            r"export RECEIVER_DATABASE_URL=(\S+)", (fresh_copy / "serve.log").read_text()
+        )
+        assert printed is not None, "serve --dev did not print the database URL"
+        env["RECEIVER_DATABASE_URL"] = shlex.split(printed.group(1))[0]
         examples = sorted(str(p) for p in (fresh_copy / "examples").glob("*.json"))
         seeded = subprocess.run(
             ["receiver", "replay", "send", *examples, "--to", f"{url}/webhooks/debitura"],

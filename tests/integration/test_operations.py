@@ -1,0 +1,226 @@
+"""Operations through real `receiver` processes (docs/design.md §5; README: Deploying): start-up,
+signals, supervised workers, ports, the admin listener, and migrate --status/--check."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+
+from receiver import config, metrics
+from tests import helpers
+from tests.integration import processes
+from tests.integration.test_operability import listening_pids
+
+
+def _lines(output: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.read_text().splitlines() if line[:1] == "{"]
+
+
+async def _gone(pid: int, seconds: float = 15) -> bool:
+    """Whether the process `pid` has exited (a zombie counts) within `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            stat = await asyncio.to_thread(Path(f"/proc/{pid}/stat").read_text)
+            state = stat.rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def _status(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as answer:
+        return answer.status, answer.headers.get("Server", "")
+
+
+def test_serve_without_a_database_url_or_dev_exits_2_naming_it(tmp_path: Path) -> None:
+    """Plain `serve` with production secrets and no RECEIVER_DATABASE_URL: exit 2, one
+    line naming the variable, and no embedded Postgres created (finding 1)."""
+    env = processes.clean_env(
+        **{f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
+    )
+    result = processes.run(["serve", "--port", str(processes.free_port())], env, cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "RECEIVER_DATABASE_URL is required" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_migrate_and_tokens_list_ask_only_for_what_they_use(database_url: str) -> None:
+    """`migrate` runs with the database URL alone (no keys, no webhook secrets); `tokens
+    list` without the webhook secrets or keys (finding 7)."""
+    env = processes.clean_env(RECEIVER_DATABASE_URL=database_url)
+    migrated = processes.run(["migrate"], env)
+    assert migrated.returncode == 0, migrated.stderr
+    listed = processes.run(["tokens", "list"], env)
+    assert listed.returncode == 0, listed.stderr
+    revealed = processes.run(["tokens", "reveal", "cli_x", "--confirm"], env)
+    assert revealed.returncode == 2
+    assert "RECEIVER_TOKEN_KEYS is required" in revealed.stderr
+
+
+def test_an_unknown_receiver_variable_is_named_in_a_warning(database_url: str) -> None:
+    """A typo such as RECEIVER_LOG_LEVL is named at start, with the likely intended name."""
+    env = processes.clean_env(RECEIVER_DATABASE_URL=database_url, RECEIVER_LOG_LEVL="debug")
+    result = processes.run(["migrate"], env)
+    assert result.returncode == 0
+    warnings = [line for line in result.stderr.splitlines() if "RECEIVER_LOG_LEVL" in line]
+    assert len(warnings) == 1
+    assert "RECEIVER_LOG_LEVEL" in warnings[0]
+
+
+async def test_migrate_status_lists_and_check_exits_1_when_pending(database_url: str) -> None:
+    """`migrate --status` lists applied and pending migrations; `--check` exits 1 while
+    one is pending and 0 once `migrate` applied it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        last = await conn.fetchval("SELECT max(name) FROM receiver.schema_migrations")
+        await conn.execute("DELETE FROM receiver.schema_migrations WHERE name = $1", last)
+    finally:
+        await conn.close()
+    env = processes.clean_env(RECEIVER_DATABASE_URL=database_url)
+    status = processes.run(["migrate", "--status"], env)
+    assert status.returncode == 0
+    assert f"{last}  pending" in status.stdout
+    assert "0001_baseline  applied" in status.stdout
+    assert processes.run(["migrate", "--check"], env).returncode == 1
+    # The deleted row's migration is idempotent DDL only where it says so; record it back.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, 'x')", last
+        )
+    finally:
+        await conn.close()
+    assert processes.run(["migrate", "--check"], env).returncode == 0
+
+
+async def test_start_line_names_version_database_and_address(database_url: str) -> None:
+    """One start line with the version, the database as host:port/name (never the
+    password) and the listen address."""
+    parts = urlsplit(database_url)
+    user = parts.netloc.rsplit("@", 1)
+    with_password = urlunsplit(parts._replace(netloc=f"postgres:pw-not-to-print@{user[-1]}"))
+    env, _ = processes.receiver_env(with_password)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+    text = output.read_text()
+    assert "pw-not-to-print" not in text
+    (line,) = [line for line in _lines(output) if line["event"] == "listening"]
+    assert line["version"] == metrics.version()
+    assert line["url"] == f"http://127.0.0.1:{port}"
+    assert str(line["database"]).endswith("/" + parts.path.lstrip("/"))
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(database_url: str) -> None:
+    """Something listens on the port already: one line, exit 1, no traceback (finding 6),
+    before migrating or printing a banner."""
+    env, _ = processes.receiver_env(database_url)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = processes.run(["serve", "--port", str(port)], env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert f"127.0.0.1:{port}" in line
+    assert "in use" in line
+
+
+async def test_sighup_is_a_logged_graceful_stop(database_url: str) -> None:
+    """SIGHUP to a single-process `serve`: the graceful stop, logged with the signal
+    and the pid, exit 0 (never a silent death)."""
+    env, _ = processes.receiver_env(database_url)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        process.send_signal(signal.SIGHUP)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    (line,) = [line for line in _lines(output) if line["event"] == "shutting_down"]
+    assert line["signal"] == "SIGHUP"
+    assert line["pid"] == process.pid
+
+
+async def test_readiness_fails_first_while_deliveries_are_answered(database_url: str) -> None:
+    """After SIGTERM, with a shutdown delay, /readyz answers 503 while a signed delivery
+    is still stored and answered 200; a second signal ends the delay."""
+    env, secret = processes.receiver_env(database_url, RECEIVER_SHUTDOWN_DELAY_SECONDS="120")
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        await processes.wait_healthy(port, process)
+        assert (await _status(f"http://127.0.0.1:{port}/readyz"))[0] == 200
+        process.send_signal(signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await _status(f"http://127.0.0.1:{port}/readyz"))[0] != 503:
+            assert asyncio.get_running_loop().time() < deadline, "/readyz never failed"
+            await asyncio.sleep(0.05)
+        body = helpers.encode(helpers.onboarding())
+        status, _ = await processes.post_signed(port, secret, body)
+        assert status == 200
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+
+
+async def _supervisor_death_leaves_no_worker(database_url: str, signum: int) -> None:
+    env, _ = processes.receiver_env(database_url)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        workers = await listening_pids(output, 2)
+        process.send_signal(signum)
+        await asyncio.to_thread(process.wait, 30)
+        for pid in workers:
+            assert await _gone(pid), f"worker {pid} outlived its supervisor"
+    # Nobody listens any more: the port can be bound without SO_REUSEPORT.
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+
+
+async def test_workers_exit_when_their_supervisor_is_killed(database_url: str) -> None:
+    """kill -KILL of the `serve --workers 2` supervisor: both workers exit within
+    seconds, no orphan keeps the port (finding 4)."""
+    await _supervisor_death_leaves_no_worker(database_url, signal.SIGKILL)
+
+
+async def test_sighup_to_the_supervisor_stops_every_worker(database_url: str) -> None:
+    """kill -HUP of the supervisor: a logged graceful stop of every worker (finding 4)."""
+    await _supervisor_death_leaves_no_worker(database_url, signal.SIGHUP)
+
+
+async def test_the_admin_port_serves_probes_and_metrics_and_nothing_else(
+    database_url: str,
+) -> None:
+    """With RECEIVER_ADMIN_PORT, /metrics, /openapi.json, /healthz, /readyz answer there
+    and 404 on the public port; the webhook is not on the admin port; no answer has a
+    Server header naming versions (finding 10)."""
+    admin = processes.free_port()
+    env, _ = processes.receiver_env(database_url, RECEIVER_ADMIN_PORT=str(admin))
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, _):
+        await processes.wait_healthy(admin, process)
+        for path in ("/metrics", "/openapi.json", "/healthz", "/readyz"):
+            status, server = await _status(f"http://127.0.0.1:{admin}{path}")
+            assert status == 200, path
+            assert server == "receiver"
+            status, server = await _status(f"http://127.0.0.1:{port}{path}")
+            assert status == 404, path
+            assert server == "receiver"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{admin}/webhooks/debitura", data=b"{}") as answer,
+        ):
+            assert answer.status == 404

@@ -1,0 +1,97 @@
+"""Settings and pieces of operations that need no process: the dev data directory
+found from anywhere (finding 9), unknown variables, per-command requirements, no
+false-zero gauges, the public prefix, and the client a quarantined body names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from receiver import config, errors, redaction
+from receiver.console import database_label
+from receiver.lifecycle import events
+from receiver.service import scrape
+from tests import helpers
+
+
+def test_dev_data_dir_is_found_from_a_subdirectory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--dev` from a subdirectory uses the project's .receiver, not a new one (finding 9)."""
+    monkeypatch.delenv("RECEIVER_DATA_DIR", raising=False)
+    config.dev_secrets(tmp_path / ".receiver")
+    below = tmp_path / "a" / "b"
+    below.mkdir(parents=True)
+    monkeypatch.chdir(below)
+    assert config.dev_data_dir(create=False) == (tmp_path / ".receiver").resolve()
+
+
+def test_without_a_dev_data_dir_only_serve_creates_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Away from any .receiver, a command other than `serve --dev` stops with a clear
+    error instead of generating new secrets (finding 9); `serve --dev` creates one here."""
+    monkeypatch.delenv("RECEIVER_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.ConfigError, match="no dev data directory"):
+        config.load_settings(dev=True)
+    assert not (tmp_path / ".receiver").exists()
+    settings = config.load_settings(dev=True, first_use=True)
+    assert settings.data_dir == tmp_path.resolve() / ".receiver"
+
+
+def test_unknown_receiver_variables_are_named_with_the_likely_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A typo is named with the setting it resembles; known names are not."""
+    monkeypatch.setenv("RECEIVER_LOG_LEVL", "debug")
+    monkeypatch.setenv("RECEIVER_LOG_LEVEL", "debug")
+    monkeypatch.setenv("RECEIVER_CACHE_DATABASE_URL", "postgresql://x/y")
+    assert config.unknown_variables() == ["RECEIVER_LOG_LEVL (did you mean RECEIVER_LOG_LEVEL?)"]
+
+
+def test_the_database_alone_is_enough_for_a_database_only_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NEEDS_DATABASE loads without keys or secrets; NEEDS_VAULT names what is missing."""
+    for name in ("WEBHOOK_SECRETS", "TOKEN_KEYS", "INDEX_KEY"):
+        monkeypatch.delenv(f"RECEIVER_{name}", raising=False)
+    config.load_settings(needs=config.NEEDS_DATABASE, database_url="postgresql://h/db")
+    with pytest.raises(errors.ConfigError) as caught:
+        config.load_settings(needs=config.NEEDS_VAULT)
+    assert "RECEIVER_TOKEN_KEYS is required" in str(caught.value)
+    assert "RECEIVER_INDEX_KEY is required" in str(caught.value)
+    assert "RECEIVER_WEBHOOK_SECRETS" not in str(caught.value)
+
+
+def test_the_database_label_never_holds_the_password() -> None:
+    """host:port/name, from a URL or a socket-directory query, without user or password."""
+    assert database_label("postgresql://u:pw@db.internal:6432/receiver") == (
+        "db.internal:6432/receiver"
+    )
+    assert database_label("postgresql://u:pw@/receiver?host=/run/pg") == "/run/pg:5432/receiver"
+
+
+def test_database_gauges_are_absent_before_the_first_read() -> None:
+    """Never read: only `up` and `age`, no false 0 for the quarantine (finding 11)."""
+    names = [family.name for family in scrape.DatabaseGauges("k1")._render()]
+    assert names == ["receiver_database_gauges_up", "receiver_database_gauges_age_seconds"]
+
+
+def test_the_public_prefix_is_not_masked() -> None:
+    """A 15-character prefix stays readable in logs; a whole token is still masked."""
+    token = helpers.canary_token("test")
+    redactor = redaction.Redactor()
+    assert redactor.text(f"prefix {token[:15]}") == f"prefix {token[:15]}"
+    assert token not in redactor.text(f"token {token}")
+
+
+def test_a_quarantined_body_still_names_its_client() -> None:
+    """The client id of a quarantined delivery, for its log lines (finding 11)."""
+    document = helpers.onboarding("cli_named")
+    document["data"]["onboarding_completed_at"] = "yesterday"  # invalid_data
+    event = events.read(helpers.encode(document), is_test=False)
+    assert event.quarantine is not None
+    assert event.named_client_id == "cli_named"
+    assert event.client_id is None
