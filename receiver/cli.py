@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from receiver import console, errors, metrics, vault
 from receiver.admin import (
+    debitura,
     event_commands,
     governance_commands,
     inbox,
@@ -135,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_events(subcommands)
     _add_signals(subcommands)
     _add_keys(subcommands)
-    _add_tokens(subcommands)
-    _add_governance(subcommands)
+    tokens_sub = _add_tokens(subcommands)
+    clients_sub = _add_governance(subcommands)
+    debitura.add_parsers(tokens_sub, clients_sub, _add_dev_flag, _positive)
     _add_replay(subcommands)
     _add_sandbox(subcommands)
     return _with_help(parser)
@@ -274,7 +276,9 @@ def _add_keys(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rotate.set_defaults(run=key_commands.rotate)
 
 
-def _add_tokens(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_tokens(
+    subcommands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     parser = subcommands.add_parser("tokens", help="the token inventory")
     sub = parser.add_subparsers(dest="tokens_command", metavar="TOKENS_COMMAND", required=True)
     listing = sub.add_parser(
@@ -329,9 +333,12 @@ def _add_tokens(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_actor(imports)
     _add_dev_flag(imports)
     imports.set_defaults(run=token_commands.import_token)
+    return sub
 
 
-def _add_governance(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_governance(
+    subcommands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     prune = subcommands.add_parser(
         "prune",
         help="drop event bodies, token values and signals past their retention",
@@ -355,6 +362,7 @@ def _add_governance(subcommands: argparse._SubParsersAction[argparse.ArgumentPar
     _add_actor(erase)
     _add_dev_flag(erase)
     erase.set_defaults(run=governance_commands.erase_client)
+    clients_sub = sub
 
     audit_parser = subcommands.add_parser("audit", help="the audit trail of operator actions")
     audit_sub = audit_parser.add_subparsers(
@@ -367,6 +375,7 @@ def _add_governance(subcommands: argparse._SubParsersAction[argparse.ArgumentPar
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_dev_flag(listing)
     listing.set_defaults(run=governance_commands.list_audit)
+    return clients_sub
 
 
 def _add_replay(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

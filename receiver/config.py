@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -133,6 +134,28 @@ def _postgres_url(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+def _api_url(value: str | None) -> str | None:
+    # The API key travels with every request: never over plain HTTP, except to a
+    # loopback host (a sandbox on the same machine). The message never echoes the URL.
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return value.rstrip("/")
+    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
+        return value.rstrip("/")
+    raise ValueError("must be an https:// URL (http:// only for a loopback host)")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _channel(value: str) -> str:
     if not _CHANNEL.match(value):
         raise ValueError("must be a lower-case Postgres identifier")
@@ -149,6 +172,7 @@ Key32 = Annotated[SecretBytes, BeforeValidator(_key32)]
 # listed in `webhook-signature` during a rotation window (docs/design.md §4).
 CacheSecrets = Annotated[tuple[SecretBytes, ...], NoDecode, BeforeValidator(_signal_secrets)]
 Channel = Annotated[str, AfterValidator(_channel)]
+ApiUrl = Annotated[str | None, AfterValidator(_api_url)]
 
 
 class Settings(BaseSettings):
@@ -209,6 +233,28 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode, BeforeValidator(_split)] = ()
     # `auto`: uvloop when installed (the `fast` extra), else asyncio's own loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Debitura's Referral Partner API (docs/design.md §9): live, and the test
+    # environment that manages every tok_test_ token. No key: those commands exit 2.
+    debitura_api_url: ApiUrl = "https://api.debitura.com"
+    debitura_api_key: SecretStr | None = None
+    debitura_test_api_url: ApiUrl = None
+    debitura_test_api_key: SecretStr | None = None
+    debitura_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Retries of connection errors, timeouts, 5xx and 429: at most this many tries of
+    # one call, within this many seconds, the pauses doubling from the base (jittered).
+    debitura_max_attempts: int = Field(default=5, ge=1, le=20)
+    debitura_retry_base_seconds: float = Field(default=0.5, gt=0, le=60)
+    debitura_retry_budget_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Age at which `serve` and `tokens rotate --due` rotate a token; 0 = never.
+    token_rotate_after_days: float = Field(default=90.0, ge=0, le=3650)
+    # How often `serve` looks for due tokens and open rotations, and how many rotate
+    # calls per second it makes at most (spread out, never all in one burst).
+    token_rotate_interval_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    token_rotate_rate: float = Field(default=1.0, gt=0, le=1000)
+    # TEST ONLY, never set in production: a FIFO path; a rotation that got its answer
+    # writes a line to it and waits to read `<path>.release` before storing the new
+    # token, so the fault tests can kill the process or stop Postgres at that instant.
+    test_pause_after_rotate: Path | None = None
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # On SIGTERM/SIGINT/SIGHUP /readyz fails this long before the listener stops, while
@@ -233,7 +279,11 @@ class Settings(BaseSettings):
         if self.index_key.get_secret_value():
             raw.append(self.index_key.get_secret_value())
         raw += [s.get_secret_value() for s in self.cache_secret]
-        return [base64.b64encode(r).decode() for r in raw]
+        texts = [base64.b64encode(r).decode() for r in raw]
+        for key in (self.debitura_api_key, self.debitura_test_api_key):
+            if key is not None:
+                texts.append(key.get_secret_value())
+        return texts
 
     @model_validator(mode="after")
     def _cache_secret_with_url(self) -> Settings:

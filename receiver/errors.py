@@ -163,3 +163,50 @@ class ListenError(ReceiverError):
 
 class MigrationError(ReceiverError):
     """The schema cannot be brought up to date."""
+
+
+class DebituraError(ReceiverError):
+    """A call to Debitura's Referral Partner API failed. Messages name the call, the
+    client and the HTTP status or fault, never a token or the API key."""
+
+
+class DebituraAuthentication(DebituraError):
+    """Debitura refused the API key (401 other than `invalid_token`)."""
+
+
+class DebituraTokenInvalid(DebituraError):
+    """Debitura says the token itself is invalid (401 with code `invalid_token`)."""
+
+
+class DebituraPermission(DebituraError):
+    """403 `permission_error`: the key or token lacks a scope (both kept, as Debitura
+    gave them)."""
+
+    def __init__(
+        self, message: str, required_scope: str | None, token_scopes: list[str] | None
+    ) -> None:
+        super().__init__(message)
+        self.required_scope = required_scope
+        self.token_scopes = token_scopes
+
+
+class DebituraNotFound(DebituraError):
+    """404: Debitura knows no such client (or token)."""
+
+
+class DebituraRateLimited(DebituraError):
+    """429 after every allowed retry."""
+
+
+class DebituraUnavailable(DebituraError):
+    """5xx, a timeout or a connection failure after every allowed retry."""
+
+
+class DebituraAnswerLost(DebituraUnavailable):
+    """A call that is not idempotent (rotate-token) left, and no answer came back
+    (timeout, reset, 5xx): whether it took effect is unknown, and it is never re-sent;
+    a fetch resolves it."""
+
+
+class DebituraRefused(DebituraError):
+    """Any other 4xx, or an answer that is not what the API documents."""

@@ -114,6 +114,17 @@ SIGNAL_DELIVERY_SECONDS = Histogram(
     "From the token change's commit to the cache acknowledging its signal",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600),
 )
+DEBITURA_CALLS = Counter(
+    "receiver_debitura_calls_total",
+    "Calls to Debitura's Referral Partner API, by call and outcome (ok, retried, "
+    "gave_up, lost, refused or the HTTP status)",
+    ["call", "outcome"],
+)
+TOKEN_ROTATIONS = Counter(
+    "receiver_token_rotations_total",
+    "Token rotations through Debitura's API, by trigger (manual, due, resume) and outcome",
+    ["trigger", "outcome"],
+)
 # The database layer imports no metrics (the partner library uses it in the partner's
 # process); it reports its faults to whoever listens, and the service counts them.
 db.FAULT_OBSERVERS.append(lambda kind: DATABASE_ERRORS.labels(kind=kind).inc())

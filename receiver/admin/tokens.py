@@ -24,6 +24,8 @@ INVENTORY_COLUMNS = (
     "revoke_reason",
     "key_id",
     "link_invalid_at",
+    "valid",
+    "validated_at",
 )
 
 

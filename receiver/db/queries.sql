@@ -76,9 +76,10 @@ SELECT name, checksum FROM receiver.schema_migrations;
 -- The inventory operators list: metadata only, never a token; filters optional.
 -- link_invalid_at: when a partner application last reported that this token, though
 -- active, got a second 401 (the client needs re-linking).
-SELECT client_id, prefix, environment, status, onboarding_completed_at, stored_at,
+SELECT client_id, prefix, prefix AS token_prefix, environment, status,
+       onboarding_completed_at, stored_at,
        superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
-       changed_by_event, key_id,
+       changed_by_event, key_id, validated_at, valid, scopes,
        (SELECT max(r.reported_at) FROM receiver.link_reports r
          WHERE r.client_id = i.client_id AND r.environment = i.environment
            AND r.token_prefix = i.prefix) AS link_invalid_at
@@ -522,9 +523,91 @@ SELECT t.environment, 'link_invalid', '', count(DISTINCT t.client_id)
                   AND r.token_prefix = t.prefix)
  GROUP BY 1
 UNION ALL
+SELECT environment, 'invalid', '', count(*)
+  FROM receiver.tokens WHERE valid = false AND status = 'active'
+ GROUP BY 1
+UNION ALL
 SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
   FROM receiver.tokens t
  WHERE NOT EXISTS (SELECT 1 FROM receiver.tokens a
                     WHERE a.client_id = t.client_id AND a.environment = t.environment
                       AND a.status = 'active')
  GROUP BY 1;
+
+-- name: rotation_intent_open
+-- Record a rotation before rotate-token is sent (committed on its own); NULL when
+-- the client already has an unfinished one in that environment.
+INSERT INTO receiver.rotation_intents
+    (client_id, environment, old_prefix, reason, revoke_immediately, actor)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (client_id, environment) WHERE closed_at IS NULL DO NOTHING
+RETURNING id;
+
+-- name: rotation_intent_close
+-- Close an open rotation: $2 outcome, $3 the new token's prefix, $4 the error.
+UPDATE receiver.rotation_intents
+   SET closed_at = now(), outcome = $2, new_prefix = $3, last_error = $4
+ WHERE id = $1 AND closed_at IS NULL
+RETURNING id;
+
+-- name: rotation_intent_retry_later
+-- A resume that could not finish: counted, the fault kept, the intent left open.
+UPDATE receiver.rotation_intents
+   SET resume_attempts = resume_attempts + 1, last_error = $2
+ WHERE id = $1 AND closed_at IS NULL;
+
+-- name: rotation_intents_open
+-- Unfinished rotations, oldest first.
+SELECT id, client_id, environment, old_prefix, reason, revoke_immediately, actor,
+       started_at, resume_attempts
+  FROM receiver.rotation_intents
+ WHERE closed_at IS NULL
+ ORDER BY started_at
+ LIMIT $1;
+
+-- name: rotation_intent
+-- One open rotation.
+SELECT id, client_id, environment, old_prefix, reason, revoke_immediately, actor,
+       started_at, resume_attempts
+  FROM receiver.rotation_intents
+ WHERE id = $1 AND closed_at IS NULL;
+
+-- name: token_by_index
+-- Whether a token is stored (by its blind index), and as what.
+SELECT client_id, environment, prefix, status FROM receiver.tokens WHERE token_index = $1;
+
+-- name: tokens_due_rotation
+-- Active tokens in environments $2 older than $1 (from onboarding, else from when
+-- stored) with no rotation unfinished, oldest first.
+SELECT t.client_id, t.environment, t.prefix, t.onboarding_completed_at
+  FROM receiver.tokens t
+ WHERE t.status = 'active' AND t.environment = ANY ($2::text[])
+   AND coalesce(t.onboarding_completed_at, t.stored_at) < now() - $1::interval
+   AND NOT EXISTS (SELECT 1 FROM receiver.rotation_intents i
+                    WHERE i.client_id = t.client_id AND i.environment = t.environment
+                      AND i.closed_at IS NULL)
+ ORDER BY coalesce(t.onboarding_completed_at, t.stored_at), t.client_id
+ LIMIT $3;
+
+-- name: tokens_to_validate
+-- Active tokens to validate: of clients $1 (NULL: all), in environment $2 (NULL: both).
+SELECT id::text AS id, client_id, environment, prefix, token_sealed
+  FROM receiver.tokens
+ WHERE status = 'active'
+   AND ($1::text[] IS NULL OR client_id = ANY ($1::text[]))
+   AND ($2::text IS NULL OR environment = $2)
+ ORDER BY client_id, environment;
+
+-- name: token_validated
+-- What validate-token said about token $1.
+UPDATE receiver.tokens SET validated_at = now(), valid = $2, scopes = $3
+ WHERE id = $1::uuid;
+
+-- name: try_session_lock
+-- A named advisory lock for this session, if free (held across a long run made of
+-- many short transactions: the scheduled rotation's, one replica at a time).
+SELECT pg_try_advisory_lock(hashtextextended($1, 0));
+
+-- name: session_unlock
+-- Release the session lock try_session_lock took.
+SELECT pg_advisory_unlock(hashtextextended($1, 0));

@@ -1,5 +1,12 @@
-"""Adoption: tokens that arrive outside a webhook (an API response, a re-import after
-losing the keys), stored exactly as an onboarding webhook would store them."""
+"""The one way in for tokens that arrive outside a webhook: `tokens import`, a fetch
+from Debitura's API, a rotation (and a revocation made through the API).
+
+Each becomes the event a webhook would have carried and goes through the same
+lifecycle (`record_events`): sealed, the client's active token in its environment
+superseded (or revoked), the revocation remembered, an outbox signal and its NOTIFY,
+plus an audit row, all in one transaction. A later webhook about the same token is
+a no-op: the lifecycle deduplicates on the token's blind index.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +27,27 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Imported:
-    """The outcome of `tokens import`."""
+    """The outcome of storing a token that came from outside a webhook."""
 
     event_key: str
     client_id: str
     environment: str
     prefix: str
     status: str  # active | superseded | revoked | already_stored
+    replaced: str | None = None  # the prefix of the active token it replaced
+
+
+@dataclass(frozen=True, slots=True)
+class IntentClosure:
+    """A rotation intent to close in the same transaction as the token is stored."""
+
+    intent_id: int
+    outcome: str  # rotated | resumed
+
+
+def environment_of(token: str) -> str:
+    """A token's own environment."""
+    return "test" if token.startswith("tok_test_") else "live"
 
 
 async def import_token(
@@ -39,19 +60,27 @@ async def import_token(
     *,
     supersede: bool = False,
     old_expires_at: datetime | None = None,
+    revoke_old: bool = False,
+    action: str = "token_import",
+    key_prefix: str = "import",
+    detail: dict[str, Any] | None = None,
+    close_intent: IntentClosure | None = None,
 ) -> Imported:
-    """Store a token that arrived outside a webhook (an API response, a re-import after
+    """Store a token that arrived outside a webhook (an API answer, a re-import after
     losing the keys) exactly as an onboarding webhook would: the same event row, the
-    same lifecycle, the same signal, plus an audit row, in one transaction.
+    same lifecycle, the same signal, plus an audit row (`action`), in one
+    transaction; `close_intent` closes a rotation intent in that same transaction.
 
-    Refused (nothing stored) when the token or client id is malformed, or when the
-    client already has an active token in that environment and `supersede` is not set.
+    The replaced active token becomes superseded until `old_expires_at` (default: the
+    24 h grace), or revoked with `revoke_old`. Refused (nothing stored) when the
+    token or client id is malformed, or when the client already has an active token
+    in that environment and `supersede` is not set.
     """
     problem = events.token_problem(token)
     if problem is not None:
         raise errors.UsageError(f"cannot import: the token {problem}")
     now = datetime.now(UTC)
-    key = f"import_{uuid.uuid4().hex}"
+    key = f"{key_prefix}_{uuid.uuid4().hex}"
     data: dict[str, Any] = {
         "client_id": client_id,
         "bearer_token": token,
@@ -59,24 +88,8 @@ async def import_token(
     }
     if old_expires_at is not None:
         data["old_token_expires_at"] = old_expires_at.isoformat()
-    document = {
-        "id": key,
-        "event": "client.onboarding_completed",
-        "timestamp": now.isoformat(),
-        "data": data,
-    }
-    body = json.dumps(document).encode()
-    environment = "test" if token.startswith("tok_test_") else "live"
-    event = events.read(body, is_test=environment == "test")
-    if event.quarantine is not None or not isinstance(event.data, events.OnboardingCompleted):
-        detail = event.quarantine.detail if event.quarantine else "not an onboarding"
-        # The detail names a field and an error kind, never a value.
-        raise errors.UsageError(f"cannot import: {detail}")
-    row = rows.prepare(
-        sealer,
-        event,
-        rows.Arrival(body=body, is_test=event.is_test, test_header=False, signature=None),
-    )
+    environment = environment_of(token)
+    row = _row(sealer, key, "client.onboarding_completed", data, environment)
     prefix = redaction.token_prefix(token)
     async with database.connection() as conn, conn.transaction():
         active = await conn.fetchval(db.QUERIES["active_prefix"], client_id, environment)
@@ -85,34 +98,116 @@ async def import_token(
                 f"client {client_id!r} already has an active {environment} token ({active}…): "
                 "add --supersede to replace it"
             )
+        batch = [row]
+        if revoke_old and active is not None and active != prefix:
+            # The replaced token is revoked as a token.revoked webhook would revoke it.
+            revocation = {
+                "client_id": client_id,
+                "token_prefix": active,
+                "revoked_at": now.isoformat(),
+                "reason": "revoke_immediately",
+            }
+            batch.append(_row(sealer, f"{key}_old", "token.revoked", revocation, environment))
         # The lifecycle's one way in, inside this transaction (with the audit row).
         await store.record_rows(
+            conn,
+            sealer,
+            batch,
+            channel=settings.notify_channel,
+            http_delivery=settings.cache_url is not None,
+        )
+        status = await conn.fetchval(db.QUERIES["token_created_by"], key) or "already_stored"
+        if close_intent is not None:
+            await conn.execute(
+                db.QUERIES["rotation_intent_close"],
+                close_intent.intent_id,
+                close_intent.outcome if status != "already_stored" else "already_stored",
+                prefix,
+                None,
+            )
+        await audit.audit(
+            conn,
+            actor,
+            action,
+            client_id=client_id,
+            environment=environment,
+            token_prefix=prefix,
+            event_key=key,
+            detail={"status": status, "superseded": active, **(detail or {})},
+        )
+    log.warning(
+        "token_imported" if action == "token_import" else "token_stored",
+        action=action,
+        actor=actor.name,
+        client_id=client_id,
+        environment=environment,
+        token_prefix=prefix,
+        status=status,
+    )
+    return Imported(key, client_id, environment, prefix, status, active)
+
+
+async def revoke_client(
+    database: db.Database,
+    settings: config.Settings,
+    sealer: vault.Sealer,
+    client_id: str,
+    environment: str,
+    actor: audit.Actor,
+) -> int:
+    """Revoke every token of the client in `environment` issued until now, as a
+    prefix-less `token.revoked` webhook would (remembered, signalled even when no
+    token matched), with a `client_revoke` audit row; how many tokens it revoked."""
+    now = datetime.now(UTC)
+    key = f"revoke_{uuid.uuid4().hex}"
+    data = {"client_id": client_id, "revoked_at": now.isoformat(), "reason": "client_revoke"}
+    row = _row(sealer, key, "token.revoked", data, environment)
+    async with database.connection() as conn, conn.transaction():
+        recorded = await store.record_rows(
             conn,
             sealer,
             [row],
             channel=settings.notify_channel,
             http_delivery=settings.cache_url is not None,
         )
-        status = await conn.fetchval(db.QUERIES["token_created_by"], key)
+        revoked = recorded[0].revoked or 0
         await audit.audit(
             conn,
             actor,
-            "token_import",
+            "client_revoke",
             client_id=client_id,
             environment=environment,
-            token_prefix=prefix,
             event_key=key,
-            detail={"status": status or "already_stored", "superseded": active},
+            detail={"revoked": revoked},
         )
     log.warning(
-        "token_imported",
+        "client_revoked",
         actor=actor.name,
         client_id=client_id,
         environment=environment,
-        token_prefix=prefix,
-        status=status or "already_stored",
+        revoked=revoked,
     )
-    return Imported(key, client_id, environment, prefix, status or "already_stored")
+    return revoked
+
+
+def _row(
+    sealer: vault.Sealer, key: str, kind: str, data: dict[str, Any], environment: str
+) -> rows.Row:
+    """The event a webhook would have carried, read and sealed as one."""
+    document = {"id": key, "event": kind, "timestamp": data.get("revoked_at"), "data": data}
+    if document["timestamp"] is None:
+        document["timestamp"] = data["onboarding_completed_at"]
+    body = json.dumps(document).encode()
+    event = events.read(body, is_test=environment == "test")
+    if event.quarantine is not None or event.data is None:
+        detail = event.quarantine.detail if event.quarantine else "not applicable"
+        # The detail names a field and an error kind, never a value.
+        raise errors.UsageError(f"cannot import: {detail}")
+    return rows.prepare(
+        sealer,
+        event,
+        rows.Arrival(body=body, is_test=event.is_test, test_header=False, signature=None),
+    )
 
 
 def read_token(lines: Iterable[str]) -> str:

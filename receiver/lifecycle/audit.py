@@ -22,6 +22,9 @@ ACTIONS = (
     "events_reprocess",
     "event_resend",
     "events_dismiss",
+    "token_fetch",
+    "token_rotate",
+    "client_revoke",
 )
 AUDIT_COLUMNS = (
     "id",

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from receiver import config, db, errors, metrics, vault
+from receiver.debitura import schedule
 from receiver.lifecycle import committer, events, retention
 from receiver.service import middleware, openapi, probes, scrape, state, webhook
 from receiver.signals import outbox
@@ -43,6 +44,7 @@ def create_app(settings: config.Settings) -> web.Application:
         app.cleanup_ctx.append(_dispatcher)
     if settings.prune_interval_seconds > 0:
         app.cleanup_ctx.append(_pruner)
+    app.cleanup_ctx.append(_token_rotation)
     app.router.add_post(WEBHOOK_PATH, webhook.receive)
     app.router.add_get("/healthz", probes.healthz)
     app.router.add_get("/readyz", probes.readyz)
@@ -87,6 +89,19 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await app[state.DATABASE].close()
+
+
+async def _token_rotation(app: web.Application) -> AsyncIterator[None]:
+    # Scheduled rotation and the resumption of unfinished ones (docs/design.md §9);
+    # it says once that it is off when no Debitura API key is configured.
+    task = asyncio.create_task(
+        schedule.run(app[state.DATABASE], app[state.SETTINGS], app[state.SEALER]),
+        name="token_rotation",
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _pruner(app: web.Application) -> AsyncIterator[None]:

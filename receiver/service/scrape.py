@@ -69,6 +69,7 @@ class DatabaseGauges:
         self._active: dict[tuple[str, str], int] = {}
         self._without_active: dict[str, int] = {}
         self._link_invalid: dict[str, int] = {}
+        self._invalid: dict[str, int] = {}
         self._rendered = b""
         self._rendered_at = -RENDER_REUSE_SECONDS
 
@@ -100,11 +101,14 @@ class DatabaseGauges:
         self._active = {(env, age): 0 for env in vault.ENVIRONMENTS for age in _AGES}
         self._without_active = dict.fromkeys(vault.ENVIRONMENTS, 0)
         self._link_invalid = dict.fromkeys(vault.ENVIRONMENTS, 0)
+        self._invalid = dict.fromkeys(vault.ENVIRONMENTS, 0)
         for row in health:
             if row["kind"] == "active":
                 self._active[(row["environment"], row["age"])] = row["n"]
             elif row["kind"] == "link_invalid":
                 self._link_invalid[row["environment"]] = row["n"]
+            elif row["kind"] == "invalid":
+                self._invalid[row["environment"]] = row["n"]
             else:
                 self._without_active[row["environment"]] = row["n"]
         self._read_at = time.monotonic()
@@ -164,6 +168,13 @@ class DatabaseGauges:
         )
         for environment, n in self._link_invalid.items():
             link_invalid.add_metric([environment], n)
+        invalid = GaugeMetricFamily(
+            "receiver_tokens_invalid",
+            "Active tokens Debitura's validate-token last called invalid, by environment",
+            labels=["environment"],
+        )
+        for environment, n in self._invalid.items():
+            invalid.add_metric([environment], n)
         unopenable = GaugeMetricFamily(
             "receiver_sealed_values_unopenable",
             "Tokens and events sealed under a key id not in RECEIVER_TOKEN_KEYS, per kind "
@@ -186,6 +197,7 @@ class DatabaseGauges:
             active,
             without,
             link_invalid,
+            invalid,
         ]
         return [*families, up, age]
 

@@ -301,12 +301,6 @@ async def test_a_linked_client_token_reaches_the_partner_and_its_revocation_too(
 # --- 3. A grace rotation at Debitura, picked up by `receiver tokens fetch` -------------
 
 
-def fetch_command_exists() -> bool:
-    """Whether this build has `receiver tokens fetch` (branch `tokens` lands it)."""
-    done = processes.run(["tokens", "fetch", "--help"], processes.clean_env())
-    return done.returncode == 0
-
-
 @pytest.mark.slow
 async def test_a_grace_rotation_fetched_by_the_cli_reaches_the_partner(
     settings: config.Settings,
@@ -317,8 +311,6 @@ async def test_a_grace_rotation_fetched_by_the_cli_reaches_the_partner(
     """A grace rotation at the sandbox sends no webhook; `receiver tokens fetch CLIENT
     --environment test` stores the new token and supersedes the old one with its 24 h
     grace expiry, and the NOTIFY makes `WebhookTokens` call with the new token."""
-    if not await asyncio.to_thread(fetch_command_exists):
-        pytest.skip("`receiver tokens fetch` is not in this build yet (branch tokens)")
     async with whole_loop(settings, webhook_secret, session) as loop:
         old = await loop.linked(conn, "cli_grace")
         assert (await loop.tokens.call("cli_grace", loop.cases)).status == 201

@@ -409,7 +409,7 @@ CREATE TABLE receiver.audit (
     event_key text,
     reason text,
     detail jsonb DEFAULT '{}'::jsonb NOT NULL,
-    CONSTRAINT audit_action_check CHECK ((action = ANY (ARRAY['token_reveal'::text, 'token_import'::text, 'client_erase'::text, 'keys_rotate'::text, 'events_reprocess'::text, 'event_resend'::text, 'events_dismiss'::text]))),
+    CONSTRAINT audit_action_check CHECK ((action = ANY (ARRAY['token_reveal'::text, 'token_import'::text, 'client_erase'::text, 'keys_rotate'::text, 'events_reprocess'::text, 'event_resend'::text, 'events_dismiss'::text, 'token_fetch'::text, 'token_rotate'::text, 'client_revoke'::text]))),
     CONSTRAINT audit_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
 );
 
@@ -440,6 +440,9 @@ CREATE TABLE receiver.tokens (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     expires_at timestamp with time zone,
     value_dropped_at timestamp with time zone,
+    validated_at timestamp with time zone,
+    valid boolean,
+    scopes text[],
     CONSTRAINT tokens_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
     CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text])))
 );
@@ -509,6 +512,34 @@ CREATE TABLE receiver.revocations (
     CONSTRAINT revocations_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
 );
 
+CREATE TABLE receiver.rotation_intents (
+    id bigint NOT NULL,
+    client_id text NOT NULL,
+    environment text NOT NULL,
+    old_prefix text NOT NULL,
+    reason text NOT NULL,
+    revoke_immediately boolean DEFAULT false NOT NULL,
+    actor text NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    resume_attempts integer DEFAULT 0 NOT NULL,
+    last_error text,
+    closed_at timestamp with time zone,
+    outcome text,
+    new_prefix text,
+    CONSTRAINT rotation_intents_closed_has_outcome CHECK (((closed_at IS NULL) = (outcome IS NULL))),
+    CONSTRAINT rotation_intents_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
+    CONSTRAINT rotation_intents_outcome_check CHECK ((outcome = ANY (ARRAY['rotated'::text, 'resumed'::text, 'not_rotated'::text, 'already_stored'::text, 'failed'::text])))
+);
+
+ALTER TABLE receiver.rotation_intents ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME receiver.rotation_intents_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 CREATE TABLE receiver.signals (
     id uuid DEFAULT gen_random_uuid() NOT NULL,
     client_id text NOT NULL,
@@ -548,7 +579,10 @@ CREATE VIEW receiver.token_inventory AS
     tokens.created_by_event,
     tokens.changed_by_event,
     tokens.updated_at,
-    receiver.sealed_key_id(tokens.token_sealed) AS key_id
+    receiver.sealed_key_id(tokens.token_sealed) AS key_id,
+    tokens.validated_at,
+    tokens.valid,
+    tokens.scopes
    FROM receiver.tokens;
 
 ALTER TABLE ONLY receiver.audit
@@ -565,6 +599,9 @@ ALTER TABLE ONLY receiver.link_reports
 
 ALTER TABLE ONLY receiver.revocations
     ADD CONSTRAINT revocations_pkey PRIMARY KEY (event_key);
+
+ALTER TABLE ONLY receiver.rotation_intents
+    ADD CONSTRAINT rotation_intents_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY receiver.signals
     ADD CONSTRAINT signals_pkey PRIMARY KEY (id);
@@ -601,6 +638,8 @@ CREATE INDEX revocations_client ON receiver.revocations USING btree (client_id);
 
 CREATE INDEX revocations_long_prefix ON receiver.revocations USING btree (client_id, environment) WHERE (length(token_prefix) > 15);
 
+CREATE UNIQUE INDEX rotation_intents_one_open ON receiver.rotation_intents USING btree (client_id, environment) WHERE (closed_at IS NULL);
+
 CREATE INDEX signals_dead ON receiver.signals USING btree (created_at) WHERE (status = 'dead'::text);
 
 CREATE INDEX signals_due ON receiver.signals USING btree (next_attempt_at) WHERE (status = 'pending'::text);
@@ -610,6 +649,8 @@ CREATE INDEX signals_leased ON receiver.signals USING btree (lease_expires_at) W
 CREATE INDEX signals_settled ON receiver.signals USING btree (created_at) WHERE (status = ANY (ARRAY['delivered'::text, 'notified'::text]));
 
 CREATE INDEX tokens_client_prefix ON receiver.tokens USING btree (client_id, prefix);
+
+CREATE INDEX tokens_invalid ON receiver.tokens USING btree (environment) WHERE (valid = false);
 
 CREATE UNIQUE INDEX tokens_one_active_per_client_environment ON receiver.tokens USING btree (client_id, environment) WHERE (status = 'active'::text);
 
