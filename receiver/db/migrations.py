@@ -25,15 +25,35 @@ log = structlog.get_logger(__name__)
 
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 BASELINE = "0001_baseline"
-# The four files 0001_baseline squashed, with their checksums as last shipped: a
+# The ten files 0001_baseline squashed, with their checksums as last shipped: a
 # database they built has exactly the baseline's schema, so it is recorded as at
-# the baseline and keeps its data (sql/README.md).
+# the baseline and keeps its data (sql/README.md, "The baseline"). The first of them
+# bears the baseline's own name, with another checksum.
 SQUASHED = {
-    "0001_initial": "523316080615115d45704afddff5ce2eb2cfa7dec62ddee3f4fd1c5661db9834",
-    "0002_token_lifecycle": "5b53e68cf95eca8a58c4ed23b77a5eac5706f3ef61b1a50de98bba5cdbf5b7da",
-    "0003_signal_delivery": "a4f96cf114152f652d63ca4fd81b18425dd337d1900c98b58bd921b4ecbe600e",
-    "0004_group_commit": "636eaede7f774d505b52e047cb53d5d55cf16e8691aa2cc644cd6a666894f1ca",
+    "0001_baseline": "b1a5ef0edd21a23c02c7ecf5b401c9be1a93c82263157c5666af83ae814dd102",
+    "0002_quarantine_and_environments": (
+        "883ad553da933b0cbc4f9e7aef29e51bd8b07f4a1bacda3fcf1df9982c03fdc1"
+    ),
+    "0003_sealed_key_indexes": "0cde412ad0f847b884336c1bae39e8c667150173767ffffef29b5a5a18801321",
+    "0004_retention_erasure_audit": (
+        "81e9a4cf8fe90f123b60c14c5f9a9e23f798dadfeb4bfb7831ed5e0f33df4cdb"
+    ),
+    "0005_roles_and_cache_view": "fdafc592c046c1cac12ce7c51c416257a99b9a19ae51a0c08502a42c58ec14fd",
+    "0006_revocation_counts": "c4b6520eee167e5c29d33b96204c55b52eb986e9d05852a9de7849cf3b956a69",
+    "0007_set_based_group": "ebc0578f7d8ed4d7d4e2f4470603c6aba9500673e60dec8e0fcc833cf80a7bc4",
+    "0008_post_drop_dead_functions": (
+        "b9dbdbf2e8326224df164efa32e745959d17f3c9f9fc107ae4645edd89eb8ebd"
+    ),
+    "0009_pre_one_lifecycle": "8e103b43cc7e554c1a4c22f8640c427873741b154433ad931ac28393f807b7d3",
+    "0010_post_drop_replaced_lifecycle": (
+        "60bc62b78405b8305bab13afae0394dea5a9f83515485d4d96493688d14788b1"
+    ),
 }
+# The files of the first squash (into the first 0001_baseline): a database only they
+# built lacks what 0002-0010 added, and those files no longer ship, so it is refused.
+RETIRED = frozenset(
+    {"0001_initial", "0002_token_lifecycle", "0003_signal_delivery", "0004_group_commit"}
+)
 
 
 # Advisory locks cannot be restricted by role: any role that can connect (the cache
@@ -117,7 +137,7 @@ async def _apply_locked(conn: db.Connection, until: str | None) -> list[str]:
     if not await conn.fetchval(db.QUERIES["migration_table_exists"]):
         await conn.execute(db.QUERIES["migration_bootstrap"])
     done = {r["name"]: r["checksum"] for r in await conn.fetch(db.QUERIES["migration_checksums"])}
-    if set(SQUASHED) & set(done):
+    if _built_by_squashed_files(done):
         done = await _adopt_squashed(conn, done)
     applied = []
     for migration in available():
@@ -138,11 +158,18 @@ async def _apply_locked(conn: db.Connection, until: str | None) -> list[str]:
     return applied
 
 
+def _built_by_squashed_files(done: dict[str, str]) -> bool:
+    # The baseline's name alone says nothing: its checksum tells the squashed
+    # 0001_baseline from the current one.
+    names = set(done) - {BASELINE}
+    return bool(names & (set(SQUASHED) | RETIRED)) or done.get(BASELINE) == SQUASHED[BASELINE]
+
+
 async def _adopt_squashed(conn: db.Connection, done: dict[str, str]) -> dict[str, str]:
     if {name: done.get(name) for name in SQUASHED} != SQUASHED:
         raise errors.MigrationError(
-            "this database was migrated by pre-release files that differ from the last "
-            "shipped ones; recreate it (see sql/README.md)"
+            "this database was migrated by pre-release files that no longer ship, or by "
+            "other versions of them; recreate it (see sql/README.md)"
         )
     baseline = next(m for m in available() if m.name == BASELINE)
     async with conn.transaction():

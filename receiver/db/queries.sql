@@ -1,9 +1,9 @@
 -- Named queries, loaded once by receiver.db. Placeholders are asyncpg's $1…$n.
 
 -- name: record_events
--- The one way in (sql/0009): a group of rows (one receiver.event_row_v2[]:
--- deliveries, imports, reprocessings) in one statement and one transaction; outcomes
--- (and tokens revoked, for revocations) come back in order. `recheck`: nothing was
+-- The one way in (record_events_v5, sql/0001_baseline.sql): a group of rows (one
+-- receiver.event_row_v2[]: deliveries, imports, reprocessings) in one statement and
+-- one transaction; outcomes (and tokens revoked, for revocations) come back in order. `recheck`: nothing was
 -- written, the row's prefix is to be checked in memory first (lifecycle/store.py).
 SELECT outcome, revoked FROM receiver.record_events_v5($1::receiver.event_row_v2[], $2, $3);
 
@@ -160,7 +160,7 @@ SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
 
 -- name: sealed_to_rotate_counts
 -- Values sealed under a key other than $1 (the primary), per kind and key id: two
--- range scans of the sealed_key_id indexes (0003), empty once a rotation is done.
+-- range scans of the sealed_key_id indexes, empty once a rotation is done.
 SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
   FROM receiver.tokens
  WHERE receiver.sealed_key_id(token_sealed) < $1 OR receiver.sealed_key_id(token_sealed) > $1
@@ -377,10 +377,10 @@ SELECT key FROM receiver.events
  ORDER BY received_at, key
  LIMIT $2;
 
--- ---- data governance (receiver/lifecycle/, migration 0004) -------------------
+-- ---- data governance (receiver/lifecycle/) -------------------
 
 -- name: audit_record
--- One audit row (the table refuses updates and deletes: 0004).
+-- One audit row (the table refuses updates and deletes: a trigger).
 INSERT INTO receiver.audit
     (actor, action, client_id, client_hash, environment, token_prefix, event_key, reason, detail)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb);

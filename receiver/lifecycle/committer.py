@@ -13,9 +13,9 @@ group starts beside it only when the one committing has taken SLOW_GROUP_SECONDS
 (it waits on a client's lock, say): the deliveries behind it are not held up by it.
 
 The SQL function takes every advisory lock a group needs first, in one order, so two
-groups never deadlock (sql/0002). A group that fails for any reason but an
-unavailable database is retried one event at a time, so one bad event cannot fail
-the others; a delivery Postgres refuses a value of is then kept quarantined
+groups never deadlock (sql/0001_baseline.sql). A group that fails for any reason
+but an unavailable database is retried one event at a time, so one bad event cannot
+fail the others; a delivery Postgres refuses a value of is then kept quarantined
 (`deliver`, store.record_delivery).
 """
 

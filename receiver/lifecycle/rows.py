@@ -50,7 +50,8 @@ class Row(NamedTuple):
     # Reprocessing: the stored key of the quarantined row this one applies again.
     replaces: str | None = None
     # Ids (tokens) or keys (revocations) checked in memory against a prefix longer
-    # than the stored one and found not to match; None: not checked (sql/0009).
+    # than the stored one and found not to match; None: not checked
+    # (sql/0001_baseline.sql, record_events_v5).
     spared: list[str] | None = None
 
     def __repr__(self) -> str:

@@ -2,9 +2,9 @@
 
 Everything a delivery changes (the event row, the token, the revocation record, the
 outbox signal and its NOTIFY) commits in one transaction inside one SQL function
-(`record_events`, sql/0009), so a 200 always follows a durable commit of all of it,
-and a duplicate of any kind changes nothing. Webhook deliveries (through the group
-committer), `tokens import` and `events reprocess` all come in through
+(`record_events`, sql/0001_baseline.sql), so a 200 always follows a durable commit
+of all of it, and a duplicate of any kind changes nothing. Webhook deliveries
+(through the group committer), `tokens import` and `events reprocess` all come in through
 `record_rows`; `record_delivery` adds what any caller needs around it: a delivery
 Postgres refuses a value of is kept all the same, quarantined.
 """
@@ -50,7 +50,7 @@ async def record_rows(
 
     A revocation prefix longer than the stored 15-character one cannot be compared in
     SQL: a row that needs such a check comes back `recheck` with nothing written; it
-    is checked here, in memory, and the group sent again (sql/0009)."""
+    is checked here, in memory, and the group sent again (sql/0001_baseline.sql)."""
     while True:
         records = await _fetch(target, batch, channel, http_delivery)
         if all(r["outcome"] != "recheck" for r in records):

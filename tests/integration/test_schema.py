@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import os
 import re
 import time
 import uuid
@@ -95,143 +94,93 @@ async def test_every_function_in_the_schema_is_live(conn: asyncpg.Connection) ->
     assert await dead_functions(conn) == set()
 
 
-async def test_the_liveness_check_finds_dead_functions(
-    empty_database_url: str,
-) -> None:
-    """At 0007 the check finds dead the eight functions 0008 drops, and not those an
-    index, a view, a trigger or a named query uses (the check above can fail)."""
-    await migrations.apply(empty_database_url, until="0007_set_based_group")
-    conn = await asyncpg.connect(empty_database_url)
-    try:
-        dead = await dead_functions(conn)
-    finally:
-        await conn.close()
-    dropped = {
-        "record_event",
-        "record_onboarding",
-        "record_revocation",
-        "insert_event",
-        "lock_client",
-        "enqueue_signal",
-        "record_events_v2",
-        "record_events_v3",
-    }
-    assert dropped <= dead
-    assert not {"sealed_key_id", "body_key", "audit_is_append_only", "enqueue_signal_v2"} & dead
+async def test_the_liveness_check_finds_dead_functions(conn: asyncpg.Connection) -> None:
+    """A function nothing references is found dead, and so is one only it calls or a
+    live one names in a comment; those an index, a view, a trigger or another live
+    function uses are not (the check above can fail)."""
+    await conn.execute(
+        """
+        CREATE FUNCTION receiver.orphan_helper() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;
+        CREATE FUNCTION receiver.orphan() RETURNS int LANGUAGE sql
+            AS $$ SELECT receiver.orphan_helper() $$;
+        CREATE FUNCTION receiver.named_in_a_comment() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;
+        CREATE FUNCTION receiver.called_by_a_trigger() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN
+                -- receiver.named_in_a_comment() is not a call
+                RETURN NEW;
+            END $$;
+        CREATE TRIGGER probe BEFORE INSERT ON receiver.link_reports
+            FOR EACH ROW EXECUTE FUNCTION receiver.called_by_a_trigger();
+        """
+    )
+    assert await dead_functions(conn) == {"orphan", "orphan_helper", "named_in_a_comment"}
 
 
 # --- migrations ------------------------------------------------------------------------
-
-_V1 = (
-    "SELECT receiver.record_event($1, $2, 'client.onboarding_completed', $3, now(), "
-    "'\\x01026b31'::bytea, '{}'::jsonb, $4, $5::uuid, $6, $7, $8, '\\x01026b31'::bytea, $9, NULL, "
-    "interval '24 hours', $10, NULL, 'token_invalidation', false)"
-)
-
-
-async def _v1_onboarding(
-    conn: asyncpg.Connection, client_id: str, environment: str, completed: str, *, is_test: bool
-) -> None:
-    token = helpers.canary_token(environment)
-    from datetime import datetime
-
-    await conn.fetchval(
-        _V1,
-        "onboarding",
-        f"evt_{uuid.uuid4().hex}",
-        is_test,
-        client_id,
-        str(uuid.uuid4()),
-        environment,
-        token[:15],
-        os.urandom(32),
-        datetime.fromisoformat(completed),
-        None,
-    )
-
-
-async def _v1_revocation(conn: asyncpg.Connection, client_id: str, *, is_test: bool) -> None:
-    from datetime import UTC, datetime
-
-    await conn.fetchval(
-        _V1.replace("'client.onboarding_completed'", "'token.revoked'"),
-        "revocation",
-        f"evt_{uuid.uuid4().hex}",
-        is_test,
-        client_id,
-        None,
-        None,
-        None,
-        None,
-        None,
-        datetime.now(UTC),
-    )
-
 
 # What a database at the baseline still has to apply.
 AFTER_BASELINE = [m.name for m in migrations.available() if m.name > migrations.BASELINE]
 
 
-async def test_migration_keeps_existing_data_correct(empty_database_url: str) -> None:
-    """Data written by the first release stays right after 0002: tokens keep the
-    environment of their prefix, a live token a test onboarding had superseded is the
-    active live token again, and old revocations get an environment."""
+async def _record(conn: asyncpg.Connection, records: dict[str, str]) -> None:
+    """Make the database's migration records say `records`, and nothing else."""
+    await conn.execute("DELETE FROM receiver.schema_migrations")
+    await conn.executemany(
+        "INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, $2)",
+        list(records.items()),
+    )
+
+
+async def test_database_built_by_the_squashed_files_is_adopted(empty_database_url: str) -> None:
+    """A database the ten squashed files built (recorded under their names and
+    checksums, the first under the baseline's own name) is recorded as at the
+    baseline with its data kept, and migrates on from there."""
     await migrations.apply(empty_database_url, until=migrations.BASELINE)
     conn = await asyncpg.connect(empty_database_url)
     try:
-        await _v1_onboarding(conn, "cli_m", "live", "2024-01-01T00:00:00+00:00", is_test=False)
-        await _v1_onboarding(conn, "cli_m", "test", "2024-02-01T00:00:00+00:00", is_test=True)
-        await _v1_onboarding(conn, "cli_m2", "live", "2024-01-01T00:00:00+00:00", is_test=False)
-        await _v1_onboarding(conn, "cli_m2", "live", "2024-03-01T00:00:00+00:00", is_test=False)
-        await _v1_revocation(conn, "cli_r", is_test=True)
-        before = await conn.fetch("SELECT client_id, environment, status FROM receiver.tokens")
-        assert sorted(tuple(r) for r in before) == [
-            ("cli_m", "live", "superseded"),  # the bug 0002 repairs
-            ("cli_m", "test", "active"),
-            ("cli_m2", "live", "active"),
-            ("cli_m2", "live", "superseded"),
-        ]
+        await conn.execute(
+            "INSERT INTO receiver.events (key, type, status, is_test, body_sealed) "
+            "VALUES ('evt_kept', 'ping', 'ignored', false, '\\x01026b31')"
+        )
+        await _record(conn, migrations.SQUASHED)
         assert await migrations.apply(empty_database_url) == AFTER_BASELINE
-        after = await conn.fetch(
-            "SELECT client_id, environment, status, superseded_at, expires_at FROM receiver.tokens"
-        )
-        assert sorted((r["client_id"], r["environment"], r["status"]) for r in after) == [
-            ("cli_m", "live", "active"),
-            ("cli_m", "test", "active"),
-            ("cli_m2", "live", "active"),  # a live token superseded by a live one stays so
-            ("cli_m2", "live", "superseded"),
+        records = await conn.fetch("SELECT name, checksum FROM receiver.schema_migrations")
+        assert sorted(tuple(r) for r in records) == [
+            (m.name, m.checksum) for m in migrations.available()
         ]
-        restored = next(
-            r for r in after if r["client_id"] == "cli_m" and r["environment"] == "live"
-        )
-        assert restored["superseded_at"] is None
-        assert restored["expires_at"] is None
-        environment = await conn.fetchval("SELECT environment FROM receiver.revocations")
-        assert environment == "test"
+        assert await conn.fetchval("SELECT key FROM receiver.events") == "evt_kept"
     finally:
         await conn.close()
 
 
-async def test_database_built_by_the_squashed_files_is_adopted(empty_database_url: str) -> None:
-    """A database the four pre-release files built (recorded under their names and
-    checksums) is recorded as at the baseline, and migrates on from there; one whose
-    records differ is refused with a clear message."""
+@pytest.mark.parametrize(
+    "records",
+    [
+        # Part of the squashed files: a database stopped midway, which they no
+        # longer can finish.
+        {n: c for n, c in migrations.SQUASHED.items() if n <= "0005_roles_and_cache_view"},
+        # The squashed 0001_baseline alone: its name is the baseline's, its checksum not.
+        {migrations.BASELINE: migrations.SQUASHED[migrations.BASELINE]},
+        # All of them, one edited after it was applied.
+        migrations.SQUASHED | {"0007_set_based_group": "x"},
+        # The first squash's files, which the baseline before this one replaced.
+        dict.fromkeys(migrations.RETIRED, "x"),
+    ],
+    ids=["partial", "old_baseline_only", "edited", "first_squash"],
+)
+async def test_database_built_by_other_pre_release_files_is_refused(
+    empty_database_url: str, records: dict[str, str]
+) -> None:
+    """A database built by pre-release files other than the ten last shipped is refused
+    with a message that says to recreate it, and its records are left as they were."""
     await migrations.apply(empty_database_url, until=migrations.BASELINE)
     conn = await asyncpg.connect(empty_database_url)
     try:
-        await conn.execute("DELETE FROM receiver.schema_migrations")
-        await conn.executemany(
-            "INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, $2)",
-            list(migrations.SQUASHED.items()),
-        )
-        assert await migrations.apply(empty_database_url) == AFTER_BASELINE
-        names = await conn.fetch("SELECT name FROM receiver.schema_migrations ORDER BY name")
-        assert [r["name"] for r in names] == [m.name for m in migrations.available()]
-        await conn.execute(
-            "INSERT INTO receiver.schema_migrations (name, checksum) VALUES ('0001_initial', 'x')"
-        )
+        await _record(conn, records)
         with pytest.raises(errors.MigrationError, match="recreate it"):
             await migrations.apply(empty_database_url)
+        after = await conn.fetch("SELECT name, checksum FROM receiver.schema_migrations")
+        assert dict(tuple(r) for r in after) == records
     finally:
         await conn.close()
 
