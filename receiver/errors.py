@@ -210,3 +210,8 @@ class DebituraAnswerLost(DebituraUnavailable):
 
 class DebituraRefused(DebituraError):
     """Any other 4xx, or an answer that is not what the API documents."""
+
+
+class DebituraBadAnswer(DebituraRefused):
+    """A 2xx whose body cannot be used (too large, not JSON, no usable token): the call
+    took effect at Debitura, and what it did is unknown from here."""

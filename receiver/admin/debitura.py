@@ -15,9 +15,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
-from receiver import config, console, db, errors, vault
+from receiver import config, console, db, errors, redaction, vault
 from receiver.debitura import api, management, outcomes, rotation
-from receiver.lifecycle import audit
+from receiver.lifecycle import audit, events
+
+_REDACTOR = redaction.Redactor()
 
 
 def _run(
@@ -25,6 +27,16 @@ def _run(
     work: Callable[[management.Manager, rotation.Rotator], Awaitable[list[outcomes.Outcome]]],
 ) -> int:
     """Open the database and an HTTP session, do `work`, print its outcomes."""
+    # Client ids are checked before any call: Debitura must never act (a revocation
+    # cannot be undone) on a client the vault would then refuse to record.
+    named = list(getattr(args, "clients", None) or [])
+    if getattr(args, "client", None) is not None:
+        named.append(args.client)
+    for client_id in named:
+        if not events.is_identifier(client_id) or _REDACTOR.text(client_id) != client_id:
+            raise errors.UsageError(
+                "a client id is 1-128 characters of A-Z a-z 0-9 _ . : - (and not a token)"
+            )
 
     async def with_api(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
@@ -98,7 +110,9 @@ def tokens_rotate(args: argparse.Namespace) -> int:
                 client_id,
                 args.environment,
                 actor,
-                reason=args.reason,
+                # Masked and bounded like every audited text: the intent row stores
+                # it, and Debitura receives it (a pasted token must go nowhere).
+                reason=actor.reason or args.reason,
                 revoke_immediately=args.revoke_immediately,
             )
             for client_id in args.clients
@@ -129,7 +143,7 @@ def clients_revoke(args: argparse.Namespace) -> int:
     async def work(manager: management.Manager, _: rotation.Rotator) -> list[outcomes.Outcome]:
         api.endpoint(manager.settings, args.environment)
         actor = _actor(args, args.reason)
-        return [await manager.revoke(args.client, args.environment, actor, args.reason)]
+        return [await manager.revoke(args.client, args.environment, actor, actor.reason or "")]
 
     return _run(args, work)
 

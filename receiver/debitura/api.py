@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -133,15 +134,21 @@ class Api:
         self, where: Endpoint, client_id: str, reason: str, *, revoke_immediately: bool
     ) -> Rotated:
         """POST rotate-token. Sent at most once: see `errors.DebituraAnswerLost`."""
-        answer = await self._call(
-            where,
-            "rotate",
-            "POST",
-            _client_path(client_id, "rotate-token"),
-            {"reason": reason, "revoke_immediately": revoke_immediately},
-            idempotent=False,
-        )
-        token = _token(answer, "new_bearer_token", "rotate", client_id)
+        try:
+            answer = await self._call(
+                where,
+                "rotate",
+                "POST",
+                _client_path(client_id, "rotate-token"),
+                {"reason": reason, "revoke_immediately": revoke_immediately},
+                idempotent=False,
+            )
+            # Of this environment only: one world's API never changes the other's state.
+            token = _token(answer, "new_bearer_token", "rotate", client_id, where.environment)
+        except errors.DebituraBadAnswer as exc:
+            # A 2xx whose body cannot be used: Debitura did rotate, we cannot tell to
+            # what. Settled like a lost answer, by a fetch, never as "nothing happened".
+            raise errors.DebituraAnswerLost(f"{exc}; whether it took effect is unknown") from None
         old = answer.get("old_bearer_token")
         expires = answer.get("old_token_expires_at")
         try:
@@ -218,7 +225,10 @@ class Api:
             else:
                 if len(raw) > MAX_ANSWER_BYTES:
                     _count(call, "refused")
-                    raise errors.DebituraRefused(f"{call}: answer larger than the cap")
+                    kind = (
+                        errors.DebituraBadAnswer if 200 <= status < 300 else errors.DebituraRefused
+                    )
+                    raise kind(f"{call}: answer larger than the cap")
                 if 200 <= status < 300:
                     _count(call, "ok")
                     log.info("debitura_call", call=call, status=status, attempt=attempt)
@@ -284,6 +294,9 @@ def _retry_after(value: str | None) -> float:
         seconds = float(value) if value is not None else 1.0
     except ValueError:
         seconds = 1.0
+    if not math.isfinite(seconds):
+        # NaN compares false with everything: it would slip past the retry budget.
+        seconds = 1.0
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_SECONDS)
 
 
@@ -291,9 +304,9 @@ def _json_object(raw: bytes, call: str) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw else {}
     except ValueError:
-        raise errors.DebituraRefused(f"{call}: the answer is not JSON") from None
+        raise errors.DebituraBadAnswer(f"{call}: the answer is not JSON") from None
     if not isinstance(value, dict):
-        raise errors.DebituraRefused(f"{call}: the answer is not a JSON object")
+        raise errors.DebituraBadAnswer(f"{call}: the answer is not a JSON object")
     return value
 
 
@@ -327,14 +340,24 @@ def _refusal(call: str, status: int, raw: bytes) -> errors.DebituraError:
     return errors.DebituraRefused(f"{call}: Debitura refused the request ({status})")
 
 
-def _token(answer: dict[str, Any], name: str, call: str, client_id: str) -> SecretStr:
+def _token(
+    answer: dict[str, Any], name: str, call: str, client_id: str, environment: str | None = None
+) -> SecretStr:
     value = answer.get(name)
-    if not isinstance(value, str) or events.token_problem(value) is not None:
-        raise errors.DebituraRefused(
+    if (
+        not isinstance(value, str)
+        or events.token_problem(value) is not None
+        or (environment is not None and not value.startswith(f"tok_{environment}_"))
+    ):
+        raise errors.DebituraBadAnswer(
             f"{call}: Debitura's answer for client {client_id!r} has no usable {name}"
         )
     return SecretStr(value)
 
 
+_REDACTOR = redaction.Redactor()
+
+
 def _text(value: Any) -> str | None:
-    return value[:200] if isinstance(value, str) else None
+    # Debitura's free text is printed and stored: nothing token-shaped passes.
+    return _REDACTOR.text(value[:200]) if isinstance(value, str) else None

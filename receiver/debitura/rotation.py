@@ -66,6 +66,9 @@ class Rotator:
         revoke_immediately: bool,
     ) -> outcomes.Outcome:
         where = api.endpoint(self.settings, environment)
+        # The reason is stored in the intent row, audited and sent to Debitura: masked
+        # and bounded as every audited text is, whoever called.
+        reason = audit.clean(reason)
         old = await self.database.fetchval("active_prefix", client_id, environment)
         if old is None:
             return outcomes.failed(client_id, environment, "no active token to rotate")
@@ -176,6 +179,16 @@ class Rotator:
             )
             return outcomes.failed(
                 client_id, environment, "Debitura returned a token of the other environment"
+            )
+        if fetched.status not in (None, "active"):
+            # Revoked (or anything but active) at Debitura since: nothing to store as
+            # the active token; the revocation reaches the vault by its webhook or by
+            # `clients revoke`.
+            await self.database.fetchval(
+                "rotation_intent_close", intent, "failed", None, f"token {fetched.status}"
+            )
+            return outcomes.failed(
+                client_id, environment, f"Debitura says the token is {fetched.status}"
             )
         known = await self.database.fetch(
             "token_by_index", vault.blind_index(self.sealer.index_key, token)

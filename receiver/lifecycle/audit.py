@@ -52,13 +52,15 @@ class Actor:
     def of(cls, name: str | None, reason: str | None) -> Actor:
         """`--actor` (default: the OS user) and `--reason`, cut to 200 characters and
         with anything token-shaped masked: free text must not become a leak."""
-        return cls(_clean(name or getpass.getuser()), _clean(reason) if reason else None)
+        return cls(clean(name or getpass.getuser()), clean(reason) if reason else None)
 
 
 _REDACTOR = redaction.Redactor()
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
+    """Free text as the audit trail keeps it: token-shaped parts masked, NULs gone, at
+    most 200 characters."""
     return _REDACTOR.text(text.replace("\x00", ""))[:_TEXT_LIMIT]
 
 

@@ -302,6 +302,11 @@ def _readable_id(value: str) -> bool:
     return _IDENTIFIER_RE.fullmatch(value) is not None
 
 
+def is_identifier(value: str) -> bool:
+    """Whether `value` is an identifier as deliveries carry them (a client id)."""
+    return _readable_id(value)
+
+
 _IDENTIFIER_RE = re.compile(_IDENTIFIER.strip("^$"))
 
 
