@@ -179,7 +179,7 @@ class Api:
         return Validation(
             valid=answer.get("valid") is True,
             client_id=_text(answer.get("client_id")),
-            scopes=[s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else None,
+            scopes=_texts(scopes) if isinstance(scopes, list) else None,
             status=_text(answer.get("status")),
         )
 
@@ -327,7 +327,7 @@ def _refusal(call: str, status: int, raw: bytes) -> errors.DebituraError:
     if status == 403:
         scope = _text(error.get("required_scope"))
         scopes = error.get("token_scopes")
-        kept = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else None
+        kept = _texts(scopes) if isinstance(scopes, list) else None
         return errors.DebituraPermission(
             f"{call}: Debitura refused permission (403, needs scope {scope or 'unknown'})",
             scope,
@@ -356,6 +356,11 @@ def _token(
 
 
 _REDACTOR = redaction.Redactor()
+
+
+def _texts(values: list[Any]) -> list[str]:
+    # Scopes are stored and printed: masked like any of Debitura's free text.
+    return [_REDACTOR.text(v[:200]) for v in values if isinstance(v, str)]
 
 
 def _text(value: Any) -> str | None:

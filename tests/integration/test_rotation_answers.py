@@ -66,6 +66,14 @@ class Debitura:
             }
         )
 
+    async def _validate(self, request: web.Request) -> web.Response:
+        self.calls["validate"] = self.calls.get("validate", 0) + 1
+        echoed = helpers.canary_token(self.environment)  # a token where text belongs
+        return web.json_response(
+            {"valid": True, "client_id": "cli_echo", "scopes": ["cases.create", echoed]}
+            | {"status": echoed, "issued_at": echoed}
+        )
+
     async def _revoke(self, request: web.Request) -> web.Response:
         self.calls["revoke"] = self.calls.get("revoke", 0) + 1
         return web.json_response({"status": "revoked"})
@@ -77,6 +85,7 @@ class Debitura:
         app.router.add_get(base + "/token", self._fetch)
         app.router.add_post(base + "/rotate-token", self._rotate)
         app.router.add_post(base + "/revoke-token", self._revoke)
+        app.router.add_post("/v1/auth/validate-token", self._validate)
         return app
 
 
@@ -200,6 +209,20 @@ async def test_clients_revoke_refuses_an_unrecordable_client_before_calling_debi
         result = await cli([*revoke, client_id], env)
         assert result.returncode == 2, result.stderr
     assert debitura.calls.get("revoke", 0) == 0
+
+
+async def test_token_shaped_text_in_debituras_answers_is_neither_printed_nor_stored(
+    settings: Settings, debitura: Debitura, conn: asyncpg.Connection
+) -> None:
+    """Debitura's free text (scopes, status) is masked before `tokens validate` prints
+    or stores it: an answer echoing a token leaks it nowhere."""
+    env = env_for(settings, debitura)
+    await fetched(debitura, env, "cli_echo")
+    result = await cli(["tokens", "validate", "cli_echo", "--environment", "test", "--json"], env)
+    assert debitura.calls["validate"] == 1
+    assert '"client_id": "cli_echo"' in result.stdout
+    rows = await conn.fetch("SELECT scopes::text AS s FROM receiver.tokens")
+    assert helpers.find_canaries(" ".join(str(r["s"]) for r in rows)) == []
 
 
 @pytest.mark.parametrize("value", ["NaN", "nan", "inf", "-inf", "1e400", "-3", "soon"])
