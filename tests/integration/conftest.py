@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import ClientResponse, web
@@ -50,6 +51,13 @@ def settings(database_url: str, webhook_secret: str) -> Settings:
         metrics_refresh_seconds=0,  # each scrape reads Postgres: tests compare scrapes
         prune_interval_seconds=0,  # no prune in the background unless a test asks for one
     )
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """The partner application's own HTTP session (for the partner library's calls)."""
+    async with aiohttp.ClientSession() as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -62,13 +62,6 @@ async def debitura() -> AsyncIterator[StandInDebitura]:
     await stand_in.server.close()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """The application's own HTTP session."""
-    async with aiohttp.ClientSession() as opened:
-        yield opened
-
-
 def refreshing(
     video: StandInVideo, session: aiohttp.ClientSession, **options: Any
 ) -> partner.RefreshingTokens:

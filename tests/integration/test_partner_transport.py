@@ -32,13 +32,6 @@ from tests.integration.partner_standins import (
 GIB = 1024**3
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """The application's own HTTP session."""
-    async with aiohttp.ClientSession() as opened:
-        yield opened
-
-
 class Scripted:
     """A token endpoint (and anything else) answering with the handlers a test queues;
     `seen` records every request's path and headers."""

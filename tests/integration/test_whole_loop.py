@@ -66,13 +66,6 @@ class CaseCalls:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """The partner application's own HTTP session."""
-    async with aiohttp.ClientSession() as opened:
-        yield opened
-
-
-@pytest.fixture
 def captured() -> Iterator[tuple[Captured, list[MutableMapping[str, Any]]]]:
     """Every log line of the partner library (stdlib logging) and of the sandbox
     (structlog, the event dicts as handed to the logger, before any redaction)."""
