@@ -3,6 +3,13 @@
 Postgres is the one `RECEIVER_TEST_DATABASE_URL` names, else an embedded Postgres
 started for the session. The schema is migrated once into a template database and
 each test gets its own clone.
+
+Under pytest-xdist (`make test` runs several workers) each worker is a session of its
+own: its own embedded Postgres or template, its own database names (the pid is in
+them). The log directory is the one thing they share: the controller makes it before
+the workers start (they inherit its path through the environment), every worker
+leaves its canaries there when it finishes, and the controller searches every log in
+it once all of them have.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ from receiver import log
 from receiver.db import embedded, migrations
 from tests import helpers
 
-LOG_DIR = Path(tempfile.mkdtemp(prefix="receiver-test-logs-"))
-SESSION_LOG = LOG_DIR / "session.log"
+_SHARED_LOG_DIR = "PYTEST_RECEIVER_LOG_DIR"
+LOG_DIR = Path(os.environ.get(_SHARED_LOG_DIR) or tempfile.mkdtemp(prefix="receiver-test-logs-"))
+os.environ[_SHARED_LOG_DIR] = str(LOG_DIR)  # for the xdist workers this process starts
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+SESSION_LOG = LOG_DIR / f"session-{_WORKER or 'main'}.log"
 _counter = itertools.count()
 
 
@@ -55,6 +65,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for stream in _session_stream:
         stream.flush()
+    if _WORKER is not None:
+        # A worker leaves its canaries for the controller, which searches the logs of
+        # every worker once all have finished (a .txt: it is not searched itself).
+        (LOG_DIR / f"canaries-{_WORKER}.txt").write_text("\n".join(sorted(helpers.CANARIES)))
+        return
+    for left in LOG_DIR.glob("canaries-*.txt"):
+        helpers.CANARIES.update(line for line in left.read_text().splitlines() if line)
     texts = [p.read_text(errors="replace") for p in LOG_DIR.rglob("*.log")]
     combined = "\n".join(texts)
     leaks = helpers.find_canaries(combined)
