@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from receiver import errors, metrics, redaction
-from receiver.log import PerSource
+from receiver.log import PerSource, request_line
 from receiver.service import forwarded
 
 log = structlog.get_logger(__name__)
@@ -113,8 +113,9 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     routine = route in _ROUTINE_ROUTES and response.status < 400
     if quiet:
         return response
-    (log.debug if routine else log.info)(
-        "request",
+    request_line(
+        __name__,
+        "debug" if routine else "info",
         method=request.method,
         path=path,
         status=response.status,
