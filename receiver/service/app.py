@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web, web_request
 from aiohttp.typedefs import Middleware
 
 from receiver import config, db, errors, metrics, vault
 from receiver.debitura import schedule
 from receiver.lifecycle import committer, events, retention
-from receiver.service import middleware, openapi, probes, scrape, state, webhook
+from receiver.service import middleware, openapi, probes, scrape, server, state, webhook
 from receiver.signals import outbox
 
 log = structlog.get_logger(__name__)
@@ -59,6 +61,49 @@ def create_app(settings: config.Settings) -> web.Application:
     app[state.SECRET_SETS] = settings.webhook_secret_sets()
     app.on_shutdown.append(_start_draining)
     return app
+
+
+def runner(application: web.Application, **kwargs: Any) -> server.Runner:
+    """The server runner for an application `create_app` built: its connections as
+    `server.Runner` keeps them, and deliveries through the front door."""
+    return server.Runner(application, front=front_door(application), **kwargs)
+
+
+def front_door(application: web.Application) -> server.Front:
+    """The webhook's own door: a delivery (`POST /webhooks/debitura`) is answered by
+    the webhook handler inside `middleware.answer`, without the application's router
+    and middleware chain in between: one layer per delivery, the hot path's shape
+    (bench/README.md). Everything else goes to the application, and so does a
+    delivery that needs what only it does: a query string (a token in the URL is
+    refused there), `Expect: 100-continue`, or one sent to the admin port (not
+    found there)."""
+    settings = application[state.SETTINGS]
+    admin_port = settings.admin_port
+    trusted = settings.trusted_proxies
+    receive = functools.partial(webhook.deliver, application)
+
+    async def door(
+        request: web_request.BaseRequest, otherwise: server.Handle
+    ) -> web.StreamResponse:
+        if (
+            request.method != "POST"
+            or request.raw_path != WEBHOOK_PATH
+            or hdrs.EXPECT in request.headers
+            or (admin_port is not None and _local_port(request) == admin_port)
+        ):
+            return await otherwise(request)
+        response = await middleware.answer(
+            request, receive, trusted_proxies=trusted, route=WEBHOOK_PATH
+        )
+        response.headers["Server"] = "receiver"  # as middleware.no_server_version does
+        return response
+
+    return door
+
+
+def _local_port(request: web_request.BaseRequest) -> int | None:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname[1] if isinstance(sockname, tuple) else None
 
 
 async def _start_draining(app: web.Application) -> None:

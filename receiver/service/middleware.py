@@ -1,5 +1,7 @@
-"""The one middleware: a request id, the JSON error body for every error, and the
-canonical log line (one per request)."""
+"""Around every request: a request id, the JSON error body for every error, and the
+canonical log line (one per request). The application's one middleware does it for
+every route; the webhook's front door (`front_door`) does the same for the deliveries
+it serves without the application's router and middleware chain."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import random
 import re
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -15,7 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from receiver import errors, metrics, redaction
 from receiver.log import PerSource, request_line
-from receiver.service import forwarded
+from receiver.service import forwarded, state
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +51,7 @@ def _from_http(exc: web.HTTPException) -> errors.ReceiverError:
     return errors.InvalidRequest(exc.reason.lower())
 
 
-async def _refuse_token_in_url(_: web.Request) -> web.StreamResponse:
+async def _refuse_token_in_url() -> web.StreamResponse:
     raise errors.InvalidRequest("tokens must never be sent in a URL")
 
 
@@ -55,6 +59,24 @@ async def _refuse_token_in_url(_: web.Request) -> web.StreamResponse:
 async def canonical_request(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id, turn every error into the JSON error body, and write one
     log line per request (the canonical log line)."""
+    return await answer(
+        request, handler, trusted_proxies=request.app[state.SETTINGS].trusted_proxies
+    )
+
+
+_Request = TypeVar("_Request", bound=web.BaseRequest)
+
+
+async def answer(
+    request: _Request,
+    handler: Callable[[_Request], Awaitable[web.StreamResponse]],
+    *,
+    trusted_proxies: tuple[Any, ...],
+    route: str | None = None,
+) -> web.StreamResponse:
+    """`handler`'s answer to `request`, with everything around it: the request id, the
+    JSON error body for every error, the request metrics and the canonical log line.
+    `route`: the route's template, when the request was not routed by the application."""
     structlog.contextvars.clear_contextvars()
     given = request.headers.get("X-Request-Id", "")
     # A request id only has to be unique among log lines, not unguessable: no
@@ -74,7 +96,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     response: web.StreamResponse
     quiet = False
     try:
-        response = await (_refuse_token_in_url(request) if token_in_url else handler(request))
+        response = await (_refuse_token_in_url() if token_in_url else handler(request))
     except errors.ReceiverError as exc:
         error_code = exc.code
         if isinstance(exc, errors.InvalidSignature):
@@ -82,7 +104,9 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
             # Which check failed, from a fixed set: missing, malformed, stale, future,
             # mismatch (the answer's body stays as terse as before).
             structlog.contextvars.bind_contextvars(signature_failure=exc.reason)
-            quiet = not _REFUSED_SIGNATURES.allow(forwarded.client_address(request))
+            quiet = not _REFUSED_SIGNATURES.allow(
+                forwarded.client_address(request, trusted_proxies)
+            )
         response = _error_response(exc)
     except web.HTTPException as exc:
         mapped = _from_http(exc)
@@ -93,7 +117,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     except ConnectionError:
         # The sender went away mid-body: nobody is left to answer, and it is no fault
         # of ours (aiohttp's payload raises ConnectionResetError).
-        log.info("client_disconnected", remote=forwarded.client_address(request))
+        log.info("client_disconnected", remote=forwarded.client_address(request, trusted_proxies))
         error_code = "client_disconnected"
         response = _error_response(errors.InvalidRequest("client disconnected"))
     except Exception:
@@ -105,7 +129,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         response = _error_response(errors.InternalError("internal error, retry later"))
     response.headers["X-Request-Id"] = request_id
     elapsed = time.perf_counter() - started
-    route = _route_label(request)
+    route = route or _route_label(request)
     metrics.child(metrics.REQUESTS, route, str(response.status)).inc()
     metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
     # Probes and scrapes that went well are routine: at debug, so a crowd of them
@@ -121,7 +145,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         status=response.status,
         error=error_code,
         duration_ms=round(elapsed * 1000, 2),
-        remote=forwarded.client_address(request),
+        remote=forwarded.client_address(request, trusted_proxies),
         pid=_PID,  # which process answered (serve --workers)
     )
     return response
@@ -134,9 +158,9 @@ def _url_readings(raw_path: str) -> tuple[str, ...]:
     return (raw_path, once, urllib.parse.unquote(once))
 
 
-def _route_label(request: web.Request) -> str:
+def _route_label(request: web.BaseRequest) -> str:
     # The route's template, never the raw path: a path is client input.
-    resource = request.match_info.route.resource
+    resource = cast(web.Request, request).match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
 
 

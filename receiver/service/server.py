@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import structlog
@@ -206,11 +208,24 @@ def _trim() -> bool:
     return bool(_LIBC.malloc_trim(0))
 
 
+Handle = Callable[[web_request.BaseRequest], Awaitable[web.StreamResponse]]
+# What sees each request before the application does: it answers it, or hands it on
+# (the second argument: the application's own handling).
+Front = Callable[[web_request.BaseRequest, Handle], Awaitable[web.StreamResponse]]
+
+
+async def _through(
+    front: Front, otherwise: Handle, request: web_request.BaseRequest
+) -> web.StreamResponse:
+    return await front(request, otherwise)
+
+
 class Runner(web.AppRunner):
     """An `AppRunner` whose connections answer unparsable requests in JSON, close a
     connection that has not sent its first request's headers within `header_seconds`,
     and past `max_connections` close the oldest idle connection (or, when none is
-    idle, answer the newcomer 503 at once)."""
+    idle, answer the newcomer 503 at once). With `front`, every request goes to it
+    first (the webhook's front door: `app.front_door`)."""
 
     def __init__(
         self,
@@ -218,17 +233,22 @@ class Runner(web.AppRunner):
         *,
         max_connections: int | None = None,
         header_seconds: float | None = None,
+        front: Front | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self._header_seconds = header_seconds
+        self._front = front
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
         kwargs: dict[str, Any] = server._kwargs
+        handle: Handle = server.request_handler
+        if self._front is not None:
+            handle = functools.partial(_through, self._front, handle)
         ours = _Server(
-            server.request_handler,
+            handle,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             **kwargs,

@@ -10,9 +10,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from receiver import vault
 from receiver.config import Settings
+from receiver.service import app
 from tests import helpers
 from tests.integration.conftest import Post
 
@@ -314,3 +317,75 @@ async def test_canonical_log_line_per_request(post: Post, log_lines: Any) -> Non
     assert line["request_id"]
     assert isinstance(line["duration_ms"], float)
     assert token not in json.dumps(log_lines())
+
+
+async def test_the_front_door_and_the_router_answer_deliveries_alike(
+    client: Any, webhook_secret: str, log_lines: Any
+) -> None:
+    """A delivery is served by the front door (no router, no middleware chain); one
+    with a query string or `Expect: 100-continue` by the application's router. Each
+    gets the same answer, headers, request metrics and canonical line."""
+    paths = {"door": "/webhooks/debitura", "query": "/webhooks/debitura?via=router"}
+    answered_before = await _answered(client)
+    answers = {}
+    for name, path in [*paths.items(), ("expect", paths["door"])]:
+        body = helpers.encode(helpers.onboarding(f"cli_{name}", helpers.canary_token()))
+        headers = helpers.signed_headers(webhook_secret, body)
+        if name == "expect":
+            headers["Expect"] = "100-continue"
+        response = await client.post(path, data=body, headers={**headers, "X-Request-Id": name})
+        answers[name] = (
+            response.status,
+            (await response.json())["status"],
+            response.headers["X-Request-Id"],
+            response.headers["Server"],
+        )
+    assert answers == {
+        name: (200, "processed", name, "receiver") for name in ("door", "query", "expect")
+    }
+    lines = {line["request_id"]: line for line in log_lines() if line["event"] == "request"}
+    for name in answers:
+        assert lines[name]["path"] == "/webhooks/debitura"
+        assert (lines[name]["status"], lines[name]["outcome"]) == (200, "processed")
+        assert lines[name]["client_id"] == f"cli_{name}"
+    assert await _answered(client) == answered_before + 3
+
+
+async def _answered(client: Any) -> float:
+    """Deliveries answered 200, as /metrics counts them (the registry is the process's)."""
+    scraped = await (await client.get("/metrics")).text()
+    line = 'receiver_http_requests_total{route="/webhooks/debitura",status="200"} '
+    return next((float(x[len(line) :]) for x in scraped.splitlines() if x.startswith(line)), 0.0)
+
+
+def test_the_front_door_takes_deliveries_and_leaves_the_rest_to_the_application(
+    settings: Settings,
+) -> None:
+    """Which requests the door answers itself and which it hands to the application."""
+    door = app.front_door(app.create_app(settings))
+    handed: list[str] = []
+
+    async def otherwise(request: web.BaseRequest) -> web.StreamResponse:
+        handed.append(request.raw_path)
+        return web.Response()
+
+    async def visit(method: str, path: str, **headers: str) -> int:
+        request = make_mocked_request(method, path, headers=headers)
+        return (await door(request, otherwise)).status
+
+    async def visits() -> list[int]:
+        return [
+            await visit("POST", "/webhooks/debitura"),  # no content type: 415, by the door
+            await visit("POST", "/webhooks/debitura?x=1"),
+            await visit("POST", "/webhooks/debitura", Expect="100-continue"),
+            await visit("GET", "/webhooks/debitura"),
+            await visit("GET", "/healthz"),
+        ]
+
+    assert asyncio.run(visits()) == [415, 200, 200, 200, 200]
+    assert handed == [
+        "/webhooks/debitura?x=1",
+        "/webhooks/debitura",
+        "/webhooks/debitura",
+        "/healthz",
+    ]
