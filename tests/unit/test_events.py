@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from receiver.lifecycle import events
 from tests import helpers
@@ -201,3 +203,82 @@ def test_environment_of_each_delivery(
         assert event.quarantine.reason == "test_delivery_targets_live"
     else:
         assert event.environment == environment
+
+
+# What the redacted copy's short cut (`events._plain_onboarding`) must tell apart: keys
+# the redaction masks by name and ones it does not, and values holding a token, a
+# prefix, a JWT, a bearer credential, non-ASCII text, escapes, numbers out of range.
+_PLAIN_KEYS = st.sampled_from(["note", "mytoken", "old_token_expires_at", "token_prefix", "n"])
+_KEYS = st.one_of(
+    _PLAIN_KEYS,
+    _PLAIN_KEYS,
+    st.sampled_from(
+        ["password", "x-token", "Token ", "my_secret", "apiKey", "tok_key", "bearer_token", "ünï",
+         "Signature"]
+    ),
+)  # fmt: skip
+_LEAVES = st.one_of(
+    st.text(alphabet="abc 123-:.", max_size=12),
+    st.integers(),
+    st.sampled_from(
+        [helpers.canary_token(), "tok_live_abc123", "Bearer abc", "bEaReR abc", "eyJhbGciOi.x.y",
+         "quote\"d", "back\\slash", "ünïcödé", "tok\\u005flive", 1e308, -0.0, 2**70, None, True]
+    ),
+    st.text(max_size=12),
+    st.integers(),
+)  # fmt: skip
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(_KEYS, inner, max_size=2),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(
+    top=st.dictionaries(_KEYS, _VALUES, max_size=2),
+    data=st.dictionaries(_KEYS, _VALUES, max_size=3),
+    ascii_only=st.booleans(),
+    huge=st.booleans(),
+)
+def test_the_plain_onboarding_short_cut_is_the_walks_copy(
+    top: dict[str, Any], data: dict[str, Any], ascii_only: bool, huge: bool
+) -> None:
+    """Whenever the raw-bytes scan lets an onboarding skip the walk, its redacted copy
+    is the one the walk makes, and the walk would have found no token elsewhere and
+    nothing unstorable."""
+    document = helpers.onboarding("cli_short")
+    document.update(top)
+    document["data"].update(data)
+    document["event"] = events.ONBOARDING_COMPLETED
+    body = json.dumps(document, ensure_ascii=ascii_only).encode()
+    if huge:  # a number json reads as infinity
+        body = body.replace(b'"timestamp": ', b'"n": 1e999, "timestamp": ', 1)
+    loaded = json.loads(body)
+    short = events._plain_onboarding(body, loaded)
+    event("short cut" if short is not None else "walked")
+    if short is None:
+        return
+    inspection = events._Inspection(("data", "bearer_token"), escapes=b"\\u" in body)
+    assert short == inspection.copy(loaded)
+    assert (inspection.token_paths, inspection.unstorable) == ([], [])
+
+
+def test_a_plain_onboarding_takes_the_short_cut_and_others_do_not() -> None:
+    """The usual delivery skips the walk; one with a second token, a masked key, a
+    nested value or an escape does not."""
+    plain = helpers.onboarding("cli_plain")
+    plain["data"]["old_token_expires_at"] = "2024-01-16T10:30:00Z"
+    body = helpers.encode(plain)
+    assert events._plain_onboarding(body, json.loads(body)) is not None
+    for change in (
+        {"note": helpers.canary_token()},
+        {"password": "x"},
+        {"nested": {"a": 1}},
+        {"note": "caf\u00e9"},
+        {"note": "Bearer abc"},
+    ):
+        other = helpers.onboarding("cli_other")
+        other["data"].update(change)
+        raw = helpers.encode(other)
+        assert events._plain_onboarding(raw, json.loads(raw)) is None, change
