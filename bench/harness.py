@@ -65,14 +65,15 @@ def server_dsn() -> str:
 
 
 @asynccontextmanager
-async def fresh_database(dsn: str) -> AsyncIterator[str]:
-    """A new, migrated database on the server; dropped afterwards."""
+async def fresh_database(dsn: str, *, migrate: bool = True) -> AsyncIterator[str]:
+    """A new database on the server, migrated unless told not to; dropped afterwards."""
     name = f"receiver_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = await asyncpg.connect(dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
     try:
-        await migrations.apply(url)
+        if migrate:
+            await migrations.apply(url)
         await recycle_wal(url)
         yield url
     finally:
