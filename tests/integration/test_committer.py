@@ -18,8 +18,8 @@ from tests.integration.conftest import client_lock
 from tests.integration.standins import eventually
 
 
-def _row(sealer: vault.Sealer) -> rows.Row:
-    body = helpers.encode(helpers.onboarding())
+def _row(sealer: vault.Sealer, client_id: str | None = None) -> rows.Row:
+    body = helpers.encode(helpers.onboarding(client_id))
     delivery = rows.Arrival(body=body, is_test=False, test_header=False, signature=None)
     return rows.prepare(sealer, events.read(body, is_test=False), delivery)
 
@@ -90,3 +90,43 @@ async def test_a_group_stuck_on_a_lock_does_not_hold_up_the_next(
         assert not stuck.done()
         await release()
     assert await stuck == (200, "processed")
+
+
+async def test_a_row_still_queued_at_its_deadline_is_never_committed(
+    database: db.Database,
+    sealer: vault.Sealer,
+    conn: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    """With the only group slot taken by a group waiting on a lock, a row behind it is
+    still queued at its deadline: its caller gets DatabaseUnavailable (a 503: the sender
+    retries), the row leaves the queue, and nothing of it is ever stored, even once the
+    group ahead has committed."""
+    group = committer.GroupCommit(
+        database, sealer=sealer, channel="token_invalidation", http_delivery=False,
+        max_in_flight=1,
+    )  # fmt: skip
+    held, behind = _row(sealer, "cli_held"), _row(sealer)
+    loop = asyncio.get_running_loop()
+    async with client_lock(database_url, "cli_held") as release:
+        first = asyncio.create_task(group.record(held))
+
+        async def blocked() -> bool:
+            waits = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                " AND datname = current_database()"
+            )
+            return bool(waits)
+
+        await eventually(blocked)
+        try:
+            await group.record(behind, deadline=loop.time() + 0.2)
+        except errors.DatabaseUnavailable:
+            pass
+        else:
+            raise AssertionError("the queued row was not answered at its deadline")
+        assert not group._queue
+        await release()
+        assert (await first).outcome == "processed"
+    stored = await conn.fetch("SELECT key FROM receiver.events")
+    assert [r["key"] for r in stored] == [held.key]
