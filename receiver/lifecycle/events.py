@@ -178,6 +178,8 @@ class Event:
     environment: Environment | None = None
     quarantine: Quarantine | None = None
     document: dict[str, Any] | None = field(default=None, repr=False)
+    # The document as JSON text, when reading made it already (a plain onboarding).
+    document_text: str | None = field(default=None, repr=False)
 
     @property
     def client_id(self) -> str | None:
@@ -239,10 +241,11 @@ def read(body: bytes, *, is_test: bool) -> Event:
     event_name = loaded.get("event")
     token_path = ("data", "bearer_token") if event_name == ONBOARDING_COMPLETED else None
     inspection = _Inspection(token_path, escapes=b"\\u" in body)
-    document = _plain_onboarding(body, loaded)
-    if document is None:
-        document = inspection.copy(loaded)
+    plain = _plain_onboarding(body, loaded)
+    document = inspection.copy(loaded) if plain is None else plain[0]
     known: dict[str, Any] = {"document": document}
+    if plain is not None:
+        known["document_text"] = plain[1]
     # The id and type name the stored row, so they are kept only when plain and clean.
     raw_id = loaded.get("id")
     if isinstance(raw_id, str) and _readable_id(raw_id) and ("id",) not in inspection.token_paths:
@@ -307,7 +310,8 @@ def read(body: bytes, *, is_test: bool) -> Event:
 # its colon; with no escape and no quote inside a string, a match is a key's end).
 # A plain onboarding has exactly two matches, its `bearer_token` key and its token's
 # start, and its copy is the document with the token masked, as the walk makes it
-# (tests/unit/test_events.py compares the two); anything else is walked.
+# (tests/unit/test_events.py compares the two); anything else is walked. Its text is
+# the body with the token (there, once, as it is: no escape) replaced by its mask.
 _SENSITIVE_KEY = "|".join(sorted(redaction.SENSITIVE_WORDS, key=len, reverse=True))
 _WALK_NEEDED = re.compile(
     rb"tok_|eyJ|\\|[\x80-\xff]|(?i:bearer)\s"
@@ -316,8 +320,9 @@ _WALK_NEEDED = re.compile(
 _SCALARS = (str, int, bool, type(None))
 
 
-def _plain_onboarding(body: bytes, loaded: dict[str, Any]) -> dict[str, Any] | None:
-    """The redacted copy of a plain onboarding without walking it, or None: walk it."""
+def _plain_onboarding(body: bytes, loaded: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The redacted copy of a plain onboarding, and its JSON text, without walking it;
+    or None: walk it."""
     if loaded.get("event") != ONBOARDING_COMPLETED or len(_WALK_NEEDED.findall(body)) != 2:
         return None
     data = loaded.get("data")
@@ -332,7 +337,9 @@ def _plain_onboarding(body: bytes, loaded: dict[str, Any]) -> dict[str, Any] | N
                 continue
             if type(value) is not float or not math.isfinite(value):
                 return None
-    return {**loaded, "data": {**data, "bearer_token": _REDACTOR.text(token)}}
+    masked = _REDACTOR.text(token)
+    copy = {**loaded, "data": {**data, "bearer_token": masked}}
+    return copy, body.decode().replace(token, masked)
 
 
 def _readable_id(value: str) -> bool:

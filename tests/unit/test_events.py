@@ -260,7 +260,9 @@ def test_the_plain_onboarding_short_cut_is_the_walks_copy(
     if short is None:
         return
     inspection = events._Inspection(("data", "bearer_token"), escapes=b"\\u" in body)
-    assert short == inspection.copy(loaded)
+    copy, text = short
+    assert copy == inspection.copy(loaded)
+    assert json.loads(text) == copy
     assert (inspection.token_paths, inspection.unstorable) == ([], [])
 
 
