@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiohttp
 import asyncpg
 import psutil
 
@@ -44,15 +45,19 @@ class Result:
     server_cpu: float | None = None
     postgres_cpu: float | None = None
     generator_cpu: float | None = None
+    # Events per commit group, mean over the process's life (warm-up included); None
+    # for a server that does not count them (the lean reference, the ceilings).
+    group_size: float | None = None
 
     def row(self) -> str:
         """One table line of this scenario's figures."""
         p50 = harness.percentile(self.latencies, 50) * 1000
         p99 = harness.percentile(self.latencies, 99) * 1000
+        group = f"  group {self.group_size:5.1f}" if self.group_size is not None else ""
         return (
             f"{self.name:<44} {self.rate:8.0f}/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
             f"  server {cpu(self.server_cpu)}  postgres {cpu(self.postgres_cpu)}"
-            f"  load generator {cpu(self.generator_cpu)}"
+            f"  load generator {cpu(self.generator_cpu)}{group}"
         )
 
 
@@ -173,7 +178,25 @@ async def scenario(
             server.percent(),
             postgres.percent(),
             generator.percent(),
+            await group_size(port),
         )
+
+
+async def group_size(port: int) -> float | None:
+    """The mean commit group size a receiver's /metrics reports (None: no such metric)."""
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text() if response.status == 200 else ""
+        except aiohttp.ClientError:
+            return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("receiver_commit_group_size_sum", "receiver_commit_group_size_count"):
+            values[name] = float(value)
+    count = values.get("receiver_commit_group_size_count")
+    return values["receiver_commit_group_size_sum"] / count if count else None
 
 
 async def open_loop_latency(
