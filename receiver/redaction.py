@@ -31,7 +31,7 @@ _TOKEN_TEXT = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_\-+/= ]+")
 _ASCII_ESCAPE = re.compile(r"\\u00([2-7][0-9a-eA-E]|[2-6][fF])|\\/")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
-SENSITIVE_WORDS = frozenset(
+_SENSITIVE_WORDS = frozenset(
     {
         "authorization",
         "apikey",
@@ -164,4 +164,4 @@ def is_sensitive_key(key: object) -> bool:
 def _sensitive_name(key: str) -> bool:
     words = re.split(r"[^a-z0-9]+", key.lower())
     last = next((w for w in reversed(words) if w), "")
-    return last in SENSITIVE_WORDS
+    return last in _SENSITIVE_WORDS

@@ -303,36 +303,43 @@ def read(body: bytes, *, is_test: bool) -> Event:
 
 
 # Almost every delivery is a plain onboarding: one token, in `data.bearer_token`, and
-# nothing else the inspection would flag or the redacted copy would change. One scan
-# of the raw bytes (in C) finds everything that could: a token's start, a JWT's, a
-# bearer credential, an escape, a byte outside ASCII, and every key the redaction
-# masks by its name (a key's text ends with one of those words and is followed by
-# its colon; with no escape and no quote inside a string, a match is a key's end).
-# A plain onboarding has exactly two matches, its `bearer_token` key and its token's
-# start, and its copy is the document with the token masked, as the walk makes it
-# (tests/unit/test_events.py compares the two); anything else is walked. Its text is
-# the body with the token (there, once, as it is: no escape) replaced by its mask.
-_SENSITIVE_KEY = "|".join(sorted(redaction.SENSITIVE_WORDS, key=len, reverse=True))
-_WALK_NEEDED = re.compile(
-    rb"tok_|eyJ|\\|[\x80-\xff]|(?i:bearer)\s"
-    + rb"|(?<![A-Za-z0-9])(?i:" + _SENSITIVE_KEY.encode() + rb')[^A-Za-z0-9"]*"\s*:'
-)  # fmt: skip
+# nothing else the inspection would flag or the redacted copy would change. A few
+# checks over the raw bytes, in C, rule out everything that could: a second token's
+# start, a JWT's, a bearer credential, an escape, a byte outside ASCII (so every key
+# and string is a plain substring of the body, as the redaction reads it); then the
+# two levels of keys are judged as the walk judges them. Its copy is the document
+# with the token masked, as the walk makes it (tests/unit/test_events.py compares
+# the two), and its text the body with the token (there once, as it is) replaced by
+# its mask; anything else is walked. (One regex over the bytes for all of it was
+# slower: 6.5 µs against 2 for a 240-byte body.)
+_BEARER_CREDENTIAL = re.compile(rb"(?i:bearer)\s")
 _SCALARS = (str, int, bool, type(None))
 
 
 def _plain_onboarding(body: bytes, loaded: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """The redacted copy of a plain onboarding, and its JSON text, without walking it;
     or None: walk it."""
-    if loaded.get("event") != ONBOARDING_COMPLETED or len(_WALK_NEEDED.findall(body)) != 2:
+    if (
+        loaded.get("event") != ONBOARDING_COMPLETED
+        or not body.isascii()
+        or b"\\" in body
+        or body.count(b"tok_") != 1
+        or b"eyJ" in body
+        or _BEARER_CREDENTIAL.search(body) is not None
+    ):
         return None
     data = loaded.get("data")
     if not isinstance(data, dict):
         return None
     token = data.get("bearer_token")
     if not isinstance(token, str) or not token.startswith("tok_"):
-        return None
+        return None  # the one token's start is elsewhere
     for container in (loaded, data):
-        for value in container.values():
+        for key, value in container.items():
+            if redaction.is_sensitive_key(key) and not (
+                container is data and key == "bearer_token"
+            ):
+                return None
             if value is data or type(value) in _SCALARS:
                 continue
             if type(value) is not float or not math.isfinite(value):

@@ -221,8 +221,9 @@ _LEAVES = st.one_of(
     st.text(alphabet="abc 123-:.", max_size=12),
     st.integers(),
     st.sampled_from(
-        [helpers.canary_token(), "tok_live_abc123", "Bearer abc", "bEaReR abc", "eyJhbGciOi.x.y",
-         "quote\"d", "back\\slash", "ünïcödé", "tok\\u005flive", 1e308, -0.0, 2**70, None, True]
+        [helpers.canary_token(), "tok_live_abc123", "Bearer abc", "bEaReR abc", "Bearer\u00a0abc",
+         "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2ln", "quote\"d", "back\\slash",
+         "ünïcödé", "tok\\u005flive_abcdefghijklmnop", 1e308, -0.0, 2**70, None, True]
     ),
     st.text(max_size=12),
     st.integers(),
@@ -240,9 +241,10 @@ _VALUES = st.recursive(
     data=st.dictionaries(_KEYS, _VALUES, max_size=3),
     ascii_only=st.booleans(),
     huge=st.booleans(),
+    escaped=st.booleans(),
 )
 def test_the_plain_onboarding_short_cut_is_the_walks_copy(
-    top: dict[str, Any], data: dict[str, Any], ascii_only: bool, huge: bool
+    top: dict[str, Any], data: dict[str, Any], ascii_only: bool, huge: bool, escaped: bool
 ) -> None:
     """Whenever the raw-bytes scan lets an onboarding skip the walk, its redacted copy
     is the one the walk makes, and the walk would have found no token elsewhere and
@@ -254,6 +256,8 @@ def test_the_plain_onboarding_short_cut_is_the_walks_copy(
     body = json.dumps(document, ensure_ascii=ascii_only).encode()
     if huge:  # a number json reads as infinity
         body = body.replace(b'"timestamp": ', b'"n": 1e999, "timestamp": ', 1)
+    if escaped:  # a token that only its escape hides from the raw bytes
+        body = body.replace(b'"event": ', b'"x": "\\u0074ok_live_abcdefghijklmnop", "event": ', 1)
     loaded = json.loads(body)
     short = events._plain_onboarding(body, loaded)
     event("short cut" if short is not None else "walked")
@@ -284,3 +288,36 @@ def test_a_plain_onboarding_takes_the_short_cut_and_others_do_not() -> None:
         other["data"].update(change)
         raw = helpers.encode(other)
         assert events._plain_onboarding(raw, json.loads(raw)) is None, change
+
+
+@pytest.mark.parametrize("where", ["top", "data"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer abc",
+        "bEaReR\tabc",
+        "Bearer\u00a0abc",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2ln",
+        "tok\\u005flive_abcdefghijklmnop",
+        "tok_live_abcdefghijklmnopqrst",
+        "caf\u00e9",
+        1e308,
+        {"nested": "x"},
+    ],
+)
+def test_one_odd_value_in_an_onboarding_the_short_cut_copies_as_the_walk(
+    where: str, value: Any
+) -> None:
+    """Each value the redaction or the inspection treats specially, in an otherwise
+    plain onboarding (raw UTF-8 and ASCII-escaped): the short cut either declines or
+    copies it as the walk does."""
+    document = helpers.onboarding("cli_odd")
+    (document if where == "top" else document["data"])["note"] = value
+    for ascii_only in (True, False):
+        body = json.dumps(document, ensure_ascii=ascii_only).encode()
+        loaded = json.loads(body)
+        short = events._plain_onboarding(body, loaded)
+        if short is not None:
+            inspection = events._Inspection(("data", "bearer_token"), escapes=b"\\u" in body)
+            assert short[0] == inspection.copy(loaded)
+            assert inspection.token_paths == []
