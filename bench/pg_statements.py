@@ -91,6 +91,7 @@ async def main() -> None:
                 " SET auto_explain.log_timing = on; SET client_min_messages = log"
             )
             explained: collections.defaultdict[str, float] = collections.defaultdict(float)
+            jit = 0
             for _ in range(args.groups):
                 group = _group(sealer, args.size)
                 plans.clear()
@@ -103,6 +104,7 @@ async def main() -> None:
                     if found is None:
                         continue
                     query, rest = found.groups()
+                    jit += "JIT:" in rest
                     top = _TIME.search(rest)
                     if top is not None:
                         explained[_label(query)] += float(top.group(1)) * int(top.group(2))
@@ -124,6 +126,8 @@ async def main() -> None:
         + f": {statistics.median(walls) * 1e6 / args.size:.1f} µs per event"
         " (median group, call and commit, auto_explain off)"
     )
+    if jit:
+        print(f"  JIT compiled {jit} statement runs: a cost estimate past jit_above_cost")
     total = sum(explained.values())
     for label, ms in sorted(explained.items(), key=lambda item: -item[1])[:25]:
         print(f"  {ms / total:6.1%}  {ms * 1000 / events_count:7.1f} µs/event  {label}")
