@@ -48,6 +48,7 @@ def configure(
     `fmt` is "json" or "console"; unset, it is console on a terminal, JSON elsewhere.
     """
     out = stream if stream is not None else sys.stdout
+    secrets = tuple(secrets)  # read twice below: an iterator would be empty the second time
     if fmt is None:
         fmt = "console" if out.isatty() else "json"
     renderer: Processor

@@ -88,7 +88,7 @@ class Redactor:
             value = _TOKEN_TEXT.sub(_mask_token, value)
         if "eyJ" in value:
             value = _JWT.sub(MASK, value)
-        if "earer" in value or "EARER" in value:
+        if "bearer" in value.lower():  # any case, as _BEARER reads it (bEaReR too)
             value = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", value)
         return value
 

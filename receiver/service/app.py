@@ -85,6 +85,19 @@ def front_door(application: web.Application) -> server.Front:
     async def door(
         request: web_request.BaseRequest, otherwise: server.Handle
     ) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.strip().lower() != "100-continue":
+            # aiohttp answers an expectation it does not know with a 417 that echoes the
+            # header's value, before any of our code runs: a delivery refused, and
+            # whatever the header held in the answer. RFC 9110 lets a server ignore an
+            # expectation it does not know; this one does (only 100-continue is left).
+            request = request.clone(
+                headers=[
+                    (name, value)
+                    for name, value in request.headers.items()
+                    if name.lower() != "expect"
+                ]
+            )
         if (
             request.method != "POST"
             or request.raw_path != WEBHOOK_PATH

@@ -389,3 +389,26 @@ def test_the_front_door_takes_deliveries_and_leaves_the_rest_to_the_application(
         "/webhooks/debitura",
         "/healthz",
     ]
+
+
+async def test_an_unknown_expectation_is_ignored_never_answered_417_with_its_value(
+    client: Any, webhook_secret: str, log_lines: Any
+) -> None:
+    """aiohttp would answer `Expect: <anything but 100-continue>` with a 417 echoing the
+    value, before our code: an authentic delivery refused, and the header's content (a
+    token, here) in the answer. The expectation is ignored: the delivery is stored and
+    answered as any other, and the value appears nowhere; other routes likewise."""
+    canary = helpers.canary_token()
+    body = helpers.encode(helpers.onboarding("cli_expect"))
+    headers = {**helpers.signed_headers(webhook_secret, body), "Expect": canary}
+    for path in ("/webhooks/debitura", "/webhooks/debitura?via=router"):
+        response = await client.post(path, data=body, headers=headers)
+        text = await response.text()
+        assert response.status == 200, text
+        assert json.loads(text)["status"] in ("processed", "duplicate")
+        assert response.headers["X-Request-Id"]
+        assert canary not in text
+    probe = await client.get("/healthz", headers={"Expect": canary})
+    assert probe.status == 200
+    assert canary not in await probe.text()
+    assert canary not in json.dumps(log_lines())

@@ -46,3 +46,11 @@ def test_whole_token_is_masked_whatever_its_alphabet() -> None:
         assert token[9:] not in masked
         assert "token_456" not in masked
         assert masked.endswith(".")
+
+
+def test_a_bearer_credential_is_masked_in_any_case() -> None:
+    """`Bearer`, `BEARER` and mixed case alike (the pattern reads any case; its quick
+    pre-check once read only two)."""
+    for word in ("Bearer", "BEARER", "bEaReR", "BeArEr", "bearer"):
+        masked = redaction.Redactor().text(f"{word} abcdefSECRET99")
+        assert "abcdefSECRET99" not in masked, word

@@ -126,5 +126,20 @@ def test_whatever_the_fields_hold_the_line_is_the_chains_and_masks_every_secret(
     direct, chain = _lines(stream)
     assert _without_time(direct) == _without_time(chain)
     assert not helpers.find_canaries(text)
+    assert _CANARY[9:] not in text  # the secret part, after a bearer word of any case
     assert SECRET not in text
     assert JWT not in text
+
+
+def test_secrets_given_as_an_iterator_are_masked_on_the_direct_path_too() -> None:
+    """`configure` reads the secrets twice (the chain's redaction, the direct line's
+    check): given once as an iterator, both still have them."""
+    out = io.StringIO()
+    try:
+        log.configure(fmt="json", level="info", secrets=iter([SECRET]), stream=out)
+        fields = _plain_fields() | {"path": SECRET}
+        log.request_line("receiver.service.middleware", "info", **fields)
+    finally:
+        conftest.log_to_session_file()
+    assert SECRET not in out.getvalue()
+    assert _lines(out)[0]["path"] == "[REDACTED]"
