@@ -143,3 +143,24 @@ def test_secrets_given_as_an_iterator_are_masked_on_the_direct_path_too() -> Non
         conftest.log_to_session_file()
     assert SECRET not in out.getvalue()
     assert _lines(out)[0]["path"] == "[REDACTED]"
+
+
+@pytest.mark.parametrize("value", _HOSTILE)
+@pytest.mark.parametrize("name", ["path", "request_id"])
+def test_each_kind_of_secret_alone_is_masked_as_the_chain_masks_it(
+    stream: io.StringIO, value: str, name: str
+) -> None:
+    """One hostile value, alone in a field or in the request's context: the line is the
+    chain's, and no secret of any kind is left in it."""
+    fields = _plain_fields()
+    if name == "path":
+        fields["path"] = value
+    else:
+        structlog.contextvars.bind_contextvars(request_id=value)
+    log.request_line("receiver.service.middleware", "info", **fields)
+    structlog.get_logger("receiver.service.middleware").info("request", **fields)
+    direct, chain = _lines(stream)
+    assert _without_time(direct) == _without_time(chain)
+    text = stream.getvalue()
+    for secret in (_CANARY, _CANARY[9:], JWT, SECRET):
+        assert secret not in text
