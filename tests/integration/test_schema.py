@@ -247,3 +247,19 @@ async def test_groups_sharing_keys_and_clients_never_deadlock(
         [["processed", "processed"], ["id_conflict"]],
         [["processed", "id_conflict"], ["processed"]],
     )
+
+
+async def test_the_lifecycle_functions_keep_their_generic_plans(conn: asyncpg.Connection) -> None:
+    """The functions every delivery goes through use the generic plans their statements
+    are written for (sql/0016): a new version of one, or a migration that recreates it,
+    must carry the setting on, or each group is planned anew (bench/README.md)."""
+    settings = {
+        row["proname"]: row["proconfig"]
+        for row in await conn.fetch(
+            "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = 'receiver'::regnamespace"
+            " AND proname IN ('record_events_v5', 'apply_group_v1', 'reapply_v1')"
+        )
+    }
+    assert set(settings) == {"record_events_v5", "apply_group_v1", "reapply_v1"}
+    for name, config in settings.items():
+        assert "plan_cache_mode=force_generic_plan" in (config or []), name

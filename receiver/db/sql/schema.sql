@@ -40,6 +40,7 @@ CREATE TYPE receiver.event_row_v2 AS (
 CREATE FUNCTION receiver.apply_group_v1(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
     v_stored text[];        -- keys already stored: no effect
@@ -310,6 +311,7 @@ $$;
 
 CREATE FUNCTION receiver.reapply_v1(r receiver.event_row_v2, p_channel text, p_http boolean, OUT outcome text, OUT revoked integer) RETURNS record
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
     v_old receiver.events%ROWTYPE;
@@ -339,6 +341,7 @@ $$;
 CREATE FUNCTION receiver.record_events_v5(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
     r receiver.event_row_v2;
