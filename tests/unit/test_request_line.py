@@ -145,7 +145,8 @@ def test_secrets_given_as_an_iterator_are_masked_on_the_direct_path_too() -> Non
     assert _lines(out)[0]["path"] == "[REDACTED]"
 
 
-@pytest.mark.parametrize("value", _HOSTILE)
+# Ids by position: a canary is new in each process, and xdist workers must agree.
+@pytest.mark.parametrize("value", _HOSTILE, ids=[f"hostile{i}" for i in range(len(_HOSTILE))])
 @pytest.mark.parametrize("name", ["path", "request_id"])
 def test_each_kind_of_secret_alone_is_masked_as_the_chain_masks_it(
     stream: io.StringIO, value: str, name: str
