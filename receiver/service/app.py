@@ -83,7 +83,7 @@ def front_door(application: web.Application) -> server.Front:
     receive = functools.partial(webhook.deliver, application)
 
     async def door(
-        request: web_request.BaseRequest, otherwise: server.Handle
+        otherwise: server.Handle, request: web_request.BaseRequest
     ) -> web.StreamResponse:
         expect = request.headers.get(hdrs.EXPECT)
         if expect is not None and expect.strip().lower() != "100-continue":

@@ -210,14 +210,8 @@ def _trim() -> bool:
 
 Handle = Callable[[web_request.BaseRequest], Awaitable[web.StreamResponse]]
 # What sees each request before the application does: it answers it, or hands it on
-# (the second argument: the application's own handling).
-Front = Callable[[web_request.BaseRequest, Handle], Awaitable[web.StreamResponse]]
-
-
-async def _through(
-    front: Front, otherwise: Handle, request: web_request.BaseRequest
-) -> web.StreamResponse:
-    return await front(request, otherwise)
+# (the first argument: the application's own handling; bound once, not per request).
+Front = Callable[[Handle, web_request.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class Runner(web.AppRunner):
@@ -246,7 +240,7 @@ class Runner(web.AppRunner):
         kwargs: dict[str, Any] = server._kwargs
         handle: Handle = server.request_handler
         if self._front is not None:
-            handle = functools.partial(_through, self._front, handle)
+            handle = functools.partial(self._front, handle)
         ours = _Server(
             handle,
             request_factory=server.request_factory,

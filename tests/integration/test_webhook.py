@@ -371,7 +371,7 @@ def test_the_front_door_takes_deliveries_and_leaves_the_rest_to_the_application(
 
     async def visit(method: str, path: str, **headers: str) -> int:
         request = make_mocked_request(method, path, headers=headers)
-        return (await door(request, otherwise)).status
+        return (await door(otherwise, request)).status
 
     async def visits() -> list[int]:
         return [
