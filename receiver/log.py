@@ -9,12 +9,10 @@ nothing reaches the stream unmasked.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
 from collections.abc import Iterable, MutableMapping
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -93,87 +91,12 @@ def configure(
     # logging: the canonical request line is written on every request, and the stdlib
     # detour (LogRecord, handler lock, formatter) cost about a fifth of the server's
     # CPU under load (py-spy, bench/README.md).
-    minimum = logging.getLevelName(level.upper())
     structlog.configure(
         processors=[*pre_chain, *output_chain],
-        wrapper_class=structlog.make_filtering_bound_logger(minimum),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=lambda *names: _NamedWriteLogger(out, names[0] if names else "receiver"),
         cache_logger_on_first_use=False,
     )
-    global _request_line
-    _request_line = _RequestLine(out, secrets, minimum) if fmt == "json" else None
-
-
-# The canonical request line (one per request) is rendered straight to the stream, not
-# through the processor chain: the chain (context merge, level, name, timestamp,
-# redaction walk, renderer) was the largest cost of logging on the request path
-# (`bench.profile`, bench/README.md). Its fields are a fixed set of names holding
-# plain values, set by our own code. The line written is the one the chain would
-# write, and only when the redaction could not change it: a field outside that set,
-# a value that is not plain, or rendered text that shows anything the redaction
-# looks for (a token's start, a JWT's, the word bearer, any escape, a configured
-# secret) sends the line through the whole chain instead.
-_REQUEST_FIELDS = frozenset(
-    {
-        # The request (middleware): what was asked, what was answered, by whom.
-        "event", "method", "path", "status", "error", "duration_ms", "remote", "pid",
-        # Bound to the request's context along the way (request id, what the
-        # delivery was, what became of it).
-        "request_id", "event_id", "event_type", "client_id", "test", "outcome",
-        "tokens_revoked", "signature_failure",
-    }
-)  # fmt: skip
-_PLAIN = (str, int, float, bool, type(None))
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
-
-
-class _RequestLine:
-    def __init__(self, out: TextIO, secrets: Iterable[str], minimum: int) -> None:
-        self._out = out
-        # The secrets the redaction masks (it ignores ones under 8 characters).
-        self._secrets = tuple(s for s in secrets if len(s) >= 8)
-        self._minimum = minimum
-
-    def write(self, logger: str, level: str, fields: dict[str, Any]) -> bool:
-        """Write the line if it is plain (True), or leave it to the chain (False)."""
-        if _LEVELS[level] < self._minimum:
-            return True
-        record = {**fields, "event": "request"}
-        for key, value in structlog.contextvars.get_contextvars().items():
-            record.setdefault(key, value)
-        if not _REQUEST_FIELDS.issuperset(record) or not all(
-            type(value) in _PLAIN for value in record.values()
-        ):
-            return False
-        record["level"] = level
-        record["logger"] = logger
-        record["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        text = json.dumps(record)
-        # Substring tests, not one regex: 1 µs against 7 for a 450-character line (timeit).
-        if (
-            "tok_" in text
-            or "eyJ" in text
-            or "\\" in text
-            or "bearer" in text.lower()
-            or any(secret in text for secret in self._secrets)
-        ):
-            return False
-        self._out.write(text + "\n")
-        self._out.flush()
-        return True
-
-
-_request_line: _RequestLine | None = None
-
-
-def request_line(logger: str, level: str, **fields: Any) -> None:
-    """Write the canonical request line (`event: request`) at `level` (debug or info):
-    rendered directly when nothing in it is for the redaction to mask, else through
-    the processor chain like every other line."""
-    writer = _request_line
-    if writer is not None and writer.write(logger, level, fields):
-        return
-    getattr(structlog.get_logger(logger), level)("request", **fields)
 
 
 class _NamedWriteLogger(structlog.WriteLogger):

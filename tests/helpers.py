@@ -16,12 +16,6 @@ import time
 import uuid
 from typing import Any
 
-from aiohttp.test_utils import TestServer
-from aiohttp.web_runner import BaseRunner
-
-from receiver.config import Settings
-from receiver.service import app
-
 CANARIES: set[str] = set()
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -116,17 +110,3 @@ def signed_headers(secret_b64: str, body: bytes, **extra: str) -> dict[str, str]
 def encode(document: Any) -> bytes:
     """JSON bytes as a sender would put them on the wire."""
     return json.dumps(document).encode()
-
-
-class _ReceiverTestServer(TestServer):
-    """aiohttp's test server, serving the application as `receiver serve` does
-    (`app.runner`: deliveries through the front door, the rest through the app)."""
-
-    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        return app.runner(self.app, **kwargs)
-
-
-def served(settings: Settings) -> TestServer:
-    """A test server for the receiver with `settings`, for pytest-aiohttp's
-    `aiohttp_client`."""
-    return _ReceiverTestServer(app.create_app(settings))

@@ -178,8 +178,6 @@ class Event:
     environment: Environment | None = None
     quarantine: Quarantine | None = None
     document: dict[str, Any] | None = field(default=None, repr=False)
-    # The document as JSON text, when reading made it already (a plain onboarding).
-    document_text: str | None = field(default=None, repr=False)
 
     @property
     def client_id(self) -> str | None:
@@ -241,11 +239,8 @@ def read(body: bytes, *, is_test: bool) -> Event:
     event_name = loaded.get("event")
     token_path = ("data", "bearer_token") if event_name == ONBOARDING_COMPLETED else None
     inspection = _Inspection(token_path, escapes=b"\\u" in body)
-    plain = _plain_onboarding(body, loaded)
-    document = inspection.copy(loaded) if plain is None else plain[0]
+    document = inspection.copy(loaded)
     known: dict[str, Any] = {"document": document}
-    if plain is not None:
-        known["document_text"] = plain[1]
     # The id and type name the stored row, so they are kept only when plain and clean.
     raw_id = loaded.get("id")
     if isinstance(raw_id, str) and _readable_id(raw_id) and ("id",) not in inspection.token_paths:
@@ -300,53 +295,6 @@ def read(body: bytes, *, is_test: bool) -> Event:
         environment=environment,
         **known,
     )
-
-
-# Almost every delivery is a plain onboarding: one token, in `data.bearer_token`, and
-# nothing else the inspection would flag or the redacted copy would change. A few
-# checks over the raw bytes, in C, rule out everything that could: a second token's
-# start, a JWT's, a bearer credential, an escape, a byte outside ASCII (so every key
-# and string is a plain substring of the body, as the redaction reads it); then the
-# two levels of keys are judged as the walk judges them. Its copy is the document
-# with the token masked, as the walk makes it (tests/unit/test_events.py compares
-# the two), and its text the body with the token (there once, as it is) replaced by
-# its mask; anything else is walked. (One regex over the bytes for all of it was
-# slower: 6.5 µs against 2 for a 240-byte body.)
-_BEARER_CREDENTIAL = re.compile(rb"(?i:bearer)\s")
-_SCALARS = (str, int, bool, type(None))
-
-
-def _plain_onboarding(body: bytes, loaded: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """The redacted copy of a plain onboarding, and its JSON text, without walking it;
-    or None: walk it."""
-    if (
-        loaded.get("event") != ONBOARDING_COMPLETED
-        or not body.isascii()
-        or b"\\" in body
-        or body.count(b"tok_") != 1
-        or b"eyJ" in body
-        or _BEARER_CREDENTIAL.search(body) is not None
-    ):
-        return None
-    data = loaded.get("data")
-    if not isinstance(data, dict):
-        return None
-    token = data.get("bearer_token")
-    if not isinstance(token, str) or not token.startswith("tok_"):
-        return None  # the one token's start is elsewhere
-    for container in (loaded, data):
-        for key, value in container.items():
-            if redaction.is_sensitive_key(key) and not (
-                container is data and key == "bearer_token"
-            ):
-                return None
-            if value is data or type(value) in _SCALARS:
-                continue
-            if type(value) is not float or not math.isfinite(value):
-                return None
-    masked = _REDACTOR.text(token)
-    copy = {**loaded, "data": {**data, "bearer_token": masked}}
-    return copy, body.decode().replace(token, masked)
 
 
 def _readable_id(value: str) -> bool:

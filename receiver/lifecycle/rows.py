@@ -93,9 +93,7 @@ def prepare(
         "body_sealed": sealer.keyring.seal(
             arrival.body, vault.event_associated_data(events.body_key(event.body_hash))
         ),
-        "body_redacted": event.document_text
-        if event.document_text is not None
-        else (None if event.document is None else json.dumps(event.document)),
+        "body_redacted": None if event.document is None else json.dumps(event.document),
         "environment": event.environment,
         "replaces": replaces,
     }

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import structlog
-from aiohttp import hdrs, web, web_request
+from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from receiver import config, db, errors, metrics, vault
 from receiver.debitura import schedule
 from receiver.lifecycle import committer, events, retention
-from receiver.service import middleware, openapi, probes, scrape, server, state, webhook
+from receiver.service import middleware, openapi, probes, scrape, state, webhook
 from receiver.signals import outbox
 
 log = structlog.get_logger(__name__)
@@ -47,11 +45,18 @@ def create_app(settings: config.Settings) -> web.Application:
     if settings.prune_interval_seconds > 0:
         app.cleanup_ctx.append(_pruner)
     app.cleanup_ctx.append(_token_rotation)
-    app.router.add_post(WEBHOOK_PATH, webhook.receive)
-    app.router.add_get("/healthz", probes.healthz)
-    app.router.add_get("/readyz", probes.readyz)
-    app.router.add_get("/metrics", probes.metrics)
-    app.router.add_get("/openapi.json", openapi.serve_document)
+    # Every route, the catch-all for unmatched paths included, with our expectation
+    # handler (aiohttp's own answers an unknown `Expect` with 417 echoing its value,
+    # before any middleware).
+    expect = middleware.expect_continue
+    app.router.add_post(WEBHOOK_PATH, webhook.receive, expect_handler=expect)
+    app.router.add_get("/healthz", probes.healthz, expect_handler=expect)
+    app.router.add_get("/readyz", probes.readyz, expect_handler=expect)
+    app.router.add_get("/metrics", probes.metrics, expect_handler=expect)
+    app.router.add_get("/openapi.json", openapi.serve_document, expect_handler=expect)
+    app.router.add_route(
+        "*", "/{path:.*}", middleware.unrouted, name=middleware.UNMATCHED, expect_handler=expect
+    )
     app[state.DRAINING] = asyncio.Event()
     keyring = app[state.SEALER].keyring
     app[state.GAUGES] = scrape.DatabaseGauges(
@@ -61,62 +66,6 @@ def create_app(settings: config.Settings) -> web.Application:
     app[state.SECRET_SETS] = settings.webhook_secret_sets()
     app.on_shutdown.append(_start_draining)
     return app
-
-
-def runner(application: web.Application, **kwargs: Any) -> server.Runner:
-    """The server runner for an application `create_app` built: its connections as
-    `server.Runner` keeps them, and deliveries through the front door."""
-    return server.Runner(application, front=front_door(application), **kwargs)
-
-
-def front_door(application: web.Application) -> server.Front:
-    """The webhook's own door: a delivery (`POST /webhooks/debitura`) is answered by
-    the webhook handler inside `middleware.answer`, without the application's router
-    and middleware chain in between: one layer per delivery, the hot path's shape
-    (bench/README.md). Everything else goes to the application, and so does a
-    delivery that needs what only it does: a query string (a token in the URL is
-    refused there), `Expect: 100-continue`, or one sent to the admin port (not
-    found there)."""
-    settings = application[state.SETTINGS]
-    admin_port = settings.admin_port
-    trusted = settings.trusted_proxies
-    receive = functools.partial(webhook.deliver, application)
-
-    async def door(
-        otherwise: server.Handle, request: web_request.BaseRequest
-    ) -> web.StreamResponse:
-        expect = request.headers.get(hdrs.EXPECT)
-        if expect is not None and expect.strip().lower() != "100-continue":
-            # aiohttp answers an expectation it does not know with a 417 that echoes the
-            # header's value, before any of our code runs: a delivery refused, and
-            # whatever the header held in the answer. RFC 9110 lets a server ignore an
-            # expectation it does not know; this one does (only 100-continue is left).
-            request = request.clone(
-                headers=[
-                    (name, value)
-                    for name, value in request.headers.items()
-                    if name.lower() != "expect"
-                ]
-            )
-        if (
-            request.method != "POST"
-            or request.raw_path != WEBHOOK_PATH
-            or hdrs.EXPECT in request.headers
-            or (admin_port is not None and _local_port(request) == admin_port)
-        ):
-            return await otherwise(request)
-        response = await middleware.answer(
-            request, receive, trusted_proxies=trusted, route=WEBHOOK_PATH
-        )
-        response.headers["Server"] = "receiver"  # as middleware.no_server_version does
-        return response
-
-    return door
-
-
-def _local_port(request: web_request.BaseRequest) -> int | None:
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    return sockname[1] if isinstance(sockname, tuple) else None
 
 
 async def _start_draining(app: web.Application) -> None:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from receiver import config, console, db, errors, metrics
 from receiver.db import embedded, migrations
-from receiver.service import app, state, workers
+from receiver.service import app, server, state, workers
 from receiver.signals import outbox
 
 logger = structlog.get_logger(__name__)
@@ -185,7 +185,7 @@ async def _serve_until_stopped(
     stops at once, without the delay."""
     _allow_open_files(settings.max_connections + 256)  # the pool, logs, listeners
     application = app.create_app(settings)
-    runner = app.runner(
+    runner = server.Runner(
         application,
         max_connections=settings.max_connections,
         # A new connection's first request line and headers: a sender has as long for

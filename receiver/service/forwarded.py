@@ -8,13 +8,15 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver.service import state
 
-def client_address(request: web.BaseRequest, trusted: tuple[Any, ...]) -> str | None:
-    """The client's address: the peer's, or, when the peer is one of the `trusted`
-    proxies (RECEIVER_TRUSTED_PROXIES), the nearest address in X-Forwarded-For that is
-    not itself a trusted proxy (read from the right: only what trusted proxies
-    appended can be believed)."""
+
+def client_address(request: web.Request) -> str | None:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the
+    nearest address in X-Forwarded-For that is not itself a trusted proxy (read from
+    the right: only what trusted proxies appended can be believed)."""
     peer = request.remote
+    trusted = request.app[state.SETTINGS].trusted_proxies
     if not trusted or peer is None or not _trusted(peer, trusted):
         return peer
     hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]

@@ -1,7 +1,5 @@
-"""Around every request: a request id, the JSON error body for every error, and the
-canonical log line (one per request). The application's one middleware does it for
-every route; the webhook's front door (`front_door`) does the same for the deliveries
-it serves without the application's router and middleware chain."""
+"""The one middleware: a request id, the JSON error body for every error, and the
+canonical log line (one per request)."""
 
 from __future__ import annotations
 
@@ -10,16 +8,14 @@ import random
 import re
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from receiver import errors, metrics, redaction
-from receiver.log import PerSource, request_line
-from receiver.service import forwarded, state
+from receiver.log import PerSource
+from receiver.service import forwarded
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +47,7 @@ def _from_http(exc: web.HTTPException) -> errors.ReceiverError:
     return errors.InvalidRequest(exc.reason.lower())
 
 
-async def _refuse_token_in_url() -> web.StreamResponse:
+async def _refuse_token_in_url(_: web.Request) -> web.StreamResponse:
     raise errors.InvalidRequest("tokens must never be sent in a URL")
 
 
@@ -59,24 +55,6 @@ async def _refuse_token_in_url() -> web.StreamResponse:
 async def canonical_request(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id, turn every error into the JSON error body, and write one
     log line per request (the canonical log line)."""
-    return await answer(
-        request, handler, trusted_proxies=request.app[state.SETTINGS].trusted_proxies
-    )
-
-
-_Request = TypeVar("_Request", bound=web.BaseRequest)
-
-
-async def answer(
-    request: _Request,
-    handler: Callable[[_Request], Awaitable[web.StreamResponse]],
-    *,
-    trusted_proxies: tuple[Any, ...],
-    route: str | None = None,
-) -> web.StreamResponse:
-    """`handler`'s answer to `request`, with everything around it: the request id, the
-    JSON error body for every error, the request metrics and the canonical log line.
-    `route`: the route's template, when the request was not routed by the application."""
     structlog.contextvars.clear_contextvars()
     given = request.headers.get("X-Request-Id", "")
     # A request id only has to be unique among log lines, not unguessable: no
@@ -96,7 +74,7 @@ async def answer(
     response: web.StreamResponse
     quiet = False
     try:
-        response = await (_refuse_token_in_url() if token_in_url else handler(request))
+        response = await (_refuse_token_in_url(request) if token_in_url else handler(request))
     except errors.ReceiverError as exc:
         error_code = exc.code
         if isinstance(exc, errors.InvalidSignature):
@@ -104,9 +82,7 @@ async def answer(
             # Which check failed, from a fixed set: missing, malformed, stale, future,
             # mismatch (the answer's body stays as terse as before).
             structlog.contextvars.bind_contextvars(signature_failure=exc.reason)
-            quiet = not _REFUSED_SIGNATURES.allow(
-                forwarded.client_address(request, trusted_proxies)
-            )
+            quiet = not _REFUSED_SIGNATURES.allow(forwarded.client_address(request))
         response = _error_response(exc)
     except web.HTTPException as exc:
         mapped = _from_http(exc)
@@ -117,7 +93,7 @@ async def answer(
     except ConnectionError:
         # The sender went away mid-body: nobody is left to answer, and it is no fault
         # of ours (aiohttp's payload raises ConnectionResetError).
-        log.info("client_disconnected", remote=forwarded.client_address(request, trusted_proxies))
+        log.info("client_disconnected", remote=forwarded.client_address(request))
         error_code = "client_disconnected"
         response = _error_response(errors.InvalidRequest("client disconnected"))
     except Exception:
@@ -129,7 +105,7 @@ async def answer(
         response = _error_response(errors.InternalError("internal error, retry later"))
     response.headers["X-Request-Id"] = request_id
     elapsed = time.perf_counter() - started
-    route = route or _route_label(request)
+    route = _route_label(request)
     metrics.child(metrics.REQUESTS, route, str(response.status)).inc()
     metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
     # Probes and scrapes that went well are routine: at debug, so a crowd of them
@@ -137,15 +113,14 @@ async def answer(
     routine = route in _ROUTINE_ROUTES and response.status < 400
     if quiet:
         return response
-    request_line(
-        __name__,
-        "debug" if routine else "info",
+    (log.debug if routine else log.info)(
+        "request",
         method=request.method,
         path=path,
         status=response.status,
         error=error_code,
         duration_ms=round(elapsed * 1000, 2),
-        remote=forwarded.client_address(request, trusted_proxies),
+        remote=forwarded.client_address(request),
         pid=_PID,  # which process answered (serve --workers)
     )
     return response
@@ -158,10 +133,40 @@ def _url_readings(raw_path: str) -> tuple[str, ...]:
     return (raw_path, once, urllib.parse.unquote(once))
 
 
-def _route_label(request: web.BaseRequest) -> str:
+def _route_label(request: web.Request) -> str:
     # The route's template, never the raw path: a path is client input.
-    resource = cast(web.Request, request).match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
+    resource = request.match_info.route.resource
+    if resource is None or resource.name == UNMATCHED:
+        return UNMATCHED
+    return resource.canonical
+
+
+UNMATCHED = "unmatched"
+
+
+async def unrouted(request: web.Request) -> web.StreamResponse:
+    """The catch-all route's handler (it exists so that an unmatched path has our
+    expectation handler too): 404, or 405 naming the methods the path does have, as
+    aiohttp's router answers."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.name != UNMATCHED:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+async def expect_continue(request: web.Request) -> None:
+    """The expectation handler of every route: `100-continue` is answered as aiohttp
+    answers it; any other expectation is ignored, as RFC 9110 (§10.1.1) allows.
+    aiohttp's default answers it with a 417 that echoes the header's value, before any
+    middleware runs: an authentic delivery refused, with whatever the header held (a
+    token, say) in the answer."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.strip().lower() == "100-continue" and request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not begun (as aiohttp's own does)
 
 
 ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})

@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import functools
 import gc
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import structlog
@@ -208,18 +206,11 @@ def _trim() -> bool:
     return bool(_LIBC.malloc_trim(0))
 
 
-Handle = Callable[[web_request.BaseRequest], Awaitable[web.StreamResponse]]
-# What sees each request before the application does: it answers it, or hands it on
-# (the first argument: the application's own handling; bound once, not per request).
-Front = Callable[[Handle, web_request.BaseRequest], Awaitable[web.StreamResponse]]
-
-
 class Runner(web.AppRunner):
     """An `AppRunner` whose connections answer unparsable requests in JSON, close a
     connection that has not sent its first request's headers within `header_seconds`,
     and past `max_connections` close the oldest idle connection (or, when none is
-    idle, answer the newcomer 503 at once). With `front`, every request goes to it
-    first (the webhook's front door: `app.front_door`)."""
+    idle, answer the newcomer 503 at once)."""
 
     def __init__(
         self,
@@ -227,22 +218,17 @@ class Runner(web.AppRunner):
         *,
         max_connections: int | None = None,
         header_seconds: float | None = None,
-        front: Front | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self._header_seconds = header_seconds
-        self._front = front
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
         kwargs: dict[str, Any] = server._kwargs
-        handle: Handle = server.request_handler
-        if self._front is not None:
-            handle = functools.partial(self._front, handle)
         ours = _Server(
-            handle,
+            server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             **kwargs,

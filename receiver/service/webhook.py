@@ -30,7 +30,7 @@ def _is_json(content_type: str) -> bool:
     )
 
 
-async def _read_body(request: web.BaseRequest, limit: int, seconds: float) -> bytes:
+async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
     try:
         if request.content.is_eof():
             # Already here in full (a delivery usually comes in one packet with its
@@ -51,21 +51,14 @@ async def _read_body(request: web.BaseRequest, limit: int, seconds: float) -> by
 
 
 async def receive(request: web.Request) -> web.Response:
-    """The route's handler (the application's router: a delivery the front door,
-    `app.front_door`, left to it)."""
-    return await deliver(request.app, request)
-
-
-async def deliver(app: web.Application, request: web.BaseRequest) -> web.Response:
     """Receive one Debitura webhook delivery (at most RECEIVER_MAX_REQUESTS_IN_FLIGHT
-    authentic deliveries at once; past that, a 503 at once). `app`: the application
-    whose state it uses (the request may not have been routed by it).
+    authentic deliveries at once; past that, a 503 at once).
 
     The body is read and its signature checked before the delivery takes one of
     those slots: a stranger trickling a body, or sending a forged one, holds a
     connection (bounded by RECEIVER_MAX_CONNECTIONS and the body timeout) but never
     a slot an authentic delivery needs."""
-    settings = app[state.SETTINGS]
+    settings = request.app[state.SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.request_deadline_seconds
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -74,26 +67,21 @@ async def deliver(app: web.Application, request: web.BaseRequest) -> web.Respons
         raise errors.UnsupportedMediaType("content type must be application/json")
     body = await _read_body(request, limit, settings.body_timeout_seconds)
     signature = request.headers.get(signing.SIGNATURE_HEADER)
-    secret_sets = app[state.SECRET_SETS]
+    secret_sets = request.app[state.SECRET_SETS]
     _, signed_by = signing.authenticate(signature, body, secret_sets, settings.signature_tolerance)
-    load = app[state.LOAD]
+    load = request.app[state.LOAD]
     if load.in_flight >= settings.max_requests_in_flight:
         metrics.REQUESTS_REFUSED.inc()
         raise errors.Overloaded("too many deliveries in flight, retry shortly")
     load.in_flight += 1
     try:
-        return await _receive(app, request, body, signature, signed_by, deadline)
+        return await _receive(request, body, signature, signed_by, deadline)
     finally:
         load.in_flight -= 1
 
 
 async def _receive(
-    app: web.Application,
-    request: web.BaseRequest,
-    body: bytes,
-    signature: str | None,
-    signed_by: str,
-    deadline: float,
+    request: web.Request, body: bytes, signature: str | None, signed_by: str, deadline: float
 ) -> web.Response:
     # From here on the delivery is authentic: nothing below refuses it.
     test_header = request.headers.get(TEST_HEADER, "").strip().lower() == "true"
@@ -113,9 +101,9 @@ async def _receive(
     )
     # A delivery Postgres refuses a value of comes back quarantined (the committer
     # keeps it): an authentic delivery is never answered 4xx.
-    recorded, event = await app[state.COMMITTER].deliver(event, arrival, deadline=deadline)
+    recorded, event = await request.app[state.COMMITTER].deliver(event, arrival, deadline=deadline)
     outcome, reason = recorded.outcome, recorded.reason
-    dispatcher = app.get(state.DISPATCHER)
+    dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:
         # A signal may have been queued: deliver it now, not at the poll.
         dispatcher.wake(revocation=isinstance(event.data, events.TokenRevocation))

@@ -130,7 +130,7 @@ def sealer(settings: Settings) -> vault.Sealer:
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings) -> Client:
     """An HTTP client for a receiver serving on loopback."""
-    served: Client = await aiohttp_client(helpers.served(settings))
+    served: Client = await aiohttp_client(app.create_app(settings))
     return served
 
 

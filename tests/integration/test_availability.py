@@ -39,7 +39,7 @@ async def test_readyz_fails_on_unmigrated_schema(
 ) -> None:
     """A reachable database without the schema is not ready."""
     unmigrated = settings.model_copy(update={"database_url": SecretStr(empty_database_url)})
-    client = await aiohttp_client(helpers.served(unmigrated))
+    client = await aiohttp_client(app.create_app(unmigrated))
     response = await client.get("/readyz")
     assert response.status == 503
     assert (await client.get("/healthz")).status == 200
@@ -51,7 +51,7 @@ async def test_unreachable_postgres_is_503_with_retry_after(
     """Connection refused: 503, a Retry-After header, and the Debitura error shape."""
     dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
     down = settings.model_copy(update={"database_url": SecretStr(dsn)})
-    client = await aiohttp_client(helpers.served(down))
+    client = await aiohttp_client(app.create_app(down))
     body = helpers.encode(helpers.onboarding())
     response = await client.post(
         app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
@@ -72,7 +72,7 @@ async def test_event_is_accepted_once_the_database_is_back(
     """A delivery refused with 503 while the database is missing succeeds on Debitura's retry."""
     name = unique_name("receiver_late")
     late = settings.model_copy(update={"database_url": SecretStr(with_database(server_dsn, name))})
-    client = await aiohttp_client(helpers.served(late))
+    client = await aiohttp_client(app.create_app(late))
     body = helpers.encode(helpers.onboarding())
     headers = helpers.signed_headers(webhook_secret, body)
     assert (await client.post(app.WEBHOOK_PATH, data=body, headers=headers)).status == 503
@@ -92,7 +92,7 @@ async def test_unmigrated_database_answers_503_not_500(
 ) -> None:
     """Deliveries before `receiver migrate` are retried by Debitura, not failed."""
     unmigrated = settings.model_copy(update={"database_url": SecretStr(empty_database_url)})
-    client = await aiohttp_client(helpers.served(unmigrated))
+    client = await aiohttp_client(app.create_app(unmigrated))
     body = helpers.encode(helpers.onboarding())
     response = await client.post(
         app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
@@ -180,7 +180,7 @@ async def test_client_lock_held_too_long_is_a_503_within_the_lock_timeout(
     503 + Retry-After once the sessions' lock timeout passes (here 0.5 s), not an
     answer after Debitura's 10 s; once the lock is free, the retry is processed."""
     impatient = settings.model_copy(update={"lock_timeout_seconds": 0.5})
-    client = await aiohttp_client(helpers.served(impatient))
+    client = await aiohttp_client(app.create_app(impatient))
     body = helpers.encode(helpers.onboarding("cli_locked"))
     async with client_lock(database_url, "cli_locked") as release:
         response = await client.post(
@@ -207,7 +207,7 @@ async def test_delivery_past_its_deadline_is_a_503_and_its_retry_changes_nothing
     patient_db = settings.model_copy(
         update={"lock_timeout_seconds": 30.0, "request_deadline_seconds": 0.5}
     )
-    client = await aiohttp_client(helpers.served(patient_db))
+    client = await aiohttp_client(app.create_app(patient_db))
     body = helpers.encode(helpers.onboarding("cli_slow"))
     async with client_lock(database_url, "cli_slow") as release:
         response = await client.post(
@@ -240,7 +240,7 @@ async def test_readyz_fails_while_writes_fail_though_postgres_answers(
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-        client = await aiohttp_client(helpers.served(settings))
+        client = await aiohttp_client(app.create_app(settings))
         assert (await client.get("/readyz")).status == 200
         body = helpers.encode(helpers.onboarding())
         headers = helpers.signed_headers(webhook_secret, body)

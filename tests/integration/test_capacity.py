@@ -29,7 +29,7 @@ async def test_deliveries_past_the_in_flight_cap_get_503_at_once(
     lock is taken), a third is answered 503 `overloaded` with Retry-After at once; the
     two complete once the lock is free."""
     capped = settings.model_copy(update={"max_requests_in_flight": 2, "lock_timeout_seconds": 30.0})
-    client = await aiohttp_client(helpers.served(capped))
+    client = await aiohttp_client(app.create_app(capped))
 
     async def deliver(document: dict[str, Any]) -> Any:
         body = helpers.encode(document)

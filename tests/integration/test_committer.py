@@ -64,7 +64,7 @@ async def test_a_group_stuck_on_a_lock_does_not_hold_up_the_next(
     a client's lock another session holds) is slow, and the deliveries behind it are
     committed in a group beside it: answered while the lock is still held."""
     patient = settings.model_copy(update={"lock_timeout_seconds": 30.0})
-    client = await aiohttp_client(helpers.served(patient))
+    client = await aiohttp_client(app.create_app(patient))
 
     async def deliver(client_id: str) -> Any:
         body = helpers.encode(helpers.onboarding(client_id))

@@ -113,7 +113,7 @@ async def test_erase_with_a_key_gone_erases_what_it_can_and_says_what_it_could_n
     fresh = helpers.canary_token()
     new_key = ("k2", SecretBytes(os.urandom(32)))
     only_new = settings.model_copy(update={"token_keys": (new_key,)})
-    client = await aiohttp_client(helpers.served(only_new))
+    client = await aiohttp_client(app.create_app(only_new))
     body = hostile_bodies("cli_gdpr", [fresh] * 4)[2]
     response = await client.post(
         app.WEBHOOK_PATH,

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from receiver import db, vault
 from receiver.config import Settings
 from receiver.lifecycle import audit
+from receiver.service import app
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Client, Post, operator_env
@@ -134,7 +135,7 @@ async def test_serve_prunes_on_its_schedule_one_replica_at_a_time(
     assert await values_of(conn, "cli_sched") == {"bodies": 1, "tokens": 1, "signals": 1}
 
     scheduled = settings.model_copy(update={"prune_interval_seconds": 0.5})
-    await aiohttp_client(helpers.served(scheduled))
+    await aiohttp_client(app.create_app(scheduled))
 
     async def pruned() -> bool:
         return (await values_of(conn, "cli_sched"))["bodies"] == 0

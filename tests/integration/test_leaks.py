@@ -136,7 +136,7 @@ async def test_postgres_never_sees_a_plaintext_token(
         token_keys="k1:" + base64.b64encode(os.urandom(32)).decode(),
         index_key=base64.b64encode(os.urandom(32)).decode(),
     )
-    client = await aiohttp_client(helpers.served(settings))
+    client = await aiohttp_client(app.create_app(settings))
     planted = [helpers.canary_token() for _ in range(5)]
     in_header = helpers.canary_token()
     planted.append(in_header)
@@ -329,7 +329,7 @@ async def test_canary_in_every_field_never_surfaces(
     header), appears in no answer, log line, NOTIFY payload, cache POST, pg_dump, nor
     in the output of `events list/show/reprocess`, `tokens list` and `signals list`."""
     cached = with_cache(settings, standin_cache)
-    client = await aiohttp_client(helpers.served(cached))
+    client = await aiohttp_client(app.create_app(cached))
     listener = await asyncpg.connect(database_url)
     notified: list[str] = []
     await listener.add_listener(cached.notify_channel, lambda *args: notified.append(args[3]))

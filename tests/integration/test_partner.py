@@ -499,7 +499,7 @@ async def test_signals_carry_every_secret_during_a_rotation_window(
             cache_url=url_of(partner_app) + "/signals",
             cache_secret=f"{whsec_new}, {base64.b64encode(old).decode()}",
         )
-        client = await aiohttp_client(helpers.served(rotating))
+        client = await aiohttp_client(app.create_app(rotating))
         body = helpers.encode(helpers.onboarding("cli_rot"))
         response = await client.post(
             app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)

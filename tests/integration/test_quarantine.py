@@ -244,7 +244,7 @@ def two_world_settings(settings: Settings, test_secret: str) -> Settings:
 @pytest.fixture
 async def two_worlds(aiohttp_client: Any, two_world_settings: Settings) -> Client:
     """A receiver that knows a live and a test secret."""
-    return await aiohttp_client(helpers.served(two_world_settings))  # type: ignore[no-any-return]
+    return await aiohttp_client(app.create_app(two_world_settings))  # type: ignore[no-any-return]
 
 
 async def _send(client: Client, secret: str, document: Any, **headers: str) -> dict[str, Any]:
@@ -416,7 +416,7 @@ async def test_reprocess_applies_a_delivery_after_a_config_fix(
     misfiled = helpers.new_secret()
     values = settings_values(settings)
     wrong = config.load_settings(**values, test_webhook_secrets=misfiled)
-    client = await aiohttp_client(helpers.served(wrong))
+    client = await aiohttp_client(app.create_app(wrong))
     token = helpers.canary_token("live")
     document = helpers.onboarding("cli_fix", token)
     answer = await _send(client, misfiled, document)

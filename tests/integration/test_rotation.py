@@ -71,7 +71,7 @@ async def test_rotation_under_concurrent_writes(
     assert await key_counts(conn) == {"k1": 80}
 
     rotated_settings = with_new_primary(settings)
-    writer = await aiohttp_client(helpers.served(rotated_settings))
+    writer = await aiohttp_client(app.create_app(rotated_settings))
 
     async def keep_writing() -> int:
         sent = 0
@@ -209,10 +209,10 @@ async def test_metrics_count_the_values_a_rotation_still_has_to_move(
     for _ in range(3):
         await post(helpers.onboarding())
     rotated_settings = with_new_primary(settings)
-    before = await aiohttp_client(helpers.served(settings))
+    before = await aiohttp_client(app.create_app(settings))
     assert to_rotate(await (await before.get("/metrics")).text()) == {}
 
-    scraper = await aiohttp_client(helpers.served(rotated_settings))
+    scraper = await aiohttp_client(app.create_app(rotated_settings))
     assert to_rotate(await (await scraper.get("/metrics")).text()) == {
         'key_id="k1",kind="events"': 3.0,
         'key_id="k1",kind="tokens"': 3.0,

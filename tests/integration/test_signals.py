@@ -82,7 +82,7 @@ async def test_revocation_reaches_the_cache_over_http(
     conn: asyncpg.Connection,
 ) -> None:
     """An onboarding and a revocation each reach the cache: signed, keyed, without a token."""
-    client = await aiohttp_client(helpers.served(with_cache(settings, standin_cache)))
+    client = await aiohttp_client(app.create_app(with_cache(settings, standin_cache)))
     token = helpers.canary_token()
     for document in (helpers.onboarding("cli_h", token), helpers.revocation("cli_h", token[:15])):
         body = helpers.encode(document)
@@ -599,7 +599,7 @@ async def test_token_cache_applies_signed_http_signals(
     await server.start_server()
     try:
         stand_in = StandInCache(cache_secret, server.port or 0)  # only for its URL
-        client = await aiohttp_client(helpers.served(with_cache(settings, stand_in)))
+        client = await aiohttp_client(app.create_app(with_cache(settings, stand_in)))
 
         async def send(document: dict[str, Any]) -> None:
             body = helpers.encode(document)

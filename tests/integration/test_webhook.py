@@ -10,12 +10,9 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 
 from receiver import vault
 from receiver.config import Settings
-from receiver.service import app
 from tests import helpers
 from tests.integration.conftest import Post
 
@@ -319,96 +316,57 @@ async def test_canonical_log_line_per_request(post: Post, log_lines: Any) -> Non
     assert token not in json.dumps(log_lines())
 
 
-async def test_the_front_door_and_the_router_answer_deliveries_alike(
-    client: Any, webhook_secret: str, log_lines: Any
-) -> None:
-    """A delivery is served by the front door (no router, no middleware chain); one
-    with a query string or `Expect: 100-continue` by the application's router. Each
-    gets the same answer, headers, request metrics and canonical line."""
-    paths = {"door": "/webhooks/debitura", "query": "/webhooks/debitura?via=router"}
-    answered_before = await _answered(client)
-    answers = {}
-    for name, path in [*paths.items(), ("expect", paths["door"])]:
-        body = helpers.encode(helpers.onboarding(f"cli_{name}", helpers.canary_token()))
-        headers = helpers.signed_headers(webhook_secret, body)
-        if name == "expect":
-            headers["Expect"] = "100-continue"
-        response = await client.post(path, data=body, headers={**headers, "X-Request-Id": name})
-        answers[name] = (
-            response.status,
-            (await response.json())["status"],
-            response.headers["X-Request-Id"],
-            response.headers["Server"],
-        )
-    assert answers == {
-        name: (200, "processed", name, "receiver") for name in ("door", "query", "expect")
-    }
-    lines = {line["request_id"]: line for line in log_lines() if line["event"] == "request"}
-    for name in answers:
-        assert lines[name]["path"] == "/webhooks/debitura"
-        assert (lines[name]["status"], lines[name]["outcome"]) == (200, "processed")
-        assert lines[name]["client_id"] == f"cli_{name}"
-    assert await _answered(client) == answered_before + 3
-
-
-async def _answered(client: Any) -> float:
-    """Deliveries answered 200, as /metrics counts them (the registry is the process's)."""
-    scraped = await (await client.get("/metrics")).text()
-    line = 'receiver_http_requests_total{route="/webhooks/debitura",status="200"} '
-    return next((float(x[len(line) :]) for x in scraped.splitlines() if x.startswith(line)), 0.0)
-
-
-def test_the_front_door_takes_deliveries_and_leaves_the_rest_to_the_application(
-    settings: Settings,
-) -> None:
-    """Which requests the door answers itself and which it hands to the application."""
-    door = app.front_door(app.create_app(settings))
-    handed: list[str] = []
-
-    async def otherwise(request: web.BaseRequest) -> web.StreamResponse:
-        handed.append(request.raw_path)
-        return web.Response()
-
-    async def visit(method: str, path: str, **headers: str) -> int:
-        request = make_mocked_request(method, path, headers=headers)
-        return (await door(otherwise, request)).status
-
-    async def visits() -> list[int]:
-        return [
-            await visit("POST", "/webhooks/debitura"),  # no content type: 415, by the door
-            await visit("POST", "/webhooks/debitura?x=1"),
-            await visit("POST", "/webhooks/debitura", Expect="100-continue"),
-            await visit("GET", "/webhooks/debitura"),
-            await visit("GET", "/healthz"),
-        ]
-
-    assert asyncio.run(visits()) == [415, 200, 200, 200, 200]
-    assert handed == [
-        "/webhooks/debitura?x=1",
-        "/webhooks/debitura",
-        "/webhooks/debitura",
-        "/healthz",
-    ]
-
-
-async def test_an_unknown_expectation_is_ignored_never_answered_417_with_its_value(
+async def test_an_unknown_expectation_is_ignored_on_every_path_never_echoed(
     client: Any, webhook_secret: str, log_lines: Any
 ) -> None:
     """aiohttp would answer `Expect: <anything but 100-continue>` with a 417 echoing the
-    value, before our code: an authentic delivery refused, and the header's content (a
-    token, here) in the answer. The expectation is ignored: the delivery is stored and
-    answered as any other, and the value appears nowhere; other routes likewise."""
+    value, before any middleware: an authentic delivery refused, and the header's
+    content (a token, here) in the answer. The expectation is ignored on every route,
+    an unmatched path and a wrong method included: each gets its usual answer, and the
+    value appears in no answer and no log line."""
     canary = helpers.canary_token()
     body = helpers.encode(helpers.onboarding("cli_expect"))
     headers = {**helpers.signed_headers(webhook_secret, body), "Expect": canary}
-    for path in ("/webhooks/debitura", "/webhooks/debitura?via=router"):
+    for path in ("/webhooks/debitura", "/webhooks/debitura?via=query"):
         response = await client.post(path, data=body, headers=headers)
         text = await response.text()
         assert response.status == 200, text
         assert json.loads(text)["status"] in ("processed", "duplicate")
-        assert response.headers["X-Request-Id"]
         assert canary not in text
-    probe = await client.get("/healthz", headers={"Expect": canary})
-    assert probe.status == 200
-    assert canary not in await probe.text()
+    elsewhere = {
+        ("GET", "/healthz"): 200,
+        ("POST", "/nowhere"): 404,
+        ("GET", "/webhooks/debitura"): 405,
+    }
+    for (method, path), status in elsewhere.items():
+        response = await client.request(method, path, headers={"Expect": canary})
+        text = await response.text()
+        assert response.status == status, (method, path, text)
+        assert canary not in text and canary not in str(response.headers)
     assert canary not in json.dumps(log_lines())
+
+
+async def test_100_continue_is_still_answered_and_the_delivery_stored(
+    client: Any, webhook_secret: str
+) -> None:
+    """A sender that waits for `100 Continue` before its body gets it and is answered."""
+    body = helpers.encode(helpers.onboarding("cli_continue"))
+    headers = {**helpers.signed_headers(webhook_secret, body), "Expect": "100-continue"}
+    response = await client.post("/webhooks/debitura", data=body, headers=headers)
+    assert response.status == 200
+    assert (await response.json())["status"] == "processed"
+
+
+async def test_unmatched_paths_answer_404_and_wrong_methods_405_with_allow(client: Any) -> None:
+    """An unknown path is a JSON 404 and a known path with the wrong method a JSON 405
+    naming the methods it has, both counted under the `unmatched` route label."""
+    missing = await client.get("/no/such/path")
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "not_found"
+    wrong = await client.delete("/webhooks/debitura")
+    assert wrong.status == 405
+    assert wrong.headers["Allow"] == "POST"
+    assert (await wrong.json())["error"]["type"] == "invalid_request_error"
+    scraped = await (await client.get("/metrics")).text()
+    assert 'receiver_http_requests_total{route="unmatched",status="404"}' in scraped
+    assert 'receiver_http_requests_total{route="unmatched",status="405"}' in scraped
