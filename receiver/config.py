@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
-import ipaddress
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from receiver import errors
+from receiver import endpoints, errors
 
 KEY_BYTES = 32
 DEV_SECRETS_FILE = "dev-secrets.json"
@@ -135,25 +134,14 @@ def _postgres_url(value: SecretStr | None) -> SecretStr | None:
 
 
 def _api_url(value: str | None) -> str | None:
-    # The API key travels with every request: never over plain HTTP, except to a
-    # loopback host (a sandbox on the same machine). The message never echoes the URL.
+    # The API key travels with every request (endpoints.credential_problem). The
+    # message never echoes the URL.
     if value is None:
         return None
-    parts = urlsplit(value)
-    if parts.scheme == "https" and parts.hostname:
-        return value.rstrip("/")
-    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
-        return value.rstrip("/")
-    raise ValueError("must be an https:// URL (http:// only for a loopback host)")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    problem = endpoints.credential_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value.rstrip("/")
 
 
 def _channel(value: str) -> str:

@@ -13,26 +13,14 @@ import argparse
 import asyncio
 import base64
 import binascii
-import ipaddress
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
-from receiver import config, console, db, errors, vault
+from receiver import config, console, db, endpoints, errors, vault
 from receiver.admin import outgoing, sender
 from receiver.lifecycle import audit
 
 DEFAULT_URL = "http://127.0.0.1:8080/webhooks/debitura"
-
-
-def _loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def guard_live(
@@ -49,10 +37,10 @@ def guard_live(
             f"{', …' if len(live) > 3 else ''}): a resend sends it in the body; "
             "add --confirm-live to do so (it is audited)"
         )
-    if urlsplit(to).scheme != "https" and not _loopback(to):
+    problem = endpoints.credential_problem(to)
+    if problem is not None:
         raise errors.UsageError(
-            f"refusing to send live tokens over plain HTTP to {urlsplit(to).hostname!r}: "
-            "use an https:// URL (or a loopback address)"
+            f"refusing to send live tokens to {endpoints.shown(to)!r}: the URL {problem}"
         )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import ipaddress
 import json
 import math
 import random
@@ -22,59 +21,30 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pydantic
 
+from receiver import endpoints
 from receiver.partner import failures
 
 DEFAULT_ANSWER_LIMIT_BYTES = 64 * 1024  # a token answer is a few hundred bytes
 DEFAULT_TIMEOUT_SECONDS = 10.0
 _CHUNK = 16 * 1024
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 
-def shown(url: str) -> str:
-    """A URL as it may be printed: scheme, host, port and path; no user, password,
-    query or fragment (any of which can hold a credential)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = host if port is None else f"{host}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` names this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+shown = endpoints.shown
 
 
 def checked_url(url: str, *, what: str = "api_url") -> str:
-    """`url` without a trailing slash, when a credential may travel to it: https://,
-    or http:// to a loopback host (a local stand-in). Raises `InsecureURL` naming the
-    URL without its credentials."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    secure = parts.scheme == "https" and bool(host)
-    local = parts.scheme == "http" and is_loopback(host)
-    if not (secure or local) or parts.username is not None or parts.password is not None:
-        raise failures.InsecureURL(
-            f"{what} {shown(url)!r} refused: the API key may only travel over https:// "
-            "(http:// only to a loopback host), with no credentials in the URL"
-        )
+    """`url` without a trailing slash, when a credential may travel to it
+    (`endpoints.credential_problem`). Raises `InsecureURL` naming the URL without its
+    credentials."""
+    problem = endpoints.credential_problem(url)
+    if problem is not None:
+        raise failures.InsecureURL(f"{what} {shown(url)!r} refused: the API key {problem}")
     return url.rstrip("/")
 
 
