@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 MASK = "[REDACTED]"
@@ -22,6 +23,9 @@ TOKEN_PATTERN = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_-]+")
 # Long enough to be a whole token (12+ characters after the environment) rather than
 # the public 15-character prefix that `token.revoked` carries.
 FULL_TOKEN = re.compile(r"tok_(?:live|test)_[A-Za-z0-9_-]{12,}")
+# A valid token, whole: what a delivery, a fetch or a link may store (design §2).
+_VALID_TOKEN = re.compile(r"tok_(live|test)_[A-Za-z0-9_-]{12,200}")
+TOKEN_RULE = "must be tok_live_ or tok_test_ followed by 12-200 of [A-Za-z0-9_-]"  # noqa: S105 - the rule, not a secret
 # What masking covers once a token has begun: the token alphabet and the characters a
 # malformed or re-encoded token may carry (`+`, `/`, `=`, a space), so that no part of
 # it is left after the first odd character. Masking too much is the safe side.
@@ -57,6 +61,23 @@ def token_prefix(token: str) -> str:
     return token[:PREFIX_LENGTH]
 
 
+def token_problem(token: str) -> str | None:
+    """What is wrong with a bearer token's form (the rule, never the value), or None."""
+    return None if _VALID_TOKEN.fullmatch(token) else TOKEN_RULE
+
+
+def token_environment(token: str) -> str | None:
+    """`live` or `test` for a token (or a prefix) of that environment, else None."""
+    match = re.match(r"tok_(live|test)_", token)
+    return match.group(1) if match else None
+
+
+def holds_token(text: str) -> bool:
+    """Whether `text`, read as `Redactor.text` reads it (escapes included), holds a
+    whole token rather than at most a public prefix."""
+    return FULL_TOKEN.search(unescape(text) if "\\" in text else text) is not None
+
+
 def _mask_token(match: re.Match[str]) -> str:
     token = match.group(0)
     if len(token) <= PREFIX_LENGTH:
@@ -69,8 +90,32 @@ def _mask_token(match: re.Match[str]) -> str:
     return token[: token.index("_", 4) + 1] + MASK
 
 
+@dataclass(frozen=True)
+class Shape:
+    """One kind of secret as it appears in free text, and how it is masked.
+
+    `trigger` is a lowercase substring every occurrence contains: the cheap test
+    before the pattern runs. A new kind of secret is one more entry in `SHAPES`, and
+    every sink (log lines, the canonical request line, stored copies, `events show`,
+    CLI output) masks it from then on: they all go through `Redactor.text`.
+    """
+
+    trigger: str
+    pattern: re.Pattern[str]
+    mask: Callable[[re.Match[str]], str]
+
+
+SHAPES: list[Shape] = [
+    Shape("tok_", _TOKEN_TEXT, _mask_token),
+    Shape("eyj", _JWT, lambda _: MASK),
+    # Any case, as the pattern reads it (bEaReR too).
+    Shape("bearer", _BEARER, lambda match: f"{match.group(1)} {MASK}"),
+]
+
+
 class Redactor:
-    """Masks token-shaped text and configured secrets in strings and nested data."""
+    """Masks secret-shaped text and configured secrets in strings and nested data:
+    the one masking function of every sink."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # Longest first, so a secret that contains another is masked whole.
@@ -84,13 +129,16 @@ class Redactor:
         for secret in self._secrets:
             if secret in value:
                 value = value.replace(secret, MASK)
-        if "tok_" in value:
-            value = _TOKEN_TEXT.sub(_mask_token, value)
-        if "eyJ" in value:
-            value = _JWT.sub(MASK, value)
-        if "bearer" in value.lower():  # any case, as _BEARER reads it (bEaReR too)
-            value = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", value)
+        lowered = value.lower()
+        for shape in SHAPES:
+            if shape.trigger in lowered:
+                value = shape.pattern.sub(shape.mask, value)
         return value
+
+    def changes(self, value: str) -> bool:
+        """Whether `text` would mask anything in `value`: the one predicate a fast
+        path may ask before it skips the masking (it never restates the rule)."""
+        return self.text(value) != value
 
     def value(self, value: Any, depth: int = 0) -> Any:
         """Mask secrets at any depth of dicts, lists and tuples; mask whole values under
@@ -111,12 +159,12 @@ class Redactor:
         return value
 
     def sensitive(self, value: Any) -> Any:
-        """A value held under a secret-sounding key: masked whole, except a lone token,
-        which keeps its public prefix."""
+        """What stands under a secret-sounding key (`bearer_token` included), as any
+        copy may show it: masked whole, whatever its length, shape or type (design
+        §2), except a lone whole token, which keeps its public prefix."""
         if value is None:
             return None
-        # A lone token keeps its public prefix, which operators need to match revocations.
-        if isinstance(value, str) and TOKEN_PATTERN.fullmatch(value):
+        if isinstance(value, str) and FULL_TOKEN.fullmatch(value):
             return self.text(value)
         return MASK
 

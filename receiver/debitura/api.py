@@ -27,7 +27,6 @@ import structlog
 from pydantic import SecretStr
 
 from receiver import config, errors, metrics, redaction
-from receiver.lifecycle import events
 
 log = structlog.get_logger(__name__)
 
@@ -346,8 +345,8 @@ def _token(
     value = answer.get(name)
     if (
         not isinstance(value, str)
-        or events.token_problem(value) is not None
-        or (environment is not None and not value.startswith(f"tok_{environment}_"))
+        or redaction.token_problem(value) is not None
+        or (environment is not None and redaction.token_environment(value) != environment)
     ):
         raise errors.DebituraBadAnswer(
             f"{call}: Debitura's answer for client {client_id!r} has no usable {name}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from receiver import config, db, errors, vault
+from receiver import config, db, errors, redaction, vault
 from receiver.debitura import api, outcomes
 from receiver.lifecycle import adoption, audit
 
@@ -33,7 +33,7 @@ class Manager:
         except errors.DebituraError as exc:
             return outcomes.failed(client_id, environment, exc)
         token = fetched.token.get_secret_value()
-        if adoption.environment_of(token) != environment:
+        if redaction.token_environment(token) != environment:
             return outcomes.failed(
                 client_id,
                 environment,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from receiver import config, db, errors, metrics, vault
+from receiver import config, db, errors, metrics, redaction, vault
 from receiver.debitura import api, outcomes
 from receiver.lifecycle import adoption, audit, events
 
@@ -173,7 +173,7 @@ class Rotator:
             log.warning("rotation_resume_failed", client_id=client_id, error=type(exc).__name__)
             return None
         token = fetched.token.get_secret_value()
-        if adoption.environment_of(token) != environment:
+        if redaction.token_environment(token) != environment:
             await self.database.fetchval(
                 "rotation_intent_retry_later", intent, "fetched a token of the other environment"
             )

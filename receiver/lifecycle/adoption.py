@@ -45,11 +45,6 @@ class IntentClosure:
     outcome: str  # rotated | resumed
 
 
-def environment_of(token: str) -> str:
-    """A token's own environment."""
-    return "test" if token.startswith("tok_test_") else "live"
-
-
 async def import_token(
     database: db.Database,
     settings: config.Settings,
@@ -76,7 +71,7 @@ async def import_token(
     token or client id is malformed, or when the client already has an active token
     in that environment and `supersede` is not set.
     """
-    problem = events.token_problem(token)
+    problem = redaction.token_problem(token)
     if problem is not None:
         raise errors.UsageError(f"cannot import: the token {problem}")
     now = datetime.now(UTC)
@@ -88,7 +83,8 @@ async def import_token(
     }
     if old_expires_at is not None:
         data["old_token_expires_at"] = old_expires_at.isoformat()
-    environment = environment_of(token)
+    environment = redaction.token_environment(token)
+    assert environment is not None  # token_problem has checked the token's form
     row = _row(sealer, key, "client.onboarding_completed", data, environment)
     prefix = redaction.token_prefix(token)
     async with database.connection() as conn, conn.transaction():

@@ -22,6 +22,7 @@ print(json.dumps({
 _ALLOWED = {
     "receiver",
     "receiver.config",
+    "receiver.endpoints",
     "receiver.db",
     "receiver.errors",
     "receiver.partner",
