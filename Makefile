@@ -39,7 +39,7 @@ links: $(STAMP)  ## the documents' relative links and file references exist; cod
 bench: $(STAMP)  ## the benchmark against this machine's ceilings (see bench/README.md)
 	$(BIN)/python -m bench.run
 
-schema: $(STAMP)  ## rewrite receiver/db/sql/schema.sql from the migrations (after adding one)
+schema: $(STAMP)  ## rewrite sql/schema.sql from the migrations (after adding one)
 	$(BIN)/python -m tests.schema $(RECEIVER_TEST_DATABASE_URL)
 
 lock: $(STAMP)  ## rewrite requirements.lock (what the image installs) from pyproject.toml

@@ -1,6 +1,6 @@
-"""The schema as one readable file: `receiver/db/sql/schema.sql`, and how it is compared.
+"""The schema as one readable file: `sql/schema.sql`, and how it is compared.
 
-`receiver/db/sql/schema.sql` is what the migrations build, written out by `pg_dump` and stripped
+`sql/schema.sql` is what the migrations build, written out by `pg_dump` and stripped
 of its noise. The suite builds one database from it and one from the migrations and
 compares their dumps (tests/integration/test_schema.py), so a migration without its
 schema change, or the reverse, fails. Regenerate after adding a migration:
@@ -20,7 +20,7 @@ import asyncpg
 
 from receiver.db import embedded, migrations
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "receiver" / "db" / "sql" / "schema.sql"
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "sql" / "schema.sql"
 HEADER = """\
 -- The receiver's current schema, as the migrations in this folder build it: read
 -- this file, not the migrations, to know what is there. Written by `make schema`

@@ -77,9 +77,11 @@ class Migration:
 
 
 def sql_dir() -> Path:
-    """Where the migrations are: inside the database package, in a checkout and in an
-    installed wheel alike."""
-    return Path(__file__).with_name("sql")
+    """Where the migrations are: `receiver/sql/` in an installed wheel (the wheel ships
+    the top-level `sql/` there as package data), else the checkout's top-level `sql/`."""
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "sql"
+    return packaged if packaged.is_dir() else package.parent / "sql"
 
 
 @functools.cache

@@ -58,7 +58,7 @@ QUARANTINE_REASONS: tuple[QuarantineReason, ...] = QuarantineReason.__args__  # 
 
 _IDENTIFIER = r"^[A-Za-z0-9_.:\-]{1,128}$"
 Identifier = Annotated[str, StringConstraints(pattern=_IDENTIFIER)]
-# A revocation's prefix of any length from `tok_live_` + 3 characters (DESIGN §2: a
+# A revocation's prefix of any length from `tok_live_` + 3 characters (design.md §2: a
 # revocation fails safe; 15, as in Debitura's example, is the length we store). One
 # long enough to be a whole token never gets here: it is quarantined as a token
 # outside `bearer_token` first.

@@ -407,8 +407,9 @@ def test_the_image_installs_a_current_lock_with_hashes() -> None:
 async def test_the_built_wheel_carries_migrations_and_its_entry_point_starts(
     tmp_path: Path, empty_database_url: str
 ) -> None:
-    """The wheel the image installs has the migrations and queries inside the package,
-    and its installed `receiver` command migrates a database and serves."""
+    """The wheel the image installs carries the top-level sql/ as package data (and the
+    queries), and its installed `receiver` command migrates an empty database from
+    there and serves."""
     wheels = tmp_path / "wheels"
     subprocess.run(
         [
@@ -429,8 +430,10 @@ async def test_the_built_wheel_carries_migrations_and_its_entry_point_starts(
     )
     wheel = next(wheels.glob("receiver-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
+    assert migrations.sql_dir() == ROOT / "sql"  # a checkout reads the top-level sql/
     for migration in migrations.available():
-        assert f"receiver/db/sql/{migration.name}.sql" in names
+        assert f"receiver/sql/{migration.name}.sql" in names
+    assert "receiver/sql/schema.sql" in names
     assert "receiver/db/queries.sql" in names
     assert not any(name.startswith(("tests/", "bench/")) for name in names)
 

@@ -15,7 +15,7 @@ DOCUMENTS = (
     "CHANGELOG.md",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
     "bench/README.md",
-    "receiver/db/sql/README.md",
+    "sql/README.md",
 )
 _LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
 _CODE = re.compile(r"`([^`\n]+)`")
