@@ -89,8 +89,8 @@ def configure(
 
     # Our own events go straight from structlog to the stream, not through stdlib
     # logging: the canonical request line is written on every request, and the stdlib
-    # detour (LogRecord, handler lock, formatter) cost about a fifth of the server's
-    # CPU under load (py-spy, bench/README.md).
+    # detour (LogRecord, handler lock, formatter) was a large share of the server's
+    # CPU under load (the figure: bench/README.md).
     structlog.configure(
         processors=[*pre_chain, *output_chain],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

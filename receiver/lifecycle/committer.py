@@ -77,7 +77,7 @@ class GroupCommit:
         # When the last commit failed for want of the database (None: it succeeded).
         self._failed_at: float | None = None
 
-    async def deliver(
+    async def record_delivery(
         self, event: events.Event, arrival: rows.Arrival, *, deadline: float | None = None
     ) -> tuple[store.Recorded, events.Event]:
         """Seal and record one verified delivery (`record`), keeping it quarantined when

@@ -54,10 +54,6 @@ class TenantNotLinked(MintRefused, LinkInvalid):
     the tenant is unknown or unlinked; a `LinkInvalid` too."""
 
 
-class RefreshRefused(MintRefused):
-    """A refresh token was refused and a new grant with the API key was refused too."""
-
-
 class PermissionDenied(TokenError):
     """403 `permission_error`: the token is valid but lacks `required_scope`."""
 

@@ -90,9 +90,6 @@ class RetryPolicy:
         return jittered if retry_after is None else max(jittered, retry_after)
 
 
-NO_RETRIES = RetryPolicy(max_retries=0)
-
-
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A token endpoint's answer: status, its Retry-After (parsed) and the JSON

@@ -28,7 +28,6 @@ log = structlog.get_logger(__name__)
 
 SANDBOX: web.AppKey[Sandbox] = web.AppKey("sandbox")
 Handler = Callable[[web.Request, "Sandbox"], Awaitable[web.StreamResponse]]
-_RATE_LIMIT_STATUSES = {429: "rate_limit_error"}
 
 
 def create_app(sandbox: Sandbox) -> web.Application:

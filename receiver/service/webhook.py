@@ -101,7 +101,9 @@ async def _receive(
     )
     # A delivery Postgres refuses a value of comes back quarantined (the committer
     # keeps it): an authentic delivery is never answered 4xx.
-    recorded, event = await request.app[state.COMMITTER].deliver(event, arrival, deadline=deadline)
+    recorded, event = await request.app[state.COMMITTER].record_delivery(
+        event, arrival, deadline=deadline
+    )
     outcome, reason = recorded.outcome, recorded.reason
     dispatcher = request.app.get(state.DISPATCHER)
     if dispatcher is not None and outcome == "processed" and event.data is not None:

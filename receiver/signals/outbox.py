@@ -200,7 +200,7 @@ class Dispatcher:
             if self._stopping.is_set():
                 return
             try:
-                while await self._claim_and_deliver("claim_due_revocations") >= self._batch_size:
+                while await self._claim_and_send("claim_due_revocations") >= self._batch_size:
                     if self._stopping.is_set():
                         return
             except errors.DatabaseUnavailable:
@@ -232,9 +232,9 @@ class Dispatcher:
                     log.error(
                         "signal_dead", signal_id=row["id"], error="lease expired past max age"
                     )
-        return await self._claim_and_deliver("claim_due_signals")
+        return await self._claim_and_send("claim_due_signals")
 
-    async def _claim_and_deliver(self, claim: str) -> int:
+    async def _claim_and_send(self, claim: str) -> int:
         """Claim one batch with the named query, deliver it, record the outcomes;
         return how many were claimed."""
         lease = uuid.uuid4()
@@ -256,14 +256,14 @@ class Dispatcher:
             )
             for r in rows
         ]
-        outcomes = await asyncio.gather(*(self._deliver(s, lease) for s in signals))
+        outcomes = await asyncio.gather(*(self._send(s, lease) for s in signals))
         delivered = [s for s, ok in zip(signals, outcomes, strict=True) if ok]
         if delivered:
             await self._mark_delivered(delivered, lease)
         self._held.discard(lease)
         return len(rows)
 
-    async def _deliver(self, signal: Signal, lease: uuid.UUID) -> bool:
+    async def _send(self, signal: Signal, lease: uuid.UUID) -> bool:
         try:
             await self._post(signal)
         except DeliveryFailed as exc:

@@ -33,7 +33,7 @@ def _run(
     if getattr(args, "client", None) is not None:
         named.append(args.client)
     for client_id in named:
-        if not events.is_identifier(client_id) or _REDACTOR.text(client_id) != client_id:
+        if not events.is_identifier(client_id) or _REDACTOR.changes(client_id):
             raise errors.UsageError(
                 "a client id is 1-128 characters of A-Z a-z 0-9 _ . : - (and not a token)"
             )
@@ -146,86 +146,3 @@ def clients_revoke(args: argparse.Namespace) -> int:
         return [await manager.revoke(args.client, args.environment, actor, actor.reason or "")]
 
     return _run(args, work)
-
-
-def add_parsers(
-    tokens: argparse._SubParsersAction[argparse.ArgumentParser],
-    clients: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_dev_flag: Callable[[argparse.ArgumentParser], None],
-    positive: Callable[[str], int],
-) -> None:
-    """The parser entries of these commands, under `tokens` and `clients`."""
-    environment = {
-        "choices": vault.ENVIRONMENTS,
-        "default": "live",
-        "help": "which Debitura environment (default live; test manages tok_test_ tokens)",
-    }
-    fetch = tokens.add_parser(
-        "fetch",
-        help="fetch a client's current token from Debitura and store it if new",
-        description="Prints the prefix, never the token. Example: receiver tokens fetch cli_1",
-    )
-    fetch.add_argument("client", help="client id")
-    fetch.add_argument("--environment", **environment)  # type: ignore[arg-type]
-    fetch.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
-    fetch.add_argument("--reason", dest="audit_reason", help="why, for the audit trail")
-    add_dev_flag(fetch)
-    fetch.set_defaults(run=tokens_fetch)
-
-    rotate = tokens.add_parser(
-        "rotate",
-        help="rotate tokens through Debitura (now, the due ones, or finish interrupted ones)",
-        description=(
-            "Examples: receiver tokens rotate cli_1 --reason suspected_compromise "
-            "--revoke-immediately; receiver tokens rotate --due --dry-run; "
-            "receiver tokens rotate --resume"
-        ),
-    )
-    rotate.add_argument("clients", nargs="*", metavar="CLIENT", help="client ids")
-    rotate.add_argument("--environment", **environment)  # type: ignore[arg-type]
-    rotate.add_argument(
-        "--reason",
-        default=rotation.DEFAULT_REASON,
-        help="sent to Debitura and kept in the audit trail",
-    )
-    rotate.add_argument(
-        "--revoke-immediately",
-        action="store_true",
-        help="revoke the old token now, no 24 h grace (confirmed compromise only)",
-    )
-    rotate.add_argument(
-        "--due",
-        action="store_true",
-        help="every active token older than RECEIVER_TOKEN_ROTATE_AFTER_DAYS",
-    )
-    rotate.add_argument("--dry-run", action="store_true", help="with --due: list, change nothing")
-    rotate.add_argument("--limit", type=positive, help="with --due: at most N tokens")
-    rotate.add_argument("--resume", action="store_true", help="finish interrupted rotations")
-    rotate.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
-    rotate.add_argument("--json", action="store_true", help="one JSON object per client")
-    add_dev_flag(rotate)
-    rotate.set_defaults(run=tokens_rotate)
-
-    validate = tokens.add_parser(
-        "validate",
-        help="ask Debitura whether active tokens are valid; exit 1 when any is not",
-    )
-    validate.add_argument("clients", nargs="*", metavar="CLIENT", help="client ids (default all)")
-    validate.add_argument("--environment", choices=vault.ENVIRONMENTS, help="only this one")
-    validate.add_argument("--json", action="store_true", help="one JSON object per token")
-    add_dev_flag(validate)
-    validate.set_defaults(run=tokens_validate)
-
-    revoke = clients.add_parser(
-        "revoke",
-        help="revoke a client's token at Debitura, then here (audited; --confirm)",
-        description="Example: receiver clients revoke cli_1 --reason 'contract ended' --confirm",
-    )
-    revoke.add_argument("client", help="client id")
-    revoke.add_argument("--environment", **environment)  # type: ignore[arg-type]
-    revoke.add_argument("--reason", required=True, help="sent to Debitura and audited")
-    revoke.add_argument("--confirm", action="store_true", help="yes, revoke for good")
-    revoke.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
-    revoke.add_argument("--json", action="store_true", help="the outcome as one JSON object")
-    add_dev_flag(revoke)
-    revoke.set_defaults(run=clients_revoke)
