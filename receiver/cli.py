@@ -266,6 +266,47 @@ def _add_debitura(
     _add_dev_flag(validate)
     validate.set_defaults(run=debitura_commands.tokens_validate)
 
+    reconciling = tokens.add_parser(
+        "reconcile",
+        help="bring the vault to Debitura's state: fetch missed tokens, settle stale ones",
+        description=(
+            "Lists Debitura's clients and fetches any without an active token here; "
+            "validates every active token and settles one Debitura calls invalid. "
+            "Examples: receiver tokens reconcile --dry-run; receiver tokens reconcile --json"
+        ),
+    )
+    reconciling.add_argument(
+        "--environment",
+        choices=vault.ENVIRONMENTS,
+        help="only this one (default: every configured)",
+    )
+    reconciling.add_argument("--dry-run", action="store_true", help="say what would change")
+    reconciling.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
+    reconciling.add_argument(
+        "--json", action="store_true", help="one JSON object per client changed"
+    )
+    _add_dev_flag(reconciling)
+    reconciling.set_defaults(run=debitura_commands.tokens_reconcile)
+
+    link = clients.add_parser(
+        "link",
+        help="link a client through Debitura and store its token sealed (never printed)",
+        description=(
+            "Sends the partner's link request (a JSON object, passed through) to Debitura "
+            "and stores the answer's token. Prints the client id, token prefix and status. "
+            "Example: receiver clients link --body request.json"
+        ),
+    )
+    link.add_argument(
+        "--body", required=True, metavar="FILE", help="the link request as JSON (- for stdin)"
+    )
+    link.add_argument("--environment", **environment)  # type: ignore[arg-type]
+    link.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
+    link.add_argument("--reason", dest="audit_reason", help="why, for the audit trail")
+    link.add_argument("--json", action="store_true", help="the outcome as one JSON object")
+    _add_dev_flag(link)
+    link.set_defaults(run=debitura_commands.clients_link)
+
     revoke = clients.add_parser(
         "revoke",
         help="revoke a client's token at Debitura, then here (audited; --confirm)",

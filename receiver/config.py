@@ -117,6 +117,21 @@ def _signal_secrets(value: Any) -> Any:
     return [decode_signal_secret(p) if isinstance(p, str) else p for p in parts]
 
 
+ADMIN_TOKEN_MIN_CHARS = 32
+
+
+def _admin_tokens(value: Any) -> Any:
+    parts = _split(value)
+    if parts is None:
+        return ()
+    if not isinstance(parts, list | tuple):
+        parts = [parts]
+    texts = [p.get_secret_value() if isinstance(p, SecretStr) else str(p) for p in parts]
+    if any(len(t) < ADMIN_TOKEN_MIN_CHARS for t in texts):
+        raise ValueError(f"each token must be at least {ADMIN_TOKEN_MIN_CHARS} characters")
+    return [SecretStr(t) for t in texts]
+
+
 def _postgres_url(value: SecretStr | None) -> SecretStr | None:
     # Checked here so that a URL no Postgres driver can use is one line at start-up,
     # not a driver traceback or a wait for a database that cannot come. The message
@@ -161,6 +176,7 @@ Key32 = Annotated[SecretBytes, BeforeValidator(_key32)]
 CacheSecrets = Annotated[tuple[SecretBytes, ...], NoDecode, BeforeValidator(_signal_secrets)]
 Channel = Annotated[str, AfterValidator(_channel)]
 ApiUrl = Annotated[str | None, AfterValidator(_api_url)]
+AdminTokens = Annotated[tuple[SecretStr, ...], NoDecode, BeforeValidator(_admin_tokens)]
 
 
 class Settings(BaseSettings):
@@ -249,8 +265,15 @@ class Settings(BaseSettings):
     # deliveries are still answered, so a load balancer moves away first. Unset: 5 s,
     # 0 with --dev (README: Configuration).
     shutdown_delay_seconds: float | None = Field(default=None, ge=0, le=300)
-    # Set: /metrics, /openapi.json, /healthz and /readyz are served on this port only.
+    # Set: /metrics, /openapi.json, /healthz and /readyz are served on this port only,
+    # bound to admin_host (loopback unless told otherwise).
     admin_port: int | None = Field(default=None, ge=1, le=65535)
+    admin_host: str = "127.0.0.1"
+    # The admin API (POST /admin/v1/clients): bearer tokens, several for rotation;
+    # served on the admin listener only, so it needs RECEIVER_ADMIN_PORT.
+    admin_tokens: AdminTokens = ()
+    # How often `serve` reconciles the vault with Debitura (docs/design.md §9); 0: never.
+    reconcile_interval_hours: float = Field(default=24.0, ge=0, le=24 * 365)
 
     def webhook_secret_sets(self) -> dict[str, list[bytes]]:
         """The webhook secrets by the world they verify: live, and test."""
@@ -271,12 +294,18 @@ class Settings(BaseSettings):
         for key in (self.debitura_api_key, self.debitura_test_api_key):
             if key is not None:
                 texts.append(key.get_secret_value())
+        texts += [t.get_secret_value() for t in self.admin_tokens]
         return texts
 
     @model_validator(mode="after")
     def _cache_secret_with_url(self) -> Settings:
         if self.cache_url is not None and not self.cache_secret:
             raise ValueError("RECEIVER_CACHE_SECRET is required when RECEIVER_CACHE_URL is set")
+        if self.admin_tokens and self.admin_port is None:
+            raise ValueError(
+                "RECEIVER_ADMIN_TOKENS needs RECEIVER_ADMIN_PORT: the admin API is served on "
+                "the admin listener only, never on the public port"
+            )
         return self
 
 

@@ -52,6 +52,28 @@ class InvalidSignature(ReceiverError):
         self.reason = reason
 
 
+class AdminUnauthorized(ReceiverError):
+    """The admin API's `Authorization: Bearer` is missing or not one of
+    RECEIVER_ADMIN_TOKENS."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_admin_token"
+
+    def headers(self) -> dict[str, str]:
+        """RFC 6750: say which scheme is expected, nothing more."""
+        return {"WWW-Authenticate": 'Bearer realm="receiver-admin"'}
+
+
+class UpstreamFailed(ReceiverError):
+    """Debitura refused or did not answer a call the admin API made for its caller;
+    the message says which and what to do (it never holds a token)."""
+
+    status = 502
+    type = "api_error"
+    code = "debitura_failed"
+
+
 class NotFound(ReceiverError):
     """No route answers this path."""
 
@@ -206,6 +228,11 @@ class DebituraAnswerLost(DebituraUnavailable):
     """A call that is not idempotent (rotate-token) left, and no answer came back
     (timeout, reset, 5xx): whether it took effect is unknown, and it is never re-sent;
     a fetch resolves it."""
+
+
+class DebituraNotARotation(DebituraAnswerLost):
+    """rotate-token answered with a token of the other environment: not a rotation of
+    this client's token, though Debitura may have rotated it (a fetch settles that)."""
 
 
 class DebituraRefused(DebituraError):

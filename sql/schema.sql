@@ -412,7 +412,7 @@ CREATE TABLE receiver.audit (
     event_key text,
     reason text,
     detail jsonb DEFAULT '{}'::jsonb NOT NULL,
-    CONSTRAINT audit_action_check CHECK ((action = ANY (ARRAY['token_reveal'::text, 'token_import'::text, 'client_erase'::text, 'keys_rotate'::text, 'events_reprocess'::text, 'event_resend'::text, 'events_dismiss'::text, 'token_fetch'::text, 'token_rotate'::text, 'client_revoke'::text]))),
+    CONSTRAINT audit_action_check CHECK ((action = ANY (ARRAY['token_reveal'::text, 'token_import'::text, 'client_erase'::text, 'keys_rotate'::text, 'events_reprocess'::text, 'event_resend'::text, 'events_dismiss'::text, 'token_fetch'::text, 'token_rotate'::text, 'client_revoke'::text, 'client_link'::text, 'token_reconcile'::text]))),
     CONSTRAINT audit_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
 );
 
@@ -446,6 +446,7 @@ CREATE TABLE receiver.tokens (
     validated_at timestamp with time zone,
     valid boolean,
     scopes text[],
+    issued_at timestamp with time zone,
     CONSTRAINT tokens_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
     CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text])))
 );
@@ -493,14 +494,35 @@ CREATE TABLE receiver.link_reports (
     id bigint NOT NULL,
     client_id text NOT NULL,
     environment text NOT NULL,
-    token_prefix text NOT NULL,
+    token_prefix text,
     reported_at timestamp with time zone DEFAULT now() NOT NULL,
     detail text,
+    reconciled_at timestamp with time zone,
     CONSTRAINT link_reports_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
 );
 
 ALTER TABLE receiver.link_reports ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME receiver.link_reports_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE receiver.reconcile_runs (
+    id bigint NOT NULL,
+    environment text NOT NULL,
+    trigger text NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    finished_at timestamp with time zone,
+    complete boolean DEFAULT false NOT NULL,
+    summary jsonb,
+    CONSTRAINT reconcile_runs_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
+);
+
+ALTER TABLE receiver.reconcile_runs ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME receiver.reconcile_runs_id_seq
     START WITH 1
     INCREMENT BY 1
     NO MINVALUE
@@ -532,9 +554,10 @@ CREATE TABLE receiver.rotation_intents (
     closed_at timestamp with time zone,
     outcome text,
     new_prefix text,
+    next_check_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT rotation_intents_closed_has_outcome CHECK (((closed_at IS NULL) = (outcome IS NULL))),
     CONSTRAINT rotation_intents_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
-    CONSTRAINT rotation_intents_outcome_check CHECK ((outcome = ANY (ARRAY['rotated'::text, 'resumed'::text, 'not_rotated'::text, 'already_stored'::text, 'failed'::text])))
+    CONSTRAINT rotation_intents_outcome_check CHECK ((outcome = ANY (ARRAY['rotated'::text, 'resumed'::text, 'not_rotated'::text, 'already_stored'::text, 'failed'::text, 'revoked'::text, 'superseded'::text])))
 );
 
 ALTER TABLE receiver.rotation_intents ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
@@ -588,7 +611,8 @@ CREATE VIEW receiver.token_inventory AS
     receiver.sealed_key_id(tokens.token_sealed) AS key_id,
     tokens.validated_at,
     tokens.valid,
-    tokens.scopes
+    tokens.scopes,
+    tokens.issued_at
    FROM receiver.tokens;
 
 ALTER TABLE ONLY receiver.audit
@@ -602,6 +626,9 @@ ALTER TABLE ONLY receiver.events
 
 ALTER TABLE ONLY receiver.link_reports
     ADD CONSTRAINT link_reports_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY receiver.reconcile_runs
+    ADD CONSTRAINT reconcile_runs_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY receiver.revocations
     ADD CONSTRAINT revocations_pkey PRIMARY KEY (event_key);
@@ -640,9 +667,15 @@ CREATE INDEX events_sealed_key_id ON receiver.events USING btree (receiver.seale
 
 CREATE INDEX link_reports_client ON receiver.link_reports USING btree (client_id, environment, token_prefix);
 
+CREATE INDEX link_reports_to_reconcile ON receiver.link_reports USING btree (reported_at) WHERE (reconciled_at IS NULL);
+
+CREATE INDEX reconcile_runs_last ON receiver.reconcile_runs USING btree (environment, finished_at) WHERE complete;
+
 CREATE INDEX revocations_client ON receiver.revocations USING btree (client_id);
 
 CREATE INDEX revocations_long_prefix ON receiver.revocations USING btree (client_id, environment) WHERE (length(token_prefix) > 15);
+
+CREATE INDEX rotation_intents_next_check ON receiver.rotation_intents USING btree (next_check_at) WHERE (closed_at IS NULL);
 
 CREATE UNIQUE INDEX rotation_intents_one_open ON receiver.rotation_intents USING btree (client_id, environment) WHERE (closed_at IS NULL);
 

@@ -12,11 +12,13 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from receiver import config, console, db, errors, redaction, vault
-from receiver.debitura import api, management, outcomes, rotation
+from receiver.debitura import api, management, outcomes, reconcile, rotation
 from receiver.lifecycle import audit, events
 
 _REDACTOR = redaction.Redactor()
@@ -146,3 +148,74 @@ def clients_revoke(args: argparse.Namespace) -> int:
         return [await manager.revoke(args.client, args.environment, actor, actor.reason or "")]
 
     return _run(args, work)
+
+
+LINK_BODY_MAX_BYTES = 64 * 1024
+
+
+def read_link_request(text: str) -> dict[str, Any]:
+    """The partner's link request: a JSON object, passed to Debitura as it is."""
+    if len(text.encode()) > LINK_BODY_MAX_BYTES:
+        raise errors.UsageError(f"the link request is over {LINK_BODY_MAX_BYTES} bytes")
+    try:
+        request = json.loads(text)
+    except ValueError as exc:
+        raise errors.UsageError(f"the link request is not JSON ({type(exc).__name__})") from None
+    if not isinstance(request, dict):
+        raise errors.UsageError("the link request must be a JSON object")
+    return request
+
+
+def clients_link(args: argparse.Namespace) -> int:
+    """`receiver clients link (--body FILE | -)`: link through Debitura, store the
+    token sealed; print the client id, the prefix and the status, never the token."""
+    if args.body == "-":
+        text = sys.stdin.read(LINK_BODY_MAX_BYTES + 1)
+    else:
+        try:
+            text = Path(args.body).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise errors.UsageError(f"cannot read --body: {type(exc).__name__}") from None
+    request = read_link_request(text)
+
+    async def work(manager: management.Manager, _: rotation.Rotator) -> list[outcomes.Outcome]:
+        api.endpoint(manager.settings, args.environment)
+        return [await manager.link(args.environment, request, _actor(args, args.audit_reason))]
+
+    return _run(args, work)
+
+
+def tokens_reconcile(args: argparse.Namespace) -> int:
+    """`receiver tokens reconcile`: bring the vault to Debitura's state; one line (or
+    JSON object) per client changed, one summary line per environment; exit 1 when a
+    run could not see everything or a change failed."""
+    actor = _actor(args, "reconcile")
+    summaries: list[reconcile.Summary] = []
+
+    async def work(manager: management.Manager, _: rotation.Rotator) -> list[outcomes.Outcome]:
+        environments = [args.environment] if args.environment else api.configured(manager.settings)
+        if not environments:
+            api.endpoint(manager.settings, "live")  # raises, naming the variable
+        for environment in environments:
+            api.endpoint(manager.settings, environment)
+        reconciler = reconcile.Reconciler(manager)
+        done: list[outcomes.Outcome] = []
+        for environment in environments:
+            summary = await reconciler.run(environment, actor, dry_run=args.dry_run)
+            summaries.append(summary)
+            done += summary.changed + summary.failed
+        return done
+
+    status = _run(args, work)
+    for summary in summaries:
+        counts = summary.counts()
+        line = (
+            f"{'would change' if args.dry_run else 'reconciled'} {summary.environment}: "
+            f"{counts['listed']} listed, {counts['validated']} validated, "
+            f"{counts['changed']} changed, {counts['failed']} failed"
+            + ("" if summary.complete else f", incomplete ({summary.stopped or 'see failures'})")
+        )
+        print(line, file=sys.stderr if args.json else sys.stdout)
+    if any(not s.complete for s in summaries):
+        return console.EXIT_FAILURE
+    return status

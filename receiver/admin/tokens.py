@@ -19,6 +19,7 @@ INVENTORY_COLUMNS = (
     "environment",
     "status",
     "onboarding_completed_at",
+    "issued_at",
     "expires_at",
     "revoked_at",
     "revoke_reason",

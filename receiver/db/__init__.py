@@ -92,7 +92,11 @@ _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 def _load_queries() -> dict[str, str]:
     text = (Path(__file__).parent / "queries.sql").read_text()
     parts = _QUERY_HEADER.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    names = parts[1::2]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # a second query under a name would silently replace the first
+        raise RuntimeError(f"queries.sql names {', '.join(repeated)} more than once")
+    return {name: body.strip() for name, body in zip(names, parts[2::2], strict=True)}
 
 
 QUERIES = _load_queries()

@@ -100,7 +100,7 @@ SELECT name, checksum FROM receiver.schema_migrations;
 SELECT client_id, prefix, prefix AS token_prefix, environment, status,
        onboarding_completed_at, stored_at,
        superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
-       changed_by_event, key_id, validated_at, valid, scopes,
+       changed_by_event, key_id, validated_at, valid, scopes, issued_at,
        (SELECT max(r.reported_at) FROM receiver.link_reports r
          WHERE r.client_id = i.client_id AND r.environment = i.environment
            AND r.token_prefix = i.prefix) AS link_invalid_at
@@ -561,13 +561,24 @@ SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
  GROUP BY 1;
 
 -- name: rotation_intent_open
--- Record a rotation before rotate-token is sent (committed on its own); NULL when
--- the client already has an unfinished one in that environment.
+-- Claim a rotation before rotate-token is sent (committed on its own): only while
+-- $3 is still the client's active token in $2 and, with $7, still older than $7
+-- (re-checked as it is taken: two runners listing the same due token make one
+-- rotation); NULL when it is not, or when the client has an unfinished one.
 INSERT INTO receiver.rotation_intents
     (client_id, environment, old_prefix, reason, revoke_immediately, actor)
-VALUES ($1, $2, $3, $4, $5, $6)
+SELECT t.client_id, t.environment, t.prefix, $4, $5, $6
+  FROM receiver.tokens t
+ WHERE t.client_id = $1 AND t.environment = $2 AND t.status = 'active' AND t.prefix = $3
+   AND ($7::interval IS NULL
+        OR coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at) < now() - $7::interval)
 ON CONFLICT (client_id, environment) WHERE closed_at IS NULL DO NOTHING
 RETURNING id;
+
+-- name: rotation_intent_is_open
+-- Whether client $1 has an unfinished rotation in environment $2.
+SELECT EXISTS (SELECT 1 FROM receiver.rotation_intents
+                WHERE client_id = $1 AND environment = $2 AND closed_at IS NULL);
 
 -- name: rotation_intent_close
 -- Close an open rotation: $2 outcome, $3 the new token's prefix, $4 the error.
@@ -577,10 +588,34 @@ UPDATE receiver.rotation_intents
 RETURNING id;
 
 -- name: rotation_intent_retry_later
--- A resume that could not finish: counted, the fault kept, the intent left open.
+-- A resume that could not finish: counted, the fault kept, the intent left open and
+-- checked again after a backoff (5 s, doubling, at most an hour).
 UPDATE receiver.rotation_intents
-   SET resume_attempts = resume_attempts + 1, last_error = $2
+   SET resume_attempts = resume_attempts + 1, last_error = $2,
+       next_check_at = now() + least(interval '5 seconds' * power(2, least(resume_attempts, 20)),
+                                     interval '1 hour')
  WHERE id = $1 AND closed_at IS NULL;
+
+-- name: rotation_intents_due
+-- Unfinished rotations whose next check is due, oldest first.
+SELECT id, client_id, environment, old_prefix, reason, revoke_immediately, actor,
+       started_at, resume_attempts
+  FROM receiver.rotation_intents
+ WHERE closed_at IS NULL AND next_check_at <= now()
+ ORDER BY next_check_at
+ LIMIT $1;
+
+-- name: rotation_next_check
+-- When the earliest unfinished rotation is next due a check (NULL: none open).
+SELECT min(next_check_at) FROM receiver.rotation_intents WHERE closed_at IS NULL;
+
+-- name: rotations_unsettled
+-- Unfinished rotations per environment, and the age of the oldest.
+SELECT environment, count(*) AS n,
+       extract(epoch FROM now() - min(started_at))::float8 AS oldest_seconds
+  FROM receiver.rotation_intents
+ WHERE closed_at IS NULL
+ GROUP BY environment;
 
 -- name: rotation_intents_open
 -- Unfinished rotations, oldest first.
@@ -605,14 +640,14 @@ SELECT client_id, environment, prefix, status FROM receiver.tokens WHERE token_i
 -- name: tokens_due_rotation
 -- Active tokens in environments $2 older than $1 (from onboarding, else from when
 -- stored) with no rotation unfinished, oldest first.
-SELECT t.client_id, t.environment, t.prefix, t.onboarding_completed_at
+SELECT t.client_id, t.environment, t.prefix, t.onboarding_completed_at, t.issued_at
   FROM receiver.tokens t
  WHERE t.status = 'active' AND t.environment = ANY ($2::text[])
-   AND coalesce(t.onboarding_completed_at, t.stored_at) < now() - $1::interval
+   AND coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at) < now() - $1::interval
    AND NOT EXISTS (SELECT 1 FROM receiver.rotation_intents i
                     WHERE i.client_id = t.client_id AND i.environment = t.environment
                       AND i.closed_at IS NULL)
- ORDER BY coalesce(t.onboarding_completed_at, t.stored_at), t.client_id
+ ORDER BY coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at), t.client_id
  LIMIT $3;
 
 -- name: tokens_to_validate
@@ -625,9 +660,57 @@ SELECT id::text AS id, client_id, environment, prefix, token_sealed
  ORDER BY client_id, environment;
 
 -- name: token_validated
--- What validate-token said about token $1.
-UPDATE receiver.tokens SET validated_at = now(), valid = $2, scopes = $3
+-- What validate-token said about token $1 ($4: Debitura's issued_at, when it gave one).
+UPDATE receiver.tokens
+   SET validated_at = now(), valid = $2, scopes = $3, issued_at = coalesce($4, issued_at)
  WHERE id = $1::uuid;
+
+-- name: token_status
+-- The status of client $1's token with prefix $3 in environment $2 (the active one
+-- first, should two share a prefix).
+SELECT status FROM receiver.token_inventory
+ WHERE client_id = $1 AND environment = $2 AND prefix = $3
+ ORDER BY status = 'active' DESC
+ LIMIT 1;
+
+-- name: token_issued
+-- Debitura's issued_at for the token with blind index $1.
+UPDATE receiver.tokens SET issued_at = $2 WHERE token_index = $1;
+
+-- name: link_reports_to_reconcile
+-- Clients a partner application reported (a second 401, no token) and no reconcile
+-- has looked at since, oldest first.
+SELECT client_id, environment, min(reported_at) AS reported_at, array_agg(id) AS ids
+  FROM receiver.link_reports
+ WHERE reconciled_at IS NULL
+ GROUP BY client_id, environment
+ ORDER BY min(reported_at)
+ LIMIT $1;
+
+-- name: link_reports_reconciled
+-- The reports $1 were reconciled.
+UPDATE receiver.link_reports SET reconciled_at = now() WHERE id = ANY ($1::bigint[]);
+
+-- name: reconcile_started
+-- A reconcile run of environment $1 begins ($2: what started it).
+INSERT INTO receiver.reconcile_runs (environment, trigger) VALUES ($1, $2) RETURNING id;
+
+-- name: reconcile_finished
+-- A reconcile run ends: $2 whether it saw everything, $3 its counts.
+UPDATE receiver.reconcile_runs SET finished_at = now(), complete = $2, summary = $3::jsonb
+ WHERE id = $1;
+
+-- name: reconcile_last_runs
+-- When each environment was last reconciled completely (unix seconds).
+SELECT environment, extract(epoch FROM max(finished_at))::float8 AS at
+  FROM receiver.reconcile_runs
+ WHERE complete
+ GROUP BY environment;
+
+-- name: active_token_sealed
+-- Client $1's active token in environment $2: id, prefix, sealed value.
+SELECT id::text AS id, prefix, token_sealed FROM receiver.tokens
+ WHERE client_id = $1 AND environment = $2 AND status = 'active';
 
 -- name: try_session_lock
 -- A named advisory lock for this session, if free (held across a long run made of
@@ -637,3 +720,12 @@ SELECT pg_try_advisory_lock(hashtextextended($1, 0));
 -- name: session_unlock
 -- Release the session lock try_session_lock took.
 SELECT pg_advisory_unlock(hashtextextended($1, 0));
+
+-- name: active_tokens_page
+-- Active tokens of environment $1 with client ids after $2, in client id order, at
+-- most $3 (a reconcile run pages through them; the partial index on active tokens).
+SELECT id::text AS id, client_id, prefix, token_sealed
+  FROM receiver.tokens
+ WHERE environment = $1 AND status = 'active' AND client_id > $2
+ ORDER BY client_id
+ LIMIT $3;

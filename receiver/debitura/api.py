@@ -17,8 +17,9 @@ import json
 import math
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -27,12 +28,17 @@ import structlog
 from pydantic import SecretStr
 
 from receiver import config, errors, metrics, redaction
+from receiver.lifecycle import events
 
 log = structlog.get_logger(__name__)
 
 MAX_ANSWER_BYTES = 64 * 1024
 RETRY_AFTER_CAP_SECONDS = 30.0
-CALLS = ("fetch", "rotate", "revoke", "validate")
+CALLS = ("fetch", "rotate", "revoke", "validate", "link", "list")
+LIST_PATH = "/v1/referral-partners/clients"
+# The most pages one listing reads: a cursor that never ends is Debitura's fault, and
+# must not keep a reconcile run going for ever.
+MAX_PAGES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +83,7 @@ class Fetched:
     """A client's current token as Debitura holds it."""
 
     token: SecretStr = field(repr=False)
-    issued_at: str | None
+    issued_at: datetime | None
     status: str | None
 
     @property
@@ -108,6 +114,30 @@ class Validation:
     client_id: str | None = None
     scopes: list[str] | None = None
     status: str | None = None
+    issued_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Linked:
+    """The link call's answer: the new client, its token, and its status."""
+
+    client_id: str
+    token: SecretStr = field(repr=False)
+    status: str | None = None
+    issued_at: datetime | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The token's public prefix."""
+        return redaction.token_prefix(self.token.get_secret_value())
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One client in Debitura's list of the partner's clients."""
+
+    client_id: str
+    status: str | None
 
 
 class Api:
@@ -125,37 +155,93 @@ class Api:
 
     async def fetch(self, where: Endpoint, client_id: str) -> Fetched:
         """GET the client's current token."""
-        answer = await self._call(where, "fetch", "GET", _client_path(client_id, "token"), None)
+        answer = _object(
+            await self._call(where, "fetch", "GET", _client_path(client_id, "token"), None),
+            "fetch",
+        )
         token = _token(answer, "bearer_token", "fetch", client_id)
-        return Fetched(token, _text(answer.get("issued_at")), _text(answer.get("status")))
+        return Fetched(token, _moment(answer.get("issued_at")), _text(answer.get("status")))
+
+    async def link(self, where: Endpoint, request: dict[str, Any]) -> Linked:
+        """POST the partner's link request as it is. Not idempotent (a second call may
+        link a second client): sent at most once, like rotate-token; a lost answer is
+        `errors.DebituraAnswerLost`."""
+        try:
+            answer = _object(
+                await self._call(where, "link", "POST", LIST_PATH, request, idempotent=False),
+                "link",
+            )
+            client_id = _client_id(answer)
+            if client_id is None:
+                raise errors.DebituraBadAnswer("link: Debitura's answer has no usable client_id")  # noqa: TRY301
+            token = _token(answer, "bearer_token", "link", client_id, where.environment)
+        except errors.DebituraBadAnswer as exc:
+            # A 2xx whose body cannot be used: a client may have been linked.
+            raise errors.DebituraAnswerLost(f"{exc}; whether it took effect is unknown") from None
+        return Linked(
+            client_id, token, _text(answer.get("status")), _moment(answer.get("issued_at"))
+        )
+
+    async def clients(self, where: Endpoint) -> AsyncIterator[list[Listed]]:
+        """Debitura's list of the partner's clients, a page at a time (`?cursor=` while
+        the answer names a next one). The answer is a JSON array of clients, or an
+        object whose `data` is one; a client is `client_id` (or `id`) and `status`.
+        Entries without a usable id are skipped (and counted in the log)."""
+        cursor: str | None = None
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            path = LIST_PATH if cursor is None else f"{LIST_PATH}?cursor={quote(cursor, safe='')}"
+            answer = await self._call(where, "list", "GET", path, None)
+            entries = answer.get("data") if isinstance(answer, dict) else answer
+            if not isinstance(entries, list):
+                raise errors.DebituraBadAnswer("list: the answer holds no list of clients")
+            page, skipped = [], 0
+            for entry in entries:
+                listed = _listed(entry)
+                if listed is None:
+                    skipped += 1
+                else:
+                    page.append(listed)
+            if skipped:
+                log.warning("debitura_list_entries_skipped", count=skipped)
+            yield page
+            cursor = _next_cursor(answer)
+            if cursor is None:
+                return
+            if cursor in seen:
+                raise errors.DebituraBadAnswer("list: the answer's cursor repeats")
+            seen.add(cursor)
+        raise errors.DebituraBadAnswer(f"list: more than {MAX_PAGES} pages")
 
     async def rotate(
         self, where: Endpoint, client_id: str, reason: str, *, revoke_immediately: bool
     ) -> Rotated:
         """POST rotate-token. Sent at most once: see `errors.DebituraAnswerLost`."""
         try:
-            answer = await self._call(
-                where,
+            answer = _object(
+                await self._call(
+                    where,
+                    "rotate",
+                    "POST",
+                    _client_path(client_id, "rotate-token"),
+                    {"reason": reason, "revoke_immediately": revoke_immediately},
+                    idempotent=False,
+                ),
                 "rotate",
-                "POST",
-                _client_path(client_id, "rotate-token"),
-                {"reason": reason, "revoke_immediately": revoke_immediately},
-                idempotent=False,
             )
-            # Of this environment only: one world's API never changes the other's state.
-            token = _token(answer, "new_bearer_token", "rotate", client_id, where.environment)
+            token = _token(answer, "new_bearer_token", "rotate", client_id)
         except errors.DebituraBadAnswer as exc:
             # A 2xx whose body cannot be used: Debitura did rotate, we cannot tell to
             # what. Settled like a lost answer, by a fetch, never as "nothing happened".
             raise errors.DebituraAnswerLost(f"{exc}; whether it took effect is unknown") from None
+        if redaction.token_environment(token.get_secret_value()) != where.environment:
+            # One world's API never changes the other's state: not a rotation.
+            raise errors.DebituraNotARotation(
+                f"rotate: Debitura's answer for client {client_id!r} holds a token of the "
+                "other environment, which is not a rotation"
+            )
         old = answer.get("old_bearer_token")
-        expires = answer.get("old_token_expires_at")
-        try:
-            old_expires_at = datetime.fromisoformat(expires) if isinstance(expires, str) else None
-        except ValueError:
-            old_expires_at = None
-        if old_expires_at is not None and old_expires_at.tzinfo is None:
-            old_expires_at = None
+        old_expires_at = _moment(answer.get("old_token_expires_at"), future=True)
         old_prefix = redaction.token_prefix(old) if isinstance(old, str) else None
         return Rotated(token, old_prefix, old_expires_at)
 
@@ -169,8 +255,11 @@ class Api:
         """POST validate-token. `{"valid": false}` and a 401 `invalid_token` both
         mean invalid; any other 401 is the API key refused (raised)."""
         try:
-            answer = await self._call(
-                where, "validate", "POST", "/v1/auth/validate-token", {"token": token}
+            answer = _object(
+                await self._call(
+                    where, "validate", "POST", "/v1/auth/validate-token", {"token": token}
+                ),
+                "validate",
             )
         except errors.DebituraTokenInvalid:
             return Validation(valid=False)
@@ -180,6 +269,7 @@ class Api:
             client_id=_text(answer.get("client_id")),
             scopes=_texts(scopes) if isinstance(scopes, list) else None,
             status=_text(answer.get("status")),
+            issued_at=_moment(answer.get("issued_at")),
         )
 
     async def _call(
@@ -191,7 +281,7 @@ class Api:
         body: dict[str, Any] | None,
         *,
         idempotent: bool = True,
-    ) -> dict[str, Any]:
+    ) -> Any:
         started = time.monotonic()
         headers = {"XApiKey": where.api_key.get_secret_value(), "Accept": "application/json"}
         attempt = 0
@@ -231,7 +321,7 @@ class Api:
                 if 200 <= status < 300:
                     _count(call, "ok")
                     log.info("debitura_call", call=call, status=status, attempt=attempt)
-                    return _json_object(raw, call)
+                    return _json(raw, call)
                 fault = f"HTTP {status}"
                 if status == 429:
                     delay = _retry_after(retry_after)
@@ -299,14 +389,59 @@ def _retry_after(value: str | None) -> float:
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_SECONDS)
 
 
-def _json_object(raw: bytes, call: str) -> dict[str, Any]:
+def _json(raw: bytes, call: str) -> Any:
     try:
-        value = json.loads(raw) if raw else {}
+        return json.loads(raw) if raw else {}
     except ValueError:
         raise errors.DebituraBadAnswer(f"{call}: the answer is not JSON") from None
+
+
+def _object(value: Any, call: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise errors.DebituraBadAnswer(f"{call}: the answer is not a JSON object")
     return value
+
+
+def _client_id(entry: dict[str, Any]) -> str | None:
+    """The client id an answer names (`client_id`, or `id` in a list), when it is an
+    identifier as deliveries carry them and not token-shaped."""
+    value = entry.get("client_id", entry.get("id"))
+    if not isinstance(value, str) or not events.is_identifier(value):
+        return None
+    return None if _REDACTOR.changes(value) else value
+
+
+def _listed(entry: Any) -> Listed | None:
+    client_id = _client_id(entry) if isinstance(entry, dict) else None
+    return None if client_id is None else Listed(client_id, _text(entry.get("status")))
+
+
+def _next_cursor(answer: Any) -> str | None:
+    if not isinstance(answer, dict):
+        return None  # a bare array: everything at once
+    for holder in (answer, answer.get("meta"), answer.get("pagination")):
+        if isinstance(holder, dict):
+            for name in ("next_cursor", "nextCursor"):
+                value = holder.get(name)
+                if isinstance(value, str) and value and len(value) <= 1000:
+                    return value
+    return None
+
+
+def _moment(value: Any, *, future: bool = False) -> datetime | None:
+    """An ISO 8601 time with its zone from Debitura's answer, in UTC; None when
+    absent or unreadable. Unless `future`, never later than now (an issue time
+    in the future would stop a token from ever being due)."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    moment = moment.astimezone(UTC)
+    return moment if future else min(moment, datetime.now(UTC))
 
 
 def _refusal(call: str, status: int, raw: bytes) -> errors.DebituraError:

@@ -3,16 +3,20 @@ lifecycle (`lifecycle.adoption`), as a webhook's would."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
 from receiver import config, db, errors, redaction, vault
 from receiver.debitura import api, outcomes
-from receiver.lifecycle import adoption, audit
+from receiver.lifecycle import adoption, audit, events
 
 log = structlog.get_logger(__name__)
+_REDACTOR = redaction.Redactor()
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +28,14 @@ class Manager:
     sealer: vault.Sealer
     api: api.Api
 
-    async def fetch(self, client_id: str, environment: str, actor: audit.Actor) -> outcomes.Outcome:
+    async def fetch(
+        self,
+        client_id: str,
+        environment: str,
+        actor: audit.Actor,
+        *,
+        onboarded_at: datetime | None = None,
+    ) -> outcomes.Outcome:
         """Fetch the client's current token and store it when the vault does not hold
         it yet (it becomes active; the one it replaces keeps the 24 h grace)."""
         where = api.endpoint(self.settings, environment)
@@ -43,10 +54,11 @@ class Manager:
             return outcomes.failed(
                 client_id, environment, f"Debitura says the token is {fetched.status}"
             )
-        known = await self.database.fetch(
-            "token_by_index", vault.blind_index(self.sealer.index_key, token)
-        )
+        index = vault.blind_index(self.sealer.index_key, token)
+        known = await self.database.fetch("token_by_index", index)
         if known:
+            if fetched.issued_at is not None:
+                await self.database.fetchval("token_issued", index, fetched.issued_at)
             return outcomes.Outcome(
                 client_id,
                 environment,
@@ -64,10 +76,73 @@ class Manager:
             supersede=True,
             action="token_fetch",
             key_prefix="fetch",
-            detail={"issued_at": fetched.issued_at},
+            detail={"issued_at": _iso(fetched.issued_at)},
+            issued_at=fetched.issued_at,
+            onboarded_at=onboarded_at,
         )
         return outcomes.Outcome(
             client_id, environment, "fetched", prefix=stored.prefix, old_prefix=stored.replaced
+        )
+
+    async def link(
+        self, environment: str, request: dict[str, Any], actor: audit.Actor
+    ) -> outcomes.Outcome:
+        """Link a client through Debitura (the partner's link request passed through)
+        and store the answer's token sealed, through the lifecycle: the partner's own
+        code never holds it. An answer lost on the way back is settled by fetching the
+        client's token when the request names the client, else by the next reconcile
+        (which lists Debitura's clients); until then the outcome is `pending`."""
+        where = api.endpoint(self.settings, environment)
+        began = datetime.now(UTC)  # a revocation here from now on wins over the answer
+        try:
+            linked = await self.api.link(where, request)
+        except errors.DebituraAnswerLost as exc:
+            log.warning("link_answer_lost", environment=environment)
+            named = request.get("client_id")
+            if (
+                isinstance(named, str)
+                and events.is_identifier(named)
+                and not _REDACTOR.changes(named)
+            ):
+                settled = await self.fetch(named, environment, actor, onboarded_at=began)
+                if settled.ok:
+                    return dataclasses.replace(
+                        settled, status="linked", detail="settled by a fetch"
+                    )
+            return outcomes.failed(
+                named if isinstance(named, str) and events.is_identifier(named) else "-",
+                environment,
+                f"{exc}: the client may be linked; `receiver tokens reconcile` (and serve's "
+                "schedule) fetches its token",
+                status="pending",
+            )
+        except errors.DebituraError as exc:
+            return outcomes.failed("-", environment, exc)
+        stored = await adoption.import_token(
+            self.database,
+            self.settings,
+            self.sealer,
+            linked.client_id,
+            linked.token.get_secret_value(),
+            actor,
+            supersede=True,
+            action="client_link",
+            key_prefix="link",
+            detail={"link_status": linked.status},
+            onboarded_at=began,
+            issued_at=linked.issued_at,
+        )
+        ok = stored.status in ("active", "already_stored")
+        return outcomes.Outcome(
+            linked.client_id,
+            environment,
+            "linked" if ok else stored.status,
+            ok=ok,
+            prefix=stored.prefix,
+            detail=None
+            if ok
+            else f"the token is stored {stored.status}: the client was revoked meanwhile",
+            extra={"token_status": stored.status},
         )
 
     async def validate(
@@ -109,7 +184,9 @@ class Manager:
         # Valid only for the client it is stored under: a token Debitura ties to
         # another client is as good as invalid here.
         valid = said.valid and said.client_id in (None, client_id)
-        await self.database.fetchval("token_validated", row["id"], valid, said.scopes)
+        await self.database.fetchval(
+            "token_validated", row["id"], valid, said.scopes, said.issued_at
+        )
         log.info(
             "token_validated",
             client_id=client_id,
@@ -146,3 +223,7 @@ class Manager:
             detail=f"{revoked} stored token(s) revoked",
             extra={"revoked": revoked},
         )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()

@@ -1,21 +1,27 @@
 """Crash-safe rotation through Debitura's rotate-token.
 
 rotate-token is not idempotent, so a rotation is an intent row committed before the
-call. The answer's new token is stored through the lifecycle and the intent closed
-in one transaction. Anything in between (an answer lost to a timeout, a reset or a
-5xx; the process killed; the database down) leaves the intent open, and `resume`
-finishes it with a fetch, never a second rotate: a token Debitura holds that the
-vault does not is stored, and the old one superseded with the 24 h grace. At no
-moment is the stored active token one that Debitura replaced without an open intent
-saying so.
+call: the claim on that token (one per token, re-checked as due when it is taken).
+The answer's new token is stored through the lifecycle and the intent closed in one
+transaction. Anything in between (an answer lost to a timeout, a reset or a 5xx; the
+process killed; the database down) leaves the intent open, and `resume` settles it
+with a fetch, never a second rotate: a token Debitura holds that the vault does not
+is stored, and the old one superseded with the 24 h grace.
+
+An uncertain outcome stays open (docs/design.md §9): a fetch that still shows the old
+token may be early (Debitura can apply a held rotation later), so the intent is
+checked again with backoff, and closed `not_rotated` only once the 24 h grace has
+passed with the old token still Debitura's. At no moment is the stored active token
+one that Debitura replaced without an open intent saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -28,6 +34,10 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_REASON = "scheduled_rotation"
 RESUME_BATCH = 1000
+# How far beyond the grace Debitura documents (24 h) an `old_token_expires_at` may
+# reach before it is clamped (and logged): a year-9999 expiry would keep the old
+# token's ciphertext readable and never pruned.
+EXPIRY_MARGIN = timedelta(days=7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +58,13 @@ class Rotator:
         reason: str = DEFAULT_REASON,
         revoke_immediately: bool = False,
         trigger: str = "manual",
+        due: tuple[str, timedelta] | None = None,
     ) -> outcomes.Outcome:
-        """Rotate the client's active token in `environment` now."""
+        """Rotate the client's active token in `environment` now; with `due` (its
+        prefix and age), only if that token is still the active one and still due
+        when the rotation is claimed (else `skipped`)."""
         outcome = await self._rotate(
-            client_id, environment, actor, reason, revoke_immediately=revoke_immediately
+            client_id, environment, actor, reason, revoke_immediately=revoke_immediately, due=due
         )
         _count(trigger, outcome)
         return outcome
@@ -64,14 +77,20 @@ class Rotator:
         reason: str,
         *,
         revoke_immediately: bool,
+        due: tuple[str, timedelta] | None,
     ) -> outcomes.Outcome:
         where = api.endpoint(self.settings, environment)
         # The reason is stored in the intent row, audited and sent to Debitura: masked
         # and bounded as every audited text is, whoever called.
         reason = audit.clean(reason)
-        old = await self.database.fetchval("active_prefix", client_id, environment)
+        old = (
+            due[0] if due else await self.database.fetchval("active_prefix", client_id, environment)
+        )
         if old is None:
             return outcomes.failed(client_id, environment, "no active token to rotate")
+        # A revocation of the client made here from this moment on wins over the
+        # rotation's answer: the new token is stored as onboarded now.
+        began = datetime.now(UTC)
         intent = await self.database.fetchval(
             "rotation_intent_open",
             client_id,
@@ -80,13 +99,10 @@ class Rotator:
             reason,
             revoke_immediately,
             actor.name,
+            due[1] if due else None,
         )
         if intent is None:
-            return outcomes.failed(
-                client_id,
-                environment,
-                "a rotation of this client is unfinished: run `receiver tokens rotate --resume`",
-            )
+            return await self._not_claimed(client_id, environment, old, due=due is not None)
         log.info("rotation_started", client_id=client_id, environment=environment, intent=intent)
         try:
             rotated = await self.api.rotate(
@@ -97,13 +113,27 @@ class Rotator:
             log.warning("rotation_answer_lost", client_id=client_id, intent=intent)
             finished = await self._finish(intent, actor)
             if finished is None:
-                return outcomes.failed(client_id, environment, exc, status="pending")
+                finished = outcomes.failed(client_id, environment, exc, status="pending")
+            if isinstance(exc, errors.DebituraNotARotation):
+                # A token of the other world is no rotation, whatever the fetch found.
+                return dataclasses.replace(
+                    finished, ok=False, detail=f"{exc}; settled by a fetch: {finished.status}"
+                )
             return finished
         except errors.DebituraError as exc:
             # Refused or never sent: Debitura changed nothing.
             await self.database.fetchval("rotation_intent_close", intent, "failed", None, str(exc))
             return outcomes.failed(client_id, environment, exc, old_prefix=old)
         await _pause_for_tests(self.settings.test_pause_after_rotate)
+        known = await self.database.fetch(
+            "token_by_index",
+            vault.blind_index(self.sealer.index_key, rotated.token.get_secret_value()),
+        )
+        if known and known[0]["prefix"] == old and known[0]["status"] == "active":
+            detail = "Debitura answered the current token as the new one: no rotation happened"
+            await self.database.fetchval("rotation_intent_close", intent, "failed", None, detail)
+            return outcomes.failed(client_id, environment, detail, prefix=old, old_prefix=old)
+        expires = clamp_expiry(rotated.old_expires_at, client_id=client_id)
         try:
             stored = await adoption.import_token(
                 self.database,
@@ -113,12 +143,13 @@ class Rotator:
                 rotated.token.get_secret_value(),
                 actor,
                 supersede=True,
-                old_expires_at=rotated.old_expires_at,
+                old_expires_at=expires,
                 revoke_old=revoke_immediately,
                 action="token_rotate",
                 key_prefix="rotate",
                 detail={"intent": intent, "revoke_immediately": revoke_immediately},
                 close_intent=adoption.IntentClosure(intent, "rotated"),
+                onboarded_at=began,
             )
         except errors.DatabaseUnavailable as exc:
             log.error("rotation_not_stored", client_id=client_id, intent=intent)  # noqa: TRY400
@@ -130,13 +161,64 @@ class Rotator:
                 prefix=rotated.prefix,
                 old_prefix=old,
             )
-        return outcomes.Outcome(
-            client_id, environment, "rotated", prefix=stored.prefix, old_prefix=old
+        return await self._stored(stored, "rotated", old)
+
+    async def _stored(
+        self, stored: adoption.Imported, status: str, old: str | None
+    ) -> outcomes.Outcome:
+        """The outcome of storing a rotation's new token: a success only when it is now
+        the client's active token."""
+        state = stored.status
+        if state == "already_stored":
+            state = (
+                await self.database.fetchval(
+                    "token_status", stored.client_id, stored.environment, stored.prefix
+                )
+                or state
+            )
+        if state == "active":
+            return outcomes.Outcome(
+                stored.client_id, stored.environment, status, prefix=stored.prefix, old_prefix=old
+            )
+        return outcomes.failed(
+            stored.client_id,
+            stored.environment,
+            f"the new token is stored {state}, not active: the client was revoked (here or "
+            "at Debitura) after the rotation began",
+            status=state,
+            prefix=stored.prefix,
+            old_prefix=old,
         )
 
-    async def resume(self, actor: audit.Actor) -> list[outcomes.Outcome]:
-        """Finish every open rotation (oldest first) with a fetch each."""
-        rows = await self.database.fetch("rotation_intents_open", RESUME_BATCH)
+    async def _not_claimed(
+        self, client_id: str, environment: str, old: str, *, due: bool
+    ) -> outcomes.Outcome:
+        """Why no rotation was claimed: one is unfinished, or (for a due token) the
+        token is no longer the active one or no longer due."""
+        if await self.database.fetchval("rotation_intent_is_open", client_id, environment):
+            if due:
+                return outcomes.Outcome(
+                    client_id, environment, "skipped", prefix=old, detail="a rotation is under way"
+                )
+            return outcomes.failed(
+                client_id,
+                environment,
+                "a rotation of this client is unfinished: run `receiver tokens rotate --resume`",
+                prefix=old,
+            )
+        if due:
+            return outcomes.Outcome(
+                client_id, environment, "skipped", prefix=old, detail="no longer due"
+            )
+        return outcomes.failed(
+            client_id, environment, "the active token changed meanwhile: run it again", prefix=old
+        )
+
+    async def resume(self, actor: audit.Actor, *, due_only: bool = False) -> list[outcomes.Outcome]:
+        """Settle open rotations (oldest first) with a fetch each: all of them, or with
+        `due_only` those whose next check is due (the schedule's backoff)."""
+        query = "rotation_intents_due" if due_only else "rotation_intents_open"
+        rows = await self.database.fetch(query, RESUME_BATCH)
         done = []
         for row in rows:
             try:
@@ -145,7 +227,10 @@ class Rotator:
                 outcome = outcomes.failed(row["client_id"], row["environment"], exc)
             if outcome is None:
                 outcome = outcomes.failed(
-                    row["client_id"], row["environment"], "still unresolved", status="pending"
+                    row["client_id"],
+                    row["environment"],
+                    errors.DebituraUnavailable("still unresolved: Debitura could not be asked"),
+                    status="pending",
                 )
             _count("resume", outcome)
             done.append(outcome)
@@ -194,28 +279,24 @@ class Rotator:
             "token_by_index", vault.blind_index(self.sealer.index_key, token)
         )
         if known:
-            # Stored already: either the rotation never happened (the old token is
-            # still the current one) or a webhook brought the new one first.
             current = known[0]
-            outcome = (
-                "not_rotated"
-                if current["prefix"] == row["old_prefix"] and current["status"] == "active"
-                else "already_stored"
-            )
+            if current["prefix"] == row["old_prefix"] and current["status"] == "active":
+                return await self._still_old(intent, row)
+            # A webhook (or another command) brought the new token first.
             await self.database.fetchval(
-                "rotation_intent_close", intent, outcome, current["prefix"], None
+                "rotation_intent_close", intent, "already_stored", current["prefix"], None
             )
-            log.info("rotation_resolved", client_id=client_id, intent=intent, outcome=outcome)
+            log.info(
+                "rotation_resolved", client_id=client_id, intent=intent, outcome="already_stored"
+            )
             return outcomes.Outcome(
                 client_id,
                 environment,
-                outcome,
-                ok=outcome == "already_stored",
+                "already_stored",
+                ok=current["status"] == "active",
                 prefix=current["prefix"],
                 old_prefix=row["old_prefix"],
-                detail="Debitura still holds the old token: rotate again"
-                if outcome == "not_rotated"
-                else None,
+                detail=None if current["status"] == "active" else f"stored {current['status']}",
             )
         # Debitura's grace began after the intent was recorded: counting from then
         # never claims the old token works longer than it does.
@@ -234,9 +315,40 @@ class Rotator:
             key_prefix="rotate",
             detail={"intent": intent, "resumed_by": actor.name},
             close_intent=adoption.IntentClosure(intent, "resumed"),
+            onboarded_at=row["started_at"],
+            issued_at=fetched.issued_at,
         )
-        return outcomes.Outcome(
-            client_id, environment, "resumed", prefix=stored.prefix, old_prefix=row["old_prefix"]
+        return await self._stored(stored, "resumed", row["old_prefix"])
+
+    async def _still_old(self, intent: int, row: db.Record) -> outcomes.Outcome:
+        """Debitura still shows the old token. Within the grace the rotation may yet
+        apply (a held request): it stays open, checked again with backoff. After it,
+        the old token outlived any rotation Debitura could have made: not rotated."""
+        client_id, environment = row["client_id"], row["environment"]
+        if datetime.now(UTC) - row["started_at"] < events.ROTATION_GRACE:
+            await self.database.fetchval(
+                "rotation_intent_retry_later", intent, "Debitura still shows the old token"
+            )
+            log.info("rotation_still_open", client_id=client_id, intent=intent)
+            return outcomes.failed(
+                client_id,
+                environment,
+                "Debitura still shows the old token, and the rotation may yet apply: it stays "
+                "open, checked again by `serve` and `receiver tokens rotate --resume`",
+                status="pending",
+                prefix=row["old_prefix"],
+            )
+        await self.database.fetchval(
+            "rotation_intent_close", intent, "not_rotated", row["old_prefix"], None
+        )
+        log.info("rotation_resolved", client_id=client_id, intent=intent, outcome="not_rotated")
+        return outcomes.failed(
+            client_id,
+            environment,
+            "the grace passed and Debitura still holds the old token: rotate again",
+            status="not_rotated",
+            prefix=row["old_prefix"],
+            old_prefix=row["old_prefix"],
         )
 
     async def due(self, *, limit: int) -> list[db.Record]:
@@ -272,13 +384,27 @@ class Rotator:
             if wait > 0:
                 await asyncio.sleep(wait)
             outcome = await self.rotate(
-                row["client_id"], row["environment"], actor, trigger=trigger
+                row["client_id"],
+                row["environment"],
+                actor,
+                trigger=trigger,
+                due=(row["prefix"], timedelta(days=self.settings.token_rotate_after_days)),
             )
             done.append(outcome)
             if outcome.unavailable:
                 log.warning("rotation_paused", remaining=len(rows) - n - 1)
                 break
         return done
+
+
+def clamp_expiry(expires: datetime | None, *, client_id: str) -> datetime | None:
+    """Debitura's `old_token_expires_at`, at most the documented 24 h grace plus
+    `EXPIRY_MARGIN` from now (logged when clamped)."""
+    bound = datetime.now(UTC) + events.ROTATION_GRACE + EXPIRY_MARGIN
+    if expires is None or expires <= bound:
+        return expires
+    log.warning("rotation_expiry_clamped", client_id=client_id, clamped_to=bound.isoformat())
+    return bound
 
 
 async def _pause_for_tests(path: Path | None) -> None:

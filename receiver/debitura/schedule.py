@@ -1,31 +1,47 @@
-"""Scheduled rotation inside `serve` (the bearer-token guide's "Pattern 2"): tokens
-older than RECEIVER_TOKEN_ROTATE_AFTER_DAYS are rotated with the 24 h grace, and
-unfinished rotations resumed, at start and every RECEIVER_TOKEN_ROTATE_INTERVAL_SECONDS.
+"""What `serve` does with Debitura on its own schedule (docs/design.md §9).
 
-One replica at a time (a session advisory lock held for the run); calls spread out at
-RECEIVER_TOKEN_ROTATE_RATE per second; paused, with a doubling pause, while Debitura
-answers 5xx or 429; every outcome logged and counted (receiver_token_rotations_total).
-Off, said once at start, when no API key is configured.
+Rotation (the bearer-token guide's "Pattern 2"): tokens older than
+RECEIVER_TOKEN_ROTATE_AFTER_DAYS are rotated with the 24 h grace at start and every
+RECEIVER_TOKEN_ROTATE_INTERVAL_SECONDS; unfinished rotations are checked again as
+their backoff comes due (seconds at first), so a rotation Debitura applied late is
+settled within seconds of it.
+
+Reconciliation: every RECEIVER_RECONCILE_INTERVAL_HOURS each environment is
+reconciled with Debitura (`reconcile`), and a client a partner application reported
+(a second 401, no token) within a minute.
+
+One replica at a time for each (a session advisory lock held for the run); calls
+spread out at RECEIVER_TOKEN_ROTATE_RATE per second; paused, with a doubling pause,
+while Debitura answers 5xx or 429; every outcome logged and counted. Off, said once
+at start, when no API key is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from datetime import UTC, datetime
 
 import aiohttp
 import structlog
 
 from receiver import config, db, errors, vault
-from receiver.debitura import api, rotation
+from receiver.debitura import api, management, reconcile, rotation
 from receiver.lifecycle import audit
 
 log = structlog.get_logger(__name__)
 
 LOCK = "receiver.token_rotation"
+RECONCILE_LOCK = "receiver.reconcile"
 ACTOR = audit.Actor("receiver-serve", rotation.DEFAULT_REASON)
+RECONCILE_ACTOR = audit.Actor("receiver-serve", "reconcile")
 BATCH = 1000
 FIRST_PAUSE_SECONDS = 30.0
+# How often reports from partner applications are looked at, and whether a full
+# reconcile run is due: a reported client is reconciled within a minute.
+RECONCILE_POLL_SECONDS = 30.0
+# The shortest wait between two runs, however soon a rotation's next check is due.
+MIN_WAIT_SECONDS = 1.0
 
 
 async def run(database: db.Database, settings: config.Settings, sealer: vault.Sealer) -> None:
@@ -63,7 +79,19 @@ async def run(database: db.Database, settings: config.Settings, sealer: vault.Se
                 log.info("token_rotation_paused", retry_in_seconds=round(delay))
             else:
                 delay, pause = interval, FIRST_PAUSE_SECONDS
-            await asyncio.sleep(delay * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
+            delay = min(delay * random.uniform(0.9, 1.1), await _until_next_check(database))  # noqa: S311 (jitter)
+            await asyncio.sleep(max(delay, MIN_WAIT_SECONDS))
+
+
+async def _until_next_check(database: db.Database) -> float:
+    """Seconds until the earliest open rotation is due another check (inf: none)."""
+    try:
+        at = await database.fetchval("rotation_next_check")
+    except errors.ReceiverError:
+        return float("inf")
+    if at is None:
+        return float("inf")
+    return float((at - datetime.now(UTC)).total_seconds())
 
 
 async def run_once(rotator: rotation.Rotator, settings: config.Settings) -> bool:
@@ -74,7 +102,7 @@ async def run_once(rotator: rotation.Rotator, settings: config.Settings) -> bool
             log.info("token_rotation_skipped", reason="another replica holds the lock")
             return False
         try:
-            resumed = await rotator.resume(ACTOR)
+            resumed = await rotator.resume(ACTOR, due_only=True)
             unavailable = any(o.unavailable for o in resumed)
             rotated = []
             if not unavailable and settings.token_rotate_after_days > 0:
@@ -92,3 +120,60 @@ async def run_once(rotator: rotation.Rotator, settings: config.Settings) -> bool
         paused=unavailable,
     )
     return unavailable
+
+
+async def reconcile_forever(
+    database: db.Database, settings: config.Settings, sealer: vault.Sealer
+) -> None:
+    """Reconcile on schedule and on partner applications' reports, until cancelled."""
+    environments = api.configured(settings)
+    if not environments:
+        log.info("reconcile_schedule_off", reason="no Debitura API key configured")
+        return
+    interval = settings.reconcile_interval_hours * 3600
+    log.info(
+        "reconcile_schedule_on",
+        environments=environments,
+        interval_hours=settings.reconcile_interval_hours,
+    )
+    async with aiohttp.ClientSession() as session:
+        manager = management.Manager(database, settings, sealer, api.Api(session, settings))
+        reconciler = reconcile.Reconciler(manager)
+        while True:
+            try:
+                await reconcile_once(reconciler, environments, interval)
+            except errors.ReceiverError as exc:
+                log.warning("reconcile_failed", error=type(exc).__name__)
+            except Exception:  # a bug must not end the schedule silently
+                log.exception("reconcile_failed")
+            await asyncio.sleep(RECONCILE_POLL_SECONDS * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
+
+
+async def reconcile_once(
+    reconciler: reconcile.Reconciler, environments: list[str], interval: float
+) -> None:
+    """Under the lock: the clients partner applications reported, then a full run of
+    each environment whose last complete run is older than `interval` (0: never)."""
+    database = reconciler.manager.database
+    async with database.connection() as conn:
+        if not await conn.fetchval(db.QUERIES["try_session_lock"], RECONCILE_LOCK):
+            return
+        try:
+            reports = await database.fetch("link_reports_to_reconcile", BATCH)
+            for report in reports:
+                if report["environment"] in environments:
+                    outcome = await reconciler.client(
+                        report["client_id"], report["environment"], RECONCILE_ACTOR
+                    )
+                    if outcome is not None and outcome.unavailable:
+                        break  # Debitura is struggling: the reports wait for the next poll
+                await database.fetchval("link_reports_reconciled", report["ids"])
+            if interval <= 0:
+                return
+            last = {r["environment"]: r["at"] for r in await database.fetch("reconcile_last_runs")}
+            now = datetime.now(UTC).timestamp()
+            for environment in environments:
+                if now - last.get(environment, 0.0) >= interval:
+                    await reconciler.run(environment, RECONCILE_ACTOR, trigger="schedule")
+        finally:
+            await conn.fetchval(db.QUERIES["session_unlock"], RECONCILE_LOCK)

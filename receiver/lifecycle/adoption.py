@@ -60,6 +60,8 @@ async def import_token(
     key_prefix: str = "import",
     detail: dict[str, Any] | None = None,
     close_intent: IntentClosure | None = None,
+    onboarded_at: datetime | None = None,
+    issued_at: datetime | None = None,
 ) -> Imported:
     """Store a token that arrived outside a webhook (an API answer, a re-import after
     losing the keys) exactly as an onboarding webhook would: the same event row, the
@@ -70,6 +72,11 @@ async def import_token(
     24 h grace), or revoked with `revoke_old`. Refused (nothing stored) when the
     token or client id is malformed, or when the client already has an active token
     in that environment and `supersede` is not set.
+
+    `onboarded_at` (default now) is the token's onboarding time as the lifecycle
+    orders it: a rotation or a link passes the moment it began, so that a revocation
+    of the client made here after that moment wins and the token is stored revoked.
+    `issued_at`: Debitura's own issue time, the token's age for rotation.
     """
     problem = redaction.token_problem(token)
     if problem is not None:
@@ -79,7 +86,7 @@ async def import_token(
     data: dict[str, Any] = {
         "client_id": client_id,
         "bearer_token": token,
-        "onboarding_completed_at": now.isoformat(),
+        "onboarding_completed_at": (onboarded_at or now).isoformat(),
     }
     if old_expires_at is not None:
         data["old_token_expires_at"] = old_expires_at.isoformat()
@@ -113,11 +120,16 @@ async def import_token(
             http_delivery=settings.cache_url is not None,
         )
         status = await conn.fetchval(db.QUERIES["token_created_by"], key) or "already_stored"
+        if issued_at is not None:
+            index = vault.blind_index(sealer.index_key, token)
+            await conn.execute(db.QUERIES["token_issued"], index, issued_at)
         if close_intent is not None:
+            # Stored, but not as the active token (revoked meanwhile, say), or stored
+            # already: the intent says so, not that it rotated.
             await conn.execute(
                 db.QUERIES["rotation_intent_close"],
                 close_intent.intent_id,
-                close_intent.outcome if status != "already_stored" else "already_stored",
+                close_intent.outcome if status == "active" else status,
                 prefix,
                 None,
             )
@@ -150,10 +162,12 @@ async def revoke_client(
     client_id: str,
     environment: str,
     actor: audit.Actor,
+    *,
+    action: str = "client_revoke",
 ) -> int:
     """Revoke every token of the client in `environment` issued until now, as a
     prefix-less `token.revoked` webhook would (remembered, signalled even when no
-    token matched), with a `client_revoke` audit row; how many tokens it revoked."""
+    token matched), with an audit row (`action`); how many tokens it revoked."""
     now = datetime.now(UTC)
     key = f"revoke_{uuid.uuid4().hex}"
     data = {"client_id": client_id, "revoked_at": now.isoformat(), "reason": "client_revoke"}
@@ -170,7 +184,7 @@ async def revoke_client(
         await audit.audit(
             conn,
             actor,
-            "client_revoke",
+            action,
             client_id=client_id,
             environment=environment,
             event_key=key,

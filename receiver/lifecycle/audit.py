@@ -25,6 +25,8 @@ ACTIONS = (
     "token_fetch",
     "token_rotate",
     "client_revoke",
+    "client_link",
+    "token_reconcile",
 )
 AUDIT_COLUMNS = (
     "id",

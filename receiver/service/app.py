@@ -15,7 +15,7 @@ from aiohttp.typedefs import Middleware
 from receiver import config, db, errors, metrics, vault
 from receiver.debitura import schedule
 from receiver.lifecycle import committer, events, retention
-from receiver.service import middleware, openapi, probes, scrape, state, webhook
+from receiver.service import admin_api, middleware, openapi, probes, scrape, state, webhook
 from receiver.signals import outbox
 
 log = structlog.get_logger(__name__)
@@ -45,6 +45,7 @@ def create_app(settings: config.Settings) -> web.Application:
     if settings.prune_interval_seconds > 0:
         app.cleanup_ctx.append(_pruner)
     app.cleanup_ctx.append(_token_rotation)
+    app.cleanup_ctx.append(_reconcile)
     # Every route, the catch-all for unmatched paths included, with our expectation
     # handler (aiohttp's own answers an unknown `Expect` with 417 echoing its value,
     # before any middleware).
@@ -54,6 +55,10 @@ def create_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/readyz", probes.readyz, expect_handler=expect)
     app.router.add_get("/metrics", probes.metrics, expect_handler=expect)
     app.router.add_get("/openapi.json", openapi.serve_document, expect_handler=expect)
+    # Answers 404 unless on the admin listener with RECEIVER_ADMIN_TOKENS set.
+    app.router.add_post(admin_api.CLIENTS_PATH, admin_api.link_client, expect_handler=expect)
+    if settings.admin_tokens:
+        app.cleanup_ctx.append(admin_api.debitura_session)
     app.router.add_route(
         "*", "/{path:.*}", middleware.unrouted, name=middleware.UNMATCHED, expect_handler=expect
     )
@@ -104,6 +109,19 @@ async def _token_rotation(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(
         schedule.run(app[state.DATABASE], app[state.SETTINGS], app[state.SEALER]),
         name="token_rotation",
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _reconcile(app: web.Application) -> AsyncIterator[None]:
+    # Reconciling the vault with Debitura, on schedule and on partner applications'
+    # reports (docs/design.md §9); off, said once, without a Debitura API key.
+    task = asyncio.create_task(
+        schedule.reconcile_forever(app[state.DATABASE], app[state.SETTINGS], app[state.SEALER]),
+        name="reconcile",
     )
     yield
     task.cancel()

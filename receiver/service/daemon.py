@@ -86,8 +86,8 @@ def serve(args: argparse.Namespace) -> int:
     if settings.admin_port == args.port:
         raise errors.ConfigError("RECEIVER_ADMIN_PORT must differ from --port")
     # Before migrating or printing anything: a second `make run` is one line, exit 1.
-    for port in _ports(settings, args.port):
-        _check_port_free(args.host, port)
+    for host, port in _listeners(settings, args.host, args.port):
+        _check_port_free(host, port)
     if settings.database_pooled:
         asyncio.run(_check_behind_pooler(console.dsn(settings)))
     else:
@@ -104,8 +104,12 @@ def serve(args: argparse.Namespace) -> int:
     )
 
 
-def _ports(settings: config.Settings, port: int) -> list[int]:
-    return [port] if settings.admin_port is None else [port, settings.admin_port]
+def _listeners(settings: config.Settings, host: str, port: int) -> list[tuple[str, int]]:
+    """Where `serve` listens: the public address, and the admin listener (on
+    RECEIVER_ADMIN_HOST, loopback by default) when RECEIVER_ADMIN_PORT is set."""
+    if settings.admin_port is None:
+        return [(host, port)]
+    return [(host, port), (settings.admin_host, settings.admin_port)]
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -201,17 +205,17 @@ async def _serve_until_stopped(
     )
     await runner.setup()
     try:
-        for listen_port in _ports(settings, port):
+        for listen_host, listen_port in _listeners(settings, host, port):
             try:
-                await web.TCPSite(runner, host, listen_port, reuse_port=reuse_port).start()
+                await web.TCPSite(runner, listen_host, listen_port, reuse_port=reuse_port).start()
             except OSError as exc:
-                raise errors.ListenError(_listen_failure(host, listen_port, exc)) from None
+                raise errors.ListenError(_listen_failure(listen_host, listen_port, exc)) from None
         logger.info(
             "listening",
             url=f"http://{host}:{port}",
             admin_url=None
             if settings.admin_port is None
-            else f"http://{host}:{settings.admin_port}",
+            else f"http://{settings.admin_host}:{settings.admin_port}",
             version=metrics.version(),
             database=console.database_label(console.dsn(settings)),
             pid=os.getpid(),

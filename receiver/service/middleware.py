@@ -173,14 +173,15 @@ ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
 def admin_split(admin_port: int) -> Middleware:
-    """With `RECEIVER_ADMIN_PORT`, the probes, /metrics and /openapi.json answer only on
-    that port, and everything else only on the public one (README: Deploying)."""
+    """With `RECEIVER_ADMIN_PORT`, the probes, /metrics, /openapi.json and the admin API
+    (/admin/…) answer only on that port, and everything else only on the public one
+    (README: Deploying)."""
 
     @web.middleware
     async def split(request: web.Request, handler: Handler) -> web.StreamResponse:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         on_admin = isinstance(sockname, tuple) and sockname[1] == admin_port
-        if (request.path in ADMIN_PATHS) != on_admin:
+        if (request.path in ADMIN_PATHS or request.path.startswith("/admin/")) != on_admin:
             raise errors.NotFound("not found")
         return await handler(request)
 

@@ -48,6 +48,17 @@ class Status(BaseModel):
     status: str
 
 
+class LinkAnswer(BaseModel):
+    """The admin API's answer to a link: the client, its token's public prefix, and
+    the token's status here (`active`; `revoked` when the client was revoked here
+    while the link was under way). Never the token."""
+
+    client_id: str
+    environment: Literal["live", "test"]
+    token_prefix: str
+    status: str
+
+
 _MODELS: list[type[BaseModel]] = [
     events.Envelope,
     events.OnboardingCompleted,
@@ -55,6 +66,7 @@ _MODELS: list[type[BaseModel]] = [
     WebhookAnswer,
     ErrorBody,
     Status,
+    LinkAnswer,
 ]
 
 
@@ -125,6 +137,38 @@ def document() -> dict[str, Any]:
         },
     }
     probe = {"200": _json(Status, "ok"), **_errors((503, "not ready"))}
+    link = {
+        "summary": "Link a client through Debitura; its token is stored sealed, never answered",
+        "description": (
+            "Admin listener only (RECEIVER_ADMIN_PORT), with `Authorization: Bearer` one of "
+            "RECEIVER_ADMIN_TOKENS. The body is the partner's link request, passed to "
+            "Debitura's `POST /v1/referral-partners/clients` as it is; the answer's token is "
+            "sealed, signalled and audited (the caller named by the admin token's fingerprint)."
+        ),
+        "parameters": [
+            {
+                "in": "query",
+                "name": "environment",
+                "required": False,
+                "schema": {"type": "string", "enum": ["live", "test"], "default": "live"},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "responses": {
+            "201": _json(LinkAnswer, "linked; the token is stored"),
+            **_errors(
+                (400, "the link request is not a JSON object"),
+                (401, "no admin token, or not one of RECEIVER_ADMIN_TOKENS"),
+                (404, "not the admin listener, or RECEIVER_ADMIN_TOKENS not set"),
+                (413, "link request over 64 KiB"),
+                (502, "Debitura refused or lost the link (the message says what to do)"),
+                (503, "Postgres unavailable: retry later"),
+            ),
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -134,6 +178,7 @@ def document() -> dict[str, Any]:
         },
         "paths": {
             "/webhooks/debitura": {"post": webhook},
+            "/admin/v1/clients": {"post": link},
             "/healthz": {"get": {"summary": "The process answers", "responses": probe}},
             "/readyz": {
                 "get": {

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from receiver import config, db, vault
+from receiver.debitura import api
 from receiver.lifecycle import committer
 from receiver.service import scrape
 from receiver.signals import outbox
@@ -28,3 +29,5 @@ GAUGES = web.AppKey("gauges", scrape.DatabaseGauges)
 # The webhook secrets by world (live, test), decoded once for every delivery.
 SECRET_SETS = web.AppKey("secret_sets", dict[str, list[bytes]])
 LOAD = web.AppKey("load", Load)
+# Debitura's API, for the admin API's link call (only with RECEIVER_ADMIN_TOKENS).
+DEBITURA = web.AppKey("debitura", api.Api)

@@ -1,0 +1,110 @@
+"""The admin API (docs/design.md §11): `POST /admin/v1/clients`, the partner
+application's way to link a client without ever holding its token (§9).
+
+Served on the admin listener only (RECEIVER_ADMIN_PORT, bound to RECEIVER_ADMIN_HOST)
+and only with RECEIVER_ADMIN_TOKENS set; elsewhere the path does not exist (404).
+Every call presents `Authorization: Bearer` one of those tokens, compared in constant
+time against each; the audit trail names the caller by the token's fingerprint,
+never the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from receiver import errors, vault
+from receiver.debitura import api, management
+from receiver.lifecycle import audit
+from receiver.service import state
+
+CLIENTS_PATH = "/admin/v1/clients"
+BODY_MAX_BYTES = 64 * 1024
+
+
+def fingerprint(token: str) -> str:
+    """The name an admin token goes by in the audit trail and logs: the first 12 hex
+    digits of its SHA-256 (enough to tell the configured tokens apart)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def _caller(request: web.Request) -> audit.Actor:
+    """The admin token's holder, or `errors.AdminUnauthorized`; the admin API's
+    absence (404) anywhere but the admin listener with admin tokens configured."""
+    settings = request.app[state.SETTINGS]
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    on_admin = isinstance(sockname, tuple) and sockname[1] == settings.admin_port
+    if not settings.admin_tokens or not on_admin:
+        raise errors.NotFound("not found")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    presented = given.strip().encode()
+    matched: str | None = None
+    # Every configured token is compared, in constant time, whatever matched first.
+    for token in settings.admin_tokens:
+        value = token.get_secret_value()
+        if hmac.compare_digest(presented, value.encode()) and scheme.lower() == "bearer":
+            matched = value
+    if matched is None:
+        raise errors.AdminUnauthorized("a valid admin token is required (Authorization: Bearer)")
+    return audit.Actor(f"admin:{fingerprint(matched)}", "admin API")
+
+
+async def _link_request(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > BODY_MAX_BYTES:
+        raise errors.BodyTooLarge(f"the link request is over {BODY_MAX_BYTES} bytes")
+    raw = await request.content.read(BODY_MAX_BYTES + 1)
+    if len(raw) > BODY_MAX_BYTES:
+        raise errors.BodyTooLarge(f"the link request is over {BODY_MAX_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise errors.InvalidRequest("the link request must be JSON") from None
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest("the link request must be a JSON object")
+    return body
+
+
+async def link_client(request: web.Request) -> web.Response:
+    """Link a client through Debitura; answer its id, token prefix and status, never
+    the token (which is stored sealed, signalled and audited)."""
+    actor = _caller(request)
+    environment = request.query.get("environment", "live")
+    if environment not in vault.ENVIRONMENTS:
+        raise errors.InvalidRequest("environment must be live or test")
+    body = await _link_request(request)
+    app = request.app
+    settings = app[state.SETTINGS]
+    try:
+        api.endpoint(settings, environment)
+    except errors.ConfigError as exc:
+        raise errors.UpstreamFailed(
+            f"linking {environment} clients is not configured: {exc}"
+        ) from None
+    manager = management.Manager(
+        app[state.DATABASE], settings, app[state.SEALER], app[state.DEBITURA]
+    )
+    outcome = await manager.link(environment, body, actor)
+    if outcome.status not in ("linked", "revoked", "superseded"):
+        raise errors.UpstreamFailed(outcome.detail or "Debitura did not link the client")
+    return web.json_response(
+        {
+            "client_id": outcome.client_id,
+            "environment": environment,
+            "token_prefix": outcome.prefix,
+            "status": "active" if outcome.ok else outcome.status,
+        },
+        status=201,
+    )
+
+
+async def debitura_session(app: web.Application) -> AsyncIterator[None]:
+    """The Debitura API client the admin API links through (one HTTP session)."""
+    async with aiohttp.ClientSession() as session:
+        app[state.DEBITURA] = api.Api(session, app[state.SETTINGS])
+        yield
