@@ -274,6 +274,9 @@ class Settings(BaseSettings):
     admin_tokens: AdminTokens = ()
     # How often `serve` reconciles the vault with Debitura (docs/design.md §9); 0: never.
     reconcile_interval_hours: float = Field(default=24.0, ge=0, le=24 * 365)
+    # How often `serve` looks at partner applications' reports (a second 401, a
+    # NoToken) and reconciles those clients: within a minute by default.
+    reconcile_poll_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     def webhook_secret_sets(self) -> dict[str, list[bytes]]:
         """The webhook secrets by the world they verify: live, and test."""

@@ -37,9 +37,6 @@ ACTOR = audit.Actor("receiver-serve", rotation.DEFAULT_REASON)
 RECONCILE_ACTOR = audit.Actor("receiver-serve", "reconcile")
 BATCH = 1000
 FIRST_PAUSE_SECONDS = 30.0
-# How often reports from partner applications are looked at, and whether a full
-# reconcile run is due: a reported client is reconciled within a minute.
-RECONCILE_POLL_SECONDS = 30.0
 # The shortest wait between two runs, however soon a rotation's next check is due.
 MIN_WAIT_SECONDS = 1.0
 
@@ -146,7 +143,7 @@ async def reconcile_forever(
                 log.warning("reconcile_failed", error=type(exc).__name__)
             except Exception:  # a bug must not end the schedule silently
                 log.exception("reconcile_failed")
-            await asyncio.sleep(RECONCILE_POLL_SECONDS * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
+            await asyncio.sleep(settings.reconcile_poll_seconds * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
 
 
 async def reconcile_once(

@@ -23,9 +23,12 @@ This package imports nothing of the service and registers no metric.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from receiver import errors
 from receiver.partner import cache as token_cache
 from receiver.partner import calling
 from receiver.partner.blocking import BlockingTokens, blocking
@@ -49,6 +52,9 @@ from receiver.partner.failures import (
 from receiver.partner.minted import DEFAULT_API_URL, MintedTokens
 from receiver.partner.refreshing import RefreshingTokens
 from receiver.partner.transport import RetryPolicy
+
+# A client the vault holds no token for is reported at most this often (per client).
+NO_TOKEN_REPORT_SECONDS = 60.0
 
 __all__ = [
     "DEFAULT_API_URL",
@@ -85,6 +91,7 @@ class WebhookTokens:
     def __init__(self, cache: token_cache.TokenCache, *, environment: str = "live") -> None:
         self._cache = cache
         self._environment = environment
+        self._missing_reported: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"WebhookTokens(environment={self._environment!r})"
@@ -99,11 +106,29 @@ class WebhookTokens:
         await self._cache.close()
 
     async def get(self, client_id: str) -> str:
-        """The client's active token; `NoToken` or `TokenRevoked` when there is none."""
+        """The client's active token; `NoToken` or `TokenRevoked` when there is none.
+        A `NoToken` is reported (at most once a minute per client) so that `serve`
+        asks Debitura about that client: its onboarding webhook may have been missed."""
         state = await self._cache.lookup(client_id, self._environment)
         if state.token is not None:
             return state.token.get_secret_value()
+        if state.status is None:
+            await self._report_missing(client_id)
         raise self._no_token(client_id, state)
+
+    async def _report_missing(self, client_id: str) -> None:
+        now = time.monotonic()
+        if (
+            now - self._missing_reported.get(client_id, -NO_TOKEN_REPORT_SECONDS)
+            < NO_TOKEN_REPORT_SECONDS
+        ):
+            return
+        if len(self._missing_reported) >= 10_000:  # bounded, whatever callers ask for
+            self._missing_reported.clear()
+        self._missing_reported[client_id] = now
+        # Best effort: the caller gets its NoToken either way.
+        with contextlib.suppress(errors.ReceiverError):
+            await self._cache.report_no_token(client_id, self._environment)
 
     def _no_token(self, client_id: str, state: token_cache.TokenState) -> TokenError:
         if state.status is None:

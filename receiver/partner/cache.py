@@ -299,6 +299,18 @@ class TokenCache:
             self._entries[(client_id, environment)] = _Entry(time.monotonic() + self._ttl, state)
         return state
 
+    async def report_no_token(self, client_id: str, environment: str) -> None:
+        """Record that the application asked for a client the vault holds no token for
+        (a webhook may have been missed): `serve` reconciles that client with Debitura
+        within a minute. Not a revocation; nothing is dropped from the cache."""
+        if self._database is None:
+            raise errors.ReceiverError("TokenCache.start() has not been awaited")
+        await self._database.fetch("report_link_invalid", client_id, environment, None, "no token")
+        log.info(
+            "client reported without token",
+            extra={"client_id": client_id, "environment": environment},
+        )
+
     async def report_link_invalid(
         self, client_id: str, environment: str, prefix: str, detail: str = "second 401"
     ) -> None:

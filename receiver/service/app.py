@@ -65,7 +65,10 @@ def create_app(settings: config.Settings) -> web.Application:
     app[state.DRAINING] = asyncio.Event()
     keyring = app[state.SEALER].keyring
     app[state.GAUGES] = scrape.DatabaseGauges(
-        keyring.primary_id, settings.metrics_refresh_seconds, key_ids=keyring.key_ids
+        keyring.primary_id,
+        settings.metrics_refresh_seconds,
+        key_ids=keyring.key_ids,
+        reconcile_interval_seconds=settings.reconcile_interval_hours * 3600,
     )
     app[state.LOAD] = state.Load()
     app[state.SECRET_SETS] = settings.webhook_secret_sets()

@@ -54,6 +54,7 @@ class DatabaseGauges:
         primary_key_id: str,
         refresh_seconds: float = REFRESH_SECONDS,
         key_ids: Iterable[str] = (),
+        reconcile_interval_seconds: float = 0.0,
     ) -> None:
         self._primary_key_id = primary_key_id
         self._key_ids = frozenset(key_ids) | {primary_key_id}
@@ -70,6 +71,9 @@ class DatabaseGauges:
         self._without_active: dict[str, int] = {}
         self._link_invalid: dict[str, int] = {}
         self._invalid: dict[str, int] = {}
+        self._unsettled: dict[str, tuple[int, float]] = {}
+        self._reconciled: dict[str, float] = {}
+        self._reconcile_interval = reconcile_interval_seconds
         self._rendered = b""
         self._rendered_at = -RENDER_REUSE_SECONDS
 
@@ -89,6 +93,8 @@ class DatabaseGauges:
                 quarantined = await database.fetchval("open_quarantine_count")
                 to_rotate = await database.fetch("sealed_to_rotate_counts", self._primary_key_id)
                 health = await database.fetch("token_health")
+                unsettled = await database.fetch("rotations_unsettled")
+                reconciled = await database.fetch("reconcile_last_runs")
         except (errors.ReceiverError, TimeoutError) as exc:
             self._up = False
             log.info("database_gauges_stale", error=type(exc).__name__)
@@ -102,6 +108,11 @@ class DatabaseGauges:
         self._without_active = dict.fromkeys(vault.ENVIRONMENTS, 0)
         self._link_invalid = dict.fromkeys(vault.ENVIRONMENTS, 0)
         self._invalid = dict.fromkeys(vault.ENVIRONMENTS, 0)
+        self._unsettled = dict.fromkeys(vault.ENVIRONMENTS, (0, 0.0))
+        self._unsettled |= {r["environment"]: (r["n"], r["oldest_seconds"]) for r in unsettled}
+        # -1: never reconciled (completely) in that environment.
+        self._reconciled = dict.fromkeys(vault.ENVIRONMENTS, -1.0)
+        self._reconciled |= {r["environment"]: r["at"] for r in reconciled}
         for row in health:
             if row["kind"] == "active":
                 self._active[(row["environment"], row["age"])] = row["n"]
@@ -188,7 +199,38 @@ class DatabaseGauges:
             "Seconds since the oldest pending signal was queued, read from Postgres (0: none)",
             value=self._oldest_pending,
         )
+        unsettled = GaugeMetricFamily(
+            "receiver_rotations_unsettled",
+            "Rotations whose outcome is not yet known (answer lost, or Debitura still shows "
+            "the old token), by environment",
+            labels=["environment"],
+        )
+        unsettled_age = GaugeMetricFamily(
+            "receiver_rotations_unsettled_oldest_age_seconds",
+            "Age of the oldest unsettled rotation, by environment (0: none)",
+            labels=["environment"],
+        )
+        for environment, (n, oldest_age) in self._unsettled.items():
+            unsettled.add_metric([environment], n)
+            unsettled_age.add_metric([environment], oldest_age)
+        reconciled = GaugeMetricFamily(
+            "receiver_reconcile_last_run_timestamp_seconds",
+            "When the last complete reconcile run of each environment ended (unix seconds; "
+            "-1: never)",
+            labels=["environment"],
+        )
+        for environment, at in self._reconciled.items():
+            reconciled.add_metric([environment], at)
+        interval = GaugeMetricFamily(
+            "receiver_reconcile_interval_seconds",
+            "RECEIVER_RECONCILE_INTERVAL_HOURS in seconds (0: serve does not reconcile)",
+            value=self._reconcile_interval,
+        )
         families = [
+            unsettled,
+            unsettled_age,
+            reconciled,
+            interval,
             signals,
             oldest,
             quarantined,
