@@ -125,16 +125,11 @@ class Rotator:
             await self.database.fetchval("rotation_intent_close", intent, "failed", None, str(exc))
             return outcomes.failed(client_id, environment, exc, old_prefix=old)
         await _pause_for_tests(self.settings.test_pause_after_rotate)
-        known = await self.database.fetch(
-            "token_by_index",
-            vault.blind_index(self.sealer.index_key, rotated.token.get_secret_value()),
-        )
-        if known and known[0]["prefix"] == old and known[0]["status"] == "active":
-            detail = "Debitura answered the current token as the new one: no rotation happened"
-            await self.database.fetchval("rotation_intent_close", intent, "failed", None, detail)
-            return outcomes.failed(client_id, environment, detail, prefix=old, old_prefix=old)
         expires = clamp_expiry(rotated.old_expires_at, client_id=client_id)
         try:
+            same = await self._same_token(intent, rotated.token.get_secret_value(), old)
+            if same is not None:
+                return same
             stored = await adoption.import_token(
                 self.database,
                 self.settings,
@@ -162,6 +157,21 @@ class Rotator:
                 old_prefix=old,
             )
         return await self._stored(stored, "rotated", old)
+
+    async def _same_token(self, intent: int, token: str, old: str) -> outcomes.Outcome | None:
+        """A rotate answer whose new token is the active one it was to replace is not a
+        rotation: the intent is closed failed and the command says so."""
+        known = await self.database.fetch(
+            "token_by_index", vault.blind_index(self.sealer.index_key, token)
+        )
+        if not (known and known[0]["prefix"] == old and known[0]["status"] == "active"):
+            return None
+        detail = "Debitura answered the current token as the new one: no rotation happened"
+        await self.database.fetchval("rotation_intent_close", intent, "failed", None, detail)
+        row = known[0]
+        return outcomes.failed(
+            row["client_id"], row["environment"], detail, prefix=old, old_prefix=old
+        )
 
     async def _stored(
         self, stored: adoption.Imported, status: str, old: str | None

@@ -1,5 +1,5 @@
-"""The admin API (docs/design.md §11): `POST /admin/v1/clients`, the partner
-application's way to link a client without ever holding its token (§9).
+"""The admin API (docs/design.md §9): `POST /admin/v1/clients`, the partner
+application's way to link a client without ever holding its token.
 
 Served on the admin listener only (RECEIVER_ADMIN_PORT, bound to RECEIVER_ADMIN_HOST)
 and only with RECEIVER_ADMIN_TOKENS set; elsewhere the path does not exist (404).

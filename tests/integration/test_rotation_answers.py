@@ -138,19 +138,22 @@ async def fetched(standin: Debitura, env: dict[str, str], client_id: str) -> str
     return token
 
 
-@pytest.mark.parametrize("answer", ["garbage", "other_environment"])
+@pytest.mark.parametrize(("answer", "exit_status"), [("garbage", 0), ("other_environment", 1)])
 async def test_an_unusable_rotate_answer_is_settled_by_a_fetch(
-    settings: Settings, debitura: Debitura, conn: asyncpg.Connection, answer: str
+    settings: Settings, debitura: Debitura, conn: asyncpg.Connection, answer: str, exit_status: int
 ) -> None:
     """A 2xx to rotate-token whose body cannot be used (not JSON; a token of the other
     environment) means Debitura rotated to something unknown: the rotation is settled by
     a fetch (the new token stored, no token of the other world), never closed as failed
-    with the replaced token left active."""
+    with the replaced token left active. A token of the other environment is no
+    rotation: the command says so and exits 1, though the fetch settled it."""
     env = env_for(settings, debitura)
     await fetched(debitura, env, "cli_odd")
     debitura.rotate_answer = answer
     result = await cli(["tokens", "rotate", "cli_odd", "--environment", "test"], env)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == exit_status, result.stdout + result.stderr
+    if answer == "other_environment":
+        assert "other environment, which is not a rotation" in result.stderr
     assert debitura.calls["rotate"] == 1  # never re-sent
     now = debitura.current["cli_odd"]
     assert await active(conn, "cli_odd") == [("test", now[:15])]
