@@ -1,5 +1,6 @@
 """Erasure against odd encodings and lost keys, on a real Postgres and the real CLI:
-a body that names the client is found by what it says, not by its bytes."""
+a body that names the client is found by what it says, not by its bytes, and what an
+erasure empties is under no key afterwards."""
 
 from __future__ import annotations
 
@@ -136,3 +137,18 @@ async def test_erase_with_a_key_gone_erases_what_it_can_and_says_what_it_could_n
     assert rest.returncode == 0, rest.stderr
     assert "1 stored bod(ies)" in rest.stdout
     assert await bodies_holding(conn, keyring, [old, fresh]) == 0
+
+
+async def test_keys_rotate_after_an_erasure_reports_no_key_called_none(
+    post: Post, settings: Settings
+) -> None:
+    """Values emptied by an erasure are under no key: `keys rotate` exits 0 and never
+    reports a key called None."""
+    assert (await (await post(helpers.onboarding("cli_erased"))).json())["status"] == "processed"
+    env = operator_env(settings)
+    erased = processes.run(["clients", "erase", "cli_erased", "--confirm"], env)
+    assert erased.returncode == 0, erased.stderr
+    rotated = processes.run(["keys", "rotate"], env)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert "None" not in rotated.stdout
+    assert "cannot open" not in rotated.stdout

@@ -4,7 +4,9 @@ signals, supervised workers, ports, the admin listener, and migrate --status/--c
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import secrets
 import signal
 import socket
 from pathlib import Path
@@ -14,8 +16,10 @@ import aiohttp
 import asyncpg
 
 from receiver import config, metrics
+from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
+from tests.integration.conftest import Post, operator_env
 from tests.integration.test_operability import listening_pids
 
 
@@ -224,3 +228,27 @@ async def test_the_admin_port_serves_probes_and_metrics_and_nothing_else(
             session.post(f"http://127.0.0.1:{admin}/webhooks/debitura", data=b"{}") as answer,
         ):
             assert answer.status == 404
+
+
+async def test_values_under_an_unconfigured_key_are_said_at_start_and_counted(
+    post: Post, settings: Settings
+) -> None:
+    """A receiver started with a key id that did not seal the stored values names them
+    at start (`sealed_under_unconfigured_key`) and counts them in
+    receiver_sealed_values_unopenable."""
+    assert (await (await post(helpers.onboarding())).json())["status"] == "processed"
+    env = operator_env(settings)
+    env["RECEIVER_TOKEN_KEYS"] = "k9:" + base64.b64encode(secrets.token_bytes(32)).decode()
+    env["RECEIVER_SHUTDOWN_DELAY_SECONDS"] = "0"
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as answer,
+        ):
+            scrape = await answer.text()
+    lines = [json.loads(x) for x in output.read_text().splitlines() if x[:1] == "{"]
+    (warning,) = [x for x in lines if x["event"] == "sealed_under_unconfigured_key"]
+    assert warning["key_ids"] == ["k1"]
+    assert 'receiver_sealed_values_unopenable{kind="tokens"} 1.0' in scrape
