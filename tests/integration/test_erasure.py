@@ -26,8 +26,8 @@ async def cli(settings: Settings, *args: str) -> Any:
 
 
 def hostile_bodies(client_id: str, tokens: list[str]) -> list[bytes]:
-    """Four bodies that name `client_id` and carry one of `tokens` each, as the attack
-    stored them: UTF-16, the id escaped in a NaN body, the id at the top level, and
+    """Four bodies that name `client_id` and carry one of `tokens` each, as a hostile
+    sender stores them: UTF-16, the id escaped in a NaN body, the id at the top level, and
     the id nested away from `data.client_id`."""
     escaped = client_id.replace("_", "\\u005f")
     return [
