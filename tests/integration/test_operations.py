@@ -49,7 +49,7 @@ async def _status(url: str) -> tuple[int, str]:
 
 def test_serve_without_a_database_url_or_dev_exits_2_naming_it(tmp_path: Path) -> None:
     """Plain `serve` with production secrets and no RECEIVER_DATABASE_URL: exit 2, one
-    line naming the variable, and no embedded Postgres created (finding 1)."""
+    line naming the variable, and no embedded Postgres created."""
     env = processes.clean_env(
         **{f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
     )
@@ -62,7 +62,7 @@ def test_serve_without_a_database_url_or_dev_exits_2_naming_it(tmp_path: Path) -
 
 def test_migrate_and_tokens_list_ask_only_for_what_they_use(database_url: str) -> None:
     """`migrate` runs with the database URL alone (no keys, no webhook secrets); `tokens
-    list` without the webhook secrets or keys (finding 7)."""
+    list` without the webhook secrets or keys."""
     env = processes.clean_env(RECEIVER_DATABASE_URL=database_url)
     migrated = processes.run(["migrate"], env)
     assert migrated.returncode == 0, migrated.stderr
@@ -128,7 +128,7 @@ async def test_start_line_names_version_database_and_address(database_url: str) 
 
 
 def test_a_port_in_use_is_one_line_and_exit_1(database_url: str) -> None:
-    """Something listens on the port already: one line, exit 1, no traceback (finding 6),
+    """Something listens on the port already: one line, exit 1, no traceback,
     before migrating or printing a banner."""
     env, _ = processes.receiver_env(database_url)
     with socket.socket() as squatter:
@@ -196,12 +196,12 @@ async def _supervisor_death_leaves_no_worker(database_url: str, signum: int) -> 
 
 async def test_workers_exit_when_their_supervisor_is_killed(database_url: str) -> None:
     """kill -KILL of the `serve --workers 2` supervisor: both workers exit within
-    seconds, no orphan keeps the port (finding 4)."""
+    seconds, no orphan keeps the port."""
     await _supervisor_death_leaves_no_worker(database_url, signal.SIGKILL)
 
 
 async def test_sighup_to_the_supervisor_stops_every_worker(database_url: str) -> None:
-    """kill -HUP of the supervisor: a logged graceful stop of every worker (finding 4)."""
+    """kill -HUP of the supervisor: a logged graceful stop of every worker."""
     await _supervisor_death_leaves_no_worker(database_url, signal.SIGHUP)
 
 
@@ -210,7 +210,7 @@ async def test_the_admin_port_serves_probes_and_metrics_and_nothing_else(
 ) -> None:
     """With RECEIVER_ADMIN_PORT, /metrics, /openapi.json, /healthz, /readyz answer there
     and 404 on the public port; the webhook is not on the admin port; no answer has a
-    Server header naming versions (finding 10)."""
+    Server header naming versions."""
     admin = processes.free_port()
     env, _ = processes.receiver_env(database_url, RECEIVER_ADMIN_PORT=str(admin))
     port = processes.free_port()
