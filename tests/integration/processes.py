@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import socket
 import subprocess
@@ -133,3 +134,32 @@ async def post_signed(port: int, secret_b64: str, body: bytes) -> tuple[int, dic
         ) as answer,
     ):
         return answer.status, await answer.json()
+
+
+class Served:
+    """A receiver process on its own database, for a whole module."""
+
+    def __init__(
+        self, url: str, secret: str, database_url: str, keys: dict[str, str], log: Path
+    ) -> None:
+        self.url, self.secret, self.database_url, self.keys = url, secret, database_url, keys
+        self.log = log
+        self.port = int(url.rsplit(":", 1)[1])
+
+    def get(self, path: str) -> str:
+        """GET a path; the body as text."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read().decode()
+        finally:
+            connection.close()
+
+    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            connection.request("POST", "/webhooks/debitura", body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read(), dict(response.getheaders())
+        finally:
+            connection.close()

@@ -16,10 +16,12 @@ import pytest
 from pydantic import SecretStr
 
 from receiver import config
+from receiver.config import Settings
 from receiver.db import migrations
 from receiver.partner import cache
 from tests import helpers
 from tests.integration import processes
+from tests.integration.conftest import Post, operator_env
 
 
 @pytest.mark.slow
@@ -276,3 +278,31 @@ async def test_an_unwritable_data_dir_without_a_database_url_is_one_line() -> No
     (line,) = result.stderr.strip().splitlines()
     assert "RECEIVER_DATA_DIR" in line
     assert "RECEIVER_DATABASE_URL" in line
+
+
+async def test_commands_say_clearly_what_is_wrong(post: Post, settings: Settings) -> None:
+    """`signals retry --id nonexistent`, `audit list --limit abc`, `tokens import --file
+    /nonexistent`: one clear line each, no SQLSTATE, no traceback; `clients erase` of a
+    client never stored says nothing matched; `events list` says when it stopped at its
+    limit."""
+    env = operator_env(settings)
+    retry = processes.run(["signals", "retry", "--id", "nonexistent"], env)
+    assert retry.returncode == 2
+    assert "is not a signal id" in retry.stderr
+    assert "SQLSTATE" not in retry.stderr
+    limit = processes.run(["audit", "list", "--limit", "abc"], env)
+    assert limit.returncode == 2
+    assert "'abc' is not a whole number" in limit.stderr
+    missing = processes.run(["tokens", "import", "cli_x", "--file", "/nonexistent"], env)
+    assert missing.returncode in (1, 2)
+    assert "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    erased = processes.run(["clients", "erase", "cli_never_existed", "--confirm"], env)
+    assert "nothing matched" in erased.stdout
+    for _ in range(2):
+        assert (await (await post(helpers.onboarding())).json())["status"] == "processed"
+    listed = processes.run(["events", "list", "--limit", "1"], env)
+    assert listed.returncode == 0
+    assert "stopped at --limit 1" in listed.stderr
+    everything = processes.run(["events", "list", "--limit", "5"], env)
+    assert "stopped at" not in everything.stderr

@@ -30,7 +30,7 @@ async def test_dismiss_closes_audits_and_leaves_the_gauge(
     client: Client, post: Post, conn: asyncpg.Connection, settings: Settings
 ) -> None:
     """`events dismiss KEY --reason`: status dismissed, one audit row with the reason,
-    the open-quarantine gauge back to 0 (finding 3)."""
+    the open-quarantine gauge back to 0."""
     key = await _quarantine_one(post)
     assert await _open_gauge(client) == 1
     result = run(["events", "dismiss", key, "--reason", "sender bug #42"], operator_env(settings))

@@ -1,5 +1,6 @@
 """Erasure against odd encodings and lost keys, on a real Postgres and the real CLI:
-a body that names the client is found by what it says, not by its bytes."""
+a body that names the client is found by what it says, not by its bytes, and what an
+erasure empties is under no key afterwards."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ async def cli(settings: Settings, *args: str) -> Any:
 
 
 def hostile_bodies(client_id: str, tokens: list[str]) -> list[bytes]:
-    """Four bodies that name `client_id` and carry one of `tokens` each, as the attack
-    stored them: UTF-16, the id escaped in a NaN body, the id at the top level, and
+    """Four bodies that name `client_id` and carry one of `tokens` each, as a hostile
+    sender stores them: UTF-16, the id escaped in a NaN body, the id at the top level, and
     the id nested away from `data.client_id`."""
     escaped = client_id.replace("_", "\\u005f")
     return [
@@ -136,3 +137,18 @@ async def test_erase_with_a_key_gone_erases_what_it_can_and_says_what_it_could_n
     assert rest.returncode == 0, rest.stderr
     assert "1 stored bod(ies)" in rest.stdout
     assert await bodies_holding(conn, keyring, [old, fresh]) == 0
+
+
+async def test_keys_rotate_after_an_erasure_reports_no_key_called_none(
+    post: Post, settings: Settings
+) -> None:
+    """Values emptied by an erasure are under no key: `keys rotate` exits 0 and never
+    reports a key called None."""
+    assert (await (await post(helpers.onboarding("cli_erased"))).json())["status"] == "processed"
+    env = operator_env(settings)
+    erased = processes.run(["clients", "erase", "cli_erased", "--confirm"], env)
+    assert erased.returncode == 0, erased.stderr
+    rotated = processes.run(["keys", "rotate"], env)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert "None" not in rotated.stdout
+    assert "cannot open" not in rotated.stdout

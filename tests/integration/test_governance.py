@@ -463,3 +463,14 @@ async def test_token_health_metrics_and_the_rotation_reminder(
     wrong = await cli(settings, "tokens", "list", "--older-than", "ninety")
     assert wrong.returncode == 2
     assert "e.g. 90d" in wrong.stderr
+
+
+async def test_a_token_import_logs_the_public_prefix(settings: Settings) -> None:
+    """`token_imported` logs the 15-character prefix as it is (not secret), never the
+    token."""
+    token = helpers.canary_token("test")
+    result = await asyncio.to_thread(
+        processes.run, ["tokens", "import", "cli_imp"], operator_env(settings), 60, token
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'"token_prefix": "{token[:15]}"' in result.stderr

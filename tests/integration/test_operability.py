@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from receiver import config
 from receiver.config import Settings
 from receiver.db import migrations
+from receiver.lifecycle import events
 from receiver.service import app, middleware, openapi, state
 from tests import helpers
 from tests.conftest import with_database
@@ -566,3 +567,21 @@ async def test_metrics_say_which_build_serves_and_when_the_last_event_came(
         if ln.startswith('receiver_last_event_received_timestamp_seconds{environment="live"}')
     )  # fmt: skip
     assert float(line.split()[-1]) >= before - 1
+
+
+async def test_the_exposition_has_no_created_series_and_every_label_set(client: Client) -> None:
+    """No `_created` series; labelled counters have a series for every label value
+    they can take before any event of theirs (counters are process-wide, so other
+    tests' events may have moved the values, never removed a series)."""
+    text = await (await client.get("/metrics")).text()
+    assert "_created" not in text
+    series = {line.split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    for reason in events.QUARANTINE_REASONS:
+        assert f'receiver_events_quarantined_total{{reason="{reason}"}}' in series
+    for failure in ("missing", "malformed", "stale", "future", "mismatch"):
+        assert f'receiver_signature_failures_total{{reason="{failure}"}}' in series
+    for kind in ("unavailable", "refused", "schema_missing", "retried", "unstorable"):
+        assert f'receiver_database_errors_total{{kind="{kind}"}}' in series
+    for outcome in ("processed", "duplicate", "ignored", "quarantined"):
+        assert f'receiver_events_total{{outcome="{outcome}",type="other"}}' in series
+    assert 'receiver_signals_failed_total{retried="true"}' in series

@@ -4,7 +4,9 @@ signals, supervised workers, ports, the admin listener, and migrate --status/--c
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import secrets
 import signal
 import socket
 from pathlib import Path
@@ -14,8 +16,10 @@ import aiohttp
 import asyncpg
 
 from receiver import config, metrics
+from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
+from tests.integration.conftest import Post, operator_env
 from tests.integration.test_operability import listening_pids
 
 
@@ -45,7 +49,7 @@ async def _status(url: str) -> tuple[int, str]:
 
 def test_serve_without_a_database_url_or_dev_exits_2_naming_it(tmp_path: Path) -> None:
     """Plain `serve` with production secrets and no RECEIVER_DATABASE_URL: exit 2, one
-    line naming the variable, and no embedded Postgres created (finding 1)."""
+    line naming the variable, and no embedded Postgres created."""
     env = processes.clean_env(
         **{f"RECEIVER_{k.upper()}": v for k, v in config.generate_dev_secrets().items()}
     )
@@ -58,7 +62,7 @@ def test_serve_without_a_database_url_or_dev_exits_2_naming_it(tmp_path: Path) -
 
 def test_migrate_and_tokens_list_ask_only_for_what_they_use(database_url: str) -> None:
     """`migrate` runs with the database URL alone (no keys, no webhook secrets); `tokens
-    list` without the webhook secrets or keys (finding 7)."""
+    list` without the webhook secrets or keys."""
     env = processes.clean_env(RECEIVER_DATABASE_URL=database_url)
     migrated = processes.run(["migrate"], env)
     assert migrated.returncode == 0, migrated.stderr
@@ -124,7 +128,7 @@ async def test_start_line_names_version_database_and_address(database_url: str) 
 
 
 def test_a_port_in_use_is_one_line_and_exit_1(database_url: str) -> None:
-    """Something listens on the port already: one line, exit 1, no traceback (finding 6),
+    """Something listens on the port already: one line, exit 1, no traceback,
     before migrating or printing a banner."""
     env, _ = processes.receiver_env(database_url)
     with socket.socket() as squatter:
@@ -192,12 +196,12 @@ async def _supervisor_death_leaves_no_worker(database_url: str, signum: int) -> 
 
 async def test_workers_exit_when_their_supervisor_is_killed(database_url: str) -> None:
     """kill -KILL of the `serve --workers 2` supervisor: both workers exit within
-    seconds, no orphan keeps the port (finding 4)."""
+    seconds, no orphan keeps the port."""
     await _supervisor_death_leaves_no_worker(database_url, signal.SIGKILL)
 
 
 async def test_sighup_to_the_supervisor_stops_every_worker(database_url: str) -> None:
-    """kill -HUP of the supervisor: a logged graceful stop of every worker (finding 4)."""
+    """kill -HUP of the supervisor: a logged graceful stop of every worker."""
     await _supervisor_death_leaves_no_worker(database_url, signal.SIGHUP)
 
 
@@ -206,7 +210,7 @@ async def test_the_admin_port_serves_probes_and_metrics_and_nothing_else(
 ) -> None:
     """With RECEIVER_ADMIN_PORT, /metrics, /openapi.json, /healthz, /readyz answer there
     and 404 on the public port; the webhook is not on the admin port; no answer has a
-    Server header naming versions (finding 10)."""
+    Server header naming versions."""
     admin = processes.free_port()
     env, _ = processes.receiver_env(database_url, RECEIVER_ADMIN_PORT=str(admin))
     port = processes.free_port()
@@ -224,3 +228,27 @@ async def test_the_admin_port_serves_probes_and_metrics_and_nothing_else(
             session.post(f"http://127.0.0.1:{admin}/webhooks/debitura", data=b"{}") as answer,
         ):
             assert answer.status == 404
+
+
+async def test_values_under_an_unconfigured_key_are_said_at_start_and_counted(
+    post: Post, settings: Settings
+) -> None:
+    """A receiver started with a key id that did not seal the stored values names them
+    at start (`sealed_under_unconfigured_key`) and counts them in
+    receiver_sealed_values_unopenable."""
+    assert (await (await post(helpers.onboarding())).json())["status"] == "processed"
+    env = operator_env(settings)
+    env["RECEIVER_TOKEN_KEYS"] = "k9:" + base64.b64encode(secrets.token_bytes(32)).decode()
+    env["RECEIVER_SHUTDOWN_DELAY_SECONDS"] = "0"
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as answer,
+        ):
+            scrape = await answer.text()
+    lines = [json.loads(x) for x in output.read_text().splitlines() if x[:1] == "{"]
+    (warning,) = [x for x in lines if x["event"] == "sealed_under_unconfigured_key"]
+    assert warning["key_ids"] == ["k1"]
+    assert 'receiver_sealed_values_unopenable{kind="tokens"} 1.0' in scrape

@@ -4,6 +4,7 @@ unsigned are refused and store nothing. Real HTTP on loopback, a real Postgres."
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -16,6 +17,7 @@ from receiver import config, vault
 from receiver.config import Settings
 from receiver.service import app
 from tests import helpers
+from tests.integration import processes
 from tests.integration.conftest import (
     Client,
     Post,
@@ -534,3 +536,24 @@ async def test_a_delivery_whose_id_postgres_refuses_is_kept_under_its_body_hash(
     assert tuple(row) == ("unknown", "quarantined", None)
     again = await post(body)  # Debitura's retry: the same body, a duplicate
     assert (await again.json())["status"] == "duplicate"
+
+
+async def test_event_quarantined_names_the_client_the_body_names(settings: Settings) -> None:
+    """A quarantined delivery's log lines carry the client id its body names (not
+    null)."""
+    env = operator_env(settings)
+    env["RECEIVER_SHUTDOWN_DELAY_SECONDS"] = "0"
+    port = processes.free_port()
+    document = helpers.onboarding("cli_named")
+    document["data"]["onboarding_completed_at"] = "yesterday"  # invalid_data
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        _, answer = await processes.post_signed(port, _secret(settings), helpers.encode(document))
+        assert answer["status"] == "quarantined"
+    lines = [json.loads(x) for x in output.read_text().splitlines() if x[:1] == "{"]
+    (line,) = [x for x in lines if x["event"] == "event_quarantined"]
+    assert line["client_id"] == "cli_named"
+
+
+def _secret(settings: Settings) -> str:
+    return base64.b64encode(settings.webhook_secrets[0].get_secret_value()).decode()

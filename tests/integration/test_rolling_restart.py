@@ -1,7 +1,7 @@
-"""A rolling restart costs no retry (issue 26, finding 5): deliveries keep flowing
-through a SIGTERM, because /readyz fails first, for RECEIVER_SHUTDOWN_DELAY_SECONDS,
-while the stopping receiver still answers. Two real receiver processes on one
-database, real HTTP on loopback."""
+"""A rolling restart costs no retry: deliveries keep flowing through a SIGTERM,
+because /readyz fails first, for RECEIVER_SHUTDOWN_DELAY_SECONDS, while the stopping
+receiver still answers. Two real receiver processes on one database, real HTTP on
+loopback."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Settings and pieces of operations that need no process: the dev data directory
-found from anywhere (finding 9), unknown variables, per-command requirements, no
-false-zero gauges, the public prefix, and the client a quarantined body names."""
+found from anywhere, unknown variables, per-command requirements, no false-zero
+gauges, the public prefix, and the client a quarantined body names."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests import helpers
 def test_dev_data_dir_is_found_from_a_subdirectory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--dev` from a subdirectory uses the project's .receiver, not a new one (finding 9)."""
+    """`--dev` from a subdirectory uses the project's .receiver, not a new one."""
     monkeypatch.delenv("RECEIVER_DATA_DIR", raising=False)
     config.dev_secrets(tmp_path / ".receiver")
     below = tmp_path / "a" / "b"
@@ -31,7 +31,7 @@ def test_without_a_dev_data_dir_only_serve_creates_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Away from any .receiver, a command other than `serve --dev` stops with a clear
-    error instead of generating new secrets (finding 9); `serve --dev` creates one here."""
+    error instead of generating new secrets; `serve --dev` creates one here."""
     monkeypatch.delenv("RECEIVER_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(errors.ConfigError, match="no dev data directory"):
@@ -74,7 +74,7 @@ def test_the_database_label_never_holds_the_password() -> None:
 
 
 def test_database_gauges_are_absent_before_the_first_read() -> None:
-    """Never read: only `up` and `age`, no false 0 for the quarantine (finding 11)."""
+    """Never read: only `up` and `age`, no false 0 for the quarantine."""
     names = [family.name for family in scrape.DatabaseGauges("k1")._render()]
     assert names == ["receiver_database_gauges_up", "receiver_database_gauges_age_seconds"]
 
@@ -88,7 +88,7 @@ def test_the_public_prefix_is_not_masked() -> None:
 
 
 def test_a_quarantined_body_still_names_its_client() -> None:
-    """The client id of a quarantined delivery, for its log lines (finding 11)."""
+    """The client id of a quarantined delivery, for its log lines."""
     document = helpers.onboarding("cli_named")
     document["data"]["onboarding_completed_at"] = "yesterday"  # invalid_data
     event = events.read(helpers.encode(document), is_test=False)
