@@ -252,7 +252,7 @@ def test_fuzzed_deliveries_get_the_contract_and_leave_the_database_consistent(
             await conn.close()
 
     counts = asyncio.run(check())
-    from tests.integration.test_leaks import pg_dump
+    from tests.integration.test_no_plaintext import pg_dump
 
     dump = pg_dump(served.database_url)
     assert not helpers.find_canaries(dump)

@@ -22,7 +22,7 @@ from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Client, Post, operator_env
 from tests.integration.standins import eventually
-from tests.integration.test_leaks import pg_dump
+from tests.integration.test_no_plaintext import pg_dump
 
 
 async def cli(settings: Settings, *args: str, stdin: str | None = None) -> Any:

@@ -27,7 +27,7 @@ from tests.conftest import with_database
 from tests.integration import processes
 from tests.integration.conftest import Client, Post, operator_env, settings_values
 from tests.integration.standins import eventually
-from tests.integration.test_leaks import pg_dump
+from tests.integration.test_no_plaintext import pg_dump
 
 GRACE = timedelta(hours=24)
 

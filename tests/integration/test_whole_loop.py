@@ -1,4 +1,4 @@
-"""The whole loop against `receiver sandbox` (issues 23 and 25): the partner library's
+"""The whole loop against `receiver sandbox`: the partner library's
 `MintedTokens` minting JWTs at the sandbox's `POST /oauth/token`, and `WebhookTokens`
 reading the tokens a real `receiver serve` stored from the sandbox's signed webhooks,
 dropped by NOTIFY when the sandbox revokes one. Everything over real HTTP on loopback,
