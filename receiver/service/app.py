@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from receiver import config, db, errors, metrics, vault
-from receiver.debitura import schedule
+from receiver.debitura import api, schedule
 from receiver.lifecycle import committer, events, retention
 from receiver.service import admin_api, middleware, openapi, probes, scrape, state, webhook
 from receiver.signals import outbox
@@ -69,6 +69,7 @@ def create_app(settings: config.Settings) -> web.Application:
         settings.metrics_refresh_seconds,
         key_ids=keyring.key_ids,
         reconcile_interval_seconds=settings.reconcile_interval_hours * 3600,
+        reconciled_environments=api.configured(settings),
     )
     app[state.LOAD] = state.Load()
     app[state.SECRET_SETS] = settings.webhook_secret_sets()

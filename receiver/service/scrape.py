@@ -55,6 +55,7 @@ class DatabaseGauges:
         refresh_seconds: float = REFRESH_SECONDS,
         key_ids: Iterable[str] = (),
         reconcile_interval_seconds: float = 0.0,
+        reconciled_environments: Iterable[str] = (),
     ) -> None:
         self._primary_key_id = primary_key_id
         self._key_ids = frozenset(key_ids) | {primary_key_id}
@@ -73,7 +74,12 @@ class DatabaseGauges:
         self._invalid: dict[str, int] = {}
         self._unsettled: dict[str, tuple[int, float]] = {}
         self._reconciled: dict[str, float] = {}
-        self._reconcile_interval = reconcile_interval_seconds
+        # Only the environments `serve` reconciles (their API configured): an alert on
+        # "never reconciled" must not fire for a world this service does not manage.
+        self._reconciled_environments = tuple(reconciled_environments)
+        self._reconcile_interval = (
+            reconcile_interval_seconds if self._reconciled_environments else 0.0
+        )
         self._rendered = b""
         self._rendered_at = -RENDER_REUSE_SECONDS
 
@@ -111,8 +117,12 @@ class DatabaseGauges:
         self._unsettled = dict.fromkeys(vault.ENVIRONMENTS, (0, 0.0))
         self._unsettled |= {r["environment"]: (r["n"], r["oldest_seconds"]) for r in unsettled}
         # -1: never reconciled (completely) in that environment.
-        self._reconciled = dict.fromkeys(vault.ENVIRONMENTS, -1.0)
-        self._reconciled |= {r["environment"]: r["at"] for r in reconciled}
+        self._reconciled = dict.fromkeys(self._reconciled_environments, -1.0)
+        self._reconciled |= {
+            r["environment"]: r["at"]
+            for r in reconciled
+            if r["environment"] in self._reconciled_environments
+        }
         for row in health:
             if row["kind"] == "active":
                 self._active[(row["environment"], row["age"])] = row["n"]
