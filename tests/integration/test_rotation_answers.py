@@ -4,10 +4,12 @@ stood in here by a small HTTP server that rotates for real and then answers badl
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -17,7 +19,7 @@ from receiver.config import Settings
 from receiver.debitura import api
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import operator_env
+from tests.integration.conftest import Post, operator_env
 
 
 @dataclass
@@ -29,9 +31,14 @@ class Debitura:
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     current: dict[str, str] = field(default_factory=dict)
     status: str = "active"
-    rotate_answer: str = "ok"  # ok | garbage | other_environment | unavailable
+    # ok | garbage | other_environment | unavailable | same (no rotation: the current
+    # token answered as the new one) | far_future (old_token_expires_at in year 9999)
+    rotate_answer: str = "ok"
     calls: dict[str, int] = field(default_factory=dict)
     url: str = ""
+    issued_at: str = "2026-12-04T10:00:00Z"
+    # The token the next rotation issues (a test may need to know it beforehand).
+    next_token: str | None = None
 
     def link(self, client_id: str) -> str:
         """A client linked at Debitura; its token joins the canaries."""
@@ -43,13 +50,19 @@ class Debitura:
         self.calls["fetch"] = self.calls.get("fetch", 0) + 1
         token = self.current[request.match_info["client"]]
         return web.json_response(
-            {"bearer_token": token, "issued_at": "2026-12-04T10:00:00Z", "status": self.status}
+            {"bearer_token": token, "issued_at": self.issued_at, "status": self.status}
         )
 
     async def _rotate(self, request: web.Request) -> web.Response:
         self.calls["rotate"] = self.calls.get("rotate", 0) + 1
         client_id = request.match_info["client"]
-        old, new = self.current[client_id], helpers.canary_token(self.environment)
+        old = self.current[client_id]
+        if self.rotate_answer == "same":
+            return web.json_response(
+                {"new_bearer_token": old, "old_bearer_token": old, "old_token_expires_at": None}
+            )
+        new = self.next_token or helpers.canary_token(self.environment)
+        self.next_token = None
         self.current[client_id] = new  # it happened, whatever the answer says
         if self.rotate_answer == "garbage":
             return web.Response(text="<html>upstream hiccup</html>", content_type="text/html")
@@ -58,11 +71,13 @@ class Debitura:
         if self.rotate_answer == "other_environment":
             other = "live" if self.environment == "test" else "test"
             new = helpers.canary_token(other)
+        expires = "9999-12-31T23:59:59Z" if self.rotate_answer == "far_future" else None
         return web.json_response(
             {
                 "new_bearer_token": new,
                 "old_bearer_token": old,
-                "old_token_expires_at": "2026-12-05T10:00:00Z",
+                "old_token_expires_at": expires
+                or (datetime.now(UTC) + timedelta(hours=24)).isoformat(),
             }
         )
 
@@ -234,3 +249,82 @@ def test_a_retry_after_that_is_not_a_finite_number_is_bounded(value: str) -> Non
     slip past the retry budget: it compares false with everything)."""
     pause = api._retry_after(value)
     assert 0.0 <= pause <= api.RETRY_AFTER_CAP_SECONDS
+
+
+async def test_a_rotate_answer_holding_the_current_token_is_no_rotation(
+    settings: Settings, debitura: Debitura, conn: asyncpg.Connection
+) -> None:
+    """rotate-token answering the token it was to replace is not a rotation: exit 1
+    saying so, the intent closed failed (a new rotation may start at once), and the
+    compromised token is not reported rotated."""
+    env = env_for(settings, debitura)
+    old = await fetched(debitura, env, "cli_same")
+    debitura.rotate_answer = "same"
+    result = await cli(["tokens", "rotate", "cli_same", "--environment", "test", "--json"], env)
+    assert result.returncode == 1
+    answer = json.loads(result.stdout)
+    assert answer["ok"] is False
+    assert "no rotation happened" in answer["detail"]
+    assert await active(conn, "cli_same") == [("test", old[:15])]
+    assert await conn.fetchval("SELECT outcome FROM receiver.rotation_intents") == "failed"
+
+
+async def test_a_new_token_revoked_before_its_answer_is_stored_is_no_success(
+    settings: Settings, debitura: Debitura, conn: asyncpg.Connection, post: Post
+) -> None:
+    """A `token.revoked` for the rotation's new token that arrives before the answer is
+    stored: the new token is stored revoked, never active, and the command exits 1
+    saying so instead of printing `rotated`."""
+    env = env_for(settings, debitura)
+    old = await fetched(debitura, env, "cli_race")
+    new = helpers.canary_token("test")
+    debitura.next_token = new
+    revocation = helpers.revocation("cli_race", new[:15])
+    assert (await post(revocation, **{"X-Debitura-Test": "true"})).status == 200
+    result = await cli(["tokens", "rotate", "cli_race", "--environment", "test"], env)
+    assert result.returncode == 1, result.stdout
+    assert "stored revoked" in result.stderr
+    stored = await conn.fetchval(
+        "SELECT status FROM receiver.tokens WHERE client_id = 'cli_race' AND prefix = $1",
+        new[:15],
+    )
+    assert stored == "revoked"
+    # The old token stays what the vault knows as active (in its grace at Debitura; a
+    # reconcile settles it once the grace ends); the intent says what happened.
+    assert await active(conn, "cli_race") == [("test", old[:15])]
+    assert await conn.fetchval("SELECT outcome FROM receiver.rotation_intents") == "revoked"
+
+
+async def test_a_far_future_old_token_expiry_is_clamped_and_logged(
+    settings: Settings, debitura: Debitura, conn: asyncpg.Connection
+) -> None:
+    """`old_token_expires_at: 9999-12-31` is clamped to the 24 h grace plus 7 days and
+    logged: the old token does not stay readable and unpruned for ever."""
+    env = env_for(settings, debitura)
+    old = await fetched(debitura, env, "cli_far")
+    debitura.rotate_answer = "far_future"
+    result = await cli(["tokens", "rotate", "cli_far", "--environment", "test"], env)
+    assert result.returncode == 0, result.stderr
+    assert "rotation_expiry_clamped" in result.stdout + result.stderr
+    expires = await conn.fetchval(
+        "SELECT expires_at FROM receiver.tokens WHERE client_id = 'cli_far' AND prefix = $1",
+        old[:15],
+    )
+    assert expires <= datetime.now(UTC) + timedelta(days=8, minutes=1)
+
+
+async def test_a_fetched_token_is_aged_from_debituras_issued_at(
+    settings: Settings, debitura: Debitura, conn: asyncpg.Connection
+) -> None:
+    """A token Debitura issued 100 days ago, fetched today, is due for rotation:
+    `tokens rotate --due --dry-run` lists it, and `tokens list --json` shows issued_at."""
+    env = env_for(settings, debitura)
+    debitura.issued_at = (datetime.now(UTC) - timedelta(days=100)).isoformat()
+    await fetched(debitura, env, "cli_aged")
+    due = await cli(["tokens", "rotate", "--due", "--dry-run"], env)
+    assert due.returncode == 0, due.stderr
+    assert [line.split()[0] for line in due.stdout.splitlines()] == ["cli_aged"]
+    listed = await cli(["tokens", "list", "--json"], env)
+    row = json.loads(listed.stdout.splitlines()[0])
+    assert row["issued_at"].startswith(debitura.issued_at[:10])
+    assert debitura.calls.get("rotate", 0) == 0
