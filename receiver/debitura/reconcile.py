@@ -6,10 +6,11 @@ without a webhook. A run over one environment:
 
 1. reads Debitura's list of the partner's clients a page at a time, and fetches and
    stores the token of every active client that has no active token here;
-2. validates every active token here (a page of rows at a time, never all in
-   memory); one Debitura calls invalid, revoked or another client's is settled by a
-   fetch (Debitura's current token stored, the stale one revoked) or, when Debitura
-   has no token for the client, revoked here.
+2. checks every active token here (a page of rows at a time, never all in memory)
+   against Debitura's current one (fetch) and validates it: a token Debitura
+   replaced (a rotation made elsewhere) gives way to Debitura's, superseded with the
+   grace while Debitura still calls it valid, else revoked; one Debitura revoked or
+   no longer has is revoked here.
 
 Every change goes through the lifecycle (signal, audit row `token_reconcile`); the run
 ends with one summary line and a `reconcile_runs` row. Calls are paced like rotation
@@ -187,42 +188,11 @@ class Reconciler:
         *,
         dry_run: bool,
     ) -> None:
-        """Validate one active token; settle it when Debitura says it is not good."""
+        """One active token here against Debitura: its current token (fetch) and what
+        it says of ours (validate). A token Debitura replaced (a rotation made
+        elsewhere, still in its grace or not), revoked or no longer has is settled."""
         client_id, environment = str(row["client_id"]), summary.environment
-        manager = self.manager
-        where = api.endpoint(manager.settings, environment)
-        token = manager.sealer.open_token(str(row["id"]), row["token_sealed"])  # type: ignore[arg-type]
-        try:
-            said = await manager.api.validate(where, token)
-        except errors.DebituraError as exc:
-            _stop(summary, exc, "validate", client_id)
-            return
-        summary.validated += 1
-        valid = (
-            said.valid and said.client_id in (None, client_id) and said.status in (None, "active")
-        )
-        if not dry_run:
-            await manager.database.fetchval(
-                "token_validated", row["id"], valid, said.scopes, said.issued_at
-            )
-        if valid:
-            return
         prefix = str(row["prefix"])
-        log.info("reconcile_token_not_valid", client_id=client_id, token_prefix=prefix)
-        await self._settle(client_id, environment, prefix, actor, summary, dry_run=dry_run)
-
-    async def _settle(
-        self,
-        client_id: str,
-        environment: str,
-        prefix: str,
-        actor: audit.Actor,
-        summary: Summary,
-        *,
-        dry_run: bool,
-    ) -> None:
-        """The stored token is not good at Debitura: store Debitura's current one (the
-        stale one revoked), or revoke here when Debitura has none."""
         manager = self.manager
         where = api.endpoint(manager.settings, environment)
         try:
@@ -237,35 +207,47 @@ class Reconciler:
             current is None
             or fetched is None
             or fetched.status not in (None, "active")
-            or (redaction.token_environment(current) != environment)
+            or redaction.token_environment(current) != environment
         ):
-            await self._change(
-                summary,
-                outcomes.Outcome(
-                    client_id,
-                    environment,
-                    "revoked",
-                    old_prefix=prefix,
-                    detail="Debitura holds no usable token for the client",
-                ),
-                dry_run,
-                lambda: adoption.revoke_client(
-                    manager.database,
-                    manager.settings,
-                    manager.sealer,
-                    client_id,
-                    environment,
-                    actor,
-                    action="token_reconcile",
-                ),
-            )
+            await self._revoke(client_id, environment, prefix, actor, summary, dry_run=dry_run)
             return
-        known = await manager.database.fetch(
-            "token_by_index", vault.blind_index(manager.sealer.index_key, current)
+        ours = manager.sealer.open_token(str(row["id"]), row["token_sealed"])  # type: ignore[arg-type]
+        try:
+            said = await manager.api.validate(where, ours)
+        except errors.DebituraError as exc:
+            _stop(summary, exc, "validate", client_id)
+            return
+        summary.validated += 1
+        valid = (
+            said.valid and said.client_id in (None, client_id) and said.status in (None, "active")
         )
-        if known:
-            # Debitura's current token is the one stored: validate and fetch disagree.
-            _fail(summary, client_id, environment, "Debitura's validate and fetch disagree", prefix)
+        if not dry_run:
+            await manager.database.fetchval(
+                "token_validated", row["id"], valid, said.scopes, said.issued_at
+            )
+        if current == ours:
+            if not valid:
+                _fail(
+                    summary,
+                    client_id,
+                    environment,
+                    "Debitura's validate and fetch disagree",
+                    prefix,
+                )
+            return
+        log.info("reconcile_token_replaced", client_id=client_id, token_prefix=prefix, valid=valid)
+        if await manager.database.fetch(
+            "token_by_index", vault.blind_index(manager.sealer.index_key, current)
+        ):
+            # Debitura's current token is stored here, but not as the active one
+            # (revoked here, say): the vault's own decision stands; an operator decides.
+            _fail(
+                summary,
+                client_id,
+                environment,
+                "Debitura's token is stored here but not active",
+                prefix,
+            )
             return
         await self._change(
             summary,
@@ -285,11 +267,46 @@ class Reconciler:
                 current,
                 actor,
                 supersede=True,
-                revoke_old=True,
+                # Still valid at Debitura (a rotation's grace): superseded with the
+                # grace; no longer valid: revoked.
+                revoke_old=not valid,
                 action="token_reconcile",
                 key_prefix="reconcile",
-                detail={"found": "stored token not valid at Debitura"},
+                detail={"found": "Debitura holds another token"},
                 issued_at=fetched.issued_at,
+            ),
+        )
+
+    async def _revoke(
+        self,
+        client_id: str,
+        environment: str,
+        prefix: str,
+        actor: audit.Actor,
+        summary: Summary,
+        *,
+        dry_run: bool,
+    ) -> None:
+        """Debitura holds no usable token for the client: revoke here too."""
+        manager = self.manager
+        await self._change(
+            summary,
+            outcomes.Outcome(
+                client_id,
+                environment,
+                "revoked",
+                old_prefix=prefix,
+                detail="Debitura holds no usable token for the client",
+            ),
+            dry_run,
+            lambda: adoption.revoke_client(
+                manager.database,
+                manager.settings,
+                manager.sealer,
+                client_id,
+                environment,
+                actor,
+                action="token_reconcile",
             ),
         )
 
