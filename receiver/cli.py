@@ -597,7 +597,7 @@ def _add_sender_options(parser: argparse.ArgumentParser) -> None:
 def _add_sandbox(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subcommands.add_parser(
         "sandbox",
-        help="run a stand-in Debitura (token API, OAuth, /cases, signed webhooks)",
+        help="run a stand-in Debitura (token, link and list calls, OAuth, /cases, webhooks)",
         description="Example: receiver sandbox --dev --link cli_demo --time-scale 60",
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address")

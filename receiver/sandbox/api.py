@@ -1,5 +1,6 @@
-"""The sandbox's HTTP face: Debitura's Referral Partner API (the four token calls and
-`POST /oauth/token`) and the Customer API's `POST /v1/cases` / `POST /cases`.
+"""The sandbox's HTTP face: Debitura's Referral Partner API (the four token calls, the
+link and list calls, `POST /oauth/token`) and the Customer API's `POST /v1/cases` /
+`POST /cases`.
 
 Every request is counted per call, then meets the injected faults (see faults.py),
 then authentication. Error bodies take Debitura's shape
@@ -10,8 +11,11 @@ the client id and the 15-character prefix.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -34,11 +38,14 @@ def create_app(sandbox: Sandbox) -> web.Application:
     """The aiohttp application serving `sandbox` (no I/O here)."""
     app = web.Application()
     app[SANDBOX] = sandbox
-    clients = "/v1/referral-partners/clients/{client_id}"
+    clients = "/v1/referral-partners/clients"
+    client = f"{clients}/{{client_id}}"
     routes = [
-        ("GET", f"{clients}/token", "fetch", _fetch),
-        ("POST", f"{clients}/rotate-token", "rotate", _rotate),
-        ("POST", f"{clients}/revoke-token", "revoke", _revoke),
+        ("POST", clients, "link", _link),
+        ("GET", clients, "list", _list),
+        ("GET", f"{client}/token", "fetch", _fetch),
+        ("POST", f"{client}/rotate-token", "rotate", _rotate),
+        ("POST", f"{client}/revoke-token", "revoke", _revoke),
         ("POST", "/v1/auth/validate-token", "validate", _validate),
         ("POST", "/oauth/token", "oauth", _oauth),
         ("POST", "/v1/cases", "cases", _cases),
@@ -57,7 +64,8 @@ def error(status: int, type_: str, code: str, message: str, **extra: Any) -> web
 
 def _guarded(call: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Count the request, apply the injected faults, check the API key (not on the
-    Customer API, which takes a bearer token), then run the handler."""
+    Customer API, which takes a bearer token), hold it if told to, then run the
+    handler."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         sandbox = request.app[SANDBOX]
@@ -71,6 +79,14 @@ def _guarded(call: str, handler: Handler) -> Callable[[web.Request], Awaitable[w
             return response
         if call != "cases" and not _api_key_ok(request, sandbox.api_key):
             return error(401, "authentication_error", "invalid_api_key", "Invalid API key")
+        held = sandbox.faults.take_hold(call)
+        if held > 0:
+            # The body is read first: a client that gives up during the hold loses the
+            # answer, not the request. aiohttp does not cancel a handler whose client
+            # left, so the effect still lands when the hold ends.
+            await request.read()
+            log.info("sandbox_request_held", call=call, seconds=held)
+            await asyncio.sleep(held)
         answer = await handler(request, sandbox)
         if sandbox.faults.take_drop(call):
             # The effect is applied; the caller never hears of it ("answer lost").
@@ -132,6 +148,78 @@ def _bad_request(message: str) -> web.Response:
 
 def _unknown_client(client_id: str) -> web.Response:
     return error(404, "not_found_error", "client_not_found", f"No client {client_id}")
+
+
+# Debitura's reference does not say what a client id may hold; the receiver takes
+# these (its identifiers), so a link request naming another shape gets a made-up id.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+async def _link(request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
+    """Link a client as `POST /v1/referral-partners/clients` does: the token is in the
+    answer and no webhook is sent. The body's `client_id` (an identifier) and
+    `scopes` (strings) are used when given."""
+    body = await _json_object(request)
+    if body is None:
+        return _bad_request("expected a JSON object")
+    given = body.get("client_id")
+    if isinstance(given, str) and _CLIENT_ID.fullmatch(given):
+        client_id = given
+    else:
+        client_id = f"cli_{uuid.uuid4().hex[:16]}"
+    scopes = body.get("scopes")
+    if not (isinstance(scopes, list) and scopes and all(isinstance(s, str) for s in scopes)):
+        scopes = list(ledger.DEFAULT_SCOPES)
+    existing = sandbox.ledger.clients.get(client_id)
+    if existing is not None and existing.status == ledger.ACTIVE:
+        return error(
+            409, "invalid_request_error", "client_exists", f"Client {client_id} is already linked"
+        )
+    sandbox.link_client(client_id, scopes, webhook=False)
+    token = sandbox.ledger.client(client_id).current
+    return web.json_response(
+        {
+            "client_id": client_id,
+            "bearer_token": token.value,
+            "status": ledger.ACTIVE,
+            "issued_at": ledger.iso(token.issued_at),
+        },
+        status=201,
+    )
+
+
+async def _list(request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
+    """The linked clients: a bare array (`list_shape="array"`), or pages of
+    `page_size` as `{"data": [...], "next_cursor"}`, continued with `?cursor=`."""
+    key = sandbox.list_id_key
+    if sandbox.list_shape == "array":
+        return web.json_response([{key: c, "status": s} for c, s in sandbox.clients()])
+    cursor = request.query.get("cursor")
+    try:
+        after = None if cursor is None else _after(cursor)
+        page, last = sandbox.ledger.page(after, sandbox.page_size)
+    except ledger.UnknownClient:
+        return error(400, "invalid_request_error", "invalid_cursor", "Unknown cursor")
+    return web.json_response(
+        {
+            "data": [{key: c.client_id, "status": c.status} for c in page],
+            "next_cursor": None if last is None else _cursor(last),
+        }
+    )
+
+
+def _cursor(after: str) -> str:
+    """An opaque cursor: the last client id of the page, base64url without padding."""
+    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
+
+
+def _after(cursor: str) -> str:
+    """The client id a cursor continues after (UnknownClient when it is not one)."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+    except (binascii.Error, ValueError):
+        raise ledger.UnknownClient("not a cursor") from None
 
 
 async def _fetch(request: web.Request, sandbox: Sandbox) -> web.StreamResponse:

@@ -6,6 +6,10 @@
   happens, the token is revoked), then the connection is closed without an answer.
 - `delay(call, seconds)`: every following request to `call` takes effect, then waits
   `seconds` before answering (0 ends it): a client that times out has lost the answer.
+- `hold(call, seconds)`: the next request to `call` waits `seconds` *before* it takes
+  effect, then takes effect and answers. A client that gives up sooner has lost the
+  answer, and the effect (a rotation) still lands later: fetch shows the old token
+  until then.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 from receiver import errors
 
-CALLS = ("fetch", "rotate", "revoke", "validate", "oauth", "cases")
+CALLS = ("fetch", "rotate", "revoke", "validate", "oauth", "cases", "link", "list")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,7 @@ class Faults:
         self._failures: dict[str, deque[Failure]] = {call: deque() for call in CALLS}
         self._drops: dict[str, int] = dict.fromkeys(CALLS, 0)
         self._delays: dict[str, float] = dict.fromkeys(CALLS, 0.0)
+        self._holds: dict[str, deque[float]] = {call: deque() for call in CALLS}
 
     @staticmethod
     def _check(call: str) -> None:
@@ -56,12 +61,19 @@ class Faults:
         self._check(call)
         self._delays[call] = seconds
 
+    def hold(self, call: str, seconds: float) -> None:
+        """Keep the next request to `call` unanswered and without effect for `seconds`,
+        then apply it and answer."""
+        self._check(call)
+        self._holds[call].append(seconds)
+
     def clear(self) -> None:
         """Forget every pending fault."""
         for call in CALLS:
             self._failures[call].clear()
             self._drops[call] = 0
             self._delays[call] = 0.0
+            self._holds[call].clear()
 
     def take_failure(self, call: str) -> Failure | None:
         """The injected failure for this request to `call`, if any (consumed)."""
@@ -78,3 +90,8 @@ class Faults:
     def delay_for(self, call: str) -> float:
         """Seconds to hold the answer to `call`."""
         return self._delays[call]
+
+    def take_hold(self, call: str) -> float:
+        """Seconds to hold this request to `call` before its effect (consumed; 0: none)."""
+        pending = self._holds[call]
+        return pending.popleft() if pending else 0.0

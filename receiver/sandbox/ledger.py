@@ -62,6 +62,11 @@ class Client:
     scopes: tuple[str, ...]
     current: IssuedToken
 
+    @property
+    def status(self) -> str:
+        """As the list call shows it: "revoked" once its token is, else "active"."""
+        return REVOKED if self.current.status == REVOKED else ACTIVE
+
 
 @dataclass(slots=True)
 class Tenant:
@@ -109,14 +114,17 @@ class Ledger:
         return token
 
     def link(self, client_id: str, scopes: Sequence[str]) -> IssuedToken:
-        """Link (or re-link) a client with a fresh token. A re-link ends the previous
-        token at once, as a new linking replaces the old relationship."""
+        """Link (or re-link) a client with a fresh token, and register it as a tenant
+        for `POST /oauth/token` (tenant id = client id) unless one is. A re-link ends
+        the previous token at once, as a new linking replaces the old relationship."""
         previous = self.clients.get(client_id)
         if previous is not None and previous.current.status == ACTIVE:
             previous.current.status = SUPERSEDED
             previous.current.expires_at = self.clock()
         token = self._issue(client_id)
         self.clients[client_id] = Client(client_id, tuple(scopes), token)
+        if client_id not in self.tenants:
+            self.add_tenant(client_id, None, scopes)
         return token
 
     def client(self, client_id: str) -> Client:
@@ -150,6 +158,23 @@ class Ledger:
         token.status = REVOKED
         token.expires_at = self.clock()
         return token
+
+    def page(self, after: str | None, size: int) -> tuple[list[Client], str | None]:
+        """Up to `size` clients in linking order, from the one after `after` (None: the
+        first), and the id to continue after (None on the last page). UnknownClient
+        when `after` names no client."""
+        ids = list(self.clients)
+        start = 0 if after is None else self._position(ids, after) + 1
+        chosen = ids[start : start + size]
+        more = start + size < len(ids)
+        return [self.clients[i] for i in chosen], (chosen[-1] if more else None)
+
+    @staticmethod
+    def _position(ids: list[str], client_id: str) -> int:
+        try:
+            return ids.index(client_id)
+        except ValueError:
+            raise UnknownClient(f"no client {client_id} is linked") from None
 
     def issued(self) -> list[IssuedToken]:
         """Every token issued so far, in order."""

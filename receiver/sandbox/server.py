@@ -21,6 +21,8 @@ from receiver.sandbox import api, faults, hs256, ledger, webhooks
 log = structlog.get_logger(__name__)
 
 DRAIN_TIMEOUT_SECONDS = 60.0
+LIST_SHAPES = ("object", "array")  # `{"data": [...], "next_cursor"}` or a bare array
+LIST_ID_KEYS = ("client_id", "id")
 
 
 def decode_secret(secret_b64: str) -> bytes:
@@ -45,11 +47,23 @@ class Sandbox:
         grace_seconds: float = 24 * 3600,
         jwt_ttl_seconds: int = 1800,
         clock: Callable[[], float] = time.time,
+        page_size: int = 100,
+        list_shape: str = "object",
+        list_id_key: str = "client_id",
     ) -> None:
         if (webhook_url is None) != (webhook_secret is None):
             raise errors.ConfigError("webhooks need both a URL and a secret")
         if time_scale <= 0:
             raise errors.ConfigError("time_scale must be positive")
+        if page_size < 1:
+            raise errors.ConfigError("page_size must be at least 1")
+        if list_shape not in LIST_SHAPES:
+            raise errors.ConfigError(f"list_shape must be one of {', '.join(LIST_SHAPES)}")
+        if list_id_key not in LIST_ID_KEYS:
+            raise errors.ConfigError(f"list_id_key must be one of {', '.join(LIST_ID_KEYS)}")
+        self.page_size = page_size
+        self.list_shape = list_shape
+        self.list_id_key = list_id_key
         self.environment = environment
         self.api_key = api_key or f"sk_sandbox_{secrets.token_urlsafe(24)}"
         self.clock = clock
@@ -100,11 +114,21 @@ class Sandbox:
         if self.subscription is not None:
             await self.subscription.drain(seconds)
 
-    def link_client(self, client_id: str, scopes: Sequence[str] = ledger.DEFAULT_SCOPES) -> str:
-        """Link a client: issue its token, send `client.onboarding_completed` when
-        webhooks are configured, and return the token (for the test's own use)."""
+    def link_client(
+        self,
+        client_id: str,
+        scopes: Sequence[str] = ledger.DEFAULT_SCOPES,
+        *,
+        webhook: bool = True,
+    ) -> str:
+        """Link a client: issue its token, register it as a tenant for `POST
+        /oauth/token`, send `client.onboarding_completed` when webhooks are configured
+        and `webhook` (False: a webhook the receiver missed, or an API link), and
+        return the token (for the test's own use)."""
         token = self.ledger.link(client_id, scopes)
         log.info("sandbox_client_linked", client_id=client_id, token_prefix=token.prefix)
+        if not webhook:
+            return token.value
         self._send(
             "client.onboarding_completed",
             client_id,
@@ -115,6 +139,11 @@ class Sandbox:
             },
         )
         return token.value
+
+    def clients(self) -> list[tuple[str, str]]:
+        """Every linked client as the list call shows it: (client_id, "active" or
+        "revoked"), in linking order."""
+        return [(c.client_id, c.status) for c in self.ledger.clients.values()]
 
     def current_token(self, client_id: str) -> str:
         """The client's current token (UnknownClient when none is linked)."""
@@ -136,9 +165,15 @@ class Sandbox:
         return self.ledger.add_tenant(external_tenant_id, creditor_id, scopes).creditor_id
 
     def rotate(
-        self, client_id: str, *, reason: str = "sandbox", revoke_immediately: bool = False
+        self,
+        client_id: str,
+        *,
+        reason: str = "sandbox",
+        revoke_immediately: bool = False,
+        webhook: bool = True,
     ) -> ledger.Rotation:
-        """Rotate as the API does (`token.revoked` sent only when revoking at once)."""
+        """Rotate as the API does (`token.revoked` sent only when revoking at once, and
+        never with `webhook=False`: a rotation made elsewhere, unannounced)."""
         rotation = self.ledger.rotate(client_id, revoke_immediately)
         log.info(
             "sandbox_token_rotated",
@@ -147,20 +182,27 @@ class Sandbox:
             old_token_prefix=rotation.old.prefix,
             revoke_immediately=revoke_immediately,
         )
-        if revoke_immediately:
+        if revoke_immediately and webhook:
             self._send_revoked(rotation.old, reason, ledger.PREFIX_LENGTH)
         return rotation
 
     def revoke(
-        self, client_id: str, *, reason: str = "client_request", prefix_length: int = 15
+        self,
+        client_id: str,
+        *,
+        reason: str = "client_request",
+        prefix_length: int = 15,
+        webhook: bool = True,
     ) -> None:
         """Revoke the client's token as Debitura would on its own (or through the API):
-        at once, with a `token.revoked` whose prefix has `prefix_length` characters."""
+        at once, with a `token.revoked` whose prefix has `prefix_length` characters
+        (none with `webhook=False`: a revocation the receiver is not told of)."""
         token = self.ledger.revoke(client_id)
         if token is None:
             return  # already revoked: nothing changes, nothing is sent again
         log.info("sandbox_token_revoked", client_id=client_id, token_prefix=token.prefix)
-        self._send_revoked(token, reason, prefix_length)
+        if webhook:
+            self._send_revoked(token, reason, prefix_length)
 
     def mint_jwt(self, tenant: ledger.Tenant) -> str:
         """An HS256 access token for `tenant`, valid `jwt_ttl_seconds`."""

@@ -1,5 +1,6 @@
-"""`receiver sandbox`, the stand-in Debitura: its Referral Partner API, OAuth, the
-Customer API's /cases, fault injection and the command, over real HTTP on loopback."""
+"""`receiver sandbox`, the stand-in Debitura: its Referral Partner API (token, link and
+list calls), OAuth, the Customer API's /cases, fault injection and the command, over
+real HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from receiver import signing
-from receiver.sandbox import Sandbox
+from receiver import partner, signing
+from receiver.sandbox import DEFAULT_SCOPES, Sandbox
 from tests import helpers
 from tests.integration import processes
 from tests.integration.standins import eventually
@@ -113,6 +114,8 @@ async def test_fetch_returns_the_current_token_and_404_for_an_unknown_client(
         ("POST", f"{CLIENTS}/cli_auth/revoke-token", {"reason": "x"}),
         ("POST", "/v1/auth/validate-token", {"token": "tok_test_whatever_000000000000000"}),
         ("POST", "/oauth/token", {"externalTenantId": "tenant-auth"}),
+        ("POST", CLIENTS, {"client_id": "cli_other"}),
+        ("GET", CLIENTS, None),
     ],
 )
 @pytest.mark.parametrize("key", [None, "sk_wrong"])
@@ -130,6 +133,7 @@ async def test_partner_calls_refuse_a_missing_or_wrong_api_key(
     assert answer["error"]["code"] == "invalid_api_key"
     assert sandbox.current_token("cli_auth") == token
     assert sandbox.is_valid(token)
+    assert sandbox.clients() == [("cli_auth", "active")]
 
 
 async def test_grace_rotation_keeps_the_old_token_working_until_the_grace_ends(
@@ -403,3 +407,272 @@ async def test_an_injected_failure_takes_debitura_shape_for_its_status(
     assert got == status
     assert body["error"]["type"] == type_
     assert extra.items() <= body["error"].items()
+
+
+async def link(
+    session: aiohttp.ClientSession, sb: Sandbox, body: Any
+) -> tuple[int, Any, dict[str, str]]:
+    """POST the link call with `body`."""
+    return await call(session, "POST", f"{sb.url}{CLIENTS}", json=body)
+
+
+async def test_link_answers_the_token_of_the_named_client_which_then_works(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """POST …/clients with a client_id: 201 client_id, token, active, issued_at; it then
+    fetches, validates and creates cases like a client linked in-process."""
+    body = {"client_id": "cli_api", "company": {"name": "Acme ApS"}}
+    status, answer, _ = await link(http, sandbox, body)
+    assert status == 201
+    assert answer["client_id"] == "cli_api"
+    assert answer["status"] == "active"
+    assert answer["issued_at"].endswith("Z")
+    token = answer["bearer_token"]
+    assert TOKEN_SHAPE.match(token)
+    assert token == sandbox.current_token("cli_api")
+    status, fetched, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_api/token")
+    assert (status, fetched["bearer_token"]) == (200, token)
+    status, valid, _ = await call(
+        http, "POST", f"{sandbox.url}/v1/auth/validate-token", json={"token": token}
+    )
+    assert (status, valid["client_id"], valid["scopes"]) == (200, "cli_api", list(DEFAULT_SCOPES))
+    assert await cases(http, sandbox, token) == 201
+    assert sandbox.calls["link"] == 1
+
+
+@pytest.mark.parametrize("given", [None, 42, "", "no spaces allowed", "x" * 129])
+async def test_link_makes_up_a_client_id_when_the_body_names_no_identifier(
+    sandbox: Sandbox, http: aiohttp.ClientSession, given: Any
+) -> None:
+    """A link body without an identifier client_id gets a generated cli_<hex>."""
+    body = {} if given is None else {"client_id": given}
+    status, answer, _ = await link(http, sandbox, body)
+    assert status == 201
+    assert re.fullmatch(r"cli_[0-9a-f]+", answer["client_id"])
+    assert sandbox.clients() == [(answer["client_id"], "active")]
+
+
+async def test_link_refuses_a_body_that_is_not_a_json_object(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """A link body that is an array or not JSON is 400 and links nothing."""
+    for raw in (b"[]", b"{not json"):
+        status, answer, _ = await call(http, "POST", f"{sandbox.url}{CLIENTS}", data=raw)
+        assert (status, answer["error"]["type"]) == (400, "invalid_request_error")
+    assert sandbox.clients() == []
+
+
+async def test_relinking_an_active_client_is_409_and_a_revoked_one_links_anew(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """A second link of an active client is 409 client_exists (token unchanged); once
+    revoked, the client links again with a fresh token."""
+    first = sandbox.link_client("cli_twice")
+    status, answer, _ = await link(http, sandbox, {"client_id": "cli_twice"})
+    assert status == 409
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["code"] == "client_exists"
+    assert answer["error"]["message"]
+    assert sandbox.current_token("cli_twice") == first
+    sandbox.revoke("cli_twice")
+    status, answer, _ = await link(http, sandbox, {"client_id": "cli_twice"})
+    assert status == 201
+    assert answer["bearer_token"] not in (first, None)
+    assert sandbox.clients() == [("cli_twice", "active")]
+
+
+async def test_a_client_linked_by_api_mints_a_jwt_that_creates_a_case(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """The README's JWT example works for a client linked over HTTP: its client id is
+    the externalTenantId of `POST /oauth/token`, and the minted JWT creates a case."""
+    status, answer, _ = await link(http, sandbox, {"client_id": "your-tenant-id"})
+    assert status == 201
+    async with aiohttp.ClientSession() as session:
+        tokens = partner.MintedTokens(API_KEY, api_url=sandbox.url, session=session)
+        sent: list[str] = []
+
+        async def create_case(token: str) -> aiohttp.ClientResponse:
+            sent.append(token)
+            response = await session.post(
+                f"{sandbox.url}/cases", json={}, headers={"Authorization": f"Bearer {token}"}
+            )
+            await response.read()
+            return response
+
+        try:
+            response = await tokens.call("your-tenant-id", create_case)
+            creditor = tokens.creditor_id("your-tenant-id")
+        finally:
+            await tokens.close()
+    assert response.status == 201
+    assert sandbox.calls["oauth"] == 1
+    assert creditor == sandbox.ledger.tenants["your-tenant-id"].creditor_id
+    [jwt] = sent
+    helpers.CANARIES.add(jwt)
+    assert jwt.count(".") == 2
+    assert jwt != answer["bearer_token"]
+
+
+async def list_all(
+    session: aiohttp.ClientSession, sb: Sandbox
+) -> tuple[list[list[dict[str, str]]], list[str]]:
+    """Every page of the list call, following next_cursor, and the cursors met."""
+    pages: list[list[dict[str, str]]] = []
+    cursors: list[str] = []
+    url = f"{sb.url}{CLIENTS}"
+    while True:
+        status, body, _ = await call(session, "GET", url)
+        assert status == 200
+        assert set(body) == {"data", "next_cursor"}
+        pages.append(body["data"])
+        if body["next_cursor"] is None:
+            return pages, cursors
+        cursors.append(body["next_cursor"])
+        url = f"{sb.url}{CLIENTS}?cursor={body['next_cursor']}"
+
+
+async def test_list_pages_the_clients_by_cursor_with_revoked_ones_marked(
+    clock: Clock, http: aiohttp.ClientSession
+) -> None:
+    """GET …/clients: pages of page_size in linking order, next_cursor until the last
+    (null); a revoked client listed "revoked"; sb.clients() says the same."""
+    sb = Sandbox(api_key=API_KEY, clock=clock, page_size=2)
+    await sb.start()
+    try:
+        for n in range(5):
+            sb.link_client(f"cli_{n}")
+        sb.revoke("cli_3")
+        pages, cursors = await list_all(http, sb)
+    finally:
+        remember(sb)
+        await sb.stop()
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert len(set(cursors)) == 2
+    listed = [(c["client_id"], c["status"]) for page in pages for c in page]
+    assert listed == [(f"cli_{n}", "revoked" if n == 3 else "active") for n in range(5)]
+    assert sb.clients() == listed
+    assert all(set(c) == {"client_id", "status"} for page in pages for c in page)
+
+
+async def test_list_with_no_clients_is_one_empty_page(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """Before any link the list call answers no clients and no next cursor."""
+    status, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}")
+    assert (status, body) == (200, {"data": [], "next_cursor": None})
+
+
+@pytest.mark.parametrize(
+    "cursor", ["", "%%%", "bm9ib2R5", base64.urlsafe_b64encode(b"\xff\xfe").decode()]
+)
+async def test_list_refuses_an_unknown_cursor_with_400(
+    sandbox: Sandbox, http: aiohttp.ClientSession, cursor: str
+) -> None:
+    """A cursor the sandbox did not give (garbage, or naming no client) is 400 invalid_cursor."""
+    sandbox.link_client("cli_listed")
+    status, body, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}", params={"cursor": cursor})
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "invalid_cursor"
+
+
+@pytest.mark.parametrize(
+    ("shape", "key"), [("array", "client_id"), ("array", "id"), ("object", "id")]
+)
+async def test_list_takes_the_shape_and_id_key_it_is_given(
+    clock: Clock, http: aiohttp.ClientSession, shape: str, key: str
+) -> None:
+    """list_shape="array": one bare array of every client, unpaged; list_id_key="id":
+    each client keyed `id` instead of `client_id`."""
+    sb = Sandbox(api_key=API_KEY, clock=clock, page_size=2, list_shape=shape, list_id_key=key)
+    await sb.start()
+    try:
+        for n in range(3):
+            sb.link_client(f"cli_{n}")
+        sb.revoke("cli_1")
+        status, body, _ = await call(http, "GET", f"{sb.url}{CLIENTS}")
+    finally:
+        remember(sb)
+        await sb.stop()
+    assert status == 200
+    listed = body if shape == "array" else body["data"]
+    expected = [{key: "cli_0", "status": "active"}, {key: "cli_1", "status": "revoked"}]
+    if shape == "array":
+        expected.append({key: "cli_2", "status": "active"})
+    else:
+        assert body["next_cursor"] is not None
+    assert listed == expected
+
+
+async def test_grace_rotation_shows_in_fetch_and_validate_until_the_grace_ends(
+    sandbox: Sandbox, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    """After a grace rotation fetch answers the new token; validate calls the old one
+    valid (active, with its expires_at) within the grace and 401 invalid_token after."""
+    old = sandbox.link_client("cli_seen")
+    status, rotated, _ = await rotate(http, sandbox, "cli_seen")
+    assert status == 200
+    new = rotated["new_bearer_token"]
+    clock.now += 60
+    status, fetched, _ = await call(http, "GET", f"{sandbox.url}{CLIENTS}/cli_seen/token")
+    assert (status, fetched["bearer_token"], fetched["status"]) == (200, new, "active")
+    assert fetched["issued_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock.now - 60))
+    url = f"{sandbox.url}/v1/auth/validate-token"
+    status, body, _ = await call(http, "POST", url, json={"token": old})
+    assert status == 200
+    assert (body["valid"], body["status"], body["client_id"]) == (True, "active", "cli_seen")
+    assert body["expires_at"] == rotated["old_token_expires_at"]
+    assert body["issued_at"].endswith("Z")
+    assert await cases(http, sandbox, old) == 201
+    clock.now += 24 * 3600
+    status, body, _ = await call(http, "POST", url, json={"token": old})
+    assert (status, body["error"]["code"]) == (401, "invalid_token")
+    status, body, _ = await call(http, "POST", url, json={"token": new})
+    assert (status, body["valid"], body["expires_at"]) == (200, True, None)
+
+
+async def test_hold_keeps_a_rotation_unapplied_and_unanswered_until_it_ends(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """hold: a client with a 0.2 s timeout gets no answer; fetch shows the old token
+    during the hold and the new one after it, when the rotation lands."""
+    old = sandbox.link_client("cli_held")
+    sandbox.faults.hold("rotate", 0.5)
+    with pytest.raises(TimeoutError):
+        await call(
+            http,
+            "POST",
+            f"{sandbox.url}{CLIENTS}/cli_held/rotate-token",
+            json={"reason": "scheduled_rotation"},
+            timeout=aiohttp.ClientTimeout(total=0.2),
+        )
+    fetch = f"{sandbox.url}{CLIENTS}/cli_held/token"
+    status, body, _ = await call(http, "GET", fetch)
+    assert (status, body["bearer_token"]) == (200, old)
+
+    async def rotated() -> bool:
+        _, body, _ = await call(http, "GET", fetch)
+        return bool(body["bearer_token"] != old)
+
+    await eventually(rotated, seconds=10)
+    assert sandbox.current_token("cli_held") != old
+    assert sandbox.is_valid(old)  # a grace rotation, applied late
+    assert sandbox.calls["rotate"] == 1
+
+
+async def test_hold_answers_a_patient_client_after_the_hold(
+    sandbox: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    """hold: a client that waits gets the rotation's answer, no sooner than the hold;
+    only the next request is held."""
+    sandbox.link_client("cli_patient")
+    sandbox.faults.hold("rotate", 0.5)
+    started = time.monotonic()
+    status, body, _ = await rotate(http, sandbox, "cli_patient")
+    assert time.monotonic() - started >= 0.5
+    assert (status, body["new_bearer_token"]) == (200, sandbox.current_token("cli_patient"))
+    started = time.monotonic()
+    status, _, _ = await rotate(http, sandbox, "cli_patient")
+    assert status == 200
+    assert time.monotonic() - started < 0.5

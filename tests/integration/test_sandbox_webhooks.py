@@ -167,6 +167,45 @@ async def test_revocations_send_token_revoked_but_a_grace_rotation_does_not(
     assert first[:15] not in {e["data"].get("token_prefix") for e in events}
 
 
+async def test_a_link_over_http_answers_the_token_and_sends_no_webhook(
+    standin: StandInReceiver,
+) -> None:
+    """POST …/clients links with the token in its answer; no webhook, as Debitura does."""
+    sb = await started(
+        Sandbox(api_key=API_KEY, webhook_url=standin.url, webhook_secret=secret_of(standin))
+    )
+    async with aiohttp.ClientSession(headers={"XApiKey": API_KEY}) as http:
+        url = f"{sb.url}/v1/referral-partners/clients"
+        async with http.post(url, json={"client_id": "cli_api"}) as answer:
+            assert answer.status == 201
+            body = await answer.json()
+    await finish(sb)
+    assert body["bearer_token"] == sb.current_token("cli_api")
+    assert sb.deliveries == []
+    assert standin.received == []
+
+
+async def test_changes_made_without_webhook_send_nothing(standin: StandInReceiver) -> None:
+    """link_client, rotate and revoke with webhook=False take effect and send nothing;
+    the subscription is live all along (a plain link after them is delivered)."""
+    sb = await started(
+        Sandbox(api_key=API_KEY, webhook_url=standin.url, webhook_secret=secret_of(standin))
+    )
+    missed = sb.link_client("cli_quiet", webhook=False)
+    rotation = sb.rotate("cli_quiet", revoke_immediately=True, webhook=False)
+    assert rotation.old.value == missed
+    sb.rotate("cli_quiet", webhook=False)
+    sb.revoke("cli_quiet", webhook=False)
+    sb.link_client("cli_loud")
+    await finish(sb)
+    assert not sb.is_valid(missed)
+    assert sb.clients() == [("cli_quiet", "revoked"), ("cli_loud", "active")]
+    assert [(d.event, d.client_id, d.outcome) for d in sb.deliveries] == [
+        ("client.onboarding_completed", "cli_loud", "delivered")
+    ]
+    assert [r["envelope"]["data"]["client_id"] for r in standin.received] == ["cli_loud"]
+
+
 async def test_retries_follow_debitura_schedule_until_a_2xx(standin: StandInReceiver) -> None:
     """Three failures then 200: four tries of one event, waits 0/60/120/240 s ±10% / time_scale."""
     standin.statuses.extend([500, 503, 429])
