@@ -638,7 +638,10 @@ async def test_hold_keeps_a_rotation_unapplied_and_unanswered_until_it_ends(
     """hold: a client with a 0.2 s timeout gets no answer; fetch shows the old token
     during the hold and the new one after it, when the rotation lands."""
     old = sandbox.link_client("cli_held")
-    sandbox.faults.hold("rotate", 0.5)
+    # Far longer than the client's 0.2 s: on a loaded machine the event loop may stall
+    # a few hundred milliseconds, and a hold that ends meanwhile would land before the
+    # fetch below (seen once with 0.5 s under `pytest -n 3`).
+    sandbox.faults.hold("rotate", 1.5)
     with pytest.raises(TimeoutError):
         await call(
             http,
@@ -647,6 +650,7 @@ async def test_hold_keeps_a_rotation_unapplied_and_unanswered_until_it_ends(
             json={"reason": "scheduled_rotation"},
             timeout=aiohttp.ClientTimeout(total=0.2),
         )
+    assert sandbox.calls["rotate"] == 1  # it reached the sandbox, which keeps it
     fetch = f"{sandbox.url}{CLIENTS}/cli_held/token"
     status, body, _ = await call(http, "GET", fetch)
     assert (status, body["bearer_token"]) == (200, old)
@@ -667,12 +671,12 @@ async def test_hold_answers_a_patient_client_after_the_hold(
     """hold: a client that waits gets the rotation's answer, no sooner than the hold;
     only the next request is held."""
     sandbox.link_client("cli_patient")
-    sandbox.faults.hold("rotate", 0.5)
+    sandbox.faults.hold("rotate", 1.0)
     started = time.monotonic()
     status, body, _ = await rotate(http, sandbox, "cli_patient")
-    assert time.monotonic() - started >= 0.5
+    assert time.monotonic() - started >= 1.0
     assert (status, body["new_bearer_token"]) == (200, sandbox.current_token("cli_patient"))
     started = time.monotonic()
     status, _, _ = await rotate(http, sandbox, "cli_patient")
     assert status == 200
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0
