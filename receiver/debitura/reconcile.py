@@ -194,6 +194,8 @@ class Reconciler:
         client_id, environment = str(row["client_id"]), summary.environment
         prefix = str(row["prefix"])
         manager = self.manager
+        if await self._rotating(client_id, environment):
+            return
         where = api.endpoint(manager.settings, environment)
         try:
             fetched = await manager.api.fetch(where, client_id)
@@ -234,6 +236,8 @@ class Reconciler:
                     "Debitura's validate and fetch disagree",
                     prefix,
                 )
+            return
+        if await self._rotating(client_id, environment, prefix):
             return
         log.info("reconcile_token_replaced", client_id=client_id, token_prefix=prefix, valid=valid)
         if await manager.database.fetch(
@@ -276,6 +280,18 @@ class Reconciler:
                 issued_at=fetched.issued_at,
             ),
         )
+
+    async def _rotating(self, client_id: str, environment: str, prefix: str | None = None) -> bool:
+        """Whether a rotation of the client is under way (its intent settles it, not a
+        reconcile), or, with `prefix`, that token is no longer the active one (something
+        else changed it while this run looked): left alone either way."""
+        database = self.manager.database
+        if await database.fetchval("rotation_intent_is_open", client_id, environment):
+            log.info("reconcile_left_to_rotation", client_id=client_id, environment=environment)
+            return True
+        if prefix is None:
+            return False
+        return bool(await database.fetchval("active_prefix", client_id, environment) != prefix)
 
     async def _revoke(
         self,

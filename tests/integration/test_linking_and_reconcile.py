@@ -345,7 +345,12 @@ async def test_serve_settles_a_held_rotation_within_seconds_of_debitura_applying
 ) -> None:
     """The rotation left open by a held call is checked again by `serve` with backoff
     (seconds at first, not the hourly schedule), and settled once Debitura applied it."""
-    env = api_env(settings, sandbox, RECEIVER_DEBITURA_TIMEOUT_SECONDS="0.5")
+    env = api_env(
+        settings,
+        sandbox,
+        RECEIVER_DEBITURA_TIMEOUT_SECONDS="0.5",
+        RECEIVER_RECONCILE_INTERVAL_HOURS="0",  # the rotation's own recheck settles it
+    )
     old = await linked_and_fetched(sandbox, env, "cli_wait")
     sandbox.faults.hold("rotate", 4.0)
     assert (await cli(["tokens", "rotate", "cli_wait"], env)).returncode == 1
@@ -368,7 +373,12 @@ async def test_due_rotation_beside_serve_rotates_each_token_once(
     """`tokens rotate --due` started beside a `serve` whose schedule rotates the same
     due tokens: each token is claimed once (re-checked as due when taken), so exactly
     one rotate call per client."""
-    env = api_env(settings, sandbox, RECEIVER_TOKEN_ROTATE_RATE="1000")
+    env = api_env(
+        settings,
+        sandbox,
+        RECEIVER_TOKEN_ROTATE_RATE="1000",
+        RECEIVER_RECONCILE_INTERVAL_HOURS="0",  # rotation alone
+    )
     clients = [f"cli_due{n}" for n in range(6)]
     for client_id in clients:
         await linked_and_fetched(sandbox, env, client_id)
@@ -416,3 +426,25 @@ async def test_a_revocation_here_during_a_rotation_wins_over_its_answer(
     assert await active_tokens(conn) == {}
     statuses = {row["status"] for row in (await tokens_of(conn, "cli_both")).values()}
     assert statuses == {"revoked"}
+
+
+async def test_reconcile_leaves_a_client_with_an_open_rotation_to_it(
+    settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection
+) -> None:
+    """A rotation whose answer was lost is the rotation's to settle: a reconcile run
+    meanwhile leaves that client alone (no `token_reconcile` change), and `--resume`
+    then settles it as a rotation."""
+    env = api_env(settings, sandbox, RECEIVER_TOKEN_ROTATE_RATE="1000")
+    await linked_and_fetched(sandbox, env, "cli_open")
+    sandbox.faults.drop_after("rotate")
+    sandbox.faults.fail_next("fetch", 503, times=100)
+    assert (await cli(["tokens", "rotate", "cli_open"], env)).returncode == 1
+    sandbox.faults.clear()
+    run = await cli(["tokens", "reconcile", "--json"], env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ""
+    assert await count(conn, AUDITS, "cli_open", "token_reconcile") == 0
+    resumed = await cli(["tokens", "rotate", "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert await active_tokens(conn) == {"cli_open": current(sandbox, "cli_open")[:15]}
+    assert await count(conn, AUDITS, "cli_open", "token_rotate") == 1

@@ -503,7 +503,7 @@ async def test_serve_resumes_open_rotations_rotates_due_ones_and_says_when_off(
     """`serve` finishes an open rotation at start and rotates a token past
     RECEIVER_TOKEN_ROTATE_AFTER_DAYS (audited as its own actor); without an API key it
     says once that scheduled rotation is off."""
-    env = api_env(settings, sandbox)
+    env = api_env(settings, sandbox, RECEIVER_RECONCILE_INTERVAL_HOURS="0")
     old = await linked_and_fetched(sandbox, env, "cli_serve")
     due = await linked_and_fetched(sandbox, env, "cli_due")
     await conn.execute(
