@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -123,9 +124,20 @@ class Redactor:
 
     def text(self, value: str) -> str:
         """Mask every secret-shaped substring of `value`, as a reader would see it:
-        JSON escapes of ASCII characters are read (and shown) as the characters."""
+        JSON escapes of ASCII characters are read (and shown) as the characters, and a
+        percent-encoded secret (`tok%5Flive%5F…`, once or twice) is shown decoded,
+        masked."""
         if "\\" in value:
             value = unescape(value)
+        masked = self._masked(value)
+        if "%" in value:
+            once = urllib.parse.unquote(value)
+            for decoded in (once, urllib.parse.unquote(once)):
+                if decoded != value and self._masked(decoded) != decoded:
+                    return self._masked(decoded)
+        return masked
+
+    def _masked(self, value: str) -> str:
         for secret in self._secrets:
             if secret in value:
                 value = value.replace(secret, MASK)

@@ -28,9 +28,16 @@ def canary_token(environment: str = "live") -> str:
 
 
 def leak_forms(token: str) -> list[str]:
-    """The ways a plaintext token could show up in text: as is, hex (bytea), base64."""
+    """The ways a plaintext token could show up in text: as is, hex (bytea), base64,
+    and percent-encoded (`tok%5Flive%5F…`, any case)."""
     raw = token.encode()
-    return [token, raw.hex(), base64.b64encode(raw).decode()]
+    return [
+        token,
+        raw.hex(),
+        base64.b64encode(raw).decode(),
+        token.replace("_", "%5F"),
+        token.replace("_", "%5f"),
+    ]
 
 
 def find_canaries(text: str) -> list[str]:

@@ -13,6 +13,7 @@ Neither the key nor a token is ever logged, put in an error message or a repr.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import random
@@ -188,7 +189,9 @@ class Api:
         object whose `data` is one; a client is `client_id` (or `id`) and `status`.
         Entries without a usable id are skipped (and counted in the log)."""
         cursor: str | None = None
-        seen: set[str] = set()
+        # The last cursors, to tell a listing that loops from one that is long
+        # (bounded: a cursor that never ends must not grow memory with it).
+        recent: collections.deque[str] = collections.deque(maxlen=1000)
         for _ in range(MAX_PAGES):
             path = LIST_PATH if cursor is None else f"{LIST_PATH}?cursor={quote(cursor, safe='')}"
             answer = await self._call(where, "list", "GET", path, None)
@@ -208,9 +211,9 @@ class Api:
             cursor = _next_cursor(answer)
             if cursor is None:
                 return
-            if cursor in seen:
+            if cursor in recent:
                 raise errors.DebituraBadAnswer("list: the answer's cursor repeats")
-            seen.add(cursor)
+            recent.append(cursor)
         raise errors.DebituraBadAnswer(f"list: more than {MAX_PAGES} pages")
 
     async def rotate(
@@ -494,9 +497,11 @@ _REDACTOR = redaction.Redactor()
 
 def _texts(values: list[Any]) -> list[str]:
     # Scopes are stored and printed: masked like any of Debitura's free text.
-    return [_REDACTOR.text(v[:200]) for v in values if isinstance(v, str)]
+    return [_text(v) or "" for v in values if isinstance(v, str)]
 
 
 def _text(value: Any) -> str | None:
     # Debitura's free text is printed and stored: nothing token-shaped passes.
-    return _REDACTOR.text(value[:200]) if isinstance(value, str) else None
+    # Masked before it is cut: a token cut at the boundary would keep more than its
+    # public prefix.
+    return _REDACTOR.text(value[:400])[:200] if isinstance(value, str) else None

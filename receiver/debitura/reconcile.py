@@ -20,6 +20,7 @@ and the run stops at the first sign that Debitura is unavailable or rate limitin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -149,7 +150,7 @@ class Reconciler:
                 return
             summary.listed += len(page)
             for listed in page:
-                if listed.status not in (None, "active"):
+                if not _active(listed.status):
                     continue  # revoked there: its token here is caught by validation
                 if await self.manager.database.fetchval(
                     "active_prefix", listed.client_id, environment
@@ -188,15 +189,25 @@ class Reconciler:
         *,
         dry_run: bool,
     ) -> None:
-        """One active token here against Debitura: its current token (fetch) and what
-        it says of ours (validate). A token Debitura replaced (a rotation made
-        elsewhere, still in its grace or not), revoked or no longer has is settled."""
+        """One active token here against Debitura: what it says of ours (validate),
+        then its current token (fetch). Nothing is revoked on one answer alone: a token
+        is revoked here only when Debitura calls it invalid *and* holds no usable token
+        for the client; it gives way only to a token Debitura itself validates as this
+        client's. Any other disagreement is reported, and changes nothing."""
         client_id, environment = str(row["client_id"]), summary.environment
         prefix = str(row["prefix"])
         manager = self.manager
         if await self._rotating(client_id, environment):
             return
         where = api.endpoint(manager.settings, environment)
+        ours = manager.sealer.open_token(str(row["id"]), row["token_sealed"])  # type: ignore[arg-type]
+        valid = await self._valid(where, ours, client_id, summary)
+        if valid is None:
+            return
+        if not dry_run:
+            await manager.database.fetchval(
+                "token_validated", row["id"], valid.valid, valid.scopes, valid.issued_at
+            )
         try:
             fetched = await manager.api.fetch(where, client_id)
         except errors.DebituraNotFound:
@@ -205,30 +216,14 @@ class Reconciler:
             _stop(summary, exc, "fetch", client_id)
             return
         current = None if fetched is None else fetched.token.get_secret_value()
-        if (
-            current is None
-            or fetched is None
-            or fetched.status not in (None, "active")
-            or redaction.token_environment(current) != environment
-        ):
-            await self._revoke(client_id, environment, prefix, actor, summary, dry_run=dry_run)
-            return
-        ours = manager.sealer.open_token(str(row["id"]), row["token_sealed"])  # type: ignore[arg-type]
-        try:
-            said = await manager.api.validate(where, ours)
-        except errors.DebituraError as exc:
-            _stop(summary, exc, "validate", client_id)
-            return
-        summary.validated += 1
-        valid = (
-            said.valid and said.client_id in (None, client_id) and said.status in (None, "active")
+        usable = (
+            fetched is not None
+            and current is not None
+            and _active(fetched.status)
+            and redaction.token_environment(current) == environment
         )
-        if not dry_run:
-            await manager.database.fetchval(
-                "token_validated", row["id"], valid, said.scopes, said.issued_at
-            )
-        if current == ours:
-            if not valid:
+        if current == ours and usable:
+            if not valid.valid:
                 _fail(
                     summary,
                     client_id,
@@ -237,19 +232,53 @@ class Reconciler:
                     prefix,
                 )
             return
-        if await self._rotating(client_id, environment, prefix):
+        if not usable or current is None or fetched is None:
+            if valid.valid:
+                # Debitura calls ours valid: a missing or odd fetch answer is no reason
+                # to revoke a working token (a wrong path, a proxy's 404).
+                _fail(
+                    summary,
+                    client_id,
+                    environment,
+                    "Debitura's fetch found no usable token, but validate calls ours valid",
+                    prefix,
+                )
+                return
+            if await self._rotating(client_id, environment, prefix):
+                return
+            await self._revoke(client_id, environment, prefix, actor, summary, dry_run=dry_run)
             return
-        log.info("reconcile_token_replaced", client_id=client_id, token_prefix=prefix, valid=valid)
-        if await manager.database.fetch(
-            "token_by_index", vault.blind_index(manager.sealer.index_key, current)
-        ):
-            # Debitura's current token is stored here, but not as the active one
-            # (revoked here, say): the vault's own decision stands; an operator decides.
+        # Debitura holds another token: store it only once Debitura validates it as
+        # this client's (a lying fetch alone must not replace a working token).
+        theirs = await self._valid(where, current, client_id, summary)
+        if theirs is None:
+            return
+        if not theirs.valid:
             _fail(
                 summary,
                 client_id,
                 environment,
-                "Debitura's token is stored here but not active",
+                "Debitura's current token does not validate as this client's",
+                prefix,
+            )
+            return
+        if await self._rotating(client_id, environment, prefix):
+            return
+        log.info(
+            "reconcile_token_replaced", client_id=client_id, token_prefix=prefix, valid=valid.valid
+        )
+        known = await manager.database.fetch(
+            "token_by_index", vault.blind_index(manager.sealer.index_key, current)
+        )
+        if known:
+            # Stored here already, but not as this client's active token (revoked
+            # here, say): the vault's own decision stands; an operator decides.
+            _fail(
+                summary,
+                client_id,
+                environment,
+                f"Debitura's token is stored here already ({known[0]['status']}, "
+                f"client {known[0]['client_id']})",
                 prefix,
             )
             return
@@ -273,13 +302,28 @@ class Reconciler:
                 supersede=True,
                 # Still valid at Debitura (a rotation's grace): superseded with the
                 # grace; no longer valid: revoked.
-                revoke_old=not valid,
+                revoke_old=not valid.valid,
                 action="token_reconcile",
                 key_prefix="reconcile",
                 detail={"found": "Debitura holds another token"},
                 issued_at=fetched.issued_at,
             ),
         )
+
+    async def _valid(
+        self, where: api.Endpoint, token: str, client_id: str, summary: Summary
+    ) -> api.Validation | None:
+        """What Debitura's validate says of `token` for `client_id`: valid only when
+        Debitura calls it valid, active (or says nothing) and this client's; None when
+        Debitura could not be asked (the run stops or goes on, as `_stop` decides)."""
+        try:
+            said = await self.manager.api.validate(where, token)
+        except errors.DebituraError as exc:
+            _stop(summary, exc, "validate", client_id)
+            return None
+        summary.validated += 1
+        good = said.valid and said.client_id in (None, client_id) and _active(said.status)
+        return dataclasses.replace(said, valid=good)
 
     async def _rotating(self, client_id: str, environment: str, prefix: str | None = None) -> bool:
         """Whether a rotation of the client is under way (its intent settles it, not a
@@ -346,10 +390,14 @@ class Reconciler:
             _stop(summary, exc, "fetch", client_id)
             return
         token = fetched.token.get_secret_value()
-        if (
-            fetched.status not in (None, "active")
-            or redaction.token_environment(token) != environment
-        ):
+        if not _active(fetched.status) or redaction.token_environment(token) != environment:
+            return
+        said = await self._valid(where, token, client_id, summary)
+        if said is None:
+            return
+        if not said.valid:
+            why = "Debitura's token for the client does not validate as its own"
+            _fail(summary, client_id, environment, why, None)
             return
         if await manager.database.fetch(
             "token_by_index", vault.blind_index(manager.sealer.index_key, token)
@@ -428,3 +476,8 @@ def _stop(
 def _fail(summary: Summary, client_id: str, environment: str, why: str, prefix: str | None) -> None:
     summary.complete = False
     summary.failed.append(outcomes.failed(client_id, environment, why, prefix=prefix))
+
+
+def _active(status: str | None) -> bool:
+    """Debitura's status says active (in any case), or says nothing."""
+    return status is None or status.strip().lower() == "active"

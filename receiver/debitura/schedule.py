@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import aiohttp
@@ -33,6 +34,7 @@ log = structlog.get_logger(__name__)
 
 LOCK = "receiver.token_rotation"
 RECONCILE_LOCK = "receiver.reconcile"
+REPORTS_LOCK = "receiver.reconcile_reports"
 ACTOR = audit.Actor("receiver-serve", rotation.DEFAULT_REASON)
 RECONCILE_ACTOR = audit.Actor("receiver-serve", "reconcile")
 BATCH = 1000
@@ -122,7 +124,9 @@ async def run_once(rotator: rotation.Rotator, settings: config.Settings) -> bool
 async def reconcile_forever(
     database: db.Database, settings: config.Settings, sealer: vault.Sealer
 ) -> None:
-    """Reconcile on schedule and on partner applications' reports, until cancelled."""
+    """Reconcile on schedule and on partner applications' reports, until cancelled:
+    two loops, each under its own lock, so that a long run (a listing of many pages)
+    never holds up the clients a partner application reported."""
     environments = api.configured(settings)
     if not environments:
         log.info("reconcile_schedule_off", reason="no Debitura API key configured")
@@ -136,28 +140,44 @@ async def reconcile_forever(
     async with aiohttp.ClientSession() as session:
         manager = management.Manager(database, settings, sealer, api.Api(session, settings))
         reconciler = reconcile.Reconciler(manager)
-        while True:
-            try:
-                await reconcile_once(reconciler, environments, interval)
-            except errors.ReceiverError as exc:
-                log.warning("reconcile_failed", error=type(exc).__name__)
-            except Exception:  # a bug must not end the schedule silently
-                log.exception("reconcile_failed")
-            await asyncio.sleep(settings.reconcile_poll_seconds * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
+        loops = [
+            _every(settings.reconcile_poll_seconds, reconcile_reported, reconciler, environments)
+        ]
+        if interval > 0:
+            loops.append(
+                _every(
+                    settings.reconcile_poll_seconds,
+                    reconcile_due,
+                    reconciler,
+                    environments,
+                    interval,
+                )
+            )
+        await asyncio.gather(*loops)
 
 
-async def reconcile_once(
-    reconciler: reconcile.Reconciler, environments: list[str], interval: float
-) -> None:
-    """Under the lock: the clients partner applications reported, then a full run of
-    each environment whose last complete run is older than `interval` (0: never)."""
+async def _every(period: float, work: Callable[..., Awaitable[None]], *args: object) -> None:
+    """`work(*args)` every `period` (jittered) until cancelled; a failure is logged,
+    never the end of the loop."""
+    while True:
+        try:
+            await work(*args)
+        except errors.ReceiverError as exc:
+            log.warning("reconcile_failed", error=type(exc).__name__)
+        except Exception:  # a bug must not end the schedule silently
+            log.exception("reconcile_failed")
+        await asyncio.sleep(period * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
+
+
+async def reconcile_reported(reconciler: reconcile.Reconciler, environments: list[str]) -> None:
+    """Under its lock: the clients partner applications reported (a second 401, a
+    NoToken), each reconciled and its reports marked done."""
     database = reconciler.manager.database
     async with database.connection() as conn:
-        if not await conn.fetchval(db.QUERIES["try_session_lock"], RECONCILE_LOCK):
+        if not await conn.fetchval(db.QUERIES["try_session_lock"], REPORTS_LOCK):
             return
         try:
-            reports = await database.fetch("link_reports_to_reconcile", BATCH)
-            for report in reports:
+            for report in await database.fetch("link_reports_to_reconcile", BATCH):
                 if report["environment"] in environments:
                     outcome = await reconciler.client(
                         report["client_id"], report["environment"], RECONCILE_ACTOR
@@ -165,8 +185,20 @@ async def reconcile_once(
                     if outcome is not None and outcome.unavailable:
                         break  # Debitura is struggling: the reports wait for the next poll
                 await database.fetchval("link_reports_reconciled", report["ids"])
-            if interval <= 0:
-                return
+        finally:
+            await conn.fetchval(db.QUERIES["session_unlock"], REPORTS_LOCK)
+
+
+async def reconcile_due(
+    reconciler: reconcile.Reconciler, environments: list[str], interval: float
+) -> None:
+    """Under its lock: a full run of each environment whose last complete run is
+    older than `interval`."""
+    database = reconciler.manager.database
+    async with database.connection() as conn:
+        if not await conn.fetchval(db.QUERIES["try_session_lock"], RECONCILE_LOCK):
+            return
+        try:
             last = {r["environment"]: r["at"] for r in await database.fetch("reconcile_last_runs")}
             now = datetime.now(UTC).timestamp()
             for environment in environments:

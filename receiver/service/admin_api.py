@@ -10,6 +10,7 @@ never the token.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -56,18 +57,29 @@ def _caller(request: web.Request) -> audit.Actor:
 
 
 async def _link_request(request: web.Request) -> dict[str, Any]:
+    """The whole body (however it arrives: in pieces, chunked), within the size cap
+    and the body timeout, as a JSON object with nothing JSON does not allow (NaN)."""
     if request.content_length is not None and request.content_length > BODY_MAX_BYTES:
         raise errors.BodyTooLarge(f"the link request is over {BODY_MAX_BYTES} bytes")
-    raw = await request.content.read(BODY_MAX_BYTES + 1)
+    settings = request.app[state.SETTINGS]
+    try:
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            raw = await request.read()
+    except TimeoutError:
+        raise errors.InvalidRequest("the link request did not arrive in time") from None
     if len(raw) > BODY_MAX_BYTES:
         raise errors.BodyTooLarge(f"the link request is over {BODY_MAX_BYTES} bytes")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except ValueError:
         raise errors.InvalidRequest("the link request must be JSON") from None
     if not isinstance(body, dict):
         raise errors.InvalidRequest("the link request must be a JSON object")
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def link_client(request: web.Request) -> web.Response:

@@ -448,3 +448,48 @@ async def test_reconcile_leaves_a_client_with_an_open_rotation_to_it(
     assert resumed.returncode == 0, resumed.stderr
     assert await active_tokens(conn) == {"cli_open": current(sandbox, "cli_open")[:15]}
     assert await count(conn, AUDITS, "cli_open", "token_rotate") == 1
+
+
+async def test_reconcile_never_revokes_a_token_debitura_validates(
+    settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection
+) -> None:
+    """A fetch answering 404 (a wrong path, a proxy) while validate calls the stored
+    token valid revokes nothing: the run reports the disagreement and exits 1."""
+    env = api_env(settings, sandbox, RECEIVER_TOKEN_ROTATE_RATE="1000")
+    token = await linked_and_fetched(sandbox, env, "cli_safe")
+    sandbox.faults.fail_next("fetch", 404, times=5)
+    run = await cli(["tokens", "reconcile"], env)
+    assert run.returncode == 1
+    assert "validate calls ours valid" in run.stderr
+    assert await active_tokens(conn) == {"cli_safe": token[:15]}
+    assert await count(conn, AUDITS, "cli_safe", "token_reconcile") == 0
+
+
+async def test_the_admin_api_reads_a_link_request_that_arrives_in_pieces(
+    settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection
+) -> None:
+    """A link request whose body arrives in two writes (as any client's may over a real
+    network) is read whole and linked, not refused as not JSON."""
+    admin = processes.free_port()
+    public = processes.free_port()
+    env = api_env(
+        settings, sandbox, RECEIVER_ADMIN_PORT=str(admin), RECEIVER_ADMIN_TOKENS=ADMIN_TOKEN
+    )
+    body = json.dumps({"client_id": "cli_pieces", "note": "x" * 3000}).encode()
+    head = (
+        f"POST /admin/v1/clients HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with processes.serving(["--port", str(public)], env) as (process, _):
+        await processes.wait_healthy(admin, process)
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin)
+        writer.write(head + body[:1000])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the rest of the body comes later, as it may
+        writer.write(body[1000:])
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
+    assert "cli_pieces" in await active_tokens(conn)

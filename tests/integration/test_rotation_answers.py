@@ -328,3 +328,18 @@ async def test_a_fetched_token_is_aged_from_debituras_issued_at(
     row = json.loads(listed.stdout.splitlines()[0])
     assert row["issued_at"].startswith(debitura.issued_at[:10])
     assert debitura.calls.get("rotate", 0) == 0
+
+
+async def test_a_percent_encoded_token_in_debituras_status_is_masked(
+    settings: Settings, debitura: Debitura, conn: asyncpg.Connection
+) -> None:
+    """Debitura's free text holding a percent-encoded token (`tok%5Ftest%5F…`) is
+    masked like a plain one before it is printed or stored."""
+    env = env_for(settings, debitura)
+    debitura.link("cli_pct")
+    debitura.status = helpers.canary_token("test").replace("_", "%5F")
+    result = await cli(["tokens", "fetch", "cli_pct", "--environment", "test"], env)
+    assert result.returncode == 1
+    assert "Debitura says the token is tok_test_" in result.stderr
+    audit_rows = await conn.fetch("SELECT detail::text AS d FROM receiver.audit")
+    assert helpers.find_canaries(" ".join(r["d"] for r in audit_rows)) == []
