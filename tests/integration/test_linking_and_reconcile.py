@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +29,7 @@ from tests.integration import processes
 from tests.integration.conftest import cache_settings
 from tests.integration.standins import eventually
 from tests.integration.test_no_plaintext import pg_dump
+from tests.integration.test_partner_models import readme_example
 from tests.integration.test_token_management import (
     AUDITS,
     OPEN_INTENTS,
@@ -123,7 +126,7 @@ async def test_clients_link_refuses_a_body_that_is_not_a_json_object(
 
 
 async def test_the_admin_api_links_a_client_on_the_admin_listener_only(
-    settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection
+    settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection, database_url: str
 ) -> None:
     """`POST /admin/v1/clients` with an admin token links the client and answers its id,
     prefix and status, never the token; without or with a wrong token it is 401 and
@@ -174,6 +177,7 @@ async def test_the_admin_api_links_a_client_on_the_admin_listener_only(
     assert actor.startswith("admin:")
     assert ADMIN_TOKEN[:8] not in actor
     assert helpers.find_canaries(log + text) == []
+    assert helpers.find_canaries(await asyncio.to_thread(pg_dump, database_url)) == []
 
 
 async def test_reconcile_brings_the_vault_to_debituras_state(
@@ -493,3 +497,39 @@ async def test_the_admin_api_reads_a_link_request_that_arrives_in_pieces(
         writer.close()
     assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
     assert "cli_pieces" in await active_tokens(conn)
+
+
+async def test_the_readme_jwt_example_runs_against_the_sandbox_for_a_client_linked_there(
+    sandbox: Sandbox,
+) -> None:
+    """The README's plain-script example, unchanged, against `receiver sandbox`: a client
+    linked through the link call with `{"client_id": "your-tenant-id"}` is the tenant
+    the script mints a JWT for, and its case is created (201)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{sandbox.url}/v1/referral-partners/clients",
+            json={"client_id": "your-tenant-id"},
+            headers={"XApiKey": sandbox.api_key},
+        ) as linked,
+    ):
+        assert linked.status == 201
+        helpers.CANARIES.add((await linked.json())["bearer_token"])
+    env = processes.clean_env(
+        DEBITURA_API_KEY=sandbox.api_key,
+        DEBITURA_API_URL=sandbox.url,
+        DEBITURA_CUSTOMER_API_URL=sandbox.url,
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", readme_example()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("201 "), result.stdout
+    assert sandbox.api_key not in result.stdout + result.stderr
+    assert helpers.find_canaries(result.stdout + result.stderr) == []
