@@ -25,6 +25,7 @@ from receiver.admin import (
     token_commands,
     tokens,
 )
+from receiver.admin import status as status_command
 from receiver.debitura import rotation
 from receiver.lifecycle import audit, events
 from receiver.sandbox import command as sandbox_command
@@ -129,6 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     shown.add_argument("--check", action="store_true", help="exit 1 when any is pending")
     _add_dev_flag(migrate)
     migrate.set_defaults(run=daemon.migrate)
+
+    status = subcommands.add_parser(
+        "status",
+        help="one look at the installation; exit 1 when something needs attention",
+        description="Example: receiver status --json",
+    )
+    status.add_argument("--json", action="store_true", help="the report as one JSON object")
+    _add_dev_flag(status)
+    status.set_defaults(run=status_command.status)
 
     dispatch = subcommands.add_parser("dispatch", help="run only the signal dispatcher")
     _add_dev_flag(dispatch)

@@ -729,3 +729,11 @@ SELECT id::text AS id, client_id, prefix, token_sealed
  WHERE environment = $1 AND status = 'active' AND client_id > $2
  ORDER BY client_id
  LIMIT $3;
+
+-- name: last_delivery
+-- When the newest delivery of environment $1 arrived, within the last 7 days (the
+-- received_at index scanned backwards, bounded: `receiver status`).
+SELECT received_at FROM receiver.events
+ WHERE is_test = ($1 = 'test') AND received_at > now() - interval '7 days'
+ ORDER BY received_at DESC
+ LIMIT 1;
