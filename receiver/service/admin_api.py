@@ -23,7 +23,7 @@ from aiohttp import web
 from receiver import errors, vault
 from receiver.debitura import api, management
 from receiver.lifecycle import audit
-from receiver.service import state
+from receiver.service import middleware, state
 
 CLIENTS_PATH = "/admin/v1/clients"
 BODY_MAX_BYTES = 64 * 1024
@@ -39,9 +39,7 @@ def _caller(request: web.Request) -> audit.Actor:
     """The admin token's holder, or `errors.AdminUnauthorized`; the admin API's
     absence (404) anywhere but the admin listener with admin tokens configured."""
     settings = request.app[state.SETTINGS]
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    on_admin = isinstance(sockname, tuple) and sockname[1] == settings.admin_port
-    if not settings.admin_tokens or not on_admin:
+    if not settings.admin_tokens or not middleware.on_admin_listener(request, settings.admin_port):
         raise errors.NotFound("not found")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     presented = given.strip().encode()

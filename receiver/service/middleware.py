@@ -172,6 +172,15 @@ async def expect_continue(request: web.Request) -> None:
 ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
+def on_admin_listener(request: web.Request, admin_port: int | None) -> bool:
+    """Whether `request` came in on the admin listener (RECEIVER_ADMIN_PORT): the one
+    test of it, for the admin split and the admin API alike."""
+    if admin_port is None:
+        return False
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return isinstance(sockname, tuple) and sockname[1] == admin_port
+
+
 def admin_split(admin_port: int) -> Middleware:
     """With `RECEIVER_ADMIN_PORT`, the probes, /metrics, /openapi.json and the admin API
     (/admin/…) answer only on that port, and everything else only on the public one
@@ -179,8 +188,7 @@ def admin_split(admin_port: int) -> Middleware:
 
     @web.middleware
     async def split(request: web.Request, handler: Handler) -> web.StreamResponse:
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        on_admin = isinstance(sockname, tuple) and sockname[1] == admin_port
+        on_admin = on_admin_listener(request, admin_port)
         if (request.path in ADMIN_PATHS or request.path.startswith("/admin/")) != on_admin:
             raise errors.NotFound("not found")
         return await handler(request)
