@@ -367,6 +367,43 @@ def require(settings: Settings, needs: frozenset[str]) -> None:
         raise errors.ConfigError("; ".join(missing))
 
 
+# The secrets that may come from a file instead (`RECEIVER_<NAME>_FILE=/path`, the
+# Docker and Kubernetes secrets convention; docs/design.md §5).
+FILE_SECRETS = (
+    "database_url",
+    "webhook_secrets",
+    "test_webhook_secrets",
+    "token_keys",
+    "index_key",
+    "cache_secret",
+    "debitura_api_key",
+    "debitura_test_api_key",
+    "admin_tokens",
+)
+
+
+def secret_files() -> dict[str, str]:
+    """The secrets given as `RECEIVER_<NAME>_FILE`, read from their files (surrounding
+    whitespace and the final newline stripped). Setting both a variable and its
+    `_FILE` is an error; so is a file that cannot be read. Messages name the
+    variable, never the content."""
+    values: dict[str, str] = {}
+    for name in FILE_SECRETS:
+        variable = f"RECEIVER_{name.upper()}"
+        path = os.environ.get(f"{variable}_FILE")
+        if path is None:
+            continue
+        if variable in os.environ:
+            raise errors.ConfigError(f"set {variable} or {variable}_FILE, not both")
+        try:
+            values[name] = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise errors.ConfigError(
+                f"{variable}_FILE names a file that cannot be read ({type(exc).__name__})"
+            ) from None
+    return values
+
+
 def load_settings(
     *,
     dev: bool = False,
@@ -379,8 +416,10 @@ def load_settings(
     With `dev`, secrets the environment does not set come from the dev secrets file
     in the data directory (generated there only on `first_use`: `serve --dev`). The
     settings in `needs` must be set. Raises `errors.ConfigError` with one line per
-    bad variable, naming it but never echoing its value.
+    bad variable, naming it but never echoing its value. A secret may be given as
+    `RECEIVER_<NAME>_FILE` (`secret_files`).
     """
+    overrides = {**secret_files(), **overrides}
     if dev:
         given = overrides.get("data_dir")
         data_dir = Path(given) if given else dev_data_dir(create=first_use)
@@ -402,7 +441,7 @@ def load_settings(
 def unknown_variables() -> list[str]:
     """`RECEIVER_*` variables in the environment that nothing reads (typos), each
     with the known name it most resembles, if any."""
-    known = set(Settings.model_fields) | OTHER_VARIABLES
+    known = set(Settings.model_fields) | OTHER_VARIABLES | {f"{n}_file" for n in FILE_SECRETS}
     found = []
     for name in sorted(env_names_set() - known):
         close = difflib.get_close_matches(name, sorted(known), n=1)
@@ -413,7 +452,8 @@ def unknown_variables() -> list[str]:
 
 def _locations() -> _Locations:
     try:
-        return _Locations()
+        given: dict[str, Any] = {k: v for k, v in secret_files().items() if k == "webhook_secrets"}
+        return _Locations(**given)
     except ValidationError as exc:
         raise _config_error(exc) from None
 

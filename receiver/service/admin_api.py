@@ -38,7 +38,7 @@ def fingerprint(token: str) -> str:
 def _caller(request: web.Request) -> audit.Actor:
     """The admin token's holder, or `errors.AdminUnauthorized`; the admin API's
     absence (404) anywhere but the admin listener with admin tokens configured."""
-    settings = request.app[state.SETTINGS]
+    settings = request.app[state.LIVE].settings  # admin tokens reload on SIGHUP
     if not settings.admin_tokens or not middleware.on_admin_listener(request, settings.admin_port):
         raise errors.NotFound("not found")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -89,7 +89,7 @@ async def link_client(request: web.Request) -> web.Response:
         raise errors.InvalidRequest("environment must be live or test")
     body = await _link_request(request)
     app = request.app
-    settings = app[state.SETTINGS]
+    settings = app[state.LIVE].settings  # the API keys reload on SIGHUP
     try:
         api.endpoint(settings, environment)
     except errors.ConfigError as exc:

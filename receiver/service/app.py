@@ -38,6 +38,7 @@ def create_app(settings: config.Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(middleware.no_server_version)
     app[state.SETTINGS] = settings
+    app[state.LIVE] = state.Live(settings)
     app[state.SEALER] = vault.Sealer.from_settings(settings)
     app.cleanup_ctx.append(_database)
     if settings.cache_url is not None:

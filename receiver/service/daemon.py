@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import resource
 import shlex
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from receiver import config, console, db, errors, metrics
 from receiver.db import embedded, migrations
-from receiver.service import app, server, state, workers
+from receiver.service import app, reload, server, state, workers
 from receiver.signals import outbox
 
 logger = structlog.get_logger(__name__)
@@ -152,6 +153,7 @@ def _run_worker(settings: config.Settings, args: argparse.Namespace, *, reuse_po
             reuse_port=reuse_port,
             delay=shutdown_delay(settings, dev=args.dev),
             supervisor_fd=getattr(args, "supervisor_fd", None),
+            dev=args.dev,
         )
     )
 
@@ -181,8 +183,10 @@ async def _serve_until_stopped(
     reuse_port: bool,
     delay: float,
     supervisor_fd: int | None = None,
+    dev: bool = False,
 ) -> None:
-    """Serve until SIGTERM, SIGINT or SIGHUP, then stop gracefully: /readyz fails for
+    """Serve until SIGTERM or SIGINT, then stop gracefully (SIGHUP reloads: `reload`):
+    /readyz fails for
     `delay` seconds while deliveries are still answered (a load balancer moves away),
     then the listener closes and requests in flight finish (aiohttp's graceful
     shutdown). A worker whose supervisor is gone (`supervisor_fd` reads end of file)
@@ -228,8 +232,12 @@ async def _serve_until_stopped(
             why.append(signum.name)
             stop.set()
 
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        # SIGHUP reloads (systemd's ExecReload sends it); the service keeps serving.
+        loop.add_signal_handler(
+            signal.SIGHUP, functools.partial(reload.reload, application, dev=dev)
+        )
 
         def on_supervisor_gone() -> None:
             why.append("supervisor_gone")

@@ -13,6 +13,14 @@ from receiver.service import scrape
 from receiver.signals import outbox
 
 
+class Live:
+    """The settings SIGHUP may change while serving (`reload`): read through this
+    where a reloadable value is used, never copied at start."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+
+
 class Load:
     """Deliveries being handled by this process right now (the admission cap)."""
 
@@ -29,5 +37,6 @@ GAUGES = web.AppKey("gauges", scrape.DatabaseGauges)
 # The webhook secrets by world (live, test), decoded once for every delivery.
 SECRET_SETS = web.AppKey("secret_sets", dict[str, list[bytes]])
 LOAD = web.AppKey("load", Load)
+LIVE = web.AppKey("live", Live)
 # Debitura's API, for the admin API's link call (only with RECEIVER_ADMIN_TOKENS).
 DEBITURA = web.AppKey("debitura", api.Api)

@@ -79,10 +79,11 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         children[child.pid] = child
 
     def hang_up(_: int, __: object) -> None:
-        # A terminal closed, or someone's reload habit: the same graceful stop as
-        # SIGTERM, said in the log (never a silent death that orphans the workers).
-        logger.info("supervisor_stopping", signal="SIGHUP", pid=os.getpid())
-        stop_all(signal.SIGTERM)
+        # A reload (systemd's ExecReload): each worker reloads its own settings.
+        logger.info("supervisor_reloading", workers=len(running), pid=os.getpid())
+        for pid in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)

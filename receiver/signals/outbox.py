@@ -114,8 +114,7 @@ class Dispatcher:
         self._url = str(settings.cache_url)
         # The first secret signs; during a rotation window every configured one signs
         # too, so a cache that knows only the old or only the new one verifies.
-        self._secrets = [s.get_secret_value() for s in settings.cache_secret]
-        self._signers = [standardwebhooks.Webhook(s) for s in self._secrets]
+        self.use_secrets(settings)
         self._legacy_signature = settings.signal_legacy_signature
         self._session = session
         self._max_age = settings.signal_max_age
@@ -126,6 +125,12 @@ class Dispatcher:
         self._retry_base = settings.signal_retry_base_seconds
         self._poll_interval = poll_interval
         self._batch_size = batch_size
+
+    def use_secrets(self, settings: config.Settings) -> None:
+        """Sign with `settings.cache_secret` from now on (at start, and on a reload):
+        the first secret signs; every one is listed during a rotation window."""
+        self._secrets = [s.get_secret_value() for s in settings.cache_secret]
+        self._signers = [standardwebhooks.Webhook(s) for s in self._secrets]
         self._wakeup = asyncio.Event()
         self._revocation_wakeup = asyncio.Event()
         self._held: set[uuid.UUID] = set()

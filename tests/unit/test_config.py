@@ -102,3 +102,36 @@ def test_environment_wins_over_dev_secrets(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("RECEIVER_INDEX_KEY", GOOD["index_key"])
     settings = config.load_settings(dev=True, data_dir=tmp_path)
     assert settings.index_key.get_secret_value() == b"i" * 32
+
+
+def test_a_secret_may_come_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`RECEIVER_<NAME>_FILE=/path` gives the secret (a final newline ignored), for
+    every secret variable, and is not named as an unknown variable."""
+    index = tmp_path / "index-key"
+    index.write_text(GOOD["index_key"] + "\n")
+    monkeypatch.setenv("RECEIVER_INDEX_KEY_FILE", str(index))
+    settings = config.load_settings(**{k: v for k, v in GOOD.items() if k != "index_key"})
+    assert settings.index_key.get_secret_value() == b"i" * 32
+    assert config.unknown_variables() == []
+    for name in config.FILE_SECRETS:
+        assert name in config.Settings.model_fields
+
+
+def test_a_secret_and_its_file_together_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Both `RECEIVER_X` and `RECEIVER_X_FILE`: refused, naming both, never a value;
+    a file that cannot be read: refused, naming the variable."""
+    secret = tmp_path / "s"
+    secret.write_text("SECRETVALUE")
+    monkeypatch.setenv("RECEIVER_WEBHOOK_SECRETS", "SECRETVALUE")
+    monkeypatch.setenv("RECEIVER_WEBHOOK_SECRETS_FILE", str(secret))
+    with pytest.raises(errors.ConfigError) as both:
+        config.load_settings()
+    assert "RECEIVER_WEBHOOK_SECRETS or RECEIVER_WEBHOOK_SECRETS_FILE" in str(both.value)
+    assert "SECRETVALUE" not in str(both.value)
+    monkeypatch.delenv("RECEIVER_WEBHOOK_SECRETS")
+    monkeypatch.setenv("RECEIVER_WEBHOOK_SECRETS_FILE", str(tmp_path / "missing"))
+    with pytest.raises(errors.ConfigError) as unreadable:
+        config.load_settings()
+    assert "RECEIVER_WEBHOOK_SECRETS_FILE names a file that cannot be read" in str(unreadable.value)
