@@ -25,6 +25,7 @@ from receiver.admin import (
     token_commands,
     tokens,
 )
+from receiver.admin import health as health_command
 from receiver.admin import status as status_command
 from receiver.debitura import rotation
 from receiver.lifecycle import audit, events
@@ -140,6 +141,28 @@ def _parser() -> argparse.ArgumentParser:
     _add_dev_flag(status)
     status.set_defaults(run=status_command.status)
 
+    health = subcommands.add_parser(
+        "health",
+        help="does the local serve answer /healthz? exit 0 or 1, one line (reads no secret)",
+        description=(
+            "GETs /healthz on the admin listener when RECEIVER_ADMIN_PORT is set, else on "
+            "the public port (127.0.0.1:--port). For HEALTHCHECK and ExecStartPost. "
+            "Example: receiver health --timeout 2"
+        ),
+    )
+    health.add_argument("--port", type=_port, default=DEFAULT_PORT, help="serve's --port")
+    health.add_argument(
+        "--timeout", type=_positive_float, default=2.0, help="seconds to wait for the answer"
+    )
+    health.add_argument(
+        "--wait",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="retry until healthy for this long (start-up)",
+    )
+    health.set_defaults(run=health_command.health)
+
     dispatch = subcommands.add_parser("dispatch", help="run only the signal dispatcher")
     _add_dev_flag(dispatch)
     dispatch.set_defaults(run=daemon.dispatch)
@@ -172,6 +195,23 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("must be a port number, 1 to 65535")
     return value
 
 

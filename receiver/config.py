@@ -118,6 +118,10 @@ def _signal_secrets(value: Any) -> Any:
 
 
 ADMIN_TOKEN_MIN_CHARS = 32
+# The admin listener (RECEIVER_ADMIN_PORT, RECEIVER_ADMIN_HOST): read by Settings, and
+# by ProbeSettings for `receiver health`.
+AdminPort = Annotated[int | None, Field(ge=1, le=65535)]
+DEFAULT_ADMIN_HOST = "127.0.0.1"
 
 
 def _admin_tokens(value: Any) -> Any:
@@ -267,8 +271,8 @@ class Settings(BaseSettings):
     shutdown_delay_seconds: float | None = Field(default=None, ge=0, le=300)
     # Set: /metrics, /openapi.json, /healthz and /readyz are served on this port only,
     # bound to admin_host (loopback unless told otherwise).
-    admin_port: int | None = Field(default=None, ge=1, le=65535)
-    admin_host: str = "127.0.0.1"
+    admin_port: AdminPort = None
+    admin_host: str = DEFAULT_ADMIN_HOST
     # The admin API (POST /admin/v1/clients): bearer tokens, several for rotation;
     # served on the admin listener only, so it needs RECEIVER_ADMIN_PORT.
     admin_tokens: AdminTokens = ()
@@ -333,6 +337,25 @@ class _Locations(BaseSettings):
 
     data_dir: Path | None = None
     webhook_secrets: WebhookSecrets | None = None
+
+
+class ProbeSettings(BaseSettings):
+    """The settings `receiver health` reads: where `serve` answers its probes. Nothing
+    else, and no secret: a health check runs with the service's environment and has
+    no use for its keys."""
+
+    model_config = SettingsConfigDict(env_prefix="RECEIVER_", extra="ignore", frozen=True)
+
+    admin_port: AdminPort = None
+    admin_host: str = DEFAULT_ADMIN_HOST
+
+
+def load_probe_settings() -> ProbeSettings:
+    """`ProbeSettings` from the environment; `errors.ConfigError` naming a bad one."""
+    try:
+        return ProbeSettings()
+    except ValidationError as exc:
+        raise _config_error(exc) from None
 
 
 # What a command needs beyond the database URL (docs/design.md §5): each asks only
