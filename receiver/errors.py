@@ -140,6 +140,11 @@ class InternalError(DatabaseUnavailable):
     code = "internal_error"
 
 
+class LockBusy(DatabaseUnavailable):
+    """A row or client lock was held past the lock timeout: that write waits on one
+    client's rows, the database itself is fine (readiness does not fail for it)."""
+
+
 class ShuttingDown(DatabaseUnavailable):
     """The process is draining before it stops; retry against another replica."""
 

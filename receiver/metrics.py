@@ -135,7 +135,14 @@ db.FAULT_OBSERVERS.append(lambda kind: DATABASE_ERRORS.labels(kind=kind).inc())
 
 
 SIGNATURE_FAILURE_REASONS = ("missing", "malformed", "stale", "future", "mismatch")
-DATABASE_ERROR_KINDS = ("unavailable", "refused", "schema_missing", "retried", "unstorable")
+DATABASE_ERROR_KINDS = (
+    "unavailable",
+    "lock_busy",
+    "refused",
+    "schema_missing",
+    "retried",
+    "unstorable",
+)
 
 
 def initialise_labels(

@@ -294,13 +294,40 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION receiver.event_locks_v2(r receiver.event_row_v2) RETURNS bigint[]
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+CREATE FUNCTION receiver.link_report_bounded_v1() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-    SELECT array_remove(ARRAY[
-        hashtextextended('receiver.event:' || r.key, 0),
-        hashtextextended('receiver.client:' || r.client_id, 0),
-        hashtextextended('receiver.event:' || r.replaces, 0)], NULL)
+BEGIN
+    IF length(NEW.client_id) > 200 OR length(NEW.token_prefix) > 64 THEN
+        RETURN NULL;
+    END IF;
+    NEW.detail := left(NEW.detail, 200);
+    NEW.reported_at := now();
+    NEW.reconciled_at := NULL;
+    IF (SELECT count(*) FROM (
+            SELECT 1 FROM receiver.link_reports r
+             WHERE r.client_id = NEW.client_id AND r.environment = NEW.environment
+               AND r.reconciled_at IS NULL
+             LIMIT 3) AS o) >= 3
+       OR (SELECT count(*) FROM (
+            SELECT 1 FROM receiver.link_reports r WHERE r.reconciled_at IS NULL
+             LIMIT 10000) AS o) >= 10000 THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION receiver.lock_clients_v1(p_clients text[]) RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO receiver.client_locks AS l (key)
+    SELECT DISTINCT hashtextextended('receiver.client:' || c, 0)
+      FROM unnest(p_clients) AS c
+     WHERE c IS NOT NULL
+     ORDER BY 1
+    ON CONFLICT (key) DO UPDATE SET key = excluded.key WHERE false;
 $$;
 
 CREATE FUNCTION receiver.prefix_may_match(p text, stored text) RETURNS boolean
@@ -338,7 +365,7 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION receiver.record_events_v5(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
+CREATE FUNCTION receiver.record_events_v6(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
     SET plan_cache_mode TO 'force_generic_plan'
@@ -347,10 +374,7 @@ DECLARE
     r receiver.event_row_v2;
     v_recheck boolean[];
 BEGIN
-    PERFORM pg_advisory_xact_lock(l)
-       FROM (SELECT DISTINCT unnest(receiver.event_locks_v2(x)) AS l
-               FROM unnest(p_rows) AS x) AS locks
-      ORDER BY l;
+    PERFORM receiver.lock_clients_v1(ARRAY(SELECT x.client_id FROM unnest(p_rows) AS x));
 
     SELECT array_agg(c.needed ORDER BY x.ordinality) INTO v_recheck
       FROM unnest(p_rows) WITH ORDINALITY AS x,
@@ -467,6 +491,10 @@ CREATE VIEW receiver.cache_tokens AS
         END AS token_sealed
    FROM receiver.tokens;
 
+CREATE TABLE receiver.client_locks (
+    key bigint NOT NULL
+);
+
 CREATE TABLE receiver.events (
     key text NOT NULL,
     type text NOT NULL,
@@ -488,6 +516,12 @@ CREATE TABLE receiver.events (
     CONSTRAINT events_quarantine_reason_check CHECK ((quarantine_reason = ANY (ARRAY['invalid_json'::text, 'not_an_object'::text, 'invalid_data'::text, 'unstorable_value'::text, 'id_conflict'::text, 'test_delivery_targets_live'::text, 'token_outside_bearer_token'::text]))),
     CONSTRAINT events_quarantined_has_reason CHECK (((status <> 'quarantined'::text) OR (quarantine_reason IS NOT NULL))),
     CONSTRAINT events_status_check CHECK ((status = ANY (ARRAY['processed'::text, 'ignored'::text, 'quarantined'::text, 'dismissed'::text])))
+);
+
+CREATE TABLE receiver.leases (
+    name text NOT NULL,
+    holder text,
+    until timestamp with time zone DEFAULT '-infinity'::timestamp with time zone NOT NULL
 );
 
 CREATE TABLE receiver.link_reports (
@@ -618,11 +652,17 @@ CREATE VIEW receiver.token_inventory AS
 ALTER TABLE ONLY receiver.audit
     ADD CONSTRAINT audit_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY receiver.client_locks
+    ADD CONSTRAINT client_locks_pkey PRIMARY KEY (key);
+
 ALTER TABLE receiver.events
     ADD CONSTRAINT events_body_or_dropped CHECK (((body_sealed IS NOT NULL) OR (body_dropped_at IS NOT NULL))) NOT VALID;
 
 ALTER TABLE ONLY receiver.events
     ADD CONSTRAINT events_pkey PRIMARY KEY (key);
+
+ALTER TABLE ONLY receiver.leases
+    ADD CONSTRAINT leases_pkey PRIMARY KEY (name);
 
 ALTER TABLE ONLY receiver.link_reports
     ADD CONSTRAINT link_reports_pkey PRIMARY KEY (id);
@@ -667,6 +707,8 @@ CREATE INDEX events_sealed_key_id ON receiver.events USING btree (receiver.seale
 
 CREATE INDEX link_reports_client ON receiver.link_reports USING btree (client_id, environment, token_prefix);
 
+CREATE INDEX link_reports_open ON receiver.link_reports USING btree (client_id, environment) WHERE (reconciled_at IS NULL);
+
 CREATE INDEX link_reports_to_reconcile ON receiver.link_reports USING btree (reported_at) WHERE (reconciled_at IS NULL);
 
 CREATE INDEX reconcile_runs_last ON receiver.reconcile_runs USING btree (environment, finished_at) WHERE complete;
@@ -698,6 +740,8 @@ CREATE INDEX tokens_sealed_key_id ON receiver.tokens USING btree (receiver.seale
 CREATE TRIGGER audit_append_only BEFORE DELETE OR UPDATE ON receiver.audit FOR EACH ROW EXECUTE FUNCTION receiver.audit_is_append_only();
 
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON receiver.audit FOR EACH STATEMENT EXECUTE FUNCTION receiver.audit_is_append_only();
+
+CREATE TRIGGER link_report_bounded BEFORE INSERT ON receiver.link_reports FOR EACH ROW EXECUTE FUNCTION receiver.link_report_bounded_v1();
 
 ALTER TABLE ONLY receiver.revocations
     ADD CONSTRAINT revocations_event_key_fkey FOREIGN KEY (event_key) REFERENCES receiver.events(key);

@@ -56,7 +56,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.ReadOnlySQLTransactionError,  # connected to a standby during failover
     asyncpg.InternalClientError,  # the driver lost track of a session the server ended
-    asyncpg.LockNotAvailableError,  # lock_timeout: a row or client lock held too long
 )
 # Faults after which a connection must never be handed out again. When the server
 # ends a session in the middle of an operation (a restart, pg_terminate_backend),
@@ -116,6 +115,12 @@ async def translated_errors() -> AsyncIterator[None]:
         _fault("schema_missing")
         log.warning("database_schema_missing", error=type(exc).__name__)
         raise errors.SchemaNotReady("database schema is not migrated, retry later") from exc
+    except asyncpg.LockNotAvailableError as exc:
+        # lock_timeout: a row or client lock held too long. That client's write waits;
+        # Postgres is fine, so this is not "unavailable" (readiness ignores it).
+        _fault("lock_busy")
+        log.warning("database_lock_busy", error=type(exc).__name__)
+        raise errors.LockBusy("a lock on these rows is busy, retry later") from exc
     except _UNAVAILABLE as exc:
         _fault("unavailable")
         # The driver's message can quote parameters; log only the fault's class.

@@ -1,9 +1,11 @@
 """Forward-only schema migrations from `sql/NNNN_name.sql`.
 
-Applied by `receiver migrate` and at `serve` start. A session advisory lock makes
-replicas that start together take turns; each migration runs in its own
-transaction and is recorded with a checksum, so an edited, already-applied file is
-refused rather than silently ignored.
+Applied by `receiver migrate` and at `serve` start. Each migration runs in its own
+transaction, which first locks the migrations table (replicas that start together
+take turns; a role with no privilege on it, the cache reader, cannot take that lock:
+an advisory lock, which any role can take, guards only the bootstrap of a database
+with no schema yet), and is recorded with a checksum, so an edited, already-applied
+file is refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ RETIRED = frozenset(
 )
 
 
-# Advisory locks cannot be restricted by role: any role that can connect (the cache
-# reader's too) can take the migration lock. So the lock is waited for in slices, each
-# ending in a log line naming who holds it, and given up after this long.
+# The migration lock (the migrations table, locked by each migration's transaction;
+# the bootstrap's advisory lock before that table exists) is waited for in slices,
+# each ending in a log line naming who holds it, and given up after this long.
 LOCK_WAIT_SECONDS = 300.0
 LOCK_SLICE_SECONDS = 10.0
 
@@ -98,33 +100,96 @@ async def apply(dsn: str, *, until: str | None = None) -> list[str]:
     conn = await db.connect(dsn)
     try:
         async with db.translated_errors():
-            await _lock(conn)
-            try:
-                return await _apply_locked(conn, until)
-            finally:
-                await conn.execute(db.QUERIES["migration_unlock"])
+            if not await conn.fetchval(db.QUERIES["migration_table_exists"]):
+                await _bootstrap(conn)
+            return await _apply_pending(conn, until)
     finally:
         await conn.close()
 
 
-async def _lock(conn: db.Connection) -> None:
-    """Take the migration lock; while another session holds it, say who, every slice."""
-    started = time.monotonic()
-    while not await conn.fetchval(db.QUERIES["migration_try_lock"]):
-        waited = time.monotonic() - started
-        holder = await conn.fetchrow(db.QUERIES["migration_lock_holder"])
-        who = dict(holder) if holder is not None else {}
-        log.warning("migration_lock_waiting", waited_seconds=round(waited, 1), **who)
-        if waited >= LOCK_WAIT_SECONDS:
+async def _bootstrap(conn: db.Connection) -> None:
+    """Create the schema and the migrations table. Before they exist there is no table
+    to lock, so only this step takes the advisory lock (any role can take it; on a
+    database with no schema yet, no partner application runs)."""
+    await _wait_for(conn, "migration_try_lock", "migration_lock")
+    try:
+        if not await conn.fetchval(db.QUERIES["migration_table_exists"]):
+            await conn.execute(db.QUERIES["migration_bootstrap"])
+    finally:
+        await conn.execute(db.QUERIES["migration_unlock"])
+
+
+async def _apply_pending(conn: db.Connection, until: str | None) -> list[str]:
+    """Each pending migration in its own transaction, which first locks the
+    migrations table (only roles with a privilege on it can: never the cache
+    reader) and looks again: a replica migrating at the same time waits, then finds
+    it applied. Nothing pending, nothing locked: `serve` starts without waiting."""
+    done = {r["name"]: r["checksum"] for r in await conn.fetch(db.QUERIES["migration_checksums"])}
+    if _built_by_squashed_files(done):
+        async with conn.transaction():
+            await _lock_table(conn)
+            done = {
+                r["name"]: r["checksum"]
+                for r in await conn.fetch(db.QUERIES["migration_checksums"])
+            }
+            if _built_by_squashed_files(done):
+                done = await _adopt_squashed(conn, done)
+    applied = []
+    for migration in available():
+        if until is not None and migration.name > until:
+            break
+        if migration.name not in done:
+            async with conn.transaction():
+                await _lock_table(conn)
+                now = await conn.fetchval(db.QUERIES["migration_checksum"], migration.name)
+                if now is None:
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        db.QUERIES["migration_record"], migration.name, migration.checksum
+                    )
+                    log.info("migration_applied", migration=migration.name)
+                    applied.append(migration.name)
+                done[migration.name] = now or migration.checksum
+        if done[migration.name] != migration.checksum:
             raise errors.MigrationError(
-                f"the migration lock has been held for over {LOCK_WAIT_SECONDS:g} s by "
-                f"pid {who.get('holder_pid')} (role {who.get('holder_role')!r}, address "
-                f"{who.get('holder_address')}); if that is not a migration in progress, "
-                "end that session (pg_terminate_backend) and start again"
+                f"migration {migration.name} was edited after it was applied; "
+                "migrations are forward-only: add a new file instead"
             )
+    return applied
+
+
+async def _lock_table(conn: db.Connection) -> None:
+    """Lock the migrations table for this transaction (in a savepoint per try, so a
+    lock timeout leaves the transaction usable)."""
+
+    async def attempt(query: str) -> bool:
+        try:
+            async with conn.transaction():
+                await conn.execute(db.QUERIES[query])
+        except asyncpg.LockNotAvailableError:
+            return False
+        return True
+
+    started = time.monotonic()
+    while not await attempt("migration_table_try_lock"):
+        await _say_who(conn, started)
         await conn.execute(db.QUERIES["lock_timeout"], f"{round(LOCK_SLICE_SECONDS * 1000)}ms")
         try:
-            await conn.execute(db.QUERIES["migration_lock"])
+            if await attempt("migration_table_lock"):
+                return
+        finally:
+            await conn.execute(db.QUERIES["lock_timeout"], "0")
+
+
+async def _wait_for(conn: db.Connection, try_query: str, wait_query: str) -> None:
+    """Take the bootstrap's advisory lock; while another session holds it, say who,
+    every slice."""
+    started = time.monotonic()
+    while not await conn.fetchval(db.QUERIES[try_query]):
+        await _say_who(conn, started)
+        await conn.execute(db.QUERIES["lock_timeout"], f"{round(LOCK_SLICE_SECONDS * 1000)}ms")
+        try:
+            await conn.execute(db.QUERIES[wait_query])
         except asyncpg.LockNotAvailableError:
             continue
         else:
@@ -133,31 +198,19 @@ async def _lock(conn: db.Connection) -> None:
             await conn.execute(db.QUERIES["lock_timeout"], "0")
 
 
-async def _apply_locked(conn: db.Connection, until: str | None) -> list[str]:
-    # Only a new database needs DDL here: a role without it (receiver_runtime) can
-    # start a service on a database its owner has migrated.
-    if not await conn.fetchval(db.QUERIES["migration_table_exists"]):
-        await conn.execute(db.QUERIES["migration_bootstrap"])
-    done = {r["name"]: r["checksum"] for r in await conn.fetch(db.QUERIES["migration_checksums"])}
-    if _built_by_squashed_files(done):
-        done = await _adopt_squashed(conn, done)
-    applied = []
-    for migration in available():
-        if until is not None and migration.name > until:
-            break
-        if migration.name in done:
-            if done[migration.name] != migration.checksum:
-                raise errors.MigrationError(
-                    f"migration {migration.name} was edited after it was applied; "
-                    "migrations are forward-only: add a new file instead"
-                )
-            continue
-        async with conn.transaction():
-            await conn.execute(migration.sql)
-            await conn.execute(db.QUERIES["migration_record"], migration.name, migration.checksum)
-        log.info("migration_applied", migration=migration.name)
-        applied.append(migration.name)
-    return applied
+async def _say_who(conn: db.Connection, started: float) -> None:
+    """Log who holds the migration lock; give up once it has been held too long."""
+    waited = time.monotonic() - started
+    holder = await conn.fetchrow(db.QUERIES["migration_lock_holder"])
+    who = dict(holder) if holder is not None else {}
+    log.warning("migration_lock_waiting", waited_seconds=round(waited, 1), **who)
+    if waited >= LOCK_WAIT_SECONDS:
+        raise errors.MigrationError(
+            f"the migration lock has been held for over {LOCK_WAIT_SECONDS:g} s by "
+            f"pid {who.get('holder_pid')} (role {who.get('holder_role')!r}, address "
+            f"{who.get('holder_address')}); if that is not a migration in progress, "
+            "end that session (pg_terminate_backend) and start again"
+        )
 
 
 def _built_by_squashed_files(done: dict[str, str]) -> bool:
@@ -174,9 +227,8 @@ async def _adopt_squashed(conn: db.Connection, done: dict[str, str]) -> dict[str
             "other versions of them; recreate it (see sql/README.md)"
         )
     baseline = next(m for m in available() if m.name == BASELINE)
-    async with conn.transaction():
-        await conn.execute(db.QUERIES["migration_forget"], list(SQUASHED))
-        await conn.execute(db.QUERIES["migration_record"], baseline.name, baseline.checksum)
+    await conn.execute(db.QUERIES["migration_forget"], list(SQUASHED))
+    await conn.execute(db.QUERIES["migration_record"], baseline.name, baseline.checksum)
     log.info("migration_baseline_adopted", replaced=sorted(SQUASHED))
     remaining = {k: v for k, v in done.items() if k not in SQUASHED}
     return remaining | {baseline.name: baseline.checksum}

@@ -1,11 +1,11 @@
 -- Named queries, loaded once by receiver.db. Placeholders are asyncpg's $1…$n.
 
 -- name: record_events
--- The one way in (record_events_v5, sql/0001_baseline.sql): a group of rows (one
+-- The one way in (record_events_v6, sql/0018_1_pre_reader_proof_locks.sql): a group of rows (one
 -- receiver.event_row_v2[]: deliveries, imports, reprocessings) in one statement and
 -- one transaction; outcomes (and tokens revoked, for revocations) come back in order. `recheck`: nothing was
 -- written, the row's prefix is to be checked in memory first (lifecycle/store.py).
-SELECT outcome, revoked FROM receiver.record_events_v5($1::receiver.event_row_v2[], $2, $3);
+SELECT outcome, revoked FROM receiver.record_events_v6($1::receiver.event_row_v2[], $2, $3);
 
 -- name: revocations_to_check
 -- Remembered revocations of client $1 in environment $2 whose prefix is longer than
@@ -35,24 +35,40 @@ SELECT name FROM receiver.schema_migrations;
 SELECT name, applied_at FROM receiver.schema_migrations ORDER BY name;
 
 -- name: migration_lock
--- Replicas migrating at once take turns (session advisory lock).
+-- Replicas bootstrapping a new database at once take turns (session advisory lock:
+-- before the first migration there is no table to lock).
 SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0));
 
 -- name: migration_try_lock
 -- migration_lock if free now (else say who holds it, then wait for it).
 SELECT pg_try_advisory_lock(hashtextextended('receiver.migrate', 0));
 
+-- name: migration_table_lock
+-- A migration's transaction takes turns with other migrators' (a lock on the
+-- migrations table: only roles with a privilege on it, never the cache reader).
+LOCK TABLE receiver.schema_migrations IN SHARE ROW EXCLUSIVE MODE;
+
+-- name: migration_table_try_lock
+-- migration_table_lock if free now.
+LOCK TABLE receiver.schema_migrations IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+
 -- name: migration_lock_holder
--- Who holds migration_lock (any role that connects can take an advisory lock).
+-- Who holds the migrations table's lock, or (before it exists) the bootstrap's
+-- advisory lock.
 WITH k AS (SELECT hashtextextended('receiver.migrate', 0) AS v)
 SELECT a.pid AS holder_pid, a.usename::text AS holder_role,
        a.application_name AS holder_application, host(a.client_addr) AS holder_address,
        a.backend_start::text AS holder_since
   FROM pg_locks l
-  JOIN k ON l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid
+  CROSS JOIN k
   JOIN pg_stat_activity a ON a.pid = l.pid
- WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+ WHERE l.granted AND l.pid <> pg_backend_pid()
    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND ((l.locktype = 'relation' AND l.relation = to_regclass('receiver.schema_migrations')
+         AND l.mode NOT IN ('AccessShareLock', 'RowShareLock'))
+        OR (l.locktype = 'advisory' AND l.objsubid = 1
+            AND l.classid = ((k.v >> 32) & 4294967295)::oid
+            AND l.objid = (k.v & 4294967295)::oid))
  LIMIT 1;
 
 -- name: lock_timeout
@@ -88,6 +104,10 @@ INSERT INTO receiver.schema_migrations (name, checksum) VALUES ($1, $2);
 -- name: migration_forget
 -- Squashed migrations give way to the baseline that replaces them.
 DELETE FROM receiver.schema_migrations WHERE name = ANY($1::text[]);
+
+-- name: migration_checksum
+-- The checksum migration $1 was applied with (none: not applied).
+SELECT checksum FROM receiver.schema_migrations WHERE name = $1;
 
 -- name: migration_checksums
 -- Applied migrations and their checksums (an edited file is refused).
@@ -395,10 +415,6 @@ SELECT id, at, actor, action, COALESCE(client_id, 'erased:' || left(client_hash,
  ORDER BY id DESC
  LIMIT $4;
 
--- name: try_xact_lock
--- A named advisory lock for this transaction, if free (the prune's: one replica at a time).
-SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0));
-
 -- name: prune_counts
 -- What a prune would drop now ($1, $2, $3: the retention ages in seconds).
 SELECT (SELECT count(*) FROM receiver.events
@@ -463,8 +479,9 @@ WITH batch AS (
 SELECT count(*) FROM done;
 
 -- name: lock_client
--- The same lock a delivery for this client takes (receiver.event_locks).
-SELECT pg_advisory_xact_lock(hashtextextended('receiver.client:' || $1, 0));
+-- The same lock a delivery for this client takes (receiver.lock_clients_v1: a row
+-- of receiver.client_locks, which the cache reader cannot lock).
+SELECT receiver.lock_clients_v1(ARRAY[$1::text]);
 
 -- name: erase_candidates
 -- One batch of stored bodies (key order, after $1), opened and read in Python to see
@@ -712,14 +729,18 @@ SELECT environment, extract(epoch FROM max(finished_at))::float8 AS at
 SELECT id::text AS id, prefix, token_sealed FROM receiver.tokens
  WHERE client_id = $1 AND environment = $2 AND status = 'active';
 
--- name: try_session_lock
--- A named advisory lock for this session, if free (held across a long run made of
--- many short transactions: the scheduled rotation's, one replica at a time).
-SELECT pg_try_advisory_lock(hashtextextended($1, 0));
+-- name: lease_take
+-- Lease $1 for $3 seconds to holder $2, if it is free, expired, or $2's already
+-- (a renewal): when it now ends, else no row. A row of receiver.leases, which the
+-- cache reader cannot read or lock (an advisory lock any role could take).
+UPDATE receiver.leases SET holder = $2, until = now() + make_interval(secs => $3)
+ WHERE name = $1 AND (until < now() OR holder = $2)
+RETURNING until;
 
--- name: session_unlock
--- Release the session lock try_session_lock took.
-SELECT pg_advisory_unlock(hashtextextended($1, 0));
+-- name: lease_release
+-- Holder $2 lets lease $1 go.
+UPDATE receiver.leases SET holder = NULL, until = '-infinity'
+ WHERE name = $1 AND holder = $2;
 
 -- name: active_tokens_page
 -- Active tokens of environment $1 with client ids after $2, in client id order, at

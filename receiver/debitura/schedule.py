@@ -10,7 +10,7 @@ Reconciliation: every RECEIVER_RECONCILE_INTERVAL_HOURS each environment is
 reconciled with Debitura (`reconcile`), and a client a partner application reported
 (a second 401, no token) within a minute.
 
-One replica at a time for each (a session advisory lock held for the run); calls
+One replica at a time for each (a lease, receiver.db.leases, held for the run); calls
 spread out at RECEIVER_TOKEN_ROTATE_RATE per second; paused, with a doubling pause,
 while Debitura answers 5xx or 429; every outcome logged and counted. Off, said once
 at start, when no API key is configured.
@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 
 from receiver import config, db, errors, vault
+from receiver.db import leases
 from receiver.debitura import api, management, reconcile, rotation
 from receiver.lifecycle import audit
 
@@ -94,23 +95,20 @@ async def _until_next_check(database: db.Database) -> float:
 
 
 async def run_once(rotator: rotation.Rotator, settings: config.Settings) -> bool:
-    """One run under the lock: resume open rotations, then rotate the due tokens.
+    """One run under the lease: resume open rotations, then rotate the due tokens.
     True when it stopped because Debitura was unavailable or rate limiting."""
-    async with rotator.database.connection() as conn:
-        if not await conn.fetchval(db.QUERIES["try_session_lock"], LOCK):
-            log.info("token_rotation_skipped", reason="another replica holds the lock")
+    async with leases.held(rotator.database, LOCK) as mine:
+        if not mine:
+            log.info("token_rotation_skipped", reason="another replica holds the lease")
             return False
-        try:
-            resumed = await rotator.resume(ACTOR, due_only=True)
-            unavailable = any(o.unavailable for o in resumed)
-            rotated = []
-            if not unavailable and settings.token_rotate_after_days > 0:
-                rotated = await rotator.rotate_due(
-                    ACTOR, limit=BATCH, rate=settings.token_rotate_rate, trigger="schedule"
-                )
-                unavailable = any(o.unavailable for o in rotated)
-        finally:
-            await conn.fetchval(db.QUERIES["session_unlock"], LOCK)
+        resumed = await rotator.resume(ACTOR, due_only=True)
+        unavailable = any(o.unavailable for o in resumed)
+        rotated = []
+        if not unavailable and settings.token_rotate_after_days > 0:
+            rotated = await rotator.rotate_due(
+                ACTOR, limit=BATCH, rate=settings.token_rotate_rate, trigger="schedule"
+            )
+            unavailable = any(o.unavailable for o in rotated)
     log.info(
         "token_rotation_run",
         resumed=len(resumed),
@@ -125,7 +123,7 @@ async def reconcile_forever(
     database: db.Database, settings: config.Settings, sealer: vault.Sealer
 ) -> None:
     """Reconcile on schedule and on partner applications' reports, until cancelled:
-    two loops, each under its own lock, so that a long run (a listing of many pages)
+    two loops, each under its own lease, so that a long run (a listing of many pages)
     never holds up the clients a partner application reported."""
     environments = api.configured(settings)
     if not environments:
@@ -170,39 +168,33 @@ async def _every(period: float, work: Callable[..., Awaitable[None]], *args: obj
 
 
 async def reconcile_reported(reconciler: reconcile.Reconciler, environments: list[str]) -> None:
-    """Under its lock: the clients partner applications reported (a second 401, a
+    """Under its lease: the clients partner applications reported (a second 401, a
     NoToken), each reconciled and its reports marked done."""
     database = reconciler.manager.database
-    async with database.connection() as conn:
-        if not await conn.fetchval(db.QUERIES["try_session_lock"], REPORTS_LOCK):
+    async with leases.held(database, REPORTS_LOCK) as mine:
+        if not mine:
             return
-        try:
-            for report in await database.fetch("link_reports_to_reconcile", BATCH):
-                if report["environment"] in environments:
-                    outcome = await reconciler.client(
-                        report["client_id"], report["environment"], RECONCILE_ACTOR
-                    )
-                    if outcome is not None and outcome.unavailable:
-                        break  # Debitura is struggling: the reports wait for the next poll
-                await database.fetchval("link_reports_reconciled", report["ids"])
-        finally:
-            await conn.fetchval(db.QUERIES["session_unlock"], REPORTS_LOCK)
+        for report in await database.fetch("link_reports_to_reconcile", BATCH):
+            if report["environment"] in environments:
+                outcome = await reconciler.client(
+                    report["client_id"], report["environment"], RECONCILE_ACTOR
+                )
+                if outcome is not None and outcome.unavailable:
+                    break  # Debitura is struggling: the reports wait for the next poll
+            await database.fetchval("link_reports_reconciled", report["ids"])
 
 
 async def reconcile_due(
     reconciler: reconcile.Reconciler, environments: list[str], interval: float
 ) -> None:
-    """Under its lock: a full run of each environment whose last complete run is
+    """Under its lease: a full run of each environment whose last complete run is
     older than `interval`."""
     database = reconciler.manager.database
-    async with database.connection() as conn:
-        if not await conn.fetchval(db.QUERIES["try_session_lock"], RECONCILE_LOCK):
+    async with leases.held(database, RECONCILE_LOCK) as mine:
+        if not mine:
             return
-        try:
-            last = {r["environment"]: r["at"] for r in await database.fetch("reconcile_last_runs")}
-            now = datetime.now(UTC).timestamp()
-            for environment in environments:
-                if now - last.get(environment, 0.0) >= interval:
-                    await reconciler.run(environment, RECONCILE_ACTOR, trigger="schedule")
-        finally:
-            await conn.fetchval(db.QUERIES["session_unlock"], RECONCILE_LOCK)
+        last = {r["environment"]: r["at"] for r in await database.fetch("reconcile_last_runs")}
+        now = datetime.now(UTC).timestamp()
+        for environment in environments:
+            if now - last.get(environment, 0.0) >= interval:
+                await reconciler.run(environment, RECONCILE_ACTOR, trigger="schedule")

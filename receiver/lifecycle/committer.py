@@ -12,8 +12,9 @@ event on both sides (bench/README.md, measured against two at a time). A second
 group starts beside it only when the one committing has taken SLOW_GROUP_SECONDS
 (it waits on a client's lock, say): the deliveries behind it are not held up by it.
 
-The SQL function takes every advisory lock a group needs first, in one order, so two
-groups never deadlock (sql/0001_baseline.sql). A group that fails for any reason
+The SQL function takes every client lock a group needs first, in one order, so two
+groups never deadlock (record_events_v6, sql/0018_1_pre_reader_proof_locks.sql: rows
+of a table the cache reader cannot lock). A group that fails for any reason
 but an unavailable database is retried one event at a time, so one bad event cannot
 fail the others; a delivery Postgres refuses a value of is then kept quarantined
 (`deliver`, store.record_delivery).
@@ -180,6 +181,13 @@ class GroupCommit:
         metrics.COMMIT_GROUP_SIZE.observe(len(group))
         try:
             outcomes = await self._record([w.row for w in group])
+        except errors.LockBusy as exc:
+            # One client's rows are held too long (the group waited on its lock):
+            # Postgres is fine, so readiness stays as it is (a lock wait of one client
+            # must not take the replica out of every client's rotation).
+            for waiting in group:
+                _fail(waiting, exc)
+            return
         except errors.DatabaseUnavailable as exc:
             self._failed_at = time.monotonic()
             for waiting in group:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from receiver import config, db, errors
+from receiver.db import leases
 
 log = structlog.get_logger(__name__)
 
@@ -22,7 +23,7 @@ log = structlog.get_logger(__name__)
 # milliseconds, so ingest never waits on it.
 PRUNE_BATCH = 500
 PRUNE_PAUSE_RATIO = 1.0
-_PRUNE_LOCK = "receiver.prune"
+PRUNE_LEASE = "receiver.prune"
 DAY_SECONDS = 86_400.0
 
 
@@ -56,24 +57,24 @@ async def prune(
     database: db.Database, settings: config.Settings, *, dry_run: bool = False
 ) -> PruneReport:
     """Drop what has outlived its retention, in batches of `PRUNE_BATCH` rows, each in
-    its own short transaction that first takes the prune's advisory lock: replicas
-    never prune at the same time, and one that finds the lock taken stops
+    its own short transaction, under the prune's lease (receiver.db.leases): replicas
+    never prune at the same time, and one that finds the lease taken stops
     (`ran=False`), leaving the work to the one that has it."""
     bodies_age, tokens_age, signals_age = _ages(settings)
     if dry_run:
         rows = await database.fetch("prune_counts", bodies_age, tokens_age, signals_age)
         return PruneReport(rows[0]["event_bodies"], rows[0]["token_values"], rows[0]["signals"])
     report = PruneReport()
-    for name, query, age in (
-        ("event_bodies", "prune_event_bodies", bodies_age),
-        ("token_values", "prune_token_values", tokens_age),
-        ("signals", "prune_signals", signals_age),
-    ):
-        done = await _batches(database, query, age)
-        if done is None:
+    async with leases.held(database, PRUNE_LEASE) as mine:
+        if not mine:
             report.ran = False
-            break
-        setattr(report, name, done)
+        else:
+            for name, query, age in (
+                ("event_bodies", "prune_event_bodies", bodies_age),
+                ("token_values", "prune_token_values", tokens_age),
+                ("signals", "prune_signals", signals_age),
+            ):
+                setattr(report, name, await _batches(database, query, age))
     log.info("prune_done" if report.ran else "prune_skipped", **report.as_dict())
     return report
 
@@ -81,7 +82,7 @@ async def prune(
 async def prune_every(database: db.Database, settings: config.Settings) -> None:
     """`serve`'s schedule: a prune every `RECEIVER_PRUNE_INTERVAL_SECONDS` (the first
     after a tenth of it, at most a minute), jittered so replicas spread out; the
-    advisory lock lets one of them at a time do the work. A failed run is logged and
+    lease lets one of them at a time do the work. A failed run is logged and
     tried again at the next interval: retention is never urgent, ingest is."""
     interval = settings.prune_interval_seconds
     delay = min(interval / 10, 60.0)
@@ -96,16 +97,12 @@ async def prune_every(database: db.Database, settings: config.Settings) -> None:
             log.exception("prune_failed")
 
 
-async def _batches(database: db.Database, query: str, age_seconds: float) -> int | None:
-    """Run one prune query batch after batch until a short one; None when another
-    process holds the prune lock."""
+async def _batches(database: db.Database, query: str, age_seconds: float) -> int:
+    """Run one prune query batch after batch until a short one."""
     total = 0
     while True:
         started = time.monotonic()
-        async with database.connection() as conn, conn.transaction():
-            if not await conn.fetchval(db.QUERIES["try_xact_lock"], _PRUNE_LOCK):
-                return None if total == 0 else total
-            done: int = await conn.fetchval(db.QUERIES[query], age_seconds, PRUNE_BATCH)
+        done: int = await database.fetchval(query, age_seconds, PRUNE_BATCH)
         total += done
         if done < PRUNE_BATCH:
             return total

@@ -51,7 +51,7 @@ class Row(NamedTuple):
     replaces: str | None = None
     # Ids (tokens) or keys (revocations) checked in memory against a prefix longer
     # than the stored one and found not to match; None: not checked
-    # (sql/0001_baseline.sql, record_events_v5).
+    # (sql/0001_baseline.sql, apply_group_v1).
     spared: list[str] | None = None
 
     def __repr__(self) -> str:

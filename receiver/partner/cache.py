@@ -7,7 +7,9 @@ TTL, `invalidate(client_id)`), wired to the receiver's invalidation signals:
   `receiver_cache_reader` role may read) and opened in memory, never stored elsewhere;
 - a dedicated connection LISTENs on the notify channel and drops a client's entry
   when its token changes; it reconnects with backoff and flushes everything on
-  reconnect, because notifications sent while it was away are lost;
+  reconnect, because notifications sent while it was away are lost. Anyone who can
+  connect can NOTIFY: a payload only ever drops the one client it names; an
+  unreadable one, or `*`, is ignored (logged, throttled);
 - `verify_signal` checks the receiver's HTTP signals (Standard Webhooks) in any web
   framework; `signal_handler` is the aiohttp handler built on it.
 
@@ -41,10 +43,29 @@ DEFAULT_TTL_SECONDS = 600.0
 HEALTH_CHECK_SECONDS = 5.0
 MAX_RECONNECT_DELAY_SECONDS = 30.0
 SIGNAL_TOLERANCE_SECONDS = 300
+# Unreadable NOTIFY payloads are counted and logged at most once this often.
+UNREADABLE_LOG_SECONDS = 60.0
+MAX_CLIENT_ID = 200
 
 Invalidated = Callable[[str, str], None]
 """`on_invalidated(client_id, reason)`: reason is `signal` (NOTIFY or HTTP),
 `reconnect` (client_id `*`: everything was dropped), or `link_invalid`."""
+
+
+def _notified_client(payload: object) -> str | None:
+    """The one client a NOTIFY payload names, or None when it names none readably (not
+    JSON, no `client_id`, not a string, `*`, longer than any client id)."""
+    try:
+        client_id = json.loads(str(payload))["client_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if (
+        not isinstance(client_id, str)
+        or not 0 < len(client_id) <= MAX_CLIENT_ID
+        or client_id == "*"
+    ):
+        return None
+    return client_id
 
 
 class CacheSettings(BaseSettings):
@@ -181,6 +202,8 @@ class TokenCache:
         # Bumped by every invalidation: a read that started before one is not cached.
         self._generations: dict[str, int] = {}
         self._epoch = 0
+        self._unreadable = 0
+        self._unreadable_logged_at = -UNREADABLE_LOG_SECONDS
         # An application's own pool may be shared (it stays the application's to close).
         self._database: db.Database | None = database
         self._own_database = database is None
@@ -350,13 +373,22 @@ class TokenCache:
             log.exception("on_invalidated hook failed")
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            client_id = json.loads(str(payload))["client_id"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable invalidation signal: dropping everything")
-            self.flush(reason="signal")  # unsure what changed: drop all, never serve stale
+        # Any role that can connect can NOTIFY on the channel, the cache reader
+        # included: what a payload can cost is one named client's entry (re-read from
+        # Postgres: harmless). An unreadable one, or one naming no single client
+        # (`*`), is ignored (docs/decisions.md): the receiver never sends either.
+        client_id = _notified_client(payload)
+        if client_id is None:
+            self._unreadable += 1
+            now = time.monotonic()
+            if now - self._unreadable_logged_at >= UNREADABLE_LOG_SECONDS:
+                log.warning(
+                    "unreadable invalidation signal ignored",
+                    extra={"ignored": self._unreadable},
+                )
+                self._unreadable, self._unreadable_logged_at = 0, now
             return
-        self.invalidate(str(client_id))
+        self.invalidate(client_id)
         log.info("invalidated", extra={"client_id": client_id, "via": "notify"})
 
     async def _listen_forever(self) -> None:

@@ -218,26 +218,35 @@ def own_postgres() -> Any:
     shutil.rmtree(root, ignore_errors=True)
 
 
-_CLIENT_LOCK = "SELECT pg_advisory_{}(hashtextextended('receiver.client:' || $1, 0))"
+_CLIENT_LOCK = "SELECT receiver.lock_clients_v1(ARRAY[$1::text])"
+# Sessions of this database waiting for a row another transaction holds (a client's
+# lock row, say).
+ROW_LOCK_WAITS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND wait_event_type = 'Lock' AND wait_event IN ('transactionid', 'tuple')"
+)
 
 
 @contextlib.asynccontextmanager
 async def client_lock(
     database_url: str, client_id: str
 ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    """Another session holding a client's lock (as a long transaction on that client
-    would); yields `release()`, which the block may call early."""
+    """Another session holding a client's lock (a long transaction on that client:
+    its row of receiver.client_locks); yields `release()`, which the block may call
+    early."""
     holder = await asyncpg.connect(database_url)
-    held = True
+    held = False
 
     async def release() -> None:
         nonlocal held
         if held:
-            await holder.execute(_CLIENT_LOCK.format("unlock"), client_id)
+            await holder.execute("COMMIT")
             held = False
 
     try:
-        await holder.execute(_CLIENT_LOCK.format("lock"), client_id)
+        await holder.execute("BEGIN")
+        held = True
+        await holder.execute(_CLIENT_LOCK, client_id)
         yield release
     finally:
         await holder.close()

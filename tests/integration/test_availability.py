@@ -189,7 +189,7 @@ async def test_client_lock_held_too_long_is_a_503_within_the_lock_timeout(
         assert response.status == 503
         assert response.headers["Retry-After"] == "5"
         # Postgres gave up on the lock (not the driver's 6 s backstop).
-        faults = [line["error"] for line in log_lines() if line["event"] == "database_unavailable"]
+        faults = [line["error"] for line in log_lines() if line["event"] == "database_lock_busy"]
         assert faults == ["LockNotAvailableError"]
         await release()
     retry = await client.post(

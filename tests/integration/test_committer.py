@@ -14,7 +14,7 @@ from receiver.config import Settings
 from receiver.lifecycle import committer, events, rows
 from receiver.service import app
 from tests import helpers
-from tests.integration.conftest import client_lock
+from tests.integration.conftest import ROW_LOCK_WAITS, client_lock
 from tests.integration.standins import eventually
 
 
@@ -77,12 +77,9 @@ async def test_a_group_stuck_on_a_lock_does_not_hold_up_the_next(
         stuck = asyncio.create_task(deliver("cli_held"))
 
         async def stuck_on_the_lock() -> bool:
-            # Postgres itself says the group is blocked on the client's advisory lock;
+            # Postgres itself says the group is blocked on the client's lock row;
             # a delivery merely inside the handler could still join the same group.
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
-            )
+            waiting = await conn.fetchval(ROW_LOCK_WAITS)
             return bool(waiting == 1)
 
         await eventually(stuck_on_the_lock)
@@ -112,10 +109,7 @@ async def test_a_row_still_queued_at_its_deadline_is_never_committed(
         first = asyncio.create_task(group.record(held))
 
         async def blocked() -> bool:
-            waits = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-                " AND datname = current_database()"
-            )
+            waits = await conn.fetchval(ROW_LOCK_WAITS)
             return bool(waits)
 
         await eventually(blocked)

@@ -124,14 +124,20 @@ async def test_serve_prunes_on_its_schedule_one_replica_at_a_time(
     aiohttp_client: Any, post: Post, conn: asyncpg.Connection, settings: Settings
 ) -> None:
     """With RECEIVER_PRUNE_INTERVAL_SECONDS set, serve prunes by itself; while another
-    process holds the prune lock, a prune does nothing and says so."""
+    process holds the prune's lease, a prune does nothing and says so."""
     await post(helpers.onboarding("cli_sched"))
     await age(conn, "cli_sched", 40)
-    async with conn.transaction():
-        await conn.fetchval(db.QUERIES["try_xact_lock"], "receiver.prune")
-        blocked = await cli(settings, "prune")
-        assert blocked.returncode == 1
-        assert "another process is pruning" in blocked.stderr
+    await conn.execute(
+        "UPDATE receiver.leases SET holder = 'other', until = now() + interval '1 hour'"
+        " WHERE name = 'receiver.prune'"
+    )
+    blocked = await cli(settings, "prune")
+    assert blocked.returncode == 1
+    assert "another process is pruning" in blocked.stderr
+    await conn.execute(
+        "UPDATE receiver.leases SET holder = NULL, until = '-infinity'"
+        " WHERE name = 'receiver.prune'"
+    )
     assert await values_of(conn, "cli_sched") == {"bodies": 1, "tokens": 1, "signals": 1}
 
     scheduled = settings.model_copy(update={"prune_interval_seconds": 0.5})

@@ -11,14 +11,15 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
 from receiver.config import Settings
+from receiver.db import migrations
 from tests import helpers
-from tests.integration import processes
-from tests.integration.conftest import Post, operator_env
+from tests.integration.conftest import ROW_LOCK_WAITS, Post, operator_env
 from tests.integration.standins import eventually
 from tests.integration.test_partner import as_role
 from tests.integration.test_rotation import with_new_primary
@@ -88,8 +89,10 @@ async def test_a_killed_events_reprocess_leaves_exactly_its_committed_deliveries
         body = {"id": key, "event": "client.onboarding_completed", "data": {"client_id": "c"}}
         assert (await (await post(body)).json())["status"] == "quarantined"
     holder = await asyncpg.connect(database_url)
-    lock = "SELECT pg_advisory_lock(hashtextextended('receiver.event:' || $1, 0))"
-    await holder.execute(lock, keys[9])
+    # The tenth's quarantined row, locked as a long transaction would (its
+    # reprocessing deletes that row first).
+    await holder.execute("BEGIN")
+    await holder.execute("SELECT 1 FROM receiver.events WHERE key = $1 FOR UPDATE", keys[9])
     reprocessor = subprocess.Popen(
         [sys.executable, "-m", "receiver", "events", "reprocess", *keys],
         env=operator_env(settings),
@@ -99,11 +102,7 @@ async def test_a_killed_events_reprocess_leaves_exactly_its_committed_deliveries
     try:
 
         async def waiting() -> bool:
-            return bool(
-                await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                )
-            )
+            return bool(await conn.fetchval(ROW_LOCK_WAITS))
 
         await eventually(waiting, seconds=60)
         reprocessor.kill()
@@ -167,37 +166,35 @@ async def test_the_runtime_role_cannot_forge_audit_history_or_the_migrations(
     assert [tuple(r) for r in rows] == [("app", True)]
 
 
-async def test_serve_says_who_holds_the_migration_lock_while_it_waits(
-    conn: asyncpg.Connection, settings: Settings, database_url: str
+async def test_a_migration_says_who_holds_the_migration_lock_while_it_waits(
+    empty_database_url: str, log_lines: Any
 ) -> None:
-    """A cache-reader session holding the migration lock (any role can take an
-    advisory lock) does not leave `serve` silent: it logs that it waits and who holds
-    the lock, and starts once the lock is let go."""
-    role, password = f"cache_{uuid.uuid4().hex[:10]}", secrets.token_hex(12)
-    await conn.execute(
-        f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE receiver_cache_reader"
-    )
-    reader = await asyncpg.connect(as_role(database_url, role, password))
+    """A migration pending while another session holds the migrations table's lock
+    (another migrator's transaction) waits, logs who holds it, and applies once it is
+    let go: replicas migrating at once take turns."""
+    last = migrations.available()[-1].name
+    before = [m.name for m in migrations.available()][-3]
+    await migrations.apply(empty_database_url, until=before)
+    holder = await asyncpg.connect(empty_database_url)
     try:
-        await reader.execute("SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0))")
-        port = processes.free_port()
-        with processes.serving(["--port", str(port)], operator_env(settings)) as (process, log):
+        await holder.execute("BEGIN")
+        await holder.execute("LOCK TABLE receiver.schema_migrations IN SHARE ROW EXCLUSIVE MODE")
+        applying = asyncio.create_task(migrations.apply(empty_database_url))
 
-            async def waiting() -> bool:
-                return any(
-                    '"migration_lock_waiting"' in line and f'"holder_role": "{role}"' in line
-                    for line in log.read_text().splitlines()
-                )
-
-            await eventually(waiting, seconds=60)
-            await reader.execute(
-                "SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0))"
+        async def waiting() -> bool:
+            return any(
+                line["event"] == "migration_lock_waiting"
+                and line.get("holder_pid") == holder.get_server_pid()
+                for line in log_lines()
             )
-            await processes.wait_healthy(port, process)
+
+        await eventually(waiting, seconds=30)
+        assert not applying.done()
+        await holder.execute("COMMIT")
+        applied = await asyncio.wait_for(applying, timeout=30)
     finally:
-        await reader.close()
-        await conn.execute(f"DROP OWNED BY {role}")
-        await conn.execute(f"DROP ROLE {role}")
+        await holder.close()
+    assert applied[-1] == last
 
 
 async def test_the_cache_view_shows_values_only_of_tokens_still_usable(

@@ -213,21 +213,22 @@ async def test_groups_sharing_keys_and_clients_never_deadlock(
     database_url: str, sealer: vault.Sealer
 ) -> None:
     """Two groups, sorted by client as the committer sorts them, that share a client
-    and an event key: the one holding the client lock next needs the key the other
-    holds while it waits for that lock. Both commit: every group takes all its locks
-    first, in one order. (Taking the client lock after the event insert, as the first
-    release did, this is a deadlock: Postgres aborts one group.)"""
+    and an event key (for another client), both waiting for that client's lock row.
+    Both commit: every group takes all its client locks first, in one order, and a key
+    two groups write is kept apart by the events table's key (the second waits on the
+    first's insert, then is retried and finds it taken). (Taking the client lock after
+    the event insert, as the first release did, this is a deadlock.)"""
     key_1, key_2 = f"evt_1_{uuid.uuid4().hex}", f"evt_2_{uuid.uuid4().hex}"
     first = [_row(sealer, helpers.onboarding("cli_a", event_id=key_1))]
     second = [
         _row(sealer, helpers.onboarding("cli_a", event_id=key_2)),
         _row(sealer, helpers.onboarding("cli_b", event_id=key_1)),
     ]
-    lock = "SELECT pg_advisory_{}(hashtextextended('receiver.client:' || 'cli_a', 0))"
     holder = await asyncpg.connect(database_url)
     groups = [await asyncpg.connect(database_url) for _ in range(2)]
     try:
-        await holder.execute(lock.format("lock"))
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT receiver.lock_clients_v1(ARRAY['cli_a'])")
         calls = []
         # The second group queues for the client lock first, so it gets it first.
         for conn, group in ((groups[1], second), (groups[0], first)):
@@ -236,7 +237,7 @@ async def test_groups_sharing_keys_and_clients_never_deadlock(
                 asyncio.create_task(conn.fetch(db.QUERIES["record_events"], group, "c", False))
             )
             await _wait_until_blocked(holder, [conn.get_server_pid()])
-        await holder.execute(lock.format("unlock"))
+        await holder.execute("COMMIT")
         results = await asyncio.wait_for(asyncio.gather(*calls), timeout=20)
     finally:
         for conn in (holder, *groups):
@@ -257,9 +258,9 @@ async def test_the_lifecycle_functions_keep_their_generic_plans(conn: asyncpg.Co
         row["proname"]: row["proconfig"]
         for row in await conn.fetch(
             "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = 'receiver'::regnamespace"
-            " AND proname IN ('record_events_v5', 'apply_group_v1', 'reapply_v1')"
+            " AND proname IN ('record_events_v6', 'apply_group_v1', 'reapply_v1')"
         )
     }
-    assert set(settings) == {"record_events_v5", "apply_group_v1", "reapply_v1"}
+    assert set(settings) == {"record_events_v6", "apply_group_v1", "reapply_v1"}
     for name, config in settings.items():
         assert "plan_cache_mode=force_generic_plan" in (config or []), name
