@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -44,8 +45,18 @@ FIRST_PAUSE_SECONDS = 30.0
 MIN_WAIT_SECONDS = 1.0
 
 
-async def run(database: db.Database, settings: config.Settings, sealer: vault.Sealer) -> None:
-    """Run the schedule until cancelled."""
+Live = Callable[[], config.Settings]
+
+
+async def run(
+    database: db.Database,
+    settings: config.Settings,
+    sealer: vault.Sealer,
+    live: Live | None = None,
+) -> None:
+    """Run the schedule until cancelled. `live` gives the settings in force now (a
+    SIGHUP may have changed the API keys since the start); by default `settings`."""
+    current = live or (lambda: settings)
     environments = api.configured(settings)
     if not environments:
         log.info("token_rotation_schedule_off", reason="no Debitura API key configured")
@@ -61,10 +72,12 @@ async def run(database: db.Database, settings: config.Settings, sealer: vault.Se
     interval = settings.token_rotate_interval_seconds
     pause = FIRST_PAUSE_SECONDS
     async with aiohttp.ClientSession() as session:
-        rotator = rotation.Rotator(database, settings, sealer, api.Api(session, settings))
+        client = api.Api(session, settings)
         while True:
+            # Made for each run: the API keys it calls with are the ones in force.
+            rotator = rotation.Rotator(database, current(), sealer, client)
             try:
-                unavailable = await run_once(rotator, settings)
+                unavailable = await run_once(rotator, rotator.settings)
             except errors.ReceiverError as exc:
                 log.warning("token_rotation_run_failed", error=type(exc).__name__)
                 unavailable = True
@@ -120,11 +133,17 @@ async def run_once(rotator: rotation.Rotator, settings: config.Settings) -> bool
 
 
 async def reconcile_forever(
-    database: db.Database, settings: config.Settings, sealer: vault.Sealer
+    database: db.Database,
+    settings: config.Settings,
+    sealer: vault.Sealer,
+    live: Live | None = None,
 ) -> None:
     """Reconcile on schedule and on partner applications' reports, until cancelled:
     two loops, each under its own lease, so that a long run (a listing of many pages)
-    never holds up the clients a partner application reported."""
+    never holds up the clients a partner application reported. After a run that could
+    not finish (Debitura unavailable), the next waits twice as long as the last, from
+    the poll up to the interval. `live`: as for `run`."""
+    current = live or (lambda: settings)
     environments = api.configured(settings)
     if not environments:
         log.info("reconcile_schedule_off", reason="no Debitura API key configured")
@@ -136,22 +155,49 @@ async def reconcile_forever(
         interval_hours=settings.reconcile_interval_hours,
     )
     async with aiohttp.ClientSession() as session:
-        manager = management.Manager(database, settings, sealer, api.Api(session, settings))
-        reconciler = reconcile.Reconciler(manager)
-        loops = [
-            _every(settings.reconcile_poll_seconds, reconcile_reported, reconciler, environments)
-        ]
+        client = api.Api(session, settings)
+
+        def reconciler() -> reconcile.Reconciler:
+            # Made for each run: the API keys it calls with are the ones in force.
+            return reconcile.Reconciler(management.Manager(database, current(), sealer, client))
+
+        async def reported() -> None:
+            await reconcile_reported(reconciler(), environments)
+
+        paused = Backoff(settings.reconcile_poll_seconds, interval)
+
+        async def due() -> None:
+            await reconcile_due(reconciler(), environments, interval, paused)
+
+        loops = [_every(settings.reconcile_poll_seconds, reported)]
         if interval > 0:
-            loops.append(
-                _every(
-                    settings.reconcile_poll_seconds,
-                    reconcile_due,
-                    reconciler,
-                    environments,
-                    interval,
-                )
-            )
+            loops.append(_every(settings.reconcile_poll_seconds, due))
         await asyncio.gather(*loops)
+
+
+class Backoff:
+    """When each environment's full run may be tried again after one that could not
+    finish: the pause doubles from `first` up to `longest`, and a complete run ends it."""
+
+    def __init__(self, first: float, longest: float) -> None:
+        self._first = first
+        self._longest = max(longest, first)
+        self._until: dict[str, tuple[float, float]] = {}  # environment -> (at, pause)
+
+    def waiting(self, environment: str, now: float) -> bool:
+        """Whether `environment` is still paused at `now` (monotonic seconds)."""
+        at, _ = self._until.get(environment, (0.0, 0.0))
+        return now < at
+
+    def ran(self, environment: str, *, complete: bool, now: float) -> None:
+        """Record a run: complete ends the pause; incomplete doubles it."""
+        if complete:
+            self._until.pop(environment, None)
+            return
+        _, pause = self._until.get(environment, (0.0, self._first / 2))
+        pause = min(pause * 2, self._longest)
+        self._until[environment] = (now + pause, pause)
+        log.info("reconcile_paused", environment=environment, retry_in_seconds=round(pause))
 
 
 async def _every(period: float, work: Callable[..., Awaitable[None]], *args: object) -> None:
@@ -185,10 +231,13 @@ async def reconcile_reported(reconciler: reconcile.Reconciler, environments: lis
 
 
 async def reconcile_due(
-    reconciler: reconcile.Reconciler, environments: list[str], interval: float
+    reconciler: reconcile.Reconciler,
+    environments: list[str],
+    interval: float,
+    paused: Backoff | None = None,
 ) -> None:
     """Under its lease: a full run of each environment whose last complete run is
-    older than `interval`."""
+    older than `interval` and that is not paused after a run that could not finish."""
     database = reconciler.manager.database
     async with leases.held(database, RECONCILE_LOCK) as mine:
         if not mine:
@@ -196,5 +245,10 @@ async def reconcile_due(
         last = {r["environment"]: r["at"] for r in await database.fetch("reconcile_last_runs")}
         now = datetime.now(UTC).timestamp()
         for environment in environments:
-            if now - last.get(environment, 0.0) >= interval:
-                await reconciler.run(environment, RECONCILE_ACTOR, trigger="schedule")
+            if now - last.get(environment, 0.0) < interval:
+                continue
+            if paused is not None and paused.waiting(environment, time.monotonic()):
+                continue
+            summary = await reconciler.run(environment, RECONCILE_ACTOR, trigger="schedule")
+            if paused is not None:
+                paused.ran(environment, complete=summary.complete, now=time.monotonic())

@@ -112,7 +112,7 @@ async def _token_rotation(app: web.Application) -> AsyncIterator[None]:
     # Scheduled rotation and the resumption of unfinished ones (docs/design.md §9);
     # it says once that it is off when no Debitura API key is configured.
     task = asyncio.create_task(
-        schedule.run(app[state.DATABASE], app[state.SETTINGS], app[state.SEALER]),
+        schedule.run(app[state.DATABASE], app[state.SETTINGS], app[state.SEALER], _live(app)),
         name="token_rotation",
     )
     yield
@@ -121,11 +121,19 @@ async def _token_rotation(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+def _live(app: web.Application) -> schedule.Live:
+    """The settings in force now (SIGHUP may have changed the API keys)."""
+    live = app[state.LIVE]
+    return lambda: live.settings
+
+
 async def _reconcile(app: web.Application) -> AsyncIterator[None]:
     # Reconciling the vault with Debitura, on schedule and on partner applications'
     # reports (docs/design.md §9); off, said once, without a Debitura API key.
     task = asyncio.create_task(
-        schedule.reconcile_forever(app[state.DATABASE], app[state.SETTINGS], app[state.SEALER]),
+        schedule.reconcile_forever(
+            app[state.DATABASE], app[state.SETTINGS], app[state.SEALER], _live(app)
+        ),
         name="reconcile",
     )
     yield

@@ -533,3 +533,46 @@ async def test_the_readme_jwt_example_runs_against_the_sandbox_for_a_client_link
     assert result.stdout.startswith("201 "), result.stdout
     assert sandbox.api_key not in result.stdout + result.stderr
     assert helpers.find_canaries(result.stdout + result.stderr) == []
+
+
+async def test_a_reloaded_api_key_reaches_serves_reconcile(
+    settings: Settings, sandbox: Sandbox, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Debitura's API key given as RECEIVER_DEBITURA_API_KEY_FILE: after the key is
+    changed at Debitura, `serve`'s reconcile runs fail (and pause) until the new key is
+    written to the file and `kill -HUP` reloads it; then a run completes, with no
+    restart."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text(sandbox.api_key + "\n")
+    env = api_env(
+        settings,
+        sandbox,
+        RECEIVER_RECONCILE_POLL_SECONDS="0.2",
+        RECEIVER_RECONCILE_INTERVAL_HOURS="0.0001",
+    )
+    env.pop("RECEIVER_DEBITURA_API_KEY")
+    env["RECEIVER_DEBITURA_API_KEY_FILE"] = str(key_file)
+    new_key = "sk_sandbox_" + "n" * 32
+    helpers.CANARIES.add(new_key)
+    sandbox.api_key = new_key  # rotated at Debitura: the configured key is refused
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+
+        async def refused() -> bool:
+            return "reconcile_stopped" in output.read_text()
+
+        await eventually(refused)
+        key_file.write_text(new_key + "\n")
+        process.send_signal(signal.SIGHUP)
+
+        async def completed() -> bool:
+            return bool(
+                await conn.fetchval("SELECT count(*) FROM receiver.reconcile_runs WHERE complete")
+            )
+
+        await eventually(completed, seconds=30)
+        assert process.poll() is None
+        text = output.read_text()
+    assert '"changed": ["RECEIVER_DEBITURA_API_KEY"]' in text
+    assert helpers.find_canaries(text) == []
