@@ -85,7 +85,14 @@ CONNECTIONS_REFUSED = Counter(
 )
 CONNECTIONS_EVICTED = Counter(
     "receiver_connections_evicted_total",
-    "Idle connections closed to make room for a new one: RECEIVER_MAX_CONNECTIONS were open",
+    "Connections with the least progress closed to make room for a new one: "
+    "RECEIVER_MAX_CONNECTIONS were open",
+)
+CONNECTION_CUT_REASONS = ("slow_body", "slow_headers", "source_limit")
+CONNECTIONS_CUT = Counter(
+    "receiver_connections_cut_total",
+    "Connections closed without an answer, by reason (slow_body, slow_headers, source_limit)",
+    ["reason"],
 )
 REQUESTS_REFUSED = Counter(
     "receiver_requests_refused_total",
@@ -160,6 +167,8 @@ def initialise_labels(
         child(SIGNATURE_FAILURES, reason)
     for kind in DATABASE_ERROR_KINDS:
         DATABASE_ERRORS.labels(kind=kind)
+    for reason in CONNECTION_CUT_REASONS:
+        child(CONNECTIONS_CUT, reason)
     for retried in ("true", "false"):
         SIGNAL_FAILURES.labels(retried=retried)
 

@@ -200,6 +200,13 @@ async def _serve_until_stopped(
         # them as for a body, and a stranger holding connections open without a
         # request loses each that soon (not after the keep-alive timeout).
         header_seconds=min(settings.body_timeout_seconds, settings.keepalive_seconds),
+        # A body slower than this (after the grace) holds a connection for nothing: a
+        # delivery is a few KB sent at once. Strangers from one address hold at most
+        # so many connections until one authenticates (README "Security").
+        body_floor=settings.min_body_bytes_per_second,
+        body_grace=settings.min_body_rate_grace_seconds,
+        max_per_source=settings.max_connections_per_source,
+        trusted=settings.trusted_proxies,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
         # aiohttp starts this timer when a connection opens and again after each answer,
         # and closes the connection if no complete request has arrived when it fires:

@@ -14,7 +14,7 @@ from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from receiver import errors, metrics, redaction
-from receiver.log import PerSource
+from receiver.log import PerSource, Throttle
 from receiver.service import forwarded
 
 log = structlog.get_logger(__name__)
@@ -27,6 +27,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # Forged or stale deliveries cost a stranger nothing to send: the first from a
 # source in 10 s gets its request line, the rest a count in one summary line.
 _REFUSED_SIGNATURES = PerSource("request_signature_refused")
+_DISCONNECTED = Throttle("client_disconnected")
 _HTTP_ERRORS: dict[int, type[errors.ReceiverError]] = {
     404: errors.NotFound,
     405: errors.MethodNotAllowed,
@@ -93,7 +94,11 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     except ConnectionError:
         # The sender went away mid-body: nobody is left to answer, and it is no fault
         # of ours (aiohttp's payload raises ConnectionResetError).
-        log.info("client_disconnected", remote=forwarded.client_address(request))
+        # Also what a connection cut for a trickled body looks like from here: a flood
+        # of those gets ten lines, then a count.
+        quiet = not _DISCONNECTED.allow()
+        if not quiet:
+            log.info("client_disconnected", remote=forwarded.client_address(request))
         error_code = "client_disconnected"
         response = _error_response(errors.InvalidRequest("client disconnected"))
     except Exception:

@@ -19,19 +19,22 @@ import ctypes
 import ctypes.util
 import gc
 import json
+from collections.abc import Iterable
 from typing import Any, cast
 
 import structlog
-from aiohttp import web, web_protocol, web_request, web_server
+from aiohttp import streams, web, web_protocol, web_request, web_server
 
 from receiver import errors, metrics
 from receiver.log import Throttle
+from receiver.service import connections
 
 log = structlog.get_logger(__name__)
 
 _DETAIL_CHARS = 80
 # One line per refused connection, up to 10 in 10 s; then one summary line.
 _PROTOCOL_ERRORS = Throttle("http_protocol_error")
+_CUTS = Throttle("connection_cut")
 # After a crowd of connections (this many at once) has thinned to a quarter of its
 # peak, the memory their buffers held is handed back to the system (see _trim).
 _TRIM_AFTER_PEAK = 256
@@ -51,12 +54,25 @@ _OVER_CAPACITY_ANSWER = (
 
 class _Protocol(web_protocol.RequestHandler):
     _header_deadline: asyncio.TimerHandle | None = None
+    _opened_at = 0.0
+    _received = 0
+    # The body being received (none: between requests, or it is all here), and since
+    # when; the timer that checks its rate.
+    _body: streams.StreamReader | None = None
+    _body_started = 0.0
+    _body_check: asyncio.TimerHandle | None = None
+    # The address this connection is counted against until it authenticates.
+    _source: str | None = None
+    # The request that proved itself authentic: while it runs, never evicted.
+    _verified: web_request.BaseRequest | None = None
+    _leaving = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
         if not isinstance(manager, _Server):
             return
+        self._opened_at = self._loop.time()
         manager.note_connections()
         if manager.header_seconds is not None:
             # aiohttp's own guard for a connection that has sent no request yet is the
@@ -65,45 +81,103 @@ class _Protocol(web_protocol.RequestHandler):
             self._header_deadline = self._loop.call_later(
                 manager.header_seconds, self._headers_late
             )
-        if manager.max_connections is None:
-            return
-        if len(manager.connections) > manager.max_connections and not manager.evict_idle(self):
-            # Past the cap, with every other connection busy, a connection costs us
-            # nothing more than this answer: nothing is read, and the sender is told
-            # to come back.
+        if not manager.admit(self, transport):
+            # Past a cap, with nobody to make room, a connection costs us nothing more
+            # than this answer: nothing is read, and the sender is told to come back.
             metrics.CONNECTIONS_REFUSED.inc()
             cast(asyncio.Transport, transport).write(_OVER_CAPACITY_ANSWER)
             self.force_close()
             transport.close()
 
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued and isinstance(self._manager, _Server):
+            # Headers complete: a body, if one follows, is watched from now on.
+            body = self._messages[-1][1]
+            if not body.is_eof():
+                self._watch_body(body, self._manager.body_floor, self._manager.body_grace)
+
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
+        for handle in (self._header_deadline, self._body_check):
+            if handle is not None:
+                handle.cancel()
+        self._header_deadline = self._body_check = None
+        self._body = None
+        if isinstance(self._manager, _Server):
+            self._manager.forget(self)
         super().connection_lost(exc)
 
     def _headers_late(self) -> None:
         self._header_deadline = None
         if self._request_count == 0 and not self._force_close:
-            log.debug("connection_headers_late")
-            self.force_close()
+            self.cut("slow_headers")
 
-    def idle_since(self) -> float | None:
-        """When it became idle, if it is: waiting for a request (none begun, or
-        between keep-alive requests) with no handler running, so closing it loses
-        nobody's delivery."""
-        waiter = self._waiter
-        if (
-            waiter is None
-            or waiter.done()
-            or self._request_in_progress
-            or self._messages
-            or self._force_close
-        ):
-            return None
-        # aiohttp sets the keep-alive close time when the connection opens and after
-        # each answer: both are when it became idle.
-        return self._next_keepalive_close_time - self._keepalive_timeout
+    def _watch_body(self, body: streams.StreamReader, floor: float | None, grace: float) -> None:
+        self._body, self._body_started = body, self._loop.time()
+        if self._body_check is not None:
+            self._body_check.cancel()
+            self._body_check = None
+        if floor is None:
+            return
+        self._body_check = self._loop.call_at(
+            self._body_started + grace, self._check_body, floor, grace
+        )
+
+    def _check_body(self, floor: float, grace: float) -> None:
+        self._body_check = None
+        body = self._body
+        if body is None or body.is_eof() or self._force_close:
+            self._body = None
+            return
+        due = connections.body_cut_at(self._body_started, body.total_bytes, floor, grace)
+        if due > self._loop.time():
+            self._body_check = self._loop.call_at(due, self._check_body, floor, grace)
+            return
+        # Slower than the floor: a delivery (a few KB) comes at once, and Debitura
+        # retries anything cut; a stranger trickling a body is holding a connection.
+        self.cut("slow_body")
+
+    def cut(self, reason: str) -> None:
+        """Close the connection without an answer (nobody is waiting for one worth
+        having), counted by `reason` and logged at most ten times in ten seconds."""
+        metrics.child(metrics.CONNECTIONS_CUT, reason).inc()
+        if _CUTS.allow():
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            log.info("connection_cut", reason=reason, remote=peer[0] if peer else None)
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close the connection; a handler reading its body sees the sender gone (as
+        when the sender hangs up), not a closed transport, which aiohttp reports as a
+        RuntimeError if the handler reads before the close has been processed."""
+        body = self._body
+        if body is not None and not body.is_eof() and body.exception() is None:
+            body.set_exception(ConnectionResetError("connection closed by the receiver"))
+            # The exception's traceback will tie the body into a cycle that waits for a
+            # full collection: what it buffered (up to a 64 KiB body) is let go now.
+            body._buffer.clear()
+        self.force_close()
+
+    def verified(self, request: web_request.BaseRequest) -> None:
+        """`request` carried an authentic delivery: the connection no longer counts
+        against its source, and is not evicted while that request runs."""
+        self._verified = request
+        if self._source is not None and isinstance(self._manager, _Server):
+            self._manager.authenticated(self)
+
+    def evictable(self) -> bool:
+        """Whether closing it loses nobody's authentic delivery: any connection except
+        one running a request already verified (a delivery waiting for its commit),
+        and one already closing."""
+        if self._force_close:
+            return False
+        return self._verified is None or self._verified is not self._current_request
+
+    def rank(self, now: float) -> tuple[bool, float]:
+        """Where it stands in making room (connections.rank)."""
+        return connections.rank(self._received, now - self._opened_at)
 
     def handle_error(
         self,
@@ -135,6 +209,10 @@ class _Protocol(web_protocol.RequestHandler):
 class _Server(web_server.Server):
     max_connections: int | None = None
     header_seconds: float | None = None
+    body_floor: float | None = None
+    body_grace = 0.0
+    sources: connections.Sources | None = None
+    _leaving = 0  # evicted, not yet gone: they no longer count against the cap
     _peak = 0
     _trim_check: asyncio.TimerHandle | None = None
 
@@ -148,23 +226,57 @@ class _Server(web_server.Server):
         if self._peak >= _TRIM_AFTER_PEAK and self._trim_check is None:
             self._trim_check = self._loop.call_later(_TRIM_CHECK_SECONDS, self._after_crowd)
 
-    def evict_idle(self, newcomer: _Protocol) -> bool:
-        """Close the connection that has waited longest for a request, to make room
-        for `newcomer`; whether there was one. A crowd of idle strangers cannot keep a
-        sender out: each newcomer costs the longest-idle of them its connection."""
-        oldest: _Protocol | None = None
-        oldest_since = 0.0
-        for handler in self._connections:
-            if handler is newcomer or not isinstance(handler, _Protocol):
-                continue
-            since = handler.idle_since()
-            if since is not None and (oldest is None or since < oldest_since):
-                oldest, oldest_since = handler, since
-        if oldest is None:
-            return False
-        metrics.CONNECTIONS_EVICTED.inc()
-        oldest.force_close()
-        return True
+    def admit(self, newcomer: _Protocol, transport: asyncio.BaseTransport) -> bool:
+        """Make room for `newcomer` if a cap calls for it; whether it may stay. Its
+        source's connections not yet authenticated make room first (the least
+        progress of them goes), then past RECEIVER_MAX_CONNECTIONS everyone's
+        connections do: a crowd of strangers, idle or trickling headers or a body,
+        cannot keep a sender out, and one that authenticated loses nothing in flight."""
+        sources = self.sources
+        if sources is not None:
+            peer = transport.get_extra_info("peername")
+            address = peer[0] if isinstance(peer, tuple) and peer else None
+            if sources.counted(address):
+                assert address is not None
+                if sources.full(address):
+                    others = (c for c in sources.holding(address) if c is not newcomer)
+                    if not self._evict(others, 1, "source_limit"):
+                        return False
+                sources.add(address, newcomer)
+                newcomer._source = address
+        cap = self.max_connections
+        if cap is None or len(self.connections) - self._leaving <= cap:
+            return True
+        # A few at once (1/64 of the cap), so that in a flood the next newcomers find
+        # room without another pass over every connection.
+        others = (c for c in self._connections if c is not newcomer)
+        return self._evict(others, max(1, cap // 64), None)
+
+    def _evict(self, among: Iterable[Any], count: int, reason: str | None) -> bool:
+        chosen = connections.least_progress(among, self._loop.time(), count)
+        for connection in chosen:
+            assert isinstance(connection, _Protocol)
+            connection._leaving = True
+            self._leaving += 1
+            if reason is None:
+                metrics.CONNECTIONS_EVICTED.inc()
+                connection.close_now()
+            else:
+                connection.cut(reason)
+        return bool(chosen)
+
+    def authenticated(self, connection: _Protocol) -> None:
+        """`connection` sent an authentic delivery: its source's count lets it go."""
+        if self.sources is not None and connection._source is not None:
+            self.sources.discard(connection._source, connection)
+        connection._source = None
+
+    def forget(self, connection: _Protocol) -> None:
+        """`connection` is gone."""
+        self.authenticated(connection)
+        if connection._leaving:
+            connection._leaving = False
+            self._leaving -= 1
 
     def _after_crowd(self) -> None:
         self._trim_check = None
@@ -209,8 +321,12 @@ def _trim() -> bool:
 class Runner(web.AppRunner):
     """An `AppRunner` whose connections answer unparsable requests in JSON, close a
     connection that has not sent its first request's headers within `header_seconds`,
-    and past `max_connections` close the oldest idle connection (or, when none is
-    idle, answer the newcomer 503 at once)."""
+    close one whose body arrives slower than `body_floor` bytes per second once
+    `body_grace` seconds have passed, let each source address hold at most
+    `max_per_source` connections not yet authenticated (its least-progress one makes
+    room; `trusted` addresses are not counted), and past `max_connections` close the
+    connections with the least progress (or, when every other one carries an authentic
+    delivery, answer the newcomer 503 at once)."""
 
     def __init__(
         self,
@@ -218,11 +334,20 @@ class Runner(web.AppRunner):
         *,
         max_connections: int | None = None,
         header_seconds: float | None = None,
+        body_floor: float | None = None,
+        body_grace: float = 0.0,
+        max_per_source: int | None = None,
+        trusted: tuple[Any, ...] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self._header_seconds = header_seconds
+        self._body_floor = body_floor
+        self._body_grace = body_grace
+        self._sources = (
+            None if max_per_source is None else connections.Sources(max_per_source, trusted)
+        )
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
@@ -235,4 +360,15 @@ class Runner(web.AppRunner):
         )
         ours.max_connections = self._max_connections
         ours.header_seconds = self._header_seconds
+        ours.body_floor = self._body_floor
+        ours.body_grace = self._body_grace
+        ours.sources = self._sources
         return ours
+
+
+def note_authentic(request: web_request.BaseRequest) -> None:
+    """The request carried a delivery whose signature verified: its connection is an
+    authenticated sender's from now on (see `Runner`)."""
+    protocol = request.protocol
+    if isinstance(protocol, _Protocol):
+        protocol.verified(request)

@@ -16,7 +16,7 @@ from aiohttp import http_exceptions, web
 
 from receiver import errors, metrics, signing
 from receiver.lifecycle import events, rows
-from receiver.service import state
+from receiver.service import server, state
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +69,7 @@ async def receive(request: web.Request) -> web.Response:
     signature = request.headers.get(signing.SIGNATURE_HEADER)
     secret_sets = request.app[state.SECRET_SETS]
     _, signed_by = signing.authenticate(signature, body, secret_sets, settings.signature_tolerance)
+    server.note_authentic(request)
     load = request.app[state.LOAD]
     if load.in_flight >= settings.max_requests_in_flight:
         metrics.REQUESTS_REFUSED.inc()

@@ -18,6 +18,7 @@ import http.client
 import json
 import socket
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -102,6 +103,10 @@ def test_slow_bodies_do_not_take_the_slots_of_signed_deliveries(database_url: st
         database_url,
         RECEIVER_MAX_REQUESTS_IN_FLIGHT="50",
         RECEIVER_BODY_TIMEOUT_SECONDS="60",
+        # Strangers and deliveries share 127.0.0.1 here, so a per-source cap would
+        # count them together; this test is about the in-flight slots (test_floods.py
+        # has the per-source cap, deliveries from another address).
+        RECEIVER_MAX_CONNECTIONS_PER_SOURCE="1000",
     ) as (port, secret):
         held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(strangers)]
         try:
@@ -192,30 +197,83 @@ def test_the_oldest_idle_connection_makes_room_for_a_new_one(database_url: str) 
                 sock.close()
 
 
-def test_busy_connections_past_the_cap_get_503(database_url: str) -> None:
-    """With RECEIVER_MAX_CONNECTIONS=3 and three connections each in the middle of a
-    body, a fourth is answered 503 `overloaded` at once: none of the three is idle."""
-    with _serve(database_url, RECEIVER_MAX_CONNECTIONS="3", RECEIVER_BODY_TIMEOUT_SECONDS="60") as (
-        port,
-        _,
-    ):
-        busy = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+def test_a_trickled_body_makes_room_before_a_prompt_one(database_url: str) -> None:
+    """With RECEIVER_MAX_CONNECTIONS=3, two connections trickling a body (one byte in
+    5 s) and one that sent most of its body at once: a newcomer is served, and the one
+    closed to make room is a trickler, not the prompt sender, not the newcomer."""
+    head = (
+        b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
+    )
+    with _serve(
+        database_url,
+        RECEIVER_MAX_CONNECTIONS="3",
+        RECEIVER_BODY_TIMEOUT_SECONDS="60",
+        RECEIVER_MIN_BODY_RATE_GRACE_SECONDS="60",
+    ) as (port, _):
+        open_ = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
         try:
-            for sock in busy:
-                sock.sendall(
-                    b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-                )
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
-                answer = b""
-                while chunk := extra.recv(4096):
-                    answer += chunk
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 503"), head
-            assert json.loads(body)["error"]["code"] == "overloaded"
+            prompt, *tricklers = open_
+            prompt.sendall(head + b"{" * 50_000)
+            for sock in tricklers:
+                sock.sendall(head + b"{")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as newcomer:
+                newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert _read_answer(newcomer).startswith(b"HTTP/1.1 200")
+            closed = []
+            for sock in open_:
+                sock.settimeout(0.5)
+                try:
+                    closed.append(sock.recv(1) == b"")
+                except TimeoutError:
+                    closed.append(False)
+                except OSError:
+                    closed.append(True)
+            assert closed[0] is False, "the prompt sender was closed"
+            assert any(closed[1:]), "no trickler was closed"
         finally:
-            for sock in busy:
+            for sock in open_:
                 sock.close()
+
+
+def test_a_body_slower_than_the_floor_is_cut(database_url: str) -> None:
+    """A body trickled at a byte every 0.1 s (10 B/s, floor 1 KiB/s, grace 1 s, body
+    timeout 60 s): the connection is closed without an answer within a few seconds,
+    and the cut is counted as `slow_body`."""
+    with _serve(
+        database_url,
+        RECEIVER_BODY_TIMEOUT_SECONDS="60",
+        RECEIVER_MIN_BODY_RATE_GRACE_SECONDS="1",
+    ) as (port, _):
+        started = time.monotonic()
+        closed = False
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /webhooks/debitura HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            )
+            answer = b""
+            for _ in range(100):  # 10 s if never cut
+                try:
+                    sock.sendall(b" ")
+                    sock.settimeout(0.1)
+                    chunk = sock.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+                answer += chunk
+                if not chunk:
+                    closed = True
+                    break
+        elapsed = time.monotonic() - started
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            exposition = page.read().decode()
+    assert closed, "a 10 B/s body was never cut"
+    assert elapsed < 5, elapsed
+    assert b"HTTP/1.1 2" not in answer
+    assert 'receiver_connections_cut_total{reason="slow_body"} 1.0' in exposition
 
 
 def test_a_connection_without_headers_is_closed_before_the_keepalive_timeout(
