@@ -233,7 +233,7 @@ class Settings(BaseSettings):
     min_body_rate_grace_seconds: float = Field(default=2.0, gt=0, le=60)
     # Connections one TCP peer holds before any of them carried an authentic delivery;
     # past it the peer's least-progress one makes room. Trusted proxies are exempt.
-    max_connections_per_source: int = Field(default=64, ge=1, le=1_000_000)
+    max_connections_per_source: int = Field(default=256, ge=1, le=1_000_000)
     # /metrics reads its Postgres gauges at most this often, whatever the scrapers do.
     metrics_refresh_seconds: float = Field(default=5.0, ge=0, le=3600)
     # Retention (docs/decisions.md): how long values are kept before `prune` drops
