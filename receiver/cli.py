@@ -656,8 +656,14 @@ def _add_sandbox(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--api-key", help="the XApiKey it expects (default: generated and printed once)"
     )
-    parser.add_argument("--webhook-url", help="the receiver's webhook URL")
-    parser.add_argument("--webhook-secret", metavar="B64", help="base64 webhook secret")
+    parser.add_argument(
+        "--webhook-url", help="the receiver's webhook URL (no default, except with --dev)"
+    )
+    parser.add_argument(
+        "--webhook-secret",
+        metavar="B64",
+        help="base64 webhook secret to sign with (never read from RECEIVER_WEBHOOK_SECRETS)",
+    )
     parser.add_argument(
         "--time-scale",
         type=_positive_float,
@@ -674,6 +680,7 @@ def _add_sandbox(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--dev",
         action="store_true",
-        help="send webhooks to `make run`'s receiver, signed with its dev secret",
+        help="send webhooks to `make run`'s receiver (unless --webhook-url), signed with "
+        "the dev secret it generated into RECEIVER_DATA_DIR (unless --webhook-secret)",
     )
     parser.set_defaults(run=sandbox_command.run)

@@ -500,6 +500,16 @@ def webhook_secret_for_replay(*, dev: bool) -> bytes | None:
     return None
 
 
+def dev_webhook_secret() -> tuple[bytes, Path]:
+    """The webhook secret `serve --dev` keeps in the dev data directory (generated
+    there on first use, as `serve --dev` would), and the file it is kept in: what
+    `receiver sandbox --dev` signs with. Never a secret from the environment
+    (`RECEIVER_WEBHOOK_SECRETS` may be production's: design §9)."""
+    data_dir = dev_data_dir(create=False)
+    stored = dev_secrets(data_dir)
+    return _b64(stored["webhook_secrets"].split(",")[0]), data_dir / DEV_SECRETS_FILE
+
+
 def dev_data_dir(*, create: bool) -> Path:
     """Where `--dev` keeps the embedded Postgres and its secrets, found the same way
     from any directory: `RECEIVER_DATA_DIR` when set, else the nearest `.receiver`

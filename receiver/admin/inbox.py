@@ -112,6 +112,7 @@ async def reprocess(
             results.append(await _audited(database, actor, Reprocessed(key, "not_found")))
             continue
         stored = found[0]
+        key = stored["key"]  # as stored: a test delivery's under `test:`
         if stored["status"] != "quarantined":
             results.append(await _audited(database, actor, Reprocessed(key, "not_quarantined")))
             continue
@@ -205,7 +206,7 @@ async def dismiss(
                 actor,
                 "events_dismiss",
                 client_id=row["client_id"],
-                event_key=key,
+                event_key=row["key"],
                 detail={"quarantine_reason": row["quarantine_reason"]},
             )
     return dismissed

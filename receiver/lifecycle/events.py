@@ -59,13 +59,23 @@ QUARANTINE_REASONS: tuple[QuarantineReason, ...] = QuarantineReason.__args__  # 
 _IDENTIFIER = r"^[A-Za-z0-9_.:\-]{1,128}$"
 Identifier = Annotated[str, StringConstraints(pattern=_IDENTIFIER)]
 # A revocation's prefix of any length from `tok_live_` + 3 characters (design.md §2: a
-# revocation fails safe; 15, as in Debitura's example, is the length we store). One
-# long enough to be a whole token never gets here: it is quarantined as a token
-# outside `bearer_token` first.
+# revocation fails safe; 15, as in Debitura's example, is the length we store).
 MIN_PREFIX_LENGTH = 12
+
+
+def _public_part(prefix: str) -> str:
+    # A prefix long enough to be a whole token (up to the token itself) is a secret:
+    # it is applied as its public prefix, so that no more than that is ever stored,
+    # signalled or logged. Fail safe: it revokes every token of the client and
+    # environment that starts with those characters (two tokens of one client sharing
+    # their first 15 characters is as unlikely as a guessed token), never fewer.
+    return redaction.token_prefix(prefix) if redaction.holds_token(prefix) else prefix
+
+
 TokenPrefix = Annotated[
     str,
     StringConstraints(pattern=rf"^tok_(live|test)_[A-Za-z0-9_-]{{{MIN_PREFIX_LENGTH - 9},200}}$"),
+    AfterValidator(_public_part),
 ]
 ShortText = Annotated[str, StringConstraints(max_length=200)]
 # Past this many digits Python refuses to convert an integer (int_max_str_digits).
@@ -190,27 +200,42 @@ class Event:
 
 
 def body_key(body_hash: bytes) -> str:
-    """The idempotency key of a body without a usable id."""
+    """The SHA-256 name of a body: what its sealed copy is bound to, and the
+    idempotency key (`event_key`) of a delivery without a usable id."""
     return "sha256:" + body_hash.hex()
+
+
+# The test world's idempotency keys carry this prefix (design.md §2: `id` is the
+# idempotency key within its environment), so that a test delivery can never shadow,
+# block or quarantine a live one with the same id. Live keys are the id itself, as
+# they always were. (Test deliveries stored before this prefix keep their keys.)
+TEST_KEY_PREFIX = "test:"
+
+
+def event_key(envelope_id: str | None, body_hash: bytes, *, is_test: bool) -> str:
+    """A delivery's idempotency key in its environment: its id, else its body's
+    SHA-256; a test delivery's under `test:`."""
+    key = envelope_id or body_key(body_hash)
+    return TEST_KEY_PREFIX + key if is_test else key
 
 
 def read(body: bytes, *, is_test: bool) -> Event:
     """Read a verified body: never raises, whatever it holds.
 
-    Checks, first failure wins: JSON, an object, no token outside `data.bearer_token`,
+    Checks, first failure wins: JSON, an object, no token outside where one belongs
+    (an onboarding's `data.bearer_token`, a revocation's `data.token_prefix`),
     storable values, the schema of known events, and a test delivery that would
     touch live state.
     """
     body_hash = hashlib.sha256(body).digest()
-    fallback = body_key(body_hash)
 
     def quarantined(
         reason: QuarantineReason, detail: str, document: dict[str, Any] | None = None, **known: Any
     ) -> Event:
-        key = known.pop("envelope_id", None)
+        envelope_id = known.pop("envelope_id", None)
         return Event(
-            key=key or fallback,
-            envelope_id=key,
+            key=event_key(envelope_id, body_hash, is_test=is_test),
+            envelope_id=envelope_id,
             type=known.pop("type", "unknown"),
             is_test=is_test,
             body_hash=body_hash,
@@ -226,7 +251,9 @@ def read(body: bytes, *, is_test: bool) -> Event:
         return quarantined("not_an_object", f"body: a JSON {_json_kind(loaded)}, not an object")
 
     event_name = loaded.get("event")
-    token_path = ("data", "bearer_token") if event_name == ONBOARDING_COMPLETED else None
+    # Where a (partial) token belongs: an onboarding's token, a revocation's prefix (as
+    # long as a whole token, at most: design.md §2).
+    token_path = _TOKEN_PATHS.get(event_name) if isinstance(event_name, str) else None
     inspection = _Inspection(token_path, escapes=b"\\u" in body)
     document = inspection.copy(loaded)
     known: dict[str, Any] = {"document": document}
@@ -277,13 +304,19 @@ def read(body: bytes, *, is_test: bool) -> Event:
             **known,
         )
     return Event(
-        key=envelope.id or fallback,
+        key=event_key(envelope.id, body_hash, is_test=is_test),
         is_test=is_test,
         body_hash=body_hash,
         data=data,
         environment=environment,
         **known,
     )
+
+
+_TOKEN_PATHS: dict[str, Path] = {
+    ONBOARDING_COMPLETED: ("data", "bearer_token"),
+    TOKEN_REVOKED: ("data", "token_prefix"),
+}
 
 
 def is_identifier(value: str) -> bool:

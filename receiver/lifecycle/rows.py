@@ -138,7 +138,9 @@ def unstorable(event: events.Event, detail: str, *, keep_names: bool) -> events.
     """The delivery as a quarantined `unstorable_value`, with its id and type or, when
     those are what Postgres refused, under its body hash and type `unknown`."""
     return events.Event(
-        key=event.key if keep_names else events.body_key(event.body_hash),
+        key=event.key
+        if keep_names
+        else events.event_key(None, event.body_hash, is_test=event.is_test),
         envelope_id=event.envelope_id if keep_names else None,
         type=event.type if keep_names else "unknown",
         is_test=event.is_test,

@@ -7,7 +7,10 @@ The renewal points have a floor, so a short `expiresIn` cannot make every call
 obtain a token: a token is handed out for at least three quarters of its lifetime
 and renewed in the background from half of it, whatever `skew` and `refresh_ahead`
 say (with 1800 s and the defaults: handed out until 60 s before expiry, renewed
-from 300 s before).
+from 300 s before). And the lifetime itself has a floor: a token that says it is
+good for less than `MIN_LIFETIME_SECONDS` (`expiresIn: 0.001`) is held as if it were
+good for that long, so `get` obtains one at most every few seconds per key, never
+once per call (if the API refuses it sooner, `call`'s 401 path gets a fresh one).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ DEFAULT_SKEW_SECONDS = 60.0  # a token this close to its expiry is not handed ou
 DEFAULT_REFRESH_AHEAD_SECONDS = 300.0  # renewed in the background this early
 HAND_OUT_FLOOR = 0.75  # share of the lifetime a token is always handed out for
 RENEW_FLOOR = 0.5  # share of the lifetime before which no background renewal starts
+# A shorter lifetime is held as this long: renewal from 5 s, a blocking obtain from 7.5 s.
+MIN_LIFETIME_SECONDS = 10.0
 
 R = TypeVar("R")
 Invalidated = Callable[[str, str], None]
@@ -60,6 +65,7 @@ def held(
     creditor_id: str | None = None,
 ) -> Held:
     """A `Held` for a token issued at `issued` valid `lifetime` seconds, with floors."""
+    lifetime = max(lifetime, MIN_LIFETIME_SECONDS)
     stale = issued + max(lifetime - skew, lifetime * HAND_OUT_FLOOR)
     renew = min(stale, issued + max(lifetime - refresh_ahead, lifetime * RENEW_FLOOR))
     return Held(

@@ -72,7 +72,8 @@ def parse_retry_after(value: str | None, *, cap: float) -> float | None:
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Retries of a token request: network errors, 5xx and 429, at most `max_retries`
-    more attempts and never past `max_elapsed` seconds since the first. A wait is
+    more attempts and never past `max_elapsed` seconds since the first (the attempt in
+    flight included: its timeout is at most what is left of `max_elapsed`). A wait is
     full jitter, uniform in [0, min(cap, base·2^n)], or the server's Retry-After
     (capped at `retry_after_cap`) when that is longer. `sleep` is how it waits."""
 
@@ -181,10 +182,14 @@ async def post(
             on_attempt()
         answer: Answer | None = None
         failure = ""
+        # The attempt in flight is bounded by what is left of `max_elapsed` too: a
+        # slow-drip answer cannot carry the whole call past its deadline.
+        left = policy.max_elapsed - (clock() - started)
         try:
             answer = await post_once(
                 session, url, payload, key=key, headers=headers, limit=limit,
-                request_timeout=request_timeout, retry_after_cap=policy.retry_after_cap,
+                request_timeout=min(request_timeout, max(left, 0.01)),
+                retry_after_cap=policy.retry_after_cap,
             )  # fmt: skip
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = type(exc).__name__  # the class only: its text can quote the request

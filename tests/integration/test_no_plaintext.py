@@ -357,8 +357,16 @@ async def test_canary_in_every_field_never_surfaces(
     finally:
         await listener.close()
     statuses = [json.loads(a)["status"] for a in answers]
-    # The legitimate pair, and the delivery with the token only in its headers, apply.
-    assert statuses == ["processed"] * 2 + ["quarantined"] * 10 + ["processed", "quarantined"]
+    # The legitimate pair, the revocation with the whole token as its prefix (applied as
+    # its public 15 characters: DESIGN §2), and the delivery with the token only in its
+    # headers, apply.
+    assert statuses == (
+        ["processed"] * 2
+        + ["quarantined"] * 2
+        + ["processed"]
+        + ["quarantined"] * 7
+        + ["processed", "quarantined"]
+    )
 
     outputs = cli_surfaces(operator_env(settings), hidden)
     assert len(outputs) == 4 + len(answers) + len(hostile) + 2 + 8

@@ -455,3 +455,50 @@ def _expect_sync(blocking: partner.BlockingTokens, errors: list[BaseException]) 
         errors.append(exc)
     else:
         raise AssertionError("no TokenError")
+
+
+# --- hostile round 3: a lifetime floor, a deadline for the attempt in flight ----------
+
+
+async def test_a_millisecond_lifetime_does_not_mint_per_call(
+    endpoint: Scripted, session: aiohttp.ClientSession
+) -> None:
+    """`expiresIn: 0.001` (accepted) is held as if good for 10 s: 200 `get()` calls in a
+    row mint once, not 200 times."""
+    endpoint.json(good_mint(expiresIn=0.001), times=200)
+    tokens = minted(endpoint, session)
+    for _ in range(200):
+        await tokens.get("t1")
+    assert len(endpoint.seen) == 1
+    assert tokens.mints == 1
+    await tokens.close()
+
+
+async def test_max_elapsed_bounds_the_attempt_in_flight(
+    endpoint: Scripted, session: aiohttp.ClientSession
+) -> None:
+    """Against an endpoint that drips its answer a byte at a time, `max_elapsed=1.5`
+    gives up after about 1.5 s (the attempt's timeout is what is left of it), not
+    after the 10 s per-attempt timeout."""
+
+    async def drip(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for _ in range(300):
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+        return response
+
+    endpoint.handlers += [drip] * 4
+    tokens = partner.MintedTokens(
+        API_KEY,
+        api_url=endpoint.url,
+        session=session,
+        retry=partner.RetryPolicy(max_retries=3, max_elapsed=1.5, base=0.01, cap=0.01),
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(partner.Unavailable):
+        await tokens.get("t1")
+    assert loop.time() - started < 4.0
+    await tokens.close()

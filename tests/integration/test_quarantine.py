@@ -298,7 +298,11 @@ async def test_test_onboarding_never_supersedes_the_live_token(
     )
     assert (await _send(two_worlds, webhook_secret, later))["status"] == "processed"
     assert await _statuses(conn, "cli_env") == {"live": ["expired", "active"], "test": ["active"]}
-    is_test = await conn.fetchval("SELECT is_test FROM receiver.events WHERE key = $1", test["id"])
+    # Stored in the test world's namespace (DESIGN §2: `id` is the key within its
+    # environment).
+    is_test = await conn.fetchval(
+        "SELECT is_test FROM receiver.events WHERE key = $1", "test:" + test["id"]
+    )
     assert is_test is True
 
 
@@ -425,7 +429,10 @@ async def test_reprocess_applies_a_delivery_after_a_config_fix(
     assert answer["reason"] == "test_delivery_targets_live"
 
     listed = run(["events", "list", "--status", "quarantined", "--json"], operator_env(wrong))
-    assert [json.loads(line)["key"] for line in listed.stdout.splitlines()] == [document["id"]]
+    # A test delivery's key is in the test world's namespace (`test:` + id).
+    assert [json.loads(line)["key"] for line in listed.stdout.splitlines()] == [
+        "test:" + document["id"]
+    ]
 
     fixed = operator_env(
         settings, RECEIVER_WEBHOOK_SECRETS=f"{values['webhook_secrets']},{misfiled}"

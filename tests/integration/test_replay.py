@@ -138,6 +138,7 @@ async def test_resend_exercises_deduplication(
         "2000-01-01",
         "--type",
         "client.onboarding_completed",
+        "--live",  # as it came: a test resend would be another world's event
         "--confirm-live",  # the stored onboarding carries a live token
         "--to",
         webhook_url(client),
@@ -155,13 +156,13 @@ async def test_resend_of_quarantined_deliveries_sends_their_bytes(
     conn: asyncpg.Connection,
     settings: Settings,
 ) -> None:
-    """Quarantined deliveries (not JSON; a token where a prefix belongs) are re-sent as
+    """Quarantined deliveries (not JSON; a token where none belongs) are re-sent as
     they came, listed by their stored key and type, never with a token in the output;
     the receiver answers each a duplicate."""
     token = helpers.canary_token()
     assert (await (await post(b"not json")).json())["status"] == "quarantined"
     misplaced = helpers.revocation("cli_q", None)
-    misplaced["data"]["token_prefix"] = token
+    misplaced["data"]["reason"] = token
     assert (await (await post(misplaced)).json())["reason"] == "token_outside_bearer_token"
     sent = await replay(
         "resend",

@@ -106,3 +106,49 @@ async def test_a_short_prefix_revokes_every_token_that_starts_with_it_in_its_env
     assert await _revoke(post, "cli_short", first[:12]) == "2"
     assert [await _status(conn, key) for key in keys] == ["revoked", "revoked", "active"]
     assert await _status(conn, test_key) == "active"
+
+
+# Up to the whole token (a canary token is 49 characters): design §2, "a prefix as long
+# as a whole token is a prefix like any other: it is applied, never quarantined".
+LONG_LENGTHS = [12, 15, 20, 21, 30, 40, 49]
+
+
+@pytest.mark.parametrize("order", ["onboarding first", "revocation first"])
+@pytest.mark.parametrize("length", LONG_LENGTHS)
+async def test_a_prefix_up_to_the_whole_token_is_applied_and_never_shown(
+    post: Post, conn: asyncpg.Connection, length: int, order: str
+) -> None:
+    """A token.revoked whose prefix has 12 to all 49 characters of the token revokes it
+    in either order, is never quarantined, and neither the answer nor any stored copy
+    (redacted body, revocation, signal) holds more than the public 15 characters."""
+    token = helpers.canary_token()
+    client = f"cli_long_{length}"
+    revocation = helpers.revocation(client, token[:length])
+    answers = []
+    if order == "revocation first":
+        answers.append(await post(revocation))
+    onboarding_key = await _onboard(post, client, token, EARLIER)
+    if order == "onboarding first":
+        answers.append(await post(revocation))
+    (answer,) = answers
+    text = await answer.text()
+    assert answer.status == 200
+    assert (await answer.json())["status"] == "processed", text
+    assert await _status(conn, onboarding_key) == "revoked"
+    assert (
+        await conn.fetchval("SELECT count(*) FROM receiver.events WHERE status <> 'processed'") == 0
+    )
+    hidden = token[:16]  # what follows the public prefix
+    stored = await conn.fetchval(
+        "SELECT string_agg(coalesce(body_redacted::text, ''), ' ') FROM receiver.events"
+    )
+    copies = await conn.fetchval(
+        "SELECT concat((SELECT string_agg(token_prefix, ' ') FROM receiver.revocations),"
+        " ' ', (SELECT string_agg(coalesce(token_prefix, ''), ' ') FROM receiver.signals))"
+    )
+    for where in (text, stored):
+        assert hidden not in where
+    # Up to 20 characters a prefix is no whole token and is kept as given, beyond that
+    # only its public 15 characters are.
+    if length >= 21:
+        assert hidden not in copies

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp import web
 
-from receiver import partner, signing
+from receiver import config, partner, signing
 from receiver.sandbox import DEFAULT_SCOPES, Sandbox
 from tests import helpers
 from tests.integration import processes
@@ -680,3 +681,44 @@ async def test_hold_answers_a_patient_client_after_the_hold(
     status, _, _ = await rotate(http, sandbox, "cli_patient")
     assert status == 200
     assert time.monotonic() - started < 1.0
+
+
+async def test_the_sandbox_never_signs_with_the_production_secret(
+    tmp_path: Path, database_url: str
+) -> None:
+    """With production's RECEIVER_* exported (live and test webhook secrets), `sandbox
+    --dev --environment live --link` against a production `serve` signs with the dev
+    secret of RECEIVER_DATA_DIR: the receiver refuses it (401), nothing is stored, and
+    the sandbox's start line names which secret signs, never its value."""
+    port = processes.free_port()
+    test_secret = helpers.new_secret()
+    env, live_secret = processes.receiver_env(
+        database_url, RECEIVER_TEST_WEBHOOK_SECRETS=test_secret
+    )
+    dev_secret = config.dev_secrets(tmp_path)["webhook_secrets"]
+    with processes.serving(["--port", str(port)], env) as (serve, _):
+        await processes.wait_healthy(port, serve)
+        args = ["sandbox", "--dev", "--environment", "live", "--link", "cli_f1"]
+        args += ["--port", str(processes.free_port())]
+        args += ["--webhook-url", f"http://127.0.0.1:{port}/webhooks/debitura"]
+        shell = env | {"RECEIVER_DATA_DIR": str(tmp_path)}
+        with processes.background(args, shell) as (sandbox, output):
+
+            async def refused() -> bool:
+                assert sandbox.poll() is None, output.read_text()
+                return any(
+                    "sandbox_webhook_attempt" in line and '"status": 401' in line
+                    for line in output.read_text().splitlines()
+                )
+
+            await eventually(refused, seconds=30)
+            text = output.read_text()
+    assert f"signed with the dev secret in {tmp_path / 'dev-secrets.json'}" in text
+    for secret in (live_secret, test_secret, dev_secret):
+        assert secret not in text
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM receiver.events") == 0
+        assert await conn.fetchval("SELECT count(*) FROM receiver.tokens") == 0
+    finally:
+        await conn.close()
