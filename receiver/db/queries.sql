@@ -590,10 +590,12 @@ SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
 -- Claim a rotation before rotate-token is sent (committed on its own): only while
 -- $3 is still the client's active token in $2 and, with $7, still older than $7
 -- (re-checked as it is taken: two runners listing the same due token make one
--- rotation); NULL when it is not, or when the client has an unfinished one.
+-- rotation); NULL when it is not, or when the client has an unfinished one. Its first
+-- check by another runner (`serve`'s backoff) waits a minute: the rotation's own
+-- call is still in flight, and settling it from the side would store its answer twice.
 INSERT INTO receiver.rotation_intents
-    (client_id, environment, old_prefix, reason, revoke_immediately, actor)
-SELECT t.client_id, t.environment, t.prefix, $4, $5, $6
+    (client_id, environment, old_prefix, reason, revoke_immediately, actor, next_check_at)
+SELECT t.client_id, t.environment, t.prefix, $4, $5, $6, now() + interval '1 minute'
   FROM receiver.tokens t
  WHERE t.client_id = $1 AND t.environment = $2 AND t.status = 'active' AND t.prefix = $3
    AND ($7::interval IS NULL
