@@ -115,9 +115,10 @@ $$;
 --   one (200, 64) is not a report: dropped;
 -- * the row says when it was reported, not the reporter (`reported_at` now,
 --   `reconciled_at` unset);
--- * at most 3 reports of a client and environment wait for reconcile at a time,
---   and at most 10,000 in all: more are dropped (the ones waiting already bring the
---   client to reconcile). Concurrent inserts may pass a bound by a few rows.
+-- * at most 3 reports of a client and environment wait for reconcile at a time: more
+--   are dropped (the ones waiting already bring the client to reconcile). No bound in
+--   all: one would let a reader's fake reports crowd out a real one. Concurrent
+--   inserts may pass the bound by a few rows.
 CREATE INDEX link_reports_open ON receiver.link_reports (client_id, environment)
     WHERE reconciled_at IS NULL;
 
@@ -134,10 +135,7 @@ BEGIN
             SELECT 1 FROM receiver.link_reports r
              WHERE r.client_id = NEW.client_id AND r.environment = NEW.environment
                AND r.reconciled_at IS NULL
-             LIMIT 3) AS o) >= 3
-       OR (SELECT count(*) FROM (
-            SELECT 1 FROM receiver.link_reports r WHERE r.reconciled_at IS NULL
-             LIMIT 10000) AS o) >= 10000 THEN
+             LIMIT 3) AS o) >= 3 THEN
         RETURN NULL;
     END IF;
     RETURN NEW;

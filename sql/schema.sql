@@ -309,10 +309,7 @@ BEGIN
             SELECT 1 FROM receiver.link_reports r
              WHERE r.client_id = NEW.client_id AND r.environment = NEW.environment
                AND r.reconciled_at IS NULL
-             LIMIT 3) AS o) >= 3
-       OR (SELECT count(*) FROM (
-            SELECT 1 FROM receiver.link_reports r WHERE r.reconciled_at IS NULL
-             LIMIT 10000) AS o) >= 10000 THEN
+             LIMIT 3) AS o) >= 3 THEN
         RETURN NULL;
     END IF;
     RETURN NEW;

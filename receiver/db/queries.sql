@@ -329,7 +329,7 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, type, sta
        received_at, body_sealed
   FROM receiver.events
  WHERE ($1::text[] IS NULL OR key = ANY($1)
-        OR key = ANY(ARRAY(SELECT 'test:' || k FROM unnest($1::text[]) AS k)))
+        OR key = ANY(ARRAY(SELECT 'test/' || k FROM unnest($1::text[]) AS k)))
    AND ($2::timestamptz IS NULL OR received_at >= $2)
    AND ($3::timestamptz IS NULL OR received_at < $3)
    AND ($4::text IS NULL OR type = $4)
@@ -369,23 +369,23 @@ SELECT key, envelope_id, type, status, quarantine_reason AS reason, is_test AS t
  LIMIT $4;
 
 -- name: show_event
--- One delivery by key (a test delivery's also by its key without `test:`), or every
+-- One delivery by key (a test delivery's also by its key without `test/`), or every
 -- delivery of an envelope id (an id conflict keeps both; live and test both show).
 SELECT key, envelope_id, type, status, quarantine_reason AS reason,
        quarantine_detail AS detail, is_test AS test, client_id, received_at,
        reprocessed_at, body_redacted, body_sealed,
        COALESCE(receiver.body_key(body_hash), key) AS sealed_for
   FROM receiver.events
- WHERE key = $1 OR key = 'test:' || $1 OR envelope_id = $1
+ WHERE key = $1 OR key = 'test/' || $1 OR envelope_id = $1
  ORDER BY received_at, key;
 
 -- name: event_to_reprocess
 -- What reprocessing a stored delivery needs: its sealed bytes and how it arrived.
--- $1: the key as typed; the key itself first, else the test world's (`test:` + $1).
+-- $1: the key as typed; the key itself first, else the test world's (`test/` + $1).
 SELECT key, status, is_test, test_header, signature, body_sealed,
        COALESCE(receiver.body_key(body_hash), key) AS sealed_for
   FROM receiver.events
- WHERE key = $1 OR key = 'test:' || $1
+ WHERE key = $1 OR key = 'test/' || $1
  ORDER BY key = $1 DESC
  LIMIT 1;
 
@@ -394,7 +394,7 @@ SELECT key, status, is_test, test_header, signature, body_sealed,
 -- The key as typed, else the test world's of that name (`test:` + $1).
 UPDATE receiver.events SET status = 'dismissed'
  WHERE key = (SELECT key FROM receiver.events
-               WHERE (key = $1 OR key = 'test:' || $1) AND status = 'quarantined'
+               WHERE (key = $1 OR key = 'test/' || $1) AND status = 'quarantined'
                ORDER BY key = $1 DESC
                LIMIT 1)
 RETURNING key, client_id, quarantine_reason;

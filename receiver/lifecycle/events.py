@@ -209,12 +209,13 @@ def body_key(body_hash: bytes) -> str:
 # idempotency key within its environment), so that a test delivery can never shadow,
 # block or quarantine a live one with the same id. Live keys are the id itself, as
 # they always were. (Test deliveries stored before this prefix keep their keys.)
-TEST_KEY_PREFIX = "test:"
+TEST_KEY_PREFIX = "test/"
 
 
 def event_key(envelope_id: str | None, body_hash: bytes, *, is_test: bool) -> str:
     """A delivery's idempotency key in its environment: its id, else its body's
-    SHA-256; a test delivery's under `test:`."""
+    SHA-256; a test delivery's under `test/` (`/` is in no id, so no live id can
+    take a test delivery's key)."""
     key = envelope_id or body_key(body_hash)
     return TEST_KEY_PREFIX + key if is_test else key
 

@@ -40,6 +40,14 @@ def rank(received: int, age: float) -> tuple[bool, float]:
     return (age < _MIN_AGE_SECONDS, progress(received, age))
 
 
+def stalled(ranked: tuple[bool, float], floor: float) -> bool:
+    """Whether a connection with this `rank` is not making progress: older than a round
+    trip and receiving slower than `floor` bytes per second since it opened. A
+    sender's connections that are sending their requests never are."""
+    young, rate = ranked
+    return not young and rate < floor
+
+
 def body_cut_at(started: float, received: int, floor: float, grace: float) -> float:
     """When a body that began at `started` and has `received` bytes so far falls below
     `floor` bytes per second (averaged since it began) if nothing more arrives; never

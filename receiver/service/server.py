@@ -239,8 +239,19 @@ class _Server(web_server.Server):
             if sources.counted(address):
                 assert address is not None
                 if sources.full(address):
-                    others = (c for c in sources.holding(address) if c is not newcomer)
-                    if not self._evict(others, 1, "source_limit"):
+                    # Only a connection that is not making progress (older than a
+                    # round trip, slower than the body floor since it opened) makes
+                    # room; otherwise the newcomer is answered 503 + Retry-After. A
+                    # sender's burst of deliveries is never cut mid-request for its
+                    # number: at worst told to come back.
+                    now = self._loop.time()
+                    floor = self.body_floor or float(connections.NEW_CONNECTION_CREDIT_BYTES)
+                    stalled = (
+                        c
+                        for c in sources.holding(address)
+                        if c is not newcomer and connections.stalled(c.rank(now), floor)
+                    )
+                    if not self._evict(stalled, 1, "source_limit"):
                         return False
                 sources.add(address, newcomer)
                 newcomer._source = address

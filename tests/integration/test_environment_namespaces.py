@@ -163,3 +163,23 @@ async def test_operators_find_a_test_delivery_by_the_id_they_type(
     assert len(await inbox.show(database, keyring, body_key)) == 1
     (result,) = await inbox.reprocess(database, two_world_settings, [body_key], actor)
     assert result.outcome == "quarantined"  # still invalid: found, applied again, kept
+
+
+async def test_a_live_id_that_looks_like_a_test_key_shadows_no_test_delivery(
+    two_worlds: Client, webhook_secret: str, test_secret: str, conn: asyncpg.Connection
+) -> None:
+    """A live delivery whose id reads like a test delivery's stored key (`test:evt_x`,
+    `test/evt_x` is no valid id) and a test delivery `evt_x`, in either order: two
+    events, neither a duplicate nor an id conflict of the other."""
+    for first, second in (("live", "test"), ("test", "live")):
+        name = f"evt_{uuid.uuid4().hex[:8]}"
+        live = _other_event(f"test:{name}")
+        test = _other_event(name)
+        sends = {"live": (webhook_secret, live), "test": (test_secret, test)}
+        for world in (first, second):
+            secret, document = sends[world]
+            assert (await _send(two_worlds, secret, document))["status"] == "ignored", world
+    assert (
+        await conn.fetchval("SELECT count(*) FROM receiver.events WHERE status = 'quarantined'")
+        == 0
+    )

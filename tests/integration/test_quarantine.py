@@ -301,7 +301,7 @@ async def test_test_onboarding_never_supersedes_the_live_token(
     # Stored in the test world's namespace (DESIGN §2: `id` is the key within its
     # environment).
     is_test = await conn.fetchval(
-        "SELECT is_test FROM receiver.events WHERE key = $1", "test:" + test["id"]
+        "SELECT is_test FROM receiver.events WHERE key = $1", "test/" + test["id"]
     )
     assert is_test is True
 
@@ -431,7 +431,7 @@ async def test_reprocess_applies_a_delivery_after_a_config_fix(
     listed = run(["events", "list", "--status", "quarantined", "--json"], operator_env(wrong))
     # A test delivery's key is in the test world's namespace (`test:` + id).
     assert [json.loads(line)["key"] for line in listed.stdout.splitlines()] == [
-        "test:" + document["id"]
+        "test/" + document["id"]
     ]
 
     fixed = operator_env(
