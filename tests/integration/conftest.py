@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -28,6 +29,7 @@ from receiver.partner import cache
 from receiver.service import app
 from tests import conftest, helpers
 from tests.integration import processes
+from tests.integration.processes import Served
 from tests.integration.standins import StandInCache
 
 Post = Callable[..., Awaitable[ClientResponse]]
@@ -250,3 +252,40 @@ async def client_lock(
         yield release
     finally:
         await holder.close()
+
+
+@pytest.fixture(scope="module")
+def served(server_dsn: str, template_name: str) -> Iterator[Served]:
+    """`receiver serve` on a fresh clone of the template, with a 1 s body timeout and
+    a 2 s keep-alive (header) timeout."""
+    with conftest.cloned_database(server_dsn, template_name, "receiver_hostile") as url:
+        keys = config.generate_dev_secrets()
+        env = processes.clean_env(
+            **{f"RECEIVER_{k.upper()}": v for k, v in keys.items()},
+            RECEIVER_DATABASE_URL=url,
+            RECEIVER_BODY_TIMEOUT_SECONDS="1",
+            RECEIVER_KEEPALIVE_SECONDS="2",
+            RECEIVER_METRICS_REFRESH_SECONDS="0",  # tests compare scrapes a moment apart
+        )
+        port = processes.free_port()
+        with processes.serving(["--port", str(port)], env) as (process, output):
+            asyncio.run(processes.wait_healthy(port, process))
+            yield Served(f"http://127.0.0.1:{port}", keys["webhook_secrets"], url, keys, output)
+
+
+@pytest.fixture
+def test_secret() -> str:
+    """A secret Debitura signs test deliveries with (RECEIVER_TEST_WEBHOOK_SECRETS)."""
+    return helpers.new_secret()
+
+
+@pytest.fixture
+def two_world_settings(settings: Settings, test_secret: str) -> Settings:
+    """The receiver's settings with a test webhook secret as well."""
+    return config.load_settings(**settings_values(settings), test_webhook_secrets=test_secret)
+
+
+@pytest.fixture
+async def two_worlds(aiohttp_client: Any, two_world_settings: Settings) -> Client:
+    """A receiver that knows a live and a test secret."""
+    return await aiohttp_client(app.create_app(two_world_settings))  # type: ignore[no-any-return]

@@ -13,31 +13,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from receiver import config, db, vault
+from receiver import db, vault
 from receiver.admin import inbox
 from receiver.config import Settings
 from receiver.lifecycle import audit
 from receiver.service import app
 from tests import helpers
-from tests.integration.conftest import Client, settings_values
-
-
-@pytest.fixture
-def test_secret() -> str:
-    """A secret Debitura signs test deliveries with (RECEIVER_TEST_WEBHOOK_SECRETS)."""
-    return helpers.new_secret()
-
-
-@pytest.fixture
-def two_world_settings(settings: Settings, test_secret: str) -> Settings:
-    """The receiver's settings with a test webhook secret as well."""
-    return config.load_settings(**settings_values(settings), test_webhook_secrets=test_secret)
-
-
-@pytest.fixture
-async def two_worlds(aiohttp_client: Any, two_world_settings: Settings) -> Client:
-    """A receiver that knows a live and a test secret."""
-    return await aiohttp_client(app.create_app(two_world_settings))  # type: ignore[no-any-return]
+from tests.integration.conftest import Client
 
 
 async def _send(client: Client, secret: str, document: Any, **headers: str) -> dict[str, Any]:

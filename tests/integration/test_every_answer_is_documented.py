@@ -14,41 +14,19 @@ import asyncio
 import base64
 import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver import config, vault
+from receiver import vault
 from receiver.lifecycle import events
 from tests import conftest, helpers
-from tests.integration import processes
 from tests.integration.processes import Served
 
 FUZZ_EXAMPLES = 1000
-
-
-@pytest.fixture(scope="module")
-def served(server_dsn: str, template_name: str) -> Iterator[Served]:
-    """`receiver serve` on a fresh clone of the template, with a 1 s body timeout and
-    a 2 s keep-alive (header) timeout."""
-    with conftest.cloned_database(server_dsn, template_name, "receiver_hostile") as url:
-        keys = config.generate_dev_secrets()
-        env = processes.clean_env(
-            **{f"RECEIVER_{k.upper()}": v for k, v in keys.items()},
-            RECEIVER_DATABASE_URL=url,
-            RECEIVER_BODY_TIMEOUT_SECONDS="1",
-            RECEIVER_KEEPALIVE_SECONDS="2",
-            RECEIVER_METRICS_REFRESH_SECONDS="0",  # tests compare scrapes a moment apart
-        )
-        port = processes.free_port()
-        with processes.serving(["--port", str(port)], env) as (process, output):
-            asyncio.run(processes.wait_healthy(port, process))
-            yield Served(f"http://127.0.0.1:{port}", keys["webhook_secrets"], url, keys, output)
 
 
 # --- strategies -----------------------------------------------------------------

@@ -231,24 +231,6 @@ async def test_reused_id_with_other_content_is_quarantined_and_both_kept(
 # --- live and test -------------------------------------------------------------------
 
 
-@pytest.fixture
-def test_secret() -> str:
-    """A secret Debitura signs test deliveries with (RECEIVER_TEST_WEBHOOK_SECRETS)."""
-    return helpers.new_secret()
-
-
-@pytest.fixture
-def two_world_settings(settings: Settings, test_secret: str) -> Settings:
-    """The receiver's settings with a test webhook secret as well."""
-    return config.load_settings(**settings_values(settings), test_webhook_secrets=test_secret)
-
-
-@pytest.fixture
-async def two_worlds(aiohttp_client: Any, two_world_settings: Settings) -> Client:
-    """A receiver that knows a live and a test secret."""
-    return await aiohttp_client(app.create_app(two_world_settings))  # type: ignore[no-any-return]
-
-
 async def _send(client: Client, secret: str, document: Any, **headers: str) -> dict[str, Any]:
     body = helpers.encode(document)
     signed = helpers.signed_headers(secret, body, **headers)
