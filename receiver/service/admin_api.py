@@ -99,7 +99,12 @@ async def link_client(request: web.Request) -> web.Response:
     manager = management.Manager(
         app[state.DATABASE], settings, app[state.SEALER], app[state.DEBITURA]
     )
-    outcome = await manager.link(environment, body, actor)
+    try:
+        outcome = await manager.link(environment, body, actor)
+    except errors.UsageError as exc:
+        # Debitura's answer could not be stored as a token (its message names the
+        # rule, never a value): not the caller's fault, and never a 500.
+        raise errors.UpstreamFailed(str(exc)) from None
     if outcome.status not in ("linked", "revoked", "superseded"):
         raise errors.UpstreamFailed(outcome.detail or "Debitura did not link the client")
     return web.json_response(
