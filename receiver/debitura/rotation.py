@@ -91,15 +91,8 @@ class Rotator:
         # A revocation of the client made here from this moment on wins over the
         # rotation's answer: the new token is stored as onboarded now.
         began = datetime.now(UTC)
-        intent = await self.database.fetchval(
-            "rotation_intent_open",
-            client_id,
-            environment,
-            old,
-            reason,
-            revoke_immediately,
-            actor.name,
-            due[1] if due else None,
+        intent = await self._claim(
+            client_id, environment, old, reason, revoke_immediately, actor, due
         )
         if intent is None:
             return await self._not_claimed(client_id, environment, old, due=due is not None)
@@ -157,6 +150,36 @@ class Rotator:
                 old_prefix=old,
             )
         return await self._stored(stored, "rotated", old)
+
+    async def _claim(
+        self,
+        client_id: str,
+        environment: str,
+        old: str,
+        reason: str,
+        revoke_immediately: bool,
+        actor: audit.Actor,
+        due: tuple[str, timedelta] | None,
+    ) -> int | None:
+        """The rotation's intent row (its claim on `old`), or None when it is not
+        `old` to rotate any more. Under the client's lock, the lock every store of a
+        token takes: the claim's statement then sees a rotation that was storing its
+        answer as committed (the old token superseded). Without it, an insert that waited
+        on that rotation's open intent went ahead on its stale view, and a due token was
+        rotated twice."""
+        async with self.database.connection() as conn, conn.transaction():
+            await conn.execute(db.QUERIES["lock_client"], client_id)
+            intent: int | None = await conn.fetchval(
+                db.QUERIES["rotation_intent_open"],
+                client_id,
+                environment,
+                old,
+                reason,
+                revoke_immediately,
+                actor.name,
+                due[1] if due else None,
+            )
+            return intent
 
     async def _same_token(self, intent: int, token: str, old: str) -> outcomes.Outcome | None:
         """A rotate answer whose new token is the active one it was to replace is not a

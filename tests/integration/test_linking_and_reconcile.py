@@ -399,9 +399,10 @@ async def test_due_rotation_beside_serve_rotates_each_token_once(
             n: int = await conn.fetchval(
                 "SELECT count(*) FROM receiver.rotation_intents WHERE outcome = 'rotated'"
             )
-            return n == len(clients)
+            return n >= len(clients)
 
         await eventually(all_rotated)
+    # A second rotation of a token (a claim on its stale view) is a seventh call.
     assert sandbox.calls["rotate"] == len(clients)
     for client_id in clients:
         assert await count(conn, AUDITS, client_id, "token_rotate") == 1
