@@ -44,9 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return console.EXIT_CONFIG
+    if getattr(args, "dev", False) and not getattr(args, "takes_dev", False):
+        parser.error(f"--dev does not apply to `{args.command}`")
+    args.dev = getattr(args, "dev", False)
     try:
         status: int = args.run(args)
         sys.stdout.flush()  # here, where a closed pipe can still be answered quietly
+    except (errors.DatabasePermission, errors.DatabaseRefused) as exc:
+        # The wrong role, database or password: a setting to fix, not an outage.
+        print(f"receiver: configuration error: {exc}", file=sys.stderr)
+        return console.EXIT_CONFIG
     except (errors.ConfigError, errors.UsageError) as exc:
         kind = "configuration error" if isinstance(exc, errors.ConfigError) else "error"
         print(f"receiver: {kind}: {exc}", file=sys.stderr)
@@ -86,8 +93,17 @@ class _Help(argparse.HelpFormatter):
 
 
 def _with_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The formatter above for a parser and all its subcommands."""
+    """The formatter above, and `-v`, for a parser and all its subcommands (before or
+    after the subcommand: a default of SUPPRESS leaves one given earlier in place)."""
     parser.formatter_class = _Help
+    if not any("--verbose" in action.option_strings for action in parser._actions):
+        parser.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log at RECEIVER_LOG_LEVEL on a terminal too (default there: errors only)",
+        )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -100,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="receiver", description="Debitura webhook receiver and bearer-token vault."
     )
     parser.add_argument("--version", action="version", version=f"receiver {metrics.version()}")
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="use the dev secrets and embedded Postgres (commands that take it)",
+    )
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = subcommands.add_parser(
@@ -129,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     shown = migrate.add_mutually_exclusive_group()
     shown.add_argument("--status", action="store_true", help="list applied and pending ones")
     shown.add_argument("--check", action="store_true", help="exit 1 when any is pending")
+    shown.add_argument(
+        "--print-roles",
+        action="store_true",
+        help="print the SQL a superuser runs once so that an owner without CREATEROLE can "
+        "migrate (connects to nothing)",
+    )
     _add_dev_flag(migrate)
     migrate.set_defaults(run=daemon.migrate)
 
@@ -245,9 +273,15 @@ def _add_actor(parser: argparse.ArgumentParser, why: str = "--reason") -> None:
 
 
 def _add_dev_flag(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a `--dev` given before the subcommand (`receiver --dev tokens list`)
+    # is not reset by the subcommand's default.
     parser.add_argument(
-        "--dev", action="store_true", help="use the dev secrets and embedded Postgres"
+        "--dev",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="use the dev secrets and embedded Postgres (also before the command)",
     )
+    parser.set_defaults(takes_dev=True)
 
 
 def _add_debitura(
@@ -444,6 +478,12 @@ def _add_keys(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     generate.set_defaults(run=key_commands.generate)
     rotate = sub.add_parser("rotate", help="re-encrypt every sealed value under the primary key")
     rotate.add_argument("--batch-size", type=_positive, default=500, help="rows per transaction")
+    rotate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what would be re-sealed, under which key ids; change nothing",
+    )
+    rotate.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     _add_actor(rotate)
     _add_dev_flag(rotate)
     rotate.set_defaults(run=key_commands.rotate)
@@ -619,8 +659,10 @@ def _add_sender_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dev",
         action="store_true",
+        default=argparse.SUPPRESS,
         help="sign with the dev secret (and, for resend, read the dev database)",
     )
+    parser.set_defaults(takes_dev=True)
     parser.add_argument("--live", action="store_true", help="omit the X-Debitura-Test: true header")
     parser.add_argument(
         "--concurrency", type=_positive, default=8, help="requests in flight (default 8)"
@@ -680,7 +722,8 @@ def _add_sandbox(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--dev",
         action="store_true",
+        default=argparse.SUPPRESS,
         help="send webhooks to `make run`'s receiver (unless --webhook-url), signed with "
         "the dev secret it generated into RECEIVER_DATA_DIR (unless --webhook-secret)",
     )
-    parser.set_defaults(run=sandbox_command.run)
+    parser.set_defaults(run=sandbox_command.run, takes_dev=True)

@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -45,7 +45,7 @@ def start(
         dev=dev, needs=needs, first_use=getattr(args, "command", None) == "serve"
     )
     log.configure(
-        level=settings.log_level,
+        level=_level(args, settings, stream, service=service),
         fmt=settings.log_format,
         secrets=settings.secret_values(),
         stream=stream,
@@ -54,6 +54,17 @@ def start(
     if unknown:
         logger.warning("unknown_settings_ignored", variables=unknown)
     return resolve_database(settings, dev=dev)
+
+
+def _level(
+    args: argparse.Namespace, settings: config.Settings, stream: TextIO, *, service: bool
+) -> str:
+    """The log level: RECEIVER_LOG_LEVEL's; but a one-shot command on a terminal, unless
+    `-v` or the variable is set, logs only errors: its results and its own one-line
+    error are what a person reads there, not info lines between them."""
+    if service or getattr(args, "verbose", False) or "log_level" in settings.model_fields_set:
+        return settings.log_level
+    return "error" if stream.isatty() else settings.log_level
 
 
 def resolve_database(settings: config.Settings, *, dev: bool) -> config.Settings:

@@ -153,6 +153,50 @@ class SchemaNotReady(DatabaseUnavailable):
     """The database is reachable but its schema is missing or behind: run `receiver migrate`."""
 
 
+class DatabasePermission(DatabaseUnavailable):
+    """The database role lacks a privilege: a setup mistake (the wrong role's URL, a
+    schema not migrated by its owner), not an outage. A request gets 503 (the sender
+    retries while an operator fixes it); a command says it in one line, exit 2.
+    `denied` is Postgres's message, which names objects, never values."""
+
+    def __init__(self, denied: str, role: str | None = None) -> None:
+        super().__init__(denied)
+        self.denied = denied
+        self.role = role
+
+    def __str__(self) -> str:
+        who = f"role {self.role!r}" if self.role else "the role in RECEIVER_DATABASE_URL"
+        if "for database" in self.denied:
+            hint = (
+                "the database is not migrated and this role may not create its schema: run "
+                "`receiver migrate` first, as the role that owns the database"
+            )
+        elif "must be owner" in self.denied:
+            hint = (
+                "`receiver migrate` runs as the role that owns the schema (the one that created it)"
+            )
+        else:
+            hint = (
+                "serve, dispatch and the commands need a login granted receiver_runtime, "
+                "`receiver migrate` the database's owner (is this the cache reader's URL? "
+                'README "Roles")'
+            )
+        return f"{who} lacks a privilege ({self.denied}): {hint}"
+
+
+class DatabaseRefused(DatabaseUnavailable):
+    """Postgres refused the connection for want of a role, a database or a password:
+    503 for a request, one line and exit 2 for a command. `reason` is Postgres's
+    message, which names the role or database, never a password."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"RECEIVER_DATABASE_URL: Postgres refused the connection: {self.reason}"
+
+
 class UnstorableValue(ReceiverError):
     """Postgres refused a value of the delivery (a data or check error). The webhook
     stores the delivery quarantined instead; the message names the SQLSTATE only."""

@@ -245,12 +245,15 @@ CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON receiver.audit
 --   receiver_cache_reader  a partner application's token cache: SELECT on
 --                          receiver.cache_tokens, INSERT into receiver.link_reports,
 --                          and LISTEN (which needs no grant); nothing else
--- Roles belong to the cluster, not the database: created only when missing.
+-- Roles belong to the cluster, not the database: created only when missing (so a
+-- migration owner without CREATEROLE migrates once they exist: `receiver migrate
+-- --print-roles` prints the SQL a superuser runs once).
 DO $$
 DECLARE
     r text;
 BEGIN
     FOREACH r IN ARRAY ARRAY['receiver_runtime', 'receiver_cache_reader'] LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r);
         BEGIN
             EXECUTE format('CREATE ROLE %I NOLOGIN', r);
         EXCEPTION WHEN duplicate_object OR unique_violation THEN

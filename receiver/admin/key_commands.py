@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from receiver import config, console, db, vault
@@ -25,6 +26,16 @@ def rotate(args: argparse.Namespace) -> int:
 
     async def work(settings: config.Settings, database: db.Database) -> int:
         sealer = vault.Sealer.from_settings(settings)
+        plan = await rekey.plan(database, sealer.keyring)
+        if args.dry_run:
+            if args.json:
+                print(json.dumps(plan.as_dict()))
+            else:
+                print(plan.describe())
+            return 0
+        # Said before anything changes: once re-sealed, a value opens only where the
+        # new primary key is configured (every replica, every partner cache).
+        print(plan.describe(), file=sys.stderr, flush=True)
 
         def progress(kind: str, total: int) -> None:
             print(f"{kind}: {total} re-encrypted", file=sys.stderr, flush=True)
@@ -33,23 +44,10 @@ def rotate(args: argparse.Namespace) -> int:
         report = await rekey.rotate(
             database, sealer.keyring, actor=actor, batch_size=args.batch_size, progress=progress
         )
-        print(
-            f"re-encrypted {report.rotated['tokens']} token(s) and {report.rotated['events']} "
-            f"event(s) under primary key {report.primary!r}"
-        )
-        print("values under each key:")
-        for kid in sealer.keyring.key_ids:
-            counts = {kind: report.remaining.get((kind, kid), 0) for kind in ("tokens", "events")}
-            line = f"  {kid}: {counts['tokens']} token(s), {counts['events']} event(s)"
-            if kid == report.primary:
-                line += " (primary)"
-            elif report.count_under(kid) == 0:
-                line += " -> may be removed from RECEIVER_TOKEN_KEYS"
-            else:
-                line += " -> still in use: run keys rotate again"
-            print(line)
-        for kid, count in report.missing_keys.items():
-            print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
+        if args.json:
+            print(json.dumps(_outcome(report, sealer.keyring.key_ids)))
+        else:
+            _print_report(report, sealer.keyring.key_ids)
         # Each batch is audited as it commits; this row closes the run with its totals.
         detail = {"primary": report.primary, "rotated": report.rotated, "summary": True}
         await audit.audit_each(
@@ -61,3 +59,36 @@ def rotate(args: argparse.Namespace) -> int:
         return console.EXIT_FAILURE if report.missing_keys else 0
 
     return console.with_database(args, work, needs=config.NEEDS_VAULT)
+
+
+def _outcome(report: rekey.RotationReport, key_ids: list[str]) -> dict[str, object]:
+    """`keys rotate --json`: what was re-sealed, and what each key still holds."""
+    return {
+        "primary": report.primary,
+        "rotated": dict(report.rotated),
+        "remaining": {
+            kid: {kind: report.remaining.get((kind, kid), 0) for kind in ("tokens", "events")}
+            for kid in key_ids
+        },
+        "unopenable": report.missing_keys,
+    }
+
+
+def _print_report(report: rekey.RotationReport, key_ids: list[str]) -> None:
+    print(
+        f"re-encrypted {report.rotated['tokens']} token(s) and {report.rotated['events']} "
+        f"event(s) under primary key {report.primary!r}"
+    )
+    print("values under each key:")
+    for kid in key_ids:
+        counts = {kind: report.remaining.get((kind, kid), 0) for kind in ("tokens", "events")}
+        line = f"  {kid}: {counts['tokens']} token(s), {counts['events']} event(s)"
+        if kid == report.primary:
+            line += " (primary)"
+        elif report.count_under(kid) == 0:
+            line += " -> may be removed from RECEIVER_TOKEN_KEYS"
+        else:
+            line += " -> still in use: run keys rotate again"
+        print(line)
+    for kid, count in report.missing_keys.items():
+        print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")

@@ -52,15 +52,83 @@ class RotationReport:
     def missing_keys(self) -> dict[str, int]:
         """Key ids that still seal values but are not in the keyring: those values
         cannot be opened until the key is configured again."""
-        missing: Counter[str] = Counter()
-        for (_, kid), count in self.remaining.items():
-            if kid not in self.key_ids:
-                missing[kid] += count
-        return dict(missing)
+        return _unconfigured(self.remaining, self.key_ids)
 
     def count_under(self, kid: str) -> int:
         """Values of every kind still sealed under `kid`."""
         return sum(n for (_, key), n in self.remaining.items() if key == kid)
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    """What `keys rotate` would re-seal: values per kind under each key id other than
+    the primary (index range scans: `sealed_to_rotate_counts`)."""
+
+    primary: str
+    key_ids: list[str]
+    # (kind, key id) -> values sealed under that key, the primary excepted
+    under: dict[tuple[str, str], int]
+
+    def counts(self) -> dict[str, int]:
+        """Values per kind a rotation would re-seal (those under a configured key)."""
+        return {
+            kind: sum(n for (k, kid), n in self.under.items() if k == kind and kid in self.key_ids)
+            for kind in _KINDS
+        }
+
+    def from_keys(self) -> list[str]:
+        """The configured key ids those values are sealed under now."""
+        return sorted({kid for (_, kid) in self.under if kid in self.key_ids})
+
+    def unopenable(self) -> dict[str, int]:
+        """Values under a key id not configured: no rotation can open them."""
+        return _unconfigured(self.under, self.key_ids)
+
+    def as_dict(self) -> dict[str, object]:
+        """The plan as `--dry-run --json` prints it."""
+        return {
+            "primary": self.primary,
+            "would_reseal": self.counts(),
+            "from_keys": self.from_keys(),
+            "unopenable": self.unopenable(),
+        }
+
+    def describe(self) -> str:
+        """What moves to which key, and what must hold the key first."""
+        counts, sources = self.counts(), self.from_keys()
+        line = (
+            f"would re-seal {counts['tokens']} token(s) and {counts['events']} event(s) "
+            f"under primary key {self.primary!r}"
+        )
+        if sources:
+            line += f" (from {', '.join(map(repr, sources))})"
+        lines = [line]
+        for kid, n in sorted(self.unopenable().items()):
+            lines.append(
+                f"  {kid}: {n} value(s) under a key not in RECEIVER_TOKEN_KEYS: left as they are"
+            )
+        if any(counts.values()):
+            lines.append(
+                f"  every replica and partner cache must hold key {self.primary!r} in "
+                "RECEIVER_TOKEN_KEYS first: a re-sealed value opens only where it is configured"
+            )
+        return "\n".join(lines)
+
+
+def _unconfigured(counts: dict[tuple[str, str], int], key_ids: list[str]) -> dict[str, int]:
+    """Of values per (kind, key id), how many each unconfigured key id seals."""
+    missing: Counter[str] = Counter()
+    for (_, kid), n in counts.items():
+        if kid not in key_ids:
+            missing[kid] += n
+    return dict(missing)
+
+
+async def plan(database: db.Database, keyring: vault.Keyring) -> RotationPlan:
+    """What a rotation under `keyring`'s primary key would re-seal now."""
+    rows = await database.fetch("sealed_to_rotate_counts", keyring.primary_id)
+    under = {(row["kind"], row["key_id"]): row["n"] for row in rows}
+    return RotationPlan(primary=keyring.primary_id, key_ids=keyring.key_ids, under=under)
 
 
 async def rotate(

@@ -97,6 +97,8 @@ def status(args: argparse.Namespace) -> int:
         )
         try:
             return await gather(settings, database)
+        except (errors.DatabasePermission, errors.DatabaseRefused):
+            raise  # the wrong role or database: a setting to fix (one line, exit 2)
         except errors.DatabaseUnavailable:
             label = console.database_label(console.dsn(settings))
             return {"database": {"reachable": False, "at": label}}

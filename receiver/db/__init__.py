@@ -102,8 +102,9 @@ QUERIES = _load_queries()
 
 
 @asynccontextmanager
-async def translated_errors() -> AsyncIterator[None]:
-    """Turn driver and network faults into `errors.DatabaseUnavailable`."""
+async def translated_errors(conn: Connection | None = None) -> AsyncIterator[None]:
+    """Turn driver and network faults into `errors.DatabaseUnavailable` (`conn`: the
+    connection the work runs on, when there is one, to name its role)."""
     try:
         yield
     except _UNSTORABLE as exc:
@@ -115,6 +116,8 @@ async def translated_errors() -> AsyncIterator[None]:
         _fault("schema_missing")
         log.warning("database_schema_missing", error=type(exc).__name__)
         raise errors.SchemaNotReady("database schema is not migrated, retry later") from exc
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise denied(exc, None if conn is None else role_of(conn)) from None
     except asyncpg.LockNotAvailableError as exc:
         # lock_timeout: a row or client lock held too long. That client's write waits;
         # Postgres is fine, so this is not "unavailable" (readiness ignores it).
@@ -134,6 +137,22 @@ _MISCONFIGURED: tuple[type[BaseException], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,  # no such role, or pg_hba refuses
     asyncpg.InvalidPasswordError,
 )
+
+
+def denied(exc: asyncpg.InsufficientPrivilegeError, role: str | None) -> errors.DatabasePermission:
+    """A refused privilege as `errors.DatabasePermission` (logged once): the wrong
+    role's URL, or a schema its owner has not migrated yet. Postgres's message names
+    the object, never a value."""
+    _fault("refused")  # the role, like a refused connection: an operator must act
+    problem = errors.DatabasePermission(str(exc), role)
+    log.warning("database_permission_denied", role=role, denied=problem.denied)
+    return problem
+
+
+def role_of(conn: Connection) -> str | None:
+    """The role a connection's session runs as (Postgres reports it at connect)."""
+    role: str | None = getattr(conn.get_settings(), "session_authorization", None)
+    return role
 
 
 async def connect(dsn: str) -> Connection:
@@ -234,10 +253,15 @@ class Database:
                 _fault("refused")
                 # No traceback: the driver's message can quote connection parameters.
                 log.error("database_connect_refused", error=type(exc).__name__)  # noqa: TRY400
+                if isinstance(exc, _MISCONFIGURED):
+                    # These messages name the database or role, never a password.
+                    raise errors.DatabaseRefused(str(exc)) from None
                 raise errors.DatabaseUnavailable("database refused the connection") from exc
             try:
                 # The pool hands out a proxy that forwards every Connection method.
                 yield cast(Connection, conn)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise denied(exc, role_of(cast(Connection, conn))) from None
             except _UNSTORABLE:
                 raise  # the value was refused, the session is fine
             except _BROKEN:

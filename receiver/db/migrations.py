@@ -51,6 +51,19 @@ SQUASHED = {
         "60bc62b78405b8305bab13afae0394dea5a9f83515485d4d96493688d14788b1"
     ),
 }
+# Earlier texts of a shipped file whose effect on a database is the same as the
+# current text's: a database that recorded one is at that migration. 0001_baseline's
+# role creation first skipped roles that already exist (a migration owner without
+# CREATEROLE could not migrate even once an administrator had created them).
+EQUIVALENT = {
+    "0001_baseline": frozenset(
+        {"a2cdbaf6375a78ff12ce3113268d00a33c9bf42f92496b01cb46d81e34c1c69d"}
+    ),
+}
+# The group roles the baseline creates when missing (README "Roles"); creating them
+# needs CREATEROLE, so `receiver migrate --print-roles` prints the SQL for a superuser.
+GROUP_ROLES = ("receiver_runtime", "receiver_cache_reader")
+
 # The files of the first squash (into the first 0001_baseline): a database only they
 # built lacks what 0002-0010 added, and those files no longer ship, so it is refused.
 RETIRED = frozenset(
@@ -99,12 +112,42 @@ async def apply(dsn: str, *, until: str | None = None) -> list[str]:
     migration's data changes); return the names applied now."""
     conn = await db.connect(dsn)
     try:
-        async with db.translated_errors():
+        async with db.translated_errors(conn):
             if not await conn.fetchval(db.QUERIES["migration_table_exists"]):
+                await _roles_creatable(conn)
                 await _bootstrap(conn)
             return await _apply_pending(conn, until)
     finally:
         await conn.close()
+
+
+async def _roles_creatable(conn: db.Connection) -> None:
+    """Before the first migration: a group role that is missing must be creatable by
+    this role, else one line says which and how (not a traceback midway)."""
+    row = await conn.fetchrow(db.QUERIES["roles_missing"], list(GROUP_ROLES))
+    assert row is not None
+    if row["missing"] and not row["may_create"]:
+        raise errors.ConfigError(
+            f"role {row['missing'][0]} does not exist, and creating it needs CREATEROLE, "
+            f"which {row['role']} lacks: run the SQL `receiver migrate --print-roles` "
+            f"prints once as a superuser (or grant {row['role']} CREATEROLE), then "
+            "`receiver migrate` again"
+        )
+
+
+def roles_sql() -> str:
+    """The SQL a superuser runs once per Postgres cluster before a least-privilege
+    `receiver migrate` (README "Roles"), with example login roles."""
+    lines = [
+        "-- Once per Postgres cluster, as a superuser (or a role with CREATEROLE):",
+        *(f"CREATE ROLE {role} NOLOGIN;" for role in GROUP_ROLES),
+        "-- Login roles of your own (names and passwords are yours), for example:",
+        "-- CREATE ROLE receiver_owner LOGIN PASSWORD '...';   -- runs `receiver migrate`",
+        "-- CREATE DATABASE receiver OWNER receiver_owner;",
+        "-- CREATE ROLE receiver_app LOGIN PASSWORD '...' IN ROLE receiver_runtime;",
+        "-- CREATE ROLE cache_app LOGIN PASSWORD '...' IN ROLE receiver_cache_reader;",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 async def _bootstrap(conn: db.Connection) -> None:
@@ -150,6 +193,8 @@ async def _apply_pending(conn: db.Connection, until: str | None) -> list[str]:
                     log.info("migration_applied", migration=migration.name)
                     applied.append(migration.name)
                 done[migration.name] = now or migration.checksum
+        if done[migration.name] in EQUIVALENT.get(migration.name, ()):
+            done[migration.name] = migration.checksum
         if done[migration.name] != migration.checksum:
             raise errors.MigrationError(
                 f"migration {migration.name} was edited after it was applied; "

@@ -109,6 +109,15 @@ DELETE FROM receiver.schema_migrations WHERE name = ANY($1::text[]);
 -- The checksum migration $1 was applied with (none: not applied).
 SELECT checksum FROM receiver.schema_migrations WHERE name = $1;
 
+-- name: roles_missing
+-- Of the group roles $1, those missing from the cluster; whether the current role may
+-- create them (CREATEROLE or superuser); its name.
+SELECT array(SELECT r FROM unnest($1::text[]) AS r
+              WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)) AS missing,
+       (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user)
+           AS may_create,
+       current_user AS role;
+
 -- name: migration_checksums
 -- Applied migrations and their checksums (an edited file is refused).
 SELECT name, checksum FROM receiver.schema_migrations;

@@ -39,16 +39,25 @@ DEFAULT_SHUTDOWN_DELAY_SECONDS = 5.0
 
 
 async def _migrate_when_reachable(dsn: str) -> list[str]:
+    """Migrate, waiting (1 s, doubling to 8 s; STARTUP_DB_WAIT_SECONDS in all) for a
+    Postgres that is starting or unreachable; a refusal waiting cannot cure (the wrong
+    role, database or password) ends at once in one line."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STARTUP_DB_WAIT_SECONDS
+    pause = 1.0
     while True:
         try:
             return await migrations.apply(dsn)
+        except (errors.DatabasePermission, errors.DatabaseRefused):
+            raise
         except errors.DatabaseUnavailable:
-            if loop.time() > deadline:
+            if loop.time() + pause > deadline:
                 raise
-            logger.warning("database_waiting", retry_in_seconds=1)
-            await asyncio.sleep(1)
+            logger.warning(
+                "database_waiting", database=console.database_label(dsn), retry_in_seconds=pause
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 8.0)
 
 
 async def _check_behind_pooler(dsn: str) -> None:
@@ -323,7 +332,11 @@ def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None
 
 def migrate(args: argparse.Namespace) -> int:
     """`receiver migrate`: apply; with --status list applied and pending migrations;
-    with --check exit 1 when any is pending. Needs the database URL and nothing else."""
+    with --check exit 1 when any is pending; with --print-roles print the group roles'
+    SQL. Needs the database URL and nothing else (--print-roles not even that)."""
+    if args.print_roles:
+        print(migrations.roles_sql(), end="")
+        return 0
     settings = console.start(args, needs=config.NEEDS_DATABASE)
     if args.status or args.check:
         pending = asyncio.run(_migration_status(settings, listing=args.status))

@@ -145,6 +145,40 @@ async def test_keys_rotate_command_tells_when_the_old_key_may_go(
     assert "tokens: 2 re-encrypted" in result.stderr
 
 
+async def test_keys_rotate_dry_run_says_what_would_move_and_changes_nothing(
+    post: Post, database_url: str, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """`keys rotate --dry-run` names the counts, the keys they move from and to, and
+    that every replica must hold the new primary first; nothing is re-sealed. The real
+    run prints the same plan on stderr before it starts."""
+    for _ in range(2):
+        await post(helpers.onboarding())
+    env = operator_env(with_new_primary(settings))
+    before = await conn.fetch("SELECT token_sealed FROM receiver.tokens ORDER BY id")
+    dry = await asyncio.to_thread(processes.run, ["keys", "rotate", "--dry-run"], env)
+    assert dry.returncode == 0, dry.stderr
+    assert "would re-seal 2 token(s) and 2 event(s) under primary key 'k2' (from 'k1')" in (
+        dry.stdout
+    )
+    assert "must hold key 'k2' in RECEIVER_TOKEN_KEYS first" in dry.stdout
+    as_json = await asyncio.to_thread(processes.run, ["keys", "rotate", "--dry-run", "--json"], env)
+    assert json.loads(as_json.stdout) == {
+        "primary": "k2",
+        "would_reseal": {"tokens": 2, "events": 2},
+        "from_keys": ["k1"],
+        "unopenable": {},
+    }
+    assert await conn.fetch("SELECT token_sealed FROM receiver.tokens ORDER BY id") == before
+    done = await asyncio.to_thread(processes.run, ["keys", "rotate", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    assert "would re-seal 2 token(s) and 2 event(s)" in done.stderr
+    outcome = json.loads(done.stdout)
+    assert outcome["rotated"] == {"tokens": 2, "events": 2}
+    assert outcome["remaining"]["k1"] == {"tokens": 0, "events": 0}
+    again = await asyncio.to_thread(processes.run, ["keys", "rotate", "--dry-run"], env)
+    assert "would re-seal 0 token(s) and 0 event(s) under primary key 'k2'" in again.stdout
+
+
 async def test_tokens_list_command_shows_no_secret(
     post: Post, database_url: str, settings: Settings
 ) -> None:
