@@ -107,7 +107,8 @@ async def test_a_least_privilege_install_as_the_readme_walks_it(
         assert early.returncode == 2
         message = one_line(early)
         assert "receiver_runtime does not exist" in message
-        assert "CREATEROLE" in message and "early_owner" in message
+        assert "CREATEROLE" in message
+        assert "early_owner" in message
         assert "receiver migrate --print-roles" in message
         assert not await admin.fetchval(
             "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'receiver_runtime')"
@@ -123,7 +124,8 @@ async def test_a_least_privilege_install_as_the_readme_walks_it(
     assert migrated.returncode == 0, migrated.stderr
     assert "applied" in migrated.stdout
     # A normal first run says nothing alarming (no schema_missing, no warning).
-    assert '"warning"' not in migrated.stderr and "schema_missing" not in migrated.stderr
+    assert '"warning"' not in migrated.stderr
+    assert "schema_missing" not in migrated.stderr
 
     # serve as the runtime login, every secret from a file.
     env = service_env(as_login(superuser, "receiver_app", "app-secret", "receiver"))
@@ -214,7 +216,9 @@ async def test_serve_as_the_runtime_login_on_an_unmigrated_database_is_one_line(
     )
     assert result.returncode == 2, result.stderr
     line = one_line(result)
-    assert f"'{role}'" in line and "not migrated" in line and "receiver migrate" in line
+    assert f"'{role}'" in line
+    assert "not migrated" in line
+    assert "receiver migrate" in line
     assert "database_waiting" not in result.stdout + result.stderr
 
 
@@ -230,7 +234,8 @@ async def test_the_cache_readers_url_in_serve_is_one_line(
     )
     assert result.returncode == 2, result.stderr
     line = one_line(result)
-    assert f"'{role}'" in line and "receiver_runtime" in line
+    assert f"'{role}'" in line
+    assert "receiver_runtime" in line
     assert password not in result.stdout + result.stderr
 
 
@@ -263,7 +268,8 @@ async def test_a_database_migrated_by_the_earlier_baseline_text_stays_current(
     edited = "UPDATE receiver.schema_migrations SET checksum = 'f00' WHERE name = '0001_baseline'"
     await conn.execute(edited)
     refused = await asyncio.to_thread(processes.run, ["migrate"], env)
-    assert refused.returncode == 1 and "was edited" in refused.stderr
+    assert refused.returncode == 1
+    assert "was edited" in refused.stderr
 
 
 def test_print_roles_needs_no_setting() -> None:
