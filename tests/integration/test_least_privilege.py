@@ -172,7 +172,8 @@ async def test_a_least_privilege_install_as_the_readme_walks_it(
         result = processes.run(args, service_env(reader))
         assert result.returncode == 2, (args, result.stderr)
         line = one_line(result)
-        assert "'cache_app'" in line and "receiver_runtime" in line, line
+        assert "'cache_app'" in line, line
+        assert "receiver_runtime" in line, line
         assert "cache-secret" not in result.stderr
 
 
