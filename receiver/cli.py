@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from receiver import console, errors, metrics, vault
 from receiver.admin import (
@@ -151,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     shown = migrate.add_mutually_exclusive_group()
     shown.add_argument("--status", action="store_true", help="list applied and pending ones")
     shown.add_argument("--check", action="store_true", help="exit 1 when any is pending")
+    migrate.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     shown.add_argument(
         "--print-roles",
         action="store_true",
@@ -203,7 +205,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_debitura(tokens_sub, clients_sub)
     _add_replay(subcommands)
     _add_sandbox(subcommands)
+    completion = subcommands.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Example: receiver completion bash > /etc/bash_completion.d/receiver; "
+        'receiver completion zsh > "${fpath[1]}/_receiver"',
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(run=lambda args: _completion(parser, args.shell))
     return _with_help(parser)
+
+
+def _completion(parser: argparse.ArgumentParser, shell: str) -> int:
+    """`receiver completion bash|zsh`: shtab writes the script from the parser itself,
+    so it never lags behind a new command or flag."""
+    import shtab  # only this command needs it
+
+    print(shtab.complete(parser, shell=shell))
+    return 0
 
 
 def _positive(text: str) -> int:
@@ -263,6 +282,27 @@ def _age(text: str) -> timedelta:
     return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
 
 
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="the outcome as one JSON object")
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: refused, with the new spelling (nothing runs)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        self.hint = kwargs.pop("hint")
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        parser.error(self.hint)
+
+
+def _renamed(parser: argparse.ArgumentParser, old: str, new: str, why: str) -> None:
+    parser.add_argument(
+        old, action=_Renamed, dest=argparse.SUPPRESS, hint=f"{old} is now {new}: {why}"
+    )
+
+
 def _add_actor(parser: argparse.ArgumentParser, why: str = "--reason") -> None:
     """--actor and --reason (`why`: where --reason means something else already), for
     the commands the audit trail records."""
@@ -303,6 +343,7 @@ def _add_debitura(
     fetch.add_argument("--environment", **environment)  # type: ignore[arg-type]
     fetch.add_argument("--actor", help="who acts, for the audit trail (default: the OS user)")
     fetch.add_argument("--reason", dest="audit_reason", help="why, for the audit trail")
+    _add_json(fetch)
     _add_dev_flag(fetch)
     fetch.set_defaults(run=debitura_commands.tokens_fetch)
 
@@ -415,7 +456,10 @@ def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Example: receiver events list --status quarantined",
     )
     listing.add_argument("--status", choices=inbox.STATUSES)
-    listing.add_argument("--reason", choices=events.QUARANTINE_REASONS, help="quarantine reason")
+    listing.add_argument(
+        "--quarantine-reason", choices=events.QUARANTINE_REASONS, help="only this quarantine reason"
+    )
+    _renamed(listing, "--reason", "--quarantine-reason", "--reason is an audit reason everywhere")
     listing.add_argument("--type", help="only this event type")
     listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -435,9 +479,14 @@ def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     reprocess.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="stored keys")
     reprocess.add_argument("--quarantined", action="store_true", help="every quarantined one")
-    reprocess.add_argument("--reason", choices=events.QUARANTINE_REASONS, help="with --quarantined")
+    reprocess.add_argument(
+        "--quarantine-reason",
+        choices=events.QUARANTINE_REASONS,
+        help="with --quarantined: only this quarantine reason",
+    )
     reprocess.add_argument("--json", action="store_true", help="one JSON object per event")
-    _add_actor(reprocess, why="--why")
+    _add_actor(reprocess)
+    _renamed(reprocess, "--why", "--reason", "the audit reason is --reason in every command")
     _add_dev_flag(reprocess)
     reprocess.set_defaults(run=event_commands.reprocess)
     dismiss = sub.add_parser(
@@ -450,6 +499,7 @@ def _add_events(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]
     dismiss.add_argument(
         "--reason", dest="audit_reason", required=True, help="why, for the audit trail"
     )
+    dismiss.add_argument("--json", action="store_true", help="one JSON object per key")
     _add_dev_flag(dismiss)
     dismiss.set_defaults(run=event_commands.dismiss)
 
@@ -467,6 +517,7 @@ def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     retry.add_argument(
         "--id", action="append", type=_signal_id, help="only this signal (repeatable)"
     )
+    _add_json(retry)
     _add_dev_flag(retry)
     retry.set_defaults(run=signal_commands.retry)
 
@@ -543,6 +594,7 @@ def _add_tokens(
         metavar="TIME",
         help="when the replaced token stops working (old_token_expires_at; default: 24 h grace)",
     )
+    _add_json(imports)
     _add_actor(imports)
     _add_dev_flag(imports)
     imports.set_defaults(run=token_commands.import_token)

@@ -131,21 +131,38 @@ def timestamp(text: str | None, flag: str) -> datetime | None:
 
 
 def print_rows(
-    rows: Sequence[dict[str, Any]], columns: Sequence[str], *, as_json: bool, noun: str = "token"
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    *,
+    as_json: bool,
+    noun: str = "token",
+    limit: int | None = None,
 ) -> None:
-    """Rows on stdout: one JSON object per line, or a table for people."""
+    """Rows on stdout: one JSON object per line, or a table for people; a listing
+    that stopped at its `limit` says so on stderr (stdout stays parseable)."""
     if as_json:
         for row in rows:
             print(json.dumps(row))
     else:
         print(table(rows, columns, noun))
+    if limit is not None and len(rows) >= limit:
+        print(f"receiver: stopped at --limit {limit}: there may be more", file=sys.stderr)
+
+
+def _cell(value: Any) -> str:
+    """One table cell: `-` for nothing, compact JSON for an object or a list."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], noun: str = "token") -> str:
     """Rows as a plain fixed-width table with a count line."""
     # Hand-written: fixed, unwrapped columns that grep and cut read reliably, which
     # terminal table libraries do not promise off a terminal.
-    cells = [[str(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows]
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]

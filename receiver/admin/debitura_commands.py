@@ -27,8 +27,11 @@ _REDACTOR = redaction.Redactor()
 def _run(
     args: argparse.Namespace,
     work: Callable[[management.Manager, rotation.Rotator], Awaitable[list[outcomes.Outcome]]],
+    *,
+    nothing: str | None = None,
 ) -> int:
-    """Open the database and an HTTP session, do `work`, print its outcomes."""
+    """Open the database and an HTTP session, do `work`, print its outcomes (`nothing`:
+    what to say, on stderr, when there were none: never a silent no-op)."""
     # Client ids are checked before any call: Debitura must never act (a revocation
     # cannot be undone) on a client the vault would then refuse to record.
     named = list(getattr(args, "clients", None) or [])
@@ -48,6 +51,8 @@ def _run(
                 management.Manager(database, settings, sealer, client),
                 rotation.Rotator(database, settings, sealer, client),
             )
+        if not done and nothing is not None:
+            print(f"receiver: {nothing}", file=sys.stderr)
         return report(done, as_json=getattr(args, "json", False))
 
     return console.with_database(args, with_api)
@@ -120,7 +125,14 @@ def tokens_rotate(args: argparse.Namespace) -> int:
             for client_id in args.clients
         ]
 
-    return _run(args, work)
+    nothing: str | None
+    if args.due:
+        nothing = "no token is due for rotation" + (
+            " (nothing would be rotated)" if args.dry_run else ""
+        )
+    else:
+        nothing = "no rotation is open: nothing to resume" if args.resume else None
+    return _run(args, work, nothing=nothing)
 
 
 def tokens_validate(args: argparse.Namespace) -> int:

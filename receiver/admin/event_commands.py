@@ -4,12 +4,13 @@ the command line (docs/design.md §6)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from receiver import config, console, db, redaction, vault
+from receiver import config, console, db, errors, redaction, vault
 from receiver.admin import inbox
-from receiver.lifecycle import audit
+from receiver.lifecycle import audit, events
 
 
 def list_events(args: argparse.Namespace) -> int:
@@ -19,16 +20,13 @@ def list_events(args: argparse.Namespace) -> int:
         rows = await inbox.listing(
             database,
             status=args.status,
-            reason=args.reason,
+            reason=args.quarantine_reason,
             event_type=args.type,
             limit=args.limit,
         )
-        console.print_rows(rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event")
-        if len(rows) == args.limit:
-            print(
-                f"receiver: stopped at --limit {args.limit}: there may be more",
-                file=sys.stderr,
-            )
+        console.print_rows(
+            rows, inbox.LIST_COLUMNS, as_json=args.json, noun="event", limit=args.limit
+        )
         return 0
 
     return console.with_database(args, work, needs=config.NEEDS_DATABASE)
@@ -75,9 +73,21 @@ def reprocess(args: argparse.Namespace) -> int:
         return console.EXIT_CONFIG
     if _token_shaped(args.event_ids or []):
         return console.EXIT_CONFIG
+    if (
+        args.quarantined
+        and args.quarantine_reason is None
+        and args.audit_reason in events.QUARANTINE_REASONS
+    ):
+        # The filter's old spelling would now reprocess every quarantined delivery.
+        raise errors.UsageError(
+            f"--reason is the audit reason now; to reprocess only {args.audit_reason!r} "
+            f"deliveries, give --quarantine-reason {args.audit_reason}"
+        )
 
     async def work(settings: config.Settings, database: db.Database) -> int:
-        keys = args.event_ids or await inbox.quarantined_keys(database, reason=args.reason)
+        keys = args.event_ids or await inbox.quarantined_keys(
+            database, reason=args.quarantine_reason
+        )
         actor = audit.Actor.of(args.actor, args.audit_reason)
         results = await inbox.reprocess(database, settings, keys, actor)
         for result in results:
@@ -103,13 +113,21 @@ def dismiss(args: argparse.Namespace) -> int:
 
     async def work(_: config.Settings, database: db.Database) -> int:
         actor = audit.Actor.of(args.actor, args.audit_reason)
-        dismissed = await inbox.dismiss(database, actor, args.event_ids)
-        for key in args.event_ids:
-            if key in dismissed:
-                print(f"{key}: dismissed (was quarantined: {dismissed[key]})")
+        done = await inbox.dismiss(database, actor, args.event_ids)
+        for one in done:
+            if args.json:
+                print(json.dumps({**dataclasses.asdict(one), "ok": one.ok}))
+            elif one.outcome == "dismissed":
+                print(f"{one.key}: dismissed (was quarantined: {one.quarantine_reason})")
+            elif one.outcome == "already_dismissed":
+                print(f"{one.key}: already dismissed")
+            elif one.outcome == "not_quarantined":
+                print(f"{one.key}: not quarantined (status {one.status}): left as it is")
             else:
-                print(f"{key}: not an open quarantine (unknown, or not quarantined)")
-        print(f"{len(dismissed)} of {len(args.event_ids)} event(s) dismissed")
-        return 0 if len(dismissed) == len(args.event_ids) else console.EXIT_FAILURE
+                print(f"{one.key}: unknown: no stored delivery has this key")
+        if not args.json:
+            dismissed = sum(one.outcome == "dismissed" for one in done)
+            print(f"{dismissed} of {len(done)} event(s) dismissed", file=sys.stderr)
+        return 0 if all(one.ok for one in done) else console.EXIT_FAILURE
 
     return console.with_database(args, work, needs=config.NEEDS_DATABASE)

@@ -93,7 +93,9 @@ def list_audit(args: argparse.Namespace) -> int:
             action=args.action,
             limit=args.limit,
         )
-        console.print_rows(rows, audit.AUDIT_COLUMNS, as_json=args.json, noun="audit row")
+        console.print_rows(
+            rows, audit.AUDIT_COLUMNS, as_json=args.json, noun="audit row", limit=args.limit
+        )
         return 0
 
     return console.with_database(args, work, needs=config.NEEDS_VAULT)

@@ -188,19 +188,39 @@ async def quarantined_keys(
     return [row["key"] for row in rows]
 
 
-async def dismiss(
-    database: db.Database, actor: audit.Actor, keys: list[str]
-) -> dict[str, str | None]:
+@dataclass(frozen=True, slots=True)
+class Dismissal:
+    """What `events dismiss` did with one key: `dismissed` now, `already_dismissed`
+    (a second run: no change, no audit row), `not_quarantined` (applied, say) or
+    `unknown`; `ok` for the first two."""
+
+    key: str
+    outcome: str
+    quarantine_reason: str | None = None
+    status: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("dismissed", "already_dismissed")
+
+
+async def dismiss(database: db.Database, actor: audit.Actor, keys: list[str]) -> list[Dismissal]:
     """Close the named quarantined deliveries for good, each audited in the same
-    transaction; the keys dismissed, with the quarantine reason each had (a key not
-    quarantined is left alone and not in the answer)."""
-    dismissed: dict[str, str | None] = {}
+    transaction; one outcome per key (a key not quarantined is left alone)."""
+    done: list[Dismissal] = []
     async with database.connection() as conn, conn.transaction():
         for key in keys:
             row = await conn.fetchrow(db.QUERIES["dismiss_event"], key)
             if row is None:
+                found = await conn.fetchrow(db.QUERIES["event_status_by_key"], key)
+                if found is None:
+                    done.append(Dismissal(key, "unknown"))
+                elif found["status"] == "dismissed":
+                    done.append(Dismissal(found["key"], "already_dismissed", status="dismissed"))
+                else:
+                    done.append(Dismissal(found["key"], "not_quarantined", status=found["status"]))
                 continue
-            dismissed[key] = row["quarantine_reason"]
+            done.append(Dismissal(row["key"], "dismissed", row["quarantine_reason"]))
             await audit.audit(
                 conn,
                 actor,
@@ -209,4 +229,4 @@ async def dismiss(
                 event_key=row["key"],
                 detail={"quarantine_reason": row["quarantine_reason"]},
             )
-    return dismissed
+    return done

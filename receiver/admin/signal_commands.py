@@ -16,13 +16,12 @@ def list_signals(args: argparse.Namespace) -> int:
 
     async def work(_: config.Settings, database: db.Database) -> int:
         rows = await outbox.listing(database, status=args.status, limit=args.limit)
-        if args.json:
-            for row in rows:
-                print(json.dumps(row))
-            return 0
-        by_status = await outbox.counts(database)
-        print("  ".join(f"{status}={n}" for status, n in sorted(by_status.items())) or "no signals")
-        print(console.table(rows, SIGNAL_COLUMNS, noun="signal"))
+        if not args.json:
+            # A summary for people, on stderr: stdout holds only the listing.
+            by_status = await outbox.counts(database)
+            summary = "  ".join(f"{status}={n}" for status, n in sorted(by_status.items()))
+            print(summary or "no signals", file=sys.stderr)
+        console.print_rows(rows, SIGNAL_COLUMNS, as_json=args.json, noun="signal", limit=args.limit)
         return 0
 
     return console.with_database(args, work, needs=config.NEEDS_DATABASE)
@@ -46,8 +45,11 @@ def retry(args: argparse.Namespace) -> int:
 
     async def work(_: config.Settings, database: db.Database) -> int:
         retried = await outbox.retry_dead(database, args.id or None)
-        print(f"{len(retried)} dead signal(s) back to pending")
         missed = sorted(set(args.id or ()) - {str(r) for r in retried})
+        if args.json:
+            print(json.dumps({"retried": [str(r) for r in retried], "not_dead": missed}))
+        else:
+            print(f"{len(retried)} dead signal(s) back to pending")
         for signal_id in missed:
             print(f"receiver: no dead signal {signal_id} (unknown, or not dead)", file=sys.stderr)
         return console.EXIT_FAILURE if missed else 0

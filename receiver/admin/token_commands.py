@@ -7,6 +7,7 @@ Each runs once and exits; output that scripts read goes to stdout, logs to stder
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from receiver import config, console, db, errors, vault
@@ -26,12 +27,7 @@ def list_tokens(args: argparse.Namespace) -> int:
             older_than=args.older_than,
             limit=args.limit,
         )
-        console.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json)
-        if len(rows) == args.limit:
-            print(
-                f"receiver: showing the first {args.limit} tokens: --limit N for more",
-                file=sys.stderr,
-            )
+        console.print_rows(rows, tokens.INVENTORY_COLUMNS, as_json=args.json, limit=args.limit)
         return 0
 
     return console.with_database(args, work, needs=config.NEEDS_DATABASE)
@@ -91,10 +87,23 @@ def import_token(args: argparse.Namespace) -> int:
             supersede=args.supersede,
             old_expires_at=expires_at,
         )
-        print(
-            f"client {imported.client_id}: token {imported.prefix}… ({imported.environment}) "
-            f"{imported.status}, event {imported.event_key}"
-        )
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "client_id": imported.client_id,
+                        "environment": imported.environment,
+                        "token_prefix": imported.prefix,
+                        "status": imported.status,
+                        "event_key": imported.event_key,
+                    }
+                )
+            )
+        else:
+            print(
+                f"client {imported.client_id}: token {imported.prefix}… "
+                f"({imported.environment}) {imported.status}, event {imported.event_key}"
+            )
         return 0
 
     return console.with_database(args, work, needs=config.NEEDS_VAULT)

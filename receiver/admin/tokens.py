@@ -15,7 +15,7 @@ log = structlog.get_logger(__name__)
 STATUSES = ("active", "superseded", "expired", "revoked")
 INVENTORY_COLUMNS = (
     "client_id",
-    "prefix",
+    "token_prefix",
     "environment",
     "status",
     "onboarding_completed_at",

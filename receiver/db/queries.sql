@@ -126,7 +126,7 @@ SELECT name, checksum FROM receiver.schema_migrations;
 -- The inventory operators list: metadata only, never a token; filters optional.
 -- link_invalid_at: when a partner application last reported that this token, though
 -- active, got a second 401 (the client needs re-linking).
-SELECT client_id, prefix, prefix AS token_prefix, environment, status,
+SELECT client_id, prefix AS token_prefix, environment, status,
        onboarding_completed_at, stored_at,
        superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
        changed_by_event, key_id, validated_at, valid, scopes, issued_at,
@@ -400,13 +400,21 @@ SELECT key, status, is_test, test_header, signature, body_sealed,
 
 -- name: dismiss_event
 -- Close one quarantined delivery ($1: its stored key) for good (`events dismiss`).
--- The key as typed, else the test world's of that name (`test:` + $1).
+-- The key as typed, else the test world's of that name (`test/` + $1).
 UPDATE receiver.events SET status = 'dismissed'
  WHERE key = (SELECT key FROM receiver.events
                WHERE (key = $1 OR key = 'test/' || $1) AND status = 'quarantined'
                ORDER BY key = $1 DESC
                LIMIT 1)
 RETURNING key, client_id, quarantine_reason;
+
+-- name: event_status_by_key
+-- The status of stored delivery $1 (the key as typed, else the test world's of that
+-- name): why `events dismiss` left it alone.
+SELECT key, status FROM receiver.events
+ WHERE key = $1 OR key = 'test/' || $1
+ ORDER BY key = $1 DESC
+ LIMIT 1;
 
 -- name: quarantined_keys
 -- Deliveries still quarantined, oldest first (`events reprocess --quarantined`).

@@ -120,4 +120,8 @@ async def audit_listing(
     """Audit rows, newest first; `client_id` also finds that client's erasure."""
     hashed = client_hash(sealer, client_id) if client_id else None
     rows = await database.fetch("audit_list", client_id, hashed, action, limit)
-    return [db.plain(row) for row in rows]
+    # `detail` is an object in the output (the driver gives jsonb as its text).
+    return [
+        {**db.plain(row), "detail": json.loads(row["detail"]) if row["detail"] else None}
+        for row in rows
+    ]

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import json
 import os
 import resource
 import shlex
@@ -339,14 +340,21 @@ def migrate(args: argparse.Namespace) -> int:
         return 0
     settings = console.start(args, needs=config.NEEDS_DATABASE)
     if args.status or args.check:
-        pending = asyncio.run(_migration_status(settings, listing=args.status))
+        pending = asyncio.run(_migration_status(settings, listing=args.status, as_json=args.json))
         return console.EXIT_FAILURE if pending and args.check else 0
     applied = asyncio.run(migrations.apply(console.dsn(settings)))
-    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    if args.json:
+        print(json.dumps({"applied": applied}))
+    else:
+        print(
+            f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
+        )
     return 0
 
 
-async def _migration_status(settings: config.Settings, *, listing: bool) -> list[str]:
+async def _migration_status(
+    settings: config.Settings, *, listing: bool, as_json: bool = False
+) -> list[str]:
     database = await db.Database.open(
         console.dsn(settings), max_size=1, pooled=settings.database_pooled
     )
@@ -355,6 +363,11 @@ async def _migration_status(settings: config.Settings, *, listing: bool) -> list
     finally:
         await database.close()
     pending = [name for name, applied_at in known if applied_at is None]
+    if as_json:
+        for name, applied_at in known if listing else ():
+            print(json.dumps({"name": name, "applied_at": applied_at and applied_at.isoformat()}))
+        print(json.dumps({"applied": len(known) - len(pending), "pending": pending}))
+        return pending
     if listing:
         for name, applied_at in known:
             when = "pending" if applied_at is None else f"applied {applied_at.isoformat()}"

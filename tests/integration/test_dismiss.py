@@ -4,6 +4,8 @@ retention. Real HTTP on loopback, a real Postgres, the real command."""
 
 from __future__ import annotations
 
+import json
+
 import asyncpg
 
 from receiver.config import Settings
@@ -53,11 +55,35 @@ async def test_dismissing_what_is_not_quarantined_exits_1(
     """A key that is unknown or not quarantined is said and exits 1; nothing audited."""
     processed = helpers.onboarding()
     assert (await (await post(processed)).json())["status"] == "processed"
-    for key in (processed["id"], "evt_never_received"):
+    said = {
+        processed["id"]: "not quarantined (status processed): left as it is",
+        "evt_never_received": "unknown: no stored delivery has this key",
+    }
+    for key, line in said.items():
         result = run(["events", "dismiss", key, "--reason", "x"], operator_env(settings))
         assert result.returncode == 1
-        assert "not an open quarantine" in result.stdout
+        assert f"{key}: {line}" in result.stdout
     assert await conn.fetchval("SELECT count(*) FROM receiver.audit") == 0
+
+
+async def test_dismissing_twice_is_not_an_error(
+    post: Post, conn: asyncpg.Connection, settings: Settings
+) -> None:
+    """A second `events dismiss` of the same key (a retried script) says "already
+    dismissed" and exits 0, with no second audit row; `--json` says each outcome."""
+    key = await _quarantine_one(post)
+    env = operator_env(settings)
+    assert run(["events", "dismiss", key, "--reason", "first"], env).returncode == 0
+    again = run(["events", "dismiss", key, "--reason", "again", "--json"], env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {
+        "key": key,
+        "outcome": "already_dismissed",
+        "quarantine_reason": None,
+        "status": "dismissed",
+        "ok": True,
+    }
+    assert await conn.fetchval("SELECT count(*) FROM receiver.audit") == 1
 
 
 async def test_retention_treats_a_dismissed_delivery_as_settled(

@@ -134,7 +134,8 @@ async def test_operators_find_a_test_delivery_by_the_id_they_type(
     shown = await inbox.show(database, keyring, broken["id"])
     assert [(row["test"], row["status"]) for row in shown] == [(True, "quarantined")]
     actor = audit.Actor.of("tester", "namespaces")
-    assert await inbox.dismiss(database, actor, [broken["id"]]) == {broken["id"]: "invalid_data"}
+    (dismissed,) = await inbox.dismiss(database, actor, [broken["id"]])
+    assert (dismissed.outcome, dismissed.quarantine_reason) == ("dismissed", "invalid_data")
 
     idless = helpers.revocation("cli_ns", None)
     del idless["id"]

@@ -298,6 +298,7 @@ async def test_reveal_is_audited_in_the_database_with_the_prefix(
         "cli_rev",
         token[:15],
     )
+    assert row["detail"] == {"status": "active"}  # an object, not its JSON text
     assert token not in trail.stdout
     table = await cli(settings, "audit", "list")
     assert token[:15] in table.stdout

@@ -382,7 +382,9 @@ async def test_webhook_tokens_typed_errors_and_retry_once(
     listed = await asyncio.to_thread(
         processes.run, ["tokens", "list", "--client", "cli_wh", "--json"], operator_env(settings)
     )
-    rows = {json.loads(line)["prefix"]: json.loads(line) for line in listed.stdout.splitlines()}
+    rows = {
+        json.loads(line)["token_prefix"]: json.loads(line) for line in listed.stdout.splitlines()
+    }
     assert rows[new[:15]]["link_invalid_at"] is not None
     assert rows[old[:15]]["link_invalid_at"] is None
     metrics = await (await client.get("/metrics")).text()

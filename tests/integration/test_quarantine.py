@@ -379,7 +379,7 @@ async def test_tokens_list_and_cache_read_per_environment(
     listed = run(["tokens", "list", "--json"], operator_env(two_world_settings))
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert sorted((r["environment"], r["prefix"]) for r in rows) == [
+    assert sorted((r["environment"], r["token_prefix"]) for r in rows) == [
         ("live", live[:15]),
         ("test", test[:15]),
     ]

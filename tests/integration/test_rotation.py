@@ -190,7 +190,7 @@ async def test_tokens_list_command_shows_no_secret(
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].split()[:4] == [
         "client_id",
-        "prefix",
+        "token_prefix",
         "environment",
         "status",
     ]
@@ -199,7 +199,8 @@ async def test_tokens_list_command_shows_no_secret(
         processes.run, ["tokens", "list", "--json", "--status", "active"], env
     )
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert [r["prefix"] for r in rows] == [token[:15]]
+    assert [r["token_prefix"] for r in rows] == [token[:15]]
+    assert "prefix" not in rows[0]  # one name for one thing (DESIGN §9's)
     assert token not in table.stdout + as_json.stdout
 
 
