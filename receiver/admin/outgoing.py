@@ -200,7 +200,7 @@ async def stored_events(
             "event_id": row["key"],
             "type": row["type"],
             "status": row["status"],
-            "received_at": row["received_at"].isoformat(),
+            "received_at": db.iso(row["received_at"]),
             "live_token": "live" in environments,
         }
         found.append((meta, sending))

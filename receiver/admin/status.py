@@ -40,7 +40,7 @@ async def gather(settings: config.Settings, database: db.Database) -> dict[str, 
     deliveries = {}
     for environment in vault.ENVIRONMENTS:
         at = await database.fetchval("last_delivery", environment)
-        deliveries[environment] = None if at is None else at.isoformat()
+        deliveries[environment] = None if at is None else db.iso(at)
     return {
         "database": {"reachable": True, "at": console.database_label(console.dsn(settings))},
         "migrations": {"applied": len(applied), "pending": pending},

@@ -10,7 +10,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -183,12 +183,16 @@ async def _keep_session(_: Any) -> None:
     """
 
 
+def iso(moment: datetime) -> str:
+    """A time as every output shows one: ISO 8601 in UTC with `Z`, as the log lines
+    (and Debitura's payloads) write it."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def plain(row: Record, *, leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A row as a plain dict for output (CLI tables, JSON lines): times as ISO text."""
+    """A row as a plain dict for output (CLI tables, JSON lines): times as `iso` text."""
     return {
-        k: (v.isoformat() if isinstance(v, datetime) else v)
-        for k, v in row.items()
-        if k not in leave_out
+        k: (iso(v) if isinstance(v, datetime) else v) for k, v in row.items() if k not in leave_out
     }
 
 

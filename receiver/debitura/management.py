@@ -226,4 +226,4 @@ class Manager:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
+    return None if moment is None else db.iso(moment)

@@ -365,12 +365,12 @@ async def _migration_status(
     pending = [name for name, applied_at in known if applied_at is None]
     if as_json:
         for name, applied_at in known if listing else ():
-            print(json.dumps({"name": name, "applied_at": applied_at and applied_at.isoformat()}))
+            print(json.dumps({"name": name, "applied_at": applied_at and db.iso(applied_at)}))
         print(json.dumps({"applied": len(known) - len(pending), "pending": pending}))
         return pending
     if listing:
         for name, applied_at in known:
-            when = "pending" if applied_at is None else f"applied {applied_at.isoformat()}"
+            when = "pending" if applied_at is None else f"applied {db.iso(applied_at)}"
             print(f"{name}  {when}")
     print(f"{len(known) - len(pending)} applied, {len(pending)} pending")
     return pending

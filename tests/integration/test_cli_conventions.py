@@ -126,6 +126,8 @@ async def test_listings_keep_stdout_for_rows_and_say_when_they_stop(
     row = json.loads(tokens.stdout.splitlines()[0])
     assert "token_prefix" in row
     assert "prefix" not in row
+    # One timestamp format, the log lines' own: UTC with Z.
+    assert row["stored_at"].endswith("Z")
     await cli(["clients", "erase", row["client_id"], "--confirm", "--reason", "r"], env)
     trail = await cli(["audit", "list", "--json", "--limit", "1"], env)
     assert isinstance(json.loads(trail.stdout)["detail"], dict)
