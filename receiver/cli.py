@@ -433,6 +433,7 @@ def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
     retry.add_argument(
         "--id", action="append", type=_signal_id, help="only this signal (repeatable)"
     )
+    _add_actor(retry)
     _add_dev_flag(retry)
     retry.set_defaults(run=signal_commands.retry)
 
