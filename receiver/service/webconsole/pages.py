@@ -64,7 +64,7 @@ async def overview(request: web.Request) -> web.Response:
         readiness = exc.message
     report = await status.gather(settings, database)
     minutes: dict[str, dict[str, int]] = defaultdict(dict)
-    totals = dict.fromkeys(events.OUTCOMES, 0)
+    totals = dict.fromkeys(inbox.STATUSES, 0)
     for row in await database.fetch("deliveries_per_minute"):
         minute = row["minute"].astimezone(UTC).strftime("%H:%M")
         minutes[minute][row["status"]] = row["n"]
