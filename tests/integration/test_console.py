@@ -286,7 +286,9 @@ async def test_no_token_reaches_any_page(console: Console) -> None:
     client, body and detail; a stored token; a signal's client and last error; audit
     reasons and actors) appear in no page's HTML or header, nor does the admin token."""
     token = helpers.canary_token()
-    unparsed = await deliver(console, b'{"id": "%s", "event": "%s"' % (token.encode(), token.encode()))
+    unparsed = await deliver(
+        console, b'{"id": "%s", "event": "%s"' % (token.encode(), token.encode())
+    )
     keys = [
         await quarantined(console, client_id=helpers.canary_token()),
         str(unparsed["event_id"]),
@@ -460,3 +462,66 @@ async def test_signing_out_ends_the_session_in_the_browser(console: Console) -> 
             assert out.status == 303
         async with session.get(console.admin + "/console/", allow_redirects=False) as page:
             assert page.status == 303
+
+
+async def test_reprocessing_from_the_console_is_audited(console: Console) -> None:
+    """Reprocess with a reason re-applies the delivery under today's rules (still a
+    token outside `bearer_token`: it stays quarantined, and the page says so), with an
+    audit row naming the admin token's fingerprint; without a reason it is refused."""
+    key = await quarantined(console)
+    async with browser_session() as session:
+        csrf = await sign_in(session, console.admin)
+        url = console.admin + "/console/delivery/reprocess"
+        async with session.post(url, data={"csrf": csrf, "key": key, "reason": " "}) as refused:
+            assert refused.status == 400
+        async with session.post(
+            url, data={"csrf": csrf, "key": key, "reason": "after the fix, INC-45"}
+        ) as done:
+            assert done.status == 200
+            assert "reprocessed: quarantined (token_outside_bearer_token)" in await done.text()
+    (audit,) = await query(
+        console,
+        "SELECT actor, reason FROM receiver.audit WHERE action = 'events_reprocess'"
+        " AND event_key = $1",
+        key,
+    )
+    assert tuple(audit) == (FINGERPRINT_ACTOR, "after the fix, INC-45")
+
+
+async def test_the_filters_narrow_each_page_and_refuse_what_they_do_not_know(
+    console: Console,
+) -> None:
+    """The quarantine by reason, the tokens by client, the audit trail by actor and by
+    time each show what matches and nothing else; a filter value no page knows is a
+    400, and `/console` leads to the overview."""
+    key = await quarantined(console)
+    client_id = f"cli_filter_{uuid.uuid4().hex[:6]}"
+    await deliver(console, helpers.onboarding(client_id))
+    async with browser_session() as session:
+        csrf = await sign_in(session, console.admin)
+        async with session.post(
+            console.admin + "/console/delivery/dismiss",
+            data={"csrf": csrf, "key": key, "reason": "filtered"},
+        ) as acted:
+            assert acted.status == 200
+
+        async def page(path: str) -> str:
+            async with session.get(console.admin + "/console" + path) as answer:
+                assert answer.status == 200, path
+                return await answer.text()
+
+        assert key in await page("/quarantine?status=dismissed&reason=token_outside_bearer_token")
+        assert key not in await page("/quarantine?status=dismissed&reason=invalid_json")
+        tokens = await page(f"/tokens?client={client_id}&status=active&environment=live&limit=50")
+        assert client_id in tokens
+        assert "cli_filter_" not in tokens.replace(client_id, "")
+        mine = await page(f"/audit?actor={FINGERPRINT_ACTOR}&action=events_dismiss")
+        assert key in mine
+        assert key not in await page("/audit?actor=someone-else")
+        assert key not in await page("/audit?since=2999-01-01T00:00")
+        assert key in await page("/audit?since=2000-01-01T00:00&until=2999-01-01T00:00")
+        for wrong in ("/quarantine?reason=nope", "/tokens?status=nope", "/audit?since=soon"):
+            async with session.get(console.admin + "/console" + wrong) as refused:
+                assert refused.status == 400, wrong
+        async with session.get(console.admin + "/console", allow_redirects=False) as bare:
+            assert (bare.status, bare.headers["Location"]) == (303, "/console/")

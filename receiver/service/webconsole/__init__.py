@@ -1,4 +1,4 @@
-"""The operator console (docs/design.md §11): server-rendered pages on the admin
+"""The operator console (docs/design.md §9, "Operator console"): pages on the admin
 listener only, for the holders of an admin token (RECEIVER_ADMIN_TOKENS).
 
 Everywhere else every console path answers 404, as the admin API's do. No page
@@ -17,6 +17,7 @@ from receiver.service.webconsole import actions, pages, render
 PREFIX = "/console"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "", pages.to_overview),
     ("GET", "/", pages.overview),
     ("GET", "/sign-in", actions.sign_in_page),
     ("POST", "/sign-in", actions.sign_in),

@@ -20,7 +20,8 @@ from receiver.service.webconsole import render, session
 from receiver.signals import outbox
 
 LIMITS = (50, 100, 500, 1000)
-ROTATIONS_DUE_SHOWN = 100
+ROTATIONS_DUE_COUNTED = 100  # "100+" beyond
+ROTATIONS_DUE_SHOWN = 10
 
 
 def operator(request: web.Request) -> tuple[config.Settings, session.Session | None]:
@@ -51,6 +52,12 @@ def _text(request: web.Request, name: str) -> str | None:
     return request.query.get(name, "").strip()[:200] or None
 
 
+async def to_overview(request: web.Request) -> web.Response:
+    """`/console` (as typed) leads to `/console/`."""
+    operator(request)
+    return see_other("/console/")
+
+
 async def overview(request: web.Request) -> web.Response:
     """Health, traffic of the last hour, and everything that needs an operator."""
     settings, signed_in = operator(request)
@@ -79,7 +86,7 @@ async def overview(request: web.Request) -> web.Response:
             "tokens_due_rotation",
             timedelta(days=settings.token_rotate_after_days),
             list(vault.ENVIRONMENTS),
-            ROTATIONS_DUE_SHOWN + 1,
+            ROTATIONS_DUE_COUNTED + 1,
         )
     return render.page(
         request,
@@ -95,6 +102,7 @@ async def overview(request: web.Request) -> web.Response:
         health=health,
         due=due,
         due_shown=ROTATIONS_DUE_SHOWN,
+        due_counted=ROTATIONS_DUE_COUNTED,
         reconciled={
             env: None if at is None else datetime.fromtimestamp(at, UTC).isoformat()
             for env, at in report["reconcile"]["environments"].items()
