@@ -4,6 +4,7 @@ session, and the flags the cookie is set with."""
 from __future__ import annotations
 
 import time
+from typing import Any
 from http.cookies import SimpleCookie
 
 import pytest
@@ -18,8 +19,9 @@ OTHER = "adm_" + "v" * 40
 
 
 def _settings(*tokens: str, host: str = "127.0.0.1") -> config.Settings:
+    values: dict[str, Any] = dict(config.generate_dev_secrets())
     return config.load_settings(
-        **config.generate_dev_secrets(),
+        **values,
         database_url="postgresql://db.invalid/receiver",
         admin_port=9000,
         admin_host=host,
