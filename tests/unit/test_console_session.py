@@ -4,8 +4,8 @@ session, and the flags the cookie is set with."""
 from __future__ import annotations
 
 import time
-from typing import Any
 from http.cookies import SimpleCookie
+from typing import Any
 
 import pytest
 from aiohttp import web
