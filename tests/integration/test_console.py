@@ -493,7 +493,8 @@ async def test_the_filters_narrow_each_page_and_refuse_what_they_do_not_know(
 ) -> None:
     """The quarantine by reason, the tokens by client, the audit trail by actor and by
     time each show what matches and nothing else; a filter value no page knows is a
-    400, and `/console` leads to the overview."""
+    400 (so is a retry of no signal, or of a malformed id), and `/console` (or the
+    sign-in page, once signed in) leads to the overview."""
     key = await quarantined(console)
     client_id = f"cli_filter_{uuid.uuid4().hex[:6]}"
     await deliver(console, helpers.onboarding(client_id))
@@ -523,5 +524,12 @@ async def test_the_filters_narrow_each_page_and_refuse_what_they_do_not_know(
         for wrong in ("/quarantine?reason=nope", "/tokens?status=nope", "/audit?since=soon"):
             async with session.get(console.admin + "/console" + wrong) as refused:
                 assert refused.status == 400, wrong
-        async with session.get(console.admin + "/console", allow_redirects=False) as bare:
-            assert (bare.status, bare.headers["Location"]) == (303, "/console/")
+        for ids in ({"id": "not-a-uuid"}, {}):
+            async with session.post(
+                console.admin + "/console/signals/retry",
+                data={"csrf": csrf, "reason": "r", **ids},
+            ) as refused:
+                assert refused.status == 400, ids
+        for bare in ("/console", "/console/sign-in"):  # signed in: the overview
+            async with session.get(console.admin + bare, allow_redirects=False) as answer:
+                assert (answer.status, answer.headers["Location"]) == (303, "/console/")
