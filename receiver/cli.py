@@ -518,6 +518,7 @@ def _add_signals(subcommands: argparse._SubParsersAction[argparse.ArgumentParser
         "--id", action="append", type=_signal_id, help="only this signal (repeatable)"
     )
     _add_json(retry)
+    _add_actor(retry)
     _add_dev_flag(retry)
     retry.set_defaults(run=signal_commands.retry)
 

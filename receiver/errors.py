@@ -291,3 +291,12 @@ class DebituraRefused(DebituraError):
 class DebituraBadAnswer(DebituraRefused):
     """A 2xx whose body cannot be used (too large, not JSON, no usable token): the call
     took effect at Debitura, and what it did is unknown from here."""
+
+
+class Forbidden(ReceiverError):
+    """A console form posted without its CSRF token, or without a session: refused,
+    nothing changed."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"

@@ -433,7 +433,7 @@ CREATE TABLE receiver.audit (
     event_key text,
     reason text,
     detail jsonb DEFAULT '{}'::jsonb NOT NULL,
-    CONSTRAINT audit_action_check CHECK ((action = ANY (ARRAY['token_reveal'::text, 'token_import'::text, 'client_erase'::text, 'keys_rotate'::text, 'events_reprocess'::text, 'event_resend'::text, 'events_dismiss'::text, 'token_fetch'::text, 'token_rotate'::text, 'client_revoke'::text, 'client_link'::text, 'token_reconcile'::text]))),
+    CONSTRAINT audit_action_check CHECK ((action = ANY (ARRAY['token_reveal'::text, 'token_import'::text, 'client_erase'::text, 'keys_rotate'::text, 'events_reprocess'::text, 'event_resend'::text, 'events_dismiss'::text, 'token_fetch'::text, 'token_rotate'::text, 'client_revoke'::text, 'client_link'::text, 'token_reconcile'::text, 'signals_retry'::text]))),
     CONSTRAINT audit_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text])))
 );
 

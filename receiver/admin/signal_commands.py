@@ -8,6 +8,8 @@ import json
 import sys
 
 from receiver import config, console, db
+from receiver.admin import dead_letters
+from receiver.lifecycle import audit
 from receiver.signals import outbox
 
 
@@ -41,10 +43,11 @@ SIGNAL_COLUMNS = (
 
 
 def retry(args: argparse.Namespace) -> int:
-    """`receiver signals retry`: dead letters back to pending."""
+    """`receiver signals retry`: dead letters back to pending (audited)."""
 
     async def work(_: config.Settings, database: db.Database) -> int:
-        retried = await outbox.retry_dead(database, args.id or None)
+        actor = audit.Actor.of(args.actor, args.audit_reason)
+        retried = await dead_letters.retry(database, actor, args.id or None)
         missed = sorted(set(args.id or ()) - {str(r) for r in retried})
         if args.json:
             print(json.dumps({"retried": [str(r) for r in retried], "not_dead": missed}))

@@ -310,11 +310,12 @@ SELECT id::text AS id, client_id, environment, token_prefix, reason, event_key, 
  LIMIT $2;
 
 -- name: retry_dead_signals
--- Dead letters (all, or the given ids) back to pending with a fresh count.
+-- Dead letters (all, or the given ids) back to pending with a fresh count; what the
+-- audit row names (client, environment, prefix).
 UPDATE receiver.signals
    SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
  WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1::uuid[]))
-RETURNING id::text AS id;
+RETURNING id::text AS id, client_id, environment, token_prefix, reason;
 
 -- name: active_token
 -- The client's newest token in one environment (the cache's read, through the view
@@ -432,12 +433,16 @@ INSERT INTO receiver.audit
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb);
 
 -- name: audit_list
--- Newest first; $1 a client id, $2 its hash (finds its erasure's tombstone too).
+-- Newest first; $1 a client id, $2 its hash (finds its erasure's tombstone too), $3 an
+-- action, $5 an actor, $6 ≤ at < $7 (the console's filters).
 SELECT id, at, actor, action, COALESCE(client_id, 'erased:' || left(client_hash, 16)) AS client_id,
        environment, token_prefix, event_key, reason, detail
   FROM receiver.audit
  WHERE ($1::text IS NULL OR client_id = $1 OR client_hash = $2)
    AND ($3::text IS NULL OR action = $3)
+   AND ($5::text IS NULL OR actor = $5)
+   AND ($6::timestamptz IS NULL OR at >= $6)
+   AND ($7::timestamptz IS NULL OR at < $7)
  ORDER BY id DESC
  LIMIT $4;
 
@@ -778,6 +783,22 @@ SELECT id::text AS id, client_id, prefix, token_sealed
  WHERE environment = $1 AND status = 'active' AND client_id > $2
  ORDER BY client_id
  LIMIT $3;
+
+-- name: deliveries_per_minute
+-- Deliveries of the last hour per minute and status (the console's overview): a range
+-- of the received_at index, one hour wide.
+SELECT date_trunc('minute', received_at) AS minute, status, count(*) AS n
+  FROM receiver.events
+ WHERE received_at > now() - interval '1 hour'
+ GROUP BY 1, 2
+ ORDER BY 1, 2;
+
+-- name: token_status_counts
+-- Stored tokens per environment and status (the console's overview).
+SELECT environment, status, count(*) AS n
+  FROM receiver.token_inventory
+ GROUP BY 1, 2
+ ORDER BY 1, 2;
 
 -- name: last_delivery
 -- When the newest delivery of environment $1 arrived, within the last 7 days (the

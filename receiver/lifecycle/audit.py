@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -27,6 +28,7 @@ ACTIONS = (
     "client_revoke",
     "client_link",
     "token_reconcile",
+    "signals_retry",
 )
 AUDIT_COLUMNS = (
     "id",
@@ -116,10 +118,14 @@ async def audit_listing(
     client_id: str | None,
     action: str | None,
     limit: int,
+    actor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Audit rows, newest first; `client_id` also finds that client's erasure."""
+    """Audit rows, newest first; `client_id` also finds that client's erasure;
+    `actor` as recorded (`admin:3f2a…`, an OS user); `since` ≤ at < `until`."""
     hashed = client_hash(sealer, client_id) if client_id else None
-    rows = await database.fetch("audit_list", client_id, hashed, action, limit)
+    rows = await database.fetch("audit_list", client_id, hashed, action, limit, actor, since, until)
     # `detail` is an object in the output (the driver gives jsonb as its text).
     return [
         {**db.plain(row), "detail": json.loads(row["detail"]) if row["detail"] else None}

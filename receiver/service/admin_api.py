@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from receiver import errors, vault
+from receiver import config, errors, vault
 from receiver.debitura import api, management
 from receiver.lifecycle import audit
 from receiver.service import middleware, state
@@ -35,23 +35,44 @@ def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
+def admin_settings(request: web.Request) -> config.Settings:
+    """The settings in force (admin tokens reload on SIGHUP), or `errors.NotFound`:
+    the admin API and the console exist only on the admin listener with admin tokens
+    configured."""
+    settings = request.app[state.LIVE].settings
+    if not settings.admin_tokens or not middleware.on_admin_listener(request, settings.admin_port):
+        raise errors.NotFound("not found")
+    return settings
+
+
+def matching_token(settings: config.Settings, presented: str) -> str | None:
+    """The configured admin token `presented` is, or None: the one comparison of an
+    admin token, in constant time against every configured token whatever matched
+    first (the admin API's bearer token, the console's sign-in)."""
+    given = presented.strip().encode()
+    matched: str | None = None
+    for token in settings.admin_tokens:
+        value = token.get_secret_value()
+        if hmac.compare_digest(given, value.encode()):
+            matched = value
+    return matched
+
+
+def actor(token_fingerprint: str, reason: str) -> audit.Actor:
+    """An admin token's holder as the audit trail names them: by the token's
+    fingerprint (the admin API, the console), with why they acted."""
+    return audit.Actor.of(f"admin:{token_fingerprint}", reason)
+
+
 def _caller(request: web.Request) -> audit.Actor:
     """The admin token's holder, or `errors.AdminUnauthorized`; the admin API's
     absence (404) anywhere but the admin listener with admin tokens configured."""
-    settings = request.app[state.LIVE].settings  # admin tokens reload on SIGHUP
-    if not settings.admin_tokens or not middleware.on_admin_listener(request, settings.admin_port):
-        raise errors.NotFound("not found")
+    settings = admin_settings(request)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    presented = given.strip().encode()
-    matched: str | None = None
-    # Every configured token is compared, in constant time, whatever matched first.
-    for token in settings.admin_tokens:
-        value = token.get_secret_value()
-        if hmac.compare_digest(presented, value.encode()) and scheme.lower() == "bearer":
-            matched = value
-    if matched is None:
+    matched = matching_token(settings, given)
+    if matched is None or scheme.lower() != "bearer":
         raise errors.AdminUnauthorized("a valid admin token is required (Authorization: Bearer)")
-    return audit.Actor(f"admin:{fingerprint(matched)}", "admin API")
+    return actor(fingerprint(matched), "admin API")
 
 
 async def _link_request(request: web.Request) -> dict[str, Any]:

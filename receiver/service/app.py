@@ -15,7 +15,16 @@ from aiohttp.typedefs import Middleware
 from receiver import config, db, errors, metrics, vault
 from receiver.debitura import api, schedule
 from receiver.lifecycle import committer, events, retention
-from receiver.service import admin_api, middleware, openapi, probes, scrape, state, webhook
+from receiver.service import (
+    admin_api,
+    middleware,
+    openapi,
+    probes,
+    scrape,
+    state,
+    webconsole,
+    webhook,
+)
 from receiver.signals import outbox
 
 log = structlog.get_logger(__name__)
@@ -58,6 +67,8 @@ def create_app(settings: config.Settings) -> web.Application:
     app.router.add_get("/openapi.json", openapi.serve_document, expect_handler=expect)
     # Answers 404 unless on the admin listener with RECEIVER_ADMIN_TOKENS set.
     app.router.add_post(admin_api.CLIENTS_PATH, admin_api.link_client, expect_handler=expect)
+    # The operator console: 404 too, unless on the admin listener with admin tokens.
+    webconsole.add_routes(app, expect)
     if settings.admin_tokens:
         app.cleanup_ctx.append(admin_api.debitura_session)
     app.router.add_route(

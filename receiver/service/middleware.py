@@ -174,7 +174,8 @@ async def expect_continue(request: web.Request) -> None:
         request.writer.output_size = 0  # the body has not begun (as aiohttp's own does)
 
 
-ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/console"})
+ADMIN_PREFIXES = ("/admin/", "/console/")
 
 
 def on_admin_listener(request: web.Request, admin_port: int | None) -> bool:
@@ -187,14 +188,14 @@ def on_admin_listener(request: web.Request, admin_port: int | None) -> bool:
 
 
 def admin_split(admin_port: int) -> Middleware:
-    """With `RECEIVER_ADMIN_PORT`, the probes, /metrics, /openapi.json and the admin API
-    (/admin/…) answer only on that port, and everything else only on the public one
-    (README: Deploying)."""
+    """With `RECEIVER_ADMIN_PORT`, the probes, /metrics, /openapi.json, the admin API
+    (/admin/…) and the console (/console/…) answer only on that port, and everything
+    else only on the public one (README: Deploying)."""
 
     @web.middleware
     async def split(request: web.Request, handler: Handler) -> web.StreamResponse:
         on_admin = on_admin_listener(request, admin_port)
-        if (request.path in ADMIN_PATHS or request.path.startswith("/admin/")) != on_admin:
+        if (request.path in ADMIN_PATHS or request.path.startswith(ADMIN_PREFIXES)) != on_admin:
             raise errors.NotFound("not found")
         return await handler(request)
 

@@ -17,17 +17,23 @@ async def healthz(_: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: Postgres answers, the schema is current, writes are not failing, and
     we are not shutting down."""
-    if request.app[state.DRAINING].is_set():
+    await check_ready(request.app)
+    return web.json_response({"status": "ready"})
+
+
+async def check_ready(app: web.Application) -> None:
+    """Raise the error readiness fails with (the probe's answer, the console's
+    overview), or return when ready."""
+    if app[state.DRAINING].is_set():
         raise errors.ShuttingDown("shutting down: send new requests elsewhere")
-    if request.app[state.COMMITTER].writes_failing:
+    if app[state.COMMITTER].writes_failing:
         # A ping can succeed while every write fails (disk full, a read-only standby).
         raise errors.DatabaseUnavailable("writes are failing: the last commit did not succeed")
-    database = request.app[state.DATABASE]
+    database = app[state.DATABASE]
     await database.fetchval("ping")
     behind = await migrations.pending(database)
     if behind:
         raise errors.SchemaNotReady(f"schema is behind: {len(behind)} migration(s) pending")
-    return web.json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -396,9 +396,3 @@ async def listing(
     """The newest signals, optionally of one status."""
     rows = await database.fetch("list_signals", status, limit)
     return [db.plain(r) for r in rows]
-
-
-async def retry_dead(database: db.Database, ids: list[str] | None = None) -> list[str]:
-    """Put dead letters (all, or those named) back to pending; return their ids."""
-    rows = await database.fetch("retry_dead_signals", ids)
-    return [r["id"] for r in rows]

@@ -30,7 +30,7 @@ from receiver import config
 from receiver.config import Settings
 from receiver.db import migrations
 from receiver.lifecycle import events
-from receiver.service import app, middleware, openapi, state
+from receiver.service import app, middleware, openapi, state, webconsole
 from tests import helpers
 from tests.conftest import with_database
 from tests.integration import processes
@@ -152,7 +152,9 @@ async def test_concurrent_scrapes_read_postgres_once_per_interval(
 
 
 async def test_openapi_describes_every_route(client: Client) -> None:
-    """/openapi.json names every route the app serves, and no other; refs resolve."""
+    """/openapi.json names every route of the HTTP API, and no other; refs resolve. The
+    console's HTML pages (/console/…, for browsers) are no part of the API it
+    describes."""
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.")
     served = {
@@ -161,7 +163,9 @@ async def test_openapi_describes_every_route(client: Client) -> None:
         if route.method != "HEAD"
         and route.resource is not None
         and route.resource.name != middleware.UNMATCHED  # the catch-all: 404 or 405
+        and not route.resource.canonical.startswith(webconsole.PREFIX)
     }
+    assert not any(path.startswith(webconsole.PREFIX) for path in document["paths"])
     described = {(path, method) for path, item in document["paths"].items() for method in item}
     assert served == described
     refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"', str(document).replace("'", '"'))

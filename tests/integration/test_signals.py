@@ -160,7 +160,7 @@ async def test_4xx_dead_letters_at_once_and_retry_recovers_it(
     conn: asyncpg.Connection,
 ) -> None:
     """A 400 from the cache dead-letters the signal on its first attempt, loudly;
-    `receiver signals retry` puts it back and it is delivered."""
+    `receiver signals retry` puts it back (audited: who and why) and it is delivered."""
     ids = await seed(database, settings, 1)
     standin_cache.statuses.append(400)
     cache_settings = with_cache(settings, standin_cache)
@@ -180,8 +180,15 @@ async def test_4xx_dead_letters_at_once_and_retry_recovers_it(
         )
         assert "cache answered 400" in listing.stdout
         assert "dead=1" in listing.stderr  # the summary; stdout is the listing
-        retried = await asyncio.to_thread(processes.run, ["signals", "retry"], env)
+        retried = await asyncio.to_thread(
+            processes.run, ["signals", "retry", "--actor", "ops", "--reason", "INC-9"], env
+        )
         assert "1 dead signal(s) back to pending" in retried.stdout
+        audited = await conn.fetchrow(
+            "SELECT actor, reason, detail FROM receiver.audit WHERE action = 'signals_retry'"
+        )
+        assert audited is not None
+        assert (audited["actor"], audited["reason"]) == ("ops", "INC-9")
         dispatcher.wake()
 
         async def delivered() -> bool:
