@@ -174,7 +174,7 @@ async def test_inventory_lists_metadata_only(post: Post, database: db.Database) 
     await post(helpers.onboarding("cli_inv", token))
     rows = await tokens.inventory(database, client_id="cli_inv")
     assert len(rows) == 1
-    assert rows[0]["prefix"] == token[:15]
+    assert rows[0]["token_prefix"] == token[:15]
     assert rows[0]["environment"] == "test"
     assert rows[0]["status"] == "active"
     assert rows[0]["key_id"] == "k1"
