@@ -77,13 +77,12 @@ def dsn(settings: config.Settings) -> str:
 
 
 def database_label(url: str) -> str:
-    """host:port/name of a database URL, never its user or password (the start line)."""
+    """host:port/name of a database URL, never its user or password (the start line);
+    every host, comma-separated, when it names a primary and its standbys."""
     parts = urlsplit(url)
     query = parse_qs(parts.query)
-    host = parts.hostname or (query.get("host") or ["localhost"])[0]
-    port = parts.port or (query.get("port") or ["5432"])[0]
     name = parts.path.lstrip("/") or (query.get("dbname") or ["?"])[0]
-    return f"{host}:{port}/{name}"
+    return f"{','.join(config.database_hosts(url))}/{name}"
 
 
 def with_database(

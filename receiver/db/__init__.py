@@ -19,6 +19,7 @@ import structlog
 
 # asyncpg raises this one (an InterfaceError) when it cannot encode an argument; it is
 # not exported under another name, and its message quotes the argument.
+from asyncpg.connect_utils import SessionAttribute
 from asyncpg.exceptions._base import DataError as _ArgumentError
 
 from receiver import errors
@@ -136,13 +137,20 @@ _MISCONFIGURED: tuple[type[BaseException], ...] = (
 )
 
 
-async def connect(dsn: str) -> Connection:
+async def connect(dsn: str, *, primary: bool = False) -> Connection:
     """One connection, outside the pool (migrations, CLI commands). A refusal only the
     settings can cure is a `ConfigError` (exit 2); a fault that may pass is
-    `DatabaseUnavailable`."""
+    `DatabaseUnavailable`.
+
+    `primary`: whatever `target_session_attrs` the URL asks for, only a server out of
+    recovery will do. A LISTEN needs it: a standby refuses LISTEN, and NOTIFY is not
+    replicated (a partner cache may read from a standby, but listens on the primary)."""
+    attrs = SessionAttribute.primary if primary else None  # None: as the URL says
     try:
         async with translated_errors():
-            return await asyncpg.connect(dsn, server_settings=_SERVER_SETTINGS)
+            return await asyncpg.connect(
+                dsn, server_settings=_SERVER_SETTINGS, target_session_attrs=attrs
+            )
     except _MISCONFIGURED as exc:
         # These messages name the database or role, never a password.
         raise errors.ConfigError(f"RECEIVER_DATABASE_URL: Postgres refused it: {exc}") from None
@@ -162,6 +170,17 @@ async def _keep_session(_: Any) -> None:
     scoped, nothing is SET or LISTENed on them, and asyncpg itself still rolls back a
     connection released inside a transaction before calling this.
     """
+
+
+def server_address(conn: Connection | Any) -> str:
+    """The host and port (or socket) a connection reached, never a user or password:
+    with a multi-host URL, which of the hosts it is."""
+    # asyncpg keeps the address it connected to only in a private attribute (the pool's
+    # proxy forwards it); without it, the operator still gets the fault, just unnamed.
+    address = getattr(conn, "_addr", None)
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address) if address is not None else "unknown"
 
 
 def plain(row: Record, *, leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -240,6 +259,17 @@ class Database:
                 yield cast(Connection, conn)
             except _UNSTORABLE:
                 raise  # the value was refused, the session is fine
+            except asyncpg.ReadOnlySQLTransactionError:
+                # A standby (reached by mistake, or a primary demoted under us), or a
+                # database set default_transaction_read_only: drop the session, so the
+                # next one is connected afresh (to the primary, when the URL names
+                # several hosts with target_session_attrs=read-write). The operator
+                # learns which host it was; the caller answers 503.
+                _fault("read_only")
+                # One line, no traceback: the host is what the operator needs.
+                log.error("database_read_only", host=server_address(conn))  # noqa: TRY400
+                conn.terminate()
+                raise
             except _BROKEN:
                 conn.terminate()
                 raise
