@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,13 @@ import aiohttp
 import asyncpg
 import pytest
 
-from receiver import vault
+from receiver import config, vault
+from receiver.config import Settings
+from receiver.partner import cache
+from receiver.service import app
 from tests import helpers
 from tests.integration import processes, replication, standins
+from tests.integration.conftest import settings_values
 from tests.integration.standins import StandInCache
 
 SENDERS = 4
@@ -330,3 +336,71 @@ async def test_asynchronous_replication_loses_what_the_standby_had_not_received(
             assert all(run.paused_at < s.answered_at < run.promoted_at for s in lost)
             assert figures["seconds_to_serve_after_promotion"] <= RECOVERY_BOUND_SECONDS
             _check_readiness(run)
+
+
+async def test_a_standby_reached_by_mistake_is_a_503_naming_its_host(
+    bindir: Path, aiohttp_client: Any, settings: Settings, webhook_secret: str, log_lines: Any
+) -> None:
+    """A URL naming only the standby (no target_session_attrs): deliveries get 503 with
+    Retry-After, never 500, and a `database_read_only` line names the standby."""
+    with replication.replicated(bindir) as pair:
+        await pair.start(synchronous=False)
+        standby = pair.single(pair.standby_port)
+        on_standby = config.load_settings(**{**settings_values(settings), "database_url": standby})
+        client = await aiohttp_client(app.create_app(on_standby))
+        for _ in range(3):
+            body = helpers.encode(helpers.onboarding(token=helpers.canary_token("test")))
+            answer = await client.post(
+                app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+            )
+            assert answer.status == 503
+            assert answer.headers["Retry-After"].isdigit()
+        named = {line["host"] for line in log_lines() if line["event"] == "database_read_only"}
+        assert named == {f"127.0.0.1:{pair.standby_port}"}
+
+
+async def test_the_partner_cache_listens_on_the_primary_again_after_a_failover(
+    bindir: Path,
+) -> None:
+    """A cache whose URL prefers the standby (for its reads) listens on the primary (a
+    standby refuses LISTEN, and NOTIFY is not replicated); after the primary is crashed
+    and the standby promoted it listens again by itself, on the new primary, having
+    flushed everything (what was announced meanwhile is lost)."""
+    seen: list[tuple[str, str]] = []
+    with replication.replicated(bindir) as pair:
+        await pair.start(synchronous=False)
+        tokens = cache.TokenCache(
+            pair.dsn("prefer-standby"),
+            vault.Keyring([("k1", secrets.token_bytes(32))]),
+            on_invalidated=lambda client_id, reason: seen.append((client_id, reason)),
+        )
+        await tokens.start(wait_listening=20)
+        try:
+            assert tokens.listening
+            await _notify(pair.single(pair.primary_port), "cli_before")
+            await standins.eventually(lambda: _true(("cli_before", "signal") in seen), 20)
+
+            await asyncio.to_thread(pair.crash_primary)
+            await standins.eventually(lambda: _true(not tokens.listening), 20)
+            seen.clear()
+            await asyncio.to_thread(pair.promote_standby)
+            await standins.eventually(lambda: _true(tokens.listening), 30)
+            assert ("*", "reconnect") in seen
+
+            await _notify(pair.single(pair.standby_port), "cli_after")
+            await standins.eventually(lambda: _true(("cli_after", "signal") in seen), 20)
+        finally:
+            await tokens.close()
+
+
+async def _notify(url: str, client_id: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        payload = json.dumps({"client_id": client_id})
+        await conn.execute("SELECT pg_notify('token_invalidation', $1)", payload)
+    finally:
+        await conn.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
