@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import structlog
@@ -22,7 +23,7 @@ import structlog
 from asyncpg.connect_utils import SessionAttribute
 from asyncpg.exceptions._base import DataError as _ArgumentError
 
-from receiver import errors
+from receiver import config, errors
 
 log = structlog.get_logger(__name__)
 
@@ -137,6 +138,61 @@ _MISCONFIGURED: tuple[type[BaseException], ...] = (
 )
 
 
+# A host that does not answer at all (its machine gone, packets dropped: no "refused")
+# holds a connection attempt until the driver's timeout, and asyncpg tries a URL's
+# hosts one after another within that one timeout: the promoted standby named after
+# the lost primary would never be reached before a request gives up (a pool
+# acquisition waits ACQUIRE_TIMEOUT_SECONDS). With several hosts, each gets this long.
+CONNECT_TIMEOUT_PER_HOST_SECONDS = 1.0
+# Per URL's list of hosts: the one that took the last connection, tried first (after a
+# failover, the new primary, so only the first connection pays for the lost host).
+_ANSWERED_LAST: dict[tuple[tuple[str, int], ...], tuple[str, int]] = {}
+
+
+async def _connect_host_by_host(dsn: str, **options: Any) -> Connection:
+    """asyncpg's connect, but with several hosts in the URL each is tried in turn
+    within its own timeout, the one that answered last first; `target_session_attrs`
+    holds for each (prefer-standby: any standby first, then any host)."""
+    addresses = config.database_addresses(dsn)
+    if len(addresses) < 2:
+        single: Connection = await asyncpg.connect(dsn, **options)
+        return single
+    key = tuple(addresses)
+    last = _ANSWERED_LAST.get(key)
+    order = sorted(addresses, key=lambda address: address != last)
+    wanted = options.pop("target_session_attrs", None) or _session_attrs(dsn)
+    passes = (
+        [SessionAttribute.standby, SessionAttribute.any]
+        if wanted == SessionAttribute.prefer_standby
+        else [wanted]
+    )
+    failure: BaseException | None = None
+    for attrs in passes:
+        for host, port in order:
+            try:
+                conn: Connection = await asyncpg.connect(
+                    dsn,
+                    host=host,
+                    port=port,
+                    timeout=CONNECT_TIMEOUT_PER_HOST_SECONDS,
+                    target_session_attrs=attrs,
+                    **options,
+                )
+            except _UNAVAILABLE as exc:  # down, hung, starting, or not the kind wanted
+                failure = exc
+                continue
+            _ANSWERED_LAST[key] = (host, port)
+            return conn
+    assert failure is not None
+    raise failure
+
+
+def _session_attrs(dsn: str) -> SessionAttribute | None:
+    given = parse_qs(urlsplit(dsn).query).get("target_session_attrs", [""])[0]
+    # An unknown value is left to asyncpg, which refuses it in its own words.
+    return SessionAttribute(given) if given in set(SessionAttribute) else None
+
+
 async def connect(dsn: str, *, primary: bool = False) -> Connection:
     """One connection, outside the pool (migrations, CLI commands). A refusal only the
     settings can cure is a `ConfigError` (exit 2); a fault that may pass is
@@ -148,7 +204,7 @@ async def connect(dsn: str, *, primary: bool = False) -> Connection:
     attrs = SessionAttribute.primary if primary else None  # None: as the URL says
     try:
         async with translated_errors():
-            return await asyncpg.connect(
+            return await _connect_host_by_host(
                 dsn, server_settings=_SERVER_SETTINGS, target_session_attrs=attrs
             )
     except _MISCONFIGURED as exc:
@@ -227,6 +283,8 @@ class Database:
             settings = {"application_name": _SERVER_SETTINGS["application_name"]}
         pool = await asyncpg.create_pool(
             dsn,
+            # The stubs spell out connect's every keyword; ours passes them on as given.
+            connect=cast(Any, _connect_host_by_host),
             min_size=0,
             max_size=max_size,
             server_settings=settings,
