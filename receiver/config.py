@@ -164,7 +164,7 @@ def database_hosts(url: str) -> list[str]:
 def database_addresses(url: str) -> list[tuple[str, int]]:
     """The hosts (or socket directories) and ports of a Postgres URL, in order. libpq's
     syntax names several for a primary and its standbys (`postgresql://h1:5432,h2:5432/
-    db?target_session_attrs=read-write`, docs/design.md §12), or puts them in the query
+    db?target_session_attrs=read-write`, docs/design.md §9, Failover), or puts them in the query
     (`?host=/run/pg`, `?host=a,b&port=1,2`). Raises ValueError (naming no value) for a
     port that is not a number."""
     parts = urlsplit(url)

@@ -1,6 +1,6 @@
 """A Postgres primary and a streaming standby, started for one test from the Postgres
 server programs, which the test may fail over: stop the primary (`pg_ctl stop -m
-immediate`, a crash) and promote the standby (docs/design.md §12).
+immediate`, a crash) and promote the standby (docs/design.md §9, Failover).
 
 The programs are those of the Postgres the suite runs against: the system's
 (`pg_config --bindir`) when RECEIVER_TEST_DATABASE_URL names one, else the embedded

@@ -1,4 +1,4 @@
-"""Losing the Postgres primary (docs/design.md §12): a real `receiver serve` on a
+"""Losing the Postgres primary (docs/design.md §9, Failover): a real `receiver serve` on a
 multi-host URL, deliveries at a steady rate, the primary crashed (`pg_ctl stop -m
 immediate`) and its streaming standby promoted mid-load. With synchronous replication
 nothing acknowledged is lost; with asynchronous replication the test prints what was.

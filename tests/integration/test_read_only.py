@@ -1,4 +1,4 @@
-"""A read-only database (docs/design.md §12): a standby reached by mistake, or a
+"""A read-only database (docs/design.md §9, Failover): a standby reached by mistake, or a
 primary with `default_transaction_read_only`, answers deliveries 503 with Retry-After
 and a log line naming the host, never a 500, and the service writes again by itself
 once the database does."""

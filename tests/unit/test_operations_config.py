@@ -74,7 +74,7 @@ def test_the_database_label_never_holds_the_password() -> None:
 
 
 def test_a_multi_host_url_is_accepted_and_labelled_by_every_host() -> None:
-    """libpq's multi-host syntax (a primary and its standbys, docs/design.md §12) passes
+    """libpq's multi-host syntax (a primary and its standbys, docs/design.md §9, Failover) passes
     the start-up check, and the start line names each host, never the password."""
     url = "postgresql://u:pw@h1:5432,h2:5433/receiver?target_session_attrs=read-write"
     settings = config.load_settings(needs=config.NEEDS_DATABASE, database_url=url)
