@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -145,55 +145,8 @@ def _postgres_url(value: SecretStr | None) -> SecretStr | None:
     url = value.get_secret_value()
     if urlsplit(url).scheme not in ("postgresql", "postgres"):
         raise ValueError("must be a postgresql:// URL")
-    database_hosts(url)  # raises for a port that is not a number
+    endpoints.database_addresses(url)  # raises for a port that is not a number
     return value
-
-
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
-def database_hosts(url: str) -> list[str]:
-    """Where a Postgres URL points, as `host:port` in the order they are tried, never
-    the user or password (the start line names them)."""
-    return [
-        f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        for host, port in database_addresses(url)
-    ]
-
-
-def database_addresses(url: str) -> list[tuple[str, int]]:
-    """The hosts (or socket directories) and ports of a Postgres URL, in order. libpq's
-    syntax names several for a primary and its standbys (`postgresql://h1:5432,h2:5432/
-    db?target_session_attrs=read-write`, docs/design.md §9, Failover), or puts them in the query
-    (`?host=/run/pg`, `?host=a,b&port=1,2`). Raises ValueError (naming no value) for a
-    port that is not a number."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    netloc = parts.netloc.rpartition("@")[2]
-    query_hosts = (query.get("host") or ["localhost"])[0].split(",")
-    query_ports = (query.get("port") or ["5432"])[0].split(",")
-    if netloc:
-        pairs = [_host_and_port(item) for item in netloc.split(",")]
-    else:
-        pairs = [(host, "") for host in query_hosts]
-    # libpq: one port per host, or one for every host
-    same = len(query_ports) == len(pairs)
-    defaults = query_ports if same else [query_ports[0]] * len(pairs)
-    addresses = []
-    for (host, port), default in zip(pairs, defaults, strict=True):
-        port = port or default
-        if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
-            raise ValueError("has a port that is not a number from 1 to 65535")
-        addresses.append((unquote(host) or query_hosts[0], int(port)))
-    return addresses
-
-
-def _host_and_port(item: str) -> tuple[str, str]:
-    if item.startswith("["):  # an IPv6 address: [::1]:5432
-        host, _, rest = item[1:].partition("]")
-        return host, rest.removeprefix(":")
-    host, _, port = item.partition(":")
-    return host, port
 
 
 def _api_url(value: str | None) -> str | None:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 from pydantic import SecretStr
 
-from receiver import config, db, errors, log
+from receiver import config, db, endpoints, errors, log
 from receiver.db import embedded
 
 logger = structlog.get_logger(__name__)
@@ -82,7 +82,7 @@ def database_label(url: str) -> str:
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     name = parts.path.lstrip("/") or (query.get("dbname") or ["?"])[0]
-    return f"{','.join(config.database_hosts(url))}/{name}"
+    return f"{','.join(endpoints.database_hosts(url))}/{name}"
 
 
 def with_database(

@@ -23,7 +23,7 @@ import structlog
 from asyncpg.connect_utils import SessionAttribute
 from asyncpg.exceptions._base import DataError as _ArgumentError
 
-from receiver import config, errors
+from receiver import endpoints, errors
 
 log = structlog.get_logger(__name__)
 
@@ -153,7 +153,7 @@ async def _connect_host_by_host(dsn: str, **options: Any) -> Connection:
     """asyncpg's connect, but with several hosts in the URL each is tried in turn
     within its own timeout, the one that answered last first; `target_session_attrs`
     holds for each (prefer-standby: any standby first, then any host)."""
-    addresses = config.database_addresses(dsn)
+    addresses = endpoints.database_addresses(dsn)
     if len(addresses) < 2:
         single: Connection = await asyncpg.connect(dsn, **options)
         return single

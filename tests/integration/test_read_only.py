@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from receiver import config
+from receiver import config, endpoints
 from receiver.config import Settings
 from receiver.service import app
 from tests import helpers
@@ -40,7 +40,7 @@ async def test_a_read_only_database_is_a_503_naming_the_host_and_passes_when_it_
         assert answer.headers["Retry-After"].isdigit()
         named = {line["host"] for line in log_lines() if line["event"] == "database_read_only"}
         # The server the URL names: host:port, or (over a Unix socket) the socket's path.
-        (host,) = config.database_hosts(database_url)
+        (host,) = endpoints.database_hosts(database_url)
         assert named in ({host}, {f"{host.rsplit(':', 1)[0]}/.s.PGSQL.{host.rsplit(':', 1)[1]}"})
 
         await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
