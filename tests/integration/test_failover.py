@@ -149,6 +149,9 @@ async def _failover_under_load(
         RECEIVER_CACHE_SECRET=cache.secret_b64,
         RECEIVER_SIGNAL_RETRY_BASE_SECONDS="0.05",
         RECEIVER_SIGNAL_RETRY_CAP_SECONDS="1",
+        # A prune (under its lease) every second: the schedules' leases are taken
+        # again on the new primary.
+        RECEIVER_PRUNE_INTERVAL_SECONDS="1",
     )
     # Canary test tokens come with test deliveries: signed with the test secret.
     secret = env["RECEIVER_TEST_WEBHOOK_SECRETS"]
@@ -194,6 +197,7 @@ async def _failover_under_load(
             run.promoting_at = time.monotonic()
             await asyncio.to_thread(pair.promote_standby)
             run.promoted_at = time.monotonic()
+            pruned_before = output.read_text().count("prune_done")
             await _wait_for(
                 acked,
                 lambda: (
@@ -201,6 +205,11 @@ async def _failover_under_load(
                 ),
                 60,
                 "deliveries after the promotion",
+            )
+            # Within the lease's TTL (60 s): a crash in the middle of a prune leaves
+            # its lease held on the new primary until it expires.
+            await standins.eventually(
+                lambda: _true(output.read_text().count("prune_done") > pruned_before), 90
             )
         finally:
             stop.set()
@@ -304,7 +313,8 @@ async def test_nothing_acknowledged_is_lost_across_a_failover_with_synchronous_r
     """Primary crashed and standby promoted under steady load, synchronous replication:
     every delivery answered 200 is on the new primary exactly once with its token and
     signal, every other answer is a 503 with Retry-After, readiness fails meanwhile,
-    and the same process serves again within 10 s of the promotion."""
+    the same process serves again within 10 s of the promotion, prunes again under its
+    lease, and its dispatcher delivers the new signals."""
     with replication.replicated(bindir) as pair:
         async with asyncio.timeout(300):
             run, env = await _failover_under_load(pair, True, standin_cache)
