@@ -440,6 +440,7 @@ async def test_the_partner_cache_listens_on_the_primary_again_after_a_failover(
         await tokens.start(wait_listening=20)
         try:
             assert tokens.listening
+            assert (await tokens.lookup("cli_nobody")).token is None  # read on the standby
             await _notify(pair.single(pair.primary_port), "cli_before")
             await standins.eventually(lambda: _true(("cli_before", "signal") in seen), 20)
 
@@ -452,6 +453,8 @@ async def test_the_partner_cache_listens_on_the_primary_again_after_a_failover(
 
             await _notify(pair.single(pair.standby_port), "cli_after")
             await standins.eventually(lambda: _true(("cli_after", "signal") in seen), 20)
+            # No standby left: reads go to the new primary.
+            assert (await tokens.lookup("cli_nobody_either")).token is None
         finally:
             await tokens.close()
 
