@@ -142,13 +142,10 @@ def _postgres_url(value: SecretStr | None) -> SecretStr | None:
     # says what is wrong, never the URL (it may hold a password).
     if value is None:
         return None
-    parts = urlsplit(value.get_secret_value())
-    if parts.scheme not in ("postgresql", "postgres"):
+    url = value.get_secret_value()
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
         raise ValueError("must be a postgresql:// URL")
-    try:
-        parts.port  # noqa: B018 - urlsplit checks the port only when asked
-    except ValueError:
-        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    endpoints.database_addresses(url)  # raises for a port that is not a number
     return value
 
 

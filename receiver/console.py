@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 from pydantic import SecretStr
 
-from receiver import config, db, errors, log
+from receiver import config, db, endpoints, errors, log
 from receiver.db import embedded
 
 logger = structlog.get_logger(__name__)
@@ -88,13 +88,12 @@ def dsn(settings: config.Settings) -> str:
 
 
 def database_label(url: str) -> str:
-    """host:port/name of a database URL, never its user or password (the start line)."""
+    """host:port/name of a database URL, never its user or password (the start line);
+    every host, comma-separated, when it names a primary and its standbys."""
     parts = urlsplit(url)
     query = parse_qs(parts.query)
-    host = parts.hostname or (query.get("host") or ["localhost"])[0]
-    port = parts.port or (query.get("port") or ["5432"])[0]
     name = parts.path.lstrip("/") or (query.get("dbname") or ["?"])[0]
-    return f"{host}:{port}/{name}"
+    return f"{','.join(endpoints.database_hosts(url))}/{name}"
 
 
 def with_database(

@@ -4,13 +4,15 @@ The one rule for every outgoing call that carries a secret (the Debitura API key
 token in a replayed body, the partner library's API key): `https://` to a named host,
 or `http://` to this machine (a stand-in on loopback); never with a user or password
 in the URL itself. The settings, the replay tool and the partner library's transport
-all ask `credential_problem`.
+all ask `credential_problem`. A Postgres URL is printed as its hosts and ports
+(`database_hosts`), never with its user or password.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlsplit, urlunsplit
+import re
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 RULE = "https:// (http:// only to a loopback host), with no user or password in the URL"
@@ -56,3 +58,50 @@ def shown(url: str) -> str:
         port = None
     netloc = host if port is None else f"{host}:{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def database_hosts(url: str) -> list[str]:
+    """Where a Postgres URL points, as `host:port` in the order they are tried, never
+    the user or password (the start line names them)."""
+    return [
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        for host, port in database_addresses(url)
+    ]
+
+
+def database_addresses(url: str) -> list[tuple[str, int]]:
+    """The hosts (or socket directories) and ports of a Postgres URL, in order. libpq's
+    syntax names several for a primary and its standbys (`postgresql://h1:5432,h2:5432/
+    db?target_session_attrs=read-write`, docs/design.md §9, Failover), or puts them in the query
+    (`?host=/run/pg`, `?host=a,b&port=1,2`). Raises ValueError (naming no value) for a
+    port that is not a number."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    netloc = parts.netloc.rpartition("@")[2]
+    query_hosts = (query.get("host") or ["localhost"])[0].split(",")
+    query_ports = (query.get("port") or ["5432"])[0].split(",")
+    if netloc:
+        pairs = [_host_and_port(item) for item in netloc.split(",")]
+    else:
+        pairs = [(host, "") for host in query_hosts]
+    # libpq: one port per host, or one for every host
+    same = len(query_ports) == len(pairs)
+    defaults = query_ports if same else [query_ports[0]] * len(pairs)
+    addresses = []
+    for (host, port), default in zip(pairs, defaults, strict=True):
+        port = port or default
+        if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+            raise ValueError("has a port that is not a number from 1 to 65535")
+        addresses.append((unquote(host) or query_hosts[0], int(port)))
+    return addresses
+
+
+def _host_and_port(item: str) -> tuple[str, str]:
+    if item.startswith("["):  # an IPv6 address: [::1]:5432
+        host, _, rest = item[1:].partition("]")
+        return host, rest.removeprefix(":")
+    host, _, port = item.partition(":")
+    return host, port

@@ -103,7 +103,8 @@ INTERNAL_ERRORS = Counter(
 )
 DATABASE_ERRORS = Counter(
     "receiver_database_errors_total",
-    "Database faults, by kind (unavailable, refused, schema_missing, retried, unstorable)",
+    "Database faults, by kind (unavailable, read_only, refused, schema_missing, retried,"
+    " unstorable)",
     ["kind"],
 )
 COMMIT_GROUP_SIZE = Histogram(
@@ -144,6 +145,7 @@ db.FAULT_OBSERVERS.append(lambda kind: DATABASE_ERRORS.labels(kind=kind).inc())
 SIGNATURE_FAILURE_REASONS = ("missing", "malformed", "stale", "future", "mismatch")
 DATABASE_ERROR_KINDS = (
     "unavailable",
+    "read_only",
     "lock_busy",
     "refused",
     "schema_missing",

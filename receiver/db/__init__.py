@@ -13,15 +13,17 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import structlog
 
 # asyncpg raises this one (an InterfaceError) when it cannot encode an argument; it is
 # not exported under another name, and its message quotes the argument.
+from asyncpg.connect_utils import SessionAttribute
 from asyncpg.exceptions._base import DataError as _ArgumentError
 
-from receiver import errors
+from receiver import endpoints, errors
 
 log = structlog.get_logger(__name__)
 
@@ -155,13 +157,75 @@ def role_of(conn: Connection) -> str | None:
     return role
 
 
-async def connect(dsn: str) -> Connection:
+# A host that does not answer at all (its machine gone, packets dropped: no "refused")
+# holds a connection attempt until the driver's timeout, and asyncpg tries a URL's
+# hosts one after another within that one timeout: the promoted standby named after
+# the lost primary would never be reached before a request gives up (a pool
+# acquisition waits ACQUIRE_TIMEOUT_SECONDS). With several hosts, each gets this long.
+CONNECT_TIMEOUT_PER_HOST_SECONDS = 1.0
+# Per URL's list of hosts: the one that took the last connection, tried first (after a
+# failover, the new primary, so only the first connection pays for the lost host).
+_ANSWERED_LAST: dict[tuple[tuple[str, int], ...], tuple[str, int]] = {}
+
+
+async def _connect_host_by_host(dsn: str, **options: Any) -> Connection:
+    """asyncpg's connect, but with several hosts in the URL each is tried in turn
+    within its own timeout, the one that answered last first; `target_session_attrs`
+    holds for each (prefer-standby: any standby first, then any host)."""
+    addresses = endpoints.database_addresses(dsn)
+    if len(addresses) < 2:
+        single: Connection = await asyncpg.connect(dsn, **options)
+        return single
+    key = tuple(addresses)
+    last = _ANSWERED_LAST.get(key)
+    order = sorted(addresses, key=lambda address: address != last)
+    wanted = options.pop("target_session_attrs", None) or _session_attrs(dsn)
+    passes = (
+        [SessionAttribute.standby, SessionAttribute.any]
+        if wanted == SessionAttribute.prefer_standby
+        else [wanted]
+    )
+    failure: BaseException | None = None
+    for attrs in passes:
+        for host, port in order:
+            try:
+                conn: Connection = await asyncpg.connect(
+                    dsn,
+                    host=host,
+                    port=port,
+                    timeout=CONNECT_TIMEOUT_PER_HOST_SECONDS,
+                    target_session_attrs=attrs,
+                    **options,
+                )
+            except _UNAVAILABLE as exc:  # down, hung, starting, or not the kind wanted
+                failure = exc
+                continue
+            _ANSWERED_LAST[key] = (host, port)
+            return conn
+    assert failure is not None
+    raise failure
+
+
+def _session_attrs(dsn: str) -> SessionAttribute | None:
+    given = parse_qs(urlsplit(dsn).query).get("target_session_attrs", [""])[0]
+    # An unknown value is left to asyncpg, which refuses it in its own words.
+    return SessionAttribute(given) if given in set(SessionAttribute) else None
+
+
+async def connect(dsn: str, *, primary: bool = False) -> Connection:
     """One connection, outside the pool (migrations, CLI commands). A refusal only the
     settings can cure is a `ConfigError` (exit 2); a fault that may pass is
-    `DatabaseUnavailable`."""
+    `DatabaseUnavailable`.
+
+    `primary`: whatever `target_session_attrs` the URL asks for, only a server out of
+    recovery will do. A LISTEN needs it: a standby refuses LISTEN, and NOTIFY is not
+    replicated (a partner cache may read from a standby, but listens on the primary)."""
+    attrs = SessionAttribute.primary if primary else None  # None: as the URL says
     try:
         async with translated_errors():
-            return await asyncpg.connect(dsn, server_settings=_SERVER_SETTINGS)
+            return await _connect_host_by_host(
+                dsn, server_settings=_SERVER_SETTINGS, target_session_attrs=attrs
+            )
     except _MISCONFIGURED as exc:
         # These messages name the database or role, never a password.
         raise errors.ConfigError(f"RECEIVER_DATABASE_URL: Postgres refused it: {exc}") from None
@@ -187,6 +251,17 @@ def iso(moment: datetime) -> str:
     """A time as every output shows one: ISO 8601 in UTC with `Z`, as the log lines
     (and Debitura's payloads) write it."""
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def server_address(conn: Connection | Any) -> str:
+    """The host and port (or socket) a connection reached, never a user or password:
+    with a multi-host URL, which of the hosts it is."""
+    # asyncpg keeps the address it connected to only in a private attribute (the pool's
+    # proxy forwards it); without it, the operator still gets the fault, just unnamed.
+    address = getattr(conn, "_addr", None)
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address) if address is not None else "unknown"
 
 
 def plain(row: Record, *, leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -231,6 +306,8 @@ class Database:
             settings = {"application_name": _SERVER_SETTINGS["application_name"]}
         pool = await asyncpg.create_pool(
             dsn,
+            # The stubs spell out connect's every keyword; ours passes them on as given.
+            connect=cast(Any, _connect_host_by_host),
             min_size=0,
             max_size=max_size,
             server_settings=settings,
@@ -268,6 +345,17 @@ class Database:
                 raise denied(exc, role_of(cast(Connection, conn))) from None
             except _UNSTORABLE:
                 raise  # the value was refused, the session is fine
+            except asyncpg.ReadOnlySQLTransactionError:
+                # A standby (reached by mistake, or a primary demoted under us), or a
+                # database set default_transaction_read_only: drop the session, so the
+                # next one is connected afresh (to the primary, when the URL names
+                # several hosts with target_session_attrs=read-write). The operator
+                # learns which host it was; the caller answers 503.
+                _fault("read_only")
+                # One line, no traceback: the host is what the operator needs.
+                log.error("database_read_only", host=server_address(conn))  # noqa: TRY400
+                conn.terminate()
+                raise
             except _BROKEN:
                 conn.terminate()
                 raise

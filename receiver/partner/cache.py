@@ -395,7 +395,7 @@ class TokenCache:
         delay = 0.1
         while True:
             try:
-                conn = await db.connect(self._dsn)
+                conn = await db.connect(self._dsn, primary=True)
             except errors.DatabaseUnavailable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)

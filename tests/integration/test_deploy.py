@@ -335,15 +335,48 @@ def test_kubernetes_manifests_validate_against_the_schemas() -> None:
     """Every manifest validates (strictly: no unknown field) against the Kubernetes
     schemas kubernetes-validate ships."""
     documents = _manifests()
-    assert {d["kind"] for d in documents} >= {"Deployment", "Job", "NetworkPolicy", "PodMonitor"}
+    kinds = {d["kind"] for d in documents}
+    assert kinds >= {"Deployment", "Job", "NetworkPolicy", "PodMonitor", "Cluster"}
     for document in documents:
-        if document["apiVersion"].startswith("monitoring.coreos.com/"):
+        if document["apiVersion"].split("/")[0] in _OPERATOR_GROUPS:
             # kubernetes-validate knows only the built-in kinds (a CRD raises
-            # SchemaNotFoundError): the PodMonitor is checked by the next test.
+            # SchemaNotFoundError): the PodMonitor and the Cluster are checked by
+            # tests of their own.
             with pytest.raises(kubernetes_validate.SchemaNotFoundError):
                 kubernetes_validate.validate(document, "1.30.0", strict=True)
             continue
         kubernetes_validate.validate(document, "1.30.0", strict=True)
+
+
+# Custom resources of operators (Prometheus Operator, CloudNativePG): no schema ships.
+_OPERATOR_GROUPS = frozenset({"monitoring.coreos.com", "postgresql.cnpg.io"})
+_CLUSTER_FIELDS = frozenset(
+    {"instances", "postgresql", "bootstrap", "storage", "affinity", "resources"}
+)
+
+
+def test_the_postgres_cluster_replicates_synchronously_to_one_of_two_standbys() -> None:
+    """The CloudNativePG example (README "High availability"): no CRD schema ships
+    with kubernetes-validate, so its fields are checked here against the operator's
+    documented spec: a primary and two standbys, commits waiting for any one of them
+    (`dataDurability: required`: never acknowledged on the primary alone), the
+    receiver's database bootstrapped, and the Secret's URL pointing at its -rw
+    Service as the file says."""
+    (cluster,) = [d for d in _manifests() if d["kind"] == "Cluster"]
+    assert cluster["apiVersion"] == "postgresql.cnpg.io/v1"
+    spec = cluster["spec"]
+    assert set(spec) <= _CLUSTER_FIELDS
+    synchronous = spec["postgresql"]["synchronous"]
+    assert synchronous["method"] in ("any", "first")
+    assert synchronous["number"] >= 1
+    assert synchronous["dataDurability"] == "required"
+    # One standby beyond those a commit waits for: losing one does not stop writes.
+    assert spec["instances"] >= synchronous["number"] + 2
+    assert spec["postgresql"]["parameters"]["synchronous_commit"] in ("on", "remote_apply")
+    assert spec["bootstrap"]["initdb"]["database"] == "receiver"
+    assert spec["storage"]["size"]
+    text = (DEPLOY / "kubernetes" / "postgres-cluster.yaml").read_text()
+    assert f"@{cluster['metadata']['name']}-rw:5432/receiver" in text
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:

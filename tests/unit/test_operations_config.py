@@ -73,6 +73,30 @@ def test_the_database_label_never_holds_the_password() -> None:
     assert database_label("postgresql://u:pw@/receiver?host=/run/pg") == "/run/pg:5432/receiver"
 
 
+def test_a_multi_host_url_is_accepted_and_labelled_by_every_host() -> None:
+    """libpq's multi-host syntax (a primary and its standbys, docs/design.md §9, Failover) passes
+    the start-up check, and the start line names each host, never the password."""
+    url = "postgresql://u:pw@h1:5432,h2:5433/receiver?target_session_attrs=read-write"
+    settings = config.load_settings(needs=config.NEEDS_DATABASE, database_url=url)
+    assert settings.database_url is not None
+    assert database_label(url) == "h1:5432,h2:5433/receiver"
+    assert database_label("postgresql://pg-a,pg-b/db?port=6432") == "pg-a:6432,pg-b:6432/db"
+    assert database_label("postgresql:///db?host=a,b&port=1,2") == "a:1,b:2/db"
+    assert database_label("postgresql://[::1]:7,[::2]/db") == "[::1]:7,[::2]:5432/db"
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://h1:5432,h2:x/db", "postgresql://h:70000/db", "postgresql://h:-1/db"]
+)
+def test_a_host_with_a_bad_port_stops_start_up_without_the_url(url: str) -> None:
+    """One host of several with a port that is no port: one line, no value in it."""
+    with pytest.raises(errors.ConfigError) as caught:
+        config.load_settings(needs=config.NEEDS_DATABASE, database_url=url)
+    assert "not a number from 1 to 65535" in str(caught.value)
+    assert "h1" not in str(caught.value)
+    assert "70000" not in str(caught.value)
+
+
 def test_database_gauges_are_absent_before_the_first_read() -> None:
     """Never read: only `up` and `age`, no false 0 for the quarantine."""
     names = [family.name for family in scrape.DatabaseGauges("k1")._render()]
