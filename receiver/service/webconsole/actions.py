@@ -23,7 +23,12 @@ async def _form(request: web.Request) -> MultiDict[str]:
     """The posted form's text fields (a file part is no field of any console form)."""
     if request.content_length is not None and request.content_length > FORM_MAX_BYTES:
         raise errors.BodyTooLarge(f"a console form is at most {FORM_MAX_BYTES} bytes")
-    posted = await request.post()
+    try:
+        posted = await request.post()
+    except (ValueError, LookupError):
+        # Not UTF-8 (UnicodeDecodeError), a charset nobody knows, a broken multipart
+        # body: the sender's fault, never an internal error.
+        raise errors.InvalidRequest("the form could not be read") from None
     return MultiDict((k, v) for k, v in posted.items() if isinstance(v, str))
 
 

@@ -37,8 +37,15 @@ def see_other(location: str) -> web.Response:
 
 
 def _limit(request: web.Request) -> int:
+    """One of the sizes the pages offer (100 when not given); anything else is refused,
+    read as text (int() would take other digits, and refuse 4,300 of them)."""
     given = request.query.get("limit", "")
-    return int(given) if given.isdigit() and int(given) in LIMITS else LIMITS[1]
+    if not given:
+        return LIMITS[1]
+    offered = {str(n): n for n in LIMITS}
+    if given not in offered:
+        raise errors.InvalidRequest(f"limit must be one of {', '.join(offered)}")
+    return offered[given]
 
 
 def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:

@@ -1,0 +1,240 @@
+"""Attacks on the operator console (`/console/` on the admin listener), against a real
+`receiver serve` with RECEIVER_ADMIN_PORT and RECEIVER_ADMIN_TOKENS: malformed
+session cookies, query strings and form bodies (each a 4xx, never an internal error),
+a token typed where a delivery's key goes (never echoed in a header or kept in the
+audit trail), a filter value that tries to become markup, and a removed admin token.
+
+Plain HTTP only (no browser): every case is about what the server answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests import conftest, helpers
+from tests.integration import processes, standins
+
+ADMIN_TOKEN = "adm_attack_" + "a" * 37
+CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
+FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True)
+class Console:
+    """The receiver under test: its two listeners, its database and webhook secret."""
+
+    public: str
+    admin: str
+    database_url: str
+    secret: str
+
+
+@pytest.fixture(scope="module")
+def console(server_dsn: str, template_name: str) -> Iterator[Console]:
+    """`receiver serve` with the admin listener and an admin token, on its own database."""
+    helpers.CANARIES.add(ADMIN_TOKEN)
+    with conftest.cloned_database(server_dsn, template_name, "receiver_console_attacks") as url:
+        public, admin = processes.free_port(), processes.free_port()
+        env, secret = processes.receiver_env(
+            url, RECEIVER_ADMIN_PORT=str(admin), RECEIVER_ADMIN_TOKENS=ADMIN_TOKEN
+        )
+        with processes.serving(["--port", str(public)], env) as (process, _):
+            asyncio.run(processes.wait_healthy(admin, process))
+            yield Console(f"http://127.0.0.1:{public}", f"http://127.0.0.1:{admin}", url, secret)
+
+
+def browser_session() -> aiohttp.ClientSession:
+    """An HTTP client that keeps cookies from 127.0.0.1, as a browser does."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def sign_in(session: aiohttp.ClientSession, base: str, token: str = ADMIN_TOKEN) -> str:
+    """Sign in through the form; the session's CSRF token (from the overview's forms)."""
+    async with session.get(base + "/console/sign-in") as form:
+        match = CSRF.search(await form.text())
+    assert match is not None
+    async with session.post(
+        base + "/console/sign-in",
+        data={"csrf": match.group(1), "token": token},
+        allow_redirects=False,
+    ) as signed:
+        assert signed.status == 303
+    async with session.get(base + "/console/", allow_redirects=False) as overview:
+        assert overview.status == 200
+        found = CSRF.search(await overview.text())
+    assert found is not None
+    return found.group(1)
+
+
+async def quarantined(console: Console) -> str:
+    """A delivery that quarantines (a token outside `bearer_token`); its stored key."""
+    document = helpers.onboarding(f"cli_{uuid.uuid4().hex[:8]}", helpers.canary_token())
+    document["data"]["note"] = f"see {helpers.canary_token()}"
+    port = int(console.public.rsplit(":", 1)[1])
+    status, answer = await processes.post_signed(port, console.secret, helpers.encode(document))
+    assert (status, answer["status"]) == (200, "quarantined"), answer
+    return str(answer["event_id"])
+
+
+async def audit_text(console: Console) -> str:
+    """The whole audit trail as text (what a dump of it would hold)."""
+    conn = await asyncpg.connect(console.database_url)
+    try:
+        rows = await conn.fetch("SELECT * FROM receiver.audit")
+    finally:
+        await conn.close()
+    return "\n".join(str(dict(row)) for row in rows)
+
+
+async def test_a_malformed_session_cookie_is_no_session_never_an_error(
+    console: Console,
+) -> None:
+    """A session cookie whose expiry is digits Python's int() will not read (more than
+    4,300 of them, or a superscript two), or that is huge or not ASCII, proves no
+    session: the pages send the browser to the sign-in form and the forms are refused
+    (403); nothing answers 503 (an internal error)."""
+    async with browser_session() as session:
+        await sign_in(session, console.admin)
+        (cookie,) = [c.value for c in session.cookie_jar if c.key == "receiver_console"]
+    fingerprint, _, nonce, mac = cookie.split(".")
+    forged = [
+        f"{fingerprint}.{'9' * 5000}.{nonce}.{mac}",
+        f"{fingerprint}.\u00b2\u00b2.{nonce}.{mac}",
+        f"{fingerprint}.{'1' * 40}.{nonce}.{mac}",
+        "x" * 6000,
+        "\u00e9" * 100,
+        f"{cookie}.{mac}",
+    ]
+    async with aiohttp.ClientSession() as stranger:
+        for value in forged:
+            headers = {"Cookie": "receiver_console=" + value}
+            async with stranger.get(
+                console.admin + "/console/", headers=headers, allow_redirects=False
+            ) as page:
+                assert (page.status, page.headers.get("Location")) == (
+                    303,
+                    "/console/sign-in",
+                ), value[:60]
+            async with stranger.post(
+                console.admin + "/console/sign-out", headers=headers, data={"csrf": "x"}
+            ) as form:
+                assert form.status == 403, value[:60]
+
+
+async def test_a_limit_the_pages_do_not_offer_is_refused(console: Console) -> None:
+    """`limit` is one of the sizes the pages offer (50, 100, 500, 1000) or absent;
+    anything else (negative, zero, overflowing, thousands of digits, a digit that is
+    not ASCII) is a 400 naming the sizes, never an internal error nor a silent 100."""
+    async with browser_session() as session:
+        await sign_in(session, console.admin)
+        for page in ("/quarantine", "/tokens", "/signals", "/audit"):
+            async with session.get(console.admin + "/console" + page + "?limit=500") as fine:
+                assert fine.status == 200, page
+            for limit in ("-1", "0", "7", "1001", "9" * 30, "9" * 5000, "%C2%B2", "1e3", " 50"):
+                async with session.get(
+                    console.admin + "/console" + page + "?limit=" + limit
+                ) as refused:
+                    assert refused.status == 400, (page, limit[:40])
+                    assert "50, 100, 500, 1000" in (await refused.json())["error"]["message"]
+
+
+async def test_a_form_body_that_cannot_be_read_is_refused(console: Console) -> None:
+    """A form that is not UTF-8, names a charset nobody knows, or is a broken
+    multipart body is a 400 (sign-in, or a signed-in form), never an internal error,
+    and does nothing."""
+    key = await quarantined(console)
+    async with browser_session() as session:
+        csrf = await sign_in(session, console.admin)
+        good = f"csrf={csrf}&key={key}&reason=r".encode()
+        bodies = [
+            (FORM, good + b"\xff\xfe"),
+            (FORM + "; charset=no-such-charset", good),
+            ("multipart/form-data", good),  # no boundary
+            (
+                "multipart/form-data; boundary=b",
+                b"--b\r\nContent-Disposition: form-data\r\n\r\n" + csrf.encode() + b"\r\n--b--\r\n",
+            ),
+            (
+                "multipart/form-data; boundary=b",
+                b'--b\r\nContent-Disposition: form-data; name="csrf"\r\n'
+                b"Content-Type: text/plain; charset=no-such-charset\r\n\r\n"
+                + csrf.encode()
+                + b"\r\n--b--\r\n",
+            ),
+        ]
+        for path in ("/console/delivery/dismiss", "/console/sign-in"):
+            for content_type, body in bodies:
+                async with session.post(
+                    console.admin + path,
+                    data=body,
+                    headers={"Content-Type": content_type},
+                    allow_redirects=False,
+                ) as refused:
+                    assert refused.status == 400, (path, content_type, body[-40:])
+    conn = await asyncpg.connect(console.database_url)
+    try:
+        status = await conn.fetchval("SELECT status FROM receiver.events WHERE key = $1", key)
+    finally:
+        await conn.close()
+    assert status == "quarantined"
+
+
+async def test_removing_an_admin_token_ends_its_sessions_and_no_other(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two admin tokens from RECEIVER_ADMIN_TOKENS_FILE, a session under each; the
+    first removed from the file and SIGHUP: its session proves nothing any more (the
+    pages send it to sign-in, its forms are refused, signing in with it is refused),
+    while the other token's session goes on."""
+    kept, removed = "adm_kept_" + "k" * 40, "adm_removed_" + "r" * 40
+    helpers.CANARIES.update((kept, removed))
+    tokens = tmp_path / "admin_tokens"
+    tokens.write_text(f"{removed},{kept}")
+    public, admin = processes.free_port(), processes.free_port()
+    env, _ = processes.receiver_env(
+        database_url, RECEIVER_ADMIN_PORT=str(admin), RECEIVER_ADMIN_TOKENS_FILE=str(tokens)
+    )
+    base = f"http://127.0.0.1:{admin}"
+    with processes.serving(["--port", str(public)], env) as (process, log):
+        await processes.wait_healthy(admin, process)
+        async with browser_session() as old, browser_session() as new:
+            old_csrf = await sign_in(old, base, removed)
+            await sign_in(new, base, kept)
+            tokens.write_text(kept)
+            process.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                return any(
+                    "configuration_reloaded" in line and "RECEIVER_ADMIN_TOKENS" in line
+                    for line in log.read_text().splitlines()
+                )
+
+            await standins.eventually(reloaded)
+            async with old.get(base + "/console/", allow_redirects=False) as page:
+                assert (page.status, page.headers["Location"]) == (303, "/console/sign-in")
+            async with old.post(
+                base + "/console/sign-out", data={"csrf": old_csrf}, allow_redirects=False
+            ) as form:
+                assert form.status == 403
+            async with new.get(base + "/console/audit", allow_redirects=False) as page:
+                assert page.status == 200
+        async with browser_session() as again:
+            async with again.get(base + "/console/sign-in") as form:
+                match = CSRF.search(await form.text())
+            assert match is not None
+            async with again.post(
+                base + "/console/sign-in",
+                data={"csrf": match.group(1), "token": removed},
+                allow_redirects=False,
+            ) as refused:
+                assert refused.status == 401
