@@ -189,6 +189,25 @@ async def test_a_form_body_that_cannot_be_read_is_refused(console: Console) -> N
     assert status == "quarantined"
 
 
+async def test_a_token_typed_as_a_delivery_key_goes_nowhere(console: Console) -> None:
+    """A token pasted where a delivery's key goes (dismiss, reprocess) is no stored
+    delivery: a 404 that does not echo it, no redirect carrying it in `Location`
+    (a URL), and no audit row holding it."""
+    async with browser_session() as session:
+        csrf = await sign_in(session, console.admin)
+        for path in ("/console/delivery/dismiss", "/console/delivery/reprocess"):
+            for key in (helpers.canary_token(), "x " + helpers.canary_token()):
+                async with session.post(
+                    console.admin + path,
+                    data={"csrf": csrf, "key": key, "reason": "typed by mistake"},
+                    allow_redirects=False,
+                ) as answer:
+                    shown = await answer.text() + str(answer.headers)
+                    assert answer.status == 404, (path, answer.headers.get("Location"))
+                    assert helpers.find_canaries(shown) == []
+    assert helpers.find_canaries(await audit_text(console)) == []
+
+
 async def test_removing_an_admin_token_ends_its_sessions_and_no_other(
     database_url: str, tmp_path: Path
 ) -> None:

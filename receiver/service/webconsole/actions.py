@@ -96,6 +96,9 @@ async def dismiss(request: web.Request) -> web.Response:
     key = form.get("key", "")
     actor = _actor(signed_in, form)
     (outcome,) = await inbox.dismiss(request.app[state.DATABASE], actor, [key])
+    if outcome.outcome == "unknown":
+        # Never back to a URL with what was typed (a pasted token, say) in it.
+        raise errors.NotFound("no stored delivery with that key")
     done = {
         "dismissed": "dismissed",
         "already_dismissed": "already dismissed",
@@ -110,6 +113,8 @@ async def reprocess(request: web.Request) -> web.Response:
     actor = _actor(signed_in, form)
     settings = request.app[state.LIVE].settings
     (result,) = await inbox.reprocess(request.app[state.DATABASE], settings, [key], actor)
+    if result.outcome == "not_found":
+        raise errors.NotFound("no stored delivery with that key")
     done = f"reprocessed: {result.outcome}" + (f" ({result.reason})" if result.reason else "")
     return pages.see_other("/console/delivery?" + urlencode({"key": result.key, "done": done}))
 
