@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import asyncpg
@@ -206,6 +207,30 @@ async def test_a_token_typed_as_a_delivery_key_goes_nowhere(console: Console) ->
                     assert answer.status == 404, (path, answer.headers.get("Location"))
                     assert helpers.find_canaries(shown) == []
     assert helpers.find_canaries(await audit_text(console)) == []
+
+
+async def test_a_filter_value_never_becomes_markup(console: Console) -> None:
+    """A filter value that reads as markup once its JSON escapes are read
+    (`\\u005cu003c` is `\\u003c`, which is `<`) is shown as text: no tag of its own
+    reaches the page, in any filter field of any page."""
+    injected = (
+        "\\u005cu0022\\u005cu003e\\u005cu003cmeta http-equiv=refresh"
+        " content=0;url=https://evil.example\\u005cu003e"
+    )
+    async with browser_session() as session:
+        await sign_in(session, console.admin)
+        for page, field in (
+            ("/tokens", "client"),
+            ("/audit", "actor"),
+            ("/audit", "client"),
+            ("/quarantine", "type"),
+        ):
+            url = f"{console.admin}/console{page}?{field}={quote(injected)}"
+            async with session.get(url) as answer:
+                assert answer.status == 200, (page, field)
+                html = await answer.text()
+            assert "<meta http-equiv=refresh" not in html, (page, field)
+            assert html.count("<meta") == 3  # the page's own: charset, viewport, referrer
 
 
 async def test_removing_an_admin_token_ends_its_sessions_and_no_other(
