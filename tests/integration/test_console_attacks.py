@@ -209,6 +209,38 @@ async def test_a_token_typed_as_a_delivery_key_goes_nowhere(console: Console) ->
     assert helpers.find_canaries(await audit_text(console)) == []
 
 
+async def test_a_secret_pasted_into_a_reason_is_not_kept(console: Console) -> None:
+    """An operator who pastes the admin token (just used to sign in) or the webhook
+    secret into a reason: the act is done and audited, but the audit row holds
+    neither secret, only the rest of the reason (the page masks configured secrets
+    only while they are configured; a dump of the trail is forever)."""
+    keys = [await quarantined(console), await quarantined(console)]
+    reason = f"INC-46 pasted {ADMIN_TOKEN} and {console.secret} by mistake"
+    async with browser_session() as session:
+        csrf = await sign_in(session, console.admin)
+        for path, key in zip(
+            ("/console/delivery/dismiss", "/console/delivery/reprocess"), keys, strict=True
+        ):
+            async with session.post(
+                console.admin + path,
+                data={"csrf": csrf, "key": key, "reason": reason},
+                allow_redirects=False,
+            ) as done:
+                assert done.status == 303, path
+    conn = await asyncpg.connect(console.database_url)
+    try:
+        reasons = await conn.fetch(
+            "SELECT reason FROM receiver.audit WHERE event_key = ANY($1::text[])", keys
+        )
+    finally:
+        await conn.close()
+    assert len(reasons) == 2
+    for row in reasons:
+        assert row["reason"].startswith("INC-46 pasted "), row["reason"]
+        assert ADMIN_TOKEN not in row["reason"]
+        assert console.secret not in row["reason"]
+
+
 async def test_a_filter_value_never_becomes_markup(console: Console) -> None:
     """A filter value that reads as markup once its JSON escapes are read
     (`\\u005cu003c` is `\\u003c`, which is `<`) is shown as text: no tag of its own

@@ -75,11 +75,12 @@ async def _signed_in(request: web.Request) -> tuple[session.Session, MultiDict[s
     return signed_in, form
 
 
-def _actor(signed_in: session.Session, form: MultiDict[str]) -> audit.Actor:
+def _actor(request: web.Request, signed_in: session.Session, form: MultiDict[str]) -> audit.Actor:
     reason = form.get("reason", "").strip()
     if not reason:
         raise errors.InvalidRequest("a reason is required: it goes into the audit trail")
-    return admin_api.actor(signed_in.fingerprint, reason)
+    settings = request.app[state.LIVE].settings
+    return admin_api.actor(signed_in.fingerprint, reason, settings.secret_values())
 
 
 async def sign_out(request: web.Request) -> web.Response:
@@ -94,7 +95,7 @@ async def dismiss(request: web.Request) -> web.Response:
     """`events dismiss KEY --reason …` from the delivery's page."""
     signed_in, form = await _signed_in(request)
     key = form.get("key", "")
-    actor = _actor(signed_in, form)
+    actor = _actor(request, signed_in, form)
     (outcome,) = await inbox.dismiss(request.app[state.DATABASE], actor, [key])
     if outcome.outcome == "unknown":
         # Never back to a URL with what was typed (a pasted token, say) in it.
@@ -110,7 +111,7 @@ async def reprocess(request: web.Request) -> web.Response:
     """`events reprocess KEY` from the delivery's page."""
     signed_in, form = await _signed_in(request)
     key = form.get("key", "")
-    actor = _actor(signed_in, form)
+    actor = _actor(request, signed_in, form)
     settings = request.app[state.LIVE].settings
     (result,) = await inbox.reprocess(request.app[state.DATABASE], settings, [key], actor)
     if result.outcome == "not_found":
@@ -129,6 +130,6 @@ async def retry_signal(request: web.Request) -> web.Response:
         raise errors.InvalidRequest("a signal id is a UUID") from None
     if not ids:
         raise errors.InvalidRequest("name the dead signal to retry")
-    actor = _actor(signed_in, form)
+    actor = _actor(request, signed_in, form)
     retried = await dead_letters.retry(request.app[state.DATABASE], actor, ids)
     return pages.see_other("/console/signals?" + urlencode({"retried": str(len(retried))}))
