@@ -149,6 +149,34 @@ async def test_a_limit_the_pages_do_not_offer_is_refused(console: Console) -> No
                     assert "50, 100, 500, 1000" in (await refused.json())["error"]["message"]
 
 
+async def test_a_filter_the_page_does_not_know_is_refused(console: Console) -> None:
+    """A misspelt filter (`?stauts=dead`) would show every row while the operator
+    believes they see only dead ones: each page takes only its own query keys, and
+    anything else is a 400 naming the keys it takes (never the one given)."""
+    pages = {
+        "/": (),
+        "/quarantine": ("status", "reason", "type", "limit"),
+        "/tokens": ("client", "status", "environment", "limit"),
+        "/signals": ("status", "limit", "retried"),
+        "/audit": ("action", "actor", "client", "since", "until", "limit"),
+        "/sign-in": (),
+    }
+    async with browser_session() as session:
+        await sign_in(session, console.admin)
+        for page, keys in pages.items():
+            for wrong in ("stauts=dead", "limit=100&x=1", "Status=dead"):
+                url = f"{console.admin}/console{page}?{wrong}"
+                async with session.get(url, allow_redirects=False) as refused:
+                    assert refused.status == 400, (page, wrong)
+                    message = (await refused.json())["error"]["message"]
+                    assert "stauts" not in message
+                    assert all(key in message for key in keys), (page, message)
+            if keys:
+                known = "&".join(f"{key}=" for key in keys)
+                async with session.get(f"{console.admin}/console{page}?{known}") as fine:
+                    assert fine.status == 200, page
+
+
 async def test_a_form_body_that_cannot_be_read_is_refused(console: Console) -> None:
     """A form that is not UTF-8, names a charset nobody knows, or is a broken
     multipart body is a 400 (sign-in, or a signed-in form), never an internal error,

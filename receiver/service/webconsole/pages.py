@@ -24,10 +24,18 @@ ROTATIONS_DUE_COUNTED = 100  # "100+" beyond
 ROTATIONS_DUE_SHOWN = 10
 
 
-def operator(request: web.Request) -> tuple[config.Settings, session.Session | None]:
+def operator(
+    request: web.Request, *accepted: str
+) -> tuple[config.Settings, session.Session | None]:
     """The settings in force and the signed-in operator (None: not signed in); the
-    console's absence (404) anywhere but the admin listener with admin tokens set."""
+    console's absence (404) anywhere but the admin listener with admin tokens set.
+
+    The page takes the query keys `accepted` and no other: a misspelt filter
+    (`?stauts=dead`) is a 400, not a page that looks filtered and is not."""
     settings = admin_api.admin_settings(request)
+    if not set(request.query).issubset(accepted):
+        takes = ", ".join(accepted) if accepted else "none"
+        raise errors.InvalidRequest(f"unknown query parameter: this page takes {takes}")
     return settings, session.current(request, settings)
 
 
@@ -119,7 +127,7 @@ async def overview(request: web.Request) -> web.Response:
 
 async def quarantine(request: web.Request) -> web.Response:
     """Stored deliveries (the open quarantine unless told otherwise), newest first."""
-    _, signed_in = operator(request)
+    _, signed_in = operator(request, "status", "reason", "type", "limit")
     if signed_in is None:
         return see_other("/console/sign-in")
     shown = _choice(request, "status", inbox.STATUSES) or "quarantined"
@@ -147,7 +155,7 @@ async def quarantine(request: web.Request) -> web.Response:
 
 async def delivery(request: web.Request) -> web.Response:
     """One stored delivery: its detail and its body, redacted; dismiss and reprocess."""
-    settings, signed_in = operator(request)
+    settings, signed_in = operator(request, "key", "done")
     if signed_in is None:
         return see_other("/console/sign-in")
     key = request.query.get("key", "")
@@ -171,7 +179,7 @@ async def delivery(request: web.Request) -> web.Response:
 
 async def token_inventory(request: web.Request) -> web.Response:
     """The token inventory by prefix: metadata only (there is no reveal here)."""
-    _, signed_in = operator(request)
+    _, signed_in = operator(request, "client", "status", "environment", "limit")
     if signed_in is None:
         return see_other("/console/sign-in")
     limit = _limit(request)
@@ -203,7 +211,7 @@ async def token_inventory(request: web.Request) -> web.Response:
 
 async def signals(request: web.Request) -> web.Response:
     """The invalidation outbox: counts, then the newest signals (dead ones retryable)."""
-    _, signed_in = operator(request)
+    _, signed_in = operator(request, "status", "limit", "retried")
     if signed_in is None:
         return see_other("/console/sign-in")
     database = request.app[state.DATABASE]
@@ -238,7 +246,7 @@ def _moment(request: web.Request, name: str) -> datetime | None:
 
 async def audit_trail(request: web.Request) -> web.Response:
     """The audit trail, newest first, by action, actor, client and time."""
-    settings, signed_in = operator(request)
+    settings, signed_in = operator(request, "action", "actor", "client", "since", "until", "limit")
     if signed_in is None:
         return see_other("/console/sign-in")
     limit = _limit(request)
