@@ -178,16 +178,16 @@ async def test_a_filter_the_page_does_not_know_is_refused(console: Console) -> N
 
 
 async def test_a_form_body_that_cannot_be_read_is_refused(console: Console) -> None:
-    """A form that is not UTF-8, names a charset nobody knows, or is a broken
-    multipart body is a 400 (sign-in, or a signed-in form), never an internal error,
-    and does nothing."""
+    """A form that is not UTF-8 or names a charset nobody knows is a 400; a body that
+    is not the urlencoded form the pages send (multipart, broken or not: aiohttp's
+    parser raises RuntimeError on an unknown transfer encoding) is a 415. Sign-in or a
+    signed-in form alike: never an internal error, and nothing is done."""
     key = await quarantined(console)
     async with browser_session() as session:
         csrf = await sign_in(session, console.admin)
         good = f"csrf={csrf}&key={key}&reason=r".encode()
-        bodies = [
-            (FORM, good + b"\xff\xfe"),
-            (FORM + "; charset=no-such-charset", good),
+        unreadable = [(FORM, good + b"\xff\xfe"), (FORM + "; charset=no-such-charset", good)]
+        not_forms = [
             ("multipart/form-data", good),  # no boundary
             (
                 "multipart/form-data; boundary=b",
@@ -200,16 +200,35 @@ async def test_a_form_body_that_cannot_be_read_is_refused(console: Console) -> N
                 + csrf.encode()
                 + b"\r\n--b--\r\n",
             ),
+            (
+                "multipart/form-data; boundary=b",
+                b'--b\r\nContent-Disposition: form-data; name="csrf"\r\n'
+                b"Content-Transfer-Encoding: no-such-encoding\r\n\r\n"
+                + csrf.encode()
+                + b"\r\n--b--\r\n",
+            ),
+            (
+                "multipart/form-data; boundary=b",
+                b"".join(
+                    b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                    % (name, value)
+                    for name, value in ((b"csrf", csrf.encode()), (b"key", key.encode()))
+                )
+                + b'--b\r\nContent-Disposition: form-data; name="reason"\r\n\r\nr\r\n--b--\r\n',
+            ),
+            ("text/plain", good),
+            ("application/json", b'{"csrf": "%s"}' % csrf.encode()),
         ]
         for path in ("/console/delivery/dismiss", "/console/sign-in"):
-            for content_type, body in bodies:
-                async with session.post(
-                    console.admin + path,
-                    data=body,
-                    headers={"Content-Type": content_type},
-                    allow_redirects=False,
-                ) as refused:
-                    assert refused.status == 400, (path, content_type, body[-40:])
+            for expected, bodies in ((400, unreadable), (415, not_forms)):
+                for content_type, body in bodies:
+                    async with session.post(
+                        console.admin + path,
+                        data=body,
+                        headers={"Content-Type": content_type},
+                        allow_redirects=False,
+                    ) as refused:
+                        assert refused.status == expected, (path, content_type, body[-40:])
     conn = await asyncpg.connect(console.database_url)
     try:
         status = await conn.fetchval("SELECT status FROM receiver.events WHERE key = $1", key)

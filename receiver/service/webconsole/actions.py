@@ -17,17 +17,21 @@ from receiver.service import admin_api, state
 from receiver.service.webconsole import pages, render, session
 
 FORM_MAX_BYTES = 16 * 1024
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 async def _form(request: web.Request) -> MultiDict[str]:
-    """The posted form's text fields (a file part is no field of any console form)."""
+    """The posted form's fields: urlencoded, as every console page posts it (a
+    multipart body, with its files and transfer encodings, is no console form)."""
+    if request.content_type != FORM_TYPE:
+        raise errors.UnsupportedMediaType(f"a console form is {FORM_TYPE}")
     if request.content_length is not None and request.content_length > FORM_MAX_BYTES:
         raise errors.BodyTooLarge(f"a console form is at most {FORM_MAX_BYTES} bytes")
     try:
         posted = await request.post()
     except (ValueError, LookupError):
-        # Not UTF-8 (UnicodeDecodeError), a charset nobody knows, a broken multipart
-        # body: the sender's fault, never an internal error.
+        # Not UTF-8 (UnicodeDecodeError), a charset nobody knows: the sender's
+        # fault, never an internal error.
         raise errors.InvalidRequest("the form could not be read") from None
     return MultiDict((k, v) for k, v in posted.items() if isinstance(v, str))
 
