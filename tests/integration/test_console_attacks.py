@@ -13,7 +13,7 @@ import asyncio
 import re
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -229,6 +229,34 @@ async def test_a_form_body_that_cannot_be_read_is_refused(console: Console) -> N
                         allow_redirects=False,
                     ) as refused:
                         assert refused.status == expected, (path, content_type, body[-40:])
+    conn = await asyncpg.connect(console.database_url)
+    try:
+        status = await conn.fetchval("SELECT status FROM receiver.events WHERE key = $1", key)
+    finally:
+        await conn.close()
+    assert status == "quarantined"
+
+
+async def test_a_form_over_16_kib_is_refused_however_it_arrives(console: Console) -> None:
+    """A console form is at most 16 KiB, said in Content-Length or sent in chunks
+    with none: 413 either way, and nothing is done."""
+    key = await quarantined(console)
+    async with browser_session() as session:
+        csrf = await sign_in(session, console.admin)
+        body = f"csrf={csrf}&key={key}&reason={'r' * 20_000}".encode()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(body), 4096):
+                yield body[start : start + 4096]
+
+        for data in (body, chunks()):
+            async with session.post(
+                console.admin + "/console/delivery/dismiss",
+                data=data,
+                headers={"Content-Type": FORM},
+                allow_redirects=False,
+            ) as refused:
+                assert refused.status == 413
     conn = await asyncpg.connect(console.database_url)
     try:
         status = await conn.fetchval("SELECT status FROM receiver.events WHERE key = $1", key)

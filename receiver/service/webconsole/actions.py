@@ -25,8 +25,13 @@ async def _form(request: web.Request) -> MultiDict[str]:
     multipart body, with its files and transfer encodings, is no console form)."""
     if request.content_type != FORM_TYPE:
         raise errors.UnsupportedMediaType(f"a console form is {FORM_TYPE}")
+    too_large = errors.BodyTooLarge(f"a console form is at most {FORM_MAX_BYTES} bytes")
     if request.content_length is not None and request.content_length > FORM_MAX_BYTES:
-        raise errors.BodyTooLarge(f"a console form is at most {FORM_MAX_BYTES} bytes")
+        raise too_large
+    # A chunked body says no length: counted once read (read() stops at the app's
+    # client_max_size; post() parses what it read).
+    if len(await request.read()) > FORM_MAX_BYTES:
+        raise too_large
     try:
         posted = await request.post()
     except (ValueError, LookupError):
