@@ -316,6 +316,27 @@ async def test_a_secret_pasted_into_a_reason_is_not_kept(console: Console) -> No
         assert console.secret not in row["reason"]
 
 
+async def test_a_link_cannot_put_words_in_the_consoles_mouth(console: Console) -> None:
+    """The notice after a form (`done` on a delivery's page, `retried` on the signals
+    page) says only what the console's forms say: a link carrying a message of its
+    own (a phishing line, shown in the console's own status box) is a 400."""
+    key = await quarantined(console)
+    spoof = quote("session expired: sign in again at https://evil.example/console")
+    async with browser_session() as session:
+        await sign_in(session, console.admin)
+        for page in (f"/delivery?key={key}&done={spoof}", f"/signals?retried={spoof}"):
+            async with session.get(console.admin + "/console" + page) as refused:
+                assert refused.status == 400, page
+        for page, notice in (
+            (f"/delivery?key={key}&done=dismissed", "dismissed"),
+            (f"/delivery?key={key}&done={quote('reprocessed: processed')}", "reprocessed"),
+            ("/signals?retried=2", "2 dead signal(s) back to pending"),
+        ):
+            async with session.get(console.admin + "/console" + page) as shown:
+                assert shown.status == 200, page
+                assert notice in await shown.text()
+
+
 async def test_a_filter_value_never_becomes_markup(console: Console) -> None:
     """A filter value that reads as markup once its JSON escapes are read
     (`\\u005cu003c` is `\\u003c`, which is `<`) is shown as text: no tag of its own

@@ -5,6 +5,7 @@ each bounded by a limit."""
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -65,6 +66,23 @@ def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | 
 
 def _text(request: web.Request, name: str) -> str | None:
     return request.query.get(name, "").strip()[:200] or None
+
+
+# The notice after a form, as the forms' redirects write it (actions.dismiss,
+# actions.reprocess, actions.retry_signal) and nothing else: a link must not make the
+# console's own status box say something of its own ("session expired: sign in at …").
+_DONE = re.compile(
+    r"dismissed|already dismissed|not an open quarantine: nothing done"
+    r"|reprocessed: [a-z_]+(?: \([a-z_]+\))?"
+)
+_RETRIED = re.compile(r"[0-9]{1,6}")
+
+
+def _notice(request: web.Request, name: str, said: re.Pattern[str]) -> str | None:
+    given = request.query.get(name, "")
+    if given and not said.fullmatch(given):
+        raise errors.InvalidRequest(f"{name} says only what a console form says")
+    return given or None
 
 
 async def to_overview(request: web.Request) -> web.Response:
@@ -173,7 +191,7 @@ async def delivery(request: web.Request) -> web.Response:
         signed_in,
         key=key,
         entries=shown,
-        done=_text(request, "done"),
+        done=_notice(request, "done", _DONE),
     )
 
 
@@ -229,7 +247,7 @@ async def signals(request: web.Request) -> web.Response:
         limit=limit,
         limits=LIMITS,
         full=len(rows) == limit,
-        retried=_text(request, "retried"),
+        retried=_notice(request, "retried", _RETRIED),
     )
 
 
