@@ -107,7 +107,8 @@ class BodyTooLarge(ReceiverError):
 
 
 class UnsupportedMediaType(ReceiverError):
-    """The content type is not JSON."""
+    """The content type is not the route's: JSON (a webhook), a urlencoded form (the
+    console's forms)."""
 
     status = 415
     type = "invalid_request_error"

@@ -109,7 +109,9 @@ async def reprocess(
     for key in keys:
         found = await database.fetch("event_to_reprocess", key)
         if not found:
-            results.append(await _audited(database, actor, Reprocessed(key, "not_found")))
+            # What was typed, not a stored key: on record as free text is (masked, cut).
+            typed = audit.clean(key)
+            results.append(await _audited(database, actor, Reprocessed(typed, "not_found")))
             continue
         stored = found[0]
         key = stored["key"]  # as stored: a test delivery's under `test:`

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -53,19 +54,25 @@ class Actor:
     reason: str | None = None
 
     @classmethod
-    def of(cls, name: str | None, reason: str | None) -> Actor:
+    def of(cls, name: str | None, reason: str | None, secrets: Sequence[str] = ()) -> Actor:
         """`--actor` (default: the OS user) and `--reason`, cut to 200 characters and
-        with anything token-shaped masked: free text must not become a leak."""
-        return cls(clean(name or getpass.getuser()), clean(reason) if reason else None)
+        with anything token-shaped masked, and the configured `secrets`
+        (`Settings.secret_values()`) where the caller has them: free text must not
+        become a leak."""
+        return cls(
+            clean(name or getpass.getuser(), secrets),
+            clean(reason, secrets) if reason else None,
+        )
 
 
 _REDACTOR = redaction.Redactor()
 
 
-def clean(text: str) -> str:
-    """Free text as the audit trail keeps it: token-shaped parts masked, NULs gone, at
-    most 200 characters."""
-    return _REDACTOR.text(text.replace("\x00", ""))[:_TEXT_LIMIT]
+def clean(text: str, secrets: Sequence[str] = ()) -> str:
+    """Free text as the audit trail keeps it: token-shaped parts and the given
+    configured secrets masked, NULs gone, at most 200 characters."""
+    redactor = redaction.Redactor(secrets) if secrets else _REDACTOR
+    return redactor.text(text.replace("\x00", ""))[:_TEXT_LIMIT]
 
 
 async def audit(

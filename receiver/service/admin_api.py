@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -58,10 +58,11 @@ def matching_token(settings: config.Settings, presented: str) -> str | None:
     return matched
 
 
-def actor(token_fingerprint: str, reason: str) -> audit.Actor:
+def actor(token_fingerprint: str, reason: str, secrets: Sequence[str] = ()) -> audit.Actor:
     """An admin token's holder as the audit trail names them: by the token's
-    fingerprint (the admin API, the console), with why they acted."""
-    return audit.Actor.of(f"admin:{token_fingerprint}", reason)
+    fingerprint (the admin API, the console), with why they acted (the configured
+    `secrets` masked in it: an operator may paste the admin token they just used)."""
+    return audit.Actor.of(f"admin:{token_fingerprint}", reason, secrets)
 
 
 def _caller(request: web.Request) -> audit.Actor:

@@ -240,13 +240,22 @@ async def test_every_page_loads_under_the_policy_with_a_skip_link(
     browser: Any, console: Console
 ) -> None:
     """Every page loads its stylesheet under the policy (no violation reported), has
-    one h1, and its first focusable element is the skip link to the content."""
+    one h1, and its first focusable element is the skip link to the content; every
+    field and meter on it has an accessible name (a delivery of this minute gives the
+    overview its per-minute meter)."""
+    await quarantined(console)
     page = await signed_in_page(browser, console)
     problems: list[str] = []
     page.on("console", lambda message: problems.append(message.text))
     for path in PAGES:
         await page.goto(console.admin + "/console" + path)
         assert await page.locator("h1").count() == 1
+        unnamed = await page.evaluate(
+            "[...document.querySelectorAll('input:not([type=hidden]), select, meter')]"
+            ".filter(e => !e.labels.length && !e.getAttribute('aria-label'))"
+            ".map(e => e.outerHTML)"
+        )
+        assert unnamed == [], path
         assert await page.evaluate("document.styleSheets.length") == 1
         await page.keyboard.press("Tab")
         assert await page.evaluate("document.activeElement.getAttribute('href')") == "#main"

@@ -40,9 +40,10 @@ def _request(value: str) -> web.Request:
     return make_mocked_request("GET", "/console/", headers={"Cookie": f"{session.COOKIE}={value}"})
 
 
-def _changed(text: str) -> str:
-    """`text` with its last character replaced by another one (never itself)."""
-    return text[:-1] + ("1" if text[-1] == "0" else "0")
+def _changed(hex_text: str) -> str:
+    """`hex_text` with its last digit changed (to 0, or to 1 if it was 0: replacing it
+    with 0 alone left one cookie in sixteen unchanged, and the test failed then)."""
+    return hex_text[:-1] + ("1" if hex_text.endswith("0") else "0")
 
 
 def test_a_signed_cookie_proves_a_session_and_nothing_else_does() -> None:

@@ -17,13 +17,27 @@ from receiver.service import admin_api, state
 from receiver.service.webconsole import pages, render, session
 
 FORM_MAX_BYTES = 16 * 1024
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 async def _form(request: web.Request) -> MultiDict[str]:
-    """The posted form's text fields (a file part is no field of any console form)."""
+    """The posted form's fields: urlencoded, as every console page posts it (a
+    multipart body, with its files and transfer encodings, is no console form)."""
+    if request.content_type != FORM_TYPE:
+        raise errors.UnsupportedMediaType(f"a console form is {FORM_TYPE}")
+    too_large = errors.BodyTooLarge(f"a console form is at most {FORM_MAX_BYTES} bytes")
     if request.content_length is not None and request.content_length > FORM_MAX_BYTES:
-        raise errors.BodyTooLarge(f"a console form is at most {FORM_MAX_BYTES} bytes")
-    posted = await request.post()
+        raise too_large
+    # A chunked body says no length: counted once read (read() stops at the app's
+    # client_max_size; post() parses what it read).
+    if len(await request.read()) > FORM_MAX_BYTES:
+        raise too_large
+    try:
+        posted = await request.post()
+    except (ValueError, LookupError):
+        # Not UTF-8 (UnicodeDecodeError), a charset nobody knows: the sender's
+        # fault, never an internal error.
+        raise errors.InvalidRequest("the form could not be read") from None
     return MultiDict((k, v) for k, v in posted.items() if isinstance(v, str))
 
 
@@ -70,11 +84,12 @@ async def _signed_in(request: web.Request) -> tuple[session.Session, MultiDict[s
     return signed_in, form
 
 
-def _actor(signed_in: session.Session, form: MultiDict[str]) -> audit.Actor:
+def _actor(request: web.Request, signed_in: session.Session, form: MultiDict[str]) -> audit.Actor:
     reason = form.get("reason", "").strip()
     if not reason:
         raise errors.InvalidRequest("a reason is required: it goes into the audit trail")
-    return admin_api.actor(signed_in.fingerprint, reason)
+    settings = request.app[state.LIVE].settings
+    return admin_api.actor(signed_in.fingerprint, reason, settings.secret_values())
 
 
 async def sign_out(request: web.Request) -> web.Response:
@@ -89,8 +104,11 @@ async def dismiss(request: web.Request) -> web.Response:
     """`events dismiss KEY --reason …` from the delivery's page."""
     signed_in, form = await _signed_in(request)
     key = form.get("key", "")
-    actor = _actor(signed_in, form)
+    actor = _actor(request, signed_in, form)
     (outcome,) = await inbox.dismiss(request.app[state.DATABASE], actor, [key])
+    if outcome.outcome == "unknown":
+        # Never back to a URL with what was typed (a pasted token, say) in it.
+        raise errors.NotFound("no stored delivery with that key")
     done = {
         "dismissed": "dismissed",
         "already_dismissed": "already dismissed",
@@ -102,9 +120,11 @@ async def reprocess(request: web.Request) -> web.Response:
     """`events reprocess KEY` from the delivery's page."""
     signed_in, form = await _signed_in(request)
     key = form.get("key", "")
-    actor = _actor(signed_in, form)
+    actor = _actor(request, signed_in, form)
     settings = request.app[state.LIVE].settings
     (result,) = await inbox.reprocess(request.app[state.DATABASE], settings, [key], actor)
+    if result.outcome == "not_found":
+        raise errors.NotFound("no stored delivery with that key")
     done = f"reprocessed: {result.outcome}" + (f" ({result.reason})" if result.reason else "")
     return pages.see_other("/console/delivery?" + urlencode({"key": result.key, "done": done}))
 
@@ -119,6 +139,6 @@ async def retry_signal(request: web.Request) -> web.Response:
         raise errors.InvalidRequest("a signal id is a UUID") from None
     if not ids:
         raise errors.InvalidRequest("name the dead signal to retry")
-    actor = _actor(signed_in, form)
+    actor = _actor(request, signed_in, form)
     retried = await dead_letters.retry(request.app[state.DATABASE], actor, ids)
     return pages.see_other("/console/signals?" + urlencode({"retried": str(len(retried))}))

@@ -5,6 +5,7 @@ each bounded by a limit."""
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -24,10 +25,18 @@ ROTATIONS_DUE_COUNTED = 100  # "100+" beyond
 ROTATIONS_DUE_SHOWN = 10
 
 
-def operator(request: web.Request) -> tuple[config.Settings, session.Session | None]:
+def operator(
+    request: web.Request, *accepted: str
+) -> tuple[config.Settings, session.Session | None]:
     """The settings in force and the signed-in operator (None: not signed in); the
-    console's absence (404) anywhere but the admin listener with admin tokens set."""
+    console's absence (404) anywhere but the admin listener with admin tokens set.
+
+    The page takes the query keys `accepted` and no other: a misspelt filter
+    (`?stauts=dead`) is a 400, not a page that looks filtered and is not."""
     settings = admin_api.admin_settings(request)
+    if not set(request.query).issubset(accepted):
+        takes = ", ".join(accepted) if accepted else "none"
+        raise errors.InvalidRequest(f"unknown query parameter: this page takes {takes}")
     return settings, session.current(request, settings)
 
 
@@ -37,8 +46,15 @@ def see_other(location: str) -> web.Response:
 
 
 def _limit(request: web.Request) -> int:
+    """One of the sizes the pages offer (100 when not given); anything else is refused,
+    read as text (int() would take other digits, and refuse 4,300 of them)."""
     given = request.query.get("limit", "")
-    return int(given) if given.isdigit() and int(given) in LIMITS else LIMITS[1]
+    if not given:
+        return LIMITS[1]
+    offered = {str(n): n for n in LIMITS}
+    if given not in offered:
+        raise errors.InvalidRequest(f"limit must be one of {', '.join(offered)}")
+    return offered[given]
 
 
 def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:
@@ -50,6 +66,23 @@ def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | 
 
 def _text(request: web.Request, name: str) -> str | None:
     return request.query.get(name, "").strip()[:200] or None
+
+
+# The notice after a form, as the forms' redirects write it (actions.dismiss,
+# actions.reprocess, actions.retry_signal) and nothing else: a link must not make the
+# console's own status box say something of its own ("session expired: sign in at …").
+_DONE = re.compile(
+    r"dismissed|already dismissed|not an open quarantine: nothing done"
+    r"|reprocessed: [a-z_]+(?: \([a-z_]+\))?"
+)
+_RETRIED = re.compile(r"[0-9]{1,6}")
+
+
+def _notice(request: web.Request, name: str, said: re.Pattern[str]) -> str | None:
+    given = request.query.get(name, "")
+    if given and not said.fullmatch(given):
+        raise errors.InvalidRequest(f"{name} says only what a console form says")
+    return given or None
 
 
 async def to_overview(request: web.Request) -> web.Response:
@@ -112,7 +145,7 @@ async def overview(request: web.Request) -> web.Response:
 
 async def quarantine(request: web.Request) -> web.Response:
     """Stored deliveries (the open quarantine unless told otherwise), newest first."""
-    _, signed_in = operator(request)
+    _, signed_in = operator(request, "status", "reason", "type", "limit")
     if signed_in is None:
         return see_other("/console/sign-in")
     shown = _choice(request, "status", inbox.STATUSES) or "quarantined"
@@ -140,7 +173,7 @@ async def quarantine(request: web.Request) -> web.Response:
 
 async def delivery(request: web.Request) -> web.Response:
     """One stored delivery: its detail and its body, redacted; dismiss and reprocess."""
-    settings, signed_in = operator(request)
+    settings, signed_in = operator(request, "key", "done")
     if signed_in is None:
         return see_other("/console/sign-in")
     key = request.query.get("key", "")
@@ -158,13 +191,13 @@ async def delivery(request: web.Request) -> web.Response:
         signed_in,
         key=key,
         entries=shown,
-        done=_text(request, "done"),
+        done=_notice(request, "done", _DONE),
     )
 
 
 async def token_inventory(request: web.Request) -> web.Response:
     """The token inventory by prefix: metadata only (there is no reveal here)."""
-    _, signed_in = operator(request)
+    _, signed_in = operator(request, "client", "status", "environment", "limit")
     if signed_in is None:
         return see_other("/console/sign-in")
     limit = _limit(request)
@@ -196,7 +229,7 @@ async def token_inventory(request: web.Request) -> web.Response:
 
 async def signals(request: web.Request) -> web.Response:
     """The invalidation outbox: counts, then the newest signals (dead ones retryable)."""
-    _, signed_in = operator(request)
+    _, signed_in = operator(request, "status", "limit", "retried")
     if signed_in is None:
         return see_other("/console/sign-in")
     database = request.app[state.DATABASE]
@@ -214,7 +247,7 @@ async def signals(request: web.Request) -> web.Response:
         limit=limit,
         limits=LIMITS,
         full=len(rows) == limit,
-        retried=_text(request, "retried"),
+        retried=_notice(request, "retried", _RETRIED),
     )
 
 
@@ -231,7 +264,7 @@ def _moment(request: web.Request, name: str) -> datetime | None:
 
 async def audit_trail(request: web.Request) -> web.Response:
     """The audit trail, newest first, by action, actor, client and time."""
-    settings, signed_in = operator(request)
+    settings, signed_in = operator(request, "action", "actor", "client", "since", "until", "limit")
     if signed_in is None:
         return see_other("/console/sign-in")
     limit = _limit(request)

@@ -45,7 +45,12 @@ def _masked(context: jinja2.runtime.Context, value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, Markup):
-        return Markup(redactor.text(str(value)))  # noqa: S704 - masked markup the templates made
+        # Markup the templates made (a macro's output: each of its values was masked on
+        # its way in) stays markup only while masking leaves it as it is. Masking reads
+        # escapes (`\u003c` is `<`, `%3C` too): what it changes is text, escaped, or a
+        # value that reads as a tag would become one.
+        shown = redactor.text(str(value))
+        return value if shown == str(value) else shown
     return redactor.text(str(value))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ SIGN_IN_COOKIE = "receiver_console_sign_in"
 PATH = "/console/"
 SESSION_SECONDS = 3600
 CSRF_FIELD = "csrf"
+# fingerprint.expires.nonce.mac, as `sign_in` writes it: ASCII digits only (int()
+# reads other digits too, and refuses more than 4,300 of them).
+_COOKIE_VALUE = re.compile(r"([0-9a-f]{12})\.([0-9]{1,12})\.([0-9a-f]{32})\.([0-9a-f]{64})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +83,11 @@ def sign_out(response: web.StreamResponse) -> None:
 def current(request: web.Request, settings: config.Settings) -> Session | None:
     """The session the request's cookie proves, or None (absent, forged, expired, or
     made with an admin token no longer configured)."""
-    fingerprint, _, rest = request.cookies.get(COOKIE, "").partition(".")
-    expires, _, rest = rest.partition(".")
-    nonce, _, mac = rest.partition(".")
-    if not (expires.isdigit() and int(expires) > time.time() and nonce and mac):
+    parts = _COOKIE_VALUE.fullmatch(request.cookies.get(COOKIE, ""))
+    if parts is None:
+        return None
+    fingerprint, expires, nonce, mac = parts.groups()
+    if int(expires) <= time.time():
         return None
     found = None
     for secret in settings.admin_tokens:
