@@ -131,8 +131,7 @@ class Redactor:
             value = unescape(value)
         masked = self._masked(value)
         if "%" in value:
-            once = urllib.parse.unquote(value)
-            for decoded in (once, urllib.parse.unquote(once)):
+            for decoded in url_readings(value)[1:]:
                 if decoded != value and self._masked(decoded) != decoded:
                     return self._masked(decoded)
         return masked
@@ -179,6 +178,17 @@ class Redactor:
         if isinstance(value, str) and FULL_TOKEN.fullmatch(value):
             return self.text(value)
         return MASK
+
+
+def url_readings(text: str) -> tuple[str, ...]:
+    """`text` and what a reader may take it for: percent-decoded once and twice, each
+    with its JSON escapes read (`tok%5Cu005flive_…` is a token to whoever decodes it
+    and reads the escape)."""
+    if "%" not in text:
+        return (text,)
+    once = urllib.parse.unquote(text)
+    twice = urllib.parse.unquote(once)
+    return (text, *(unescape(form) if "\\" in form else form for form in (once, twice)))
 
 
 def unescape(text: str) -> str:

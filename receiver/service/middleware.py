@@ -7,7 +7,6 @@ import os
 import random
 import re
 import time
-import urllib.parse
 
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
@@ -69,7 +68,8 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     # Judged as a proxy or a reader would read it: percent-decoded (`tok%5Flive%5F…`,
     # twice for a doubly encoded one) and with `+` as a space.
     token_in_url = any(
-        redaction.TOKEN_PATTERN.search(form) is not None for form in _url_readings(request.raw_path)
+        redaction.TOKEN_PATTERN.search(form) is not None
+        for form in redaction.url_readings(request.raw_path)
     )
     path = "[refused: token in URL]" if token_in_url else request.path
     response: web.StreamResponse
@@ -129,13 +129,6 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         pid=_PID,  # which process answered (serve --workers)
     )
     return response
-
-
-def _url_readings(raw_path: str) -> tuple[str, ...]:
-    if "%" not in raw_path:
-        return (raw_path,)
-    once = urllib.parse.unquote(raw_path)
-    return (raw_path, once, urllib.parse.unquote(once))
 
 
 def _route_label(request: web.Request) -> str:

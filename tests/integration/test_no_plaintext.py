@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import structlog
 
-from receiver import config, vault
+from receiver import config, redaction, vault
 from receiver.config import Settings
 from receiver.db import embedded, migrations
 from receiver.service import app
@@ -418,10 +418,24 @@ async def test_a_token_in_a_percent_encoded_url_is_refused(client: Client) -> No
     """`?x=tok%5Flive%5F…` (and a doubly encoded one) is answered 400, as a plain one is."""
     token = helpers.canary_token()
     once = token.replace("_", "%5F")
-    for query in (once, once.replace("%", "%25")):
+    # …and one whose underscores are JSON escapes, percent-encoded (`tok%5Cu005flive…`):
+    # a token to whoever decodes the URL and reads the escape.
+    escaped_then_encoded = token.replace("_", "%5Cu005f")
+    for query in (once, once.replace("%", "%25"), escaped_then_encoded):
         response = await client.post(f"/webhooks/debitura?x={query}", data=b"{}")
         assert response.status == 400, query
         assert token not in await response.text()
+
+
+def test_a_percent_encoded_json_escaped_token_is_masked_in_text() -> None:
+    """The one masking function reads `tok%5Cu005flive_…` (percent-encoded JSON
+    escapes, once or twice) as the token it is: a log line keeps only its prefix."""
+    token = helpers.canary_token()
+    masker = redaction.Redactor()
+    for form in (token.replace("_", "%5Cu005f"), token.replace("_", "%255Cu005f")):
+        shown = masker.text(f"GET /x?q={form}")
+        assert helpers.find_canaries(shown) == [], shown
+        assert token[:15] in shown
 
 
 async def test_a_token_as_a_json_key_leaves_no_trace_in_the_quarantine_detail(
