@@ -70,8 +70,9 @@ def report(done: Sequence[outcomes.Outcome], *, as_json: bool) -> int:
     return console.EXIT_FAILURE if any(not o.ok for o in done) else 0
 
 
-def _actor(args: argparse.Namespace, reason: str | None) -> audit.Actor:
-    return audit.Actor.of(args.actor, reason)
+def _actor(args: argparse.Namespace, reason: str | None, settings: config.Settings) -> audit.Actor:
+    # The configured secrets masked too: a pasted API key must not enter the audit trail.
+    return audit.Actor.of(args.actor, reason, settings.secret_values())
 
 
 def tokens_fetch(args: argparse.Namespace) -> int:
@@ -79,7 +80,11 @@ def tokens_fetch(args: argparse.Namespace) -> int:
 
     async def work(manager: management.Manager, _: rotation.Rotator) -> list[outcomes.Outcome]:
         api.endpoint(manager.settings, args.environment)
-        return [await manager.fetch(args.client, args.environment, _actor(args, args.audit_reason))]
+        return [
+            await manager.fetch(
+                args.client, args.environment, _actor(args, args.audit_reason, manager.settings)
+            )
+        ]
 
     return _run(args, work)
 
@@ -93,10 +98,10 @@ def tokens_rotate(args: argparse.Namespace) -> int:
         raise errors.UsageError("--dry-run and --limit go with --due")
     if args.revoke_immediately and not args.clients:
         raise errors.UsageError("--revoke-immediately goes with client ids (a compromise)")
-    actor = _actor(args, args.reason)
 
     async def work(_: management.Manager, rotator: rotation.Rotator) -> list[outcomes.Outcome]:
         settings = rotator.settings
+        actor = _actor(args, args.reason, settings)
         if args.resume:
             return await rotator.resume(actor)
         if args.due:
@@ -156,7 +161,7 @@ def clients_revoke(args: argparse.Namespace) -> int:
 
     async def work(manager: management.Manager, _: rotation.Rotator) -> list[outcomes.Outcome]:
         api.endpoint(manager.settings, args.environment)
-        actor = _actor(args, args.reason)
+        actor = _actor(args, args.reason, manager.settings)
         return [await manager.revoke(args.client, args.environment, actor, actor.reason or "")]
 
     return _run(args, work)
@@ -192,7 +197,11 @@ def clients_link(args: argparse.Namespace) -> int:
 
     async def work(manager: management.Manager, _: rotation.Rotator) -> list[outcomes.Outcome]:
         api.endpoint(manager.settings, args.environment)
-        return [await manager.link(args.environment, request, _actor(args, args.audit_reason))]
+        return [
+            await manager.link(
+                args.environment, request, _actor(args, args.audit_reason, manager.settings)
+            )
+        ]
 
     return _run(args, work)
 
@@ -201,10 +210,10 @@ def tokens_reconcile(args: argparse.Namespace) -> int:
     """`receiver tokens reconcile`: bring the vault to Debitura's state; one line (or
     JSON object) per client changed, one summary line per environment; exit 1 when a
     run could not see everything or a change failed."""
-    actor = _actor(args, "reconcile")
     summaries: list[reconcile.Summary] = []
 
     async def work(manager: management.Manager, _: rotation.Rotator) -> list[outcomes.Outcome]:
+        actor = _actor(args, "reconcile", manager.settings)
         environments = [args.environment] if args.environment else api.configured(manager.settings)
         if not environments:
             api.endpoint(manager.settings, "live")  # raises, naming the variable

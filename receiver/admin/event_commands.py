@@ -88,7 +88,7 @@ def reprocess(args: argparse.Namespace) -> int:
         keys = args.event_ids or await inbox.quarantined_keys(
             database, reason=args.quarantine_reason
         )
-        actor = audit.Actor.of(args.actor, args.audit_reason)
+        actor = audit.Actor.of(args.actor, args.audit_reason, settings.secret_values())
         results = await inbox.reprocess(database, settings, keys, actor)
         for result in results:
             if args.json:
@@ -111,8 +111,8 @@ def dismiss(args: argparse.Namespace) -> int:
     """`receiver events dismiss KEY… --reason TEXT`: close quarantined deliveries that
     will never apply (audited); exit 1 when a named key was not quarantined."""
 
-    async def work(_: config.Settings, database: db.Database) -> int:
-        actor = audit.Actor.of(args.actor, args.audit_reason)
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        actor = audit.Actor.of(args.actor, args.audit_reason, settings.secret_values())
         done = await inbox.dismiss(database, actor, args.event_ids)
         for one in done:
             if args.json:

@@ -51,7 +51,7 @@ def erase_client(args: argparse.Namespace) -> int:
             settings,
             sealer,
             args.client,
-            audit.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason, settings.secret_values()),
         )
         if args.json:
             print(json.dumps(erased.as_dict()))

@@ -40,7 +40,7 @@ def rotate(args: argparse.Namespace) -> int:
         def progress(kind: str, total: int) -> None:
             print(f"{kind}: {total} re-encrypted", file=sys.stderr, flush=True)
 
-        actor = audit.Actor.of(args.actor, args.audit_reason)
+        actor = audit.Actor.of(args.actor, args.audit_reason, settings.secret_values())
         report = await rekey.rotate(
             database, sealer.keyring, actor=actor, batch_size=args.batch_size, progress=progress
         )

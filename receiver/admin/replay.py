@@ -157,7 +157,7 @@ def run_resend(args: argparse.Namespace) -> int:
         # Recorded before anything is sent: no live token leaves unaudited.
         await audit.audit_each(
             database,
-            audit.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason, settings.secret_values()),
             "event_resend",
             [
                 {

@@ -45,8 +45,8 @@ SIGNAL_COLUMNS = (
 def retry(args: argparse.Namespace) -> int:
     """`receiver signals retry`: dead letters back to pending (audited)."""
 
-    async def work(_: config.Settings, database: db.Database) -> int:
-        actor = audit.Actor.of(args.actor, args.audit_reason)
+    async def work(settings: config.Settings, database: db.Database) -> int:
+        actor = audit.Actor.of(args.actor, args.audit_reason, settings.secret_values())
         retried = await dead_letters.retry(database, actor, args.id or None)
         missed = sorted(set(args.id or ()) - {str(r) for r in retried})
         if args.json:

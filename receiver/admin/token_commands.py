@@ -48,7 +48,7 @@ def reveal(args: argparse.Namespace) -> int:
             database,
             sealer,
             args.client,
-            audit.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason, settings.secret_values()),
             prefix=args.prefix,
             environment=args.environment,
         )
@@ -83,7 +83,7 @@ def import_token(args: argparse.Namespace) -> int:
             vault.Sealer.from_settings(settings),
             args.client,
             token,
-            audit.Actor.of(args.actor, args.audit_reason),
+            audit.Actor.of(args.actor, args.audit_reason, settings.secret_values()),
             supersede=args.supersede,
             old_expires_at=expires_at,
         )

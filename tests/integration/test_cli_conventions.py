@@ -207,3 +207,23 @@ def test_completion_scripts_complete_commands_and_flags(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == ["tokens", "--dry-run"], done.stderr
     zsh = processes.run(["completion", "zsh"], processes.clean_env())
     assert zsh.stdout.startswith("#compdef receiver")
+
+
+async def test_a_configured_secret_pasted_into_a_reason_is_masked_in_the_audit_trail(
+    post: Post, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """`--reason` and `--actor` holding the webhook secret (a paste gone wrong) are
+    stored masked: the audit trail outlives the secret's rotation, a dump keeps it."""
+    env = operator_env(settings)
+    secret = env["RECEIVER_WEBHOOK_SECRETS"].split(",")[0]
+    key = await _quarantined(post)
+    result = await cli(
+        ["events", "dismiss", key, "--reason", f"ticket 9 {secret}", "--actor", f"ops {secret}"],
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    row = await conn.fetchrow("SELECT actor, reason FROM receiver.audit")
+    assert row is not None
+    assert secret not in row["actor"]
+    assert secret not in row["reason"]
+    assert row["reason"].startswith("ticket 9 ")
