@@ -98,11 +98,19 @@ def tokens_rotate(args: argparse.Namespace) -> int:
             if not api.configured(settings):
                 api.endpoint(settings, "live")  # raises, naming the variable
             if args.dry_run:
-                rows = await rotator.due(limit=args.limit or 1_000_000)
-                return [
-                    outcomes.Outcome(r["client_id"], r["environment"], "due", prefix=r["prefix"])
-                    for r in rows
-                ]
+                # Printed page by page: never every due token in memory at once.
+                as_json = getattr(args, "json", False)
+                async for page in rotator.due_pages(limit=args.limit):
+                    report(
+                        [
+                            outcomes.Outcome(
+                                r["client_id"], r["environment"], "due", prefix=r["prefix"]
+                            )
+                            for r in page
+                        ],
+                        as_json=as_json,
+                    )
+                return []
             return await rotator.rotate_due(
                 actor, limit=args.limit or 1_000_000, rate=settings.token_rotate_rate
             )

@@ -35,7 +35,8 @@ def rotate(args: argparse.Namespace) -> int:
         )
         print(
             f"re-encrypted {report.rotated['tokens']} token(s) and {report.rotated['events']} "
-            f"event(s) under primary key {report.primary!r}"
+            f"event(s) under primary key {report.primary!r} "
+            f"in {report.seconds:.1f} s ({report.rows_per_second:,.0f} rows/s)"
         )
         print("values under each key:")
         for kid in sealer.keyring.key_ids:
