@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from receiver import config, vault
+from receiver import config, log, vault
 from receiver.db import migrations
 from receiver.lifecycle import events as event_shapes
 
@@ -367,13 +367,15 @@ _PLANNED: dict[str, tuple[Any, ...]] = {
     "prune_counts": (30 * 86400.0, 30 * 86400.0, 7 * 86400.0),
     "prune_event_bodies": (30 * 86400.0, 500),
     "prune_token_values": (30 * 86400.0, 500),
+    "erase_client_bodies": ("{client}", 500),
     "erase_pending": ("{client}", ["evt_none"]),
     "erase_bodies": ("{client}", ["evt_none"]),
-    "erase_attributed_bodies": ("{client}", "", 500),
-    "rotation_tokens": ("{primary}", "", "00000000-0000-0000-0000-000000000000", 500),
-    "rotation_events": ("{primary}", "", "", 500),
-    "token_inventory": ("{client}", None, None, None, 100),
-    "list_events": (None, None, RARE_TYPE, 50),
+    "rotation_tokens_below": ("{primary}", "", "00000000-0000-0000-0000-000000000000", 500),
+    "rotation_tokens_above": ("{primary}", "", "00000000-0000-0000-0000-000000000000", 500),
+    "rotation_events_below": ("{primary}", "", "", 500),
+    "rotation_events_above": ("{primary}", "", "", 500),
+    "token_inventory_of_client": ("{client}", None, None, None, 100),
+    "list_events_of_type": (None, None, RARE_TYPE, 50),
 }
 # What a sequential scan may not touch.
 _BIG_TABLES = ("tokens", "events")
@@ -606,8 +608,10 @@ OPERATIONS: dict[str, Measure] = {
     "prune --dry-run": prune_dry,
     "prune (2,000 due)": prune,
     "tokens rotate --due --dry-run": due_dry,
-    "tokens list --client": _fetcher("token_inventory", "{client}", None, None, None, 100),
-    "events list --type (rare)": _fetcher("list_events", None, None, RARE_TYPE, 50),
+    "tokens list --client": _fetcher(
+        "token_inventory_of_client", "{client}", None, None, None, 100
+    ),
+    "events list --type (rare)": _fetcher("list_events_of_type", None, None, RARE_TYPE, 50),
 }
 
 
@@ -664,6 +668,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-rotate", action="store_true", help="skip keys rotate (minutes at 1M)")
     args = parser.parse_args()
+    log.configure(level="error")  # a line per rotation batch would drown the table
     started = time.monotonic()
     small_url = await ensure_filled(args.database_url, f"receiver_scale_{args.small}", args.small, refill=args.refill)
     big_url = await ensure_filled(args.database_url, args.database or f"receiver_scale_{args.clients}", args.clients, refill=args.refill)

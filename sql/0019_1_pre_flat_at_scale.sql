@@ -122,12 +122,23 @@ $$;
 CREATE INDEX tokens_active_onboarded ON receiver.tokens (environment, onboarding_completed_at)
     WHERE status = 'active';
 
+-- Active tokens found invalid, per environment. (tokens_invalid's `valid = false`
+-- is not proven by a query's `valid IS FALSE`, the form whose estimate counts the
+-- NULLs of never-validated tokens: with `valid = false` the planner expects every
+-- row and scans the table. Dropped by 0019_2_post.)
+CREATE INDEX tokens_active_invalid ON receiver.tokens (environment)
+    WHERE status = 'active' AND valid IS FALSE;
+
 -- Due rotation in pages, oldest first (keyset on the same expression and order).
 CREATE INDEX tokens_due ON receiver.tokens
     (coalesce(issued_at, onboarding_completed_at, stored_at), client_id, environment)
     WHERE status = 'active';
 
--- Retention: the values each prune batch looks for, and nothing else.
+-- Retention: the values each prune batch looks for, and nothing else (index only
+-- for the dry run's counts: the planner takes "holds a body" and "old" as
+-- independent, expects most of the table and scans it otherwise).
+CREATE INDEX events_body_due ON receiver.events (received_at)
+    WHERE body_sealed IS NOT NULL AND status <> 'quarantined';
 CREATE INDEX tokens_revoked_value ON receiver.tokens (revoked_at)
     WHERE token_sealed IS NOT NULL AND status = 'revoked';
 CREATE INDEX tokens_superseded_value ON receiver.tokens (expires_at)

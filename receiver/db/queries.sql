@@ -694,7 +694,7 @@ SELECT r.environment, 'link_invalid', '', count(DISTINCT r.client_id)
  GROUP BY 1
 UNION ALL
 SELECT environment, 'invalid', '', count(*)
-  FROM receiver.tokens WHERE valid = false AND status = 'active'
+  FROM receiver.tokens WHERE valid IS FALSE AND status = 'active'
  GROUP BY 1
 UNION ALL
 SELECT environment, 'no_active', '', (clients - active)::bigint FROM totals;
