@@ -509,9 +509,10 @@ WITH batch AS (
      LIMIT $2
        FOR UPDATE SKIP LOCKED
 ), done AS (
+    -- By key (the primary key), never a hash join over the table.
     UPDATE receiver.events e
        SET body_sealed = NULL, body_redacted = NULL, body_dropped_at = now()
-      FROM batch WHERE e.key = batch.key
+     WHERE e.key = ANY (ARRAY(SELECT key FROM batch))
     RETURNING 1
 )
 SELECT count(*) FROM done;
@@ -538,7 +539,7 @@ WITH revoked AS (
 ), done AS (
     UPDATE receiver.tokens t
        SET token_sealed = NULL, value_dropped_at = now(), updated_at = now()
-      FROM batch WHERE t.id = batch.id
+     WHERE t.id = ANY (ARRAY(SELECT id FROM batch))
     RETURNING 1
 )
 SELECT count(*) FROM done;
@@ -583,7 +584,7 @@ WITH batch AS (
     UPDATE receiver.events e
        SET body_sealed = NULL, body_redacted = NULL,
            body_dropped_at = COALESCE(body_dropped_at, now())
-      FROM batch WHERE e.key = batch.key
+     WHERE e.key = ANY (ARRAY(SELECT key FROM batch))
     RETURNING 1
 )
 SELECT count(*) FROM done;
@@ -689,8 +690,11 @@ SELECT t.environment, 'active' AS kind, a.age,
 UNION ALL
 SELECT r.environment, 'link_invalid', '', count(DISTINCT r.client_id)
   FROM receiver.link_reports r
-  JOIN receiver.tokens t ON t.client_id = r.client_id AND t.environment = r.environment
-                        AND t.prefix = r.token_prefix AND t.status = 'active'
+ -- A scalar subquery, not a join: one probe of the active-token index per report,
+ -- never a hash of every active token.
+ WHERE r.token_prefix = (SELECT t.prefix FROM receiver.tokens t
+                          WHERE t.client_id = r.client_id AND t.environment = r.environment
+                            AND t.status = 'active')
  GROUP BY 1
 UNION ALL
 SELECT environment, 'invalid', '', count(*)
