@@ -29,13 +29,13 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 
 from receiver import config, log, vault
@@ -69,8 +69,7 @@ def _material(kid: str) -> bytes:
 def keyring(primary: str) -> vault.Keyring:
     """Every bench key, `primary` first."""
     return vault.Keyring(
-        [(primary, _material(primary))]
-        + [(k, _material(k)) for k in KEY_IDS if k != primary]
+        [(primary, _material(primary))] + [(k, _material(k)) for k in KEY_IDS if k != primary]
     )
 
 
@@ -137,15 +136,16 @@ class Filler:
         self.now = now
         self.rng = random.Random(seed)
 
-    def _event(
+    def event(
         self, kind: str, status: str, client_id: str | None, is_test: bool, at: datetime,
-        data: dict[str, Any], quarantine: str | None = None,
+        data: dict[str, Any], quarantine: str | None = None, *, keep: bool = False,
     ) -> tuple[Any, ...]:  # fmt: skip
+        """One event row; its body kept when recent, quarantined, or `keep`."""
         key = ("test/" if is_test else "") + "evt_" + self.rng.randbytes(12).hex()
         envelope = key.removeprefix(event_shapes.TEST_KEY_PREFIX)
         body = _body(key, kind, data, at)
         body_hash = hashlib.sha256(body).digest()
-        kept = at > self.now - timedelta(days=BODY_DAYS) or quarantine is not None
+        kept = keep or quarantine is not None or at > self.now - timedelta(days=BODY_DAYS)
         sealed = redacted = dropped = None
         if kept:
             sealed = self.keys.seal(
@@ -180,17 +180,21 @@ class Filler:
                 ended = active_at if not revoked else old_at + timedelta(hours=1)
                 if revoked:
                     evts.append(
-                        self._event(
-                            "token.revoked", "processed", client_id, is_test, ended,
+                        self.event(
+                            "token.revoked",
+                            "processed",
+                            client_id,
+                            is_test,
+                            ended,
                             {"client_id": client_id, "token_prefix": old_token[:15]},
-                        )  # fmt: skip
+                        )
                     )
-                self._token_row(
+                self.token_row(
                     tokens, old_id, client_id, environment, old_token, old_at, old_key,
                     status="revoked" if revoked else "superseded", ended=ended,
                 )  # fmt: skip
             new_id, new_token = self._onboarding(client_id, environment, active_at, is_test, evts)
-            self._token_row(
+            self.token_row(
                 tokens, new_id, client_id, environment, new_token, active_at, evts[-1][0],
                 status="active", ended=None,
             )  # fmt: skip
@@ -207,18 +211,21 @@ class Filler:
             "onboarding_completed_at": at.isoformat(),
         }
         evts.append(
-            self._event("client.onboarding_completed", "processed", client_id, is_test, at, data)
+            self.event("client.onboarding_completed", "processed", client_id, is_test, at, data)
         )
         return uuid.UUID(bytes=self.rng.randbytes(16), version=4), token
 
-    def _token_row(
+    def token_row(
         self, tokens: list[tuple[Any, ...]], row_id: uuid.UUID, client_id: str,
         environment: str, token: str, at: datetime, event_key: str, *, status: str,
-        ended: datetime | None,
+        ended: datetime | None, keep: bool = False,
     ) -> None:  # fmt: skip
-        dropped = ended is not None and ended < self.now - timedelta(days=BODY_DAYS)
-        sealed = None if dropped else self.keys.seal(
-            token.encode(), vault.token_associated_data(str(row_id))
+        """One token row; its value dropped when it ended past retention, unless `keep`."""
+        dropped = not keep and ended is not None and ended < self.now - timedelta(days=BODY_DAYS)
+        sealed = (
+            None
+            if dropped
+            else self.keys.seal(token.encode(), vault.token_associated_data(str(row_id)))
         )
         tokens.append((
             row_id, client_id, environment, token[:15], vault.blind_index(INDEX_KEY, token),
@@ -245,11 +252,15 @@ class Filler:
                 kind = _FILLER_TYPES[self.rng.randrange(len(_FILLER_TYPES))]
             quarantined = self.rng.randrange(1000) == 0
             rows.append(
-                self._event(
-                    kind, "quarantined" if quarantined else "ignored", client_id, is_test, at,
+                self.event(
+                    kind,
+                    "quarantined" if quarantined else "ignored",
+                    client_id,
+                    is_test,
+                    at,
                     {"client_id": client_id, "amount": self.rng.randrange(100_000)},
                     quarantine="invalid_data" if quarantined else None,
-                )  # fmt: skip
+                )
             )
         return rows
 
@@ -260,7 +271,8 @@ async def _secondary_indexes(conn: asyncpg.Connection) -> list[tuple[str, str]]:
         SELECT i.indexname, i.indexdef FROM pg_indexes i
          WHERE i.schemaname = 'receiver' AND i.tablename IN ('tokens', 'events')
            AND NOT EXISTS (SELECT 1 FROM pg_constraint c
-                            WHERE c.conname = i.indexname AND c.connamespace = 'receiver'::regnamespace)
+                            WHERE c.conname = i.indexname
+                              AND c.connamespace = 'receiver'::regnamespace)
         """
     )
     return [(r["indexname"], r["indexdef"]) for r in rows]
@@ -380,7 +392,12 @@ async def ensure_filled(server: str, name: str, clients: int, *, refill: bool = 
 _PLANNED: dict[str, tuple[Any, ...]] = {
     "token_health": (),
     "tokens_due_rotation": (
-        timedelta(days=90), ["live", "test"], 500, datetime(1, 1, 1, tzinfo=UTC), "", ""
+        timedelta(days=90),
+        ["live", "test"],
+        500,
+        datetime(1, 1, 1, tzinfo=UTC),
+        "",
+        "",
     ),
     "prune_counts": (30 * 86400.0, 30 * 86400.0, 7 * 86400.0),
     "prune_event_bodies": (30 * 86400.0, 500),
@@ -512,25 +529,22 @@ async def _make_prunable(target: Db, count: int) -> None:
     tag = f"{target.trial}_{uuid.uuid4().hex[:6]}"
     keys = keyring(await target.primary())
     long_ago = datetime.now(UTC) - timedelta(days=45)
-    evts, tokens = [], []
+    evts: list[tuple[Any, ...]] = []
+    tokens: list[tuple[Any, ...]] = []
     filler = Filler(Shape(target.clients), keys, datetime.now(UTC), seed=target.trial)
     for i in range(count):
-        row = list(
-            filler._event(
-                "client.onboarding_completed", "processed", f"prune_{tag}_{i}", False,
-                long_ago, {"client_id": f"prune_{tag}_{i}"}, quarantine=None,
+        client_id = f"prune_{tag}_{i}"
+        evts.append(
+            filler.event(
+                "client.onboarding_completed", "processed", client_id, False, long_ago,
+                {"client_id": client_id}, keep=True,
             )
         )  # fmt: skip
-        row[7] = keys.seal(b"{}", vault.event_associated_data(f"prune_{tag}_{i}"))
-        row[8] = "{}"
-        row[13] = None
-        evts.append(tuple(row))
         if i % 2 == 0:
-            filler._token_row(
-                tokens, uuid.uuid4(), f"prune_{tag}_{i}", "live", _token("live", filler.rng),
-                long_ago, row[0], status="superseded", ended=long_ago,
+            filler.token_row(
+                tokens, uuid.uuid4(), client_id, "live", _token("live", filler.rng), long_ago,
+                evts[-1][0], status="superseded", ended=long_ago, keep=True,
             )  # fmt: skip
-    tokens = [t[:5] + (keys.seal(b"x", b"y"),) + t[6:16] + (None,) for t in tokens]
     conn = await asyncpg.connect(target.url)
     try:
         await conn.copy_records_to_table(
@@ -549,9 +563,7 @@ async def prune_dry(target: Db) -> tuple[float, dict[str, float]]:
 
     await _make_prunable(target, 2000)
     settings = settings_for(target.url, await target.primary())
-    seconds, report = await _timed(
-        lambda: retention.prune(target.database, settings, dry_run=True)
-    )
+    seconds, report = await _timed(lambda: retention.prune(target.database, settings, dry_run=True))
     return seconds, {"due": float(report.event_bodies + report.token_values)}
 
 
@@ -569,16 +581,20 @@ async def due_dry(target: Db) -> tuple[float, dict[str, float]]:
     """`tokens rotate --due --dry-run`'s listing: time, rows, peak Python memory."""
     import tracemalloc
 
-    from receiver.debitura import rotation
+    from receiver.debitura import api, rotation
 
     settings = settings_for(target.url, await target.primary())
-    rotator = rotation.Rotator(target.database, settings, vault.Sealer.from_settings(settings), None)  # type: ignore[arg-type]
     rows = 0
 
     async def listing() -> None:
         nonlocal rows
-        async for page in rotator.due_pages(limit=10_000_000):
-            rows += len(page)
+        async with aiohttp.ClientSession() as session:
+            sealer = vault.Sealer.from_settings(settings)
+            rotator = rotation.Rotator(
+                target.database, settings, sealer, api.Api(session, settings)
+            )
+            async for page in rotator.due_pages():
+                rows += len(page)
 
     tracemalloc.start()
     try:
@@ -586,12 +602,21 @@ async def due_dry(target: Db) -> tuple[float, dict[str, float]]:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return seconds, {"rows": float(rows), "peak_mb": peak / 1e6, "us_per_row": seconds / max(rows, 1) * 1e6}
+    return seconds, {
+        "rows": float(rows),
+        "peak_mb": peak / 1e6,
+        "us_per_row": seconds / max(rows, 1) * 1e6,
+    }
 
 
 def _fetcher(query: str, *args: Any) -> Measure:
     async def run(target: Db) -> tuple[float, dict[str, float]]:
-        values = [a.format(client=f"cli_{target.clients // 5:07d}") if isinstance(a, str) and "{" in a else a for a in args]
+        values = [
+            a.format(client=f"cli_{target.clients // 5:07d}")
+            if isinstance(a, str) and "{" in a
+            else a
+            for a in args
+        ]
         # The seventh run: past the five after which Postgres may plan generically.
         for _ in range(6):
             await target.database.fetch(query, *values)
@@ -611,9 +636,9 @@ async def keys_rotate(target: Db) -> tuple[float, dict[str, float]]:
     for run in ("first", "second"):
         current = await target.primary()
         primary = KEY_IDS[(KEY_IDS.index(current) + 1) % len(KEY_IDS)]
-        seconds, report = await _timed(
-            lambda: rekey.rotate(target.database, keyring(primary), actor=audit.Actor("bench"))
-        )
+        started = time.perf_counter()
+        report = await rekey.rotate(target.database, keyring(primary), actor=audit.Actor("bench"))
+        seconds = time.perf_counter() - started
         rows = sum(report.rotated.values())
         extra[f"{run}_rows_per_s"] = rows / seconds
         total += seconds
@@ -659,9 +684,14 @@ async def measure(small: Db, big: Db, runs: int, rotate: bool) -> None:
             print(f"  {name:<26} {flag}")
 
 
-def _table(results: dict[tuple[str, str], list[tuple[float, dict[str, float]]]], small: Db, big: Db) -> None:
+def _table(
+    results: dict[tuple[str, str], list[tuple[float, dict[str, float]]]], small: Db, big: Db
+) -> None:
     names = list(dict.fromkeys(name for name, _ in results))
-    print(f"\n{'operation':<32} {'small ms':>10} {'big ms':>10} {'ratio':>7}  notes (median; small | big)")
+    print(
+        f"\n{'operation':<32} {'small ms':>10} {'big ms':>10} {'ratio':>7}"
+        "  notes (median; small | big)"
+    )
     for name in names:
         a = results[(name, small.label)]
         b = results[(name, big.label)]
@@ -679,8 +709,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=10_000, help="clients in the small database")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                        help="the server (any database on it); the bench databases are made there")
+    parser.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="the server (any database on it); the bench databases are made there",
+    )
     parser.add_argument("--database", help="the big database's name (default receiver_scale_<N>)")
     parser.add_argument("--refill", action="store_true", help="drop and fill the databases again")
     parser.add_argument("--runs", type=int, default=3)
@@ -688,8 +721,15 @@ async def main() -> None:
     args = parser.parse_args()
     log.configure(level="error")  # a line per rotation batch would drown the table
     started = time.monotonic()
-    small_url = await ensure_filled(args.database_url, f"receiver_scale_{args.small}", args.small, refill=args.refill)
-    big_url = await ensure_filled(args.database_url, args.database or f"receiver_scale_{args.clients}", args.clients, refill=args.refill)
+    small_url = await ensure_filled(
+        args.database_url, f"receiver_scale_{args.small}", args.small, refill=args.refill
+    )
+    big_url = await ensure_filled(
+        args.database_url,
+        args.database or f"receiver_scale_{args.clients}",
+        args.clients,
+        refill=args.refill,
+    )
     print(f"databases ready in {time.monotonic() - started:.0f} s")
     await measure(
         Db(f"{args.small:,}", small_url, args.small),

@@ -144,9 +144,7 @@ async def _bodies_naming(
         after = rows[-1]["key"]
 
 
-def _naming(
-    rows: list[db.Record], keyring: vault.Keyring, client_id: str
-) -> tuple[list[str], int]:
+def _naming(rows: list[db.Record], keyring: vault.Keyring, client_id: str) -> tuple[list[str], int]:
     """Of these stored bodies, the keys of those not attributed to the client that name
     it, and how many could not be opened."""
     naming: list[str] = []

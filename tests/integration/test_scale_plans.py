@@ -137,7 +137,9 @@ async def test_due_listing_comes_in_pages_and_reaches_every_due_token(
     for n in range(10):
         age = timedelta(days=200 + n if n < 8 else 10)
         completed = (datetime.now(UTC) - age).isoformat().replace("+00:00", "Z")
-        assert (await post(helpers.onboarding(f"cli_due_{n}", completed_at=completed))).status == 200
+        assert (
+            await post(helpers.onboarding(f"cli_due_{n}", completed_at=completed))
+        ).status == 200
     async with aiohttp.ClientSession() as session:
         due_settings = _due_settings(settings, "https://127.0.0.1:9")
         rotator = rotation.Rotator(
@@ -195,4 +197,5 @@ async def test_erasure_lets_the_clients_deliveries_through_between_batches(
                  WHERE client_id = 'cli_many' AND body_sealed IS NOT NULL) AS bodies
         """
     )
+    assert left is not None
     assert dict(left) == {"tokens": 0, "bodies": 0}
