@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -424,7 +424,8 @@ class Db:
     url: str
     clients: int
     database: Any = None
-    next_client: int = 0
+    # Each run erases other clients than the runs before it (an erased one is a no-op).
+    next_client: int = field(default_factory=lambda: random.randrange(1_000_000))
     trial: int = 0
 
     async def primary(self) -> str:
@@ -511,7 +512,7 @@ async def erase(target: Db) -> tuple[float, dict[str, float]]:
     """`clients erase` of one client (a different one each trial)."""
     from receiver.lifecycle import audit, erasure
 
-    n = (target.clients // 3 + target.next_client * 7919) % target.clients
+    n = (target.next_client * 7919) % target.clients
     target.next_client += 1
     settings = settings_for(target.url, await target.primary())
     sealer = vault.Sealer.from_settings(settings)
@@ -531,7 +532,7 @@ async def _make_prunable(target: Db, count: int) -> None:
     long_ago = datetime.now(UTC) - timedelta(days=45)
     evts: list[tuple[Any, ...]] = []
     tokens: list[tuple[Any, ...]] = []
-    filler = Filler(Shape(target.clients), keys, datetime.now(UTC), seed=target.trial)
+    filler = Filler(Shape(target.clients), keys, datetime.now(UTC), seed=uuid.uuid4().int)
     for i in range(count):
         client_id = f"prune_{tag}_{i}"
         evts.append(
