@@ -70,8 +70,8 @@ async def erase_client(
     the erasure is applied, then erased, never left behind. (A delivery for another
     client takes that client's lock, never this one's, so a body of it naming this
     client and stored after the scan passed is not seen: as before, when the scan
-    ran under this client's lock.) (Interrupted between steps, the erasure has dropped
-    some bodies and written no tombstone yet: run it again to finish.)
+    ran under this client's lock.) Interrupted between steps, the erasure has dropped
+    some bodies and written no tombstone yet: run it again to finish.
 
     Bodies are found by what they say, not by their bytes: each stored body that is
     not already the client's is opened and read as a reader would read it (UTF-16,
@@ -136,30 +136,21 @@ async def _bodies_naming(
     after = ""
     while True:
         rows = await conn.fetch(db.QUERIES["erase_candidates"], after, client_id, _SCAN_BATCH)
-        found, missed = _naming(rows, keyring, client_id)
-        naming += found
-        unopened += missed
+        for row in rows:
+            if row["attributed"]:
+                continue  # erased by its client_id column, opened or not
+            try:
+                raw = keyring.open(
+                    row["body_sealed"], vault.event_associated_data(row["sealed_for"])
+                )
+            except (errors.KeyNotFound, errors.SealBroken):
+                unopened += 1
+                continue
+            if names_client(raw, client_id):
+                naming.append(row["key"])
         if len(rows) < _SCAN_BATCH:
             return naming, unopened
         after = rows[-1]["key"]
-
-
-def _naming(rows: list[db.Record], keyring: vault.Keyring, client_id: str) -> tuple[list[str], int]:
-    """Of these stored bodies, the keys of those not attributed to the client that name
-    it, and how many could not be opened."""
-    naming: list[str] = []
-    unopened = 0
-    for row in rows:
-        if row["attributed"]:
-            continue  # erased by its client_id column, opened or not
-        try:
-            raw = keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
-        except (errors.KeyNotFound, errors.SealBroken):
-            unopened += 1
-            continue
-        if names_client(raw, client_id):
-            naming.append(row["key"])
-    return naming, unopened
 
 
 def names_client(raw: bytes, client_id: str) -> bool:

@@ -199,3 +199,51 @@ async def test_erasure_lets_the_clients_deliveries_through_between_batches(
     )
     assert left is not None
     assert dict(left) == {"tokens": 0, "bodies": 0}
+
+
+# What the token gauges mean, counted from every token (the scan the tallies replace).
+_COUNTED = """
+SELECT environment, 'active' AS kind,
+       CASE WHEN onboarding_completed_at > now() - interval '30 days' THEN 'under_30d'
+            WHEN onboarding_completed_at > now() - interval '90 days' THEN '30d_to_90d'
+            ELSE 'over_90d' END AS age,
+       count(*) AS n
+  FROM receiver.tokens WHERE status = 'active'
+ GROUP BY 1, 2, 3
+UNION ALL
+SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
+  FROM receiver.tokens t
+ WHERE NOT EXISTS (SELECT 1 FROM receiver.tokens a
+                    WHERE a.client_id = t.client_id AND a.environment = t.environment
+                      AND a.status = 'active')
+ GROUP BY 1
+"""
+
+
+async def _gauged(conn: asyncpg.Connection) -> set[tuple[Any, ...]]:
+    await conn.execute(db.QUERIES["token_tallies_fold"])
+    rows = await conn.fetch(db.QUERIES["token_health"])
+    return {tuple(r) for r in rows if r["kind"] in ("active", "no_active") and r["n"]}
+
+
+async def test_token_gauges_agree_with_a_count_of_the_tokens(
+    settings: Settings, post: Post, database: db.Database, conn: asyncpg.Connection
+) -> None:
+    """The token gauges, read from tallies the triggers keep, equal a count of every
+    token after onboardings (a few days ago and months ago), a rotation, a
+    revocation, an erasure and a hand-made DELETE; and a fold changes nothing."""
+    now = datetime.now(UTC)
+    for client_id, days in (("cli_g1", 100), ("cli_g2", 10), ("cli_g3", 40), ("cli_g4", 31)):
+        completed = (now - timedelta(days=days)).isoformat().replace("+00:00", "Z")
+        assert (await post(helpers.onboarding(client_id, completed_at=completed))).status == 200
+    assert (await post(helpers.onboarding("cli_g1"))).status == 200  # the old one superseded
+    revoked = helpers.revocation("cli_g2", None, revoked_at=now.isoformat())
+    assert (await post(revoked)).status == 200
+    sealer = vault.Sealer.from_settings(settings)
+    await erasure.erase_client(database, settings, sealer, "cli_g3", audit.Actor("test"))
+    counted = {tuple(r) for r in await conn.fetch(_COUNTED)}
+    assert ("live", "no_active", "", 2) in counted  # cli_g2 and cli_g3
+    assert await _gauged(conn) == counted
+    assert await _gauged(conn) == counted  # folded twice: the same
+    await conn.execute("DELETE FROM receiver.tokens WHERE client_id = 'cli_g2'")
+    assert await _gauged(conn) == {tuple(r) for r in await conn.fetch(_COUNTED)}
