@@ -208,12 +208,17 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
    FOR UPDATE SKIP LOCKED;
 
 -- name: rotation_store_tokens
--- Fenced on the old bytes: a value changed meanwhile is left for the next pass.
-UPDATE receiver.tokens SET token_sealed = $3 WHERE id = $1::uuid AND token_sealed = $2;
+-- A batch in one statement ($1 ids, $2 old bytes, $3 new bytes), each row fenced on
+-- its old bytes: a value changed meanwhile is left for the next pass.
+UPDATE receiver.tokens t SET token_sealed = v.resealed
+  FROM unnest($1::uuid[], $2::bytea[], $3::bytea[]) AS v (id, sealed, resealed)
+ WHERE t.id = v.id AND t.token_sealed = v.sealed;
 
 -- name: rotation_store_events
--- Fenced on the old bytes, like rotation_store_tokens.
-UPDATE receiver.events SET body_sealed = $3 WHERE key = $1 AND body_sealed = $2;
+-- As rotation_store_tokens, for stored bodies ($1 keys).
+UPDATE receiver.events e SET body_sealed = v.resealed
+  FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS v (key, sealed, resealed)
+ WHERE e.key = v.key AND e.body_sealed = v.sealed;
 
 -- name: sealed_key_counts
 -- Sealed values per kind and key id: a full scan, for `keys rotate`'s report only.
