@@ -448,11 +448,11 @@ BEGIN
       FROM added WHERE status = 'active'
      GROUP BY 1, 3
     UNION ALL
-    SELECT a.environment, 'clients', NULL, count(DISTINCT a.client_id)
-      FROM added a
-     WHERE NOT EXISTS (SELECT 1 FROM receiver.tokens t
-                        WHERE t.client_id = a.client_id AND t.environment = a.environment
-                          AND t.id <> ALL (ARRAY(SELECT id FROM added)))
+    -- A pair whose every token is one this statement added is a new client there.
+    SELECT a.environment, 'clients', NULL, count(*)
+      FROM (SELECT client_id, environment, count(*) AS n FROM added GROUP BY 1, 2) a
+     WHERE (SELECT count(*) FROM receiver.tokens t
+             WHERE t.client_id = a.client_id AND t.environment = a.environment) = a.n
      GROUP BY 1;
     RETURN NULL;
 END
