@@ -128,14 +128,6 @@ def _seq_scans(plan: Any) -> set[str]:
     return scans
 
 
-@dataclass
-class Figures:
-    """The samples of one operation at one size."""
-
-    seconds: list[float]
-    extra: dict[str, float]
-
-
 Measure = Callable[[Db], Awaitable[tuple[float, dict[str, float]]]]
 
 
