@@ -292,7 +292,7 @@ OPERATIONS: dict[str, Measure] = {
     "/metrics gauge refresh": gauges,
     "clients erase (one)": erase,
     "prune --dry-run": prune_dry,
-    "prune (2,000 due)": prune,
+    "prune (6,000 due)": prune,
     "tokens rotate --due --dry-run": due_dry,
     "tokens list --client": _fetcher(
         "token_inventory_of_client", "{client}", None, None, None, 100
