@@ -160,7 +160,7 @@ async def test_erasure_lets_the_clients_deliveries_through_between_batches(
     """While a client with many stored bodies is erased, a delivery for that client is
     answered before the erasure ends (the lock is released between batches), and once
     it ends neither the delivered token nor any body of the client is left."""
-    bodies = 10_000  # 20 batches
+    bodies = 20_000  # 40 batches of 500
     await conn.execute(
         r"""
         INSERT INTO receiver.events (key, type, status, client_id, is_test, body_sealed)
