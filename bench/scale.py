@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import random
 import statistics
 import time
@@ -288,6 +290,60 @@ async def keys_rotate(target: Db) -> tuple[float, dict[str, float]]:
     return total, extra
 
 
+async def intake_while_rotating(
+    target: Db, rate: float = 500, seconds: float = 5
+) -> tuple[float, dict[str, float]]:
+    """Webhook p99 at `rate` onboardings/s offered (open loop, one `receiver serve`),
+    idle, then while `keys rotate` runs (stopped after the window: a stopped batch
+    rolls back, and every key stays in the ring)."""
+    from bench import harness, loadgen
+    from receiver.admin import rekey
+    from receiver.lifecycle import audit
+
+    current = await target.primary()
+    settings = settings_for(target.url, current)
+    env = harness.secrets_env(
+        target.url,
+        RECEIVER_TOKEN_KEYS=",".join(
+            f"{kid}:{base64.b64encode(key.get_secret_value()).decode()}"
+            for kid, key in settings.token_keys
+        ),
+        RECEIVER_INDEX_KEY=base64.b64encode(settings.index_key.get_secret_value()).decode(),
+        RECEIVER_PRUNE_INTERVAL_SECONDS="0",
+    )
+    secret = base64.b64decode(env["RECEIVER_WEBHOOK_SECRETS"])
+    port = harness.free_port()
+    p99: dict[str, float] = {}
+    with harness.receiver_process(env, port):
+        await harness.wait_ready(port)
+        await loadgen.closed_loop(
+            port, loadgen.prebuilt(port, secret, harness.onboardings(500)), 8, 1
+        )
+        for window in ("idle", "rotating"):
+            rotating = None
+            if window == "rotating":
+                primary = KEY_IDS[(KEY_IDS.index(current) + 1) % len(KEY_IDS)]
+                rotating = asyncio.create_task(
+                    rekey.rotate(target.database, keyring(primary), actor=audit.Actor("bench"))
+                )
+                await asyncio.sleep(1)  # under way before the window opens
+            bodies = harness.onboardings(int(rate * seconds) + 100)
+            deadline = time.monotonic() + seconds
+
+            def over(deadline: float = deadline) -> bool:
+                return time.monotonic() >= deadline
+
+            answers = await loadgen.open_loop(
+                port, loadgen.prebuilt(port, secret, bodies), rate, over
+            )
+            p99[window] = harness.percentile(answers.only(200).latencies, 99)
+            if rotating is not None:
+                rotating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await rotating
+    return p99["rotating"], {"idle_p99_ms": p99["idle"] * 1000}
+
+
 OPERATIONS: dict[str, Measure] = {
     "/metrics gauge refresh": gauges,
     "clients erase (one)": erase,
@@ -316,6 +372,10 @@ async def measure(small: Db, big: Db, runs: int, only: list[str] | None) -> None
                     continue
                 for target in (small, big):
                     results.setdefault((name, target.label), []).append(await op(target))
+        if only is None or any(part in "intake p99 while keys rotate" for part in only):
+            for target in (small, big):
+                label = "intake p99 while keys rotate"
+                results[(label, target.label)] = [await intake_while_rotating(target)]
         if only is None or any(part in "keys rotate" for part in only):
             for target in (small, big):
                 results[("keys rotate (x2)", target.label)] = [await keys_rotate(target)]
