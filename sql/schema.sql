@@ -421,6 +421,76 @@ CREATE FUNCTION receiver.sealed_key_id(sealed bytea) RETURNS text
     SELECT encode(substring(sealed FROM 3 FOR get_byte(sealed, 1)), 'escape')
 $$;
 
+CREATE FUNCTION receiver.tally_token_deletes_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO receiver.token_tallies (environment, kind, day, n)
+    SELECT environment, 'active', (onboarding_completed_at AT TIME ZONE 'UTC')::date, -count(*)
+      FROM removed WHERE status = 'active'
+     GROUP BY 1, 3
+    UNION ALL
+    SELECT r.environment, 'clients', NULL, -count(DISTINCT r.client_id)
+      FROM removed r
+     WHERE NOT EXISTS (SELECT 1 FROM receiver.tokens t
+                        WHERE t.client_id = r.client_id AND t.environment = r.environment)
+     GROUP BY 1;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION receiver.tally_token_inserts_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO receiver.token_tallies (environment, kind, day, n)
+    SELECT environment, 'active', (onboarding_completed_at AT TIME ZONE 'UTC')::date, count(*)
+      FROM added WHERE status = 'active'
+     GROUP BY 1, 3
+    UNION ALL
+    -- A pair whose every token is one this statement added is a new client there.
+    SELECT a.environment, 'clients', NULL, count(*)
+      FROM (SELECT client_id, environment, count(*) AS n FROM added GROUP BY 1, 2) a
+     WHERE (SELECT count(*) FROM receiver.tokens t
+             WHERE t.client_id = a.client_id AND t.environment = a.environment) = a.n
+     GROUP BY 1;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION receiver.tally_token_truncate_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM receiver.token_tallies;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION receiver.tally_token_update_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO receiver.token_tallies (environment, kind, day, n)
+    SELECT OLD.environment, 'active', (OLD.onboarding_completed_at AT TIME ZONE 'UTC')::date, -1
+     WHERE OLD.status = 'active'
+    UNION ALL
+    SELECT NEW.environment, 'active', (NEW.onboarding_completed_at AT TIME ZONE 'UTC')::date, 1
+     WHERE NEW.status = 'active';
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION receiver.token_tallies_fold_v1() RETURNS void
+    LANGUAGE sql
+    AS $$
+    WITH gone AS (
+        DELETE FROM receiver.token_tallies RETURNING environment, kind, day, n
+    )
+    INSERT INTO receiver.token_tallies (environment, kind, day, n)
+    SELECT environment, kind, day, sum(n) FROM gone GROUP BY 1, 2, 3 HAVING sum(n) <> 0
+$$;
+
 CREATE TABLE receiver.audit (
     id bigint NOT NULL,
     at timestamp with time zone DEFAULT now() NOT NULL,
@@ -646,6 +716,14 @@ CREATE VIEW receiver.token_inventory AS
     tokens.issued_at
    FROM receiver.tokens;
 
+CREATE TABLE receiver.token_tallies (
+    environment text NOT NULL,
+    kind text NOT NULL,
+    day date,
+    n bigint NOT NULL,
+    CONSTRAINT token_tallies_kind_check CHECK ((kind = ANY (ARRAY['active'::text, 'clients'::text])))
+);
+
 ALTER TABLE ONLY receiver.audit
     ADD CONSTRAINT audit_pkey PRIMARY KEY (id);
 
@@ -692,7 +770,11 @@ CREATE INDEX audit_client ON receiver.audit USING btree (client_id, at);
 
 CREATE INDEX audit_client_hash ON receiver.audit USING btree (client_hash) WHERE (client_hash IS NOT NULL);
 
+CREATE INDEX events_body_due ON receiver.events USING btree (received_at) WHERE ((body_sealed IS NOT NULL) AND (status <> 'quarantined'::text));
+
 CREATE INDEX events_body_kept ON receiver.events USING btree (received_at) WHERE (body_sealed IS NOT NULL);
+
+CREATE INDEX events_client_body ON receiver.events USING btree (client_id) WHERE ((body_sealed IS NOT NULL) OR (body_redacted IS NOT NULL));
 
 CREATE INDEX events_envelope_id ON receiver.events USING btree (envelope_id) WHERE (envelope_id IS NOT NULL);
 
@@ -700,7 +782,9 @@ CREATE INDEX events_quarantined ON receiver.events USING btree (received_at) WHE
 
 CREATE INDEX events_received_at ON receiver.events USING btree (received_at);
 
-CREATE INDEX events_sealed_key_id ON receiver.events USING btree (receiver.sealed_key_id(body_sealed));
+CREATE INDEX events_sealed_key_id_row ON receiver.events USING btree (receiver.sealed_key_id(body_sealed), key);
+
+CREATE INDEX events_type_received ON receiver.events USING btree (type, received_at DESC, key);
 
 CREATE INDEX link_reports_client ON receiver.link_reports USING btree (client_id, environment, token_prefix);
 
@@ -726,19 +810,37 @@ CREATE INDEX signals_leased ON receiver.signals USING btree (lease_expires_at) W
 
 CREATE INDEX signals_settled ON receiver.signals USING btree (created_at) WHERE (status = ANY (ARRAY['delivered'::text, 'notified'::text]));
 
+CREATE INDEX token_tallies_key ON receiver.token_tallies USING btree (environment, kind, day);
+
+CREATE INDEX tokens_active_invalid ON receiver.tokens USING btree (environment) WHERE ((status = 'active'::text) AND (valid IS FALSE));
+
+CREATE INDEX tokens_active_onboarded ON receiver.tokens USING btree (environment, onboarding_completed_at) WHERE (status = 'active'::text);
+
 CREATE INDEX tokens_client_prefix ON receiver.tokens USING btree (client_id, prefix);
 
-CREATE INDEX tokens_invalid ON receiver.tokens USING btree (environment) WHERE (valid = false);
+CREATE INDEX tokens_due ON receiver.tokens USING btree (COALESCE(issued_at, onboarding_completed_at, stored_at), client_id, environment) WHERE (status = 'active'::text);
 
 CREATE UNIQUE INDEX tokens_one_active_per_client_environment ON receiver.tokens USING btree (client_id, environment) WHERE (status = 'active'::text);
 
-CREATE INDEX tokens_sealed_key_id ON receiver.tokens USING btree (receiver.sealed_key_id(token_sealed));
+CREATE INDEX tokens_revoked_value ON receiver.tokens USING btree (revoked_at) WHERE ((token_sealed IS NOT NULL) AND (status = 'revoked'::text));
+
+CREATE INDEX tokens_sealed_key_id_row ON receiver.tokens USING btree (receiver.sealed_key_id(token_sealed), id);
+
+CREATE INDEX tokens_superseded_value ON receiver.tokens USING btree (expires_at) WHERE ((token_sealed IS NOT NULL) AND (status = 'superseded'::text));
 
 CREATE TRIGGER audit_append_only BEFORE DELETE OR UPDATE ON receiver.audit FOR EACH ROW EXECUTE FUNCTION receiver.audit_is_append_only();
 
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON receiver.audit FOR EACH STATEMENT EXECUTE FUNCTION receiver.audit_is_append_only();
 
 CREATE TRIGGER link_report_bounded BEFORE INSERT ON receiver.link_reports FOR EACH ROW EXECUTE FUNCTION receiver.link_report_bounded_v1();
+
+CREATE TRIGGER tokens_tally_deletes AFTER DELETE ON receiver.tokens REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_token_deletes_v1();
+
+CREATE TRIGGER tokens_tally_inserts AFTER INSERT ON receiver.tokens REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_token_inserts_v1();
+
+CREATE TRIGGER tokens_tally_truncate AFTER TRUNCATE ON receiver.tokens FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_token_truncate_v1();
+
+CREATE TRIGGER tokens_tally_update AFTER UPDATE OF status, onboarding_completed_at ON receiver.tokens FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) OR (old.onboarding_completed_at IS DISTINCT FROM new.onboarding_completed_at))) EXECUTE FUNCTION receiver.tally_token_update_v1();
 
 ALTER TABLE ONLY receiver.revocations
     ADD CONSTRAINT revocations_event_key_fkey FOREIGN KEY (event_key) REFERENCES receiver.events(key);

@@ -108,11 +108,23 @@ def tokens_rotate(args: argparse.Namespace) -> int:
             if not api.configured(settings):
                 api.endpoint(settings, "live")  # raises, naming the variable
             if args.dry_run:
-                rows = await rotator.due(limit=args.limit or 1_000_000)
-                return [
-                    outcomes.Outcome(r["client_id"], r["environment"], "due", prefix=r["prefix"])
-                    for r in rows
-                ]
+                # Printed page by page: never every due token in memory at once.
+                as_json = getattr(args, "json", False)
+                shown = 0
+                async for page in rotator.due_pages(limit=args.limit):
+                    shown += len(page)
+                    report(
+                        [
+                            outcomes.Outcome(
+                                r["client_id"], r["environment"], "due", prefix=r["prefix"]
+                            )
+                            for r in page
+                        ],
+                        as_json=as_json,
+                    )
+                if not shown:
+                    print("receiver: no token is due (nothing would be rotated)", file=sys.stderr)
+                return []
             return await rotator.rotate_due(
                 actor, limit=args.limit or 1_000_000, rate=settings.token_rotate_rate
             )
@@ -132,9 +144,8 @@ def tokens_rotate(args: argparse.Namespace) -> int:
 
     nothing: str | None
     if args.due:
-        nothing = "no token is due for rotation" + (
-            " (nothing would be rotated)" if args.dry_run else ""
-        )
+        # The dry run prints as it reads, and says so itself when nothing is due.
+        nothing = None if args.dry_run else "no token is due for rotation"
     else:
         nothing = "no rotation is open: nothing to resume" if args.resume else None
     return _run(args, work, nothing=nothing)

@@ -36,7 +36,9 @@ async def listing(
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """Stored deliveries, newest first: metadata only, never a body."""
-    rows = await database.fetch("list_events", status, reason, event_type, limit)
+    # One type: its index range, newest first, whatever plan is reused.
+    query = "list_events" if event_type is None else "list_events_of_type"
+    rows = await database.fetch(query, status, reason, event_type, limit)
     return [db.plain(row) for row in rows]
 
 

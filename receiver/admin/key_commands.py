@@ -66,6 +66,8 @@ def _outcome(report: rekey.RotationReport, key_ids: list[str]) -> dict[str, obje
     return {
         "primary": report.primary,
         "rotated": dict(report.rotated),
+        "seconds": round(report.seconds, 3),
+        "rows_per_second": round(report.rows_per_second),
         "remaining": {
             kid: {kind: report.remaining.get((kind, kid), 0) for kind in ("tokens", "events")}
             for kid in key_ids
@@ -77,7 +79,8 @@ def _outcome(report: rekey.RotationReport, key_ids: list[str]) -> dict[str, obje
 def _print_report(report: rekey.RotationReport, key_ids: list[str]) -> None:
     print(
         f"re-encrypted {report.rotated['tokens']} token(s) and {report.rotated['events']} "
-        f"event(s) under primary key {report.primary!r}"
+        f"event(s) under primary key {report.primary!r} "
+        f"in {report.seconds:.1f} s ({report.rows_per_second:,.0f} rows/s)"
     )
     print("values under each key:")
     for kid in key_ids:

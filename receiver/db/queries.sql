@@ -141,6 +141,24 @@ SELECT client_id, prefix AS token_prefix, environment, status,
  ORDER BY client_id, onboarding_completed_at DESC, prefix
  LIMIT $5;
 
+-- name: token_inventory_of_client
+-- token_inventory for one client ($1, required): written without the optional
+-- client filter so that a reused (generic) plan still reads tokens_client_prefix.
+SELECT client_id, prefix, prefix AS token_prefix, environment, status,
+       onboarding_completed_at, stored_at,
+       superseded_at, expires_at, revoked_at, revoke_reason, created_by_event,
+       changed_by_event, key_id, validated_at, valid, scopes, issued_at,
+       (SELECT max(r.reported_at) FROM receiver.link_reports r
+         WHERE r.client_id = i.client_id AND r.environment = i.environment
+           AND r.token_prefix = i.prefix) AS link_invalid_at
+  FROM receiver.token_inventory i
+ WHERE client_id = $1
+   AND ($2::text IS NULL OR status = $2)
+   AND ($3::text IS NULL OR environment = $3)
+   AND ($4::interval IS NULL OR onboarding_completed_at < now() - $4::interval)
+ ORDER BY client_id, onboarding_completed_at DESC, prefix
+ LIMIT $5;
+
 -- name: token_to_open
 -- The client's active token in environment $3, or the one with prefix $2.
 SELECT t.id::text AS id, t.client_id, t.environment, t.prefix, i.status, t.token_sealed
@@ -151,31 +169,65 @@ SELECT t.id::text AS id, t.client_id, t.environment, t.prefix, i.status, t.token
  ORDER BY t.onboarding_completed_at DESC
  LIMIT 1;
 
--- name: rotation_tokens
--- A batch of tokens not yet under the primary key, locked for re-sealing.
-SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed
+-- name: rotation_tokens_below
+-- A batch of tokens under a key id sorting before the primary key $1, after the
+-- batch that ended at ($2, $3), locked for re-sealing: a keyset over
+-- tokens_sealed_key_id_row in its own order (no sort, no row visited twice; the
+-- primary key's range, where rotated rows go, is never walked).
+SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
+       receiver.sealed_key_id(token_sealed) AS key_id
   FROM receiver.tokens
- WHERE id > $1::uuid AND receiver.sealed_key_id(token_sealed) <> $2
- ORDER BY id
- LIMIT $3
+ WHERE receiver.sealed_key_id(token_sealed) < $1
+   AND (receiver.sealed_key_id(token_sealed), id) > ($2::text, $3::uuid)
+ ORDER BY receiver.sealed_key_id(token_sealed), id
+ LIMIT $4
    FOR UPDATE SKIP LOCKED;
 
--- name: rotation_events
--- A batch of stored bodies not yet under the primary key, locked for re-sealing.
-SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed
+-- name: rotation_tokens_above
+-- As rotation_tokens_below, for key ids sorting after the primary key $1.
+SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
+       receiver.sealed_key_id(token_sealed) AS key_id
+  FROM receiver.tokens
+ WHERE receiver.sealed_key_id(token_sealed) > $1
+   AND (receiver.sealed_key_id(token_sealed), id) > ($2::text, $3::uuid)
+ ORDER BY receiver.sealed_key_id(token_sealed), id
+ LIMIT $4
+   FOR UPDATE SKIP LOCKED;
+
+-- name: rotation_events_below
+-- As rotation_tokens_below, for stored bodies (events_sealed_key_id_row).
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed,
+       receiver.sealed_key_id(body_sealed) AS key_id
   FROM receiver.events
- WHERE key > $1 AND receiver.sealed_key_id(body_sealed) <> $2
- ORDER BY key
- LIMIT $3
+ WHERE receiver.sealed_key_id(body_sealed) < $1
+   AND (receiver.sealed_key_id(body_sealed), key) > ($2::text, $3::text)
+ ORDER BY receiver.sealed_key_id(body_sealed), key
+ LIMIT $4
+   FOR UPDATE SKIP LOCKED;
+
+-- name: rotation_events_above
+-- As rotation_events_below, for key ids sorting after the primary key $1.
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed,
+       receiver.sealed_key_id(body_sealed) AS key_id
+  FROM receiver.events
+ WHERE receiver.sealed_key_id(body_sealed) > $1
+   AND (receiver.sealed_key_id(body_sealed), key) > ($2::text, $3::text)
+ ORDER BY receiver.sealed_key_id(body_sealed), key
+ LIMIT $4
    FOR UPDATE SKIP LOCKED;
 
 -- name: rotation_store_tokens
--- Fenced on the old bytes: a value changed meanwhile is left for the next pass.
-UPDATE receiver.tokens SET token_sealed = $3 WHERE id = $1::uuid AND token_sealed = $2;
+-- A batch in one statement ($1 ids, $2 old bytes, $3 new bytes), each row fenced on
+-- its old bytes: a value changed meanwhile is left for the next pass.
+UPDATE receiver.tokens t SET token_sealed = v.resealed
+  FROM unnest($1::uuid[], $2::bytea[], $3::bytea[]) AS v (id, sealed, resealed)
+ WHERE t.id = v.id AND t.token_sealed = v.sealed;
 
 -- name: rotation_store_events
--- Fenced on the old bytes, like rotation_store_tokens.
-UPDATE receiver.events SET body_sealed = $3 WHERE key = $1 AND body_sealed = $2;
+-- As rotation_store_tokens, for stored bodies ($1 keys).
+UPDATE receiver.events e SET body_sealed = v.resealed
+  FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS v (key, sealed, resealed)
+ WHERE e.key = v.key AND e.body_sealed = v.sealed;
 
 -- name: sealed_key_counts
 -- Sealed values per kind and key id: a full scan, for `keys rotate`'s report only.
@@ -378,6 +430,18 @@ SELECT key, envelope_id, type, status, quarantine_reason AS reason, is_test AS t
  ORDER BY received_at DESC, key
  LIMIT $4;
 
+-- name: list_events_of_type
+-- list_events for one type ($3, required), through events_type_received in its
+-- order: a rare type costs its own rows, whatever plan is reused.
+SELECT key, envelope_id, type, status, quarantine_reason AS reason, is_test AS test,
+       client_id, received_at, reprocessed_at, quarantine_detail AS detail
+  FROM receiver.events
+ WHERE type = $3
+   AND ($1::text IS NULL OR status = $1)
+   AND ($2::text IS NULL OR quarantine_reason = $2)
+ ORDER BY received_at DESC, key
+ LIMIT $4;
+
 -- name: show_event
 -- One delivery by key (a test delivery's also by its key without `test/`), or every
 -- delivery of an envelope id (an id conflict keeps both; live and test both show).
@@ -452,10 +516,11 @@ SELECT (SELECT count(*) FROM receiver.events
          WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
            AND received_at < now() - make_interval(secs => $1)) AS event_bodies,
        (SELECT count(*) FROM receiver.tokens
-         WHERE token_sealed IS NOT NULL
-           AND ((status = 'revoked' AND revoked_at < now() - make_interval(secs => $2))
-                OR (status = 'superseded' AND expires_at < now() - make_interval(secs => $2))))
-           AS token_values,
+         WHERE token_sealed IS NOT NULL AND status = 'revoked'
+           AND revoked_at < now() - make_interval(secs => $2))
+       + (SELECT count(*) FROM receiver.tokens
+           WHERE token_sealed IS NOT NULL AND status = 'superseded'
+             AND expires_at < now() - make_interval(secs => $2)) AS token_values,
        (SELECT count(*) FROM receiver.signals
          WHERE status IN ('delivered', 'notified')
            AND created_at < now() - make_interval(secs => $3)) AS signals;
@@ -471,26 +536,37 @@ WITH batch AS (
      LIMIT $2
        FOR UPDATE SKIP LOCKED
 ), done AS (
+    -- By key (the primary key), never a hash join over the table.
     UPDATE receiver.events e
        SET body_sealed = NULL, body_redacted = NULL, body_dropped_at = now()
-      FROM batch WHERE e.key = batch.key
+     WHERE e.key = ANY (ARRAY(SELECT key FROM batch))
     RETURNING 1
 )
 SELECT count(*) FROM done;
 
 -- name: prune_token_values
--- One batch: ciphertext of tokens revoked, or expired, more than $1 seconds ago.
-WITH batch AS (
+-- One batch: ciphertext of tokens revoked, or expired, more than $1 seconds ago (each
+-- through its partial index: tokens_revoked_value, tokens_superseded_value).
+WITH revoked AS (
     SELECT id FROM receiver.tokens
-     WHERE token_sealed IS NOT NULL
-       AND ((status = 'revoked' AND revoked_at < now() - make_interval(secs => $1))
-            OR (status = 'superseded' AND expires_at < now() - make_interval(secs => $1)))
+     WHERE token_sealed IS NOT NULL AND status = 'revoked'
+       AND revoked_at < now() - make_interval(secs => $1)
+     ORDER BY revoked_at
      LIMIT $2
        FOR UPDATE SKIP LOCKED
+), expired AS (
+    SELECT id FROM receiver.tokens
+     WHERE token_sealed IS NOT NULL AND status = 'superseded'
+       AND expires_at < now() - make_interval(secs => $1)
+     ORDER BY expires_at
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+), batch AS (
+    SELECT id FROM revoked UNION ALL SELECT id FROM expired LIMIT $2
 ), done AS (
     UPDATE receiver.tokens t
        SET token_sealed = NULL, value_dropped_at = now(), updated_at = now()
-      FROM batch WHERE t.id = batch.id
+     WHERE t.id = ANY (ARRAY(SELECT id FROM batch))
     RETURNING 1
 )
 SELECT count(*) FROM done;
@@ -524,6 +600,21 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
  WHERE body_sealed IS NOT NULL AND key > $1
  ORDER BY key
  LIMIT $3;
+
+-- name: erase_client_bodies
+-- One batch of client $1's own stored bodies (events_client_body), keys kept.
+WITH batch AS (
+    SELECT key FROM receiver.events
+     WHERE client_id = $1 AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)
+     LIMIT $2
+), done AS (
+    UPDATE receiver.events e
+       SET body_sealed = NULL, body_redacted = NULL,
+           body_dropped_at = COALESCE(body_dropped_at, now())
+     WHERE e.key = ANY (ARRAY(SELECT key FROM batch))
+    RETURNING 1
+)
+SELECT count(*) FROM done;
 
 -- name: erase_pending
 -- What erasing client $1 would still remove ($2: the keys of other bodies naming it).
@@ -578,35 +669,66 @@ SELECT prefix FROM receiver.tokens
 -- The status of the token event $1 stored (NULL: it was a token already stored).
 SELECT status FROM receiver.tokens WHERE created_by_event = $1;
 
+-- name: token_tallies_fold
+-- The tallies' deltas folded into one row per key (a few hundred rows: one per
+-- environment and day of onboarding), before the gauges read them.
+SELECT receiver.token_tallies_fold_v1();
+
 -- name: token_health
--- Active tokens by age of issue, and clients with tokens but none active, per
--- environment (the unique partial index on active tokens serves the first part).
-SELECT environment, 'active' AS kind,
-       CASE WHEN onboarding_completed_at > now() - interval '30 days' THEN 'under_30d'
-            WHEN onboarding_completed_at > now() - interval '90 days' THEN '30d_to_90d'
-            ELSE 'over_90d' END AS age,
-       count(*) AS n
-  FROM receiver.tokens WHERE status = 'active'
- GROUP BY 1, 2, 3
+-- Active tokens by age of issue, clients whose tokens reported a second 401, active
+-- tokens found invalid, and clients with tokens but none active, per environment.
+-- Counts come from receiver.token_tallies (per UTC day of onboarding) and the two
+-- days an age boundary falls in are counted exactly from tokens_active_onboarded:
+-- a few hundred tally rows and two days of index entries, at any size.
+WITH bounds AS (
+    SELECT b.name, b.at, (b.at AT TIME ZONE 'UTC')::date AS day
+      FROM (VALUES ('30d', now() - interval '30 days'),
+                   ('90d', now() - interval '90 days')) AS b (name, at)
+), tally AS (
+    SELECT environment, kind, day, sum(n) AS n
+      FROM receiver.token_tallies GROUP BY 1, 2, 3
+), newer AS (
+    -- Active tokens onboarded after each boundary, per environment.
+    SELECT e.environment, b.name,
+           (SELECT COALESCE(sum(t.n), 0) FROM tally t
+             WHERE t.kind = 'active' AND t.environment = e.environment AND t.day > b.day)
+           + (SELECT count(*) FROM receiver.tokens k
+               WHERE k.status = 'active' AND k.environment = e.environment
+                 AND k.onboarding_completed_at > b.at
+                 AND k.onboarding_completed_at < ((b.day + 1)::timestamp AT TIME ZONE 'UTC'))
+             AS n
+      FROM (VALUES ('live'), ('test')) AS e (environment) CROSS JOIN bounds b
+), totals AS (
+    SELECT e.environment,
+           (SELECT COALESCE(sum(t.n), 0) FROM tally t
+             WHERE t.kind = 'active' AND t.environment = e.environment) AS active,
+           (SELECT COALESCE(sum(t.n), 0) FROM tally t
+             WHERE t.kind = 'clients' AND t.environment = e.environment) AS clients
+      FROM (VALUES ('live'), ('test')) AS e (environment)
+)
+SELECT t.environment, 'active' AS kind, a.age,
+       (CASE a.age WHEN 'under_30d' THEN n30.n
+                   WHEN '30d_to_90d' THEN n90.n - n30.n
+                   ELSE t.active - n90.n END)::bigint AS n
+  FROM totals t
+  JOIN newer n30 ON n30.environment = t.environment AND n30.name = '30d'
+  JOIN newer n90 ON n90.environment = t.environment AND n90.name = '90d'
+ CROSS JOIN (VALUES ('under_30d'), ('30d_to_90d'), ('over_90d')) AS a (age)
 UNION ALL
-SELECT t.environment, 'link_invalid', '', count(DISTINCT t.client_id)
-  FROM receiver.tokens t
- WHERE t.status = 'active'
-   AND EXISTS (SELECT 1 FROM receiver.link_reports r
-                WHERE r.client_id = t.client_id AND r.environment = t.environment
-                  AND r.token_prefix = t.prefix)
+SELECT r.environment, 'link_invalid', '', count(DISTINCT r.client_id)
+  FROM receiver.link_reports r
+ -- A scalar subquery, not a join: one probe of the active-token index per report,
+ -- never a hash of every active token.
+ WHERE r.token_prefix = (SELECT t.prefix FROM receiver.tokens t
+                          WHERE t.client_id = r.client_id AND t.environment = r.environment
+                            AND t.status = 'active')
  GROUP BY 1
 UNION ALL
 SELECT environment, 'invalid', '', count(*)
-  FROM receiver.tokens WHERE valid = false AND status = 'active'
+  FROM receiver.tokens WHERE valid IS FALSE AND status = 'active'
  GROUP BY 1
 UNION ALL
-SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
-  FROM receiver.tokens t
- WHERE NOT EXISTS (SELECT 1 FROM receiver.tokens a
-                    WHERE a.client_id = t.client_id AND a.environment = t.environment
-                      AND a.status = 'active')
- GROUP BY 1;
+SELECT environment, 'no_active', '', (clients - active)::bigint FROM totals;
 
 -- name: rotation_intent_open
 -- Claim a rotation before rotate-token is sent (committed on its own): only while
@@ -688,16 +810,23 @@ SELECT id, client_id, environment, old_prefix, reason, revoke_immediately, actor
 SELECT client_id, environment, prefix, status FROM receiver.tokens WHERE token_index = $1;
 
 -- name: tokens_due_rotation
--- Active tokens in environments $2 older than $1 (from onboarding, else from when
--- stored) with no rotation unfinished, oldest first.
-SELECT t.client_id, t.environment, t.prefix, t.onboarding_completed_at, t.issued_at
+-- One page of active tokens in environments $2 older than $1 (from onboarding, else
+-- from when stored) with no rotation unfinished, oldest first, after the page that
+-- ended at ($4, $5, $6) (the first page: '-infinity', '', ''): a range of the
+-- tokens_due index, never the whole table, never all rows at once.
+SELECT t.client_id, t.environment, t.prefix, t.onboarding_completed_at, t.issued_at,
+       coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at) AS due_since
   FROM receiver.tokens t
- WHERE t.status = 'active' AND t.environment = ANY ($2::text[])
+ WHERE t.status = 'active'
+   AND (coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at), t.client_id,
+        t.environment) > ($4::timestamptz, $5::text, $6::text)
    AND coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at) < now() - $1::interval
+   AND t.environment = ANY ($2::text[])
    AND NOT EXISTS (SELECT 1 FROM receiver.rotation_intents i
                     WHERE i.client_id = t.client_id AND i.environment = t.environment
                       AND i.closed_at IS NULL)
- ORDER BY coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at), t.client_id
+ ORDER BY coalesce(t.issued_at, t.onboarding_completed_at, t.stored_at), t.client_id,
+          t.environment
  LIMIT $3;
 
 -- name: tokens_to_validate

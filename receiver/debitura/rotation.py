@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,10 +35,16 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_REASON = "scheduled_rotation"
 RESUME_BATCH = 1000
+# Due tokens read per query (tokens rotate --due, its --dry-run, the schedule).
+DUE_PAGE = 500
 # How far beyond the grace Debitura documents (24 h) an `old_token_expires_at` may
 # reach before it is clamped (and logged): a year-9999 expiry would keep the old
 # token's ciphertext readable and never pruned.
 EXPIRY_MARGIN = timedelta(days=7)
+
+
+# Where `tokens_due_rotation`'s keyset starts: before the oldest token.
+FIRST_DUE_PAGE: tuple[datetime, str, str] = (datetime.min.replace(tzinfo=UTC), "", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,18 +391,35 @@ class Rotator:
             old_prefix=row["old_prefix"],
         )
 
-    async def due(self, *, limit: int) -> list[db.Record]:
+    async def due_pages(
+        self, *, limit: int | None = None, page_size: int = DUE_PAGE
+    ) -> AsyncIterator[list[db.Record]]:
         """Active tokens older than RECEIVER_TOKEN_ROTATE_AFTER_DAYS with no rotation
-        unfinished, in the environments whose API is configured, oldest first."""
+        unfinished, in the environments whose API is configured, oldest first: page
+        after page of at most `page_size` rows (a keyset over the tokens_due index),
+        `limit` rows in all (None: every due token). One page in memory at a time."""
         days = self.settings.token_rotate_after_days
         if days <= 0:
-            return []
-        return await self.database.fetch(
-            "tokens_due_rotation",
-            timedelta(days=days),
-            api.configured(self.settings),
-            limit,
-        )
+            return
+        after: tuple[datetime, str, str] = FIRST_DUE_PAGE
+        left = limit
+        while left is None or left > 0:
+            size = page_size if left is None else min(page_size, left)
+            page = await self.database.fetch(
+                "tokens_due_rotation",
+                timedelta(days=days),
+                api.configured(self.settings),
+                size,
+                *after,
+            )
+            if page:
+                yield page
+            if len(page) < size:
+                return
+            last = page[-1]
+            after = (last["due_since"], last["client_id"], last["environment"])
+            if left is not None:
+                left -= len(page)
 
     async def rotate_due(
         self,
@@ -405,28 +429,31 @@ class Rotator:
         rate: float,
         trigger: str = "due",
     ) -> list[outcomes.Outcome]:
-        """Rotate due tokens with the 24 h grace, at most `rate` per second. Stops at
-        the first sign that Debitura is unavailable or rate limiting (5xx, 429, no
-        answer): the rest stay due for the next run."""
-        rows = await self.due(limit=limit)
+        """Rotate due tokens with the 24 h grace, at most `rate` per second, at most
+        `limit` of them, reading the due ones a page at a time. Stops at the first sign
+        that Debitura is unavailable or rate limiting (5xx, 429, no answer): the rest
+        stay due for the next run."""
         done: list[outcomes.Outcome] = []
         started = time.monotonic()
-        for n, row in enumerate(rows):
-            # Spread out: the n-th call goes no earlier than n / rate seconds in.
-            wait = started + n / rate - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            outcome = await self.rotate(
-                row["client_id"],
-                row["environment"],
-                actor,
-                trigger=trigger,
-                due=(row["prefix"], timedelta(days=self.settings.token_rotate_after_days)),
-            )
-            done.append(outcome)
-            if outcome.unavailable:
-                log.warning("rotation_paused", remaining=len(rows) - n - 1)
-                break
+        n = 0
+        async for page in self.due_pages(limit=limit):
+            for row in page:
+                # Spread out: the n-th call goes no earlier than n / rate seconds in.
+                wait = started + n / rate - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                n += 1
+                outcome = await self.rotate(
+                    row["client_id"],
+                    row["environment"],
+                    actor,
+                    trigger=trigger,
+                    due=(row["prefix"], timedelta(days=self.settings.token_rotate_after_days)),
+                )
+                done.append(outcome)
+                if outcome.unavailable:
+                    log.warning("rotation_paused", rotated=n)
+                    return done
         return done
 
 

@@ -17,6 +17,8 @@ log = structlog.get_logger(__name__)
 
 # Stored bodies opened per query while looking for the ones that name a client.
 _SCAN_BATCH = 500
+# The client's own bodies dropped per transaction (each under the client's lock).
+ERASE_BATCH = 500
 
 
 @dataclass(slots=True)
@@ -50,12 +52,26 @@ async def erase_client(
     sealer: vault.Sealer,
     client_id: str,
     actor: audit.Actor,
+    *,
+    batch_size: int = ERASE_BATCH,
 ) -> Erasure:
-    """Remove every token value and stored body of `client_id`, in one transaction
-    under the client's lock (a delivery for it waits, then finds it erased): its
-    tokens end revoked with no value and no blind index, its events keep their keys
-    without bodies, an invalidation signal is queued per environment, and a
-    tombstone (the client's hash, who, when, why) goes to the audit trail.
+    """Remove every token value and stored body of `client_id`: its tokens end revoked
+    with no value and no blind index, its events keep their keys without bodies, an
+    invalidation signal is queued per environment, and a tombstone (the client's
+    hash, who, when, why) goes to the audit trail.
+
+    In steps that cost the client's own rows, each short and each releasing the
+    client's lock (a delivery for the client waits for one batch, never for the
+    whole erasure): the client's own bodies in batches of `batch_size`
+    (events_client_body), each in its own transaction under the client's lock; the
+    scan of the other stored bodies with no lock held; then one last transaction
+    under the lock that erases the tokens, the bodies found naming the client and
+    any of its own stored meanwhile. So a delivery for the client that arrives during
+    the erasure is applied, then erased, never left behind. (A delivery for another
+    client takes that client's lock, never this one's, so a body of it naming this
+    client and stored after the scan passed is not seen: as before, when the scan
+    ran under this client's lock.) Interrupted between steps, the erasure has dropped
+    some bodies and written no tombstone yet: run it again to finish.
 
     Bodies are found by what they say, not by their bytes: each stored body that is
     not already the client's is opened and read as a reader would read it (UTF-16,
@@ -65,12 +81,20 @@ async def erase_client(
     Idempotent: when nothing is left to remove, nothing is written.
     """
     erasure = Erasure(client_hash=audit.client_hash(sealer, client_id))
+    while True:
+        async with database.connection() as conn, conn.transaction():
+            await conn.execute(db.QUERIES["lock_client"], client_id)
+            done = await conn.fetchval(db.QUERIES["erase_client_bodies"], client_id, batch_size)
+        erasure.bodies += done
+        if done < batch_size:
+            break
+    async with database.connection() as conn:
+        naming, erasure.unopened = await _bodies_naming(conn, sealer.keyring, client_id)
     async with database.connection() as conn, conn.transaction():
         await conn.execute(db.QUERIES["lock_client"], client_id)
-        naming, erasure.unopened = await _bodies_naming(conn, sealer.keyring, client_id)
         pending = await conn.fetchrow(db.QUERIES["erase_pending"], client_id, naming)
         assert pending is not None
-        if not pending["tokens"] and not pending["bodies"]:
+        if not pending["tokens"] and not pending["bodies"] and not erasure.bodies:
             return erasure
         erasure.event_key = f"erase_{uuid.uuid4().hex}"
         erasure.environments = list(pending["environments"] or ["live"])
@@ -80,7 +104,7 @@ async def erase_client(
         erasure.tokens = len(
             await conn.fetch(db.QUERIES["erase_tokens"], client_id, erasure.event_key)
         )
-        erasure.bodies = await conn.fetchval(db.QUERIES["erase_bodies"], client_id, naming)
+        erasure.bodies += await conn.fetchval(db.QUERIES["erase_bodies"], client_id, naming)
         for environment in erasure.environments:
             await conn.execute(
                 db.QUERIES["enqueue_signal"],

@@ -98,6 +98,7 @@ class DatabaseGauges:
                 oldest = await database.fetchval("oldest_pending_signal_age")
                 quarantined = await database.fetchval("open_quarantine_count")
                 to_rotate = await database.fetch("sealed_to_rotate_counts", self._primary_key_id)
+                await database.fetchval("token_tallies_fold")
                 health = await database.fetch("token_health")
                 unsettled = await database.fetch("rotations_unsettled")
                 reconciled = await database.fetch("reconcile_last_runs")

@@ -144,7 +144,7 @@ async def test_rotation_commands_with_nothing_to_do_say_so(settings: Settings) -
     )
     due = await cli(["tokens", "rotate", "--due", "--dry-run"], env)
     assert due.returncode == 0, due.stderr
-    assert "no token is due for rotation" in due.stderr
+    assert "no token is due (nothing would be rotated)" in due.stderr
     assert due.stdout == ""
     resume = await cli(["tokens", "rotate", "--resume"], env)
     assert resume.returncode == 0, resume.stderr

@@ -468,6 +468,7 @@ async def test_rotate_due_rotates_only_old_tokens(
     dry = await cli(["tokens", "rotate", "--due", "--dry-run"], env)
     assert dry.returncode == 0, dry.stderr
     assert [line.split()[0] for line in dry.stdout.splitlines()] == ["cli_old1", "cli_old2"]
+    assert "no token is due" not in dry.stderr  # it listed some
     assert sandbox.calls["rotate"] == 0
     one = await cli(["tokens", "rotate", "--due", "--limit", "1"], env)
     assert one.returncode == 0, one.stderr

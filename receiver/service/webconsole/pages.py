@@ -15,6 +15,7 @@ from aiohttp import web
 
 from receiver import config, errors, vault
 from receiver.admin import inbox, status, tokens
+from receiver.debitura import rotation
 from receiver.lifecycle import audit, events
 from receiver.service import admin_api, probes, state
 from receiver.service.webconsole import render, session
@@ -120,6 +121,7 @@ async def overview(request: web.Request) -> web.Response:
             timedelta(days=settings.token_rotate_after_days),
             list(vault.ENVIRONMENTS),
             ROTATIONS_DUE_COUNTED + 1,
+            *rotation.FIRST_DUE_PAGE,
         )
     return render.page(
         request,
