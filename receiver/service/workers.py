@@ -40,12 +40,13 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
     """
     assert settings.database_url is not None
     metrics_dir = tempfile.mkdtemp(prefix="receiver-metrics-")
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-        # As resolved here (the embedded Postgres in dev): workers must not start another.
-        "RECEIVER_DATABASE_URL": settings.database_url.get_secret_value(),
-    }
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    if not {"RECEIVER_DATABASE_URL", "RECEIVER_DATABASE_URL_FILE"} & set(os.environ):
+        # As resolved here (the embedded Postgres in dev): workers must not start
+        # another. A URL the operator gave stays where it was given: a worker reads
+        # RECEIVER_DATABASE_URL_FILE itself (with both set, each worker would refuse to
+        # start, and the password would sit in every worker's environment).
+        env["RECEIVER_DATABASE_URL"] = settings.database_url.get_secret_value()
     # The workers hold the read end of this pipe, only this process its write end: when
     # this process dies, however (even SIGKILL), the workers read end of file and stop.
     # Portable, unlike PR_SET_PDEATHSIG, and immune to the workers' own sessions.

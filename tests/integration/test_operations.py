@@ -211,6 +211,47 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(database_url: str) 
         assert (await processes.post_signed(port, secret, body))[0] == 200
 
 
+async def test_workers_read_the_database_url_from_its_file_and_reload(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`serve --workers 2` with RECEIVER_DATABASE_URL_FILE (README's least-privilege
+    install): the workers start and answer (before, each refused to start, "set
+    RECEIVER_DATABASE_URL or RECEIVER_DATABASE_URL_FILE, not both", a crash loop),
+    the password is in no worker's environment, and a HUP reloads both."""
+    password = f"pw-{secrets.token_hex(8)}"  # the shared test Postgres trusts loopback
+    parts = urlsplit(database_url)
+    user = parts.username or "postgres"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    url_file = tmp_path / "database_url"
+    url_file.write_text(urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}")) + "\n")
+    env, old = processes.receiver_env(database_url)
+    env.pop("RECEIVER_DATABASE_URL")
+    env["RECEIVER_DATABASE_URL_FILE"] = str(url_file)
+    secrets_file = tmp_path / "webhook_secrets"
+    secrets_file.write_text(old)
+    env.pop("RECEIVER_WEBHOOK_SECRETS")
+    env["RECEIVER_WEBHOOK_SECRETS_FILE"] = str(secrets_file)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        workers = await listening_pids(output, 2)
+        for pid in workers:
+            environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
+            assert password.encode() not in environ
+        new = helpers.new_secret()
+        secrets_file.write_text(f"{new},{old}")
+        process.send_signal(signal.SIGHUP)
+        reloaded = await _logged(output, "configuration_reloaded", count=2)
+        assert {line["pid"] for line in reloaded} == set(workers)
+        for _ in range(4):  # the kernel spreads connections over both workers
+            body = helpers.encode(helpers.onboarding())
+            assert (await processes.post_signed(port, new, body))[0] == 200
+        assert process.poll() is None
+        text = output.read_text()
+    assert "worker_exited" not in text
+    assert password not in text
+
+
 async def test_readiness_fails_first_while_deliveries_are_answered(database_url: str) -> None:
     """After SIGTERM, with a shutdown delay, /readyz answers 503 while a signed delivery
     is still stored and answered 200; a second signal ends the delay."""
