@@ -299,6 +299,14 @@ def dispatch(args: argparse.Namespace) -> int:
 async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
     database = await db.Database.open(dsn, max_size=4, pooled=settings.database_pooled)
     try:
+        try:
+            # The dispatcher's loop rides out an outage; a wrong role (a refused login,
+            # the cache reader's URL) would never pass: one line, exit 2, as serve says.
+            await database.fetch("open_signal_counts")
+        except (errors.DatabasePermission, errors.DatabaseRefused):
+            raise
+        except errors.DatabaseUnavailable:
+            pass  # down, or not migrated yet: the loop waits for it
         async with aiohttp.ClientSession() as session:
             dispatcher = outbox.Dispatcher(database, settings, session)
             task = asyncio.create_task(dispatcher.run_until_stopped())

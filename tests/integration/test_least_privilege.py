@@ -253,6 +253,56 @@ async def test_a_role_that_does_not_exist_is_the_same_line_everywhere(database_u
         assert "never-shown" not in result.stdout + result.stderr
 
 
+async def test_a_login_without_connect_on_the_database_is_one_line_naming_it(
+    logins: dict[str, tuple[str, str]], database_url: str, conn: asyncpg.Connection
+) -> None:
+    """A login the database's owner never granted CONNECT (REVOKE … FROM PUBLIC, the
+    usual hardening): every command and `serve` say it in one line naming the role
+    and CONNECT, exit 2 (before: "database refused the connection", exit 1, `status`
+    "UNREACHABLE", and serve's line split by Postgres's DETAIL)."""
+    role, password = logins["app"]
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+    env = service_env(
+        as_login(database_url, role, password),
+        RECEIVER_CACHE_URL="http://127.0.0.1:9/signals",
+        RECEIVER_CACHE_SECRET=helpers.new_secret(),
+    )
+    for args in (
+        ["serve", "--port", str(processes.free_port())],
+        ["migrate", "--check"],
+        ["status", "--json"],
+        ["tokens", "list"],
+        ["dispatch"],
+    ):
+        result = await asyncio.to_thread(processes.run, args, env, 30)
+        assert result.returncode == 2, (args, result.stderr)
+        line = one_line(result)
+        assert f"'{role}'" in line, line
+        assert "CONNECT" in line, line
+        assert password not in result.stdout + result.stderr
+
+
+async def test_dispatch_with_the_wrong_role_exits_2_instead_of_looping(
+    logins: dict[str, tuple[str, str]], database_url: str
+) -> None:
+    """`receiver dispatch` with the cache reader's URL, or a role that does not exist:
+    one line naming the role, exit 2 (before: it logged a refusal every poll,
+    forever)."""
+    reader, password = logins["cache"]
+    ghost = f"ghost_{uuid.uuid4().hex[:8]}"
+    for role, secret in ((reader, password), (ghost, "never-shown")):
+        env = service_env(
+            as_login(database_url, role, secret),
+            RECEIVER_CACHE_URL="http://127.0.0.1:9/signals",
+            RECEIVER_CACHE_SECRET=helpers.new_secret(),
+        )
+        result = await asyncio.to_thread(processes.run, ["dispatch"], env, 30)
+        assert result.returncode == 2, result.stderr
+        assert role in one_line(result)
+        assert secret not in result.stdout + result.stderr
+
+
 async def test_a_database_migrated_by_the_earlier_baseline_text_stays_current(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
