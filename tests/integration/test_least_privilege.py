@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import uuid
@@ -321,6 +322,28 @@ async def test_a_database_migrated_by_the_earlier_baseline_text_stays_current(
     refused = await asyncio.to_thread(processes.run, ["migrate"], env)
     assert refused.returncode == 1
     assert "was edited" in refused.stderr
+
+
+async def test_the_earlier_baseline_text_does_not_vouch_for_an_edited_baseline(
+    database_url: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A database that recorded the earlier baseline text, and a release whose baseline
+    file was edited: `migrate` refuses it as edited (before: any text of the file was
+    taken as equivalent to the earlier one). The release is a copy of the package with
+    its own `sql/`, as a wheel ships it."""
+    earlier = next(iter(migrations.EQUIVALENT["0001_baseline"]))
+    await conn.execute(
+        "UPDATE receiver.schema_migrations SET checksum = $1 WHERE name = '0001_baseline'", earlier
+    )
+    release = tmp_path / "receiver"
+    await asyncio.to_thread(shutil.copytree, ROOT / "receiver", release)
+    await asyncio.to_thread(shutil.copytree, ROOT / "sql", release / "sql")
+    baseline = release / "sql" / "0001_baseline.sql"
+    baseline.write_text(baseline.read_text() + "\nGRANT ALL ON SCHEMA receiver TO PUBLIC;\n")
+    env = processes.clean_env(RECEIVER_DATABASE_URL=database_url)
+    edited = await asyncio.to_thread(processes.run, ["migrate"], env, 60, None, tmp_path)
+    assert edited.returncode == 1, edited.stderr
+    assert "0001_baseline was edited" in edited.stderr
 
 
 def test_print_roles_needs_no_setting() -> None:
