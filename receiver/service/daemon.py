@@ -292,11 +292,11 @@ def dispatch(args: argparse.Namespace) -> int:
     settings = console.start(args, service=True, needs=config.NEEDS_DATABASE)
     if settings.cache_url is None:
         raise errors.ConfigError("RECEIVER_CACHE_URL is required to dispatch signals")
-    asyncio.run(_dispatch_until_stopped(settings, console.dsn(settings)))
+    asyncio.run(_dispatch_until_stopped(settings, console.dsn(settings), dev=args.dev))
     return 0
 
 
-async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
+async def _dispatch_until_stopped(settings: config.Settings, dsn: str, *, dev: bool) -> None:
     database = await db.Database.open(dsn, max_size=4, pooled=settings.database_pooled)
     try:
         try:
@@ -313,6 +313,18 @@ async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
             loop = asyncio.get_running_loop()
             for stop in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(stop, task.cancel)
+            in_force = settings
+
+            def hang_up() -> None:
+                # A reload, as serve's (the cache secret and the log level): the
+                # dispatcher keeps delivering.
+                nonlocal in_force
+                fresh = reload.reread(in_force, dev=dev, needs=config.NEEDS_DATABASE)
+                if fresh is not in_force:
+                    in_force = fresh
+                    dispatcher.use_secrets(fresh)
+
+            loop.add_signal_handler(signal.SIGHUP, hang_up)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     finally:

@@ -20,6 +20,7 @@ from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Post, operator_env
+from tests.integration.standins import StandInCache, eventually
 from tests.integration.test_operability import listening_pids
 
 
@@ -250,6 +251,45 @@ async def test_workers_read_the_database_url_from_its_file_and_reload(
         text = output.read_text()
     assert "worker_exited" not in text
     assert password not in text
+
+
+async def test_sighup_reloads_a_lone_dispatchers_cache_secret(
+    database_url: str, tmp_path: Path, standin_cache: StandInCache
+) -> None:
+    """`receiver dispatch` on SIGHUP reads RECEIVER_CACHE_SECRET_FILE again and signs
+    with the new secret, still running (before, SIGHUP killed it, exit 129, its
+    leases held until they expired); a bad file is refused, the old secret kept."""
+    env, _ = processes.receiver_env(database_url, RECEIVER_CACHE_URL=standin_cache.url)
+    secret_file = tmp_path / "cache_secret"
+    secret_file.write_text(standin_cache.secret_b64 + "\n")
+    env["RECEIVER_CACHE_SECRET_FILE"] = str(secret_file)
+    with processes.background(["dispatch"], env) as (process, output):
+        await _logged(output, "dispatcher_started")
+        new = helpers.new_secret()
+        secret_file.write_text(new + "\n")
+        process.send_signal(signal.SIGHUP)
+        (line,) = await _logged(output, "configuration_reloaded")
+        assert line["changed"] == ["RECEIVER_CACHE_SECRET"]
+        secret_file.write_text("not base64!\n")
+        process.send_signal(signal.SIGHUP)
+        await _logged(output, "reload_refused")
+        secret_file.write_text(new + "\n")  # for `tokens import`, which signs nothing
+        standin_cache.secret_b64 = new  # the cache now verifies with the new secret only
+        imported = await asyncio.to_thread(
+            processes.run,
+            ["tokens", "import", "cli_hup", "--reason", "test"],
+            env,
+            60,
+            helpers.canary_token() + "\n",
+        )
+        assert imported.returncode == 0, imported.stderr
+
+        async def delivered() -> bool:
+            return len(standin_cache.received) == 1
+
+        await eventually(delivered)
+        assert process.poll() is None
+    assert new not in output.read_text()
 
 
 async def test_readiness_fails_first_while_deliveries_are_answered(database_url: str) -> None:
