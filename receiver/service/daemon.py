@@ -88,8 +88,18 @@ async def _check_behind_pooler(dsn: str) -> None:
         )
 
 
+# SIGHUPs that came while `serve` was starting (waiting for the database, migrating):
+# remembered, not fatal, and honoured once it serves (the settings were read before).
+_RELOADS_WHILE_STARTING: list[int] = []
+
+
+def _remember_reload(signum: int, _: object) -> None:
+    _RELOADS_WHILE_STARTING.append(signum)
+
+
 def serve(args: argparse.Namespace) -> int:
     """`receiver serve`."""
+    signal.signal(signal.SIGHUP, _remember_reload)
     settings = console.start(args, service=True)
     if args.worker:  # one of `serve --workers N`'s processes: the parent migrated
         _run_worker(settings, args, reuse_port=True)
@@ -255,6 +265,9 @@ async def _serve_until_stopped(
         loop.add_signal_handler(
             signal.SIGHUP, functools.partial(reload.reload, application, dev=dev)
         )
+        if _RELOADS_WHILE_STARTING:
+            _RELOADS_WHILE_STARTING.clear()
+            reload.reload(application, dev=dev)
 
         def on_supervisor_gone() -> None:
             why.append("supervisor_gone")

@@ -292,6 +292,39 @@ async def test_sighup_reloads_a_lone_dispatchers_cache_secret(
     assert new not in output.read_text()
 
 
+async def test_sighup_while_serve_migrates_is_a_reload_once_it_serves(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A reload (systemd's ExecReload) while `serve` still waits to migrate: it keeps
+    starting, then serves with the secrets written before the HUP (before, SIGHUP's
+    default action killed it, exit 129, without a line)."""
+    env, old = processes.receiver_env(empty_database_url)
+    secrets_file = tmp_path / "webhook_secrets"
+    secrets_file.write_text(old)
+    env.pop("RECEIVER_WEBHOOK_SECRETS")
+    env["RECEIVER_WEBHOOK_SECRETS_FILE"] = str(secrets_file)
+    holder = await asyncpg.connect(empty_database_url)
+    try:
+        # Another replica bootstrapping this database: serve waits for its lock.
+        await holder.fetchval("SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0))")
+        port = processes.free_port()
+        with processes.serving(["--port", str(port)], env) as (process, output):
+            await _logged(output, "migration_lock_waiting")
+            new = helpers.new_secret()
+            secrets_file.write_text(f"{new},{old}")
+            process.send_signal(signal.SIGHUP)
+            await holder.fetchval(
+                "SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0))"
+            )
+            await processes.wait_healthy(port, process)
+            (line,) = await _logged(output, "configuration_reloaded")
+            assert line["changed"] == ["RECEIVER_WEBHOOK_SECRETS"]
+            body = helpers.encode(helpers.onboarding())
+            assert (await processes.post_signed(port, new, body))[0] == 200
+    finally:
+        await holder.close()
+
+
 async def test_readiness_fails_first_while_deliveries_are_answered(database_url: str) -> None:
     """After SIGTERM, with a shutdown delay, /readyz answers 503 while a signed delivery
     is still stored and answered 200; a second signal ends the delay."""
