@@ -187,7 +187,15 @@ async def _apply_pending(conn: db.Connection, until: str | None) -> list[str]:
             break
         if migration.name not in done:
             async with conn.transaction():
-                await _lock_table(conn)
+                try:
+                    await _lock_table(conn)
+                except asyncpg.InsufficientPrivilegeError:
+                    # It reads the migrations (the runtime role) but may not apply one.
+                    raise errors.ConfigError(
+                        f"migration {migration.name} is pending, and role "
+                        f"{db.role_of(conn)!r} may not apply it: run `receiver migrate` "
+                        "first, as the role that owns the database (the migrate Job)"
+                    ) from None
                 now = await conn.fetchval(db.QUERIES["migration_checksum"], migration.name)
                 if now is None:
                     await conn.execute(migration.sql)

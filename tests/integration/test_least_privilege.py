@@ -224,6 +224,26 @@ async def test_serve_as_the_runtime_login_on_an_unmigrated_database_is_one_line(
     assert "database_waiting" not in result.stdout + result.stderr
 
 
+async def test_serve_as_the_runtime_login_with_a_migration_pending_says_migrate_first(
+    logins: dict[str, tuple[str, str]], database_url: str, conn: asyncpg.Connection
+) -> None:
+    """A release rolled out before its migrate Job ran: `serve` and `migrate` as the
+    runtime login name the pending migration and the owner's `receiver migrate`, exit
+    2 (before: "lacks a privilege … need a login granted receiver_runtime … is this the
+    cache reader's URL?", about a login that is granted receiver_runtime)."""
+    last = migrations.available()[-1].name
+    await conn.execute("DELETE FROM receiver.schema_migrations WHERE name = $1", last)
+    role, password = logins["app"]
+    env = service_env(as_login(database_url, role, password))
+    for args in (["serve", "--port", str(processes.free_port())], ["migrate"]):
+        result = await asyncio.to_thread(processes.run, args, env, 30)
+        assert result.returncode == 2, (args, result.stderr)
+        line = one_line(result)
+        assert f"migration {last} is pending" in line, line
+        assert f"'{role}'" in line, line
+        assert "cache reader" not in line, line
+
+
 async def test_the_cache_readers_url_in_serve_is_one_line(
     logins: dict[str, tuple[str, str]], database_url: str
 ) -> None:
