@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -115,7 +116,10 @@ def serve(args: argparse.Namespace) -> int:
         asyncio.run(_migrate_when_reachable(console.dsn(settings)))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
-        cache_dsn = asyncio.run(embedded.cache_login(console.dsn(settings)))
+        try:
+            cache_dsn: str | None = asyncio.run(embedded.cache_login(console.dsn(settings)))
+        except errors.DatabasePermission:
+            cache_dsn = None  # a RECEIVER_DATABASE_URL whose role may not create roles
         _print_dev_help(settings, url, cache_dsn)
     if args.workers == 1:
         _run_worker(settings, args, reuse_port=False)
@@ -344,24 +348,38 @@ async def _dispatch_until_stopped(settings: config.Settings, dsn: str, *, dev: b
         await database.close()
 
 
-def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None:
+def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str | None) -> None:
     command = (
         sys.argv[0] if Path(sys.argv[0]).name == "receiver" else f"{sys.executable} -m receiver"
     )
     data_dir = shlex.quote(str(settings.data_dir.resolve()))
-    print(
+    dsn = console.dsn(settings)
+    text = (
         "\nreceiver is running (dev mode: embedded Postgres unless RECEIVER_DATABASE_URL is set,\n"
         f"dev secrets in {data_dir}/{config.DEV_SECRETS_FILE}, mode 0600).\n"
         "Fire a signed test event from another terminal:\n\n"
         f"  RECEIVER_DATA_DIR={data_dir} {shlex.quote(command)} replay trigger "
-        f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n\n"
-        "Commands without --dev (as the README writes them) need the database URL:\n\n"
-        f"  export RECEIVER_DATABASE_URL={shlex.quote(console.dsn(settings))}\n\n"
-        "A partner application's token cache connects read-only (receiver_cache_reader),\n"
-        f"with RECEIVER_TOKEN_KEYS from the dev secrets file and:\n\n"
-        f"  RECEIVER_CACHE_DATABASE_URL={shlex.quote(cache_dsn)}\n",
-        flush=True,
+        f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n"
     )
+    if not urlsplit(dsn).password:
+        # The embedded Postgres's URL (it has no password). A URL you set may hold one,
+        # which is never printed; you know it already.
+        text += (
+            "\nCommands without --dev (as the README writes them) need the database URL:\n\n"
+            f"  export RECEIVER_DATABASE_URL={shlex.quote(dsn)}\n"
+        )
+    if cache_dsn is None:
+        text += (
+            "\nNo login for a partner application's token cache: the role in "
+            "RECEIVER_DATABASE_URL may not create roles.\n"
+        )
+    else:
+        text += (
+            "\nA partner application's token cache connects read-only (receiver_cache_reader),\n"
+            f"with RECEIVER_TOKEN_KEYS from the dev secrets file and:\n\n"
+            f"  RECEIVER_CACHE_DATABASE_URL={shlex.quote(cache_dsn)}\n"
+        )
+    print(text, flush=True)
 
 
 def migrate(args: argparse.Namespace) -> int:

@@ -244,6 +244,24 @@ async def test_serve_as_the_runtime_login_with_a_migration_pending_says_migrate_
         assert "cache reader" not in line, line
 
 
+async def test_serve_dev_with_a_least_privilege_url_serves_and_prints_no_password(
+    logins: dict[str, tuple[str, str]], database_url: str, tmp_path: Path
+) -> None:
+    """`serve --dev` with RECEIVER_DATABASE_URL set to a login that may not create roles:
+    it serves, says it made no cache login, and prints no password (before: a
+    traceback, "permission denied to create role"; and with a role that could, the
+    help line echoed the URL with its password)."""
+    role, password = logins["app"]
+    env = service_env(as_login(database_url, role, password), RECEIVER_DATA_DIR=str(tmp_path))
+    port = processes.free_port()
+    with processes.serving(["--dev", "--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        text = output.read_text()
+    assert "No login for a partner application's token cache" in text
+    assert password not in text
+    assert "Traceback" not in text
+
+
 async def test_the_cache_readers_url_in_serve_is_one_line(
     logins: dict[str, tuple[str, str]], database_url: str
 ) -> None:
