@@ -74,7 +74,15 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         # would cut a worker's drain short. (Containers and systemd kill the whole
         # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
         child = subprocess.Popen(  # noqa: S603
-            argv, env=env, start_new_session=True, pass_fds=(watch_fd,)
+            argv,
+            env=env,
+            start_new_session=True,
+            pass_fds=(watch_fd,),
+            # Born ignoring SIGHUP (kept across exec) until it installs its own reload:
+            # a reload forwarded while it starts would otherwise kill it (SIGHUP's
+            # default), and a few in a row would look like a crash loop. It reads its
+            # settings after that, so it misses no change.
+            preexec_fn=_ignore_hangups,
         )
         running[child.pid] = time.monotonic()
         children[child.pid] = child
@@ -136,3 +144,8 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         os.close(alive_fd)
         os.close(watch_fd)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _ignore_hangups() -> None:
+    """In a new worker, between fork and exec (the supervisor runs no other thread)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

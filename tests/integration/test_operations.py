@@ -325,6 +325,38 @@ async def test_sighup_while_serve_migrates_is_a_reload_once_it_serves(
         await holder.close()
 
 
+async def test_reloads_while_workers_start_kill_none(database_url: str) -> None:
+    """SIGHUPs sent to the `serve --workers 2` supervisor as fast as a script can while
+    its workers start: none dies, the service serves (before, each worker forwarded a
+    HUP before its handler existed died of it, and five made a crash loop)."""
+    env, secret = processes.receiver_env(database_url)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        status = Path(f"/proc/{process.pid}/status")
+
+        async def catches_hangups() -> bool:
+            text = await asyncio.to_thread(status.read_text)
+            caught = next(line for line in text.splitlines() if line.startswith("SigCgt:"))
+            return bool(int(caught.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+        await eventually(catches_hangups)  # before that, the supervisor's own start
+        listening: list[dict[str, object]] = []
+        sent = 0
+        while len(listening) < 2 or sent < 50:
+            process.send_signal(signal.SIGHUP)
+            sent += 1
+            assert sent < 3000, "the workers never listened"
+            await asyncio.sleep(0.01)
+            listening = [line for line in _lines(output) if line.get("event") == "listening"]
+        await processes.wait_healthy(port, process)
+        body = helpers.encode(helpers.onboarding())
+        assert (await processes.post_signed(port, secret, body))[0] == 200
+        assert process.poll() is None
+        events = {line.get("event") for line in _lines(output)}
+    assert "worker_exited" not in events
+    assert "worker_crash_loop" not in events
+
+
 async def test_readiness_fails_first_while_deliveries_are_answered(database_url: str) -> None:
     """After SIGTERM, with a shutdown delay, /readyz answers 503 while a signed delivery
     is still stored and answered 200; a second signal ends the delay."""
