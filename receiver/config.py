@@ -409,6 +409,9 @@ FILE_SECRETS = (
 )
 
 
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
 def secret_files() -> dict[str, str]:
     """The secrets given as `RECEIVER_<NAME>_FILE`, read from their files (surrounding
     whitespace and the final newline stripped). Setting both a variable and its
@@ -423,11 +426,21 @@ def secret_files() -> dict[str, str]:
         if variable in os.environ:
             raise errors.ConfigError(f"set {variable} or {variable}_FILE, not both")
         try:
-            values[name] = Path(path).read_text(encoding="utf-8").strip()
+            with Path(path).open("rb") as file:
+                content = file.read(MAX_SECRET_FILE_BYTES + 1)
+            text = content.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise errors.ConfigError(
                 f"{variable}_FILE names a file that cannot be read ({type(exc).__name__})"
             ) from None
+        if len(content) > MAX_SECRET_FILE_BYTES:
+            # /dev/zero or a log file by mistake: never read it whole (at start, or on a
+            # reload while serving).
+            raise errors.ConfigError(
+                f"{variable}_FILE names a file over {MAX_SECRET_FILE_BYTES // 1024} KiB, "
+                "not a secret"
+            )
+        values[name] = text.strip()
     return values
 
 

@@ -160,14 +160,20 @@ class DatabasePermission(DatabaseUnavailable):
     retries while an operator fixes it); a command says it in one line, exit 2.
     `denied` is Postgres's message, which names objects, never values."""
 
-    def __init__(self, denied: str, role: str | None = None) -> None:
+    def __init__(self, denied: str, role: str | None = None, *, connecting: bool = False) -> None:
         super().__init__(denied)
         self.denied = denied
         self.role = role
+        self.connecting = connecting  # refused at login: no CONNECT on the database
 
     def __str__(self) -> str:
         who = f"role {self.role!r}" if self.role else "the role in RECEIVER_DATABASE_URL"
-        if "for database" in self.denied:
+        if self.connecting:
+            hint = (
+                "it may not connect to this database: its owner grants that (GRANT CONNECT "
+                "ON DATABASE … TO the role, or to receiver_runtime)"
+            )
+        elif "for database" in self.denied:
             hint = (
                 "the database is not migrated and this role may not create its schema: run "
                 "`receiver migrate` first, as the role that owns the database"

@@ -73,15 +73,13 @@ def reprocess(args: argparse.Namespace) -> int:
         return console.EXIT_CONFIG
     if _token_shaped(args.event_ids or []):
         return console.EXIT_CONFIG
-    if (
-        args.quarantined
-        and args.quarantine_reason is None
-        and args.audit_reason in events.QUARANTINE_REASONS
-    ):
-        # The filter's old spelling would now reprocess every quarantined delivery.
+    # The filter's old spelling would now reprocess every quarantined delivery,
+    # however the reason is written (capitals, a dash, spaces).
+    written = (args.audit_reason or "").strip().lower().replace("-", "_")
+    if args.quarantined and args.quarantine_reason is None and written in events.QUARANTINE_REASONS:
         raise errors.UsageError(
-            f"--reason is the audit reason now; to reprocess only {args.audit_reason!r} "
-            f"deliveries, give --quarantine-reason {args.audit_reason}"
+            f"--reason is the audit reason now; to reprocess only {written!r} "
+            f"deliveries, give --quarantine-reason {written}"
         )
 
     async def work(settings: config.Settings, database: db.Database) -> int:

@@ -69,6 +69,8 @@ def attention(report: dict[str, Any], settings: config.Settings) -> list[str]:
         return ["the database is unreachable"]
     if report["migrations"]["pending"]:
         found.append(f"migrations pending: {', '.join(report['migrations']['pending'])}")
+    if "keys" not in report:  # the schema is missing or behind: nothing else was read
+        return found or ["the database schema is incomplete: run `receiver migrate`"]
     if report["keys"]["not_configured"]:
         found.append(f"values sealed under keys not configured: {report['keys']['not_configured']}")
     if report["quarantine_open"]:
@@ -99,6 +101,20 @@ def status(args: argparse.Namespace) -> int:
             return await gather(settings, database)
         except (errors.DatabasePermission, errors.DatabaseRefused):
             raise  # the wrong role or database: a setting to fix (one line, exit 2)
+        except errors.SchemaNotReady:
+            # Reachable, but not migrated (or behind this release): say that, not
+            # "unreachable"; nothing else can be read before `receiver migrate`.
+            known = await migrations.status(database)
+            return {
+                "database": {
+                    "reachable": True,
+                    "at": console.database_label(console.dsn(settings)),
+                },
+                "migrations": {
+                    "applied": sum(at is not None for _, at in known),
+                    "pending": await migrations.pending(database),
+                },
+            }
         except errors.DatabaseUnavailable:
             label = console.database_label(console.dsn(settings))
             return {"database": {"reachable": False, "at": label}}
@@ -119,9 +135,11 @@ def _print(report: dict[str, Any]) -> None:
     database = report["database"]
     reachable = "reachable" if database["reachable"] else "UNREACHABLE"
     print(f"database       {reachable} ({database['at']})")
-    if database["reachable"]:
-        m, k = report["migrations"], report["keys"]
+    if "migrations" in report:
+        m = report["migrations"]
         print(f"migrations     {m['applied']} applied, {len(m['pending'])} pending")
+    if "keys" in report:
+        k = report["keys"]
         print(
             f"keys           primary {k['primary']}; configured {', '.join(k['configured'])}; "
             f"in use {', '.join(k['in_use'])}"

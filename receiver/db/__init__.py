@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import structlog
@@ -141,12 +141,34 @@ _MISCONFIGURED: tuple[type[BaseException], ...] = (
 )
 
 
+def _message(exc: BaseException) -> str:
+    """Postgres's message alone, one line (`str()` of a driver error appends its
+    DETAIL on a line of its own)."""
+    message = getattr(exc, "message", None) or str(exc)
+    return str(message).splitlines()[0] if message else type(exc).__name__
+
+
 def denied(exc: asyncpg.InsufficientPrivilegeError, role: str | None) -> errors.DatabasePermission:
     """A refused privilege as `errors.DatabasePermission` (logged once): the wrong
     role's URL, or a schema its owner has not migrated yet. Postgres's message names
     the object, never a value."""
     _fault("refused")  # the role, like a refused connection: an operator must act
-    problem = errors.DatabasePermission(str(exc), role)
+    problem = errors.DatabasePermission(_message(exc), role)
+    log.warning("database_permission_denied", role=role, denied=problem.denied)
+    return problem
+
+
+def refused_at_login(
+    exc: asyncpg.InsufficientPrivilegeError, dsn: str
+) -> errors.DatabasePermission:
+    """A login refused for want of CONNECT on the database (Postgres's message names
+    the database), as `errors.DatabasePermission` naming the role the DSN logs in as."""
+    _fault("refused")
+    parts = urlsplit(dsn)
+    role = (
+        unquote(parts.username) if parts.username else parse_qs(parts.query).get("user", [None])[0]
+    )
+    problem = errors.DatabasePermission(_message(exc), role, connecting=True)
     log.warning("database_permission_denied", role=role, denied=problem.denied)
     return problem
 
@@ -223,12 +245,17 @@ async def connect(dsn: str, *, primary: bool = False) -> Connection:
     attrs = SessionAttribute.primary if primary else None  # None: as the URL says
     try:
         async with translated_errors():
-            return await _connect_host_by_host(
-                dsn, server_settings=_SERVER_SETTINGS, target_session_attrs=attrs
-            )
+            try:
+                return await _connect_host_by_host(
+                    dsn, server_settings=_SERVER_SETTINGS, target_session_attrs=attrs
+                )
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise refused_at_login(exc, dsn) from None
     except _MISCONFIGURED as exc:
         # These messages name the database or role, never a password.
-        raise errors.ConfigError(f"RECEIVER_DATABASE_URL: Postgres refused it: {exc}") from None
+        raise errors.ConfigError(
+            f"RECEIVER_DATABASE_URL: Postgres refused it: {_message(exc)}"
+        ) from None
 
 
 # synchronous_commit is forced on whatever the database default: a 200 must follow a
@@ -274,8 +301,9 @@ def plain(row: Record, *, leave_out: frozenset[str] = frozenset()) -> dict[str, 
 class Database:
     """A connection pool and the named queries run through it."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str = "") -> None:
         self.pool = pool
+        self._dsn = dsn  # to name the role when a login is refused
 
     @classmethod
     async def open(
@@ -314,7 +342,7 @@ class Database:
             reset=_keep_session,
             statement_cache_size=0 if pooled else 100,
         )
-        return cls(pool)
+        return cls(pool, dsn)
 
     async def close(self) -> None:
         """Close every connection, waiting for queries in flight."""
@@ -334,9 +362,11 @@ class Database:
                 _fault("refused")
                 # No traceback: the driver's message can quote connection parameters.
                 log.error("database_connect_refused", error=type(exc).__name__)  # noqa: TRY400
+                if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+                    raise refused_at_login(exc, self._dsn) from None
                 if isinstance(exc, _MISCONFIGURED):
                     # These messages name the database or role, never a password.
-                    raise errors.DatabaseRefused(str(exc)) from None
+                    raise errors.DatabaseRefused(_message(exc)) from None
                 raise errors.DatabaseUnavailable("database refused the connection") from exc
             try:
                 # The pool hands out a proxy that forwards every Connection method.

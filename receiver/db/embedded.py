@@ -66,11 +66,15 @@ async def cache_login(dsn: str) -> str:
     password = secrets.token_urlsafe(18)
     conn = await db.connect(dsn)
     try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DEV_CACHE_ROLE)
-        verb = "ALTER" if exists else "CREATE"
-        # Identifiers and passwords cannot be bind parameters in DDL; both are ours.
-        await conn.execute(f"{verb} ROLE {DEV_CACHE_ROLE} LOGIN PASSWORD '{password}'")
-        await conn.execute(f"GRANT receiver_cache_reader TO {DEV_CACHE_ROLE}")
+        # A RECEIVER_DATABASE_URL whose role may not create roles: errors.DatabasePermission.
+        async with db.translated_errors(conn):
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1", DEV_CACHE_ROLE
+            )
+            verb = "ALTER" if exists else "CREATE"
+            # Identifiers and passwords cannot be bind parameters in DDL; both are ours.
+            await conn.execute(f"{verb} ROLE {DEV_CACHE_ROLE} LOGIN PASSWORD '{password}'")
+            await conn.execute(f"GRANT receiver_cache_reader TO {DEV_CACHE_ROLE}")
     finally:
         await conn.close()
     parts = urlsplit(dsn)

@@ -52,13 +52,17 @@ SQUASHED = {
     ),
 }
 # Earlier texts of a shipped file whose effect on a database is the same as the
-# current text's: a database that recorded one is at that migration. 0001_baseline's
-# role creation first skipped roles that already exist (a migration owner without
-# CREATEROLE could not migrate even once an administrator had created them).
+# current text's: a database that recorded one is at that migration. Each maps to the
+# checksum of the one text it is equivalent to, so an edit of the current file is
+# still refused on such a database. 0001_baseline's role creation first skipped roles
+# that already exist (a migration owner without CREATEROLE could not migrate even
+# once an administrator had created them).
 EQUIVALENT = {
-    "0001_baseline": frozenset(
-        {"a2cdbaf6375a78ff12ce3113268d00a33c9bf42f92496b01cb46d81e34c1c69d"}
-    ),
+    "0001_baseline": {
+        "a2cdbaf6375a78ff12ce3113268d00a33c9bf42f92496b01cb46d81e34c1c69d": (
+            "b9746f4a8682e9b9b62c073dde5a38e30a7ba97bd0680e7acf9201650b20731c"
+        ),
+    },
 }
 # The group roles the baseline creates when missing (README "Roles"); creating them
 # needs CREATEROLE, so `receiver migrate --print-roles` prints the SQL for a superuser.
@@ -183,7 +187,15 @@ async def _apply_pending(conn: db.Connection, until: str | None) -> list[str]:
             break
         if migration.name not in done:
             async with conn.transaction():
-                await _lock_table(conn)
+                try:
+                    await _lock_table(conn)
+                except asyncpg.InsufficientPrivilegeError:
+                    # It reads the migrations (the runtime role) but may not apply one.
+                    raise errors.ConfigError(
+                        f"migration {migration.name} is pending, and role "
+                        f"{db.role_of(conn)!r} may not apply it: run `receiver migrate` "
+                        "first, as the role that owns the database (the migrate Job)"
+                    ) from None
                 now = await conn.fetchval(db.QUERIES["migration_checksum"], migration.name)
                 if now is None:
                     await conn.execute(migration.sql)
@@ -193,7 +205,7 @@ async def _apply_pending(conn: db.Connection, until: str | None) -> list[str]:
                     log.info("migration_applied", migration=migration.name)
                     applied.append(migration.name)
                 done[migration.name] = now or migration.checksum
-        if done[migration.name] in EQUIVALENT.get(migration.name, ()):
+        if EQUIVALENT.get(migration.name, {}).get(done[migration.name]) == migration.checksum:
             done[migration.name] = migration.checksum
         if done[migration.name] != migration.checksum:
             raise errors.MigrationError(

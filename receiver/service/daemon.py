@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -88,8 +89,18 @@ async def _check_behind_pooler(dsn: str) -> None:
         )
 
 
+# SIGHUPs that came while `serve` was starting (waiting for the database, migrating):
+# remembered, not fatal, and honoured once it serves (the settings were read before).
+_RELOADS_WHILE_STARTING: list[int] = []
+
+
+def _remember_reload(signum: int, _: object) -> None:
+    _RELOADS_WHILE_STARTING.append(signum)
+
+
 def serve(args: argparse.Namespace) -> int:
     """`receiver serve`."""
+    signal.signal(signal.SIGHUP, _remember_reload)
     settings = console.start(args, service=True)
     if args.worker:  # one of `serve --workers N`'s processes: the parent migrated
         _run_worker(settings, args, reuse_port=True)
@@ -105,7 +116,10 @@ def serve(args: argparse.Namespace) -> int:
         asyncio.run(_migrate_when_reachable(console.dsn(settings)))
     url = f"http://{args.host}:{args.port}"
     if args.dev:
-        cache_dsn = asyncio.run(embedded.cache_login(console.dsn(settings)))
+        try:
+            cache_dsn: str | None = asyncio.run(embedded.cache_login(console.dsn(settings)))
+        except errors.DatabasePermission:
+            cache_dsn = None  # a RECEIVER_DATABASE_URL whose role may not create roles
         _print_dev_help(settings, url, cache_dsn)
     if args.workers == 1:
         _run_worker(settings, args, reuse_port=False)
@@ -255,6 +269,9 @@ async def _serve_until_stopped(
         loop.add_signal_handler(
             signal.SIGHUP, functools.partial(reload.reload, application, dev=dev)
         )
+        if _RELOADS_WHILE_STARTING:
+            _RELOADS_WHILE_STARTING.clear()
+            reload.reload(application, dev=dev)
 
         def on_supervisor_gone() -> None:
             why.append("supervisor_gone")
@@ -292,43 +309,77 @@ def dispatch(args: argparse.Namespace) -> int:
     settings = console.start(args, service=True, needs=config.NEEDS_DATABASE)
     if settings.cache_url is None:
         raise errors.ConfigError("RECEIVER_CACHE_URL is required to dispatch signals")
-    asyncio.run(_dispatch_until_stopped(settings, console.dsn(settings)))
+    asyncio.run(_dispatch_until_stopped(settings, console.dsn(settings), dev=args.dev))
     return 0
 
 
-async def _dispatch_until_stopped(settings: config.Settings, dsn: str) -> None:
+async def _dispatch_until_stopped(settings: config.Settings, dsn: str, *, dev: bool) -> None:
     database = await db.Database.open(dsn, max_size=4, pooled=settings.database_pooled)
     try:
+        try:
+            # The dispatcher's loop rides out an outage; a wrong role (a refused login,
+            # the cache reader's URL) would never pass: one line, exit 2, as serve says.
+            await database.fetch("open_signal_counts")
+        except (errors.DatabasePermission, errors.DatabaseRefused):
+            raise
+        except errors.DatabaseUnavailable:
+            pass  # down, or not migrated yet: the loop waits for it
         async with aiohttp.ClientSession() as session:
             dispatcher = outbox.Dispatcher(database, settings, session)
             task = asyncio.create_task(dispatcher.run_until_stopped())
             loop = asyncio.get_running_loop()
             for stop in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(stop, task.cancel)
+            in_force = settings
+
+            def hang_up() -> None:
+                # A reload, as serve's (the cache secret and the log level): the
+                # dispatcher keeps delivering.
+                nonlocal in_force
+                fresh = reload.reread(in_force, dev=dev, needs=config.NEEDS_DATABASE)
+                if fresh is not in_force:
+                    in_force = fresh
+                    dispatcher.use_secrets(fresh)
+
+            loop.add_signal_handler(signal.SIGHUP, hang_up)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     finally:
         await database.close()
 
 
-def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str) -> None:
+def _print_dev_help(settings: config.Settings, url: str, cache_dsn: str | None) -> None:
     command = (
         sys.argv[0] if Path(sys.argv[0]).name == "receiver" else f"{sys.executable} -m receiver"
     )
     data_dir = shlex.quote(str(settings.data_dir.resolve()))
-    print(
+    dsn = console.dsn(settings)
+    text = (
         "\nreceiver is running (dev mode: embedded Postgres unless RECEIVER_DATABASE_URL is set,\n"
         f"dev secrets in {data_dir}/{config.DEV_SECRETS_FILE}, mode 0600).\n"
         "Fire a signed test event from another terminal:\n\n"
         f"  RECEIVER_DATA_DIR={data_dir} {shlex.quote(command)} replay trigger "
-        f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n\n"
-        "Commands without --dev (as the README writes them) need the database URL:\n\n"
-        f"  export RECEIVER_DATABASE_URL={shlex.quote(console.dsn(settings))}\n\n"
-        "A partner application's token cache connects read-only (receiver_cache_reader),\n"
-        f"with RECEIVER_TOKEN_KEYS from the dev secrets file and:\n\n"
-        f"  RECEIVER_CACHE_DATABASE_URL={shlex.quote(cache_dsn)}\n",
-        flush=True,
+        f"client.onboarding_completed --dev --to {url}{app.WEBHOOK_PATH}\n"
     )
+    if not urlsplit(dsn).password:
+        # The embedded Postgres's URL (it has no password). A URL you set may hold one,
+        # which is never printed; you know it already.
+        text += (
+            "\nCommands without --dev (as the README writes them) need the database URL:\n\n"
+            f"  export RECEIVER_DATABASE_URL={shlex.quote(dsn)}\n"
+        )
+    if cache_dsn is None:
+        text += (
+            "\nNo login for a partner application's token cache: the role in "
+            "RECEIVER_DATABASE_URL may not create roles.\n"
+        )
+    else:
+        text += (
+            "\nA partner application's token cache connects read-only (receiver_cache_reader),\n"
+            f"with RECEIVER_TOKEN_KEYS from the dev secrets file and:\n\n"
+            f"  RECEIVER_CACHE_DATABASE_URL={shlex.quote(cache_dsn)}\n"
+        )
+    print(text, flush=True)
 
 
 def migrate(args: argparse.Namespace) -> int:

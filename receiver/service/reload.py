@@ -38,19 +38,9 @@ def reload(application: web.Application, *, dev: bool) -> list[str]:
     variables that changed (empty: nothing changed, or the reload was refused)."""
     live = application[state.LIVE]
     old = live.settings
-    try:
-        fresh = config.load_settings(dev=dev, needs=config.NEEDS_SERVICE)
-    except errors.ConfigError as exc:
-        logger.warning("reload_refused", reason=str(exc))
-        return []
-    changed = [name for name in RELOADABLE if getattr(fresh, name) != getattr(old, name)]
-    restart = [
-        name
-        for name in RESTART_ONLY
-        if getattr(fresh, name) is not None and getattr(fresh, name) != getattr(old, name)
-    ]
+    new = reread(old, dev=dev, needs=config.NEEDS_SERVICE)
+    changed = [name for name in RELOADABLE if getattr(new, name) != getattr(old, name)]
     if changed:
-        new = old.model_copy(update={name: getattr(fresh, name) for name in changed})
         live.settings = new
         secret_sets = application[state.SECRET_SETS]  # read by every delivery
         secret_sets.clear()
@@ -58,6 +48,27 @@ def reload(application: web.Application, *, dev: bool) -> list[str]:
         dispatcher = application.get(state.DISPATCHER)
         if dispatcher is not None:
             dispatcher.use_secrets(new)
+    return changed
+
+
+def reread(old: config.Settings, *, dev: bool, needs: frozenset[str]) -> config.Settings:
+    """The settings in force after a reload: `old` with the reloadable ones read
+    again (`old` itself when the reload is refused), the log configured for them, and
+    one line naming what changed."""
+    try:
+        fresh = config.load_settings(dev=dev, needs=needs)
+    except errors.ConfigError as exc:
+        logger.warning("reload_refused", reason=str(exc))
+        return old
+    changed = [name for name in RELOADABLE if getattr(fresh, name) != getattr(old, name)]
+    restart = [
+        name
+        for name in RESTART_ONLY
+        if getattr(fresh, name) is not None and getattr(fresh, name) != getattr(old, name)
+    ]
+    new = old
+    if changed:
+        new = old.model_copy(update={name: getattr(fresh, name) for name in changed})
         # The redaction must know the new secrets before any line could hold one.
         log.configure(
             level=new.log_level,
@@ -71,4 +82,4 @@ def reload(application: web.Application, *, dev: bool) -> list[str]:
         needs_restart=[f"RECEIVER_{name.upper()}" for name in restart],
         pid=os.getpid(),  # which process reloaded (serve --workers)
     )
-    return changed
+    return new

@@ -40,12 +40,13 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
     """
     assert settings.database_url is not None
     metrics_dir = tempfile.mkdtemp(prefix="receiver-metrics-")
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-        # As resolved here (the embedded Postgres in dev): workers must not start another.
-        "RECEIVER_DATABASE_URL": settings.database_url.get_secret_value(),
-    }
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    if not {"RECEIVER_DATABASE_URL", "RECEIVER_DATABASE_URL_FILE"} & set(os.environ):
+        # As resolved here (the embedded Postgres in dev): workers must not start
+        # another. A URL the operator gave stays where it was given: a worker reads
+        # RECEIVER_DATABASE_URL_FILE itself (with both set, each worker would refuse to
+        # start, and the password would sit in every worker's environment).
+        env["RECEIVER_DATABASE_URL"] = settings.database_url.get_secret_value()
     # The workers hold the read end of this pipe, only this process its write end: when
     # this process dies, however (even SIGKILL), the workers read end of file and stop.
     # Portable, unlike PR_SET_PDEATHSIG, and immune to the workers' own sessions.
@@ -73,7 +74,15 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         # would cut a worker's drain short. (Containers and systemd kill the whole
         # cgroup on SIGKILL, so workers do not outlive a killed parent there.)
         child = subprocess.Popen(  # noqa: S603
-            argv, env=env, start_new_session=True, pass_fds=(watch_fd,)
+            argv,
+            env=env,
+            start_new_session=True,
+            pass_fds=(watch_fd,),
+            # Born ignoring SIGHUP (kept across exec) until it installs its own reload:
+            # a reload forwarded while it starts would otherwise kill it (SIGHUP's
+            # default), and a few in a row would look like a crash loop. It reads its
+            # settings after that, so it misses no change.
+            preexec_fn=_ignore_hangups,
         )
         running[child.pid] = time.monotonic()
         children[child.pid] = child
@@ -135,3 +144,8 @@ def supervise(settings: config.Settings, *, host: str, port: int, count: int, de
         os.close(alive_fd)
         os.close(watch_fd)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _ignore_hangups() -> None:
+    """In a new worker, between fork and exec (the supervisor runs no other thread)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -115,6 +115,12 @@ class Dispatcher:
         # The first secret signs; during a rotation window every configured one signs
         # too, so a cache that knows only the old or only the new one verifies.
         self.use_secrets(settings)
+        self._wakeup = asyncio.Event()
+        self._revocation_wakeup = asyncio.Event()
+        self._held: set[uuid.UUID] = set()
+        self._stopping = asyncio.Event()
+        self._next_reap = 0.0
+        self.worker_id = uuid.uuid4().hex[:12]
         self._legacy_signature = settings.signal_legacy_signature
         self._session = session
         self._max_age = settings.signal_max_age
@@ -131,12 +137,6 @@ class Dispatcher:
         the first secret signs; every one is listed during a rotation window."""
         self._secrets = [s.get_secret_value() for s in settings.cache_secret]
         self._signers = [standardwebhooks.Webhook(s) for s in self._secrets]
-        self._wakeup = asyncio.Event()
-        self._revocation_wakeup = asyncio.Event()
-        self._held: set[uuid.UUID] = set()
-        self._stopping = asyncio.Event()
-        self._next_reap = 0.0
-        self.worker_id = uuid.uuid4().hex[:12]
 
     def __repr__(self) -> str:
         return f"Dispatcher(worker_id={self.worker_id!r}, url={self._url!r})"

@@ -74,6 +74,22 @@ async def test_reason_is_the_audit_reason_and_the_old_filter_spellings_are_refus
     assert [tuple(r) for r in reasons] == [("events_reprocess", "ticket 7")]
 
 
+async def test_the_old_filter_spelling_is_refused_however_it_is_written(
+    post: Post, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """`events reprocess --quarantined --reason` with a quarantine reason written in
+    capitals, with a dash or padded (as an old script or a hurried operator writes
+    it): refused like the exact spelling, nothing reprocessed or audited (before,
+    every quarantined delivery was reprocessed)."""
+    await _quarantined(post)
+    env = operator_env(settings)
+    for written in ("INVALID_DATA", "invalid-data", " invalid_data "):
+        refused = await cli(["events", "reprocess", "--quarantined", f"--reason={written}"], env)
+        assert refused.returncode == 2, (written, refused.stdout)
+        assert "--quarantine-reason invalid_data" in refused.stderr
+    assert await conn.fetchval("SELECT count(*) FROM receiver.audit") == 0
+
+
 async def test_every_change_takes_json(post: Post, settings: Settings) -> None:
     """`migrate`, `migrate --status`, `signals retry`, `tokens import` and `events
     dismiss` print their outcome as JSON with `--json` (stdout holds only that)."""

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import uuid
@@ -223,6 +224,44 @@ async def test_serve_as_the_runtime_login_on_an_unmigrated_database_is_one_line(
     assert "database_waiting" not in result.stdout + result.stderr
 
 
+async def test_serve_as_the_runtime_login_with_a_migration_pending_says_migrate_first(
+    logins: dict[str, tuple[str, str]], database_url: str, conn: asyncpg.Connection
+) -> None:
+    """A release rolled out before its migrate Job ran: `serve` and `migrate` as the
+    runtime login name the pending migration and the owner's `receiver migrate`, exit
+    2 (before: "lacks a privilege … need a login granted receiver_runtime … is this the
+    cache reader's URL?", about a login that is granted receiver_runtime)."""
+    last = migrations.available()[-1].name
+    await conn.execute("DELETE FROM receiver.schema_migrations WHERE name = $1", last)
+    role, password = logins["app"]
+    env = service_env(as_login(database_url, role, password))
+    for args in (["serve", "--port", str(processes.free_port())], ["migrate"]):
+        result = await asyncio.to_thread(processes.run, args, env, 30)
+        assert result.returncode == 2, (args, result.stderr)
+        line = one_line(result)
+        assert f"migration {last} is pending" in line, line
+        assert f"'{role}'" in line, line
+        assert "cache reader" not in line, line
+
+
+async def test_serve_dev_with_a_least_privilege_url_serves_and_prints_no_password(
+    logins: dict[str, tuple[str, str]], database_url: str, tmp_path: Path
+) -> None:
+    """`serve --dev` with RECEIVER_DATABASE_URL set to a login that may not create roles:
+    it serves, says it made no cache login, and prints no password (before: a
+    traceback, "permission denied to create role"; and with a role that could, the
+    help line echoed the URL with its password)."""
+    role, password = logins["app"]
+    env = service_env(as_login(database_url, role, password), RECEIVER_DATA_DIR=str(tmp_path))
+    port = processes.free_port()
+    with processes.serving(["--dev", "--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        text = output.read_text()
+    assert "No login for a partner application's token cache" in text
+    assert password not in text
+    assert "Traceback" not in text
+
+
 async def test_the_cache_readers_url_in_serve_is_one_line(
     logins: dict[str, tuple[str, str]], database_url: str
 ) -> None:
@@ -253,6 +292,56 @@ async def test_a_role_that_does_not_exist_is_the_same_line_everywhere(database_u
         assert "never-shown" not in result.stdout + result.stderr
 
 
+async def test_a_login_without_connect_on_the_database_is_one_line_naming_it(
+    logins: dict[str, tuple[str, str]], database_url: str, conn: asyncpg.Connection
+) -> None:
+    """A login the database's owner never granted CONNECT (REVOKE … FROM PUBLIC, the
+    usual hardening): every command and `serve` say it in one line naming the role
+    and CONNECT, exit 2 (before: "database refused the connection", exit 1, `status`
+    "UNREACHABLE", and serve's line split by Postgres's DETAIL)."""
+    role, password = logins["app"]
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+    env = service_env(
+        as_login(database_url, role, password),
+        RECEIVER_CACHE_URL="http://127.0.0.1:9/signals",
+        RECEIVER_CACHE_SECRET=helpers.new_secret(),
+    )
+    for args in (
+        ["serve", "--port", str(processes.free_port())],
+        ["migrate", "--check"],
+        ["status", "--json"],
+        ["tokens", "list"],
+        ["dispatch"],
+    ):
+        result = await asyncio.to_thread(processes.run, args, env, 30)
+        assert result.returncode == 2, (args, result.stderr)
+        line = one_line(result)
+        assert f"'{role}'" in line, line
+        assert "CONNECT" in line, line
+        assert password not in result.stdout + result.stderr
+
+
+async def test_dispatch_with_the_wrong_role_exits_2_instead_of_looping(
+    logins: dict[str, tuple[str, str]], database_url: str
+) -> None:
+    """`receiver dispatch` with the cache reader's URL, or a role that does not exist:
+    one line naming the role, exit 2 (before: it logged a refusal every poll,
+    forever)."""
+    reader, password = logins["cache"]
+    ghost = f"ghost_{uuid.uuid4().hex[:8]}"
+    for role, secret in ((reader, password), (ghost, "never-shown")):
+        env = service_env(
+            as_login(database_url, role, secret),
+            RECEIVER_CACHE_URL="http://127.0.0.1:9/signals",
+            RECEIVER_CACHE_SECRET=helpers.new_secret(),
+        )
+        result = await asyncio.to_thread(processes.run, ["dispatch"], env, 30)
+        assert result.returncode == 2, result.stderr
+        assert role in one_line(result)
+        assert secret not in result.stdout + result.stderr
+
+
 async def test_a_database_migrated_by_the_earlier_baseline_text_stays_current(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
@@ -271,6 +360,28 @@ async def test_a_database_migrated_by_the_earlier_baseline_text_stays_current(
     refused = await asyncio.to_thread(processes.run, ["migrate"], env)
     assert refused.returncode == 1
     assert "was edited" in refused.stderr
+
+
+async def test_the_earlier_baseline_text_does_not_vouch_for_an_edited_baseline(
+    database_url: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A database that recorded the earlier baseline text, and a release whose baseline
+    file was edited: `migrate` refuses it as edited (before: any text of the file was
+    taken as equivalent to the earlier one). The release is a copy of the package with
+    its own `sql/`, as a wheel ships it."""
+    earlier = next(iter(migrations.EQUIVALENT["0001_baseline"]))
+    await conn.execute(
+        "UPDATE receiver.schema_migrations SET checksum = $1 WHERE name = '0001_baseline'", earlier
+    )
+    release = tmp_path / "receiver"
+    await asyncio.to_thread(shutil.copytree, ROOT / "receiver", release)
+    await asyncio.to_thread(shutil.copytree, ROOT / "sql", release / "sql")
+    baseline = release / "sql" / "0001_baseline.sql"
+    baseline.write_text(baseline.read_text() + "\nGRANT ALL ON SCHEMA receiver TO PUBLIC;\n")
+    env = processes.clean_env(RECEIVER_DATABASE_URL=database_url)
+    edited = await asyncio.to_thread(processes.run, ["migrate"], env, 60, None, tmp_path)
+    assert edited.returncode == 1, edited.stderr
+    assert "0001_baseline was edited" in edited.stderr
 
 
 def test_print_roles_needs_no_setting() -> None:

@@ -20,6 +20,7 @@ from receiver.config import Settings
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Post, operator_env
+from tests.integration.standins import StandInCache, eventually
 from tests.integration.test_operability import listening_pids
 
 
@@ -209,6 +210,151 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(database_url: str) 
             assert not await _gone(pid, seconds=0.5), f"worker {pid} stopped on SIGHUP"
         body = helpers.encode(helpers.onboarding())
         assert (await processes.post_signed(port, secret, body))[0] == 200
+
+
+async def test_workers_read_the_database_url_from_its_file_and_reload(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`serve --workers 2` with RECEIVER_DATABASE_URL_FILE (README's least-privilege
+    install): the workers start and answer (before, each refused to start, "set
+    RECEIVER_DATABASE_URL or RECEIVER_DATABASE_URL_FILE, not both", a crash loop),
+    the password is in no worker's environment, and a HUP reloads both."""
+    password = f"pw-{secrets.token_hex(8)}"  # the shared test Postgres trusts loopback
+    parts = urlsplit(database_url)
+    user = parts.username or "postgres"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    url_file = tmp_path / "database_url"
+    url_file.write_text(urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}")) + "\n")
+    env, old = processes.receiver_env(database_url)
+    env.pop("RECEIVER_DATABASE_URL")
+    env["RECEIVER_DATABASE_URL_FILE"] = str(url_file)
+    secrets_file = tmp_path / "webhook_secrets"
+    secrets_file.write_text(old)
+    env.pop("RECEIVER_WEBHOOK_SECRETS")
+    env["RECEIVER_WEBHOOK_SECRETS_FILE"] = str(secrets_file)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        workers = await listening_pids(output, 2)
+        for pid in workers:
+            environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
+            assert password.encode() not in environ
+        new = helpers.new_secret()
+        secrets_file.write_text(f"{new},{old}")
+        process.send_signal(signal.SIGHUP)
+        reloaded = await _logged(output, "configuration_reloaded", count=2)
+        assert {line["pid"] for line in reloaded} == set(workers)
+        for _ in range(4):  # the kernel spreads connections over both workers
+            body = helpers.encode(helpers.onboarding())
+            assert (await processes.post_signed(port, new, body))[0] == 200
+        assert process.poll() is None
+        text = output.read_text()
+    assert "worker_exited" not in text
+    assert password not in text
+
+
+async def test_sighup_reloads_a_lone_dispatchers_cache_secret(
+    database_url: str, tmp_path: Path, standin_cache: StandInCache
+) -> None:
+    """`receiver dispatch` on SIGHUP reads RECEIVER_CACHE_SECRET_FILE again and signs
+    with the new secret, still running (before, SIGHUP killed it, exit 129, its
+    leases held until they expired); a bad file is refused, the old secret kept."""
+    env, _ = processes.receiver_env(database_url, RECEIVER_CACHE_URL=standin_cache.url)
+    secret_file = tmp_path / "cache_secret"
+    secret_file.write_text(standin_cache.secret_b64 + "\n")
+    env["RECEIVER_CACHE_SECRET_FILE"] = str(secret_file)
+    with processes.background(["dispatch"], env) as (process, output):
+        await _logged(output, "dispatcher_started")
+        new = helpers.new_secret()
+        secret_file.write_text(new + "\n")
+        process.send_signal(signal.SIGHUP)
+        (line,) = await _logged(output, "configuration_reloaded")
+        assert line["changed"] == ["RECEIVER_CACHE_SECRET"]
+        secret_file.write_text("not base64!\n")
+        process.send_signal(signal.SIGHUP)
+        await _logged(output, "reload_refused")
+        secret_file.write_text(new + "\n")  # for `tokens import`, which signs nothing
+        standin_cache.secret_b64 = new  # the cache now verifies with the new secret only
+        imported = await asyncio.to_thread(
+            processes.run,
+            ["tokens", "import", "cli_hup", "--reason", "test"],
+            env,
+            60,
+            helpers.canary_token() + "\n",
+        )
+        assert imported.returncode == 0, imported.stderr
+
+        async def delivered() -> bool:
+            return len(standin_cache.received) == 1
+
+        await eventually(delivered)
+        assert process.poll() is None
+    assert new not in output.read_text()
+
+
+async def test_sighup_while_serve_migrates_is_a_reload_once_it_serves(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A reload (systemd's ExecReload) while `serve` still waits to migrate: it keeps
+    starting, then serves with the secrets written before the HUP (before, SIGHUP's
+    default action killed it, exit 129, without a line)."""
+    env, old = processes.receiver_env(empty_database_url)
+    secrets_file = tmp_path / "webhook_secrets"
+    secrets_file.write_text(old)
+    env.pop("RECEIVER_WEBHOOK_SECRETS")
+    env["RECEIVER_WEBHOOK_SECRETS_FILE"] = str(secrets_file)
+    holder = await asyncpg.connect(empty_database_url)
+    try:
+        # Another replica bootstrapping this database: serve waits for its lock.
+        await holder.fetchval("SELECT pg_advisory_lock(hashtextextended('receiver.migrate', 0))")
+        port = processes.free_port()
+        with processes.serving(["--port", str(port)], env) as (process, output):
+            await _logged(output, "migration_lock_waiting")
+            new = helpers.new_secret()
+            secrets_file.write_text(f"{new},{old}")
+            process.send_signal(signal.SIGHUP)
+            await holder.fetchval(
+                "SELECT pg_advisory_unlock(hashtextextended('receiver.migrate', 0))"
+            )
+            await processes.wait_healthy(port, process)
+            (line,) = await _logged(output, "configuration_reloaded")
+            assert line["changed"] == ["RECEIVER_WEBHOOK_SECRETS"]
+            body = helpers.encode(helpers.onboarding())
+            assert (await processes.post_signed(port, new, body))[0] == 200
+    finally:
+        await holder.close()
+
+
+async def test_reloads_while_workers_start_kill_none(database_url: str) -> None:
+    """SIGHUPs sent to the `serve --workers 2` supervisor as fast as a script can while
+    its workers start: none dies, the service serves (before, each worker forwarded a
+    HUP before its handler existed died of it, and five made a crash loop)."""
+    env, secret = processes.receiver_env(database_url)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port), "--workers", "2"], env) as (process, output):
+        status = Path(f"/proc/{process.pid}/status")
+
+        async def catches_hangups() -> bool:
+            text = await asyncio.to_thread(status.read_text)
+            caught = next(line for line in text.splitlines() if line.startswith("SigCgt:"))
+            return bool(int(caught.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+        await eventually(catches_hangups)  # before that, the supervisor's own start
+        listening: list[dict[str, object]] = []
+        sent = 0
+        while len(listening) < 2 or sent < 50:
+            process.send_signal(signal.SIGHUP)
+            sent += 1
+            assert sent < 3000, "the workers never listened"
+            await asyncio.sleep(0.01)
+            listening = [line for line in _lines(output) if line.get("event") == "listening"]
+        await processes.wait_healthy(port, process)
+        body = helpers.encode(helpers.onboarding())
+        assert (await processes.post_signed(port, secret, body))[0] == 200
+        assert process.poll() is None
+        events = {line.get("event") for line in _lines(output)}
+    assert "worker_exited" not in events
+    assert "worker_crash_loop" not in events
 
 
 async def test_readiness_fails_first_while_deliveries_are_answered(database_url: str) -> None:

@@ -692,6 +692,39 @@ async def test_a_revocation_is_sent_while_a_batch_is_still_out(
         standin_cache.hang.set()
 
 
+async def test_the_revocation_lane_survives_a_reload_of_the_cache_secret(
+    database: db.Database, settings: Settings, standin_cache: StandInCache
+) -> None:
+    """SIGHUP re-signs with the cache secret read again (`use_secrets`); the revocation
+    lane still sends a revocation beside a batch that hangs at the cache (before, the
+    reload swapped the lane's wake-up event, so revocations waited for the next poll,
+    and none came while the batch hung)."""
+    for _ in range(2):
+        await record(database, settings, helpers.onboarding(f"cli_{os.urandom(4).hex()}"))
+    standin_cache.hang = asyncio.Event()
+    cache = with_cache(settings, standin_cache)
+    try:
+        async with dispatching(database, cache, batch_size=2) as dispatcher:
+
+            async def batch_out() -> bool:
+                return len(standin_cache.received) == 2
+
+            await eventually(batch_out)
+            dispatcher.use_secrets(cache)  # as reload.reload does
+            await record(database, settings, helpers.revocation("cli_revoked", None))
+            dispatcher.wake(revocation=True)
+
+            async def revocation_arrived() -> bool:
+                return any(r["body"]["reason"] == "token_revoked" for r in standin_cache.received)
+
+            # Well before the hanging batch times out (after which the main loop's
+            # next claim would send the revocation anyway).
+            await eventually(revocation_arrived, seconds=outbox.DELIVERY_TIMEOUT_SECONDS / 2)
+            standin_cache.hang.set()
+    finally:
+        standin_cache.hang.set()
+
+
 async def record(database: db.Database, settings: Settings, document: dict[str, Any]) -> None:
     """Record one delivery the way the webhook does, its signals for HTTP delivery."""
     sealer = vault.Sealer.from_settings(settings)

@@ -63,3 +63,20 @@ async def test_status_with_the_database_down_says_so_in_one_line(settings: Setti
     assert "UNREACHABLE" in text
     assert "SECRETVALUE" not in text
     assert "Traceback" not in text
+
+
+async def test_status_of_an_unmigrated_database_says_migrate_not_unreachable(
+    settings: Settings, empty_database_url: str
+) -> None:
+    """A reachable database nobody migrated yet (the migrate Job forgotten): status says
+    it is reachable with every migration pending, exit 1 (before: "UNREACHABLE", the
+    one thing it was not)."""
+    code, text = await status(settings, RECEIVER_DATABASE_URL=empty_database_url)
+    assert code == 1
+    assert "database       reachable" in text
+    assert "0 applied" in text
+    code, out = await status(settings, "--json", RECEIVER_DATABASE_URL=empty_database_url)
+    report = json.loads(out)
+    assert report["database"]["reachable"] is True
+    assert "0001_baseline" in report["migrations"]["pending"]
+    assert report["attention"][0].startswith("migrations pending: 0001_baseline")

@@ -135,3 +135,20 @@ def test_a_secret_and_its_file_together_is_one_clear_error(
     with pytest.raises(errors.ConfigError) as unreadable:
         config.load_settings()
     assert "RECEIVER_WEBHOOK_SECRETS_FILE names a file that cannot be read" in str(unreadable.value)
+
+
+def test_a_secret_file_too_large_to_be_a_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A `_FILE` naming something far larger than a secret (a log, a dump; /dev/zero
+    would never end) is refused after reading its first 64 KiB, naming the variable
+    (before: read whole and, being valid base64, taken as a webhook secret)."""
+    large = tmp_path / "large"
+    large.write_text("A" * 70_000)  # valid base64
+    monkeypatch.setenv("RECEIVER_WEBHOOK_SECRETS_FILE", str(large))
+    with pytest.raises(errors.ConfigError) as refused:
+        config.load_settings(**{k: v for k, v in GOOD.items() if k != "webhook_secrets"})
+    assert "RECEIVER_WEBHOOK_SECRETS_FILE names a file over 64 KiB" in str(refused.value)
+    monkeypatch.setenv("RECEIVER_WEBHOOK_SECRETS_FILE", "/dev/zero")
+    with pytest.raises(errors.ConfigError, match="over 64 KiB"):
+        config.load_settings(**{k: v for k, v in GOOD.items() if k != "webhook_secrets"})
