@@ -407,6 +407,9 @@ FILE_SECRETS = (
     "debitura_test_api_key",
     "admin_tokens",
 )
+# Settings that may also come from a file: the secrets, and the log level, which a
+# SIGHUP can change only that way (a running process's environment never changes).
+FILE_SETTINGS = (*FILE_SECRETS, "log_level")
 
 
 MAX_SECRET_FILE_BYTES = 64 * 1024
@@ -418,7 +421,7 @@ def secret_files() -> dict[str, str]:
     `_FILE` is an error; so is a file that cannot be read. Messages name the
     variable, never the content."""
     values: dict[str, str] = {}
-    for name in FILE_SECRETS:
+    for name in FILE_SETTINGS:
         variable = f"RECEIVER_{name.upper()}"
         path = os.environ.get(f"{variable}_FILE")
         if path is None:
@@ -481,7 +484,7 @@ def load_settings(
 def unknown_variables() -> list[str]:
     """`RECEIVER_*` variables in the environment that nothing reads (typos), each
     with the known name it most resembles, if any."""
-    known = set(Settings.model_fields) | OTHER_VARIABLES | {f"{n}_file" for n in FILE_SECRETS}
+    known = set(Settings.model_fields) | OTHER_VARIABLES | {f"{n}_file" for n in FILE_SETTINGS}
     found = []
     for name in sorted(env_names_set() - known):
         close = difflib.get_close_matches(name, sorted(known), n=1)

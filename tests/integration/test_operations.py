@@ -194,6 +194,32 @@ async def test_sighup_reloads_secrets_from_their_files_and_keeps_serving(
     assert "shutting_down" not in text
 
 
+async def test_sighup_reloads_the_log_level_from_its_file(
+    database_url: str, tmp_path: Path
+) -> None:
+    """RECEIVER_LOG_LEVEL_FILE: a SIGHUP after the file says `debug` brings debug lines
+    (a routine probe's request line) that `info` kept out; a process's environment
+    never changes, so the file is how the log level reloads."""
+    env, _ = processes.receiver_env(database_url)
+    level_file = tmp_path / "log-level"
+    level_file.write_text("info\n")
+    env["RECEIVER_LOG_LEVEL_FILE"] = str(level_file)
+    port = processes.free_port()
+    with processes.serving(["--port", str(port)], env) as (process, output):
+        await processes.wait_healthy(port, process)
+        assert '"level": "debug"' not in output.read_text()
+        level_file.write_text("debug\n")
+        process.send_signal(signal.SIGHUP)
+        (line,) = await _logged(output, "configuration_reloaded")
+        assert line["changed"] == ["RECEIVER_LOG_LEVEL"]
+        await processes.wait_healthy(port, process)
+
+        async def debug_lines() -> bool:
+            return '"level": "debug"' in output.read_text()
+
+        await eventually(debug_lines)
+
+
 async def test_sighup_to_the_supervisor_reloads_every_worker(database_url: str) -> None:
     """kill -HUP of the `serve --workers 2` supervisor: each worker reloads, none
     stops, and the service keeps answering."""
