@@ -161,7 +161,8 @@ class DatabasePermission(DatabaseUnavailable):
     `denied` is Postgres's message, which names objects, never values."""
 
     def __init__(self, denied: str, role: str | None = None, *, connecting: bool = False) -> None:
-        super().__init__(denied)
+        # A sender's 503 says no more than an outage's: roles and tables are ours.
+        super().__init__("database is unavailable, retry later")
         self.denied = denied
         self.role = role
         self.connecting = connecting  # refused at login: no CONNECT on the database
@@ -197,7 +198,7 @@ class DatabaseRefused(DatabaseUnavailable):
     message, which names the role or database, never a password."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__("database is unavailable, retry later")  # a sender's 503
         self.reason = reason
 
     def __str__(self) -> str:

@@ -32,7 +32,8 @@ def rotate(args: argparse.Namespace) -> int:
                 print(json.dumps(plan.as_dict()))
             else:
                 print(plan.describe())
-            return 0
+            # As the real run would: values no configured key opens need attention.
+            return console.EXIT_FAILURE if plan.unopenable() else 0
         # Said before anything changes: once re-sealed, a value opens only where the
         # new primary key is configured (every replica, every partner cache).
         print(plan.describe(), file=sys.stderr, flush=True)

@@ -119,3 +119,19 @@ def test_a_quarantined_body_still_names_its_client() -> None:
     assert event.quarantine is not None
     assert event.named_client_id == "cli_named"
     assert event.client_id is None
+
+
+def test_a_role_mistake_tells_the_operator_and_not_the_sender() -> None:
+    """A refused privilege or login is one full line for the operator (the role, what
+    it lacks) and, for a delivery's 503, no more than an outage says: the sender
+    learns neither our roles nor our tables."""
+    from receiver import errors
+
+    denied = errors.DatabasePermission("permission denied for table client_locks", "app_1")
+    refused = errors.DatabaseRefused('role "ghost" does not exist')
+    assert "client_locks" in str(denied)
+    assert "'app_1'" in str(denied)
+    assert "ghost" in str(refused)
+    for problem in (denied, refused):
+        assert problem.status == 503
+        assert problem.body()["error"]["message"] == "database is unavailable, retry later"
