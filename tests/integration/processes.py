@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -19,13 +20,26 @@ import aiohttp
 from receiver import config
 from tests import conftest, helpers
 
+# Below the kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range, 32768 up
+# by default): a port the kernel hands out for `bind(0)` is also one it hands out as
+# the local port of an outgoing connection, so between our check and the receiver's
+# bind a test's own HTTP client could take it (an admin listener on 0.0.0.0 then
+# exited "port in use" about once per suite run).
+_PORTS = range(20000, 32000)
+
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A port nobody listens on right now, on any address (a receiver may bind it on
+    0.0.0.0), outside the range outgoing connections take their ports from."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # noqa: S104 (a probe, closed at once)
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port in 200 tries")
 
 
 def clean_env(**values: str) -> dict[str, str]:
