@@ -470,3 +470,48 @@ async def _notify(url: str, client_id: str) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_retried_delivery_is_not_acknowledged_before_its_first_commit_reached_the_standby(
+    bindir: Path, aiohttp_client: Any, settings: Settings, webhook_secret: str
+) -> None:
+    """Synchronous replication with the standby stalled: a delivery's commit waits for
+    it, and the driver's timeout cancels the wait, which Postgres answers by committing
+    locally (not on the standby); the sender gets a 503 and retries. The retry finds
+    the delivery stored: a duplicate, and a duplicate writes nothing (no client row to
+    lock for a quarantined or ignored delivery), so its commit waited for nothing. It
+    must not be answered 200 while the delivery is not on the standby: the primary
+    crashed then, the promoted standby has no trace of it (nothing acknowledged lost)."""
+    with replication.replicated(bindir) as pair:
+        await pair.start(synchronous=True)
+        served = config.load_settings(**{**settings_values(settings), "database_url": pair.dsn()})
+        client = await aiohttp_client(app.create_app(served))
+        bodies = [  # deliveries naming no client: quarantined, and ignored
+            json.dumps(["not an object", secrets.token_hex(8)]).encode(),
+            helpers.encode(
+                {**helpers.onboarding(), "event": "client.not_a_known_event", "data": {}}
+            ),
+        ]
+
+        async def send(body: bytes) -> int:
+            headers = helpers.signed_headers(webhook_secret, body)
+            async with client.post(app.WEBHOOK_PATH, data=body, headers=headers) as answer:
+                status: int = answer.status
+                return status
+
+        await pair.pause_replication()
+        assert await asyncio.gather(*(send(body) for body in bodies)) == [503, 503]
+        primary = await asyncpg.connect(pair.single(pair.primary_port))
+        try:  # committed locally once the wait was cancelled
+            assert await primary.fetchval("SELECT count(*) FROM receiver.events") == 2
+        finally:
+            await primary.close()
+        retried = await asyncio.gather(*(send(body) for body in bodies))
+        await asyncio.to_thread(pair.crash_primary)
+        await asyncio.to_thread(pair.promote_standby)
+        promoted = await asyncpg.connect(pair.single(pair.standby_port))
+        try:
+            assert await promoted.fetchval("SELECT count(*) FROM receiver.events") == 0
+        finally:
+            await promoted.close()
+        assert retried == [503, 503], "acknowledged, and lost with the primary"
