@@ -396,14 +396,19 @@ class TokenCache:
         while True:
             try:
                 conn = await db.connect(self._dsn, primary=True)
-            except errors.DatabaseUnavailable:
+            except errors.ReceiverError as exc:
+                # Unavailable, or refused (a database, role or pg_hba an operator is
+                # still setting up, as on a new primary after a failover): the
+                # application runs on, so the listener keeps trying, never ends.
+                if not isinstance(exc, errors.DatabaseUnavailable):
+                    log.warning("listener refused: %s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)
                 continue
             try:
                 await self._listen_on(conn)
                 delay = 0.1
-            except errors.DatabaseUnavailable:
+            except errors.ReceiverError:
                 pass
             finally:
                 self._listening.clear()

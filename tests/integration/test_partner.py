@@ -28,6 +28,7 @@ from receiver.config import Settings
 from receiver.partner import cache
 from receiver.service import app
 from tests import helpers
+from tests.conftest import create_database, drop_database, unique_name, with_database
 from tests.integration import processes
 from tests.integration.conftest import (
     Client,
@@ -714,3 +715,26 @@ async def test_a_partner_application_logs_through_its_own_logging(
     assert all(line.startswith("APP ") for line in lines), lines
     assert result.stderr == ""
     assert not helpers.find_canaries(result.stdout)
+
+
+async def test_the_listener_keeps_trying_through_a_refusal_at_connect(server_dsn: str) -> None:
+    """A refusal at connect (here: the database is not there yet; after a failover, a
+    new primary whose pg_hba or roles lag behind) is one the operator fixes while the
+    partner's application runs: the listener logs and tries again, and listens once
+    the database takes it, instead of ending for good (stale tokens until the TTL)."""
+    name = unique_name("receiver_late")
+    tokens = cache.TokenCache(
+        with_database(server_dsn, name), vault.Keyring([("k1", secrets.token_bytes(32))])
+    )
+    await tokens.start(wait_listening=0.5)
+    try:
+        assert not tokens.listening
+        await create_database(server_dsn, name)
+
+        async def listening() -> bool:
+            return tokens.listening
+
+        await eventually(listening, seconds=30)
+    finally:
+        await tokens.close()
+        await drop_database(server_dsn, name)
