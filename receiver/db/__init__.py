@@ -226,8 +226,11 @@ async def connect(dsn: str, *, primary: bool = False) -> Connection:
             return await _connect_host_by_host(
                 dsn, server_settings=_SERVER_SETTINGS, target_session_attrs=attrs
             )
-    except _MISCONFIGURED as exc:
-        # These messages name the database or role, never a password.
+    except asyncpg.PostgresError as exc:
+        # Refused at connect, not for want of capacity (translated above): no such
+        # database or role, or a parameter in the URL's query that asyncpg sends as a
+        # setting and Postgres does not know (libpq's connect_timeout). These
+        # messages name the database, role or parameter, never a password.
         raise errors.ConfigError(f"RECEIVER_DATABASE_URL: Postgres refused it: {exc}") from None
 
 
