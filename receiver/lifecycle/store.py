@@ -61,7 +61,7 @@ async def record_rows(
                 # first copy may be committed on the primary alone (its wait for the
                 # synchronous standby cancelled, its sender answered 503). A write
                 # whose commit waits for the standby proves the first copy is there
-                # too before the 200 (docs/design.md §12: a 200 survives a failover).
+                # too before the 200 (docs/design.md §9, Failover: a 200 survives it).
                 await target.fetchval("confirm_replicated")
             return [
                 _recorded(r["outcome"], row, r["revoked"])
