@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
 
-from receiver import config, vault
+from receiver import config, db, endpoints, errors, vault
 from receiver.config import Settings
 from receiver.partner import cache
 from receiver.service import app
@@ -515,3 +516,37 @@ async def test_a_retried_delivery_is_not_acknowledged_before_its_first_commit_re
         finally:
             await promoted.close()
         assert retried == [503, 503], "acknowledged, and lost with the primary"
+
+
+async def test_hosts_that_never_answer_do_not_keep_the_pool_from_the_one_that_does(
+    database_url: str,
+) -> None:
+    """Three hosts of a multi-host URL take connections and never answer (a lost zone),
+    the fourth is the primary: a pool acquisition gives up after 3 s, before the 1 s
+    per host reaches the fourth. The next one starts with the hosts that did not fail
+    to answer, and connects (it started over from the first host, for ever)."""
+    ((host, port),) = endpoints.database_addresses(database_url)
+    parts = urlsplit(database_url)
+    async with contextlib.AsyncExitStack() as stack:
+        silent = [processes.free_port() for _ in range(3)]
+        for silent_port in silent:
+            await stack.enter_async_context(_silent_listener(silent_port))
+        hosts = ",".join(["127.0.0.1"] * len(silent) + [host])
+        ports = ",".join(str(p) for p in [*silent, port])
+        url = (
+            urlunsplit((parts.scheme, parts.netloc.rpartition("@")[0] + "@", parts.path, "", ""))
+            + f"?host={hosts}&port={ports}&target_session_attrs=read-write"
+        )
+        database = await db.Database.open(url, max_size=2)
+        try:
+
+            async def connected() -> bool:
+                try:
+                    async with database.connection() as conn:
+                        return bool(await conn.fetchval("SELECT 1") == 1)
+                except errors.DatabaseUnavailable:
+                    return False
+
+            await standins.eventually(connected, seconds=12)
+        finally:
+            await database.close()
