@@ -91,6 +91,11 @@ def database_url_problem(url: str) -> str | None:
             " (or an unencoded ? in the user or password: percent-encode it)"
         )
     query = parse_qs(parts.query)
+    hosts = parts.netloc.rpartition("@")[2]
+    if hosts.strip(",") and "host" in query:
+        # libpq takes the query's hosts, asyncpg those before the path: psql and the
+        # receiver would connect to different servers.
+        return "names its hosts twice (before the path and in ?host=): keep one"
     attrs = query.get("target_session_attrs", [])
     if any(value not in SESSION_ATTRS for value in attrs):
         return f"has a target_session_attrs that is not one of {', '.join(SESSION_ATTRS)}"

@@ -110,6 +110,8 @@ def test_a_host_with_a_bad_port_stops_start_up_without_the_url(url: str) -> None
         # What the driver refuses at every connect, waited on as an outage.
         ("postgresql://u:hunter2@h1,h2/db?target_session_attrs=primary-ish", "not one of"),
         ("postgresql://u:hunter2@h1,h2/db?port=1,2,3", "ports than hosts"),
+        # libpq connects to the query's host, asyncpg to the other.
+        ("postgresql://u:hunter2@h1:5432/db?host=h2", "names its hosts twice"),
     ],
 )
 def test_a_database_url_the_driver_cannot_use_as_meant_stops_start_up(url: str, says: str) -> None:
