@@ -23,7 +23,7 @@ import pytest
 import standardwebhooks
 from aiohttp import web
 
-from receiver import config, db, partner, signing, vault
+from receiver import config, db, errors, partner, signing, vault
 from receiver.config import Settings
 from receiver.partner import cache
 from receiver.service import app
@@ -617,6 +617,13 @@ def test_cache_settings_need_only_a_database_url_and_the_keys(
     monkeypatch.delenv("RECEIVER_CACHE_DATABASE_URL")
     with pytest.raises(Exception, match="RECEIVER_CACHE_DATABASE_URL"):
         cache.CacheSettings().dsn()  # type: ignore[call-arg]
+    # An unencoded ? in the password: asyncpg's traceback (in the listener, which it
+    # ended) quoted the rest of it. One line instead, naming no part of it.
+    monkeypatch.setenv("RECEIVER_CACHE_DATABASE_URL", "postgresql://r:1?hunter2@h1,h2/receiver")
+    with pytest.raises(errors.ConfigError) as caught:
+        cache.CacheSettings().dsn()  # type: ignore[call-arg]
+    assert "RECEIVER_CACHE_DATABASE_URL is invalid" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 async def test_the_service_runs_as_the_runtime_role_without_ddl(
