@@ -145,7 +145,9 @@ def _postgres_url(value: SecretStr | None) -> SecretStr | None:
     url = value.get_secret_value()
     if urlsplit(url).scheme not in ("postgresql", "postgres"):
         raise ValueError("must be a postgresql:// URL")
-    endpoints.database_addresses(url)  # raises for a port that is not a number
+    problem = endpoints.database_url_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 

@@ -72,6 +72,43 @@ def database_hosts(url: str) -> list[str]:
     ]
 
 
+# libpq's values (and asyncpg's), beside `target_session_attrs=` in a URL.
+SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+
+
+def database_url_problem(url: str) -> str | None:
+    """What makes a Postgres URL one that no driver can use as meant (never a value of
+    it), or None. Checked at start-up: each is a line and exit 2, where the driver
+    would raise a traceback quoting part of the URL, or wait for ever on what looks
+    like a database that is down."""
+    parts = urlsplit(url)
+    if "@" in parts.path or "@" in parts.fragment:
+        return "has an @ after its host: percent-encode / ? # in the user or password"
+    fields = [field for field in parts.query.split("&") if field]
+    if any("=" not in field for field in fields):
+        return (
+            "has a query parameter with no value"
+            " (or an unencoded ? in the user or password: percent-encode it)"
+        )
+    query = parse_qs(parts.query)
+    hosts = parts.netloc.rpartition("@")[2]
+    if hosts.strip(",") and "host" in query:
+        # libpq takes the query's hosts, asyncpg those before the path: psql and the
+        # receiver would connect to different servers.
+        return "names its hosts twice (before the path and in ?host=): keep one"
+    attrs = query.get("target_session_attrs", [])
+    if any(value not in SESSION_ATTRS for value in attrs):
+        return f"has a target_session_attrs that is not one of {', '.join(SESSION_ATTRS)}"
+    try:
+        addresses = database_addresses(url)
+    except ValueError as exc:
+        return str(exc)
+    ports = (query.get("port") or [""])[0].split(",")
+    if len(ports) > 1 and len(ports) != len(addresses):
+        return "names more or fewer ports than hosts (one port for every host, or one for all)"
+    return None
+
+
 def database_addresses(url: str) -> list[tuple[str, int]]:
     """The hosts (or socket directories) and ports of a Postgres URL, in order. libpq's
     syntax names several for a primary and its standbys (`postgresql://h1:5432,h2:5432/

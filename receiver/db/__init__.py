@@ -188,6 +188,12 @@ CONNECT_TIMEOUT_PER_HOST_SECONDS = 1.0
 # Per URL's list of hosts: the one that took the last connection, tried first (after a
 # failover, the new primary, so only the first connection pays for the lost host).
 _ANSWERED_LAST: dict[tuple[tuple[str, int], ...], tuple[str, int]] = {}
+# Hosts whose last attempt got no answer (timed out, unreachable, or given up on by
+# the caller, as a pool acquisition does after ACQUIRE_TIMEOUT_SECONDS): tried after
+# the others, until one answers again. Without it, with three such hosts before the
+# primary, every acquisition gave up before reaching it, and the next began again at
+# the first. Bounded by the hosts configured; set operations are atomic.
+_SILENT: set[tuple[str, int]] = set()
 
 
 async def _connect_host_by_host(dsn: str, **options: Any) -> Connection:
@@ -200,7 +206,7 @@ async def _connect_host_by_host(dsn: str, **options: Any) -> Connection:
         return single
     key = tuple(addresses)
     last = _ANSWERED_LAST.get(key)
-    order = sorted(addresses, key=lambda address: address != last)
+    order = sorted(addresses, key=lambda address: (address != last, address in _SILENT))
     wanted = options.pop("target_session_attrs", None) or _session_attrs(dsn)
     passes = (
         [SessionAttribute.standby, SessionAttribute.any]
@@ -219,9 +225,16 @@ async def _connect_host_by_host(dsn: str, **options: Any) -> Connection:
                     target_session_attrs=attrs,
                     **options,
                 )
-            except _UNAVAILABLE as exc:  # down, hung, starting, or not the kind wanted
+            except (OSError, TimeoutError, asyncio.CancelledError) as exc:
+                _SILENT.add((host, port))  # no answer: last, next time
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 failure = exc
                 continue
+            except _UNAVAILABLE as exc:  # starting, refusing for now, or not the kind wanted
+                failure = exc
+                continue
+            _SILENT.discard((host, port))
             _ANSWERED_LAST[key] = (host, port)
             return conn
     assert failure is not None
@@ -251,8 +264,11 @@ async def connect(dsn: str, *, primary: bool = False) -> Connection:
                 )
             except asyncpg.InsufficientPrivilegeError as exc:
                 raise refused_at_login(exc, dsn) from None
-    except _MISCONFIGURED as exc:
-        # These messages name the database or role, never a password.
+    except asyncpg.PostgresError as exc:
+        # Refused at connect, not for want of capacity (translated above): no such
+        # database or role, or a parameter in the URL's query that asyncpg sends as a
+        # setting and Postgres does not know (libpq's connect_timeout). These
+        # messages name the database, role or parameter, never a password.
         raise errors.ConfigError(
             f"RECEIVER_DATABASE_URL: Postgres refused it: {_message(exc)}"
         ) from None

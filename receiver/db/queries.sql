@@ -7,6 +7,13 @@
 -- written, the row's prefix is to be checked in memory first (lifecycle/store.py).
 SELECT outcome, revoked FROM receiver.record_events_v6($1::receiver.event_row_v2[], $2, $3);
 
+-- name: confirm_replicated
+-- A write whose commit waits for the synchronous standby, as every write's does: once
+-- it returns, everything committed before it is on the standby too (lifecycle/store.py,
+-- before a duplicate's 200). It locks the client_locks row of the empty client id,
+-- which no delivery names (creating it the first time).
+SELECT receiver.lock_clients_v1(ARRAY['']::text[]);
+
 -- name: revocations_to_check
 -- Remembered revocations of client $1 in environment $2 whose prefix is longer than
 -- the stored prefix $3 and starts with it: the onboarding's token is checked against

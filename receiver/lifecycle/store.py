@@ -54,6 +54,15 @@ async def record_rows(
     while True:
         records = await _fetch(target, batch, channel, http_delivery)
         if all(r["outcome"] != "recheck" for r in records):
+            if isinstance(target, db.Database) and any(
+                r["outcome"] == "duplicate" for r in records
+            ):
+                # A duplicate writes nothing, so its commit waited for no standby; the
+                # first copy may be committed on the primary alone (its wait for the
+                # synchronous standby cancelled, its sender answered 503). A write
+                # whose commit waits for the standby proves the first copy is there
+                # too before the 200 (docs/design.md §9, Failover: a 200 survives it).
+                await target.fetchval("confirm_replicated")
             return [
                 _recorded(r["outcome"], row, r["revoked"])
                 for r, row in zip(records, batch, strict=True)

@@ -35,7 +35,7 @@ from aiohttp import web
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from receiver import config, db, errors, signing, vault
+from receiver import config, db, endpoints, errors, signing, vault
 
 log = logging.getLogger("receiver.partner.cache")
 
@@ -91,6 +91,10 @@ class CacheSettings(BaseSettings):
                 "RECEIVER_CACHE_DATABASE_URL is required for the token cache "
                 "(`make run` prints the one for its embedded Postgres)"
             )
+        name = "RECEIVER_CACHE_DATABASE_URL" if self.cache_database_url else "RECEIVER_DATABASE_URL"
+        problem = endpoints.database_url_problem(url.get_secret_value())
+        if problem is not None:  # the driver would misread it (never a value of it)
+            raise errors.ConfigError(f"{name} is invalid: {problem}")
         return url.get_secret_value()
 
 
@@ -396,14 +400,19 @@ class TokenCache:
         while True:
             try:
                 conn = await db.connect(self._dsn, primary=True)
-            except errors.DatabaseUnavailable:
+            except errors.ReceiverError as exc:
+                # Unavailable, or refused (a database, role or pg_hba an operator is
+                # still setting up, as on a new primary after a failover): the
+                # application runs on, so the listener keeps trying, never ends.
+                if not isinstance(exc, errors.DatabaseUnavailable):
+                    log.warning("listener refused: %s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)
                 continue
             try:
                 await self._listen_on(conn)
                 delay = 0.1
-            except errors.DatabaseUnavailable:
+            except errors.ReceiverError:
                 pass
             finally:
                 self._listening.clear()

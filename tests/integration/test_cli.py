@@ -202,6 +202,14 @@ def test_python_dash_m_is_the_same_command() -> None:
     [
         ("mysql://app:hunter2@127.0.0.1/db", "must be a postgresql:// URL"),
         ("postgresql://app:hunter2@127.0.0.1:notaport/db", "port that is not a number"),
+        # An unencoded ? in the password: the driver's traceback quoted the rest of it.
+        ("postgresql://app:12?hunter2@127.0.0.1:5432/db", "query parameter with no value"),
+        # libpq's own parameter, which asyncpg sends Postgres as a setting: a traceback.
+        (
+            "postgresql://postgres:hunter2@127.0.0.1:5432,127.0.0.1:5432/postgres"
+            "?connect_timeout=5",
+            '"connect_timeout"',
+        ),
         ("postgresql://postgres:hunter2@127.0.0.1:5432/no_such_db_x", "does not exist"),
         ("postgresql://no_such_role_x:hunter2@127.0.0.1:5432/postgres", "does not exist"),
     ],

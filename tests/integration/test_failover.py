@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
 
-from receiver import config, vault
+from receiver import config, db, endpoints, errors, vault
 from receiver.config import Settings
 from receiver.partner import cache
 from receiver.service import app
@@ -470,3 +471,82 @@ async def _notify(url: str, client_id: str) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_retried_delivery_is_not_acknowledged_before_its_first_commit_reached_the_standby(
+    bindir: Path, aiohttp_client: Any, settings: Settings, webhook_secret: str
+) -> None:
+    """Synchronous replication with the standby stalled: a delivery's commit waits for
+    it, and the driver's timeout cancels the wait, which Postgres answers by committing
+    locally (not on the standby); the sender gets a 503 and retries. The retry finds
+    the delivery stored: a duplicate, and a duplicate writes nothing (no client row to
+    lock for a quarantined or ignored delivery), so its commit waited for nothing. It
+    must not be answered 200 while the delivery is not on the standby: the primary
+    crashed then, the promoted standby has no trace of it (nothing acknowledged lost)."""
+    with replication.replicated(bindir) as pair:
+        await pair.start(synchronous=True)
+        served = config.load_settings(**{**settings_values(settings), "database_url": pair.dsn()})
+        client = await aiohttp_client(app.create_app(served))
+        bodies = [  # deliveries naming no client: quarantined, and ignored
+            json.dumps(["not an object", secrets.token_hex(8)]).encode(),
+            helpers.encode(
+                {**helpers.onboarding(), "event": "client.not_a_known_event", "data": {}}
+            ),
+        ]
+
+        async def send(body: bytes) -> int:
+            headers = helpers.signed_headers(webhook_secret, body)
+            async with client.post(app.WEBHOOK_PATH, data=body, headers=headers) as answer:
+                status: int = answer.status
+                return status
+
+        await pair.pause_replication()
+        assert await asyncio.gather(*(send(body) for body in bodies)) == [503, 503]
+        primary = await asyncpg.connect(pair.single(pair.primary_port))
+        try:  # committed locally once the wait was cancelled
+            assert await primary.fetchval("SELECT count(*) FROM receiver.events") == 2
+        finally:
+            await primary.close()
+        retried = await asyncio.gather(*(send(body) for body in bodies))
+        await asyncio.to_thread(pair.crash_primary)
+        await asyncio.to_thread(pair.promote_standby)
+        promoted = await asyncpg.connect(pair.single(pair.standby_port))
+        try:
+            assert await promoted.fetchval("SELECT count(*) FROM receiver.events") == 0
+        finally:
+            await promoted.close()
+        assert retried == [503, 503], "acknowledged, and lost with the primary"
+
+
+async def test_hosts_that_never_answer_do_not_keep_the_pool_from_the_one_that_does(
+    database_url: str,
+) -> None:
+    """Three hosts of a multi-host URL take connections and never answer (a lost zone),
+    the fourth is the primary: a pool acquisition gives up after 3 s, before the 1 s
+    per host reaches the fourth. The next one starts with the hosts that did not fail
+    to answer, and connects (it started over from the first host, for ever)."""
+    ((host, port),) = endpoints.database_addresses(database_url)
+    parts = urlsplit(database_url)
+    async with contextlib.AsyncExitStack() as stack:
+        silent = [processes.free_port() for _ in range(3)]
+        for silent_port in silent:
+            await stack.enter_async_context(_silent_listener(silent_port))
+        hosts = ",".join(["127.0.0.1"] * len(silent) + [host])
+        ports = ",".join(str(p) for p in [*silent, port])
+        url = (
+            urlunsplit((parts.scheme, parts.netloc.rpartition("@")[0] + "@", parts.path, "", ""))
+            + f"?host={hosts}&port={ports}&target_session_attrs=read-write"
+        )
+        database = await db.Database.open(url, max_size=2)
+        try:
+
+            async def connected() -> bool:
+                try:
+                    async with database.connection() as conn:
+                        return bool(await conn.fetchval("SELECT 1") == 1)
+                except errors.DatabaseUnavailable:
+                    return False
+
+            await standins.eventually(connected, seconds=12)
+        finally:
+            await database.close()

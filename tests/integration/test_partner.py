@@ -23,11 +23,12 @@ import pytest
 import standardwebhooks
 from aiohttp import web
 
-from receiver import config, db, partner, signing, vault
+from receiver import config, db, errors, partner, signing, vault
 from receiver.config import Settings
 from receiver.partner import cache
 from receiver.service import app
 from tests import helpers
+from tests.conftest import create_database, drop_database, unique_name, with_database
 from tests.integration import processes
 from tests.integration.conftest import (
     Client,
@@ -616,6 +617,13 @@ def test_cache_settings_need_only_a_database_url_and_the_keys(
     monkeypatch.delenv("RECEIVER_CACHE_DATABASE_URL")
     with pytest.raises(Exception, match="RECEIVER_CACHE_DATABASE_URL"):
         cache.CacheSettings().dsn()  # type: ignore[call-arg]
+    # An unencoded ? in the password: asyncpg's traceback (in the listener, which it
+    # ended) quoted the rest of it. One line instead, naming no part of it.
+    monkeypatch.setenv("RECEIVER_CACHE_DATABASE_URL", "postgresql://r:1?hunter2@h1,h2/receiver")
+    with pytest.raises(errors.ConfigError) as caught:
+        cache.CacheSettings().dsn()  # type: ignore[call-arg]
+    assert "RECEIVER_CACHE_DATABASE_URL is invalid" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 async def test_the_service_runs_as_the_runtime_role_without_ddl(
@@ -714,3 +722,26 @@ async def test_a_partner_application_logs_through_its_own_logging(
     assert all(line.startswith("APP ") for line in lines), lines
     assert result.stderr == ""
     assert not helpers.find_canaries(result.stdout)
+
+
+async def test_the_listener_keeps_trying_through_a_refusal_at_connect(server_dsn: str) -> None:
+    """A refusal at connect (here: the database is not there yet; after a failover, a
+    new primary whose pg_hba or roles lag behind) is one the operator fixes while the
+    partner's application runs: the listener logs and tries again, and listens once
+    the database takes it, instead of ending for good (stale tokens until the TTL)."""
+    name = unique_name("receiver_late")
+    tokens = cache.TokenCache(
+        with_database(server_dsn, name), vault.Keyring([("k1", secrets.token_bytes(32))])
+    )
+    await tokens.start(wait_listening=0.5)
+    try:
+        assert not tokens.listening
+        await create_database(server_dsn, name)
+
+        async def listening() -> bool:
+            return tokens.listening
+
+        await eventually(listening, seconds=30)
+    finally:
+        await tokens.close()
+        await drop_database(server_dsn, name)

@@ -97,6 +97,43 @@ def test_a_host_with_a_bad_port_stops_start_up_without_the_url(url: str) -> None
     assert "70000" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # An unencoded / ? # in the password moves the rest of it (and the hosts)
+        # into the path, query or fragment: the start line would print it, the
+        # driver raise a traceback quoting it.
+        ("postgresql://u:12/hunter2@h1,h2/db", "an @ after its host"),
+        ("postgresql://u:12#hunter2@h1/db", "an @ after its host"),
+        ("postgresql://u:12?hunter2@h1,h2/db", "query parameter with no value"),
+        ("postgresql://u:hunter2@h1/db?sslmode", "query parameter with no value"),
+        # What the driver refuses at every connect, waited on as an outage.
+        ("postgresql://u:hunter2@h1,h2/db?target_session_attrs=primary-ish", "not one of"),
+        ("postgresql://u:hunter2@h1,h2/db?port=1,2,3", "ports than hosts"),
+        # libpq connects to the query's host, asyncpg to the other.
+        ("postgresql://u:hunter2@h1:5432/db?host=h2", "names its hosts twice"),
+    ],
+)
+def test_a_database_url_the_driver_cannot_use_as_meant_stops_start_up(url: str, says: str) -> None:
+    """One line naming what is wrong, never a part of the password."""
+    with pytest.raises(errors.ConfigError) as caught:
+        config.load_settings(needs=config.NEEDS_DATABASE, database_url=url)
+    assert says in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_libpq_urls_that_work_pass_the_start_up_check() -> None:
+    """Every libpq form the failover work documents still passes."""
+    for url in (
+        "postgresql://u:p%2F%3F%23%40%2C@h1:5432,h2/db?target_session_attrs=read-write",
+        "postgresql://[::1]:5432,[::1]/db?target_session_attrs=prefer-standby",
+        "postgresql:///db?host=/run/pg",
+        "postgresql:///db?host=a,b&port=1,2",
+        "postgresql://a,b/db?port=6432&sslmode=require",
+    ):
+        assert config.load_settings(needs=config.NEEDS_DATABASE, database_url=url).database_url
+
+
 def test_database_gauges_are_absent_before_the_first_read() -> None:
     """Never read: only `up` and `age`, no false 0 for the quarantine."""
     names = [family.name for family in scrape.DatabaseGauges("k1")._render()]
