@@ -170,10 +170,20 @@ class _Protocol(web_protocol.RequestHandler):
     def evictable(self) -> bool:
         """Whether closing it loses nobody's authentic delivery: any connection except
         one running a request already verified (a delivery waiting for its commit),
-        and one already closing."""
-        if self._force_close:
+        one whose request has arrived whole and waits for our answer (slow on our
+        side, not the sender's: under load a burst's deliveries wait to be verified,
+        and their rate since opening falls like a trickler's), and one closing."""
+        if self._force_close or self.awaiting_answer():
             return False
         return self._verified is None or self._verified is not self._current_request
+
+    def awaiting_answer(self) -> bool:
+        """Whether a request of this connection has arrived whole (headers and body)
+        and is not answered yet."""
+        current = self._current_request
+        if current is not None and current.content.is_eof():
+            return True
+        return any(body.is_eof() for _, body in self._messages)
 
     def rank(self, now: float) -> tuple[bool, float]:
         """Where it stands in making room (connections.rank)."""
