@@ -48,17 +48,24 @@ async def main() -> None:
             (f"receiver x{args.workers}", [sys.executable, "-m", "receiver", *tail], env),
         ]
         for checkout in args.also:
+            # `-P`: not this directory first on sys.path, or `-m receiver` would run this
+            # checkout's code with the other's interpreter (its own editable install is
+            # what must run).
             python = str(checkout.resolve() / ".venv" / "bin" / "python")
             # Its own schema, from its own migrations (an older checkout's functions).
             own = await stack.enter_async_context(harness.fresh_database(dsn, migrate=False))
             own_env = env | {"RECEIVER_DATABASE_URL": own}
             migrating = await asyncio.create_subprocess_exec(
-                python, "-m", "receiver", "migrate", env=own_env, stdout=subprocess.DEVNULL
+                python, "-P", "-m", "receiver", "migrate", env=own_env, stdout=subprocess.DEVNULL
             )
             if await migrating.wait() != 0:
                 raise SystemExit(f"{checkout}: receiver migrate failed")
             servers.append(
-                (f"{checkout.name} x{args.workers}", [python, "-m", "receiver", *tail], own_env)
+                (
+                    f"{checkout.name} x{args.workers}",
+                    [python, "-P", "-m", "receiver", *tail],
+                    own_env,
+                )
             )
         rates: dict[str, list[float]] = {name: [] for name, _, _ in servers}
         for _ in range(args.runs):

@@ -814,7 +814,7 @@ CREATE INDEX token_tallies_key ON receiver.token_tallies USING btree (environmen
 
 CREATE INDEX tokens_active_invalid ON receiver.tokens USING btree (environment) WHERE ((status = 'active'::text) AND (valid IS FALSE));
 
-CREATE INDEX tokens_active_onboarded ON receiver.tokens USING btree (environment, onboarding_completed_at) WHERE (status = 'active'::text);
+CREATE INDEX tokens_active_onboarded ON receiver.tokens USING btree (onboarding_completed_at, environment) WHERE (status = 'active'::text);
 
 CREATE INDEX tokens_client_prefix ON receiver.tokens USING btree (client_id, prefix);
 
