@@ -12,57 +12,42 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
 
 from receiver.service import admin_api
-from tests import conftest, helpers
+from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Client
+from tests.integration.console_client import (
+    CSRF,
+    Console,
+    browser_session,
+    deliver,
+    quarantined,
+    served,
+    sign_in,
+)
 
 playwright = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 
 CHROMIUM = Path("/usr/bin/chromium")
 ADMIN_TOKEN = "adm_console_" + "c" * 36
 FINGERPRINT_ACTOR = "admin:" + admin_api.fingerprint(ADMIN_TOKEN)
-CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
 PAGES = ("/", "/quarantine", "/tokens", "/signals", "/audit")
-
-
-@dataclass(frozen=True)
-class Console:
-    """The receiver under test: its two listeners, its database and settings."""
-
-    public: str
-    admin: str
-    database_url: str
-    secret: str
-    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def console(server_dsn: str, template_name: str) -> Iterator[Console]:
     """`receiver serve` with the admin listener and an admin token, on its own database."""
-    helpers.CANARIES.add(ADMIN_TOKEN)
-    with conftest.cloned_database(server_dsn, template_name, "receiver_console") as url:
-        public, admin = processes.free_port(), processes.free_port()
-        env, secret = processes.receiver_env(
-            url, RECEIVER_ADMIN_PORT=str(admin), RECEIVER_ADMIN_TOKENS=ADMIN_TOKEN
-        )
-        with processes.serving(["--port", str(public)], env) as (process, _):
-            asyncio.run(processes.wait_healthy(admin, process))
-            yield Console(
-                f"http://127.0.0.1:{public}", f"http://127.0.0.1:{admin}", url, secret, env
-            )
+    with served(server_dsn, template_name, "receiver_console", ADMIN_TOKEN) as running:
+        yield running
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -78,24 +63,6 @@ async def browser() -> AsyncIterator[Any]:
 
 
 # --- planting -------------------------------------------------------------------
-
-
-async def deliver(console: Console, document: Any) -> dict[str, Any]:
-    """A delivery signed as Debitura signs it, to the public port; its answer."""
-    body = document if isinstance(document, bytes) else helpers.encode(document)
-    status, answer = await processes.post_signed(_port(console.public), console.secret, body)
-    assert status == 200, answer
-    return answer
-
-
-async def quarantined(console: Console, **data: Any) -> str:
-    """A delivery that quarantines (a token outside `bearer_token`); its stored key."""
-    token = helpers.canary_token()
-    document = helpers.onboarding(client_id=f"cli_{uuid.uuid4().hex[:8]}", token=token)
-    document["data"].update({"note": f"see {token}", **data})
-    answer = await deliver(console, document)
-    assert answer["status"] == "quarantined", answer
-    return str(answer["event_id"])
 
 
 async def query(console: Console, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -121,10 +88,6 @@ async def dead_signal(console: Console, client_id: str, last_error: str) -> str:
         last_error,
     )
     return str(row[0])
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
 
 
 # --- a person at the browser ----------------------------------------------------
@@ -267,29 +230,6 @@ async def test_every_page_loads_under_the_policy_with_a_skip_link(
 # --- plain HTTP -----------------------------------------------------------------
 
 
-def browser_session() -> aiohttp.ClientSession:
-    """An HTTP client that keeps cookies from 127.0.0.1, as a browser does."""
-    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-
-
-async def sign_in(session: aiohttp.ClientSession, base: str) -> str:
-    """Sign in through the form; the session's CSRF token (from a page's forms)."""
-    async with session.get(base + "/console/sign-in") as form:
-        match = CSRF.search(await form.text())
-    assert match is not None
-    async with session.post(
-        base + "/console/sign-in",
-        data={"csrf": match.group(1), "token": ADMIN_TOKEN},
-        allow_redirects=False,
-    ) as signed:
-        assert signed.status == 303
-    async with session.get(base + "/console/") as overview:
-        assert overview.status == 200
-        found = CSRF.search(await overview.text())
-    assert found is not None
-    return found.group(1)
-
-
 async def test_no_token_reaches_any_page(console: Console) -> None:
     """Canary tokens planted in every field a page shows (a delivery's id, type,
     client, body and detail; a stored token; a signal's client and last error; audit
@@ -314,7 +254,7 @@ async def test_no_token_reaches_any_page(console: Console) -> None:
     assert dismissed.returncode == 0, dismissed.stderr
     shown = []
     async with browser_session() as session:
-        csrf = await sign_in(session, console.admin)
+        csrf = await sign_in(session, console.admin, ADMIN_TOKEN)
         async with session.post(
             console.admin + "/console/delivery/dismiss",
             data={"csrf": csrf, "key": keys[2], "reason": "y " + helpers.canary_token()},
@@ -422,7 +362,7 @@ async def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(
     client_id = f"cli_csrf_{uuid.uuid4().hex[:6]}"
     signal_id = await dead_signal(console, client_id, "the cache answered 400")
     async with browser_session() as session:
-        csrf = await sign_in(session, console.admin)
+        csrf = await sign_in(session, console.admin, ADMIN_TOKEN)
         for forged in ({}, {"csrf": "0" * len(csrf)}, {"csrf": csrf[:-1]}):
             for path, form in (
                 ("/console/delivery/dismiss", {"key": key, "reason": "r"}),
@@ -464,7 +404,7 @@ async def test_signing_out_ends_the_session_in_the_browser(console: Console) -> 
     """Sign-out (with its CSRF token) clears the cookie: the pages send the browser to
     the sign-in form again."""
     async with browser_session() as session:
-        csrf = await sign_in(session, console.admin)
+        csrf = await sign_in(session, console.admin, ADMIN_TOKEN)
         async with session.post(
             console.admin + "/console/sign-out", data={"csrf": csrf}, allow_redirects=False
         ) as out:
@@ -479,7 +419,7 @@ async def test_reprocessing_from_the_console_is_audited(console: Console) -> Non
     audit row naming the admin token's fingerprint; without a reason it is refused."""
     key = await quarantined(console)
     async with browser_session() as session:
-        csrf = await sign_in(session, console.admin)
+        csrf = await sign_in(session, console.admin, ADMIN_TOKEN)
         url = console.admin + "/console/delivery/reprocess"
         async with session.post(url, data={"csrf": csrf, "key": key, "reason": " "}) as refused:
             assert refused.status == 400
@@ -508,7 +448,7 @@ async def test_the_filters_narrow_each_page_and_refuse_what_they_do_not_know(
     client_id = f"cli_filter_{uuid.uuid4().hex[:6]}"
     await deliver(console, helpers.onboarding(client_id))
     async with browser_session() as session:
-        csrf = await sign_in(session, console.admin)
+        csrf = await sign_in(session, console.admin, ADMIN_TOKEN)
         async with session.post(
             console.admin + "/console/delivery/dismiss",
             data={"csrf": csrf, "key": key, "reason": "filtered"},

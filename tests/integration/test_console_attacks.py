@@ -9,12 +9,8 @@ Plain HTTP only (no browser): every case is about what the server answers.
 
 from __future__ import annotations
 
-import asyncio
-import re
 import signal
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,69 +18,24 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests import conftest, helpers
-from tests.integration import processes, standins
+from tests import helpers
+from tests.integration import console_client, processes, standins
+from tests.integration.console_client import CSRF, Console, browser_session, quarantined, served
 
 ADMIN_TOKEN = "adm_attack_" + "a" * 37
-CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
 FORM = "application/x-www-form-urlencoded"
-
-
-@dataclass(frozen=True)
-class Console:
-    """The receiver under test: its two listeners, its database and webhook secret."""
-
-    public: str
-    admin: str
-    database_url: str
-    secret: str
 
 
 @pytest.fixture(scope="module")
 def console(server_dsn: str, template_name: str) -> Iterator[Console]:
     """`receiver serve` with the admin listener and an admin token, on its own database."""
-    helpers.CANARIES.add(ADMIN_TOKEN)
-    with conftest.cloned_database(server_dsn, template_name, "receiver_console_attacks") as url:
-        public, admin = processes.free_port(), processes.free_port()
-        env, secret = processes.receiver_env(
-            url, RECEIVER_ADMIN_PORT=str(admin), RECEIVER_ADMIN_TOKENS=ADMIN_TOKEN
-        )
-        with processes.serving(["--port", str(public)], env) as (process, _):
-            asyncio.run(processes.wait_healthy(admin, process))
-            yield Console(f"http://127.0.0.1:{public}", f"http://127.0.0.1:{admin}", url, secret)
-
-
-def browser_session() -> aiohttp.ClientSession:
-    """An HTTP client that keeps cookies from 127.0.0.1, as a browser does."""
-    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+    with served(server_dsn, template_name, "receiver_console_attacks", ADMIN_TOKEN) as running:
+        yield running
 
 
 async def sign_in(session: aiohttp.ClientSession, base: str, token: str = ADMIN_TOKEN) -> str:
-    """Sign in through the form; the session's CSRF token (from the overview's forms)."""
-    async with session.get(base + "/console/sign-in") as form:
-        match = CSRF.search(await form.text())
-    assert match is not None
-    async with session.post(
-        base + "/console/sign-in",
-        data={"csrf": match.group(1), "token": token},
-        allow_redirects=False,
-    ) as signed:
-        assert signed.status == 303
-    async with session.get(base + "/console/", allow_redirects=False) as overview:
-        assert overview.status == 200
-        found = CSRF.search(await overview.text())
-    assert found is not None
-    return found.group(1)
-
-
-async def quarantined(console: Console) -> str:
-    """A delivery that quarantines (a token outside `bearer_token`); its stored key."""
-    document = helpers.onboarding(f"cli_{uuid.uuid4().hex[:8]}", helpers.canary_token())
-    document["data"]["note"] = f"see {helpers.canary_token()}"
-    port = int(console.public.rsplit(":", 1)[1])
-    status, answer = await processes.post_signed(port, console.secret, helpers.encode(document))
-    assert (status, answer["status"]) == (200, "quarantined"), answer
-    return str(answer["event_id"])
+    """Sign in with this module's admin token unless told another."""
+    return await console_client.sign_in(session, base, token)
 
 
 async def audit_text(console: Console) -> str:
