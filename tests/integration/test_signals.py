@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -658,11 +659,15 @@ async def test_a_revocation_goes_before_a_backlog_of_issued_tokens(
     assert reasons.count("token_issued") == 10
 
 
+@pytest.mark.parametrize("reloaded", [False, True], ids=["as_started", "after_a_reload"])
 async def test_a_revocation_is_sent_while_a_batch_is_still_out(
-    database: db.Database, settings: Settings, standin_cache: StandInCache
+    database: db.Database, settings: Settings, standin_cache: StandInCache, reloaded: bool
 ) -> None:
     """The revocation lane: while the dispatcher's batch of issued-token signals hangs
-    at the cache, a revocation committed now is sent beside it, not after it."""
+    at the cache, a revocation committed now is sent beside it, not after it. Also
+    after a SIGHUP re-signed with the cache secret read again (`use_secrets`): before,
+    the reload swapped the lane's wake-up event, so revocations waited for the next
+    poll, and none came while the batch hung."""
     for _ in range(4):
         await record(database, settings, helpers.onboarding(f"cli_{os.urandom(4).hex()}"))
     standin_cache.hang = asyncio.Event()
@@ -674,43 +679,8 @@ async def test_a_revocation_is_sent_while_a_batch_is_still_out(
                 return len(standin_cache.received) == 2
 
             await eventually(batch_out)
-            await record(database, settings, helpers.revocation("cli_revoked", None))
-            dispatcher.wake(revocation=True)
-
-            async def revocation_arrived() -> bool:
-                return any(r["body"]["reason"] == "token_revoked" for r in standin_cache.received)
-
-            await eventually(revocation_arrived)
-            assert len(standin_cache.received) == 3  # the hanging batch, and the revocation
-            standin_cache.hang.set()
-
-            async def all_arrived() -> bool:
-                return len(standin_cache.received) == 5
-
-            await eventually(all_arrived)
-    finally:
-        standin_cache.hang.set()
-
-
-async def test_the_revocation_lane_survives_a_reload_of_the_cache_secret(
-    database: db.Database, settings: Settings, standin_cache: StandInCache
-) -> None:
-    """SIGHUP re-signs with the cache secret read again (`use_secrets`); the revocation
-    lane still sends a revocation beside a batch that hangs at the cache (before, the
-    reload swapped the lane's wake-up event, so revocations waited for the next poll,
-    and none came while the batch hung)."""
-    for _ in range(2):
-        await record(database, settings, helpers.onboarding(f"cli_{os.urandom(4).hex()}"))
-    standin_cache.hang = asyncio.Event()
-    cache = with_cache(settings, standin_cache)
-    try:
-        async with dispatching(database, cache, batch_size=2) as dispatcher:
-
-            async def batch_out() -> bool:
-                return len(standin_cache.received) == 2
-
-            await eventually(batch_out)
-            dispatcher.use_secrets(cache)  # as reload.reload does
+            if reloaded:
+                dispatcher.use_secrets(cache)  # as reload.reload does
             await record(database, settings, helpers.revocation("cli_revoked", None))
             dispatcher.wake(revocation=True)
 
@@ -720,7 +690,13 @@ async def test_the_revocation_lane_survives_a_reload_of_the_cache_secret(
             # Well before the hanging batch times out (after which the main loop's
             # next claim would send the revocation anyway).
             await eventually(revocation_arrived, seconds=outbox.DELIVERY_TIMEOUT_SECONDS / 2)
+            assert len(standin_cache.received) == 3  # the hanging batch, and the revocation
             standin_cache.hang.set()
+
+            async def all_arrived() -> bool:
+                return len(standin_cache.received) == 5
+
+            await eventually(all_arrived)
     finally:
         standin_cache.hang.set()
 
