@@ -17,6 +17,13 @@ from tests import helpers
 from tests.integration.conftest import settings_values
 
 
+async def _deliver(client: Any, secret: str, body: bytes) -> Any:
+    """`body` signed with `secret`, to the webhook; the answer."""
+    return await client.post(
+        app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(secret, body)
+    )
+
+
 def _database_name(url: str) -> str:
     return urlsplit(url).path.lstrip("/")
 
@@ -33,9 +40,7 @@ async def test_a_read_only_database_is_a_503_naming_the_host_and_passes_when_it_
         await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
         client = await aiohttp_client(app.create_app(settings))
         body = helpers.encode(helpers.onboarding())
-        answer = await client.post(
-            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
-        )
+        answer = await _deliver(client, webhook_secret, body)
         assert answer.status == 503
         assert answer.headers["Retry-After"].isdigit()
         named = {line["host"] for line in log_lines() if line["event"] == "database_read_only"}
@@ -44,9 +49,7 @@ async def test_a_read_only_database_is_a_503_naming_the_host_and_passes_when_it_
         assert named in ({host}, {f"{host.rsplit(':', 1)[0]}/.s.PGSQL.{host.rsplit(':', 1)[1]}"})
 
         await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
-        again = await client.post(
-            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
-        )
+        again = await _deliver(client, webhook_secret, body)
         assert again.status == 200
         stored = await admin.fetchval("SELECT count(*) FROM receiver.events")
         assert stored == 1
@@ -73,9 +76,7 @@ async def test_a_read_write_url_refuses_a_read_only_database_with_a_503(
         await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
         client = await aiohttp_client(app.create_app(read_write))
         body = helpers.encode(helpers.onboarding())
-        answer = await client.post(
-            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
-        )
+        answer = await _deliver(client, webhook_secret, body)
         assert answer.status == 503
         assert answer.headers["Retry-After"].isdigit()
         ready = await client.get("/readyz")
