@@ -26,6 +26,7 @@ import asyncpg
 from receiver import config, vault
 from receiver.db import migrations
 from receiver.lifecycle import events as event_shapes
+from receiver.lifecycle import naming
 
 # Key material derived from fixed names: the filled database is reused across runs,
 # and each run must open what an earlier one sealed (and rotated). Bench data only.
@@ -43,7 +44,7 @@ TOKEN_COLUMNS = (
 EVENT_COLUMNS = (
     "key", "type", "status", "client_id", "is_test", "occurred_at", "received_at",
     "body_sealed", "body_redacted", "envelope_id", "body_hash", "quarantine_reason",
-    "quarantine_detail", "body_dropped_at",
+    "quarantine_detail", "body_dropped_at", "body_names",
 )  # fmt: skip
 
 
@@ -59,6 +60,7 @@ def keyring(primary: str) -> vault.Keyring:
 
 
 INDEX_KEY = _material("index")
+NAMES_KEY = vault.names_key(INDEX_KEY)
 
 
 def settings_for(url: str, primary: str) -> config.Settings:
@@ -128,17 +130,18 @@ class Filler:
         body = _body(key, kind, data, at)
         body_hash = hashlib.sha256(body).digest()
         kept = keep or quarantine is not None or at > self.now - timedelta(days=BODY_DAYS)
-        sealed = redacted = dropped = None
+        sealed = redacted = dropped = names = None
         if kept:
             sealed = self.keys.seal(
                 body, vault.event_associated_data(event_shapes.body_key(body_hash))
             )
             redacted = _redacted(body)
+            names = naming.body_names(NAMES_KEY, body)
         else:
             dropped = at + timedelta(days=BODY_DAYS)
         return (
             key, kind, status, client_id, is_test, at, at, sealed, redacted, envelope,
-            body_hash, quarantine, "bench" if quarantine else None, dropped,
+            body_hash, quarantine, "bench" if quarantine else None, dropped, names,
         )  # fmt: skip
 
     def _ago(self, low: float, high: float) -> datetime:

@@ -8,7 +8,7 @@ SET check_function_bodies = false;
 
 CREATE SCHEMA receiver;
 
-CREATE TYPE receiver.event_row_v2 AS (
+CREATE TYPE receiver.event_row_v3 AS (
 	kind text,
 	key text,
 	envelope_id text,
@@ -34,10 +34,11 @@ CREATE TYPE receiver.event_row_v2 AS (
 	quarantine_reason text,
 	quarantine_detail text,
 	replaces text,
-	spared text[]
+	spared text[],
+	body_names bigint[]
 );
 
-CREATE FUNCTION receiver.apply_group_v1(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
+CREATE FUNCTION receiver.apply_group_v2(p_rows receiver.event_row_v3[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
     SET plan_cache_mode TO 'force_generic_plan'
@@ -89,13 +90,13 @@ BEGIN
     INSERT INTO receiver.events
         (key, envelope_id, type, status, client_id, is_test, occurred_at, body_hash,
          body_sealed, body_redacted, quarantine_reason, quarantine_detail, test_header,
-         signature)
+         signature, body_names)
     SELECT x.key, NULLIF(x.envelope_id, x.key), x.type, s.status, x.client_id, x.is_test,
            x.occurred_at, x.body_hash, x.body_sealed, x.body_redacted,
            CASE WHEN s.status = 'quarantined' THEN x.quarantine_reason END,
            CASE WHEN s.status = 'quarantined' THEN x.quarantine_detail END,
            CASE WHEN s.status = 'quarantined' THEN x.test_header END,
-           CASE WHEN s.status = 'quarantined' THEN x.signature END
+           CASE WHEN s.status = 'quarantined' THEN x.signature END, x.body_names
       FROM unnest(p_rows) WITH ORDINALITY AS x,
            LATERAL (SELECT CASE WHEN x.kind IN ('onboarding', 'revocation') THEN 'processed'
                                 ELSE x.kind END AS status) AS s
@@ -109,11 +110,11 @@ BEGIN
             INSERT INTO receiver.events
                 (key, envelope_id, type, status, is_test, occurred_at, body_hash,
                  body_sealed, body_redacted, quarantine_reason, quarantine_detail,
-                 test_header, signature)
+                 test_header, signature, body_names)
             SELECT receiver.body_key(x.body_hash), x.envelope_id, x.type, 'quarantined',
                    x.is_test, x.occurred_at, x.body_hash, x.body_sealed, x.body_redacted,
                    'id_conflict', 'id: already used by a delivery with other content',
-                   x.test_header, x.signature
+                   x.test_header, x.signature, x.body_names
               FROM unnest(p_rows) AS x
              WHERE x.key = ANY (v_conflicts)
             ON CONFLICT (key) DO NOTHING
@@ -333,7 +334,7 @@ CREATE FUNCTION receiver.prefix_may_match(p text, stored text) RETURNS boolean
     SELECT starts_with(stored, left(p, length(stored)))
 $$;
 
-CREATE FUNCTION receiver.reapply_v1(r receiver.event_row_v2, p_channel text, p_http boolean, OUT outcome text, OUT revoked integer) RETURNS record
+CREATE FUNCTION receiver.reapply_v2(r receiver.event_row_v3, p_channel text, p_http boolean, OUT outcome text, OUT revoked integer) RETURNS record
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
     AS $$
@@ -347,7 +348,7 @@ BEGIN
         RETURN;
     END IF;
     SELECT a.outcome, a.revoked INTO outcome, revoked
-      FROM receiver.apply_group_v1(ARRAY[r], p_channel, p_http) AS a;
+      FROM receiver.apply_group_v2(ARRAY[r], p_channel, p_http) AS a;
     IF outcome = 'duplicate' AND v_old.key <> r.key THEN
         RETURN;  -- it reads as a repeat of a stored delivery: nothing to apply, nothing lost
     END IF;
@@ -362,13 +363,13 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION receiver.record_events_v6(p_rows receiver.event_row_v2[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
+CREATE FUNCTION receiver.record_events_v7(p_rows receiver.event_row_v3[], p_channel text, p_http boolean) RETURNS TABLE(outcome text, revoked integer)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
     SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
-    r receiver.event_row_v2;
+    r receiver.event_row_v3;
     v_recheck boolean[];
 BEGIN
     PERFORM receiver.lock_clients_v1(ARRAY(SELECT x.client_id FROM unnest(p_rows) AS x));
@@ -400,16 +401,16 @@ BEGIN
 
     IF current_setting('receiver.row_by_row', true) IS DISTINCT FROM 'on'
        AND NOT EXISTS (SELECT 1 FROM unnest(p_rows) AS x WHERE x.replaces IS NOT NULL) THEN
-        RETURN QUERY SELECT * FROM receiver.apply_group_v1(p_rows, p_channel, p_http);
+        RETURN QUERY SELECT * FROM receiver.apply_group_v2(p_rows, p_channel, p_http);
         IF FOUND THEN
             RETURN;
         END IF;
     END IF;
     FOREACH r IN ARRAY p_rows LOOP
         IF r.replaces IS NULL THEN
-            RETURN QUERY SELECT * FROM receiver.apply_group_v1(ARRAY[r], p_channel, p_http);
+            RETURN QUERY SELECT * FROM receiver.apply_group_v2(ARRAY[r], p_channel, p_http);
         ELSE
-            RETURN QUERY SELECT * FROM receiver.reapply_v1(r, p_channel, p_http);
+            RETURN QUERY SELECT * FROM receiver.reapply_v2(r, p_channel, p_http);
         END IF;
     END LOOP;
 END;
@@ -543,17 +544,17 @@ CREATE TABLE receiver.tokens (
 );
 
 CREATE VIEW receiver.cache_tokens AS
- SELECT tokens.id,
-    tokens.client_id,
-    tokens.environment,
-    tokens.prefix,
+ SELECT id,
+    client_id,
+    environment,
+    prefix,
         CASE
-            WHEN ((tokens.status = 'superseded'::text) AND (tokens.expires_at <= now())) THEN 'expired'::text
-            ELSE tokens.status
+            WHEN ((status = 'superseded'::text) AND (expires_at <= now())) THEN 'expired'::text
+            ELSE status
         END AS status,
-    tokens.onboarding_completed_at,
+    onboarding_completed_at,
         CASE
-            WHEN ((tokens.status = 'active'::text) OR ((tokens.status = 'superseded'::text) AND (tokens.expires_at > now()))) THEN tokens.token_sealed
+            WHEN ((status = 'active'::text) OR ((status = 'superseded'::text) AND (expires_at > now()))) THEN token_sealed
             ELSE NULL::bytea
         END AS token_sealed
    FROM receiver.tokens;
@@ -580,6 +581,7 @@ CREATE TABLE receiver.events (
     signature text,
     reprocessed_at timestamp with time zone,
     body_dropped_at timestamp with time zone,
+    body_names bigint[],
     CONSTRAINT events_quarantine_reason_check CHECK ((quarantine_reason = ANY (ARRAY['invalid_json'::text, 'not_an_object'::text, 'invalid_data'::text, 'unstorable_value'::text, 'id_conflict'::text, 'test_delivery_targets_live'::text, 'token_outside_bearer_token'::text]))),
     CONSTRAINT events_quarantined_has_reason CHECK (((status <> 'quarantined'::text) OR (quarantine_reason IS NOT NULL))),
     CONSTRAINT events_status_check CHECK ((status = ANY (ARRAY['processed'::text, 'ignored'::text, 'quarantined'::text, 'dismissed'::text])))
@@ -692,28 +694,28 @@ CREATE TABLE receiver.signals (
 );
 
 CREATE VIEW receiver.token_inventory AS
- SELECT tokens.id,
-    tokens.client_id,
-    tokens.environment,
-    tokens.prefix,
+ SELECT id,
+    client_id,
+    environment,
+    prefix,
         CASE
-            WHEN ((tokens.status = 'superseded'::text) AND (tokens.expires_at <= now())) THEN 'expired'::text
-            ELSE tokens.status
+            WHEN ((status = 'superseded'::text) AND (expires_at <= now())) THEN 'expired'::text
+            ELSE status
         END AS status,
-    tokens.onboarding_completed_at,
-    tokens.stored_at,
-    tokens.superseded_at,
-    tokens.expires_at,
-    tokens.revoked_at,
-    tokens.revoke_reason,
-    tokens.created_by_event,
-    tokens.changed_by_event,
-    tokens.updated_at,
-    receiver.sealed_key_id(tokens.token_sealed) AS key_id,
-    tokens.validated_at,
-    tokens.valid,
-    tokens.scopes,
-    tokens.issued_at
+    onboarding_completed_at,
+    stored_at,
+    superseded_at,
+    expires_at,
+    revoked_at,
+    revoke_reason,
+    created_by_event,
+    changed_by_event,
+    updated_at,
+    receiver.sealed_key_id(token_sealed) AS key_id,
+    validated_at,
+    valid,
+    scopes,
+    issued_at
    FROM receiver.tokens;
 
 CREATE TABLE receiver.token_tallies (
@@ -773,6 +775,10 @@ CREATE INDEX audit_client_hash ON receiver.audit USING btree (client_hash) WHERE
 CREATE INDEX events_body_due ON receiver.events USING btree (received_at) WHERE ((body_sealed IS NOT NULL) AND (status <> 'quarantined'::text));
 
 CREATE INDEX events_body_kept ON receiver.events USING btree (received_at) WHERE (body_sealed IS NOT NULL);
+
+CREATE INDEX events_body_names ON receiver.events USING gin (body_names) WHERE (body_sealed IS NOT NULL);
+
+CREATE INDEX events_body_unnamed ON receiver.events USING btree (key) WHERE ((body_sealed IS NOT NULL) AND (body_names IS NULL));
 
 CREATE INDEX events_client_body ON receiver.events USING btree (client_id) WHERE ((body_sealed IS NOT NULL) OR (body_redacted IS NOT NULL));
 

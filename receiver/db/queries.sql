@@ -1,11 +1,11 @@
 -- Named queries, loaded once by receiver.db. Placeholders are asyncpg's $1…$n.
 
 -- name: record_events
--- The one way in (record_events_v6, sql/0018_1_pre_reader_proof_locks.sql): a group of rows (one
--- receiver.event_row_v2[]: deliveries, imports, reprocessings) in one statement and
+-- The one way in (record_events_v7, sql/0022_1_pre_body_names.sql): a group of rows (one
+-- receiver.event_row_v3[]: deliveries, imports, reprocessings) in one statement and
 -- one transaction; outcomes (and tokens revoked, for revocations) come back in order. `recheck`: nothing was
 -- written, the row's prefix is to be checked in memory first (lifecycle/store.py).
-SELECT outcome, revoked FROM receiver.record_events_v6($1::receiver.event_row_v2[], $2, $3);
+SELECT outcome, revoked FROM receiver.record_events_v7($1::receiver.event_row_v3[], $2, $3);
 
 -- name: confirm_replicated
 -- A write whose commit waits for the synchronous standby, as every write's does: once
@@ -547,7 +547,7 @@ WITH batch AS (
 ), done AS (
     -- By key (the primary key), never a hash join over the table.
     UPDATE receiver.events e
-       SET body_sealed = NULL, body_redacted = NULL, body_dropped_at = now()
+       SET body_sealed = NULL, body_redacted = NULL, body_names = NULL, body_dropped_at = now()
      WHERE e.key = ANY (ARRAY(SELECT key FROM batch))
     RETURNING 1
 )
@@ -599,10 +599,36 @@ SELECT count(*) FROM done;
 -- of receiver.client_locks, which the cache reader cannot lock).
 SELECT receiver.lock_clients_v1(ARRAY[$1::text]);
 
--- name: erase_candidates
--- One batch of stored bodies (key order, after $1), opened and read in Python to see
--- whether they name the client: however a body is encoded, SQL sees only ciphertext.
--- $2: the client being erased, whose own rows need no opening.
+-- name: erase_named_bodies
+-- Stored bodies not attributed to client $2 whose names include $1 (the client id's
+-- name hash: events_body_names). A hash is only a pointer: each is opened and read.
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed
+  FROM receiver.events
+ WHERE body_names @> ARRAY[$1::bigint] AND body_sealed IS NOT NULL
+   AND client_id IS DISTINCT FROM $2;
+
+-- name: erase_unnamed_bodies
+-- One batch (key order, after $1) of stored bodies whose names are not known yet
+-- (events_body_unnamed: stored before body_names, or naming too many): opened in
+-- Python, read for the client ($2's own need no opening), and their names filled in.
+SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed,
+       client_id IS NOT DISTINCT FROM $2 AS attributed
+  FROM receiver.events
+ WHERE body_sealed IS NOT NULL AND body_names IS NULL AND key > $1
+ ORDER BY key
+ LIMIT $3;
+
+-- name: fill_body_names
+-- The names of bodies opened by an erasure ($1 keys, $2 each one's names as an array
+-- literal); only while still stored and not yet named.
+UPDATE receiver.events e
+   SET body_names = n.names::bigint[]
+  FROM unnest($1::text[], $2::text[]) AS n(key, names)
+ WHERE e.key = n.key AND e.body_sealed IS NOT NULL AND e.body_names IS NULL;
+
+-- name: erase_every_body
+-- One batch (key order, after $1) of every stored body: for a client id that is not an
+-- identifier, which no name hash holds (naming.indexable).
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed,
        client_id IS NOT DISTINCT FROM $2 AS attributed
   FROM receiver.events
@@ -618,7 +644,7 @@ WITH batch AS (
      LIMIT $2
 ), done AS (
     UPDATE receiver.events e
-       SET body_sealed = NULL, body_redacted = NULL,
+       SET body_sealed = NULL, body_redacted = NULL, body_names = NULL,
            body_dropped_at = COALESCE(body_dropped_at, now())
      WHERE e.key = ANY (ARRAY(SELECT key FROM batch))
     RETURNING 1
@@ -657,7 +683,7 @@ RETURNING id;
 -- Every stored body of client $1 ($2: the keys of other bodies naming it), keys kept.
 WITH done AS (
     UPDATE receiver.events
-       SET body_sealed = NULL, body_redacted = NULL,
+       SET body_sealed = NULL, body_redacted = NULL, body_names = NULL,
            body_dropped_at = COALESCE(body_dropped_at, now())
      WHERE (client_id = $1 OR key = ANY($2))
        AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)

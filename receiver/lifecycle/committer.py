@@ -13,7 +13,7 @@ group starts beside it only when the one committing has taken SLOW_GROUP_SECONDS
 (it waits on a client's lock, say): the deliveries behind it are not held up by it.
 
 The SQL function takes every client lock a group needs first, in one order, so two
-groups never deadlock (record_events_v6, sql/0018_1_pre_reader_proof_locks.sql: rows
+groups never deadlock (record_events_v7, sql/0022_1_pre_body_names.sql: rows
 of a table the cache reader cannot lock). A group that fails for any reason
 but an unavailable database is retried one event at a time, so one bad event cannot
 fail the others; a delivery Postgres refuses a value of is then kept quarantined

@@ -3,15 +3,14 @@ tombstone in the audit trail."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from receiver import config, db, errors, redaction, vault
-from receiver.lifecycle import audit
+from receiver import config, db, errors, vault
+from receiver.lifecycle import audit, naming
 
 log = structlog.get_logger(__name__)
 
@@ -73,9 +72,9 @@ async def erase_client(
     ran under this client's lock.) Interrupted between steps, the erasure has dropped
     some bodies and written no tombstone yet: run it again to finish.
 
-    Bodies are found by what they say, not by their bytes: each stored body that is
-    not already the client's is opened and read as a reader would read it (UTF-16,
-    JSON escapes, NaN, the client id at any depth); one sealed under a key no longer
+    Bodies are found by what they say, not by their bytes (`naming.names_client`:
+    UTF-16, JSON escapes, NaN, the client id at any depth), through the names intake
+    stores of each body (`_bodies_naming`); a body sealed under a key no longer
     configured is left and counted in `unopened` (configure the key and run again).
 
     Idempotent: when nothing is left to remove, nothing is written.
@@ -89,10 +88,10 @@ async def erase_client(
         if done < batch_size:
             break
     async with database.connection() as conn:
-        naming, erasure.unopened = await _bodies_naming(conn, sealer.keyring, client_id)
+        naming_keys, erasure.unopened = await _bodies_naming(conn, sealer, client_id)
     async with database.connection() as conn, conn.transaction():
         await conn.execute(db.QUERIES["lock_client"], client_id)
-        pending = await conn.fetchrow(db.QUERIES["erase_pending"], client_id, naming)
+        pending = await conn.fetchrow(db.QUERIES["erase_pending"], client_id, naming_keys)
         assert pending is not None
         if not pending["tokens"] and not pending["bodies"] and not erasure.bodies:
             return erasure
@@ -104,7 +103,7 @@ async def erase_client(
         erasure.tokens = len(
             await conn.fetch(db.QUERIES["erase_tokens"], client_id, erasure.event_key)
         )
-        erasure.bodies += await conn.fetchval(db.QUERIES["erase_bodies"], client_id, naming)
+        erasure.bodies += await conn.fetchval(db.QUERIES["erase_bodies"], client_id, naming_keys)
         for environment in erasure.environments:
             await conn.execute(
                 db.QUERIES["enqueue_signal"],
@@ -127,61 +126,55 @@ async def erase_client(
 
 
 async def _bodies_naming(
-    conn: db.Connection, keyring: vault.Keyring, client_id: str
+    conn: db.Connection, sealer: vault.Sealer, client_id: str
 ) -> tuple[list[str], int]:
     """Keys of the stored bodies, not attributed to the client, that name it; and how
-    many bodies could not be opened to tell."""
-    naming: list[str] = []
+    many bodies could not be opened to tell.
+
+    Through the stored names (events_body_names: what the bodies naming the client
+    cost), opening each match to read it (`naming.names_client`, the one rule); then
+    the bodies whose names are not known (stored before names were kept, or naming too
+    many), opened and read, their names filled in so the next erasure finds them by
+    index. A client id that is not an identifier is in no names: every body is read."""
+    naming_keys: list[str] = []
     unopened = 0
+    if naming.indexable(client_id):
+        (mark,) = vault.name_hashes(sealer.names_key, {client_id})
+        for row in await conn.fetch(db.QUERIES["erase_named_bodies"], mark, client_id):
+            raw = _opened(sealer.keyring, row)
+            if raw is None:
+                unopened += 1
+            elif naming.names_client(raw, client_id):
+                naming_keys.append(row["key"])
+        scan = "erase_unnamed_bodies"
+    else:
+        scan = "erase_every_body"
     after = ""
     while True:
-        rows = await conn.fetch(db.QUERIES["erase_candidates"], after, client_id, _SCAN_BATCH)
+        rows = await conn.fetch(db.QUERIES[scan], after, client_id, _SCAN_BATCH)
+        filled: tuple[list[str], list[str]] = ([], [])
         for row in rows:
-            if row["attributed"]:
-                continue  # erased by its client_id column, opened or not
-            try:
-                raw = keyring.open(
-                    row["body_sealed"], vault.event_associated_data(row["sealed_for"])
-                )
-            except (errors.KeyNotFound, errors.SealBroken):
-                unopened += 1
+            raw = _opened(sealer.keyring, row)
+            if raw is None:
+                if not row["attributed"]:  # the client's own go by their client_id
+                    unopened += 1
                 continue
-            if names_client(raw, client_id):
-                naming.append(row["key"])
+            if not row["attributed"] and naming.names_client(raw, client_id):
+                naming_keys.append(row["key"])
+            names = naming.body_names(sealer.names_key, raw)
+            if names is not None and scan == "erase_unnamed_bodies":
+                filled[0].append(row["key"])
+                filled[1].append("{" + ",".join(map(str, names)) + "}")
+        if filled[0]:
+            await conn.execute(db.QUERIES["fill_body_names"], *filled)
         if len(rows) < _SCAN_BATCH:
-            return naming, unopened
+            return naming_keys, unopened
         after = rows[-1]["key"]
 
 
-def names_client(raw: bytes, client_id: str) -> bool:
-    """Whether a stored body names `client_id` as a string (a value or a key, at any
-    depth), in any of the ways a reader may read it: UTF-8 or the UTF-16/32 JSON
-    detects, escapes read, NaN allowed; a body no reading parses is searched for the
-    id as a JSON string (so `cli_1` does not find `cli_10`)."""
-    quoted = json.dumps(client_id)
-    for text in redaction.readings(raw):
-        if quoted in text:
-            return True
-        try:
-            document = json.loads(text)
-        except (ValueError, RecursionError):
-            continue
-        if _mentions(document, client_id):
-            return True
-    return False
-
-
-def _mentions(document: Any, client_id: str) -> bool:
-    # Iterative: a body as deep as the parser allows cannot recurse here.
-    stack = [document]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if item == client_id:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+def _opened(keyring: vault.Keyring, row: Any) -> bytes | None:
+    """A stored body's bytes; None when sealed under a key no longer configured."""
+    try:
+        return keyring.open(row["body_sealed"], vault.event_associated_data(row["sealed_for"]))
+    except (errors.KeyNotFound, errors.SealBroken):
+        return None

@@ -326,7 +326,10 @@ def is_identifier(value: str) -> bool:
     return _IDENTIFIER_RE.fullmatch(value) is not None
 
 
-_IDENTIFIER_RE = re.compile(_IDENTIFIER.strip("^$"))
+# An identifier's characters and length, unanchored (lifecycle/naming.py finds them
+# between quotes).
+IDENTIFIER_BODY = _IDENTIFIER.strip("^$")
+_IDENTIFIER_RE = re.compile(IDENTIFIER_BODY)
 
 
 class _TooLong:

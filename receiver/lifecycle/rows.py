@@ -1,5 +1,5 @@
 """A verified delivery laid out for SQL: its body and token sealed, its effect named
-(`receiver.event_row_v2`, field for field). Only sealed bytes, blind indexes and
+(`receiver.event_row_v3`, field for field). Only sealed bytes, blind indexes and
 prefixes, never a token.
 """
 
@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from receiver import redaction, vault
-from receiver.lifecycle import events
+from receiver.lifecycle import events, naming
 
 
 class Row(NamedTuple):
-    """One delivery as SQL takes it (`receiver.event_row_v2`, field for field and in its
+    """One delivery as SQL takes it (`receiver.event_row_v3`, field for field and in its
     order: tests compare the two). Sealed bytes and the blind index only, never a token.
 
     A named tuple rather than a frozen dataclass: it is built once per delivery and
@@ -51,8 +51,11 @@ class Row(NamedTuple):
     replaces: str | None = None
     # Ids (tokens) or keys (revocations) checked in memory against a prefix longer
     # than the stored one and found not to match; None: not checked
-    # (sql/0001_baseline.sql, apply_group_v1).
+    # (sql/0022_1_pre_body_names.sql, apply_group_v2).
     spared: list[str] | None = None
+    # Keyed hashes of the identifiers the body names (lifecycle/naming.py): how an
+    # erasure finds it. None: not known (erasure opens it).
+    body_names: list[int] | None = None
 
     def __repr__(self) -> str:
         return f"Row({self.kind!r}, key={self.key!r}, client_id={self.client_id!r})"
@@ -96,6 +99,7 @@ def prepare(
         "body_redacted": None if event.document is None else json.dumps(event.document),
         "environment": event.environment,
         "replaces": replaces,
+        "body_names": naming.body_names(sealer.names_key, arrival.body),
     }
     if event.quarantine is not None:
         return Row(

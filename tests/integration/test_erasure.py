@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import asyncpg
+import pytest
 from pydantic import SecretBytes
 
 from receiver import vault
@@ -18,6 +19,10 @@ from receiver.service import app
 from tests import helpers
 from tests.integration import processes
 from tests.integration.conftest import Post, operator_env
+
+UNNAMED = (
+    "SELECT count(*) FROM receiver.events WHERE body_sealed IS NOT NULL AND body_names IS NULL"
+)
 
 
 async def cli(settings: Settings, *args: str) -> Any:
@@ -68,12 +73,15 @@ async def bodies_holding(
     return held
 
 
+@pytest.mark.parametrize("names", ["kept at intake", "not known yet"])
 async def test_erase_finds_the_client_however_its_bodies_are_encoded(
-    post: Post, conn: asyncpg.Connection, settings: Settings
+    post: Post, conn: asyncpg.Connection, settings: Settings, names: str
 ) -> None:
     """`clients erase` drops every stored body that names the client: UTF-16, an
     escaped id in a NaN body, the id at the top level or nested, as well as its own
-    processed delivery; a body naming `cli_gdpr0` and another client's stay."""
+    processed delivery; a body naming `cli_gdpr0` and another client's stay. Found
+    through the names intake keeps of each body, or, for bodies stored before names
+    were kept, by opening them, whose names the erasure then fills in."""
     tokens = [helpers.canary_token() for _ in range(5)]
     await post(helpers.onboarding("cli_gdpr", tokens[4]))
     for body in hostile_bodies("cli_gdpr", tokens):
@@ -82,6 +90,9 @@ async def test_erase_finds_the_client_however_its_bodies_are_encoded(
     await post(helpers.onboarding("cli_other"))
     keyring = vault.Sealer.from_settings(settings).keyring
     assert await bodies_holding(conn, keyring, tokens) == 5
+    assert await conn.fetchval(UNNAMED) == 0
+    if names == "not known yet":
+        await conn.execute("UPDATE receiver.events SET body_names = NULL")
 
     erased = await cli(settings, "clients", "erase", "cli_gdpr", "--confirm", "--json")
     assert erased.returncode == 0, erased.stderr
@@ -91,9 +102,42 @@ async def test_erase_finds_the_client_however_its_bodies_are_encoded(
         await conn.fetchval("SELECT count(*) FROM receiver.events WHERE body_sealed IS NOT NULL")
         == 2
     )
+    assert await conn.fetchval(UNNAMED) == 0  # the two left are named now
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM receiver.events WHERE body_sealed IS NULL"
+            " AND body_names IS NOT NULL"
+        )
+        == 0
+    )
     again = await cli(settings, "clients", "erase", "cli_gdpr", "--confirm")
     assert again.returncode == 0, again.stderr
     assert "nothing left to erase" in again.stdout
+
+
+async def test_erase_finds_other_bodies_through_their_names_not_by_opening_each(
+    post: Post, conn: asyncpg.Connection, settings: Settings
+) -> None:
+    """With names kept, an erasure opens only the bodies whose names hold the client:
+    a body naming the client whose stored names say otherwise (as no intake would
+    store them) is not read, and stays; once its names are unknown, it is read and
+    erased."""
+    token = helpers.canary_token()
+    body = hostile_bodies("cli_indexed", [token] * 4)[3]
+    assert (await (await post(body)).json())["status"] == "quarantined"
+    await post(helpers.onboarding("cli_indexed"))
+    await conn.execute("UPDATE receiver.events SET body_names = '{}' WHERE client_id IS NULL")
+    keyring = vault.Sealer.from_settings(settings).keyring
+    first = await cli(settings, "clients", "erase", "cli_indexed", "--confirm", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["bodies"] == 1  # its own onboarding only
+    assert await bodies_holding(conn, keyring, [token]) == 1
+
+    await conn.execute("UPDATE receiver.events SET body_names = NULL WHERE client_id IS NULL")
+    second = await cli(settings, "clients", "erase", "cli_indexed", "--confirm", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["bodies"] == 1
+    assert await bodies_holding(conn, keyring, [token]) == 0
 
 
 async def test_erase_with_a_key_gone_erases_what_it_can_and_says_what_it_could_not(

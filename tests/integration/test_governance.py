@@ -66,6 +66,16 @@ async def values_of(conn: asyncpg.Connection, client_id: str) -> dict[str, int]:
     return dict(row)
 
 
+async def names_of(conn: asyncpg.Connection, client_id: str) -> int:
+    """How many of the client's events keep the names of their body."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM receiver.events WHERE client_id = $1 AND body_names IS NOT NULL",
+            client_id,
+        )
+    )
+
+
 # --- retention ----------------------------------------------------------------------
 
 
@@ -92,11 +102,13 @@ async def test_prune_drops_old_values_and_deduplication_still_works(
         "dry_run": True,
     }
     assert await values_of(conn, "cli_old") == {"bodies": 2, "tokens": 1, "signals": 2}
+    assert await names_of(conn, "cli_old") == 2
 
     done = await cli(settings, "prune")
     assert done.returncode == 0, done.stderr
     assert "dropped: 2 event bod(ies)" in done.stdout
     assert await values_of(conn, "cli_old") == {"bodies": 0, "tokens": 0, "signals": 0}
+    assert await names_of(conn, "cli_old") == 0  # a dropped body's names go with it
     assert await values_of(conn, "cli_new") == {"bodies": 1, "tokens": 1, "signals": 1}
     inventory = await cli(settings, "tokens", "list", "--client", "cli_old", "--json")
     assert [json.loads(line)["status"] for line in inventory.stdout.splitlines()] == ["revoked"]

@@ -277,12 +277,12 @@ def test_set_based_groups_end_as_row_by_row_ones(
 async def _group_calls(
     conn: asyncpg.Connection, sealer: vault.Sealer, group: list[rows.Row]
 ) -> int:
-    """How many times recording `group` called apply_group_v1 (counted in the
+    """How many times recording `group` called apply_group_v2 (counted in the
     recording's own transaction, which is rolled back)."""
     # Counts not yet flushed to the shared statistics: read before and after.
     count = (
         "SELECT coalesce(sum(calls), 0)::integer FROM pg_stat_xact_user_functions"
-        " WHERE funcname = 'apply_group_v1'"
+        " WHERE funcname = 'apply_group_v2'"
     )
     async with conn.transaction():
         await conn.execute("SET LOCAL track_functions = 'pl'")

@@ -174,10 +174,10 @@ async def test_postgres_never_sees_a_plaintext_token(
     log_text = (Path(urlsplit(dsn).query.split("host=")[1]) / "log").read_text(errors="replace")
     # The group's own statement really was logged (the migration's DDL names the
     # function too, but never calls it with parameters).
-    assert "FROM receiver.record_events_v6($1" in log_text
+    assert "FROM receiver.record_events_v7($1" in log_text
     assert "Parameters: $1 = " in log_text
     # The deliveries' and the operator commands' own statements (not the migrations'):
-    assert "receiver.record_events_v6($1::" in log_text
+    assert "receiver.record_events_v7($1::" in log_text
     assert "INSERT INTO receiver.audit" in log_text  # events reprocess's audit rows
     for token in planted:
         for form in helpers.leak_forms(token):

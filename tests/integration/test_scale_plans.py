@@ -23,17 +23,20 @@ from tests.integration.conftest import Post, settings_values
 CLIENTS = 5000
 
 # Rows in the shapes the service writes, enough that a scan costs more than an index:
-# 3 events per client over 120 days (a quarter holding a body), one active token per
-# client, 10% with a revoked or superseded older one whose value is past retention.
+# 3 events per client over 120 days (a quarter holding a body, named but for one in
+# ten), one active token per client, 10% with a revoked or superseded older one whose
+# value is past retention.
 _FILL = r"""
 INSERT INTO receiver.events (key, type, status, client_id, is_test, received_at,
-                             body_sealed, body_dropped_at)
+                             body_sealed, body_dropped_at, body_names)
 SELECT 'evt_' || g,
        CASE WHEN g % 500 = 0 THEN 'client.merged'
             WHEN g % 3 = 0 THEN 'client.onboarding_completed' ELSE 'referral.created' END,
        'processed', 'cli_' || (g % $1), g % 2 = 1, now() - (g % 120) * interval '1 day',
        CASE WHEN g % 4 = 0 THEN '\x01026b31'::bytea || sha256(g::text::bytea) END,
-       CASE WHEN g % 4 <> 0 THEN now() END
+       CASE WHEN g % 4 <> 0 THEN now() END,
+       CASE WHEN g % 4 = 0 AND g % 40 <> 0
+            THEN ARRAY[-7, 11, 13, g % $1, g]::bigint[] END
   FROM generate_series(1, 3 * $1) g;
 
 INSERT INTO receiver.tokens (id, client_id, environment, prefix, token_index, token_sealed,
@@ -71,6 +74,9 @@ HOT: dict[str, tuple[tuple[Any, ...], str]] = {
     "erase_client_bodies": (("cli_42", 500), "events_client_body"),
     "erase_pending": (("cli_42", ["evt_x"]), "events_client_body"),
     "erase_bodies": (("cli_42", ["evt_x"]), "events_client_body"),
+    "erase_named_bodies": ((4242, "cli_42"), "events_body_names"),
+    "erase_unnamed_bodies": (("", "cli_42", 500), "events_body_unnamed"),
+    "fill_body_names": ((["evt_40", "evt_80"], ["{1,2}", "{3}"]), "events_"),
     "rotation_tokens_below": (("k2", "", _START, 500), "tokens_sealed_key_id_row"),
     "rotation_tokens_above": (("k0", "", _START, 500), "tokens_sealed_key_id_row"),
     "rotation_events_below": (("k2", "", "", 500), "events_sealed_key_id_row"),
@@ -78,7 +84,13 @@ HOT: dict[str, tuple[tuple[Any, ...], str]] = {
     "token_inventory_of_client": (("cli_42", None, None, None, 100), "tokens_client_prefix"),
     "list_events_of_type": ((None, None, "client.merged", 50), "events_type_received"),
 }
-_WRITES = ("prune_event_bodies", "prune_token_values", "erase_client_bodies", "erase_bodies")
+_WRITES = (
+    "prune_event_bodies",
+    "prune_token_values",
+    "erase_client_bodies",
+    "erase_bodies",
+    "fill_body_names",
+)
 
 
 async def _filled(conn: asyncpg.Connection) -> None:

@@ -46,10 +46,10 @@ async def test_schema_file_matches_the_migrations(empty_database_url: str, serve
 
 
 async def test_row_fields_match_the_sql_composite_in_order(conn: asyncpg.Connection) -> None:
-    """rows.Row and receiver.event_row_v2 name the same fields in the same order, so a
+    """rows.Row and receiver.event_row_v3 name the same fields in the same order, so a
     field swapped on one side cannot go unnoticed."""
     names = await conn.fetch(
-        "SELECT attname FROM pg_attribute WHERE attrelid = 'receiver.event_row_v2'::regclass "
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'receiver.event_row_v3'::regclass "
         "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
     )
     assert tuple(r["attname"] for r in names) == rows.Row._fields
@@ -258,9 +258,9 @@ async def test_the_lifecycle_functions_keep_their_generic_plans(conn: asyncpg.Co
         row["proname"]: row["proconfig"]
         for row in await conn.fetch(
             "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = 'receiver'::regnamespace"
-            " AND proname IN ('record_events_v6', 'apply_group_v1', 'reapply_v1')"
+            " AND proname IN ('record_events_v7', 'apply_group_v2', 'reapply_v2')"
         )
     }
-    assert set(settings) == {"record_events_v6", "apply_group_v1", "reapply_v1"}
+    assert set(settings) == {"record_events_v7", "apply_group_v2", "reapply_v2"}
     for name, config in settings.items():
         assert "plan_cache_mode=force_generic_plan" in (config or []), name

@@ -1,0 +1,85 @@
+"""What a stored body names: the identifiers between quotes that intake stores as name
+hashes answer exactly what reading the body the long way answers, however the body is
+encoded, so an erasure that finds bodies through the names misses none."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from receiver import vault
+from receiver.lifecycle import naming
+
+_WORDS = ["cli_1", "cli_10", "cli-2.a:b", "data", "x", "a b", "é", 'q"cli_1"', "cli_1\n", ""]
+_TARGETS = ["cli_1", "cli_10", "cli-2.a:b", "data", "x"]
+
+_documents = st.recursive(
+    st.sampled_from(_WORDS) | st.integers() | st.just(float("nan")) | st.none(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_WORDS), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _encoded(document: object, escape: bool, ascii_only: bool, encoding: str) -> bytes:
+    text = json.dumps(document, ensure_ascii=ascii_only)
+    if escape:
+        # `_` and `-` stand only inside strings in JSON text: escaping them keeps it JSON.
+        text = text.replace("_", "\\u005f").replace("-", "\\u002D")
+    return text.encode(encoding)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    document=_documents,
+    escape=st.booleans(),
+    ascii_only=st.booleans(),
+    encoding=st.sampled_from(["utf-8", "utf-16", "utf-16-le", "utf-32", "utf-8-sig"]),
+)
+def test_the_quoted_identifiers_answer_what_reading_the_body_answers(
+    document: object, escape: bool, ascii_only: bool, encoding: str
+) -> None:
+    raw = _encoded(document, escape, ascii_only, encoding)
+    found = naming.identifiers(raw)
+    for target in _TARGETS:
+        assert (target in found) == naming.reads_as_named(raw, target), (raw, target)
+        assert naming.names_client(raw, target) == naming.reads_as_named(raw, target)
+
+
+def test_an_identifier_is_named_as_a_whole_string_only() -> None:
+    raw = json.dumps({"data": {"client_id": "cli_10", "note": "cli_1 moved"}}).encode()
+    assert not naming.names_client(raw, "cli_1")
+    assert naming.names_client(raw, "cli_10")
+    assert naming.names_client(json.dumps({"cli_1": 1}).encode(), "cli_1")
+    escaped = b'{"data": {"client_id": "cli\\u005f1"}}'
+    assert naming.names_client(escaped, "cli_1")
+    assert naming.names_client(json.dumps(["cli_1"]).encode("utf-16"), "cli_1")
+
+
+def test_a_client_id_that_is_not_an_identifier_is_read_the_long_way() -> None:
+    raw = json.dumps({"who": ["a b", {"é": 1}]}).encode()
+    assert not naming.indexable("a b")
+    assert naming.names_client(raw, "a b")
+    assert naming.names_client(raw, "é")
+    assert not naming.names_client(raw, "a")
+
+
+def test_names_are_keyed_hashes_and_a_body_naming_too_many_keeps_none() -> None:
+    key = vault.names_key(os.urandom(32))
+    raw = json.dumps({"data": {"client_id": "cli_1"}}).encode()
+    names = naming.body_names(key, raw)
+    assert names == vault.name_hashes(key, {"data", "client_id", "cli_1"})
+    assert names != naming.body_names(vault.names_key(os.urandom(32)), raw)
+    many = json.dumps([f"cli_{n}" for n in range(naming.MAX_NAMES + 1)]).encode()
+    assert naming.body_names(key, many) is None
+
+
+def test_a_name_hash_is_not_a_blind_index() -> None:
+    index_key = os.urandom(32)
+    (mark,) = vault.name_hashes(vault.names_key(index_key), {"tok_live_x"})
+    blind = vault.blind_index(index_key, "tok_live_x")
+    assert mark.to_bytes(8, "big", signed=True) != blind[:8]
