@@ -1,9 +1,10 @@
 -- Which identifiers each stored body names, so that erasing a client finds the bodies
 -- naming it through an index instead of opening every stored body (issue 33).
 --
--- body_names: keyed 64-bit hashes (BLAKE2b under the blind-index key, personalised:
--- vault.name_hashes) of every identifier a body holds between quotes in any of its
--- readings (lifecycle/naming.py: the rule erasure applies). NULL while not known: a
+-- body_names: keyed 64-bit hashes (BLAKE2b under a key derived from the blind-index
+-- key: vault.name_hashes) of every identifier a body holds between quotes in any of
+-- its readings (lifecycle/naming.py: the rule erasure applies), but for the words
+-- every delivery holds, timestamps and tokens. NULL while not known: a
 -- body stored before this migration or by a release before it, or one naming more
 -- identifiers than are kept; erasure opens those (events_body_unnamed) and fills
 -- them in. A body whose value is dropped drops its names with it.
@@ -11,8 +12,10 @@
 -- The intake functions take one more field (event_row_v3): new versions beside the
 -- old ones, which 0022_2_post drops.
 ALTER TABLE receiver.events ADD COLUMN body_names bigint[];
+-- fastupdate off: with a pending list, whichever insert found it full merged it (a
+-- delivery's commit stalling for the whole list); each insert pays its own few entries.
 CREATE INDEX events_body_names ON receiver.events USING gin (body_names)
-    WHERE body_sealed IS NOT NULL;
+    WITH (fastupdate = off) WHERE body_sealed IS NOT NULL;
 CREATE INDEX events_body_unnamed ON receiver.events (key)
     WHERE body_sealed IS NOT NULL AND body_names IS NULL;
 

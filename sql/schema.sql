@@ -776,7 +776,7 @@ CREATE INDEX events_body_due ON receiver.events USING btree (received_at) WHERE 
 
 CREATE INDEX events_body_kept ON receiver.events USING btree (received_at) WHERE (body_sealed IS NOT NULL);
 
-CREATE INDEX events_body_names ON receiver.events USING gin (body_names) WHERE (body_sealed IS NOT NULL);
+CREATE INDEX events_body_names ON receiver.events USING gin (body_names) WITH (fastupdate=off) WHERE (body_sealed IS NOT NULL);
 
 CREATE INDEX events_body_unnamed ON receiver.events USING btree (key) WHERE ((body_sealed IS NOT NULL) AND (body_names IS NULL));
 

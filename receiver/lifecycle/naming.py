@@ -20,10 +20,33 @@ MAX_NAMES = 1024
 _QUOTED_IDENTIFIER = re.compile('"(' + events.IDENTIFIER_BODY + ')(?=")')
 
 
+def _shape_words() -> frozenset[str]:
+    words = {events.ONBOARDING_COMPLETED, events.TOKEN_REVOKED}
+    for model in (events.Envelope, events.OnboardingCompleted, events.TokenRevocation):
+        words.update(field.alias or name for name, field in model.model_fields.items())
+    return frozenset(words)
+
+
+# Names (almost) every delivery holds: the known shapes' keys and event types.
+_SHAPE_WORDS = _shape_words()
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ][0-9:.]+(?:[Zz]|[+-]\d{2}:?\d{2})?")
+
+
+def _kept(name: str) -> bool:
+    """Whether a name is stored: not a word every delivery holds, a timestamp or a
+    token. Each would add an index entry to nearly every body (or a token's hash to
+    the table) and find no client: a client id shaped so is searched the long way."""
+    return (
+        name not in _SHAPE_WORDS
+        and _TIMESTAMP.fullmatch(name) is None
+        and redaction.FULL_TOKEN.fullmatch(name) is None
+    )
+
+
 def indexable(client_id: str) -> bool:
-    """Whether bodies naming `client_id` are found through their names: every client
-    id a delivery or a link stores is an identifier (events.is_identifier)."""
-    return events.is_identifier(client_id)
+    """Whether bodies naming `client_id` are found through their stored names: an
+    identifier (as every client id a delivery or a link stores is) that `_kept`."""
+    return events.is_identifier(client_id) and _kept(client_id)
 
 
 def identifiers(raw: bytes) -> set[str]:
@@ -41,7 +64,7 @@ def identifiers(raw: bytes) -> set[str]:
 def body_names(key: bytes, raw: bytes) -> list[int] | None:
     """What intake stores of `raw`'s names (`key`: the sealer's names key); None when
     it names more than MAX_NAMES (erasure then opens it)."""
-    found = identifiers(raw)
+    found = {name for name in identifiers(raw) if _kept(name)}
     if len(found) > MAX_NAMES:
         return None
     return vault.name_hashes(key, found)
@@ -55,7 +78,7 @@ def names_client(raw: bytes, client_id: str) -> bool:
 
     For an identifier that is `identifiers` (the same answer: the id as a JSON string
     in some reading), which is what lets the stored names find the body."""
-    if indexable(client_id):
+    if events.is_identifier(client_id):
         return client_id in identifiers(raw)
     return reads_as_named(raw, client_id)
 

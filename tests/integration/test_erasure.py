@@ -140,6 +140,30 @@ async def test_erase_finds_other_bodies_through_their_names_not_by_opening_each(
     assert await bodies_holding(conn, keyring, [token]) == 0
 
 
+async def test_a_client_id_no_stored_name_can_hold_is_searched_in_every_body(
+    post: Post, conn: asyncpg.Connection, settings: Settings
+) -> None:
+    """A client id stored names never hold (shaped like a timestamp, or a word every
+    delivery holds) is looked for the long way, in every stored body: the bodies
+    naming it as a string are erased, the others stay."""
+    token = helpers.canary_token()
+    odd = "2031-02-03T04:05:06Z"
+    body = helpers.encode(
+        {"id": "evt_odd", "event": "partner.note", "data": {"who": odd, "t": token}}
+    )
+    assert (await (await post(body)).json())["status"] == "quarantined"
+    await post(helpers.onboarding("cli_keep"))
+    keyring = vault.Sealer.from_settings(settings).keyring
+    erased = await cli(settings, "clients", "erase", odd, "--confirm", "--json")
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout)["bodies"] == 1
+    assert await bodies_holding(conn, keyring, [token]) == 0
+    assert (
+        await conn.fetchval("SELECT count(*) FROM receiver.events WHERE body_sealed IS NOT NULL")
+        == 1
+    )
+
+
 async def test_erase_with_a_key_gone_erases_what_it_can_and_says_what_it_could_not(
     post: Post,
     aiohttp_client: Any,

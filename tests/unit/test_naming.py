@@ -70,9 +70,9 @@ def test_a_client_id_that_is_not_an_identifier_is_read_the_long_way() -> None:
 
 def test_names_are_keyed_hashes_and_a_body_naming_too_many_keeps_none() -> None:
     key = vault.names_key(os.urandom(32))
-    raw = json.dumps({"data": {"client_id": "cli_1"}}).encode()
+    raw = json.dumps({"data": {"client_id": "cli_1", "note": "x"}}).encode()
     names = naming.body_names(key, raw)
-    assert names == vault.name_hashes(key, {"data", "client_id", "cli_1"})
+    assert names == vault.name_hashes(key, {"note", "cli_1", "x"})
     assert names != naming.body_names(vault.names_key(os.urandom(32)), raw)
     many = json.dumps([f"cli_{n}" for n in range(naming.MAX_NAMES + 1)]).encode()
     assert naming.body_names(key, many) is None
@@ -83,3 +83,24 @@ def test_a_name_hash_is_not_a_blind_index() -> None:
     (mark,) = vault.name_hashes(vault.names_key(index_key), {"tok_live_x"})
     blind = vault.blind_index(index_key, "tok_live_x")
     assert mark.to_bytes(8, "big", signed=True) != blind[:8]
+
+
+def test_words_every_delivery_holds_timestamps_and_tokens_are_not_stored() -> None:
+    """The known shapes' keys and event types, timestamps and tokens would put an
+    index entry in nearly every body and find no client: not stored, and a client id
+    shaped like one is searched the long way (not `indexable`)."""
+    key = vault.names_key(os.urandom(32))
+    token = "tok_live_" + "a1" * 16
+    raw = json.dumps(
+        {
+            "id": "evt_1",
+            "event": "client.onboarding_completed",
+            "timestamp": "2024-01-15T10:30:00Z",
+            "data": {"client_id": "cli_1", "bearer_token": token},
+        }
+    ).encode()
+    assert naming.body_names(key, raw) == vault.name_hashes(key, {"evt_1", "cli_1"})
+    for shaped in ("data", "client_id", "token.revoked", "2024-01-15T10:30:00Z", token):
+        assert not naming.indexable(shaped)
+        assert naming.names_client(raw, shaped) == naming.reads_as_named(raw, shaped)
+    assert naming.indexable("cli_1")
