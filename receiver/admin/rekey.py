@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
@@ -139,7 +138,7 @@ def _unconfigured(counts: dict[tuple[str, str], int], key_ids: list[str]) -> dic
 
 async def plan(database: db.Database, keyring: vault.Keyring) -> RotationPlan:
     """What a rotation under `keyring`'s primary key would re-seal now."""
-    rows = await _counted(database, "sealed_to_rotate_counts", keyring.primary_id)
+    rows = await database.fetch_serial("sealed_to_rotate_counts", keyring.primary_id)
     under = {(row["kind"], row["key_id"]): row["n"] for row in rows}
     return RotationPlan(primary=keyring.primary_id, key_ids=keyring.key_ids, under=under)
 
@@ -231,13 +230,5 @@ async def _range(
 
 async def sealed_key_counts(database: db.Database) -> dict[tuple[str, str], int]:
     """How many sealed values each key id holds, per kind."""
-    rows = await _counted(database, "sealed_key_counts")
+    rows = await database.fetch_serial("sealed_key_counts")
     return {(row["kind"], row["key_id"]): row["n"] for row in rows}
-
-
-async def _counted(database: db.Database, name: str, *args: object) -> list[Any]:
-    """A count over every sealed value, on one core: as parallel workers it took
-    both of a small machine's cores from the deliveries beside it (bench.scale)."""
-    async with database.connection() as conn, conn.transaction():
-        await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-        return await conn.fetch(db.QUERIES[name], *args)

@@ -432,3 +432,17 @@ class Database:
         return await self._run(
             lambda conn: conn.fetch(sql, *args, timeout=STATEMENT_TIMEOUT_SECONDS)
         )
+
+    async def fetch_serial(self, name: str, *args: Any) -> list[Record]:
+        """`fetch`, with no parallel workers: for an operator's count beside deliveries.
+        At 1M clients the planner took `prune_counts` for a large count and started two
+        workers for 74 rows (5 ms of start-up for a 1.6 ms count), and `keys rotate`'s
+        counts took both of a small machine's cores from intake (bench/README.md)."""
+        sql = QUERIES[name]
+
+        async def serial(conn: Connection) -> list[Record]:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+                return await conn.fetch(sql, *args, timeout=STATEMENT_TIMEOUT_SECONDS)
+
+        return await self._run(serial)
