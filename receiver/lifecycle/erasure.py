@@ -131,24 +131,19 @@ async def _bodies_naming(
     """Keys of the stored bodies, not attributed to the client, that name it; and how
     many bodies could not be opened to tell.
 
-    Through the stored names (events_body_names: what the bodies naming the client
-    cost), opening each match to read it (`naming.names_client`, the one rule); then
-    the bodies whose names are not known (stored before names were kept, or naming too
-    many), opened and read, their names filled in so the next erasure finds them by
-    index. A client id that is not an identifier is in no names: every body is read."""
-    naming_keys: list[str] = []
+    First the bodies whose names are not known (stored before names were kept, or
+    naming too many), opened and read (`naming.names_client`, the one rule), their
+    names filled in so the next erasure finds them by index; then, through the stored
+    names (events_body_names: what the bodies naming the client cost), each match
+    opened and read. In that order: another erasure running meanwhile fills in names
+    too, and a body it names before this scan reaches it is no longer unnamed, so it
+    is found by its names, which are looked up after the scan (looked up before, it
+    was found by neither). A client id that is not an identifier is in no names: every
+    body is read."""
+    found: dict[str, None] = {}  # in order, once each
     unopened = 0
-    if naming.indexable(client_id):
-        (mark,) = vault.name_hashes(sealer.names_key, {client_id})
-        for row in await conn.fetch(db.QUERIES["erase_named_bodies"], mark, client_id):
-            raw = _opened(sealer.keyring, row)
-            if raw is None:
-                unopened += 1
-            elif naming.names_client(raw, client_id):
-                naming_keys.append(row["key"])
-        scan = "erase_unnamed_bodies"
-    else:
-        scan = "erase_every_body"
+    indexable = naming.indexable(client_id)
+    scan = "erase_unnamed_bodies" if indexable else "erase_every_body"
     after = ""
     while True:
         rows = await conn.fetch(db.QUERIES[scan], after, client_id, _SCAN_BATCH)
@@ -160,16 +155,27 @@ async def _bodies_naming(
                     unopened += 1
                 continue
             if not row["attributed"] and naming.names_client(raw, client_id):
-                naming_keys.append(row["key"])
+                found[row["key"]] = None
             names = naming.body_names(sealer.names_key, raw)
-            if names is not None and scan == "erase_unnamed_bodies":
+            if names is not None and indexable:
                 filled[0].append(row["key"])
                 filled[1].append("{" + ",".join(map(str, names)) + "}")
         if filled[0]:
             await conn.execute(db.QUERIES["fill_body_names"], *filled)
         if len(rows) < _SCAN_BATCH:
-            return naming_keys, unopened
+            break
         after = rows[-1]["key"]
+    if indexable:
+        (mark,) = vault.name_hashes(sealer.names_key, {client_id})
+        for row in await conn.fetch(db.QUERIES["erase_named_bodies"], mark, client_id):
+            if row["key"] in found:
+                continue  # read in the scan (and named by it)
+            raw = _opened(sealer.keyring, row)
+            if raw is None:
+                unopened += 1
+            elif naming.names_client(raw, client_id):
+                found[row["key"]] = None
+    return list(found), unopened
 
 
 def _opened(keyring: vault.Keyring, row: Any) -> bytes | None:
