@@ -19,7 +19,7 @@ from receiver.lifecycle import erasure, naming
 from receiver.service import app
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import ROW_LOCK_WAITS, Post, operator_env
+from tests.integration.conftest import ROW_LOCK_WAITS, Post, client_lock, operator_env
 from tests.integration.standins import eventually
 
 UNNAMED = (
@@ -290,3 +290,53 @@ async def test_erase_finds_a_body_another_erasure_named_while_it_ran(
     assert erased.returncode == 0, erased.stderr
     assert json.loads(erased.stdout)["bodies"] == 2  # its own onboarding and the note
     assert await bodies_holding(conn, sealer.keyring, [token]) == 0
+
+
+async def test_erase_finds_a_body_naming_the_client_stored_while_it_waited_for_the_lock(
+    post: Post, conn: asyncpg.Connection, settings: Settings, database_url: str
+) -> None:
+    """A delivery for another client that names the client being erased takes that
+    other client's lock, not this one's: stored while the erasure waits for this
+    client's lock to finish (behind a slow delivery for the client), after it looked
+    up the names, it is still erased, since the erasure looks them up again once it
+    holds the lock."""
+    await post(helpers.onboarding("cli_waited"))
+    await post(helpers.onboarding("cli_bystander"))
+    await conn.execute(
+        "INSERT INTO receiver.events (key, type, status, is_test, body_hash, body_sealed)"
+        " SELECT '0_before_0001', type, 'ignored', is_test, body_hash, body_sealed"
+        "   FROM receiver.events WHERE client_id = 'cli_bystander'"
+    )
+    await conn.execute("UPDATE receiver.events SET body_names = NULL WHERE key = '0_before_0001'")
+    waits_for_the_client = ROW_LOCK_WAITS + " AND query LIKE '%lock_clients_v1%'"
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        # Holds the erasure in its read of the unnamed bodies, after its first step.
+        await holder.execute("SELECT 1 FROM receiver.events WHERE key = '0_before_0001' FOR UPDATE")
+        erasing = asyncio.create_task(
+            cli(settings, "clients", "erase", "cli_waited", "--confirm", "--json")
+        )
+
+        async def reading_the_unnamed() -> bool:
+            return bool(await conn.fetchval(ROW_LOCK_WAITS) == 1)
+
+        await eventually(reading_the_unnamed)
+        async with client_lock(database_url, "cli_waited") as release:
+            await holder.execute("COMMIT")
+
+            async def waiting_for_the_client() -> bool:
+                return bool(await conn.fetchval(waits_for_the_client) == 1)
+
+            await eventually(waiting_for_the_client)
+            token = helpers.canary_token()
+            late = helpers.onboarding("cli_late", token) | {"see_also": ["cli_waited"]}
+            assert (await (await post(late)).json())["status"] == "processed"
+            await release()
+        erased = await asyncio.wait_for(erasing, timeout=60)
+    finally:
+        await holder.close()
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout)["bodies"] == 2  # its own onboarding and the late one
+    keyring = vault.Sealer.from_settings(settings).keyring
+    assert await bodies_holding(conn, keyring, [token]) == 0
