@@ -66,11 +66,13 @@ async def erase_client(
     scan of the other stored bodies with no lock held; then one last transaction
     under the lock that erases the tokens, the bodies found naming the client and
     any of its own stored meanwhile. So a delivery for the client that arrives during
-    the erasure is applied, then erased, never left behind. (A delivery for another
-    client takes that client's lock, never this one's, so a body of it naming this
-    client and stored after the scan passed is not seen: as before, when the scan
-    ran under this client's lock.) Interrupted between steps, the erasure has dropped
-    some bodies and written no tombstone yet: run it again to finish.
+    the erasure is applied, then erased, never left behind. A delivery for another
+    client takes that client's lock, never this one's: the last transaction, once it
+    holds the lock, looks the client's name up again (the index; only new matches
+    are opened), so a body of such a delivery naming this client and stored before
+    then is erased too (for a client id that is not an identifier, one stored after
+    the scan passed is not seen, as before). Interrupted between steps, the erasure
+    has dropped some bodies and written no tombstone yet: run it again to finish.
 
     Bodies are found by what they say, not by their bytes (`naming.names_client`:
     UTF-16, JSON escapes, NaN, the client id at any depth), through the names intake
@@ -88,9 +90,16 @@ async def erase_client(
         if done < batch_size:
             break
     async with database.connection() as conn:
-        naming_keys, erasure.unopened = await _bodies_naming(conn, sealer, client_id)
+        naming_keys, erasure.unopened, looked_up = await _bodies_naming(conn, sealer, client_id)
     async with database.connection() as conn, conn.transaction():
         await conn.execute(db.QUERIES["lock_client"], client_id)
+        if naming.indexable(client_id):
+            # Bodies of other clients' deliveries naming this one, stored since the
+            # names were looked up (while this waited for the lock, say): a look-up
+            # through the index, opening only the new matches.
+            found = dict.fromkeys(naming_keys)
+            erasure.unopened += await _named(conn, sealer, client_id, found, looked_up)
+            naming_keys = list(found)
         pending = await conn.fetchrow(db.QUERIES["erase_pending"], client_id, naming_keys)
         assert pending is not None
         if not pending["tokens"] and not pending["bodies"] and not erasure.bodies:
@@ -127,28 +136,25 @@ async def erase_client(
 
 async def _bodies_naming(
     conn: db.Connection, sealer: vault.Sealer, client_id: str
-) -> tuple[list[str], int]:
-    """Keys of the stored bodies, not attributed to the client, that name it; and how
-    many bodies could not be opened to tell.
+) -> tuple[list[str], int, set[str]]:
+    """Keys of the stored bodies, not attributed to the client, that name it; how
+    many bodies could not be opened to tell; and the keys the names look-up read and
+    found not naming it, or could not open (a look-up again skips them).
 
-    Through the stored names (events_body_names: what the bodies naming the client
-    cost), opening each match to read it (`naming.names_client`, the one rule); then
-    the bodies whose names are not known (stored before names were kept, or naming too
-    many), opened and read, their names filled in so the next erasure finds them by
-    index. A client id that is not an identifier is in no names: every body is read."""
-    naming_keys: list[str] = []
+    First the bodies whose names are not known (stored before names were kept, or
+    naming too many), opened and read (`naming.names_client`, the one rule), their
+    names filled in so the next erasure finds them by index; then, through the stored
+    names (events_body_names: what the bodies naming the client cost), each match
+    opened and read. In that order: another erasure running meanwhile fills in names
+    too, and a body it names before this scan reaches it is no longer unnamed, so it
+    is found by its names, which are looked up after the scan (looked up before, it
+    was found by neither). A client id that is not an identifier is in no names: every
+    body is read."""
+    found: dict[str, None] = {}  # in order, once each
+    passed: set[str] = set()
     unopened = 0
-    if naming.indexable(client_id):
-        (mark,) = vault.name_hashes(sealer.names_key, {client_id})
-        for row in await conn.fetch(db.QUERIES["erase_named_bodies"], mark, client_id):
-            raw = _opened(sealer.keyring, row)
-            if raw is None:
-                unopened += 1
-            elif naming.names_client(raw, client_id):
-                naming_keys.append(row["key"])
-        scan = "erase_unnamed_bodies"
-    else:
-        scan = "erase_every_body"
+    indexable = naming.indexable(client_id)
+    scan = "erase_unnamed_bodies" if indexable else "erase_every_body"
     after = ""
     while True:
         rows = await conn.fetch(db.QUERIES[scan], after, client_id, _SCAN_BATCH)
@@ -160,16 +166,46 @@ async def _bodies_naming(
                     unopened += 1
                 continue
             if not row["attributed"] and naming.names_client(raw, client_id):
-                naming_keys.append(row["key"])
+                found[row["key"]] = None
             names = naming.body_names(sealer.names_key, raw)
-            if names is not None and scan == "erase_unnamed_bodies":
+            if names is not None and indexable:
                 filled[0].append(row["key"])
                 filled[1].append("{" + ",".join(map(str, names)) + "}")
         if filled[0]:
             await conn.execute(db.QUERIES["fill_body_names"], *filled)
         if len(rows) < _SCAN_BATCH:
-            return naming_keys, unopened
+            break
         after = rows[-1]["key"]
+    if indexable:
+        unopened += await _named(conn, sealer, client_id, found, passed)
+    return list(found), unopened, passed
+
+
+async def _named(
+    conn: db.Connection,
+    sealer: vault.Sealer,
+    client_id: str,
+    found: dict[str, None],
+    passed: set[str],
+) -> int:
+    """Add to `found` the bodies whose stored names hold `client_id` (an indexable
+    one) and that name it when read, but for those in `found` or `passed` (already
+    read), and to `passed` the others; return how many matches could not be
+    opened."""
+    unopened = 0
+    (mark,) = vault.name_hashes(sealer.names_key, {client_id})
+    for row in await conn.fetch(db.QUERIES["erase_named_bodies"], mark, client_id):
+        if row["key"] in found or row["key"] in passed:
+            continue
+        raw = _opened(sealer.keyring, row)
+        if raw is None:
+            unopened += 1
+            passed.add(row["key"])
+        elif naming.names_client(raw, client_id):
+            found[row["key"]] = None
+        else:
+            passed.add(row["key"])
+    return unopened
 
 
 def _opened(keyring: vault.Keyring, row: Any) -> bytes | None:

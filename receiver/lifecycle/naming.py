@@ -33,13 +33,15 @@ _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ][0-9:.]+(?:[Zz]|[+-]\d{2}:?\d{2}
 
 
 def _kept(name: str) -> bool:
-    """Whether a name is stored: not a word every delivery holds, a timestamp or a
-    token. Each would add an index entry to nearly every body (or a token's hash to
-    the table) and find no client: a client id shaped so is searched the long way."""
+    """Whether a name is stored: not a word every delivery holds, a timestamp, or
+    anything holding a whole token (the token alone, or inside a longer identifier:
+    `bearer:tok_live_…`, `tok_live_….sig`). Each would add an index entry to nearly
+    every body (or a token's hash to the table) and find no client: a client id shaped
+    so is searched the long way."""
     return (
         name not in _SHAPE_WORDS
         and _TIMESTAMP.fullmatch(name) is None
-        and redaction.FULL_TOKEN.fullmatch(name) is None
+        and redaction.FULL_TOKEN.search(name) is None
     )
 
 

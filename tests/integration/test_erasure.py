@@ -13,12 +13,14 @@ import asyncpg
 import pytest
 from pydantic import SecretBytes
 
-from receiver import vault
+from receiver import db, vault
 from receiver.config import Settings
+from receiver.lifecycle import erasure, naming
 from receiver.service import app
 from tests import helpers
 from tests.integration import processes
-from tests.integration.conftest import Post, operator_env
+from tests.integration.conftest import ROW_LOCK_WAITS, Post, client_lock, operator_env
+from tests.integration.standins import eventually
 
 UNNAMED = (
     "SELECT count(*) FROM receiver.events WHERE body_sealed IS NOT NULL AND body_names IS NULL"
@@ -220,3 +222,121 @@ async def test_keys_rotate_after_an_erasure_reports_no_key_called_none(
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
     assert "None" not in rotated.stdout
     assert "cannot open" not in rotated.stdout
+
+
+async def test_erase_finds_a_body_another_erasure_named_while_it_ran(
+    post: Post, conn: asyncpg.Connection, settings: Settings, database_url: str
+) -> None:
+    """Two erasures at once (an operator's batch of requests): while one reads the
+    bodies whose names are not known yet, the other fills in the names of a body
+    naming the first's client (`fill_body_names`, as every erasure does). That body
+    is no longer among the unnamed ones when the first reaches it: the first must
+    find it through its names, so it looks at them after reading the unnamed ones,
+    never only before."""
+    token = helpers.canary_token()
+    body = hostile_bodies("cli_race", [token] * 4)[3]
+    assert (await (await post(body)).json())["status"] == "quarantined"
+    await post(helpers.onboarding("cli_race"))
+    await post(helpers.onboarding("cli_bystander"))
+    sealer = vault.Sealer.from_settings(settings)
+    named = await conn.fetchval(
+        "SELECT key FROM receiver.events WHERE client_id IS NULL AND body_sealed IS NOT NULL"
+    )
+    # Stored before names were kept: a first batch of bodies (naming someone else)
+    # ahead of it in key order, then the body naming cli_race.
+    await conn.execute(
+        "INSERT INTO receiver.events (key, type, status, is_test, body_hash, body_sealed)"
+        " SELECT '0_before_' || lpad(g::text, 4, '0'), type, 'ignored', is_test,"
+        "        body_hash, body_sealed"
+        "   FROM receiver.events, generate_series(1, $1) AS g"
+        "  WHERE client_id = 'cli_bystander'",
+        erasure._SCAN_BATCH,
+    )
+    await conn.execute("UPDATE receiver.events SET body_names = NULL")
+    assert named > "0_before_9999"
+
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        # The first batch's names cannot be filled in until this transaction ends.
+        await holder.execute("SELECT 1 FROM receiver.events WHERE key = '0_before_0001' FOR UPDATE")
+        first = asyncio.create_task(
+            cli(settings, "clients", "erase", "cli_race", "--confirm", "--json")
+        )
+
+        async def filling_the_first_batch() -> bool:
+            return bool(await conn.fetchval(ROW_LOCK_WAITS) == 1)
+
+        await eventually(filling_the_first_batch)
+        # Meanwhile another erasure opens the body naming cli_race and names it.
+        stored = await conn.fetchrow(
+            "SELECT body_hash, body_sealed FROM receiver.events WHERE key = $1", named
+        )
+        assert stored is not None
+        raw = sealer.keyring.open(
+            stored["body_sealed"],
+            vault.event_associated_data("sha256:" + stored["body_hash"].hex()),
+        )
+        assert raw == body
+        names = naming.body_names(sealer.names_key, raw)
+        assert names is not None
+        await conn.execute(
+            db.QUERIES["fill_body_names"], [named], ["{" + ",".join(map(str, names)) + "}"]
+        )
+        await holder.execute("COMMIT")
+        erased = await asyncio.wait_for(first, timeout=60)
+    finally:
+        await holder.close()
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout)["bodies"] == 2  # its own onboarding and the note
+    assert await bodies_holding(conn, sealer.keyring, [token]) == 0
+
+
+async def test_erase_finds_a_body_naming_the_client_stored_while_it_waited_for_the_lock(
+    post: Post, conn: asyncpg.Connection, settings: Settings, database_url: str
+) -> None:
+    """A delivery for another client that names the client being erased takes that
+    other client's lock, not this one's: stored while the erasure waits for this
+    client's lock to finish (behind a slow delivery for the client), after it looked
+    up the names, it is still erased, since the erasure looks them up again once it
+    holds the lock."""
+    await post(helpers.onboarding("cli_waited"))
+    await post(helpers.onboarding("cli_bystander"))
+    await conn.execute(
+        "INSERT INTO receiver.events (key, type, status, is_test, body_hash, body_sealed)"
+        " SELECT '0_before_0001', type, 'ignored', is_test, body_hash, body_sealed"
+        "   FROM receiver.events WHERE client_id = 'cli_bystander'"
+    )
+    await conn.execute("UPDATE receiver.events SET body_names = NULL WHERE key = '0_before_0001'")
+    waits_for_the_client = ROW_LOCK_WAITS + " AND query LIKE '%lock_clients_v1%'"
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        # Holds the erasure in its read of the unnamed bodies, after its first step.
+        await holder.execute("SELECT 1 FROM receiver.events WHERE key = '0_before_0001' FOR UPDATE")
+        erasing = asyncio.create_task(
+            cli(settings, "clients", "erase", "cli_waited", "--confirm", "--json")
+        )
+
+        async def reading_the_unnamed() -> bool:
+            return bool(await conn.fetchval(ROW_LOCK_WAITS) == 1)
+
+        await eventually(reading_the_unnamed)
+        async with client_lock(database_url, "cli_waited") as release:
+            await holder.execute("COMMIT")
+
+            async def waiting_for_the_client() -> bool:
+                return bool(await conn.fetchval(waits_for_the_client) == 1)
+
+            await eventually(waiting_for_the_client)
+            token = helpers.canary_token()
+            late = helpers.onboarding("cli_late", token) | {"see_also": ["cli_waited"]}
+            assert (await (await post(late)).json())["status"] == "processed"
+            await release()
+        erased = await asyncio.wait_for(erasing, timeout=60)
+    finally:
+        await holder.close()
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout)["bodies"] == 2  # its own onboarding and the late one
+    keyring = vault.Sealer.from_settings(settings).keyring
+    assert await bodies_holding(conn, keyring, [token]) == 0

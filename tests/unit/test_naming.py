@@ -104,3 +104,17 @@ def test_words_every_delivery_holds_timestamps_and_tokens_are_not_stored() -> No
         assert not naming.indexable(shaped)
         assert naming.names_client(raw, shaped) == naming.reads_as_named(raw, shaped)
     assert naming.indexable("cli_1")
+
+
+def test_no_name_holding_a_whole_token_is_stored() -> None:
+    """A token inside a longer identifier (`bearer:tok_live_…`, `tok_live_….sig`, a
+    client and its token joined by `:`) is no more a name than the token alone: its
+    hash is not stored, and a client id holding one is searched the long way."""
+    key = vault.names_key(os.urandom(32))
+    token = "tok_live_" + "b2" * 16
+    held = [f"bearer:{token}", f"{token}.sig", f"cli_1:{token}", f"x{token}"]
+    raw = json.dumps({"id": "evt_2", "data": {"auth": held}}).encode()
+    assert naming.body_names(key, raw) == vault.name_hashes(key, {"evt_2", "auth"})
+    for shaped in held:
+        assert not naming.indexable(shaped)
+        assert naming.names_client(raw, shaped) == naming.reads_as_named(raw, shaped)
