@@ -43,7 +43,12 @@ def rotate(args: argparse.Namespace) -> int:
 
         actor = audit.Actor.of(args.actor, args.audit_reason, settings.secret_values())
         report = await rekey.rotate(
-            database, sealer.keyring, actor=actor, batch_size=args.batch_size, progress=progress
+            database,
+            sealer.keyring,
+            actor=actor,
+            batch_size=args.batch_size,
+            progress=progress,
+            pause_ratio=0.0 if args.no_pause else rekey.PAUSE_RATIO,
         )
         if args.json:
             print(json.dumps(_outcome(report, sealer.keyring.key_ids)))

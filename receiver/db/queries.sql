@@ -225,6 +225,34 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
  LIMIT $4
    FOR UPDATE SKIP LOCKED;
 
+-- name: rotation_tokens_pages
+-- keys rotate's first pass: up to $4 tokens from tid $2 up to (not including) $3 not
+-- sealed under the primary key $1, locked for re-sealing: a TID range scan, the table
+-- in the order it lies on disk (rekey.py says why).
+SELECT ctid AS at, id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
+       receiver.sealed_key_id(token_sealed) AS key_id
+  FROM receiver.tokens
+ WHERE ctid >= $2::tid AND ctid < $3::tid
+   AND receiver.sealed_key_id(token_sealed) <> $1
+ ORDER BY ctid
+ LIMIT $4
+   FOR UPDATE SKIP LOCKED;
+
+-- name: rotation_events_pages
+-- As rotation_tokens_pages, for stored bodies.
+SELECT ctid AS at, key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for,
+       body_sealed AS sealed, receiver.sealed_key_id(body_sealed) AS key_id
+  FROM receiver.events
+ WHERE ctid >= $2::tid AND ctid < $3::tid
+   AND receiver.sealed_key_id(body_sealed) <> $1
+ ORDER BY ctid
+ LIMIT $4
+   FOR UPDATE SKIP LOCKED;
+
+-- name: relation_pages
+-- The pages table $1 holds now (keys rotate's first pass walks them).
+SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint;
+
 -- name: rotation_store_tokens
 -- A batch in one statement ($1 ids, $2 old bytes, $3 new bytes), each row fenced on
 -- its old bytes: a value changed meanwhile is left for the next pass.

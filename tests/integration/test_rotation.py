@@ -254,3 +254,49 @@ async def test_metrics_count_the_values_a_rotation_still_has_to_move(
     }
     await rekey.rotate(database, vault.Sealer.from_settings(rotated_settings).keyring, actor=OPS)
     assert to_rotate(await (await scraper.get("/metrics")).text()) == {}
+
+
+async def test_a_value_held_locked_is_left_reported_and_taken_by_the_next_run(
+    post: Post,
+    settings: Settings,
+    database: db.Database,
+    database_url: str,
+    conn: asyncpg.Connection,
+) -> None:
+    """A token a delivery holds locked through the whole rotation is skipped by the
+    page-order pass and by the key-order passes after it (SKIP LOCKED) and reported
+    as still under the old key; the next run, once it is free, re-seals it."""
+    for _ in range(6):
+        await post(helpers.onboarding())
+    ring = vault.Sealer.from_settings(with_new_primary(settings)).keyring
+    holder = await asyncpg.connect(database_url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM receiver.tokens ORDER BY id LIMIT 1 FOR UPDATE")
+        first = await rekey.rotate(database, ring, actor=OPS, batch_size=4, pause_ratio=0)
+        await held.rollback()
+    finally:
+        await holder.close()
+    assert first.rotated == {"tokens": 5, "events": 6}
+    assert first.remaining[("tokens", "k1")] == 1
+    second = await rekey.rotate(database, ring, actor=OPS, batch_size=4, pause_ratio=0)
+    assert second.rotated == {"tokens": 1}
+    assert await key_counts(conn) == {"k2": 12}
+
+
+async def test_keys_rotate_no_pause_re_seals_everything(
+    post: Post, database_url: str, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """`keys rotate --no-pause` (a compromised key: no pause between batches) re-seals
+    every value as the paced run does."""
+    for _ in range(3):
+        await post(helpers.onboarding())
+    result = await asyncio.to_thread(
+        processes.run,
+        ["keys", "rotate", "--no-pause", "--batch-size", "2", "--json"],
+        operator_env(with_new_primary(settings)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rotated"] == {"tokens": 3, "events": 3}
+    assert await key_counts(conn) == {"k2": 6}

@@ -129,6 +129,24 @@ async def test_hot_statements_read_their_indexes(conn: asyncpg.Connection, mode:
     assert not wrong
 
 
+@pytest.mark.parametrize("mode", ["auto", "force_generic_plan"])
+async def test_the_first_rotation_pass_reads_pages_in_order(
+    conn: asyncpg.Connection, mode: str
+) -> None:
+    """keys rotate's first pass reads a range of pages per batch (a TID range scan),
+    as a fresh plan and as a generic one: never a sequential scan of the table."""
+    await _filled(conn)
+    await conn.execute(f"SET plan_cache_mode = {mode}")
+    for name in ("rotation_tokens_pages", "rotation_events_pages"):
+        statement = await conn.prepare(db.QUERIES[name])
+        args = ("k9", (0, 0), (8, 0), 500)
+        for _ in range(6):
+            await statement.fetch(*args)
+        kinds = {n["Node Type"] for n in _nodes(await statement.explain(*args))}
+        assert "Tid Range Scan" in kinds, (name, kinds)
+        assert "Seq Scan" not in kinds, (name, kinds)
+
+
 def _due_settings(settings: Settings, base: str) -> Settings:
     return config.load_settings(
         **settings_values(settings),
