@@ -62,6 +62,7 @@ _PLANNED: dict[str, tuple[Any, ...]] = {
     "rotation_tokens_above": ("{primary}", "", "00000000-0000-0000-0000-000000000000", 500),
     "rotation_events_below": ("{primary}", "", "", 500),
     "rotation_events_above": ("{primary}", "", "", 500),
+    "sealed_to_rotate_gauge": ("{primary}", 10_000),
     "token_inventory_of_client": ("{client}", None, None, None, 100),
     "list_events_of_type": (None, None, RARE_TYPE, 50),
 }

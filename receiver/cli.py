@@ -535,11 +535,6 @@ def _add_keys(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="say what would be re-sealed, under which key ids; change nothing",
     )
-    rotate.add_argument(
-        "--no-pause",
-        action="store_true",
-        help="no pause between batches (a compromised key: fastest, intake slows meanwhile)",
-    )
     rotate.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     _add_actor(rotate)
     _add_dev_flag(rotate)

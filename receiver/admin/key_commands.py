@@ -48,7 +48,6 @@ def rotate(args: argparse.Namespace) -> int:
             actor=actor,
             batch_size=args.batch_size,
             progress=progress,
-            pause_ratio=0.0 if args.no_pause else rekey.PAUSE_RATIO,
         )
         if args.json:
             print(json.dumps(_outcome(report, sealer.keyring.key_ids)))

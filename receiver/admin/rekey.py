@@ -18,7 +18,6 @@ key already.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,9 +50,6 @@ _MAX_PAGES = 8192
 # every re-sealed value lands, is never walked.
 _RANGES = ("below", "above")
 MAX_PASSES = 5
-# The pause after each batch, as a share of the batch's time (`keys rotate --no-pause`:
-# 0). At 1M clients on two cores: about 14,000 rows/s without a pause, 7,000 with.
-PAUSE_RATIO = 1.0
 
 Progress = Callable[[str, int], None]
 
@@ -65,7 +61,6 @@ class RotationReport:
     primary: str
     key_ids: list[str]
     rotated: Counter[str] = field(default_factory=Counter)
-    pause_ratio: float = 0.0  # the pause after each batch, as a share of its time
     seconds: float = 0.0  # re-sealing time, the final count not included
     # (kind, key id) -> values sealed under that key after the run
     remaining: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -166,14 +161,9 @@ async def rotate(
     actor: audit.Actor,
     batch_size: int = 500,
     progress: Progress | None = None,
-    pause_ratio: float = PAUSE_RATIO,
 ) -> RotationReport:
-    """Re-encrypt everything not under the primary key; report what remains per key.
-    After each batch, a pause `pause_ratio` times as long as the batch (0: none, for
-    a compromised key)."""
-    report = RotationReport(
-        primary=keyring.primary_id, key_ids=keyring.key_ids, pause_ratio=pause_ratio
-    )
+    """Re-encrypt everything not under the primary key; report what remains per key."""
+    report = RotationReport(primary=keyring.primary_id, key_ids=keyring.key_ids)
     started = time.monotonic()
     for kind in _KINDS:
         await _walk(database, keyring, actor, kind, batch_size, report, progress)
@@ -272,7 +262,6 @@ async def _batch(
     rows it claimed and the tid of the last; for a keyset range: None when nothing was
     left, else how many it re-sealed and where the next batch starts."""
     _, write, associated_data, _ = _KINDS[kind]
-    started = time.monotonic()
     async with database.connection() as conn, conn.transaction():
         rows = await conn.fetch(db.QUERIES[claim], keyring.primary_id, *args)
         if not rows and not claim.endswith("_pages"):
@@ -295,10 +284,6 @@ async def _batch(
                 "keys_rotate",
                 detail={"primary": keyring.primary_id, "kind": kind, "rotated": len(updates)},
             )
-    # Deliveries first: after each batch, a pause `pause_ratio` times as long as it
-    # took (as prune pauses), so the rotation leaves Postgres, its WAL and its disk to
-    # intake part of the time (bench/README.md: intake p99 at 500/s while rotating).
-    await asyncio.sleep((time.monotonic() - started) * report.pause_ratio)
     if updates:
         report.rotated[kind] += len(updates)
         log.debug("rotation_batch", kind=kind, rotated=len(updates), total=report.rotated[kind])

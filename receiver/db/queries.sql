@@ -290,6 +290,40 @@ SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
  GROUP BY 2
  ORDER BY 1, 2;
 
+-- name: sealed_to_rotate_gauge
+-- sealed_to_rotate_counts for the /metrics refresh, bounded: every key id other than
+-- the primary $1 that seals a value (a loose walk of the sealed_key_id indexes: one
+-- probe per key id), each with its count up to $2 (in the index's order, so the
+-- planner walks the index rather than the table). Counting every value still to move
+-- took the refresh past its 1 s budget in the middle of a rotation at 1M clients.
+WITH RECURSIVE t(id) AS (
+    SELECT min(receiver.sealed_key_id(token_sealed)) FROM receiver.tokens
+    UNION ALL
+    SELECT (SELECT min(receiver.sealed_key_id(token_sealed)) FROM receiver.tokens
+             WHERE receiver.sealed_key_id(token_sealed) > t.id)
+      FROM t WHERE t.id IS NOT NULL
+), e(id) AS (
+    SELECT min(receiver.sealed_key_id(body_sealed)) FROM receiver.events
+    UNION ALL
+    SELECT (SELECT min(receiver.sealed_key_id(body_sealed)) FROM receiver.events
+             WHERE receiver.sealed_key_id(body_sealed) > e.id)
+      FROM e WHERE e.id IS NOT NULL
+)
+SELECT 'tokens' AS kind, t.id AS key_id,
+       (SELECT count(*) FROM (SELECT 1 FROM receiver.tokens
+                               WHERE receiver.sealed_key_id(token_sealed) = t.id
+                               ORDER BY receiver.sealed_key_id(token_sealed), id
+                               LIMIT $2) AS x) AS n
+  FROM t WHERE t.id IS NOT NULL AND t.id <> $1
+UNION ALL
+SELECT 'events', e.id,
+       (SELECT count(*) FROM (SELECT 1 FROM receiver.events
+                               WHERE receiver.sealed_key_id(body_sealed) = e.id
+                               ORDER BY receiver.sealed_key_id(body_sealed), key
+                               LIMIT $2) AS x)
+  FROM e WHERE e.id IS NOT NULL AND e.id <> $1
+ ORDER BY 1, 2;
+
 -- name: claim_due_signals
 -- Claimed in one statement (its own transaction); delivery happens after it commits.
 -- Revocations first, then the rest, each oldest first: a revoked token must leave

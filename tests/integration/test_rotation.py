@@ -256,6 +256,34 @@ async def test_metrics_count_the_values_a_rotation_still_has_to_move(
     assert to_rotate(await (await scraper.get("/metrics")).text()) == {}
 
 
+async def test_the_gauge_names_every_key_id_and_counts_each_up_to_its_cap(
+    post: Post, settings: Settings, database: db.Database, conn: asyncpg.Connection
+) -> None:
+    """The refresh's count of values left to rotate (sealed_to_rotate_gauge) names
+    every key id other than the primary, one no keyring holds included (the
+    unopenable gauge rests on it), and counts each only up to the cap; the exact
+    count (`keys rotate --dry-run`'s) agrees below the cap."""
+    for _ in range(5):
+        await post(helpers.onboarding())
+    other = vault.Keyring([("k0", os.urandom(32))])
+    row = await conn.fetchrow("SELECT id::text AS id FROM receiver.tokens ORDER BY id LIMIT 1")
+    await conn.execute(
+        "UPDATE receiver.tokens SET token_sealed = $2 WHERE id = $1::uuid",
+        row["id"],
+        other.seal(b"tok_live_unopenable0000000", vault.token_associated_data(row["id"])),
+    )
+    capped = await database.fetch("sealed_to_rotate_gauge", "k2", 3)
+    assert [(r["kind"], r["key_id"], r["n"]) for r in capped] == [
+        ("events", "k1", 3),
+        ("tokens", "k0", 1),
+        ("tokens", "k1", 3),
+    ]
+    exact = await database.fetch("sealed_to_rotate_gauge", "k2", 1000)
+    counted = await database.fetch("sealed_to_rotate_counts", "k2")
+    assert [tuple(r) for r in exact] == [tuple(r) for r in counted]
+    assert [r["n"] for r in exact] == [5, 1, 4]
+
+
 async def test_a_value_held_locked_is_left_reported_and_taken_by_the_next_run(
     post: Post,
     settings: Settings,
@@ -274,29 +302,12 @@ async def test_a_value_held_locked_is_left_reported_and_taken_by_the_next_run(
         held = holder.transaction()
         await held.start()
         await holder.execute("SELECT 1 FROM receiver.tokens ORDER BY id LIMIT 1 FOR UPDATE")
-        first = await rekey.rotate(database, ring, actor=OPS, batch_size=4, pause_ratio=0)
+        first = await rekey.rotate(database, ring, actor=OPS, batch_size=4)
         await held.rollback()
     finally:
         await holder.close()
     assert first.rotated == {"tokens": 5, "events": 6}
     assert first.remaining[("tokens", "k1")] == 1
-    second = await rekey.rotate(database, ring, actor=OPS, batch_size=4, pause_ratio=0)
+    second = await rekey.rotate(database, ring, actor=OPS, batch_size=4)
     assert second.rotated == {"tokens": 1}
     assert await key_counts(conn) == {"k2": 12}
-
-
-async def test_keys_rotate_no_pause_re_seals_everything(
-    post: Post, database_url: str, settings: Settings, conn: asyncpg.Connection
-) -> None:
-    """`keys rotate --no-pause` (a compromised key: no pause between batches) re-seals
-    every value as the paced run does."""
-    for _ in range(3):
-        await post(helpers.onboarding())
-    result = await asyncio.to_thread(
-        processes.run,
-        ["keys", "rotate", "--no-pause", "--batch-size", "2", "--json"],
-        operator_env(with_new_primary(settings)),
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["rotated"] == {"tokens": 3, "events": 3}
-    assert await key_counts(conn) == {"k2": 6}

@@ -81,6 +81,7 @@ HOT: dict[str, tuple[tuple[Any, ...], str]] = {
     "rotation_tokens_above": (("k0", "", _START, 500), "tokens_sealed_key_id_row"),
     "rotation_events_below": (("k2", "", "", 500), "events_sealed_key_id_row"),
     "rotation_events_above": (("k0", "", "", 500), "events_sealed_key_id_row"),
+    "sealed_to_rotate_gauge": (("k1", 10_000), "tokens_sealed_key_id_row"),
     "token_inventory_of_client": (("cli_42", None, None, None, 100), "tokens_client_prefix"),
     "list_events_of_type": ((None, None, "client.merged", 50), "events_type_received"),
 }
