@@ -788,7 +788,7 @@ CREATE INDEX events_quarantined ON receiver.events USING btree (received_at) WHE
 
 CREATE INDEX events_received_at ON receiver.events USING btree (received_at);
 
-CREATE INDEX events_sealed_key_id_row ON receiver.events USING btree (receiver.sealed_key_id(body_sealed), key);
+CREATE INDEX events_sealed_key_id_row ON receiver.events USING btree (receiver.sealed_key_id(body_sealed), key) WHERE (body_sealed IS NOT NULL);
 
 CREATE INDEX events_type_received ON receiver.events USING btree (type, received_at DESC, key);
 
@@ -830,7 +830,7 @@ CREATE UNIQUE INDEX tokens_one_active_per_client_environment ON receiver.tokens 
 
 CREATE INDEX tokens_revoked_value ON receiver.tokens USING btree (revoked_at) WHERE ((token_sealed IS NOT NULL) AND (status = 'revoked'::text));
 
-CREATE INDEX tokens_sealed_key_id_row ON receiver.tokens USING btree (receiver.sealed_key_id(token_sealed), id);
+CREATE INDEX tokens_sealed_key_id_row ON receiver.tokens USING btree (receiver.sealed_key_id(token_sealed), id) WHERE (token_sealed IS NOT NULL);
 
 CREATE INDEX tokens_superseded_value ON receiver.tokens USING btree (expires_at) WHERE ((token_sealed IS NOT NULL) AND (status = 'superseded'::text));
 

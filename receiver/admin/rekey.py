@@ -215,9 +215,11 @@ async def _walk(
         found, last = await _batch(
             database, keyring, actor, kind, claim, (at, (upto, 0), batch_size), report, progress
         )
-        if found == batch_size:  # more in this range: on from the row after the last
+        if found == batch_size:  # more in this range: on from the row after the last,
+            # over as many pages as this batch needed (a rerun's window, grown wide over
+            # the half already done, shrinks at once where the work starts)
+            pages = max(1, last[0] - at[0] + 1)
             at = (last[0], last[1] + 1)
-            pages = max(1, pages // 2)
             continue
         # Towards `batch_size` rows a batch: wider where few rows need re-sealing.
         pages = min(_MAX_PAGES, pages * 4 if not found else max(1, pages * batch_size // found))

@@ -186,7 +186,7 @@ SELECT t.id::text AS id, t.client_id, t.environment, t.prefix, i.status, t.token
 SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
        receiver.sealed_key_id(token_sealed) AS key_id
   FROM receiver.tokens
- WHERE receiver.sealed_key_id(token_sealed) < $1
+ WHERE token_sealed IS NOT NULL AND receiver.sealed_key_id(token_sealed) < $1
    AND (receiver.sealed_key_id(token_sealed), id) > ($2::text, $3::uuid)
  ORDER BY receiver.sealed_key_id(token_sealed), id
  LIMIT $4
@@ -197,7 +197,7 @@ SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
 SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
        receiver.sealed_key_id(token_sealed) AS key_id
   FROM receiver.tokens
- WHERE receiver.sealed_key_id(token_sealed) > $1
+ WHERE token_sealed IS NOT NULL AND receiver.sealed_key_id(token_sealed) > $1
    AND (receiver.sealed_key_id(token_sealed), id) > ($2::text, $3::uuid)
  ORDER BY receiver.sealed_key_id(token_sealed), id
  LIMIT $4
@@ -208,7 +208,7 @@ SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed,
        receiver.sealed_key_id(body_sealed) AS key_id
   FROM receiver.events
- WHERE receiver.sealed_key_id(body_sealed) < $1
+ WHERE body_sealed IS NOT NULL AND receiver.sealed_key_id(body_sealed) < $1
    AND (receiver.sealed_key_id(body_sealed), key) > ($2::text, $3::text)
  ORDER BY receiver.sealed_key_id(body_sealed), key
  LIMIT $4
@@ -219,7 +219,7 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed,
        receiver.sealed_key_id(body_sealed) AS key_id
   FROM receiver.events
- WHERE receiver.sealed_key_id(body_sealed) > $1
+ WHERE body_sealed IS NOT NULL AND receiver.sealed_key_id(body_sealed) > $1
    AND (receiver.sealed_key_id(body_sealed), key) > ($2::text, $3::text)
  ORDER BY receiver.sealed_key_id(body_sealed), key
  LIMIT $4
@@ -281,12 +281,14 @@ SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
 -- range scans of the sealed_key_id indexes, empty once a rotation is done.
 SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
   FROM receiver.tokens
- WHERE receiver.sealed_key_id(token_sealed) < $1 OR receiver.sealed_key_id(token_sealed) > $1
+ WHERE token_sealed IS NOT NULL
+   AND (receiver.sealed_key_id(token_sealed) < $1 OR receiver.sealed_key_id(token_sealed) > $1)
  GROUP BY 2
 UNION ALL
 SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
   FROM receiver.events
- WHERE receiver.sealed_key_id(body_sealed) < $1 OR receiver.sealed_key_id(body_sealed) > $1
+ WHERE body_sealed IS NOT NULL
+   AND (receiver.sealed_key_id(body_sealed) < $1 OR receiver.sealed_key_id(body_sealed) > $1)
  GROUP BY 2
  ORDER BY 1, 2;
 
@@ -298,27 +300,31 @@ SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
 -- took the refresh past its 1 s budget in the middle of a rotation at 1M clients.
 WITH RECURSIVE t(id) AS (
     SELECT min(receiver.sealed_key_id(token_sealed)) FROM receiver.tokens
+     WHERE token_sealed IS NOT NULL
     UNION ALL
     SELECT (SELECT min(receiver.sealed_key_id(token_sealed)) FROM receiver.tokens
-             WHERE receiver.sealed_key_id(token_sealed) > t.id)
+             WHERE token_sealed IS NOT NULL AND receiver.sealed_key_id(token_sealed) > t.id)
       FROM t WHERE t.id IS NOT NULL
 ), e(id) AS (
     SELECT min(receiver.sealed_key_id(body_sealed)) FROM receiver.events
+     WHERE body_sealed IS NOT NULL
     UNION ALL
     SELECT (SELECT min(receiver.sealed_key_id(body_sealed)) FROM receiver.events
-             WHERE receiver.sealed_key_id(body_sealed) > e.id)
+             WHERE body_sealed IS NOT NULL AND receiver.sealed_key_id(body_sealed) > e.id)
       FROM e WHERE e.id IS NOT NULL
 )
 SELECT 'tokens' AS kind, t.id AS key_id,
        (SELECT count(*) FROM (SELECT 1 FROM receiver.tokens
-                               WHERE receiver.sealed_key_id(token_sealed) = t.id
+                               WHERE token_sealed IS NOT NULL
+                                 AND receiver.sealed_key_id(token_sealed) = t.id
                                ORDER BY receiver.sealed_key_id(token_sealed), id
                                LIMIT $2) AS x) AS n
   FROM t WHERE t.id IS NOT NULL AND t.id <> $1
 UNION ALL
 SELECT 'events', e.id,
        (SELECT count(*) FROM (SELECT 1 FROM receiver.events
-                               WHERE receiver.sealed_key_id(body_sealed) = e.id
+                               WHERE body_sealed IS NOT NULL
+                                 AND receiver.sealed_key_id(body_sealed) = e.id
                                ORDER BY receiver.sealed_key_id(body_sealed), key
                                LIMIT $2) AS x)
   FROM e WHERE e.id IS NOT NULL AND e.id <> $1
