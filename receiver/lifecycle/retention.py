@@ -62,7 +62,7 @@ async def prune(
     (`ran=False`), leaving the work to the one that has it."""
     bodies_age, tokens_age, signals_age = _ages(settings)
     if dry_run:
-        rows = await database.fetch_serial("prune_counts", bodies_age, tokens_age, signals_age)
+        rows = await database.fetch_count("prune_counts", bodies_age, tokens_age, signals_age)
         return PruneReport(rows[0]["event_bodies"], rows[0]["token_values"], rows[0]["signals"])
     report = PruneReport()
     async with leases.held(database, PRUNE_LEASE) as mine:

@@ -266,11 +266,11 @@ async def test_the_gauge_names_every_key_id_and_counts_each_up_to_its_cap(
     for _ in range(5):
         await post(helpers.onboarding())
     other = vault.Keyring([("k0", os.urandom(32))])
-    row = await conn.fetchrow("SELECT id::text AS id FROM receiver.tokens ORDER BY id LIMIT 1")
+    token_id = await conn.fetchval("SELECT id::text FROM receiver.tokens ORDER BY id LIMIT 1")
     await conn.execute(
         "UPDATE receiver.tokens SET token_sealed = $2 WHERE id = $1::uuid",
-        row["id"],
-        other.seal(b"tok_live_unopenable0000000", vault.token_associated_data(row["id"])),
+        token_id,
+        other.seal(b"tok_live_unopenable0000000", vault.token_associated_data(token_id)),
     )
     capped = await database.fetch("sealed_to_rotate_gauge", "k2", 3)
     assert [(r["kind"], r["key_id"], r["n"]) for r in capped] == [
