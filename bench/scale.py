@@ -66,6 +66,8 @@ _PLANNED: dict[str, tuple[Any, ...]] = {
     "token_inventory_of_client": ("{client}", None, None, None, 100),
     "list_events_of_type": (None, None, RARE_TYPE, 50),
 }
+# Run through Database.fetch_count (no sequential scan, one core, no JIT).
+_COUNTED = frozenset({"prune_counts"})
 # What a sequential scan may not touch.
 _BIG_TABLES = ("tokens", "events")
 
@@ -112,6 +114,10 @@ async def plans(target: Db) -> dict[str, list[str]]:
                 for a in raw_args
             ]  # fmt: skip
             scans = set()
+            # As the service runs it: the operator counts through Database.fetch_count.
+            await conn.execute(
+                "SET enable_seqscan = off" if name in _COUNTED else "RESET enable_seqscan"
+            )
             for mode in ("auto", "force_generic_plan"):
                 await conn.execute(f"SET plan_cache_mode = {mode}")
                 statement = await conn.prepare(db.QUERIES[name])
