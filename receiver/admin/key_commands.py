@@ -61,7 +61,21 @@ def rotate(args: argparse.Namespace) -> int:
             "keys_rotate",
             [{"detail": detail | {"missing_keys": report.missing_keys}}],
         )
-        return console.EXIT_FAILURE if report.missing_keys else 0
+        left = {
+            kid: report.count_under(kid)
+            for kid in sealer.keyring.key_ids
+            if kid != report.primary and report.count_under(kid)
+        }
+        if left:
+            # Not done: `keys rotate && <remove the old key>` must not strand them.
+            named = ", ".join(f"{kid} ({n})" for kid, n in left.items())
+            print(
+                f"receiver: values still under {named}: held locked by the service through "
+                "every pass, or sealed meanwhile by a replica without the new primary key; "
+                "run keys rotate again before removing a key",
+                file=sys.stderr,
+            )
+        return console.EXIT_FAILURE if report.missing_keys or left else 0
 
     return console.with_database(args, work, needs=config.NEEDS_VAULT)
 

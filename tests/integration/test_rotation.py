@@ -311,3 +311,30 @@ async def test_a_value_held_locked_is_left_reported_and_taken_by_the_next_run(
     second = await rekey.rotate(database, ring, actor=OPS, batch_size=4)
     assert second.rotated == {"tokens": 1}
     assert await key_counts(conn) == {"k2": 12}
+
+
+async def test_keys_rotate_exits_1_while_an_old_key_still_holds_values(
+    post: Post, settings: Settings, database_url: str, conn: asyncpg.Connection
+) -> None:
+    """A value the service holds locked through every pass stays under the old key:
+    `keys rotate` says so, names the key and exits 1 (so `keys rotate && remove the
+    key` cannot strand it); once it is free, the next run exits 0."""
+    for _ in range(3):
+        await post(helpers.onboarding())
+    env = operator_env(with_new_primary(settings))
+    holder = await asyncpg.connect(database_url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM receiver.tokens ORDER BY id LIMIT 1 FOR UPDATE")
+        first = await asyncio.to_thread(processes.run, ["keys", "rotate"], env)
+        await held.rollback()
+    finally:
+        await holder.close()
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "k1: 1 token(s), 0 event(s) -> still in use" in first.stdout
+    assert "values still under k1 (1)" in first.stderr
+    assert "Traceback" not in first.stderr
+    second = await asyncio.to_thread(processes.run, ["keys", "rotate"], env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert await key_counts(conn) == {"k2": 6}
