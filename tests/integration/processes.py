@@ -25,19 +25,31 @@ from tests import conftest, helpers
 # the local port of an outgoing connection, so between our check and the receiver's
 # bind a test's own HTTP client could take it (an admin listener on 0.0.0.0 then
 # exited "port in use" about once per suite run).
-_PORTS = range(20000, 32000)
+# Each pytest-xdist worker draws from its own share of the range, and no port twice:
+# two probes that both found a port free (two workers, or one test asking for a
+# public and an admin port) could hand out the same one, and the second receiver
+# exited "port in use" (once in a suite run).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORTS = range(
+    20000 + _WORKER, 32000, max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+)
+_GIVEN: set[int] = set()
 
 
 def free_port() -> int:
     """A port nobody listens on right now, on any address (a receiver may bind it on
-    0.0.0.0), outside the range outgoing connections take their ports from."""
+    0.0.0.0), outside the range outgoing connections take their ports from, never
+    handed out before by this process and never one another worker may hand out."""
     for _ in range(200):
         port = random.choice(_PORTS)
+        if port in _GIVEN:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("0.0.0.0", port))  # noqa: S104 (a probe, closed at once)
             except OSError:
                 continue
+        _GIVEN.add(port)
         return port
     raise AssertionError("no free port in 200 tries")
 
