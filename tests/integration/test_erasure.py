@@ -5,8 +5,10 @@ erasure empties is under no key afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -115,6 +117,30 @@ async def test_erase_finds_the_client_however_its_bodies_are_encoded(
     again = await cli(settings, "clients", "erase", "cli_gdpr", "--confirm")
     assert again.returncode == 0, again.stderr
     assert "nothing left to erase" in again.stdout
+
+
+@contextlib.asynccontextmanager
+async def erasing_behind(
+    conn: asyncpg.Connection, database_url: str, settings: Settings, client: str, key: str
+) -> AsyncIterator[tuple[asyncpg.Connection, asyncio.Task[Any]]]:
+    """`clients erase CLIENT` started while another connection holds the event row
+    `key` locked in an open transaction: yields that connection (commit it to let the
+    erasure on) and the running command, once the erasure waits on the row."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM receiver.events WHERE key = $1 FOR UPDATE", key)
+        erasing = asyncio.create_task(
+            cli(settings, "clients", "erase", client, "--confirm", "--json")
+        )
+
+        async def waiting_on_the_row() -> bool:
+            return bool(await conn.fetchval(ROW_LOCK_WAITS) == 1)
+
+        await eventually(waiting_on_the_row)
+        yield holder, erasing
+    finally:
+        await holder.close()
 
 
 async def test_erase_finds_other_bodies_through_their_names_not_by_opening_each(
@@ -255,19 +281,11 @@ async def test_erase_finds_a_body_another_erasure_named_while_it_ran(
     await conn.execute("UPDATE receiver.events SET body_names = NULL")
     assert named > "0_before_9999"
 
-    holder = await asyncpg.connect(database_url)
-    try:
-        await holder.execute("BEGIN")
-        # The first batch's names cannot be filled in until this transaction ends.
-        await holder.execute("SELECT 1 FROM receiver.events WHERE key = '0_before_0001' FOR UPDATE")
-        first = asyncio.create_task(
-            cli(settings, "clients", "erase", "cli_race", "--confirm", "--json")
-        )
-
-        async def filling_the_first_batch() -> bool:
-            return bool(await conn.fetchval(ROW_LOCK_WAITS) == 1)
-
-        await eventually(filling_the_first_batch)
+    # The first batch's names cannot be filled in until the holder's transaction ends.
+    async with erasing_behind(conn, database_url, settings, "cli_race", "0_before_0001") as (
+        holder,
+        first,
+    ):
         # Meanwhile another erasure opens the body naming cli_race and names it.
         stored = await conn.fetchrow(
             "SELECT body_hash, body_sealed FROM receiver.events WHERE key = $1", named
@@ -285,8 +303,6 @@ async def test_erase_finds_a_body_another_erasure_named_while_it_ran(
         )
         await holder.execute("COMMIT")
         erased = await asyncio.wait_for(first, timeout=60)
-    finally:
-        await holder.close()
     assert erased.returncode == 0, erased.stderr
     assert json.loads(erased.stdout)["bodies"] == 2  # its own onboarding and the note
     assert await bodies_holding(conn, sealer.keyring, [token]) == 0
@@ -309,19 +325,11 @@ async def test_erase_finds_a_body_naming_the_client_stored_while_it_waited_for_t
     )
     await conn.execute("UPDATE receiver.events SET body_names = NULL WHERE key = '0_before_0001'")
     waits_for_the_client = ROW_LOCK_WAITS + " AND query LIKE '%lock_clients_v1%'"
-    holder = await asyncpg.connect(database_url)
-    try:
-        await holder.execute("BEGIN")
-        # Holds the erasure in its read of the unnamed bodies, after its first step.
-        await holder.execute("SELECT 1 FROM receiver.events WHERE key = '0_before_0001' FOR UPDATE")
-        erasing = asyncio.create_task(
-            cli(settings, "clients", "erase", "cli_waited", "--confirm", "--json")
-        )
-
-        async def reading_the_unnamed() -> bool:
-            return bool(await conn.fetchval(ROW_LOCK_WAITS) == 1)
-
-        await eventually(reading_the_unnamed)
+    # Holds the erasure in its read of the unnamed bodies, after its first step.
+    async with erasing_behind(conn, database_url, settings, "cli_waited", "0_before_0001") as (
+        holder,
+        erasing,
+    ):
         async with client_lock(database_url, "cli_waited") as release:
             await holder.execute("COMMIT")
 
@@ -334,8 +342,6 @@ async def test_erase_finds_a_body_naming_the_client_stored_while_it_waited_for_t
             assert (await (await post(late)).json())["status"] == "processed"
             await release()
         erased = await asyncio.wait_for(erasing, timeout=60)
-    finally:
-        await holder.close()
     assert erased.returncode == 0, erased.stderr
     assert json.loads(erased.stdout)["bodies"] == 2  # its own onboarding and the late one
     keyring = vault.Sealer.from_settings(settings).keyring

@@ -79,8 +79,14 @@ def test_names_are_keyed_hashes_and_a_body_naming_too_many_keeps_none() -> None:
 
 
 def test_a_name_hash_is_not_a_blind_index() -> None:
+    """Names are hashed under a key of their own, derived from the index key: not the
+    index key itself, so no name hash is computable from what the blind index uses."""
     index_key = os.urandom(32)
-    (mark,) = vault.name_hashes(vault.names_key(index_key), {"tok_live_x"})
+    names_key = vault.names_key(index_key)
+    assert names_key != index_key
+    assert names_key == vault.names_key(index_key)  # derived, so stable across restarts
+    assert vault.name_hashes(names_key, {"cli_1"}) != vault.name_hashes(index_key, {"cli_1"})
+    (mark,) = vault.name_hashes(names_key, {"tok_live_x"})
     blind = vault.blind_index(index_key, "tok_live_x")
     assert mark.to_bytes(8, "big", signed=True) != blind[:8]
 
