@@ -422,6 +422,72 @@ CREATE FUNCTION receiver.sealed_key_id(sealed bytea) RETURNS text
     SELECT encode(substring(sealed FROM 3 FOR get_byte(sealed, 1)), 'escape')
 $$;
 
+CREATE FUNCTION receiver.sealed_tallies_fold_v1() RETURNS void
+    LANGUAGE sql
+    AS $$
+    WITH gone AS (
+        DELETE FROM receiver.sealed_tallies RETURNING kind, key_id, n
+    )
+    INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+    SELECT kind, key_id, sum(n) FROM gone GROUP BY 1, 2 HAVING sum(n) <> 0
+$$;
+
+CREATE FUNCTION receiver.tally_sealed_truncate_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM receiver.sealed_tallies WHERE kind = TG_TABLE_NAME;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION receiver.tally_sealed_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'tokens' THEN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+            SELECT 'tokens', receiver.sealed_key_id(token_sealed), count(*)
+              FROM added WHERE token_sealed IS NOT NULL GROUP BY 2;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+            SELECT 'tokens', receiver.sealed_key_id(token_sealed), -count(*)
+              FROM removed WHERE token_sealed IS NOT NULL GROUP BY 2;
+        ELSE
+            INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+            SELECT 'tokens', k, sum(d) FROM (
+                SELECT receiver.sealed_key_id(token_sealed) AS k, 1 AS d
+                  FROM added WHERE token_sealed IS NOT NULL
+                UNION ALL
+                SELECT receiver.sealed_key_id(token_sealed), -1
+                  FROM removed WHERE token_sealed IS NOT NULL
+            ) AS v GROUP BY k HAVING sum(d) <> 0;
+        END IF;
+    ELSE
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+            SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
+              FROM added WHERE body_sealed IS NOT NULL GROUP BY 2;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+            SELECT 'events', receiver.sealed_key_id(body_sealed), -count(*)
+              FROM removed WHERE body_sealed IS NOT NULL GROUP BY 2;
+        ELSE
+            INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+            SELECT 'events', k, sum(d) FROM (
+                SELECT receiver.sealed_key_id(body_sealed) AS k, 1 AS d
+                  FROM added WHERE body_sealed IS NOT NULL
+                UNION ALL
+                SELECT receiver.sealed_key_id(body_sealed), -1
+                  FROM removed WHERE body_sealed IS NOT NULL
+            ) AS v GROUP BY k HAVING sum(d) <> 0;
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION receiver.tally_token_deletes_v1() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -540,8 +606,11 @@ CREATE TABLE receiver.tokens (
     scopes text[],
     issued_at timestamp with time zone,
     CONSTRAINT tokens_environment_check CHECK ((environment = ANY (ARRAY['live'::text, 'test'::text]))),
-    CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text])))
-);
+    CONSTRAINT tokens_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'revoked'::text]))),
+    CONSTRAINT tokens_value_or_dropped CHECK (((token_sealed IS NOT NULL) OR (value_dropped_at IS NOT NULL))),
+    CONSTRAINT tokens_value_xor_dropped CHECK (((token_sealed IS NULL) OR (value_dropped_at IS NULL)))
+)
+WITH (fillfactor='90');
 
 CREATE VIEW receiver.cache_tokens AS
  SELECT id,
@@ -582,10 +651,14 @@ CREATE TABLE receiver.events (
     reprocessed_at timestamp with time zone,
     body_dropped_at timestamp with time zone,
     body_names bigint[],
+    CONSTRAINT events_body_or_dropped CHECK (((body_sealed IS NOT NULL) OR (body_dropped_at IS NOT NULL))),
+    CONSTRAINT events_body_xor_dropped CHECK (((body_sealed IS NULL) OR (body_dropped_at IS NULL))),
     CONSTRAINT events_quarantine_reason_check CHECK ((quarantine_reason = ANY (ARRAY['invalid_json'::text, 'not_an_object'::text, 'invalid_data'::text, 'unstorable_value'::text, 'id_conflict'::text, 'test_delivery_targets_live'::text, 'token_outside_bearer_token'::text]))),
     CONSTRAINT events_quarantined_has_reason CHECK (((status <> 'quarantined'::text) OR (quarantine_reason IS NOT NULL))),
+    CONSTRAINT events_redacted_with_body CHECK (((body_redacted IS NULL) OR (body_sealed IS NOT NULL))),
     CONSTRAINT events_status_check CHECK ((status = ANY (ARRAY['processed'::text, 'ignored'::text, 'quarantined'::text, 'dismissed'::text])))
-);
+)
+WITH (fillfactor='90');
 
 CREATE TABLE receiver.leases (
     name text NOT NULL,
@@ -672,6 +745,13 @@ ALTER TABLE receiver.rotation_intents ALTER COLUMN id ADD GENERATED ALWAYS AS ID
     CACHE 1
 );
 
+CREATE TABLE receiver.sealed_tallies (
+    kind text NOT NULL,
+    key_id text NOT NULL,
+    n bigint NOT NULL,
+    CONSTRAINT sealed_tallies_kind_check CHECK ((kind = ANY (ARRAY['tokens'::text, 'events'::text])))
+);
+
 CREATE TABLE receiver.signals (
     id uuid DEFAULT gen_random_uuid() NOT NULL,
     client_id text NOT NULL,
@@ -732,9 +812,6 @@ ALTER TABLE ONLY receiver.audit
 ALTER TABLE ONLY receiver.client_locks
     ADD CONSTRAINT client_locks_pkey PRIMARY KEY (key);
 
-ALTER TABLE receiver.events
-    ADD CONSTRAINT events_body_or_dropped CHECK (((body_sealed IS NOT NULL) OR (body_dropped_at IS NOT NULL))) NOT VALID;
-
 ALTER TABLE ONLY receiver.events
     ADD CONSTRAINT events_pkey PRIMARY KEY (key);
 
@@ -765,30 +842,25 @@ ALTER TABLE ONLY receiver.tokens
 ALTER TABLE ONLY receiver.tokens
     ADD CONSTRAINT tokens_token_index_key UNIQUE (token_index);
 
-ALTER TABLE receiver.tokens
-    ADD CONSTRAINT tokens_value_or_dropped CHECK (((token_sealed IS NOT NULL) OR (value_dropped_at IS NOT NULL))) NOT VALID;
-
 CREATE INDEX audit_client ON receiver.audit USING btree (client_id, at);
 
 CREATE INDEX audit_client_hash ON receiver.audit USING btree (client_hash) WHERE (client_hash IS NOT NULL);
 
-CREATE INDEX events_body_due ON receiver.events USING btree (received_at) WHERE ((body_sealed IS NOT NULL) AND (status <> 'quarantined'::text));
+CREATE INDEX events_body_due ON receiver.events USING btree (received_at) WHERE ((body_dropped_at IS NULL) AND (status <> 'quarantined'::text));
 
-CREATE INDEX events_body_kept ON receiver.events USING btree (received_at) WHERE (body_sealed IS NOT NULL);
+CREATE INDEX events_body_kept ON receiver.events USING btree (received_at) WHERE (body_dropped_at IS NULL);
 
-CREATE INDEX events_body_names ON receiver.events USING gin (body_names) WITH (fastupdate=off) WHERE (body_sealed IS NOT NULL);
+CREATE INDEX events_body_names ON receiver.events USING gin (body_names) WITH (fastupdate=off) WHERE (body_dropped_at IS NULL);
 
-CREATE INDEX events_body_unnamed ON receiver.events USING btree (key) WHERE ((body_sealed IS NOT NULL) AND (body_names IS NULL));
+CREATE INDEX events_body_unnamed ON receiver.events USING btree (key) WHERE ((body_dropped_at IS NULL) AND (body_names IS NULL));
 
-CREATE INDEX events_client_body ON receiver.events USING btree (client_id) WHERE ((body_sealed IS NOT NULL) OR (body_redacted IS NOT NULL));
+CREATE INDEX events_client_body ON receiver.events USING btree (client_id) WHERE (body_dropped_at IS NULL);
 
 CREATE INDEX events_envelope_id ON receiver.events USING btree (envelope_id) WHERE (envelope_id IS NOT NULL);
 
 CREATE INDEX events_quarantined ON receiver.events USING btree (received_at) WHERE (status = 'quarantined'::text);
 
 CREATE INDEX events_received_at ON receiver.events USING btree (received_at);
-
-CREATE INDEX events_sealed_key_id_row ON receiver.events USING btree (receiver.sealed_key_id(body_sealed), key) WHERE (body_sealed IS NOT NULL);
 
 CREATE INDEX events_type_received ON receiver.events USING btree (type, received_at DESC, key);
 
@@ -807,6 +879,8 @@ CREATE INDEX revocations_long_prefix ON receiver.revocations USING btree (client
 CREATE INDEX rotation_intents_next_check ON receiver.rotation_intents USING btree (next_check_at) WHERE (closed_at IS NULL);
 
 CREATE UNIQUE INDEX rotation_intents_one_open ON receiver.rotation_intents USING btree (client_id, environment) WHERE (closed_at IS NULL);
+
+CREATE INDEX sealed_tallies_key ON receiver.sealed_tallies USING btree (kind, key_id);
 
 CREATE INDEX signals_dead ON receiver.signals USING btree (created_at) WHERE (status = 'dead'::text);
 
@@ -828,17 +902,31 @@ CREATE INDEX tokens_due ON receiver.tokens USING btree (COALESCE(issued_at, onbo
 
 CREATE UNIQUE INDEX tokens_one_active_per_client_environment ON receiver.tokens USING btree (client_id, environment) WHERE (status = 'active'::text);
 
-CREATE INDEX tokens_revoked_value ON receiver.tokens USING btree (revoked_at) WHERE ((token_sealed IS NOT NULL) AND (status = 'revoked'::text));
+CREATE INDEX tokens_revoked_value ON receiver.tokens USING btree (revoked_at) WHERE ((value_dropped_at IS NULL) AND (status = 'revoked'::text));
 
-CREATE INDEX tokens_sealed_key_id_row ON receiver.tokens USING btree (receiver.sealed_key_id(token_sealed), id) WHERE (token_sealed IS NOT NULL);
-
-CREATE INDEX tokens_superseded_value ON receiver.tokens USING btree (expires_at) WHERE ((token_sealed IS NOT NULL) AND (status = 'superseded'::text));
+CREATE INDEX tokens_superseded_value ON receiver.tokens USING btree (expires_at) WHERE ((value_dropped_at IS NULL) AND (status = 'superseded'::text));
 
 CREATE TRIGGER audit_append_only BEFORE DELETE OR UPDATE ON receiver.audit FOR EACH ROW EXECUTE FUNCTION receiver.audit_is_append_only();
 
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON receiver.audit FOR EACH STATEMENT EXECUTE FUNCTION receiver.audit_is_append_only();
 
+CREATE TRIGGER events_sealed_deletes AFTER DELETE ON receiver.events REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
+
+CREATE TRIGGER events_sealed_inserts AFTER INSERT ON receiver.events REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
+
+CREATE TRIGGER events_sealed_truncate AFTER TRUNCATE ON receiver.events FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_truncate_v1();
+
+CREATE TRIGGER events_sealed_updates AFTER UPDATE ON receiver.events REFERENCING OLD TABLE AS removed NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
+
 CREATE TRIGGER link_report_bounded BEFORE INSERT ON receiver.link_reports FOR EACH ROW EXECUTE FUNCTION receiver.link_report_bounded_v1();
+
+CREATE TRIGGER tokens_sealed_deletes AFTER DELETE ON receiver.tokens REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
+
+CREATE TRIGGER tokens_sealed_inserts AFTER INSERT ON receiver.tokens REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
+
+CREATE TRIGGER tokens_sealed_truncate AFTER TRUNCATE ON receiver.tokens FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_truncate_v1();
+
+CREATE TRIGGER tokens_sealed_updates AFTER UPDATE ON receiver.tokens REFERENCING OLD TABLE AS removed NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
 
 CREATE TRIGGER tokens_tally_deletes AFTER DELETE ON receiver.tokens REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_token_deletes_v1();
 

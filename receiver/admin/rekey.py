@@ -3,17 +3,20 @@
 Each batch is its own transaction: rows are claimed with `FOR UPDATE SKIP LOCKED`
 (several rotators share the work), opened with whichever key sealed them, sealed
 again under the primary key with the same associated data, and written back fenced
-on the old bytes. The first pass over a table takes its rows in the order they lie
-on disk (a TID range of pages per batch): a batch rewrites neighbouring rows, so the
-WAL carries one image of a page for many rows, where rows taken in key order each
-dirtied a page of their own (11 KB of WAL per row at 1M clients, 4.5 KB in page
-order: bench/README.md). Later passes take what it left (rows the service held
-locked, values sealed meanwhile under an old key) through the (key id, row) index:
-what they cost is what is left. An interrupted run loses nothing: committed batches stay done and
-the next run picks up what is left. Each batch writes its audit row in its own
-transaction, so a run killed halfway leaves exactly its committed batches on record.
-The service may keep writing meanwhile, since it seals new values under the primary
-key already.
+on the old bytes. A rotation sweeps each table's heap pages in the order they lie on
+disk, one row per page per batch: no index names the sealed value (migration 0024),
+so a re-seal whose page has room is a heap-only (HOT) update, writing that page
+alone; the batch after it, once this one commits, finds the room the old version
+left. (Rows taken in key order through an index each rewrote an entry in every
+index: 3,900 bytes of WAL per token at 1M clients against about 440 now,
+bench/README.md.) Pages whose batch found a row are claimed again until they have
+none; where values are left is read from receiver.sealed_tallies, so a sweep runs
+only while a configured old key still seals something: rows the service held
+locked, or values sealed meanwhile under an old key, are taken by the next sweep.
+An interrupted run loses nothing: committed batches stay done and the next run
+picks up what is left. Each batch writes its audit row in its own transaction, so a
+run killed halfway leaves exactly its committed batches on record. The service may
+keep writing meanwhile, since it seals new values under the primary key already.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
@@ -31,25 +33,15 @@ from receiver.lifecycle import audit
 
 log = structlog.get_logger(__name__)
 
-# kind -> (claim query prefix, store query, associated data for a row, first row key)
-_KINDS: dict[str, tuple[str, str, Callable[[str], bytes], str]] = {
-    "tokens": (
-        "rotation_tokens",
-        "rotation_store_tokens",
-        vault.token_associated_data,
-        "00000000-0000-0000-0000-000000000000",
-    ),
-    "events": ("rotation_events", "rotation_store_events", vault.event_associated_data, ""),
+# kind -> (claim query, store query, associated data for a row)
+_KINDS: dict[str, tuple[str, str, Callable[[str], bytes]]] = {
+    "tokens": ("rotation_tokens_sweep", "rotation_store_tokens", vault.token_associated_data),
+    "events": ("rotation_events_sweep", "rotation_store_events", vault.event_associated_data),
 }
 _TABLES = {"tokens": "receiver.tokens", "events": "receiver.events"}
-# Pages per batch of the first pass: adapted batch by batch towards `batch_size` rows.
-_FIRST_PAGES = 8
-_MAX_PAGES = 8192
-# The key ids sorting before the primary's, then those after: two ranges of the
-# (key id, row) index, each walked once in its order; the primary's own range, where
-# every re-sealed value lands, is never walked.
-_RANGES = ("below", "above")
-MAX_PASSES = 5
+# Sweeps per kind at most: a row the service held locked is skipped by one and taken
+# by the next.
+MAX_SWEEPS = 6
 
 Progress = Callable[[str, int], None]
 
@@ -85,7 +77,7 @@ class RotationReport:
 @dataclass(frozen=True)
 class RotationPlan:
     """What `keys rotate` would re-seal: values per kind under each key id other than
-    the primary (index range scans: `sealed_to_rotate_counts`)."""
+    the primary (from receiver.sealed_tallies: `sealed_to_rotate_counts`)."""
 
     primary: str
     key_ids: list[str]
@@ -165,88 +157,53 @@ async def rotate(
     """Re-encrypt everything not under the primary key; report what remains per key."""
     report = RotationReport(primary=keyring.primary_id, key_ids=keyring.key_ids)
     started = time.monotonic()
+    old_keys = [kid for kid in keyring.key_ids if kid != keyring.primary_id]
     for kind in _KINDS:
-        await _walk(database, keyring, actor, kind, batch_size, report, progress)
-        for _ in range(MAX_PASSES):
-            # A row the service held locked is skipped by one pass and taken by the next.
-            done = await _pass(database, keyring, actor, kind, batch_size, report, progress)
-            if done == 0:
+        for _ in range(MAX_SWEEPS):
+            if not old_keys or not await _left(database, keyring, kind):
                 break
+            if not await _sweep(
+                database, keyring, actor, kind, old_keys, batch_size, report, progress
+            ):
+                break  # what is left was held locked throughout
     report.seconds = time.monotonic() - started
     report.remaining = await sealed_key_counts(database)
     return report
 
 
-async def _pass(
+async def _left(database: db.Database, keyring: vault.Keyring, kind: str) -> int:
+    """Values of `kind` sealed under a configured key other than the primary."""
+    rows = await database.fetch("sealed_to_rotate_counts", keyring.primary_id)
+    return sum(row["n"] for row in rows if row["kind"] == kind and row["key_id"] in keyring.key_ids)
+
+
+async def _sweep(
     database: db.Database,
     keyring: vault.Keyring,
     actor: audit.Actor,
     kind: str,
+    old_keys: list[str],
     batch_size: int,
     report: RotationReport,
     progress: Progress | None,
 ) -> int:
-    claim, _, _, first = _KINDS[kind]
-    rotated = 0
-    for side in _RANGES:
-        rotated += await _range(
-            database, keyring, actor, kind, f"{claim}_{side}", first, batch_size, report, progress
-        )
-    return rotated
-
-
-async def _walk(
-    database: db.Database,
-    keyring: vault.Keyring,
-    actor: audit.Actor,
-    kind: str,
-    batch_size: int,
-    report: RotationReport,
-    progress: Progress | None,
-) -> None:
-    """The first pass: the table's pages as they were when it began, in order, a range
-    of pages per batch (rows written after it began are sealed under the primary key
-    already, or left for the later passes)."""
-    claim = f"{_KINDS[kind][0]}_pages"
+    """One walk over the table's pages as they were when it began, in disk order: each
+    batch claims one row in each of up to `batch_size` pages, the pages where the batch
+    before found a row first (they may hold more), then the next unseen pages. Rows
+    written after it began are sealed under the primary already, or left for the next
+    sweep. Returns how many values it re-sealed."""
     end = await database.fetchval("relation_pages", _TABLES[kind])
-    at, pages = (0, 0), _FIRST_PAGES
-    while at[0] < end:
-        upto = min(at[0] + pages, end)
-        found, last = await _batch(
-            database, keyring, actor, kind, claim, (at, (upto, 0), batch_size), report, progress
-        )
-        if found == batch_size:  # more in this range: on from the row after the last,
-            # over as many pages as this batch needed (a rerun's window, grown wide over
-            # the half already done, shrinks at once where the work starts)
-            pages = max(1, last[0] - at[0] + 1)
-            at = (last[0], last[1] + 1)
-            continue
-        # Towards `batch_size` rows a batch: wider where few rows need re-sealing.
-        pages = min(_MAX_PAGES, pages * 4 if not found else max(1, pages * batch_size // found))
-        at = (upto, 0)
-
-
-async def _range(
-    database: db.Database,
-    keyring: vault.Keyring,
-    actor: audit.Actor,
-    kind: str,
-    claim: str,
-    first: str,
-    batch_size: int,
-    report: RotationReport,
-    progress: Progress | None,
-) -> int:
-    rotated = 0
-    after: tuple[str, str] = ("", first)
+    pending: list[int] = []
+    page, rotated = 0, 0
     while True:
-        found = await _batch(
-            database, keyring, actor, kind, claim, (*after, batch_size), report, progress
-        )
-        if found is None:
+        upto = min(end, page + batch_size - len(pending))
+        pages, page = pending + list(range(page, upto)), upto
+        if not pages:
             return rotated
-        rotated += found[0]
-        after = found[1]
+        found, pending = await _batch(
+            database, keyring, actor, kind, old_keys, pages, report, progress
+        )
+        rotated += found
 
 
 async def _batch(
@@ -254,32 +211,27 @@ async def _batch(
     keyring: vault.Keyring,
     actor: audit.Actor,
     kind: str,
-    claim: str,
-    args: tuple[object, ...],
+    old_keys: list[str],
+    pages: list[int],
     report: RotationReport,
     progress: Progress | None,
-) -> Any:
-    """One batch in one transaction: claim (`claim` with the primary key id and
-    `args`), re-seal, store fenced on the old bytes, audit. For a page range: how many
-    rows it claimed and the tid of the last; for a keyset range: None when nothing was
-    left, else how many it re-sealed and where the next batch starts."""
-    _, write, associated_data, _ = _KINDS[kind]
+) -> tuple[int, list[int]]:
+    """One batch in one transaction: claim a row sealed under one of `old_keys` in
+    each of `pages`, re-seal, store fenced on the old bytes, audit. Returns how many it
+    re-sealed and the pages where it found a row."""
+    claim, write, associated_data = _KINDS[kind]
     async with database.connection() as conn, conn.transaction():
-        rows = await conn.fetch(db.QUERIES[claim], keyring.primary_id, *args)
-        if not rows and not claim.endswith("_pages"):
-            return None
+        rows = await conn.fetch(db.QUERIES[claim], old_keys, pages)
         updates = []
         for row in rows:
-            if vault.key_id_of(row["sealed"]) not in keyring.key_ids:
-                continue  # reported from the final counts
             ad = associated_data(row["sealed_for"])
             resealed = keyring.seal(keyring.open(row["sealed"], ad), ad)
-            updates.append((row["key"], row["sealed"], resealed))
+            updates.append((row["at"], row["sealed"], resealed))
         if updates:
             # One statement for the batch: 500 single-row UPDATEs spent most of a
             # batch's time on their round trips and per-statement work.
-            keys, old, new = (list(column) for column in zip(*updates, strict=True))
-            await conn.execute(db.QUERIES[write], keys, old, new)
+            places, old, new = (list(column) for column in zip(*updates, strict=True))
+            await conn.execute(db.QUERIES[write], places, old, new)
             await audit.audit(
                 conn,
                 actor,
@@ -291,9 +243,7 @@ async def _batch(
         log.debug("rotation_batch", kind=kind, rotated=len(updates), total=report.rotated[kind])
         if progress is not None:
             progress(kind, report.rotated[kind])
-    if claim.endswith("_pages"):
-        return len(rows), (rows[-1]["at"] if rows else None)
-    return len(updates), (rows[-1]["key_id"], rows[-1]["key"])
+    return len(updates), [row["page"] for row in rows]
 
 
 async def sealed_key_counts(database: db.Database) -> dict[tuple[str, str], int]:

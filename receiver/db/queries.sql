@@ -178,156 +178,71 @@ SELECT t.id::text AS id, t.client_id, t.environment, t.prefix, i.status, t.token
  ORDER BY t.onboarding_completed_at DESC
  LIMIT 1;
 
--- name: rotation_tokens_below
--- A batch of tokens under a key id sorting before the primary key $1, after the
--- batch that ended at ($2, $3), locked for re-sealing: a keyset over
--- tokens_sealed_key_id_row in its own order (no sort, no row visited twice; the
--- primary key's range, where rotated rows go, is never walked).
-SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
-       receiver.sealed_key_id(token_sealed) AS key_id
-  FROM receiver.tokens
- WHERE token_sealed IS NOT NULL AND receiver.sealed_key_id(token_sealed) < $1
-   AND (receiver.sealed_key_id(token_sealed), id) > ($2::text, $3::uuid)
- ORDER BY receiver.sealed_key_id(token_sealed), id
- LIMIT $4
-   FOR UPDATE SKIP LOCKED;
+-- name: rotation_tokens_sweep
+-- keys rotate's claim: in each page of $2 (heap pages of receiver.tokens), the first
+-- token sealed under one of the key ids $1 (the configured keys but the primary),
+-- locked for re-sealing. One row per page: its new version takes the room on the page
+-- (a HOT update, no index entry), and the next batch, after this one commits, finds
+-- the room it left. Each page is a TID range scan of its own.
+SELECT t.at, t.id::text AS sealed_for, t.sealed, p.page
+  FROM unnest($2::bigint[]) AS p (page),
+       LATERAL (SELECT ctid AS at, id, token_sealed AS sealed FROM receiver.tokens
+                 WHERE ctid >= format('(%s,0)', p.page)::tid
+                   AND ctid < format('(%s,0)', p.page + 1)::tid
+                   AND receiver.sealed_key_id(token_sealed) = ANY ($1::text[])
+                 ORDER BY ctid
+                 LIMIT 1
+                   FOR UPDATE SKIP LOCKED) AS t;
 
--- name: rotation_tokens_above
--- As rotation_tokens_below, for key ids sorting after the primary key $1.
-SELECT id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
-       receiver.sealed_key_id(token_sealed) AS key_id
-  FROM receiver.tokens
- WHERE token_sealed IS NOT NULL AND receiver.sealed_key_id(token_sealed) > $1
-   AND (receiver.sealed_key_id(token_sealed), id) > ($2::text, $3::uuid)
- ORDER BY receiver.sealed_key_id(token_sealed), id
- LIMIT $4
-   FOR UPDATE SKIP LOCKED;
-
--- name: rotation_events_below
--- As rotation_tokens_below, for stored bodies (events_sealed_key_id_row).
-SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed,
-       receiver.sealed_key_id(body_sealed) AS key_id
-  FROM receiver.events
- WHERE body_sealed IS NOT NULL AND receiver.sealed_key_id(body_sealed) < $1
-   AND (receiver.sealed_key_id(body_sealed), key) > ($2::text, $3::text)
- ORDER BY receiver.sealed_key_id(body_sealed), key
- LIMIT $4
-   FOR UPDATE SKIP LOCKED;
-
--- name: rotation_events_above
--- As rotation_events_below, for key ids sorting after the primary key $1.
-SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed AS sealed,
-       receiver.sealed_key_id(body_sealed) AS key_id
-  FROM receiver.events
- WHERE body_sealed IS NOT NULL AND receiver.sealed_key_id(body_sealed) > $1
-   AND (receiver.sealed_key_id(body_sealed), key) > ($2::text, $3::text)
- ORDER BY receiver.sealed_key_id(body_sealed), key
- LIMIT $4
-   FOR UPDATE SKIP LOCKED;
-
--- name: rotation_tokens_pages
--- keys rotate's first pass: up to $4 tokens from tid $2 up to (not including) $3 not
--- sealed under the primary key $1, locked for re-sealing: a TID range scan, the table
--- in the order it lies on disk (rekey.py says why).
-SELECT ctid AS at, id::text AS key, id::text AS sealed_for, token_sealed AS sealed,
-       receiver.sealed_key_id(token_sealed) AS key_id
-  FROM receiver.tokens
- WHERE ctid >= $2::tid AND ctid < $3::tid
-   AND receiver.sealed_key_id(token_sealed) <> $1
- ORDER BY ctid
- LIMIT $4
-   FOR UPDATE SKIP LOCKED;
-
--- name: rotation_events_pages
--- As rotation_tokens_pages, for stored bodies.
-SELECT ctid AS at, key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for,
-       body_sealed AS sealed, receiver.sealed_key_id(body_sealed) AS key_id
-  FROM receiver.events
- WHERE ctid >= $2::tid AND ctid < $3::tid
-   AND receiver.sealed_key_id(body_sealed) <> $1
- ORDER BY ctid
- LIMIT $4
-   FOR UPDATE SKIP LOCKED;
+-- name: rotation_events_sweep
+-- As rotation_tokens_sweep, for stored bodies.
+SELECT e.at, COALESCE(receiver.body_key(e.body_hash), e.key) AS sealed_for, e.sealed, p.page
+  FROM unnest($2::bigint[]) AS p (page),
+       LATERAL (SELECT ctid AS at, key, body_hash, body_sealed AS sealed FROM receiver.events
+                 WHERE ctid >= format('(%s,0)', p.page)::tid
+                   AND ctid < format('(%s,0)', p.page + 1)::tid
+                   AND receiver.sealed_key_id(body_sealed) = ANY ($1::text[])
+                 ORDER BY ctid
+                 LIMIT 1
+                   FOR UPDATE SKIP LOCKED) AS e;
 
 -- name: relation_pages
--- The pages table $1 holds now (keys rotate's first pass walks them).
+-- The pages table $1 holds now (keys rotate walks them).
 SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint;
 
 -- name: rotation_store_tokens
--- A batch in one statement ($1 ids, $2 old bytes, $3 new bytes), each row fenced on
--- its old bytes: a value changed meanwhile is left for the next pass.
+-- A batch in one statement ($1 row locations, $2 old bytes, $3 new bytes): each row
+-- found where the claim locked it (a TID scan, no index), fenced on its old bytes.
 UPDATE receiver.tokens t SET token_sealed = v.resealed
-  FROM unnest($1::uuid[], $2::bytea[], $3::bytea[]) AS v (id, sealed, resealed)
- WHERE t.id = v.id AND t.token_sealed = v.sealed;
+  FROM unnest($1::tid[], $2::bytea[], $3::bytea[]) AS v (at, sealed, resealed)
+ WHERE t.ctid = v.at AND t.token_sealed = v.sealed;
 
 -- name: rotation_store_events
--- As rotation_store_tokens, for stored bodies ($1 keys).
+-- As rotation_store_tokens, for stored bodies.
 UPDATE receiver.events e SET body_sealed = v.resealed
-  FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS v (key, sealed, resealed)
- WHERE e.key = v.key AND e.body_sealed = v.sealed;
+  FROM unnest($1::tid[], $2::bytea[], $3::bytea[]) AS v (at, sealed, resealed)
+ WHERE e.ctid = v.at AND e.body_sealed = v.sealed;
+
+-- name: sealed_tallies_fold
+-- One row per kind and key id again (run by the /metrics refresh, as token_tallies_fold).
+SELECT receiver.sealed_tallies_fold_v1();
 
 -- name: sealed_key_counts
--- Sealed values per kind and key id: a full scan, for `keys rotate`'s report only.
--- Values emptied by retention or erasure (NULL) are under no key, and not counted.
-SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
-  FROM receiver.tokens WHERE token_sealed IS NOT NULL GROUP BY 2
-UNION ALL
-SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
-  FROM receiver.events WHERE body_sealed IS NOT NULL GROUP BY 2
+-- How many values each key id seals, per kind: receiver.sealed_tallies (kept by
+-- triggers on both tables), never a count of the tables.
+SELECT kind, key_id, sum(n)::bigint AS n
+  FROM receiver.sealed_tallies
+ GROUP BY 1, 2 HAVING sum(n) <> 0
  ORDER BY 1, 2;
 
 -- name: sealed_to_rotate_counts
--- Values sealed under a key other than $1 (the primary), per kind and key id: two
--- range scans of the sealed_key_id indexes, empty once a rotation is done.
-SELECT 'tokens' AS kind, receiver.sealed_key_id(token_sealed) AS key_id, count(*) AS n
-  FROM receiver.tokens
- WHERE token_sealed IS NOT NULL
-   AND (receiver.sealed_key_id(token_sealed) < $1 OR receiver.sealed_key_id(token_sealed) > $1)
- GROUP BY 2
-UNION ALL
-SELECT 'events', receiver.sealed_key_id(body_sealed), count(*)
-  FROM receiver.events
- WHERE body_sealed IS NOT NULL
-   AND (receiver.sealed_key_id(body_sealed) < $1 OR receiver.sealed_key_id(body_sealed) > $1)
- GROUP BY 2
- ORDER BY 1, 2;
-
--- name: sealed_to_rotate_gauge
--- sealed_to_rotate_counts for the /metrics refresh, bounded: every key id other than
--- the primary $1 that seals a value (a loose walk of the sealed_key_id indexes: one
--- probe per key id), each with its count up to $2 (in the index's order, so the
--- planner walks the index rather than the table). Counting every value still to move
--- took the refresh past its 1 s budget in the middle of a rotation at 1M clients.
-WITH RECURSIVE t(id) AS (
-    SELECT min(receiver.sealed_key_id(token_sealed)) FROM receiver.tokens
-     WHERE token_sealed IS NOT NULL
-    UNION ALL
-    SELECT (SELECT min(receiver.sealed_key_id(token_sealed)) FROM receiver.tokens
-             WHERE token_sealed IS NOT NULL AND receiver.sealed_key_id(token_sealed) > t.id)
-      FROM t WHERE t.id IS NOT NULL
-), e(id) AS (
-    SELECT min(receiver.sealed_key_id(body_sealed)) FROM receiver.events
-     WHERE body_sealed IS NOT NULL
-    UNION ALL
-    SELECT (SELECT min(receiver.sealed_key_id(body_sealed)) FROM receiver.events
-             WHERE body_sealed IS NOT NULL AND receiver.sealed_key_id(body_sealed) > e.id)
-      FROM e WHERE e.id IS NOT NULL
-)
-SELECT 'tokens' AS kind, t.id AS key_id,
-       (SELECT count(*) FROM (SELECT 1 FROM receiver.tokens
-                               WHERE token_sealed IS NOT NULL
-                                 AND receiver.sealed_key_id(token_sealed) = t.id
-                               ORDER BY receiver.sealed_key_id(token_sealed), id
-                               LIMIT $2) AS x) AS n
-  FROM t WHERE t.id IS NOT NULL AND t.id <> $1
-UNION ALL
-SELECT 'events', e.id,
-       (SELECT count(*) FROM (SELECT 1 FROM receiver.events
-                               WHERE body_sealed IS NOT NULL
-                                 AND receiver.sealed_key_id(body_sealed) = e.id
-                               ORDER BY receiver.sealed_key_id(body_sealed), key
-                               LIMIT $2) AS x)
-  FROM e WHERE e.id IS NOT NULL AND e.id <> $1
+-- Values sealed under a key other than $1 (the primary), per kind and key id: what a
+-- rotation has still to move (the /metrics gauge, `receiver status`, the start-up
+-- key check).
+SELECT kind, key_id, sum(n)::bigint AS n
+  FROM receiver.sealed_tallies
+ WHERE key_id <> $1
+ GROUP BY 1, 2 HAVING sum(n) <> 0
  ORDER BY 1, 2;
 
 -- name: claim_due_signals
@@ -590,13 +505,13 @@ SELECT id, at, actor, action, COALESCE(client_id, 'erased:' || left(client_hash,
 -- name: prune_counts
 -- What a prune would drop now ($1, $2, $3: the retention ages in seconds).
 SELECT (SELECT count(*) FROM receiver.events
-         WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
+         WHERE body_dropped_at IS NULL AND status <> 'quarantined'
            AND received_at < now() - make_interval(secs => $1)) AS event_bodies,
        (SELECT count(*) FROM receiver.tokens
-         WHERE token_sealed IS NOT NULL AND status = 'revoked'
+         WHERE value_dropped_at IS NULL AND status = 'revoked'
            AND revoked_at < now() - make_interval(secs => $2))
        + (SELECT count(*) FROM receiver.tokens
-           WHERE token_sealed IS NOT NULL AND status = 'superseded'
+           WHERE value_dropped_at IS NULL AND status = 'superseded'
              AND expires_at < now() - make_interval(secs => $2)) AS token_values,
        (SELECT count(*) FROM receiver.signals
          WHERE status IN ('delivered', 'notified')
@@ -607,7 +522,7 @@ SELECT (SELECT count(*) FROM receiver.events
 -- still needs it). The key, hash and metadata stay: a retry is still a duplicate.
 WITH batch AS (
     SELECT key FROM receiver.events
-     WHERE body_sealed IS NOT NULL AND status <> 'quarantined'
+     WHERE body_dropped_at IS NULL AND status <> 'quarantined'
        AND received_at < now() - make_interval(secs => $1)
      ORDER BY received_at
      LIMIT $2
@@ -626,14 +541,14 @@ SELECT count(*) FROM done;
 -- through its partial index: tokens_revoked_value, tokens_superseded_value).
 WITH revoked AS (
     SELECT id FROM receiver.tokens
-     WHERE token_sealed IS NOT NULL AND status = 'revoked'
+     WHERE value_dropped_at IS NULL AND status = 'revoked'
        AND revoked_at < now() - make_interval(secs => $1)
      ORDER BY revoked_at
      LIMIT $2
        FOR UPDATE SKIP LOCKED
 ), expired AS (
     SELECT id FROM receiver.tokens
-     WHERE token_sealed IS NOT NULL AND status = 'superseded'
+     WHERE value_dropped_at IS NULL AND status = 'superseded'
        AND expires_at < now() - make_interval(secs => $1)
      ORDER BY expires_at
      LIMIT $2
@@ -672,7 +587,7 @@ SELECT receiver.lock_clients_v1(ARRAY[$1::text]);
 -- name hash: events_body_names). A hash is only a pointer: each is opened and read.
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed
   FROM receiver.events
- WHERE body_names @> ARRAY[$1::bigint] AND body_sealed IS NOT NULL
+ WHERE body_names @> ARRAY[$1::bigint] AND body_dropped_at IS NULL
    AND client_id IS DISTINCT FROM $2;
 
 -- name: erase_unnamed_bodies
@@ -682,7 +597,7 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed,
        client_id IS NOT DISTINCT FROM $2 AS attributed
   FROM receiver.events
- WHERE body_sealed IS NOT NULL AND body_names IS NULL AND key > $1
+ WHERE body_dropped_at IS NULL AND body_names IS NULL AND key > $1
  ORDER BY key
  LIMIT $3;
 
@@ -692,7 +607,7 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
 UPDATE receiver.events e
    SET body_names = n.names::bigint[]
   FROM unnest($1::text[], $2::text[]) AS n(key, names)
- WHERE e.key = n.key AND e.body_sealed IS NOT NULL AND e.body_names IS NULL;
+ WHERE e.key = n.key AND e.body_dropped_at IS NULL AND e.body_names IS NULL;
 
 -- name: erase_every_body
 -- One batch (key order, after $1) of every stored body: for a client id that is not an
@@ -700,7 +615,7 @@ UPDATE receiver.events e
 SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_sealed,
        client_id IS NOT DISTINCT FROM $2 AS attributed
   FROM receiver.events
- WHERE body_sealed IS NOT NULL AND key > $1
+ WHERE body_dropped_at IS NULL AND key > $1
  ORDER BY key
  LIMIT $3;
 
@@ -708,7 +623,7 @@ SELECT key, COALESCE(receiver.body_key(body_hash), key) AS sealed_for, body_seal
 -- One batch of client $1's own stored bodies (events_client_body), keys kept.
 WITH batch AS (
     SELECT key FROM receiver.events
-     WHERE client_id = $1 AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)
+     WHERE client_id = $1 AND body_dropped_at IS NULL
      LIMIT $2
 ), done AS (
     UPDATE receiver.events e
@@ -726,7 +641,7 @@ SELECT (SELECT count(*) FROM receiver.tokens
            AS tokens,
        (SELECT count(*) FROM receiver.events
          WHERE (client_id = $1 OR key = ANY($2))
-           AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)) AS bodies,
+           AND body_dropped_at IS NULL) AS bodies,
        (SELECT array_agg(DISTINCT environment ORDER BY environment) FROM receiver.tokens
          WHERE client_id = $1) AS environments;
 
@@ -754,7 +669,7 @@ WITH done AS (
        SET body_sealed = NULL, body_redacted = NULL, body_names = NULL,
            body_dropped_at = COALESCE(body_dropped_at, now())
      WHERE (client_id = $1 OR key = ANY($2))
-       AND (body_sealed IS NOT NULL OR body_redacted IS NOT NULL)
+       AND body_dropped_at IS NULL
     RETURNING 1
 )
 SELECT count(*) FROM done;

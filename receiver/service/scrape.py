@@ -20,11 +20,6 @@ log = structlog.get_logger(__name__)
 
 REFRESH_SECONDS = 5.0
 QUERY_TIMEOUT_SECONDS = 1.0
-# receiver_sealed_values_to_rotate counts each key id's values up to this: a count of
-# every value left cost a refresh 1 s mid-rotation at 1M clients (bench/README.md).
-# Which key ids seal values is always exact (so is receiver_sealed_values_unopenable's
-# being above 0); `keys rotate --dry-run` counts everything.
-TO_ROTATE_CAP = 10_000
 # A whole exposition is reused for this long (or the refresh interval, if shorter):
 # a crowd of scrapers then costs one render a second, not one each, and leaves the
 # event loop to the webhook (bench/scrapes.py).
@@ -102,9 +97,8 @@ class DatabaseGauges:
                 rows = await database.fetch("open_signal_counts")
                 oldest = await database.fetchval("oldest_pending_signal_age")
                 quarantined = await database.fetchval("open_quarantine_count")
-                to_rotate = await database.fetch(
-                    "sealed_to_rotate_gauge", self._primary_key_id, TO_ROTATE_CAP
-                )
+                await database.fetchval("sealed_tallies_fold")
+                to_rotate = await database.fetch("sealed_to_rotate_counts", self._primary_key_id)
                 await database.fetchval("token_tallies_fold")
                 health = await database.fetch("token_health")
                 unsettled = await database.fetch("rotations_unsettled")
@@ -170,8 +164,7 @@ class DatabaseGauges:
         to_rotate = GaugeMetricFamily(
             "receiver_sealed_values_to_rotate",
             "Tokens and events sealed under a key id other than the primary, per kind and "
-            f"key id, counted up to {TO_ROTATE_CAP:,} (key rotation progress: none left "
-            "when done)",
+            "key id (key rotation progress: none left when done)",
             labels=["kind", "key_id"],
         )
         for kind, key_id, n in self._to_rotate:
@@ -289,12 +282,10 @@ def unopenable_counts(
 
 async def check_keys(database: db.Database, keyring: vault.Keyring) -> None:
     """At start: say when stored values are sealed under a key id that is not
-    configured (a wrong RECEIVER_TOKEN_KEYS), before anyone needs to open one. Through
-    the gauge's bounded query (every key id, each counted up to TO_ROTATE_CAP): a
-    count of every value left to rotate cost each start about a second at 1M clients
-    in the middle of a rotation."""
+    configured (a wrong RECEIVER_TOKEN_KEYS), before anyone needs to open one. From
+    receiver.sealed_tallies, as the gauge: a few rows at any size."""
     try:
-        rows = await database.fetch("sealed_to_rotate_gauge", keyring.primary_id, TO_ROTATE_CAP)
+        rows = await database.fetch("sealed_to_rotate_counts", keyring.primary_id)
     except errors.ReceiverError:
         return  # not migrated yet, or unavailable: /readyz says so
     unknown: dict[str, int] = {}

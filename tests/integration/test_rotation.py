@@ -97,7 +97,8 @@ async def test_rotation_under_concurrent_writes(
 async def test_interrupted_rotation_resumes(
     post: Post, settings: Settings, database: db.Database, conn: asyncpg.Connection
 ) -> None:
-    """A rotation that dies after its first batch loses nothing; the next run finishes."""
+    """A rotation that dies after its first batch loses nothing; the next run finishes.
+    (A batch takes one row per page: ten tokens on one page, one row.)"""
     for _ in range(10):
         await post(helpers.onboarding())
     ring = vault.Sealer.from_settings(with_new_primary(settings)).keyring
@@ -110,9 +111,9 @@ async def test_interrupted_rotation_resumes(
 
     with pytest.raises(Crash):
         await rekey.rotate(database, ring, actor=OPS, batch_size=4, progress=crash)
-    assert await key_counts(conn) == {"k1": 16, "k2": 4}
+    assert await key_counts(conn) == {"k1": 19, "k2": 1}
     report = await rekey.rotate(database, ring, actor=OPS, batch_size=4)
-    assert report.rotated == {"tokens": 6, "events": 10}
+    assert report.rotated == {"tokens": 9, "events": 10}
     assert await key_counts(conn) == {"k2": 20}
     assert await every_value_opens(conn, ring) == 20
 
@@ -240,7 +241,7 @@ async def test_metrics_count_the_values_a_rotation_still_has_to_move(
     post: Post, aiohttp_client: Any, settings: Settings, database: db.Database
 ) -> None:
     """Once a new key is primary, /metrics counts what is still sealed under the old one
-    (an index range scan, read at scrape time), and nothing once the rotation is done."""
+    (from the tallies, read at scrape time), and nothing once the rotation is done."""
     for _ in range(3):
         await post(helpers.onboarding())
     rotated_settings = with_new_primary(settings)
@@ -256,13 +257,13 @@ async def test_metrics_count_the_values_a_rotation_still_has_to_move(
     assert to_rotate(await (await scraper.get("/metrics")).text()) == {}
 
 
-async def test_the_gauge_names_every_key_id_and_counts_each_up_to_its_cap(
+async def test_the_gauge_names_every_key_id_with_the_count_of_its_values(
     post: Post, settings: Settings, database: db.Database, conn: asyncpg.Connection
 ) -> None:
-    """The refresh's count of values left to rotate (sealed_to_rotate_gauge) names
-    every key id other than the primary, one no keyring holds included (the
-    unopenable gauge rests on it), and counts each only up to the cap; the exact
-    count (`keys rotate --dry-run`'s) agrees below the cap."""
+    """The refresh's count of values left to rotate (sealed_to_rotate_counts, read from
+    the tallies) names every key id other than the primary, one no keyring holds
+    included (the unopenable gauge rests on it), each with the exact count of its
+    values, before and after a fold."""
     for _ in range(5):
         await post(helpers.onboarding())
     other = vault.Keyring([("k0", os.urandom(32))])
@@ -272,16 +273,13 @@ async def test_the_gauge_names_every_key_id_and_counts_each_up_to_its_cap(
         token_id,
         other.seal(b"tok_live_unopenable0000000", vault.token_associated_data(token_id)),
     )
-    capped = await database.fetch("sealed_to_rotate_gauge", "k2", 3)
-    assert [(r["kind"], r["key_id"], r["n"]) for r in capped] == [
-        ("events", "k1", 3),
-        ("tokens", "k0", 1),
-        ("tokens", "k1", 3),
-    ]
-    exact = await database.fetch("sealed_to_rotate_gauge", "k2", 1000)
-    counted = await database.fetch("sealed_to_rotate_counts", "k2")
-    assert [tuple(r) for r in exact] == [tuple(r) for r in counted]
-    assert [r["n"] for r in exact] == [5, 1, 4]
+    expected = [("events", "k1", 5), ("tokens", "k0", 1), ("tokens", "k1", 4)]
+    got = await database.fetch("sealed_to_rotate_counts", "k2")
+    assert [(r["kind"], r["key_id"], r["n"]) for r in got] == expected
+    await database.fetchval("sealed_tallies_fold")
+    assert await conn.fetchval("SELECT count(*) FROM receiver.sealed_tallies") == 3
+    got = await database.fetch("sealed_to_rotate_counts", "k2")
+    assert [(r["kind"], r["key_id"], r["n"]) for r in got] == expected
 
 
 async def test_a_value_held_locked_is_left_reported_and_taken_by_the_next_run(
@@ -291,9 +289,9 @@ async def test_a_value_held_locked_is_left_reported_and_taken_by_the_next_run(
     database_url: str,
     conn: asyncpg.Connection,
 ) -> None:
-    """A token a delivery holds locked through the whole rotation is skipped by the
-    page-order pass and by the key-order passes after it (SKIP LOCKED) and reported
-    as still under the old key; the next run, once it is free, re-seals it."""
+    """A token a delivery holds locked through the whole rotation is skipped by every
+    sweep (SKIP LOCKED) and reported as still under the old key; the next run, once it
+    is free, re-seals it."""
     for _ in range(6):
         await post(helpers.onboarding())
     ring = vault.Sealer.from_settings(with_new_primary(settings)).keyring
