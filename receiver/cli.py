@@ -21,6 +21,7 @@ from receiver.admin import (
     inbox,
     key_commands,
     outgoing,
+    rekey,
     replay,
     signal_commands,
     token_commands,
@@ -529,7 +530,15 @@ def _add_keys(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     generate = sub.add_parser("generate", help="print fresh key material as env lines")
     generate.set_defaults(run=key_commands.generate)
     rotate = sub.add_parser("rotate", help="re-encrypt every sealed value under the primary key")
-    rotate.add_argument("--batch-size", type=_positive, default=500, help="rows per transaction")
+    rotate.add_argument(
+        "--batch-size", type=_positive, default=rekey.DEFAULT_BATCH, help="rows per transaction"
+    )
+    rotate.add_argument(
+        "--rate",
+        type=_non_negative_float,
+        default=rekey.DEFAULT_RATE,
+        help=f"values re-sealed per second at most (default {rekey.DEFAULT_RATE:,}; 0: no limit)",
+    )
     rotate.add_argument(
         "--dry-run",
         action="store_true",

@@ -47,6 +47,7 @@ def rotate(args: argparse.Namespace) -> int:
             sealer.keyring,
             actor=actor,
             batch_size=args.batch_size,
+            rate=args.rate,
             progress=progress,
         )
         if args.json:
@@ -71,7 +72,7 @@ def rotate(args: argparse.Namespace) -> int:
             named = ", ".join(f"{kid} ({n})" for kid, n in left.items())
             print(
                 f"receiver: values still under {named}: held locked by the service through "
-                "every pass, or sealed meanwhile by a replica without the new primary key; "
+                "every sweep, or sealed meanwhile by a replica without the new primary key; "
                 "run keys rotate again before removing a key",
                 file=sys.stderr,
             )

@@ -314,7 +314,7 @@ async def test_a_value_held_locked_is_left_reported_and_taken_by_the_next_run(
 async def test_keys_rotate_exits_1_while_an_old_key_still_holds_values(
     post: Post, settings: Settings, database_url: str, conn: asyncpg.Connection
 ) -> None:
-    """A value the service holds locked through every pass stays under the old key:
+    """A value the service holds locked through every sweep stays under the old key:
     `keys rotate` says so, names the key and exits 1 (so `keys rotate && remove the
     key` cannot strand it); once it is free, the next run exits 0."""
     for _ in range(3):
