@@ -257,23 +257,28 @@ async def _batch(
             ad = associated_data(row["sealed_for"])
             resealed = keyring.seal(keyring.open(row["sealed"], ad), ad)
             updates.append((row["at"], row["sealed"], resealed))
+        stored = 0
         if updates:
             # One statement for the batch: 500 single-row UPDATEs spent most of a
             # batch's time on their round trips and per-statement work.
             places, old, new = (list(column) for column in zip(*updates, strict=True))
-            await conn.execute(db.QUERIES[write], places, old, new)
+            stored = int((await conn.execute(db.QUERIES[write], places, old, new)).split()[-1])
             await audit.audit(
                 conn,
                 actor,
                 "keys_rotate",
-                detail={"primary": keyring.primary_id, "kind": kind, "rotated": len(updates)},
+                detail={"primary": keyring.primary_id, "kind": kind, "rotated": stored},
             )
-    if updates:
-        report.rotated[kind] += len(updates)
-        log.debug("rotation_batch", kind=kind, rotated=len(updates), total=report.rotated[kind])
+    if stored:
+        report.rotated[kind] += stored
+        log.debug("rotation_batch", kind=kind, rotated=stored, total=report.rotated[kind])
         if progress is not None:
             progress(kind, report.rotated[kind])
-    return len(updates), [row["page"] for row in rows]
+    # A page stays in the sweep while its batch stored what it claimed there: a row
+    # held under lock cannot change, so a shortfall is unexpected, and claiming the
+    # same row again would never end (the next sweep looks again).
+    pages = [row["page"] for row in rows] if stored == len(updates) else []
+    return stored, pages
 
 
 async def sealed_key_counts(database: db.Database) -> dict[tuple[str, str], int]:
