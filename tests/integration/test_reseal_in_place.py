@@ -5,18 +5,22 @@ the tallies stay equal to a count of the values after every kind of write."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
+from typing import Any
 
 import asyncpg
 import pytest
 
-from receiver import db, vault
+from receiver import config, db, vault
 from receiver.admin import rekey
 from receiver.config import Settings
 from receiver.db import migrations
 from receiver.lifecycle import audit, erasure, retention
+from receiver.service import app
 from tests import helpers
+from tests.conftest import with_database
 from tests.integration import processes, standins
 from tests.integration.conftest import Post, operator_env
 from tests.integration.test_rotation import OPS, with_new_primary
@@ -74,41 +78,67 @@ async def _updates(conn: asyncpg.Connection, table: str) -> tuple[int, int]:
 
 
 async def test_keys_rotate_rewrites_the_heap_page_and_no_index(
-    post: Post, settings: Settings, conn: asyncpg.Connection
+    own_postgres: Any, aiohttp_client: Any, webhook_secret: str
 ) -> None:
     """`keys rotate` over tokens and bodies spread on several pages: every re-seal is a
     heap-only (HOT) update, by Postgres's own count (the command's backends report
-    their counts when they exit), and each row stays on the page it was on."""
-    for _ in range(80):
-        assert (await post(helpers.onboarding())).status == 200
-
-    async def settled() -> bool:  # the service's dispatcher done with their signals
-        return not await conn.fetchval(
-            "SELECT count(*) FROM receiver.signals WHERE status IN ('pending', 'in_flight')"
-        )
-
-    # A transaction open beside the rotation (the dispatcher's) keeps Postgres from
-    # pruning the versions a batch leaves, and the next batch's rows would move.
-    await standins.eventually(settled, seconds=30)
-    pages = "SELECT id::text, (ctid::text::point)[0] AS page FROM receiver.tokens"
-    before = {r["id"]: r["page"] for r in await conn.fetch(pages)}
-    assert len(set(before.values())) >= 2
-    tokens_before, events_before = await _updates(conn, "tokens"), await _updates(conn, "events")
-    result = await asyncio.to_thread(
-        processes.run, ["keys", "rotate"], operator_env(with_new_primary(settings))
+    their counts when they exit), and each row stays on the page it was on. On a
+    Postgres of its own: a transaction open anywhere on the server (another test's,
+    in another database) may keep a backend from pruning what a batch left, and the
+    next batch's rows would then move, as they would on a busy production server."""
+    dsn, _control = own_postgres
+    admin = await asyncpg.connect(dsn)
+    await admin.execute("CREATE DATABASE hot")
+    await admin.close()
+    database_url = with_database(dsn, "hot")
+    await migrations.apply(database_url)
+    settings = config.load_settings(
+        database_url=database_url,
+        webhook_secrets=webhook_secret,
+        token_keys="k1:" + base64.b64encode(os.urandom(32)).decode(),
+        index_key=base64.b64encode(os.urandom(32)).decode(),
+        prune_interval_seconds=0,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "re-encrypted 80 token(s) and 80 event(s)" in result.stdout
+    client = await aiohttp_client(app.create_app(settings))
+    for _ in range(80):
+        body = helpers.encode(helpers.onboarding())
+        answer = await client.post(
+            app.WEBHOOK_PATH, data=body, headers=helpers.signed_headers(webhook_secret, body)
+        )
+        assert answer.status == 200
+    conn = await asyncpg.connect(database_url)
+    try:
 
-    async def reported() -> bool:
-        tokens, events = await _updates(conn, "tokens"), await _updates(conn, "events")
-        return tokens[0] - tokens_before[0] == 80 and events[0] - events_before[0] == 80
+        async def settled() -> bool:  # the service's dispatcher done with their signals
+            return not await conn.fetchval(
+                "SELECT count(*) FROM receiver.signals WHERE status IN ('pending', 'in_flight')"
+            )
 
-    await standins.eventually(reported, seconds=30)
-    for table, (updated, hot) in (("tokens", tokens_before), ("events", events_before)):
-        now_updated, now_hot = await _updates(conn, table)
-        assert (table, now_hot - hot) == (table, now_updated - updated)
-    assert {r["id"]: r["page"] for r in await conn.fetch(pages)} == before
+        # A transaction open beside the rotation (the dispatcher's) keeps Postgres
+        # from pruning the versions a batch leaves, and the next batch's rows move.
+        await standins.eventually(settled, seconds=30)
+        pages = "SELECT id::text, (ctid::text::point)[0] AS page FROM receiver.tokens"
+        before = {r["id"]: r["page"] for r in await conn.fetch(pages)}
+        assert len(set(before.values())) >= 2
+        tokens_before = await _updates(conn, "tokens")
+        events_before = await _updates(conn, "events")
+        result = await asyncio.to_thread(
+            processes.run, ["keys", "rotate"], operator_env(with_new_primary(settings))
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "re-encrypted 80 token(s) and 80 event(s)" in result.stdout
+
+        async def reported() -> bool:
+            tokens, events = await _updates(conn, "tokens"), await _updates(conn, "events")
+            return tokens[0] - tokens_before[0] == 80 and events[0] - events_before[0] == 80
+
+        await standins.eventually(reported, seconds=30)
+        for table, (updated, hot) in (("tokens", tokens_before), ("events", events_before)):
+            now_updated, now_hot = await _updates(conn, table)
+            assert (table, now_hot - hot) == (table, now_updated - updated)
+        assert {r["id"]: r["page"] for r in await conn.fetch(pages)} == before
+    finally:
+        await conn.close()
 
 
 async def test_the_tallies_equal_a_count_of_the_values_after_every_kind_of_write(
