@@ -422,14 +422,19 @@ CREATE FUNCTION receiver.sealed_key_id(sealed bytea) RETURNS text
     SELECT encode(substring(sealed FROM 3 FOR get_byte(sealed, 1)), 'escape')
 $$;
 
-CREATE FUNCTION receiver.sealed_tallies_fold_v1() RETURNS void
+CREATE FUNCTION receiver.sealed_tallies_fold_v2(p_limit integer) RETURNS bigint
     LANGUAGE sql
     AS $$
     WITH gone AS (
-        DELETE FROM receiver.sealed_tallies RETURNING kind, key_id, n
+        DELETE FROM receiver.sealed_tallies
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM receiver.sealed_tallies LIMIT p_limit))
+        RETURNING kind, key_id, n
+    ), folded AS (
+        INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+        SELECT kind, key_id, sum(n) FROM gone GROUP BY 1, 2 HAVING sum(n) <> 0
+        RETURNING 1
     )
-    INSERT INTO receiver.sealed_tallies (kind, key_id, n)
-    SELECT kind, key_id, sum(n) FROM gone GROUP BY 1, 2 HAVING sum(n) <> 0
+    SELECT count(*) FROM gone
 $$;
 
 CREATE FUNCTION receiver.tally_sealed_truncate_v1() RETURNS trigger
