@@ -7,6 +7,7 @@ import asyncpg
 
 from receiver import db
 from receiver.admin import rekey
+from receiver.db import migrations
 from receiver.service import scrape
 
 
@@ -29,3 +30,35 @@ async def test_each_refresh_folds_part_of_a_backlog_too_large_to_fold_at_once(
     left = await conn.fetchval("SELECT count(*) FROM receiver.sealed_tallies")
     assert left < 3_000_000 - 100_000, f"{left} delta rows left after 3 refreshes"
     assert await rekey.sealed_key_counts(database) == {("events", "k1"): 3_000_000}
+
+
+async def test_migration_0024_mends_a_redacted_body_with_no_value_and_no_drop_time(
+    empty_database_url: str,
+) -> None:
+    """A row from before the baseline's NOT VALID check with a redacted body but
+    neither a sealed body nor a drop time: 0024 clears its redacted body and gives it
+    its drop time. Clearing the redacted body first wrote a new version of a row the
+    (not valid, yet enforced on writes) "value or drop time" check refuses, and the
+    migration failed: `serve` could not start on such a database."""
+    await migrations.apply(empty_database_url, until="0023_sealed_key_id_only_where_sealed")
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(
+            """
+            ALTER TABLE receiver.events DROP CONSTRAINT events_body_or_dropped;
+            INSERT INTO receiver.events
+                (key, type, status, is_test, body_sealed, body_redacted, body_dropped_at)
+            VALUES ('evt_a', 'ping', 'ignored', false, NULL, '{"id": "evt_a"}', NULL);
+            ALTER TABLE receiver.events ADD CONSTRAINT events_body_or_dropped
+                CHECK (body_sealed IS NOT NULL OR body_dropped_at IS NOT NULL) NOT VALID;
+            """
+        )
+        await migrations.apply(empty_database_url)
+        row = await conn.fetchrow(
+            "SELECT body_redacted, body_dropped_at = received_at AS dropped "
+            "FROM receiver.events WHERE key = 'evt_a'"
+        )
+        assert row is not None
+        assert (row["body_redacted"], row["dropped"]) == (None, True)
+    finally:
+        await conn.close()
