@@ -22,10 +22,12 @@
 -- 1. A row holds a value exactly when it has no drop time. The baseline's checks
 --    "value or drop time" are NOT VALID (rows from before them may have neither):
 --    such a row gets its drop time, then both are validated and the converse added.
-UPDATE receiver.events SET body_redacted = NULL
- WHERE body_sealed IS NULL AND body_redacted IS NOT NULL;
+--    The drop time first: the NOT VALID check still holds every new row version, so
+--    a row with neither must get its drop time before any other change to it.
 UPDATE receiver.events SET body_dropped_at = received_at
  WHERE body_sealed IS NULL AND body_dropped_at IS NULL;
+UPDATE receiver.events SET body_redacted = NULL
+ WHERE body_sealed IS NULL AND body_redacted IS NOT NULL;
 UPDATE receiver.events SET body_dropped_at = NULL
  WHERE body_sealed IS NOT NULL AND body_dropped_at IS NOT NULL;
 UPDATE receiver.tokens SET value_dropped_at = updated_at

@@ -62,3 +62,16 @@ async def test_migration_0024_mends_a_redacted_body_with_no_value_and_no_drop_ti
         assert (row["body_redacted"], row["dropped"]) == (None, True)
     finally:
         await conn.close()
+
+
+async def test_a_database_migrated_by_the_first_0024_text_stays_current(
+    database_url: str, database: db.Database, conn: asyncpg.Connection
+) -> None:
+    """Where 0024's first text applied, it did what the reordered text does: a database
+    that recorded its checksum is at 0024, not "edited"."""
+    earlier = next(iter(migrations.EQUIVALENT["0024_reseal_in_place"]))
+    await conn.execute(
+        "UPDATE receiver.schema_migrations SET checksum = $1 WHERE name = '0024_reseal_in_place'",
+        earlier,
+    )
+    assert await migrations.apply(database_url) == []
