@@ -4,6 +4,7 @@ however many piled up while nobody scraped."""
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
 from receiver import db
 from receiver.admin import rekey
@@ -75,3 +76,42 @@ async def test_a_database_migrated_by_the_first_0024_text_stays_current(
         earlier,
     )
     assert await migrations.apply(database_url) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="0024 fails on an active token with no value and no drop time: the mending "
+    "UPDATE writes a version tokens_active_has_value (NOT VALID, enforced on writes) "
+    "refuses; what such a token becomes (revoked?) is the owners' decision",
+)
+async def test_migration_0024_on_an_active_token_with_no_value_and_no_drop_time(
+    empty_database_url: str,
+) -> None:
+    """The baseline's NOT VALID checks let through a token that is active yet holds no
+    value (tokens_active_has_value) and has no drop time (tokens_value_or_dropped):
+    0024 must migrate such a database, not fail at `serve` start."""
+    await migrations.apply(empty_database_url, until="0023_sealed_key_id_only_where_sealed")
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(
+            """
+            INSERT INTO receiver.events (key, type, status, is_test, body_sealed)
+            VALUES ('evt_a', 'ping', 'processed', false, '\\x01026b31aa');
+            ALTER TABLE receiver.tokens DROP CONSTRAINT tokens_value_or_dropped,
+                DROP CONSTRAINT tokens_active_has_value;
+            INSERT INTO receiver.tokens (id, client_id, environment, prefix, token_index,
+                token_sealed, status, onboarding_completed_at, created_by_event)
+            VALUES (gen_random_uuid(), 'cli_a', 'live', 'tok_live_a', '\\x03', NULL,
+                'active', now(), 'evt_a');
+            ALTER TABLE receiver.tokens ADD CONSTRAINT tokens_active_has_value
+                CHECK (status <> 'active' OR token_sealed IS NOT NULL) NOT VALID;
+            ALTER TABLE receiver.tokens ADD CONSTRAINT tokens_value_or_dropped
+                CHECK (token_sealed IS NOT NULL OR value_dropped_at IS NOT NULL) NOT VALID;
+            """
+        )
+        await migrations.apply(empty_database_url)
+        assert await conn.fetchval(
+            "SELECT value_dropped_at IS NOT NULL FROM receiver.tokens WHERE client_id = 'cli_a'"
+        )
+    finally:
+        await conn.close()
