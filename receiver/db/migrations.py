@@ -56,9 +56,10 @@ SQUASHED = {
 # checksum of the one text it is equivalent to, so an edit of the current file is
 # still refused on such a database. 0001_baseline's role creation first skipped roles
 # that already exist (a migration owner without CREATEROLE could not migrate even
-# once an administrator had created them). 0024_reseal_in_place's first text cleared
-# a redacted body before giving its row a drop time, and failed on a row with neither
-# a value nor a drop time; where it succeeded, the reordered text does the same.
+# once an administrator had created them). 0024_reseal_in_place's first two texts
+# failed on rows the baseline's NOT VALID checks let through (a redacted body with
+# neither a value nor a drop time; an active token with neither); where they
+# succeeded, the current text does the same.
 EQUIVALENT = {
     "0001_baseline": {
         "a2cdbaf6375a78ff12ce3113268d00a33c9bf42f92496b01cb46d81e34c1c69d": (
@@ -67,7 +68,10 @@ EQUIVALENT = {
     },
     "0024_reseal_in_place": {
         "571e6caff741fdac54ef15d5e00b5297ef12680cf8b00d40f629b36b10041795": (
-            "9da0c7c44d14b38338d5ae0c85b2aa2266c5ba983bc81233b55cc2371f9ce366"
+            "cdd086837300a311e0e66413822f50e233728536ac19f2b9753a0f8d0d7dab4f"
+        ),
+        "9da0c7c44d14b38338d5ae0c85b2aa2266c5ba983bc81233b55cc2371f9ce366": (
+            "cdd086837300a311e0e66413822f50e233728536ac19f2b9753a0f8d0d7dab4f"
         ),
     },
 }

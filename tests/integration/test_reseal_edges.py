@@ -4,7 +4,6 @@ however many piled up while nobody scraped."""
 from __future__ import annotations
 
 import asyncpg
-import pytest
 
 from receiver import db
 from receiver.admin import rekey
@@ -78,18 +77,13 @@ async def test_a_database_migrated_by_the_first_0024_text_stays_current(
     assert await migrations.apply(database_url) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="0024 fails on an active token with no value and no drop time: the mending "
-    "UPDATE writes a version tokens_active_has_value (NOT VALID, enforced on writes) "
-    "refuses; what such a token becomes (revoked?) is the owners' decision",
-)
 async def test_migration_0024_on_an_active_token_with_no_value_and_no_drop_time(
     empty_database_url: str,
 ) -> None:
     """The baseline's NOT VALID checks let through a token that is active yet holds no
     value (tokens_active_has_value) and has no drop time (tokens_value_or_dropped):
-    0024 must migrate such a database, not fail at `serve` start."""
+    0024 migrates such a database (it failed, and `serve` with it), leaves that row as
+    it is, and leaves the check it breaks unvalidated."""
     await migrations.apply(empty_database_url, until="0023_sealed_key_id_only_where_sealed")
     conn = await asyncpg.connect(empty_database_url)
     try:
@@ -109,9 +103,12 @@ async def test_migration_0024_on_an_active_token_with_no_value_and_no_drop_time(
                 CHECK (token_sealed IS NOT NULL OR value_dropped_at IS NOT NULL) NOT VALID;
             """
         )
-        await migrations.apply(empty_database_url)
+        assert "0024_reseal_in_place" in await migrations.apply(empty_database_url)
         assert await conn.fetchval(
-            "SELECT value_dropped_at IS NOT NULL FROM receiver.tokens WHERE client_id = 'cli_a'"
+            "SELECT value_dropped_at IS NULL FROM receiver.tokens WHERE client_id = 'cli_a'"
+        )
+        assert not await conn.fetchval(
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'tokens_value_or_dropped'"
         )
     finally:
         await conn.close()
