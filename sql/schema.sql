@@ -553,14 +553,19 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION receiver.token_tallies_fold_v1() RETURNS void
+CREATE FUNCTION receiver.token_tallies_fold_v2(p_limit integer) RETURNS bigint
     LANGUAGE sql
     AS $$
     WITH gone AS (
-        DELETE FROM receiver.token_tallies RETURNING environment, kind, day, n
+        DELETE FROM receiver.token_tallies
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM receiver.token_tallies LIMIT p_limit))
+        RETURNING environment, kind, day, n
+    ), folded AS (
+        INSERT INTO receiver.token_tallies (environment, kind, day, n)
+        SELECT environment, kind, day, sum(n) FROM gone GROUP BY 1, 2, 3 HAVING sum(n) <> 0
+        RETURNING 1
     )
-    INSERT INTO receiver.token_tallies (environment, kind, day, n)
-    SELECT environment, kind, day, sum(n) FROM gone GROUP BY 1, 2, 3 HAVING sum(n) <> 0
+    SELECT count(*) FROM gone
 $$;
 
 CREATE TABLE receiver.audit (

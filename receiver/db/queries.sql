@@ -690,9 +690,10 @@ SELECT prefix FROM receiver.tokens
 SELECT status FROM receiver.tokens WHERE created_by_event = $1;
 
 -- name: token_tallies_fold
--- The tallies' deltas folded into one row per key (a few hundred rows: one per
--- environment and day of onboarding), before the gauges read them.
-SELECT receiver.token_tallies_fold_v1();
+-- The tallies' deltas folded toward one row per key (a few hundred rows: one per
+-- environment and day of onboarding), before the gauges read them: at most 100,000
+-- deltas a call, as sealed_tallies_fold.
+SELECT receiver.token_tallies_fold_v2(100000);
 
 -- name: token_health
 -- Active tokens by age of issue, clients whose tokens reported a second 401, active

@@ -112,3 +112,36 @@ async def test_migration_0024_on_an_active_token_with_no_value_and_no_drop_time(
         )
     finally:
         await conn.close()
+
+
+async def test_each_refresh_folds_at_most_a_chunk_of_the_token_tallies(
+    database: db.Database, conn: asyncpg.Connection
+) -> None:
+    """The token tallies' deltas are folded as the sealed ones are: a refresh takes at
+    most 100,000 of them (a whole-table fold of a backlog outgrew the refresh's 1 s
+    bound, which covers every query of the refresh together), the next ones take the
+    rest, and the active-token gauges read the same sums throughout."""
+    await conn.execute(
+        "INSERT INTO receiver.token_tallies (environment, kind, day, n) "
+        "SELECT 'live', 'active', (now() AT TIME ZONE 'UTC')::date - 200, 1 "
+        "FROM generate_series(1, 250000)"
+    )
+    gauges = scrape.DatabaseGauges("k1", refresh_seconds=0)
+
+    async def over_90_days() -> float:
+        text = (await gauges.exposition(database)).decode()
+        line = next(
+            row
+            for row in text.splitlines()
+            if row.startswith("receiver_tokens_active{")
+            and 'environment="live"' in row
+            and 'age="over_90d"' in row
+        )
+        return float(line.rsplit(" ", 1)[1])
+
+    assert await over_90_days() == 250_000
+    left = await conn.fetchval("SELECT count(*) FROM receiver.token_tallies")
+    assert 150_000 <= left < 250_000
+    assert await over_90_days() == 250_000
+    assert await over_90_days() == 250_000
+    assert await conn.fetchval("SELECT count(*) FROM receiver.token_tallies") < 10
