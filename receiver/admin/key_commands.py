@@ -67,7 +67,14 @@ def rotate(args: argparse.Namespace) -> int:
             for kid in sealer.keyring.key_ids
             if kid != report.primary and report.count_under(kid)
         }
-        if left:
+        broken = sum(len(rows) for rows in report.broken.values())
+        if broken:
+            print(
+                f"receiver: {broken} value(s) failed to open and were left under their "
+                "old key (named above): keep that key until they are restored or erased",
+                file=sys.stderr,
+            )
+        if sum(left.values()) > broken:
             # Not done: `keys rotate && <remove the old key>` must not strand them.
             named = ", ".join(f"{kid} ({n})" for kid, n in left.items())
             print(
@@ -93,7 +100,12 @@ def _outcome(report: rekey.RotationReport, key_ids: list[str]) -> dict[str, obje
             for kid in key_ids
         },
         "unopenable": report.missing_keys,
+        "broken": report.broken_names(),
     }
+
+
+# Rows named when their value failed to open (the JSON outcome names them all).
+_NAMED = 20
 
 
 def _print_report(report: rekey.RotationReport, key_ids: list[str]) -> None:
@@ -115,3 +127,10 @@ def _print_report(report: rekey.RotationReport, key_ids: list[str]) -> None:
         print(line)
     for kid, count in report.missing_keys.items():
         print(f"  {kid}: {count} value(s) under a key not in RECEIVER_TOKEN_KEYS: cannot open")
+    for kind, names in report.broken_names().items():
+        shown = ", ".join(names[:_NAMED])
+        more = f" and {len(names) - _NAMED} more" if len(names) > _NAMED else ""
+        print(
+            f"  {len(names)} {kind[:-1]}(s) failed to open (tampered, or not sealed for "
+            f"their row), left as they are: {shown}{more}"
+        )

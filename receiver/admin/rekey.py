@@ -26,10 +26,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
-from receiver import db, vault
+from receiver import db, errors, vault
 from receiver.lifecycle import audit
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,13 @@ class RotationReport:
     seconds: float = 0.0  # re-sealing time, the final count not included
     # (kind, key id) -> values sealed under that key after the run
     remaining: dict[tuple[str, str], int] = field(default_factory=dict)
+    # kind -> {row location: token id or event key} of values that failed to open
+    # (tampered, or not sealed for their row): left as they are, and named
+    broken: dict[str, dict[Any, str]] = field(default_factory=lambda: {kind: {} for kind in _KINDS})
+
+    def broken_names(self) -> dict[str, list[str]]:
+        """Per kind, the rows whose value failed to open, sorted."""
+        return {kind: sorted(rows.values()) for kind, rows in self.broken.items() if rows}
 
     @property
     def missing_keys(self) -> dict[str, int]:
@@ -250,13 +258,21 @@ async def _batch(
     each of `pages`, re-seal, store fenced on the old bytes, audit. Returns how many it
     re-sealed and the pages where it found a row."""
     claim, write, associated_data = _KINDS[kind]
+    broken = report.broken[kind]
     async with database.connection() as conn, conn.transaction():
-        rows = await conn.fetch(db.QUERIES[claim], old_keys, pages)
+        rows = await conn.fetch(db.QUERIES[claim], old_keys, pages, list(broken))
         updates = []
         for row in rows:
             ad = associated_data(row["sealed_for"])
-            resealed = keyring.seal(keyring.open(row["sealed"], ad), ad)
-            updates.append((row["at"], row["sealed"], resealed))
+            try:
+                opened = keyring.open(row["sealed"], ad)
+            except errors.SealBroken:
+                # Not this rotation's to mend: named in the report, never claimed again
+                # by this run, and the rest of the table goes on.
+                broken[row["at"]] = row["name"]
+                log.warning("rotation_value_broken", kind=kind, row=row["name"])
+                continue
+            updates.append((row["at"], row["sealed"], keyring.seal(opened, ad)))
         stored = 0
         if updates:
             # One statement for the batch: 500 single-row UPDATEs spent most of a

@@ -277,3 +277,41 @@ def test_keys_rotate_refuses_a_rate_that_is_not_a_number_of_values(
     assert result.returncode == 2
     assert "--rate" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_value_that_fails_to_open_is_named_and_the_rest_is_rotated(
+    post: Post, settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """One token's sealed bytes tampered with: `keys rotate` re-seals every other value,
+    those after it on its page too, names the token (its id, never a value), says the
+    old key must stay, and exits 1; the tampered value is left as it was."""
+    for _ in range(6):
+        assert (await post(helpers.onboarding())).status == 200
+    row = await conn.fetchrow(
+        "SELECT id::text AS id, token_sealed FROM receiver.tokens ORDER BY ctid LIMIT 1"
+    )
+    assert row is not None
+    tampered = row["token_sealed"][:-1] + bytes([row["token_sealed"][-1] ^ 1])
+    await conn.execute(
+        "UPDATE receiver.tokens SET token_sealed = $2 WHERE id = $1::uuid", row["id"], tampered
+    )
+    result = await asyncio.to_thread(
+        processes.run,
+        ["keys", "rotate", "--batch-size", "1"],
+        operator_env(with_new_primary(settings)),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "re-encrypted 5 token(s) and 6 event(s)" in result.stdout
+    assert "1 token(s) failed to open (tampered, or not sealed for their row)" in result.stdout
+    assert row["id"] in result.stdout
+    assert "failed to open and were left under their old key" in result.stderr
+    assert "held locked" not in result.stderr
+    counted = await _counted(conn)
+    assert counted == {("tokens", "k2"): 5, ("tokens", "k1"): 1, ("events", "k2"): 6}
+    assert (
+        await conn.fetchval(
+            "SELECT token_sealed FROM receiver.tokens WHERE id = $1::uuid", row["id"]
+        )
+        == tampered
+    )
