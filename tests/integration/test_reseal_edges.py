@@ -7,7 +7,9 @@ import asyncpg
 
 from receiver import db
 from receiver.admin import rekey
+from receiver.config import Settings
 from receiver.db import migrations
+from receiver.lifecycle import retention
 from receiver.service import scrape
 
 
@@ -145,3 +147,29 @@ async def test_each_refresh_folds_at_most_a_chunk_of_the_token_tallies(
     assert await over_90_days() == 250_000
     assert await over_90_days() == 250_000
     assert await conn.fetchval("SELECT count(*) FROM receiver.token_tallies") < 10
+
+
+async def test_a_prune_folds_every_tally_delta_where_nobody_scrapes(
+    database: db.Database, conn: asyncpg.Connection, settings: Settings
+) -> None:
+    """Without scrapes nothing else folds the tallies: a prune folds all of them, a
+    chunk at a time, and every sum stays what it was."""
+    await conn.execute(
+        "INSERT INTO receiver.sealed_tallies (kind, key_id, n) "
+        "SELECT 'events', 'k1', 1 FROM generate_series(1, 250000)"
+    )
+    await conn.execute(
+        "INSERT INTO receiver.token_tallies (environment, kind, day, n) "
+        "SELECT 'live', 'active', (now() AT TIME ZONE 'UTC')::date - 200, 1 "
+        "FROM generate_series(1, 250000)"
+    )
+    sums = (
+        "SELECT (SELECT sum(n) FROM receiver.sealed_tallies), "
+        "(SELECT sum(n) FROM receiver.token_tallies)"
+    )
+    before = await conn.fetchrow(sums)
+    assert before is not None
+    await retention.prune(database, settings)
+    assert await conn.fetchval("SELECT count(*) FROM receiver.sealed_tallies") < 10
+    assert await conn.fetchval("SELECT count(*) FROM receiver.token_tallies") < 10
+    assert await conn.fetchrow(sums) == before
