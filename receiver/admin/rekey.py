@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
@@ -64,13 +63,14 @@ class RotationReport:
     seconds: float = 0.0  # re-sealing time, the final count not included
     # (kind, key id) -> values sealed under that key after the run
     remaining: dict[tuple[str, str], int] = field(default_factory=dict)
-    # kind -> {row location: token id or event key} of values that failed to open
-    # (tampered, or not sealed for their row): left as they are, and named
-    broken: dict[str, dict[Any, str]] = field(default_factory=lambda: {kind: {} for kind in _KINDS})
+    # kind -> token ids or event keys of values that failed to open (tampered, or not
+    # sealed for their row): left as they are, and named. By row, never by place: a
+    # row updated meanwhile moves, and another version may take the place it left.
+    broken: dict[str, set[str]] = field(default_factory=lambda: {kind: set() for kind in _KINDS})
 
     def broken_names(self) -> dict[str, list[str]]:
         """Per kind, the rows whose value failed to open, sorted."""
-        return {kind: sorted(rows.values()) for kind, rows in self.broken.items() if rows}
+        return {kind: sorted(rows) for kind, rows in self.broken.items() if rows}
 
     @property
     def missing_keys(self) -> dict[str, int]:
@@ -269,7 +269,7 @@ async def _batch(
             except errors.SealBroken:
                 # Not this rotation's to mend: named in the report, never claimed again
                 # by this run, and the rest of the table goes on.
-                broken[row["at"]] = row["name"]
+                broken.add(row["name"])
                 log.warning("rotation_value_broken", kind=kind, row=row["name"])
                 continue
             updates.append((row["at"], row["sealed"], keyring.seal(opened, ad)))

@@ -181,7 +181,9 @@ SELECT t.id::text AS id, t.client_id, t.environment, t.prefix, i.status, t.token
 -- name: rotation_tokens_sweep
 -- keys rotate's claim: in each page of $2 (heap pages of receiver.tokens), the first
 -- token sealed under one of the key ids $1 (the configured keys but the primary),
--- not at one of the places $3 (values this run found broken), locked for re-sealing.
+-- not one of the tokens $3 (ids of values this run found broken: by id, never by
+-- place, since a row updated meanwhile moves and its place is free for another
+-- version, maybe a healthy value under an old key), locked for re-sealing.
 -- One row per page: its new version takes the room on the page (a HOT update, no
 -- index entry), and the next batch, after this one commits, finds the room it left.
 -- Each page is a TID range scan of its own.
@@ -191,13 +193,13 @@ SELECT t.at, t.id::text AS sealed_for, t.id::text AS name, t.sealed, p.page
                  WHERE ctid >= format('(%s,0)', p.page)::tid
                    AND ctid < format('(%s,0)', p.page + 1)::tid
                    AND receiver.sealed_key_id(token_sealed) = ANY ($1::text[])
-                   AND ctid <> ALL ($3::tid[])
+                   AND id::text <> ALL ($3::text[])
                  ORDER BY ctid
                  LIMIT 1
                    FOR UPDATE SKIP LOCKED) AS t;
 
 -- name: rotation_events_sweep
--- As rotation_tokens_sweep, for stored bodies.
+-- As rotation_tokens_sweep, for stored bodies ($3: event keys).
 SELECT e.at, COALESCE(receiver.body_key(e.body_hash), e.key) AS sealed_for, e.key AS name,
        e.sealed, p.page
   FROM unnest($2::bigint[]) AS p (page),
@@ -205,7 +207,7 @@ SELECT e.at, COALESCE(receiver.body_key(e.body_hash), e.key) AS sealed_for, e.ke
                  WHERE ctid >= format('(%s,0)', p.page)::tid
                    AND ctid < format('(%s,0)', p.page + 1)::tid
                    AND receiver.sealed_key_id(body_sealed) = ANY ($1::text[])
-                   AND ctid <> ALL ($3::tid[])
+                   AND key <> ALL ($3::text[])
                  ORDER BY ctid
                  LIMIT 1
                    FOR UPDATE SKIP LOCKED) AS e;
