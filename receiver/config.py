@@ -37,7 +37,13 @@ KEY_BYTES = 32
 DEV_SECRETS_FILE = "dev-secrets.json"
 DEFAULT_DATA_DIR = ".receiver"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+MALFORMED_KEY_ID = "(malformed)"
 _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def is_key_id(value: str) -> bool:
+    """Whether `value` is a key id RECEIVER_TOKEN_KEYS could configure."""
+    return _KEY_ID.fullmatch(value) is not None and not value.endswith("\n")
 
 
 def _b64(text: str) -> bytes:

@@ -157,7 +157,7 @@ def _unconfigured(counts: dict[tuple[str, str], int], key_ids: list[str]) -> dic
 async def plan(database: db.Database, keyring: vault.Keyring) -> RotationPlan:
     """What a rotation under `keyring`'s primary key would re-seal now."""
     rows = await database.fetch_count("sealed_to_rotate_counts", keyring.primary_id)
-    under = {(row["kind"], row["key_id"]): row["n"] for row in rows}
+    under = vault.shown_key_counts(rows)
     return RotationPlan(primary=keyring.primary_id, key_ids=keyring.key_ids, under=under)
 
 
@@ -300,4 +300,4 @@ async def _batch(
 async def sealed_key_counts(database: db.Database) -> dict[tuple[str, str], int]:
     """How many sealed values each key id holds, per kind."""
     rows = await database.fetch_count("sealed_key_counts")
-    return {(row["kind"], row["key_id"]): row["n"] for row in rows}
+    return vault.shown_key_counts(rows)

@@ -110,7 +110,9 @@ class DatabaseGauges:
         self._signals.update({row["status"]: row["n"] for row in rows})
         self._oldest_pending = float(oldest)
         self._quarantined = quarantined
-        self._to_rotate = [(row["kind"], row["key_id"], row["n"]) for row in to_rotate]
+        self._to_rotate = [
+            (kind, key_id, n) for (kind, key_id), n in vault.shown_key_counts(to_rotate).items()
+        ]
         # Every combination is reported, 0 included, so an alert can be written on it.
         self._active = {(env, age): 0 for env in vault.ENVIRONMENTS for age in _AGES}
         self._without_active = dict.fromkeys(vault.ENVIRONMENTS, 0)
@@ -289,9 +291,9 @@ async def check_keys(database: db.Database, keyring: vault.Keyring) -> None:
     except errors.ReceiverError:
         return  # not migrated yet, or unavailable: /readyz says so
     unknown: dict[str, int] = {}
-    for row in rows:
-        if row["key_id"] not in keyring.key_ids:
-            unknown[row["key_id"]] = unknown.get(row["key_id"], 0) + row["n"]
+    for (_, key_id), n in vault.shown_key_counts(rows).items():
+        if key_id not in keyring.key_ids:
+            unknown[key_id] = unknown.get(key_id, 0) + n
     if unknown:
         log.warning(
             "sealed_under_unconfigured_key",

@@ -17,6 +17,7 @@ import hmac
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -71,6 +72,24 @@ class Keyring:
 def key_id_of(sealed: bytes) -> str:
     """The key id a sealed value names, without opening it."""
     return _split(sealed)[0]
+
+
+def shown_key_id(kid: str) -> str:
+    """A key id as the database reads it from sealed bytes (receiver.sealed_key_id), fit
+    to print, log or label: one no configured key could have is `(malformed)`. A
+    tampered length byte runs the key id into the nonce and ciphertext, which are
+    never shown."""
+    return kid if config.is_key_id(kid) else config.MALFORMED_KEY_ID
+
+
+def shown_key_counts(rows: Sequence[Any]) -> dict[tuple[str, str], int]:
+    """Rows of counts (`kind`, `key_id`, `n`) summed per kind and key id as
+    `shown_key_id` shows it (several malformed ones make one)."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        at = (row["kind"], shown_key_id(row["key_id"]))
+        counts[at] = counts.get(at, 0) + row["n"]
+    return counts
 
 
 def _split(sealed: bytes) -> tuple[str, bytes, bytes]:
