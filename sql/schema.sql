@@ -437,11 +437,14 @@ CREATE FUNCTION receiver.sealed_tallies_fold_v2(p_limit integer) RETURNS bigint
     SELECT count(*) FROM gone
 $$;
 
-CREATE FUNCTION receiver.tally_sealed_truncate_v1() RETURNS trigger
+CREATE FUNCTION receiver.tally_sealed_truncate_v2() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    DELETE FROM receiver.sealed_tallies WHERE kind = TG_TABLE_NAME;
+    INSERT INTO receiver.sealed_tallies (kind, key_id, n)
+    SELECT kind, key_id, -sum(n) FROM receiver.sealed_tallies
+     WHERE kind = TG_TABLE_NAME
+     GROUP BY 1, 2 HAVING sum(n) <> 0;
     RETURN NULL;
 END
 $$;
@@ -530,11 +533,13 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION receiver.tally_token_truncate_v1() RETURNS trigger
+CREATE FUNCTION receiver.tally_token_truncate_v2() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    DELETE FROM receiver.token_tallies;
+    INSERT INTO receiver.token_tallies (environment, kind, day, n)
+    SELECT environment, kind, day, -sum(n) FROM receiver.token_tallies
+     GROUP BY 1, 2, 3 HAVING sum(n) <> 0;
     RETURN NULL;
 END
 $$;
@@ -924,7 +929,7 @@ CREATE TRIGGER events_sealed_deletes AFTER DELETE ON receiver.events REFERENCING
 
 CREATE TRIGGER events_sealed_inserts AFTER INSERT ON receiver.events REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
 
-CREATE TRIGGER events_sealed_truncate AFTER TRUNCATE ON receiver.events FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_truncate_v1();
+CREATE TRIGGER events_sealed_truncate AFTER TRUNCATE ON receiver.events FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_truncate_v2();
 
 CREATE TRIGGER events_sealed_updates AFTER UPDATE ON receiver.events REFERENCING OLD TABLE AS removed NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
 
@@ -934,7 +939,7 @@ CREATE TRIGGER tokens_sealed_deletes AFTER DELETE ON receiver.tokens REFERENCING
 
 CREATE TRIGGER tokens_sealed_inserts AFTER INSERT ON receiver.tokens REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
 
-CREATE TRIGGER tokens_sealed_truncate AFTER TRUNCATE ON receiver.tokens FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_truncate_v1();
+CREATE TRIGGER tokens_sealed_truncate AFTER TRUNCATE ON receiver.tokens FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_truncate_v2();
 
 CREATE TRIGGER tokens_sealed_updates AFTER UPDATE ON receiver.tokens REFERENCING OLD TABLE AS removed NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_sealed_v1();
 
@@ -942,7 +947,7 @@ CREATE TRIGGER tokens_tally_deletes AFTER DELETE ON receiver.tokens REFERENCING 
 
 CREATE TRIGGER tokens_tally_inserts AFTER INSERT ON receiver.tokens REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_token_inserts_v1();
 
-CREATE TRIGGER tokens_tally_truncate AFTER TRUNCATE ON receiver.tokens FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_token_truncate_v1();
+CREATE TRIGGER tokens_tally_truncate AFTER TRUNCATE ON receiver.tokens FOR EACH STATEMENT EXECUTE FUNCTION receiver.tally_token_truncate_v2();
 
 CREATE TRIGGER tokens_tally_update AFTER UPDATE OF status, onboarding_completed_at ON receiver.tokens FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) OR (old.onboarding_completed_at IS DISTINCT FROM new.onboarding_completed_at))) EXECUTE FUNCTION receiver.tally_token_update_v1();
 
