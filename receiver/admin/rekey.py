@@ -43,6 +43,11 @@ _TABLES = {"tokens": "receiver.tokens", "events": "receiver.events"}
 # Sweeps per kind at most: a row the service held locked is skipped by one and taken
 # by the next.
 MAX_SWEEPS = 6
+# Values that fail to open, per kind, before a run stops: tampering touches a few
+# rows; thousands failing say the key material under their key id is not the one
+# that sealed them (a wrong RECEIVER_TOKEN_KEYS entry), and each claim carries the
+# list of those already named.
+MAX_BROKEN = 1000
 # `keys rotate`'s defaults: values per second at most, and rows (pages) per batch. A
 # batch is a burst of work in one transaction; at 1M clients, batches of 200 paced to
 # 10,000 values a second kept a 500/s intake's p99 within 1.5x of idle, where unpaced
@@ -271,6 +276,12 @@ async def _batch(
                 # by this run, and the rest of the table goes on.
                 broken.add(row["name"])
                 log.warning("rotation_value_broken", kind=kind, row=row["name"])
+                if len(broken) > MAX_BROKEN:
+                    raise errors.SealBroken(
+                        f"more than {MAX_BROKEN:,} {kind} failed to open: is the key "
+                        "material under their key id in RECEIVER_TOKEN_KEYS the one that "
+                        "sealed them? (re-sealed batches stay done)"
+                    ) from None
                 continue
             updates.append((row["at"], row["sealed"], keyring.seal(opened, ad)))
         stored = 0

@@ -315,3 +315,33 @@ async def test_a_value_that_fails_to_open_is_named_and_the_rest_is_rotated(
         )
         == tampered
     )
+
+
+async def test_a_rotation_stops_when_more_values_fail_to_open_than_tampering_explains(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """1,001 tokens whose sealed bytes name k1 but are not k1's: a key-material mistake,
+    not tampering. `keys rotate` stops with one line that says so (no traceback, no
+    sealed bytes), exit 1, and leaves those values as they were."""
+    await conn.execute(
+        """
+        INSERT INTO receiver.events (key, type, status, is_test, body_dropped_at)
+        VALUES ('evt_wrong_key', 'ping', 'processed', false, now());
+        INSERT INTO receiver.tokens (id, client_id, environment, prefix, token_index,
+                                     token_sealed, status, onboarding_completed_at,
+                                     created_by_event)
+        SELECT gen_random_uuid(), 'cli_w' || g, 'live', 'tok_live_w' || g,
+               sha256(('w' || g)::bytea),
+               '\\x01026b31'::bytea || sha256(('n' || g)::bytea) || sha256(g::text::bytea),
+               'active', now(), 'evt_wrong_key'
+          FROM generate_series(1, 1001) g;
+        """
+    )
+    before = await _counted(conn)
+    result = await asyncio.to_thread(
+        processes.run, ["keys", "rotate"], operator_env(with_new_primary(settings))
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "more than 1,000 tokens failed to open" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert await _counted(conn) == before == {("tokens", "k1"): 1001}
