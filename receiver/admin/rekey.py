@@ -8,8 +8,8 @@ disk, one row per page per batch: no index names the sealed value (migration 002
 so a re-seal whose page has room is a heap-only (HOT) update, writing that page
 alone; the batch after it, once this one commits, finds the room the old version
 left. (Rows taken in key order through an index each rewrote an entry in every
-index: 3,900 bytes of WAL per token at 1M clients against about 440 now,
-bench/README.md.) Pages whose batch found a row are claimed again until they have
+index: 3,900 bytes of WAL per token at 1M clients against about 790 per value now,
+mostly each page's image after a checkpoint: bench/README.md.) Pages whose batch found a row are claimed again until they have
 none; where values are left is read from receiver.sealed_tallies, so a sweep runs
 only while a configured old key still seals something: rows the service held
 locked, or values sealed meanwhile under an old key, are taken by the next sweep.
@@ -50,8 +50,9 @@ MAX_SWEEPS = 6
 MAX_BROKEN = 1000
 # `keys rotate`'s defaults: values per second at most, and rows (pages) per batch. A
 # batch is a burst of work in one transaction; at 1M clients, batches of 200 paced to
-# 10,000 values a second kept a 500/s intake's p99 within 1.5x of idle, where unpaced
-# batches of 500 (37,000 values a second) took it to 2.6-10x (bench/README.md).
+# 10,000 values a second kept a 500/s intake's p99 within 2x of idle in five of six
+# measurements (1.5x typically), where unpaced batches of 500 (37,000 values a
+# second) took it to 2.6-10x (bench/README.md).
 DEFAULT_RATE = 10_000
 DEFAULT_BATCH = 200
 
