@@ -9,10 +9,11 @@ so a re-seal whose page has room is a heap-only (HOT) update, writing that page
 alone; the batch after it, once this one commits, finds the room the old version
 left. (Rows taken in key order through an index each rewrote an entry in every
 index: 3,900 bytes of WAL per token at 1M clients against about 790 per value now,
-mostly each page's image after a checkpoint: bench/README.md.) Pages whose batch found a row are claimed again until they have
-none; where values are left is read from receiver.sealed_tallies, so a sweep runs
-only while a configured old key still seals something: rows the service held
-locked, or values sealed meanwhile under an old key, are taken by the next sweep.
+mostly each page's image after a checkpoint: bench/README.md.) Pages whose batch
+found a row are claimed again until they have none; where values are left is read
+from receiver.sealed_tallies, so a sweep runs only while a configured old key still
+seals something: rows the service held locked, or values sealed meanwhile under an
+old key, are taken by the next sweep.
 An interrupted run loses nothing: committed batches stay done and the next run
 picks up what is left. Each batch writes its audit row in its own transaction, so a
 run killed halfway leaves exactly its committed batches on record. The service may
