@@ -43,7 +43,7 @@ _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 def is_key_id(value: str) -> bool:
     """Whether `value` is a key id RECEIVER_TOKEN_KEYS could configure."""
-    return _KEY_ID.fullmatch(value) is not None and not value.endswith("\n")
+    return _KEY_ID.fullmatch(value) is not None
 
 
 def _b64(text: str) -> bytes:
@@ -92,7 +92,7 @@ def _token_keys(value: Any) -> Any:
             kid, material = part
         else:
             kid, sep, encoded = str(part).partition(":")
-            if not sep or not _KEY_ID.match(kid):
+            if not sep or not is_key_id(kid):
                 raise ValueError("each entry must be kid:base64, kid of [A-Za-z0-9_.-]{1,32}")
             material = _key32(encoded)
         keys.append((kid, material))

@@ -163,7 +163,7 @@ def _unconfigured(counts: dict[tuple[str, str], int], key_ids: list[str]) -> dic
 
 async def plan(database: db.Database, keyring: vault.Keyring) -> RotationPlan:
     """What a rotation under `keyring`'s primary key would re-seal now."""
-    rows = await database.fetch_count("sealed_to_rotate_counts", keyring.primary_id)
+    rows = await database.fetch("sealed_to_rotate_counts", keyring.primary_id)
     under = vault.shown_key_counts(rows)
     return RotationPlan(primary=keyring.primary_id, key_ids=keyring.key_ids, under=under)
 
@@ -216,8 +216,7 @@ class Pace:
 
 async def _left(database: db.Database, keyring: vault.Keyring, kind: str) -> int:
     """Values of `kind` sealed under a configured key other than the primary."""
-    rows = await database.fetch("sealed_to_rotate_counts", keyring.primary_id)
-    return sum(row["n"] for row in rows if row["kind"] == kind and row["key_id"] in keyring.key_ids)
+    return (await plan(database, keyring)).counts()[kind]
 
 
 async def _sweep(
@@ -312,5 +311,5 @@ async def _batch(
 
 async def sealed_key_counts(database: db.Database) -> dict[tuple[str, str], int]:
     """How many sealed values each key id holds, per kind."""
-    rows = await database.fetch_count("sealed_key_counts")
+    rows = await database.fetch("sealed_key_counts")
     return vault.shown_key_counts(rows)

@@ -45,6 +45,9 @@ T = TypeVar("T")
 ACQUIRE_TIMEOUT_SECONDS = 3.0
 # Debitura gives up on an answer after 10 s; a 503 before then makes it retry.
 STATEMENT_TIMEOUT_SECONDS = 6.0
+# The most deltas one call of a tally fold takes ($1 of sealed_tallies_fold and
+# token_tallies_fold): about 0.1 s, inside the /metrics refresh's bound whatever piled up.
+TALLY_FOLD_CHUNK = 100_000
 RETRIES = 3
 
 # Faults that mean "Postgres is not able to take this now": the caller answers 503
@@ -438,8 +441,7 @@ class Database:
         written to be read: through its index, on one core, without JIT. At 1M clients
         the planner took `prune_counts` (14 rows due) for 678,000 rows (it takes "holds
         a body" and "old" as independent): a sequential scan of the events, 725-840
-        ms, or two parallel workers and JIT for 74 rows; `keys rotate`'s counts took
-        both of a small machine's cores from intake (bench/README.md)."""
+        ms, or two parallel workers and JIT for 74 rows (bench/README.md)."""
         sql = QUERIES[name]
 
         async def counted(conn: Connection) -> list[Record]:

@@ -231,9 +231,9 @@ UPDATE receiver.events e SET body_sealed = v.resealed
 
 -- name: sealed_tallies_fold
 -- Toward one row per kind and key id again (run by the /metrics refresh, as
--- token_tallies_fold): at most 100,000 deltas a call (about 0.1 s), so a refresh
+-- token_tallies_fold): at most $1 deltas a call (db.TALLY_FOLD_CHUNK), so a refresh
 -- fits its bound and makes progress however many piled up while nobody scraped.
-SELECT receiver.sealed_tallies_fold_v2(100000);
+SELECT receiver.sealed_tallies_fold_v2($1);
 
 -- name: sealed_key_counts
 -- How many values each key id seals, per kind: receiver.sealed_tallies (kept by
@@ -697,9 +697,9 @@ SELECT status FROM receiver.tokens WHERE created_by_event = $1;
 
 -- name: token_tallies_fold
 -- The tallies' deltas folded toward one row per key (a few hundred rows: one per
--- environment and day of onboarding), before the gauges read them: at most 100,000
+-- environment and day of onboarding), before the gauges read them: at most $1
 -- deltas a call, as sealed_tallies_fold.
-SELECT receiver.token_tallies_fold_v2(100000);
+SELECT receiver.token_tallies_fold_v2($1);
 
 -- name: token_health
 -- Active tokens by age of issue, clients whose tokens reported a second 401, active

@@ -98,16 +98,12 @@ async def prune_every(database: db.Database, settings: config.Settings) -> None:
             log.exception("prune_failed")
 
 
-# The most deltas one call of a tally fold takes (the 100000 in its query).
-FOLD_CHUNK = 100_000
-
-
 async def fold_tallies(database: db.Database) -> None:
     """Fold every delta of the sealed and token tallies, a chunk at a time: the
     /metrics refresh folds one chunk per scrape, and where nobody scrapes, the prune
     keeps what the counts' readers sum from growing without end."""
     for query in ("sealed_tallies_fold", "token_tallies_fold"):
-        while await database.fetchval(query) >= FOLD_CHUNK:
+        while await database.fetchval(query, db.TALLY_FOLD_CHUNK) >= db.TALLY_FOLD_CHUNK:
             pass
 
 

@@ -155,7 +155,7 @@ async def test_the_tallies_equal_a_count_of_the_values_after_every_kind_of_write
     async def agree() -> None:
         counted = await _counted(conn)
         assert await _tallied(database) == counted
-        await database.fetchval("sealed_tallies_fold")
+        await database.fetchval("sealed_tallies_fold", db.TALLY_FOLD_CHUNK)
         assert await _tallied(database) == counted
 
     for client_id in ("cli_t1", "cli_t2", "cli_t3", "cli_t1"):

@@ -276,7 +276,7 @@ async def test_the_gauge_names_every_key_id_with_the_count_of_its_values(
     expected = [("events", "k1", 5), ("tokens", "k0", 1), ("tokens", "k1", 4)]
     got = await database.fetch("sealed_to_rotate_counts", "k2")
     assert [(r["kind"], r["key_id"], r["n"]) for r in got] == expected
-    await database.fetchval("sealed_tallies_fold")
+    await database.fetchval("sealed_tallies_fold", db.TALLY_FOLD_CHUNK)
     assert await conn.fetchval("SELECT count(*) FROM receiver.sealed_tallies") == 3
     got = await database.fetch("sealed_to_rotate_counts", "k2")
     assert [(r["kind"], r["key_id"], r["n"]) for r in got] == expected

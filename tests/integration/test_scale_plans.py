@@ -266,7 +266,7 @@ SELECT t.environment, 'no_active', '', count(DISTINCT t.client_id)
 
 
 async def _gauged(conn: asyncpg.Connection) -> set[tuple[Any, ...]]:
-    await conn.execute(db.QUERIES["token_tallies_fold"])
+    await conn.execute(db.QUERIES["token_tallies_fold"], db.TALLY_FOLD_CHUNK)
     rows = await conn.fetch(db.QUERIES["token_health"])
     return {tuple(r) for r in rows if r["kind"] in ("active", "no_active") and r["n"]}
 
