@@ -272,11 +272,16 @@ async def test_a_paced_rotation_waits_until_it_is_back_on_schedule() -> None:
 def test_keys_rotate_refuses_a_rate_that_is_not_a_number_of_values(
     settings: Settings, rate: str
 ) -> None:
-    """A rate below 0, NaN or a word: one line naming --rate, exit 2, nothing done."""
+    """A rate below 0, NaN or a word: one line naming --rate and its rule, exit 2,
+    nothing done; 0 (no limit) is a rate."""
     result = processes.run(["keys", "rotate", "--rate", rate], operator_env(settings))
     assert result.returncode == 2
     assert "--rate" in result.stderr
     assert "Traceback" not in result.stderr
+    # The option's own check, not argparse's "unrecognized arguments".
+    assert "argument --rate:" in result.stderr
+    accepted = processes.run(["keys", "rotate", "--rate", "0", "--dry-run"], operator_env(settings))
+    assert accepted.returncode == 0, accepted.stderr
 
 
 async def test_a_value_that_fails_to_open_is_named_and_the_rest_is_rotated(
